@@ -1,0 +1,1 @@
+"""devices: device profiles and the runners that reach them."""

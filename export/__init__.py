@@ -1,0 +1,1 @@
+"""export: lower a (compressed) checkpoint to ONNX and ExecuTorch with KV cache."""

@@ -1,0 +1,264 @@
+"""Open, pre-flight, load and save Llama checkpoints: Hugging Face folders, safetensors only.
+
+Nothing here unpickles (a ``.bin`` checkpoint is refused with a hint to convert it) or
+imports code from the folder: the config is read as JSON into the stock ``LlamaConfig``,
+whatever ``auto_map`` says. Every shard name is contained in the folder, every header is
+checked, and the tensors are matched against the model the config describes before any
+weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from rankdown.atomic import atomic_folder
+from rankdown.errors import RankdownError
+from rankdown.factor_record import RECORD_FILE, FactorRecord, apply_record, record_of
+from rankdown.safetensors_check import TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
+SUPPORTED_MODEL_TYPES = ("llama",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checked checkpoint folder: its config, factor record and where each tensor lives."""
+
+    folder: Path
+    config: LlamaConfig
+    record: FactorRecord
+    tensors: dict[str, tuple[Path, TensorEntry]]
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted({path for path, _ in self.tensors.values()})
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weight_files)
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        names = {entry.dtype for _, entry in self.tensors.values()}
+        by_name = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        floats = [by_name[n] for n in sorted(names) if n in by_name]
+        return floats[0] if len(floats) == 1 else torch.float32
+
+
+def _read_json(path: Path, limit: int) -> dict:
+    try:
+        if path.stat().st_size > limit:
+            raise RankdownError(f"{path}: larger than {limit} bytes")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RankdownError(f"{path}: cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RankdownError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RankdownError(f"{path}: not a JSON object")
+    return data
+
+
+def read_config(folder: Path) -> LlamaConfig:
+    """The folder's config.json as a stock ``LlamaConfig``; remote code is never considered."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise RankdownError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    raw = _read_json(path, MAX_CONFIG_BYTES)
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise RankdownError(f"{path}: unsupported model type {model_type!r} (rankdown supports: llama)")
+    raw.pop("auto_map", None)  # remote code: ignored, never imported
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        value = raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RankdownError(f"{path}: {key} must be a positive integer, got {value!r}")
+    try:
+        config = LlamaConfig.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RankdownError(f"{path}: invalid Llama config: {e}") from None
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise RankdownError(f"{path}: num_key_value_heads {kv_heads!r} does not divide num_attention_heads {heads}")
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise RankdownError(f"{path}: hidden_size {config.hidden_size} is not divisible by {heads} heads")
+    return config
+
+
+def _contained(folder: Path, name: object, where: Path) -> Path:
+    """A shard path from the index, proven to stay inside the folder (no '..', absolute path or link out)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise RankdownError(f"{where}: shard name {name!r} points outside the model folder")
+    path = folder / name
+    if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+        raise RankdownError(f"{where}: shard {name!r} is a link or resolves outside the model folder")
+    if not path.is_file():
+        raise RankdownError(f"{where}: shard {name!r} is missing")
+    return path
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    single = folder / SINGLE_FILE
+    if index.exists():
+        weight_map = _read_json(index, 64 * 1024 * 1024).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RankdownError(f"{index}: no weight_map")
+        return sorted({_contained(folder, name, index) for name in weight_map.values()})
+    if single.exists():
+        return [_contained(folder, SINGLE_FILE, folder)]
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise RankdownError(
+            f"{folder}: no safetensors weights; pickle is not loaded ({pickles[0]}). Convert it "
+            "once in a trusted sandbox: load it and save_pretrained(..., safe_serialization=True)"
+        )
+    raise RankdownError(f"{folder}: no weights (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def _meta_model(config: LlamaConfig, record: FactorRecord, folder: Path) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    apply_record(model, record, folder / RECORD_FILE)
+    return model
+
+
+def open_checkpoint(path: Path | str) -> Checkpoint:
+    """Check a folder without reading weight data: config, record, headers, names and shapes."""
+    folder = Path(path)
+    if not folder.exists():
+        raise RankdownError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise RankdownError(f"{folder}: not a folder (give a Hugging Face model folder)")
+    config = read_config(folder)
+    record = FactorRecord.read(folder)
+    tensors: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in _weight_files(folder):
+        for name, entry in read_header(file).items():
+            if name in tensors:
+                raise RankdownError(f"{file}: tensor {name!r} is also in {tensors[name][0].name}")
+            tensors[name] = (file, entry)
+    expected = {k: tuple(v.shape) for k, v in _meta_model(config, record, folder).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise RankdownError(f"{folder}: tensor {name!r} is missing from the weights (config and weights disagree)")
+        file, entry = tensors[name]
+        if entry.shape != shape:
+            raise RankdownError(
+                f"{file}: tensor {name!r} has shape {list(entry.shape)} but the config implies {list(shape)}"
+            )
+        if entry.dtype not in ("F32", "F16", "BF16"):
+            raise RankdownError(f"{file}: tensor {name!r} has dtype {entry.dtype}; expected F32, F16 or BF16")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise RankdownError(f"{tensors[extra[0]][0]}: tensor {extra[0]!r} is not in the model the config describes")
+    return Checkpoint(folder, config, record, tensors)
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Materialize the model from a checked checkpoint: one copy of the weights, no random init."""
+    model = _meta_model(ckpt.config, ckpt.record, ckpt.folder)
+    for file in ckpt.weight_files:
+        chunk = {}
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name not in ckpt.tensors:
+                    continue
+                tensor = f.get_tensor(name)
+                if not torch.isfinite(tensor).all():
+                    raise RankdownError(f"{file}: tensor {name!r} contains NaN or Inf")
+                chunk[name] = tensor.to(dtype)
+        model.load_state_dict(chunk, strict=False, assign=True)
+    # Non-persistent buffers are not in the file; rebuild the rotary table on the CPU.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=ckpt.config)
+    if ckpt.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{ckpt.folder}: tensors left unloaded: {left[:3]}")
+    model.config.torch_dtype = dtype
+    return model.eval()
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """The folder's fast tokenizer (tokenizer.json); chat templates are never rendered."""
+    path = folder / "tokenizer.json"
+    if not path.is_file() or path.is_symlink():
+        raise RankdownError(f"{folder}: no tokenizer.json (a fast tokenizer file is required)")
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise RankdownError(f"{path}: larger than {MAX_TOKENIZER_BYTES} bytes")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # the library raises many types for a corrupt file
+        raise RankdownError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_checkpoint(
+    model: LlamaForCausalLM,
+    source: Path,
+    out: Path,
+    dtype: torch.dtype,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a checkpoint folder (weights, config, record, tokenizer), atomically."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if not torch.isfinite(tensor).all():
+            raise RankdownError(f"{out}: refusing to write tensor {name!r}: it contains NaN or Inf")
+        state[name] = tensor.detach().to(dtype).contiguous().clone()
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("auto_map", None)
+    record = record_of(model)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if record.modules:
+            (tmp / RECORD_FILE).write_text(record.to_json(), encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            src = source / name
+            if src.is_file() and not src.is_symlink():
+                shutil.copyfile(src, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder's linears (dense or factorized) by qualified name; embeddings and lm_head excluded."""
+    from rankdown.factor import FactorizedLinear, SharedDownLinear
+
+    kinds = (nn.Linear, FactorizedLinear, SharedDownLinear)
+    found = {}
+    for name, module in model.named_modules():
+        if not name.startswith("model.layers.") or not isinstance(module, kinds):
+            continue
+        if any(name.startswith(parent + ".") for parent in found):
+            continue  # the down/up halves of a pair already listed
+        found[name] = module
+    return found

@@ -1,0 +1,98 @@
+"""The ``rankdown`` command: parse arguments into a config, call one function, print."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+from rankdown.shipped import SHIPPED_MODEL
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", type=Path, default=SHIPPED_MODEL,
+                        help="Hugging Face model folder or rankdown checkpoint (default: the shipped model)")
+
+
+def _task_data(args: argparse.Namespace, split_name: str):
+    from rankdown.datafiles import load_data
+    from rankdown.tasks import Split, load_task
+
+    given = getattr(args, split_name)
+    if given is not None and args.task is not None:
+        raise RankdownError(f"give --task or --{split_name}, not both")
+    if given is not None:
+        return load_data(given)
+    if args.task is None:
+        raise RankdownError(f"give --task (math, code, prose) or --{split_name} FILE")
+    split = Split.EVALUATION if split_name == "eval" else Split.CALIBRATION
+    return load_task(args.task, split)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from rankdown.checkpoint import open_checkpoint
+    from rankdown.info import format_info, model_info
+
+    info = model_info(open_checkpoint(args.model))
+    if args.json:
+        payload = dataclasses.asdict(info) | {"compression_ratio": info.compression_ratio}
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_info(info))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rankdown.atomic import write_text_atomic
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.evaluate import EvalConfig, evaluate
+
+    data = _task_data(args, "eval")
+    ckpt = open_checkpoint(args.model)
+    model = load_model(ckpt)
+    tokenizer = load_tokenizer(ckpt.folder)
+    result = evaluate(model, tokenizer, data, EvalConfig(max_examples=args.max_examples, threads=args.threads))
+    em = "n/a" if result.exact_match is None else f"{result.exact_match:.1%} of {result.examples}"
+    ppl = "n/a" if result.perplexity is None else f"{result.perplexity:.3f} over {result.tokens} tokens"
+    print(f"{data.name}: exact match {em}; perplexity {ppl} ({result.seconds:.1f} s)")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameters, per-module shapes and ranks, size")
+    _model_arg(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=cmd_info)
+
+    ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
+    _model_arg(ev)
+    ev.add_argument("--task", choices=("math", "code", "prose"))
+    ev.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
+    ev.add_argument("--json", type=Path, help="write the result as JSON here")
+    ev.add_argument("--max-examples", type=int, default=400)
+    ev.add_argument("--threads", type=int, default=None)
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RankdownError as e:
+        print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"rankdown {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Task quality in PyTorch: perplexity on texts and exact match on question/answer pairs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from rankdown.tasks import QAExample, TaskData
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    window: int = 256  # tokens per perplexity window, BOS included
+    max_tokens: int = 32768  # perplexity budget per task: the first windows, in a fixed order
+    max_examples: int = 400
+    batch_size: int = 16
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    task: str
+    exact_match: float | None
+    perplexity: float | None
+    examples: int
+    tokens: int
+    seconds: float
+
+
+def token_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...], cfg: EvalConfig) -> list[list[int]]:
+    """Each text cut into windows of ``cfg.window`` tokens, each led by BOS, up to the budget."""
+    bos = tokenizer.bos_token_id
+    windows, total = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        step = cfg.window - (1 if bos is not None else 0)
+        for start in range(0, len(ids), step):
+            piece = ([bos] if bos is not None else []) + ids[start : start + step]
+            if len(piece) < 2:
+                continue
+            windows.append(piece)
+            total += len(piece) - 1
+            if total >= cfg.max_tokens:
+                return windows
+    return windows
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...],
+               cfg: EvalConfig) -> tuple[float, int]:
+    """exp(mean next-token loss) over the windows, and the number of predicted tokens."""
+    windows = token_windows(tokenizer, texts, cfg)
+    nll, count = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(windows), cfg.batch_size):
+        batch = windows[i : i + cfg.batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, piece in enumerate(batch):
+            ids[row, : len(piece)] = torch.tensor(piece)
+            mask[row, : len(piece)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        targets = ids[:, 1:]
+        valid = mask[:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view_as(targets)
+        nll += losses[valid].double().sum().item()
+        count += int(valid.sum())
+    return math.exp(nll / count), count
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, qa: tuple[QAExample, ...],
+                   batch_size: int) -> list[str]:
+    """The first line of each prompt's greedy continuation (left-padded batches)."""
+    answers = []
+    tokenizer.padding_side = "left"
+    for i in range(0, len(qa), batch_size):
+        batch = qa[i : i + batch_size]
+        enc = tokenizer([ex.prompt for ex in batch], return_tensors="pt", padding=True)
+        budget = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in batch) + 2
+        out = model.generate(
+            **enc, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        answers += [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, data: TaskData,
+             cfg: EvalConfig = EvalConfig()) -> EvalResult:
+    """Exact match (if the data has question/answer pairs) and perplexity (if it has texts)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    model.eval()
+    em = None
+    qa = data.qa[: cfg.max_examples]
+    if qa:
+        answers = greedy_answers(model, tokenizer, qa, batch_size=max(cfg.batch_size, 64))
+        em = sum(a == ex.answer for a, ex in zip(answers, qa)) / len(qa)
+    ppl, tokens = (perplexity(model, tokenizer, data.texts, cfg) if data.texts else (None, 0))
+    return EvalResult(data.name, em, ppl, len(qa), tokens, time.perf_counter() - start)

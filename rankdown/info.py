@@ -1,0 +1,69 @@
+"""What a checkpoint holds: parameters, per-module shape and rank, size, compression ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rankdown.checkpoint import Checkpoint, _meta_model, linear_modules
+from rankdown.factor import FactorizedLinear, SharedDownLinear, linear_params
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: dense
+    params: int
+    dense_params: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    folder: str
+    total_params: int
+    decoder_linear_params: int
+    dense_decoder_linear_params: int
+    weights_bytes: int
+    modules: tuple[ModuleInfo, ...]
+
+    @property
+    def compression_ratio(self) -> float:
+        """Fraction of the dense decoder-linear parameters removed (0 for a dense model)."""
+        return 1.0 - self.decoder_linear_params / self.dense_decoder_linear_params
+
+
+def model_info(ckpt: Checkpoint) -> ModelInfo:
+    """Computed from the config, record and headers alone: no weight data is read."""
+    model = _meta_model(ckpt.config, ckpt.record, ckpt.folder)
+    modules = []
+    for name, module in linear_modules(model).items():
+        bias = module.up.bias if isinstance(module, (FactorizedLinear, SharedDownLinear)) else module.bias
+        dense = module.out_features * module.in_features + (module.out_features if bias is not None else 0)
+        rank = module.rank if isinstance(module, (FactorizedLinear, SharedDownLinear)) else None
+        modules.append(ModuleInfo(name, module.out_features, module.in_features, rank, linear_params(module), dense))
+    unique = {id(p): p for p in model.parameters()}
+    return ModelInfo(
+        folder=str(ckpt.folder),
+        total_params=sum(p.numel() for p in unique.values()),
+        decoder_linear_params=sum(m.params for m in modules),
+        dense_decoder_linear_params=sum(m.dense_params for m in modules),
+        weights_bytes=ckpt.size_bytes,
+        modules=tuple(modules),
+    )
+
+
+def format_info(info: ModelInfo) -> str:
+    lines = [
+        f"model:                 {info.folder}",
+        f"parameters:            {info.total_params:,}",
+        f"decoder linear params: {info.decoder_linear_params:,} of {info.dense_decoder_linear_params:,} dense "
+        f"({info.compression_ratio:.1%} removed)",
+        f"weights on disk:       {info.weights_bytes / 2**20:.2f} MiB",
+        "",
+        f"{'module':<40} {'shape':>11} {'rank':>6} {'params':>9}",
+    ]
+    for m in info.modules:
+        rank = "dense" if m.rank is None else str(m.rank)
+        lines.append(f"{m.name:<40} {f'{m.out_features}x{m.in_features}':>11} {rank:>6} {m.params:>9,}")
+    return "\n".join(lines)
