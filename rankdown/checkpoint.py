@@ -195,7 +195,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LlamaFor
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{ckpt.folder}: tensors left unloaded: {left[:3]}")
-    model.config.torch_dtype = dtype
+    model.config.dtype = dtype
     return model.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -81,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_noise() -> None:
+    """torchao (pulled in by executorch) logs at import that its CUDA kernels cannot load on a
+    CPU machine, and torch's pytree logs a deprecation for torchao's enums: not the user's business."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_noise()
     try:
         args.func(args)
     except RankdownError as e:

@@ -87,7 +87,7 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, q
     tokenizer.padding_side = "left"
     for i in range(0, len(qa), batch_size):
         batch = qa[i : i + batch_size]
-        enc = tokenizer([ex.prompt for ex in batch], return_tensors="pt", padding=True)
+        enc = tokenizer([ex.prompt for ex in batch], return_tensors="pt", padding=True, return_token_type_ids=False)
         budget = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in batch) + 2
         out = model.generate(
             **enc, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
