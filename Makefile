@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-quality bench-latency clean
+.PHONY: venv test demo bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: venv
 demo: venv
 	$(VENV)/bin/rankdown info
 	$(VENV)/bin/rankdown eval --task math
+	$(VENV)/bin/rankdown compress --method feature --task math --ratio 0.4 -o out/math-0.4 --overwrite
+	$(VENV)/bin/rankdown info out/math-0.4 | head -4
+	$(VENV)/bin/rankdown eval out/math-0.4 --task math
+
+bench-quality: venv
+	$(PY) -m bench.quality
 
 clean:
 	rm -rf $(VENV) build *.egg-info

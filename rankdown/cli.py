@@ -62,6 +62,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_text_atomic(args.json, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from compress.config import CompressConfig
+    from compress.pipeline import compress
+
+    if args.task is None and args.calib is None:
+        args.task = "math"
+    cfg = CompressConfig(
+        method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
+        trials=args.trials, basis_mode=args.basis_mode, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+    )
+    report = compress(args.model, args.out, cfg)
+    print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
+          f"parameters ({report.params_before:,} -> {report.params_after:,}) in {report.wall_seconds:.1f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=int, default=400)
     ev.add_argument("--threads", type=int, default=None)
     ev.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser("compress", help="replace decoder linears by factor pairs chosen with task data")
+    _model_arg(comp)
+    comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
+    comp.add_argument("--task", choices=("math", "code", "prose"), help="built-in calibration data (default math)")
+    comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
+    comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
+    comp.add_argument("--method", default="svd", help="svd, asvd, whiten, joint, feature, basis")
+    comp.add_argument("--allocate", default="uniform", help="uniform or bayes")
+    comp.add_argument("--trials", type=int, default=30, help="Bayesian-optimization trials")
+    comp.add_argument("--basis-mode", default="closed-form", help="closed-form or tuned")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    comp.set_defaults(func=cmd_compress)
     return parser
 
 

@@ -55,8 +55,10 @@ class FactorRecord:
         except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
             raise RankdownError(f"{path}: invalid factorization record: {e}") from None
         for name, spec in modules.items():
-            if spec.rank < 1 or spec.rank > min(spec.in_features, spec.out_features):
-                raise RankdownError(f"{path}: module {name} has rank {spec.rank} outside 1..min(m, n)")
+            # A shared-down group's rank is bounded by the group's stacked rows, not one member's.
+            limit = spec.in_features if spec.group else min(spec.in_features, spec.out_features)
+            if not isinstance(spec.rank, int) or not 1 <= spec.rank <= limit:
+                raise RankdownError(f"{path}: module {name} has rank {spec.rank!r} outside 1..{limit}")
             owner = spec.shares_down_with
             if owner is not None and (owner not in modules or modules[owner].shares_down_with is not None
                                       or modules[owner].rank != spec.rank

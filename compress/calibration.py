@@ -1,0 +1,133 @@
+"""Calibration windows and per-layer input statistics, streamed one decoder layer at a time.
+
+Four input sites per Llama layer: the attention input (read by q, k, v), the o_proj input,
+the MLP input (gate, up) and the down_proj input. Statistics accumulate in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rankdown.errors import RankdownError
+
+# Which site feeds which linear; members of one site can share a ``down`` (joint rank-k).
+SITES = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_in": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_in": ("mlp.down_proj",),
+}
+SITE_OF = {member: site for site, members in SITES.items() for member in members}
+
+
+def calibration_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...], seq_len: int,
+                        max_tokens: int, where: str) -> torch.Tensor:
+    """Full windows (N x seq_len) cut from the texts' concatenated tokens, each led by BOS."""
+    stream: list[int] = []
+    step = seq_len - 1
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(stream) >= max_tokens:
+            break
+    count = min(len(stream) // step, max(1, max_tokens // seq_len))
+    if count < 1:
+        raise RankdownError(f"{where}: calibration data has {len(stream)} tokens; need at least {step}")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = [[bos] + stream[i * step : (i + 1) * step] for i in range(count)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class InputStats:
+    """Second moments of one site's inputs: E[x x^T], E[x], E[|x|], and the pooled covariance."""
+
+    dim: int
+    count: int = 0
+    xxt: torch.Tensor = field(init=False)
+    x_sum: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
+    pooled_cov_sum: torch.Tensor = field(init=False)
+    groups: int = 0
+
+    def __post_init__(self):
+        self.xxt = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.x_sum = torch.zeros(self.dim, dtype=torch.float64)
+        self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
+        self.pooled_cov_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+
+    def add_group(self, x: torch.Tensor) -> None:
+        """One group of sequences (seed 002 pools covariance over such groups with equal weight)."""
+        x = x.reshape(-1, self.dim).to(torch.float64)
+        xxt = x.T @ x
+        self.xxt += xxt
+        self.x_sum += x.sum(0)
+        self.abs_sum += x.abs().sum(0)
+        self.count += x.shape[0]
+        mean = x.mean(0)
+        self.pooled_cov_sum += xxt / x.shape[0] - torch.outer(mean, mean)
+        self.groups += 1
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.xxt / self.count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.x_sum / self.count
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+    @property
+    def pooled_covariance(self) -> torch.Tensor:
+        return self.pooled_cov_sum / self.groups
+
+
+def _position_embeddings(model: LlamaForCausalLM, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+    return model.model.rotary_emb(hidden, positions)
+
+
+@torch.no_grad()
+def layer_inputs(model: LlamaForCausalLM, windows: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering the first decoder layer."""
+    return model.model.embed_tokens(windows)
+
+
+@torch.no_grad()
+def run_layer(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, batch: int,
+              stats: dict[str, InputStats] | None = None) -> torch.Tensor:
+    """The layer's outputs for ``hidden``, in batches; each batch is one statistics group."""
+    handles = []
+    if stats is not None:
+        for site, members in SITES.items():
+            module = layer.get_submodule(members[0])
+            handles.append(module.register_forward_pre_hook(lambda _m, args, s=site: stats[s].add_group(args[0])))
+    try:
+        outputs = []
+        rope = _position_embeddings(model, hidden[:1])
+        for i in range(0, hidden.shape[0], batch):
+            chunk = hidden[i : i + batch]
+            cos, sin = rope
+            out = layer(chunk, position_embeddings=(cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1)))
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor,
+                        batch: int) -> tuple[dict[str, InputStats], torch.Tensor]:
+    """Statistics of the layer's four input sites, and its (dense) outputs."""
+    hidden_size = model.config.hidden_size
+    dims = {"attn_in": hidden_size, "o_in": layer.self_attn.o_proj.in_features,
+            "mlp_in": hidden_size, "down_in": layer.mlp.down_proj.in_features}
+    stats = {site: InputStats(dim) for site, dim in dims.items()}
+    out = run_layer(model, layer, hidden, batch, stats)
+    return stats, out

@@ -1,0 +1,114 @@
+"""The compress stage's recipe (CompressConfig) and its report (compression.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+
+REPORT_FILE = "compression.json"
+REPORT_SCHEMA_VERSION = 1
+
+
+class Method(str, Enum):
+    SVD = "svd"
+    ASVD = "asvd"
+    WHITEN = "whiten"
+    JOINT = "joint"
+    FEATURE = "feature"
+    BASIS = "basis"
+
+
+class Allocation(str, Enum):
+    UNIFORM = "uniform"
+    BAYES = "bayes"
+
+
+class BasisMode(str, Enum):
+    CLOSED_FORM = "closed-form"
+    TUNED = "tuned"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """One compression recipe. ``ratio`` is the fraction of decoder-linear parameters removed."""
+
+    method: Method = Method.SVD
+    ratio: float = 0.4
+    task: str | None = "math"
+    calib: Path | None = None
+    allocate: Allocation = Allocation.UNIFORM
+    trials: int = 30
+    basis_mode: BasisMode = BasisMode.CLOSED_FORM
+    seed: int = 0
+    calib_tokens: int = 16384  # calibration budget: windows of seq_len tokens, BOS included
+    seq_len: int = 128
+    group_windows: int = 8  # sequences per pooled-covariance group (seed 002)
+    dtype: str | None = None  # stored dtype of the factors; None keeps the source's
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise RankdownError(f"--ratio must be a number strictly between 0 and 1, got {self.ratio!r}")
+        for name, enum in (("method", Method), ("allocate", Allocation), ("basis_mode", BasisMode)):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    object.__setattr__(self, name, enum(value))
+                except ValueError:
+                    known = ", ".join(m.value for m in enum)
+                    raise RankdownError(f"unknown {name.replace('_', '-')} {value!r}: choose one of {known}") from None
+        if (self.task is None) == (self.calib is None):
+            raise RankdownError("give a task (math, code, prose) or a calibration file, not both")
+        if self.trials < 1:
+            raise RankdownError(f"--trials must be at least 1, got {self.trials}")
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    rank: int | None  # None: kept dense
+    out_features: int
+    in_features: int
+    params: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    method: str
+    task: str
+    ratio: float
+    allocate: str
+    params_before: int
+    params_after: int
+    modules: dict[str, ModuleReport]
+    calibration_loss: float | None
+    wall_seconds: float
+    peak_memory_mb: float
+    keep_ratios: dict[str, float] = field(default_factory=dict)
+    basis_mode: str | None = None
+    seed: int = 0
+    schema_version: int = REPORT_SCHEMA_VERSION
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self) | {"achieved_ratio": self.achieved_ratio}, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, folder: Path) -> "CompressionReport":
+        path = folder / REPORT_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw.pop("achieved_ratio", None)
+            if raw.get("schema_version") != REPORT_SCHEMA_VERSION:
+                raise ValueError(f"schema_version {raw.get('schema_version')!r}")
+            raw["modules"] = {k: ModuleReport(**v) for k, v in raw["modules"].items()}
+            return cls(**raw)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise RankdownError(f"{path}: invalid compression report: {e}") from None

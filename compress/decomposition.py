@@ -1,0 +1,67 @@
+"""What every method returns: factors ordered so that a rank-r choice is cheap to take.
+
+A *unit* is one linear, or a group of linears reading one input that share ``down``
+(joint rank-k). ``factors(rank)`` gives A (rank x n), one B_j (m_j x rank) per member and
+one bias per member; Bayesian rank trials call it many times on one cached decomposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Factors = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]
+
+
+@dataclass
+class UnitWeights:
+    """The dense weights of a unit, in float64, and its input statistics (None when data-free)."""
+
+    names: list[str]
+    weights: list[torch.Tensor]  # m_j x n each
+    biases: list[torch.Tensor | None]
+    stats: object | None  # calibration.InputStats
+
+    @property
+    def in_features(self) -> int:
+        return self.weights[0].shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return sum(w.shape[0] for w in self.weights)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+
+@dataclass
+class Decomposition:
+    """Nested factors: the first r rows of ``a`` and columns of each ``b`` are the rank-r choice."""
+
+    a: torch.Tensor  # R x n
+    bs: list[torch.Tensor]  # m_j x R
+    biases: list[torch.Tensor | None]
+    bias_for_rank: Callable[[int], list[torch.Tensor | None]] | None = None
+    custom: Callable[[int], Factors] | None = None
+
+    def factors(self, rank: int) -> Factors:
+        if self.custom is not None:
+            return self.custom(rank)
+        biases = self.bias_for_rank(rank) if self.bias_for_rank else self.biases
+        return self.a[:rank], [b[:, :rank] for b in self.bs], biases
+
+
+def balanced_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, V^T of a float64 matrix, with a clear error if LAPACK does not converge."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"SVD did not converge: {e}") from None
+
+
+def split_rows(b: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cut a stacked B back into one block per member."""
+    return list(torch.split(b, [w.shape[0] for w in weights], dim=0))

@@ -1,0 +1,171 @@
+import json
+
+import pytest
+import torch
+
+from compress.calibration import InputStats
+from compress.config import CompressConfig, CompressionReport
+from compress.decomposition import UnitWeights
+from compress.methods import METHODS
+from compress.pipeline import compress
+from compress.rank_allocation import Unit, allocate
+from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.errors import RankdownError
+from rankdown.info import model_info
+
+SMALL = dict(calib_tokens=2048, seq_len=64)
+quiet = lambda _m: None  # noqa: E731
+
+
+def _stats(x: torch.Tensor) -> InputStats:
+    stats = InputStats(x.shape[1])
+    for chunk in x.split(64):
+        stats.add_group(chunk)
+    return stats
+
+
+def _skewed_inputs(n: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, n, dtype=torch.float64)
+    return torch.randn(count, n, generator=g, dtype=torch.float64) * scales + 0.3
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_model_dir, tmp_path_factory):
+    """Each method once at ratio 0.3 on the tiny model (shared by several tests)."""
+    root = tmp_path_factory.mktemp("compressed")
+    out = {}
+    for method in METHODS:
+        folder = root / method.value
+        report = compress(tiny_model_dir, folder, CompressConfig(method=method, ratio=0.3, **SMALL), progress=quiet)
+        out[method.value] = (folder, report)
+    return out
+
+
+@pytest.mark.parametrize("method", [m.value for m in METHODS])
+def test_budget_is_met_within_one_percent(compressed, method):
+    folder, report = compressed[method]
+    assert abs(report.achieved_ratio - 0.3) <= 0.003
+    info = model_info(open_checkpoint(folder))
+    assert info.decoder_linear_params == report.params_after  # the report matches the files
+    assert CompressionReport.read(folder).params_after == report.params_after
+    assert json.loads((folder / "compression.json").read_text())["method"] == method
+
+
+@pytest.mark.parametrize("method", [m.value for m in METHODS])
+def test_full_rank_factors_reproduce_the_dense_layer(method):
+    torch.manual_seed(0)
+    n = 24
+    members = [torch.randn(16, n, dtype=torch.float64)]
+    if METHODS[method].joint_groups:
+        members.append(torch.randn(8, n, dtype=torch.float64))
+    unit = UnitWeights(["a", "b"][: len(members)], members, [None] * len(members), _stats(_skewed_inputs(n)))
+    decomposition = METHODS[method].decompose(unit)
+    a, bs, biases = decomposition.factors(min(n, sum(w.shape[0] for w in members)))
+    x = _skewed_inputs(n, 32, seed=1)
+    for w, b, bias in zip(members, bs, biases):
+        y = x @ a.T @ b.T + (0 if bias is None else bias)
+        torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_rank_shares_one_down_per_group(compressed):
+    folder, _ = compressed["joint"]
+    record = open_checkpoint(folder).record.modules
+    for layer in range(2):
+        q, k = f"model.layers.{layer}.self_attn.q_proj", f"model.layers.{layer}.self_attn.k_proj"
+        gate, up = f"model.layers.{layer}.mlp.gate_proj", f"model.layers.{layer}.mlp.up_proj"
+        assert record[k].shares_down_with == q and record[up].shares_down_with == gate
+        assert record[q].rank == record[k].rank
+    model = load_model(open_checkpoint(folder))
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.shared_down is attn.q_proj.down
+
+
+def test_whitening_beats_svd_on_output_error_for_skewed_data():
+    torch.manual_seed(0)
+    n, m, rank = 32, 32, 8
+    w = torch.randn(m, n, dtype=torch.float64)
+    x = _skewed_inputs(n)
+    unit = UnitWeights(["w"], [w], [None], _stats(x))
+    errors = {}
+    for method in ("svd", "whiten"):
+        a, (b,), _ = METHODS[method].decompose(unit).factors(rank)
+        errors[method] = torch.linalg.norm(x @ (w - b @ a).T).item()
+    assert errors["whiten"] < 0.7 * errors["svd"]
+
+
+def test_basis_selection_depends_on_the_task_data():
+    torch.manual_seed(0)
+    n, rank = 32, 6
+    w = torch.randn(32, n, dtype=torch.float64)
+    first = _skewed_inputs(n, seed=2)
+    second = _skewed_inputs(n, seed=3).flip(1)  # energy in the other input channels
+    pick = lambda x: METHODS["basis"].decompose(UnitWeights(["w"], [w], [None], _stats(x))).factors(rank)[0]  # noqa: E731
+    assert not torch.allclose(pick(first), pick(second), atol=1e-3)
+    assert torch.allclose(pick(first), pick(first))
+
+
+def test_a_unit_that_cannot_save_parameters_stays_dense():
+    units = [Unit(0, ("mlp.down_proj",), 512, (512,), 0, "down", True),
+             Unit(0, ("self_attn.o_proj",), 2, (2,), 0, "o", True)]
+    ranks = allocate(units, 0.5)
+    assert ranks[1] is None and ranks[0] is not None
+
+
+def test_feature_method_reports_v_left_dense(compressed):
+    _, report = compressed["feature"]
+    assert report.modules["model.layers.0.self_attn.v_proj"].rank is None
+    assert "left dense" in report.modules["model.layers.0.self_attn.v_proj"].note
+
+
+def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_dir, tmp_path):
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="bayes", trials=3, **SMALL)
+    report = compress(tiny_model_dir, tmp_path / "b", cfg, progress=quiet)
+    assert abs(report.achieved_ratio - 0.4) <= 0.004
+    assert set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(ratio=0), "strictly between 0 and 1"),
+    (dict(ratio=1.5), "strictly between 0 and 1"),
+    (dict(ratio="x"), "strictly between 0 and 1"),
+    (dict(method="magic"), "unknown method 'magic'"),
+    (dict(allocate="best"), "unknown allocate 'best'"),
+])
+def test_bad_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(RankdownError, match=message):
+        CompressConfig(**({"ratio": 0.4} | kwargs))
+
+
+def test_interrupted_compression_leaves_no_output(tiny_model_dir, tmp_path):
+    def interrupt(message):
+        if message.startswith("layer 2"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compress(tiny_model_dir, out, CompressConfig(method="whiten", ratio=0.3, **SMALL), progress=interrupt)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_output_that_exists_or_is_the_input_is_refused(tiny_model_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(RankdownError, match="already exists"):
+        compress(tiny_model_dir, tmp_path / "taken", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
+    with pytest.raises(RankdownError, match="must not be"):
+        compress(tiny_model_dir, tiny_model_dir / "inside", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
+
+
+def test_compressing_a_compressed_checkpoint_is_refused(compressed, tmp_path):
+    folder, _ = compressed["svd"]
+    with pytest.raises(RankdownError, match="already compressed"):
+        compress(folder, tmp_path / "again", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
+
+
+def test_compressed_model_stays_close_to_dense_at_low_ratio(tiny_model_dir, tmp_path):
+    report = compress(tiny_model_dir, tmp_path / "w", CompressConfig(method="whiten", ratio=0.05, **SMALL), progress=quiet)
+    dense = load_model(open_checkpoint(tiny_model_dir))
+    small = load_model(open_checkpoint(tmp_path / "w"))
+    ids = torch.tensor([[0, 5, 9, 17, 3, 40, 41]])
+    assert report.achieved_ratio > 0.04
+    assert (dense(ids).logits - small(ids).logits).abs().max() < (dense(ids).logits.abs().max() * 0.5)
