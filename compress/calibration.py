@@ -30,7 +30,7 @@ def calibration_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ..
     stream: list[int] = []
     step = seq_len - 1
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if len(stream) >= max_tokens:
             break
     count = min(len(stream) // step, max(1, max_tokens // seq_len))

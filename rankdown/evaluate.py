@@ -36,7 +36,8 @@ def token_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...], cf
     bos = tokenizer.bos_token_id
     windows, total = [], 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: long texts are cut into windows below, so the max-length warning is moot.
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         step = cfg.window - (1 if bos is not None else 0)
         for start in range(0, len(ids), step):
             piece = ([bos] if bos is not None else []) + ids[start : start + step]

@@ -63,3 +63,16 @@ def test_eval_refuses_empty_data_file(tiny_model_dir, tmp_path):
     empty.write_text("")
     result = run("eval", tiny_model_dir, "--eval", empty)
     assert result.returncode == 2 and "empty.jsonl: no data" in result.stderr
+
+
+def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_path):
+    out = tmp_path / "c"
+    result = run("compress", tiny_model_dir, "--method", "joint", "--ratio", "0.3", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "layer 2/2 compressed" in result.stderr and (out / "factorization.json").is_file()
+    report = json.loads((out / "compression.json").read_text())
+    assert report["method"] == "joint" and abs(report["achieved_ratio"] - 0.3) < 0.003
+    bad = run("compress", tiny_model_dir, "--ratio", "1.2", "-o", tmp_path / "d")
+    assert bad.returncode == 2 and "strictly between 0 and 1" in bad.stderr and not (tmp_path / "d").exists()
+    unknown = run("compress", tiny_model_dir, "--ratio", "0.3", "--method", "magic", "-o", tmp_path / "e")
+    assert unknown.returncode == 2 and "unknown method 'magic'" in unknown.stderr
