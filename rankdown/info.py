@@ -38,7 +38,10 @@ def model_info(ckpt: Checkpoint) -> ModelInfo:
     model = _meta_model(ckpt.config, ckpt.record, ckpt.folder)
     modules = []
     for name, module in linear_modules(model).items():
-        bias = module.up.bias if isinstance(module, (FactorizedLinear, SharedDownLinear)) else module.bias
+        # A pair's dense equivalent is m x n: a bias that a method adds to ``up`` (feature's
+        # mean restoration) is a cost of the pair, not part of the original layer.
+        factored = isinstance(module, (FactorizedLinear, SharedDownLinear))
+        bias = None if factored else module.bias
         dense = module.out_features * module.in_features + (module.out_features if bias is not None else 0)
         rank = module.rank if isinstance(module, (FactorizedLinear, SharedDownLinear)) else None
         modules.append(ModuleInfo(name, module.out_features, module.in_features, rank, linear_params(module), dense))

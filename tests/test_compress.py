@@ -169,3 +169,11 @@ def test_compressed_model_stays_close_to_dense_at_low_ratio(tiny_model_dir, tmp_
     ids = torch.tensor([[0, 5, 9, 17, 3, 40, 41]])
     assert report.achieved_ratio > 0.04
     assert (dense(ids).logits - small(ids).logits).abs().max() < (dense(ids).logits.abs().max() * 0.5)
+
+
+def test_info_and_report_agree_on_the_ratio(compressed):
+    for method in ("feature", "joint"):
+        folder, report = compressed[method]
+        info = model_info(open_checkpoint(folder))
+        assert info.dense_decoder_linear_params == report.params_before
+        assert info.compression_ratio == pytest.approx(report.achieved_ratio)
