@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-quality clean
+.PHONY: venv test demo bench-quality bench-cost clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: venv
 	$(VENV)/bin/rankdown compress --method feature --task math --ratio 0.4 -o out/math-0.4 --overwrite
 	$(VENV)/bin/rankdown info out/math-0.4 | head -4
 	$(VENV)/bin/rankdown eval out/math-0.4 --task math
+
+bench-cost: venv
+	$(PY) -m bench.compress_cost --layers 2
 
 bench-quality: venv
 	$(PY) -m bench.quality

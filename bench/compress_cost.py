@@ -1,0 +1,83 @@
+"""Compression cost at real Llama-3.2-1B shape (random weights: time and memory, not quality).
+
+Builds a synthetic checkpoint with the 1B model's shapes (hidden 2048, MLP 8192, 32/8
+heads, vocab 128256, tied embeddings) and ``--layers`` decoder layers, compresses it
+layer by layer, and reports seconds per layer and peak RSS against the size on disk, so
+that the cost of the full 16 layers (and of larger models) can be read off it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from compress.config import CompressConfig
+from compress.pipeline import compress, peak_rss_mb
+from rankdown.shipped import SHIPPED_MODEL
+
+LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                   vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=2048, num_hidden_layers=16)
+
+
+def svd_work(hidden: int, mlp: int, kv: int) -> float:
+    """Sum of m n min(m, n) over a layer's seven matrices: what dense SVD time scales with."""
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (mlp, hidden), (mlp, hidden), (hidden, mlp)]
+    return float(sum(m * n * min(m, n) for m, n in shapes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--method", default="whiten")
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    work = Path(tempfile.mkdtemp(prefix="rankdown-cost-"))
+    try:
+        config = LlamaConfig(**(LLAMA_32_1B | {"num_hidden_layers": args.layers}), bos_token_id=0, eos_token_id=1)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model = LlamaForCausalLM(config).to(torch.float16)
+        model.save_pretrained(work / "model", safe_serialization=True)
+        del model
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(SHIPPED_MODEL / name, work / "model" / name)
+        size_mb = sum(p.stat().st_size for p in (work / "model").glob("*.safetensors")) / 2**20
+        per_layer: list[float] = []
+
+        def progress(message: str) -> None:
+            match = re.match(r"layer \d+/\d+ compressed in ([\d.]+) s", message)
+            if match:
+                per_layer.append(float(match.group(1)))
+            print(message, flush=True)
+
+        start = time.perf_counter()
+        cfg = CompressConfig(method=args.method, ratio=0.4, task="prose", calib_tokens=args.calib_tokens)
+        compress(work / "model", work / "out", cfg, progress=progress)
+        total = time.perf_counter() - start
+        mean = sum(per_layer) / len(per_layer)
+        w7b = svd_work(4096, 11008, 4096)
+        w1b = svd_work(2048, 8192, 512)
+        result = {
+            "method": args.method, "layers": args.layers, "threads": torch.get_num_threads(),
+            "calibration_tokens": args.calib_tokens, "checkpoint_mb": round(size_mb, 1),
+            "seconds_per_layer": round(mean, 2), "total_seconds": round(total, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "estimate_full_1b_layers_s": round(16 * mean, 1),
+            "estimate_7b_layers_s": round(32 * mean * w7b / w1b, 1),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
