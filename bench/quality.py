@@ -21,6 +21,7 @@ from compress.config import CompressConfig
 from compress.pipeline import compress
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.evaluate import EvalConfig, evaluate
+from rankdown.info import model_info
 from rankdown.shipped import SHIPPED_MODEL
 from rankdown.tasks import Split, load_task
 
@@ -52,8 +53,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rankdown-bench-"))
     quiet = lambda _msg: None  # noqa: E731
-    rows = [{"method": "dense", "allocate": "-", "ratio": 0.0, "params": None, "seconds": 0.0} | score(SHIPPED_MODEL)]
-    dense_params = open_checkpoint(SHIPPED_MODEL)
+    dense_params = model_info(open_checkpoint(SHIPPED_MODEL)).decoder_linear_params
+    rows = [{"method": "dense", "allocate": "-", "ratio": 0.0, "params": dense_params, "seconds": 0.0} | score(SHIPPED_MODEL)]
     try:
         for ratio in map(float, args.ratios.split(",")):
             for method in args.methods.split(","):
@@ -75,9 +76,6 @@ def main() -> None:
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dense_linear = rows[0]
-    dense_linear["params"] = sum(
-        m.params for m in __import__("rankdown.info", fromlist=["model_info"]).model_info(dense_params).modules)
     write(rows, cross, args.out)
 
 
