@@ -8,7 +8,6 @@ math vs for code, each scored on both). Writes bench/results/quality.{md,json,pn
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile

@@ -132,7 +132,7 @@ def _weight_files(folder: Path) -> list[Path]:
     raise RankdownError(f"{folder}: no weights (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
-def _meta_model(config: LlamaConfig, record: FactorRecord, folder: Path) -> LlamaForCausalLM:
+def meta_model(config: LlamaConfig, record: FactorRecord, folder: Path) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     apply_record(model, record, folder / RECORD_FILE)
@@ -154,7 +154,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
             if name in tensors:
                 raise RankdownError(f"{file}: tensor {name!r} is also in {tensors[name][0].name}")
             tensors[name] = (file, entry)
-    expected = {k: tuple(v.shape) for k, v in _meta_model(config, record, folder).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in meta_model(config, record, folder).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         tensors.pop("lm_head.weight", None)
@@ -176,7 +176,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Materialize the model from a checked checkpoint: one copy of the weights, no random init."""
-    model = _meta_model(ckpt.config, ckpt.record, ckpt.folder)
+    model = meta_model(ckpt.config, ckpt.record, ckpt.folder)
     for file in ckpt.weight_files:
         chunk = {}
         with safe_open(str(file), framework="pt") as f:
@@ -230,7 +230,7 @@ def save_checkpoint(
             continue
         if not torch.isfinite(tensor).all():
             raise RankdownError(f"{out}: refusing to write tensor {name!r}: it contains NaN or Inf")
-        state[name] = tensor.detach().to(dtype).contiguous().clone()
+        state[name] = tensor.detach().to(dtype).contiguous()  # a copy only where the dtype changes
     config = model.config.to_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config.pop("auto_map", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rankdown.checkpoint import Checkpoint, _meta_model, linear_modules
+from rankdown.checkpoint import Checkpoint, linear_modules, meta_model
 from rankdown.factor import FactorizedLinear, SharedDownLinear, linear_params
 
 
@@ -35,7 +35,7 @@ class ModelInfo:
 
 def model_info(ckpt: Checkpoint) -> ModelInfo:
     """Computed from the config, record and headers alone: no weight data is read."""
-    model = _meta_model(ckpt.config, ckpt.record, ckpt.folder)
+    model = meta_model(ckpt.config, ckpt.record, ckpt.folder)
     modules = []
     for name, module in linear_modules(model).items():
         # A pair's dense equivalent is m x n: a bias that a method adds to ``up`` (feature's

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.evaluate import EvalConfig, evaluate, greedy_answers, perplexity
