@@ -77,6 +77,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
           f"parameters ({report.params_before:,} -> {report.params_after:,}) in {report.wall_seconds:.1f} s")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from export.config import ExportConfig
+    from export.pipeline import export, format_manifest
+
+    cfg = ExportConfig(formats=args.format, quantize=args.quantize, backend=args.backend,
+                       max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
+    manifest = export(args.model, args.out, cfg)
+    print(f"{args.out}: bundle written")
+    print(format_manifest(manifest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
+
+    exp = sub.add_parser("export", help="ONNX and ExecuTorch (.pte) with KV cache, factor pairs kept, self-checked")
+    _model_arg(exp)
+    exp.add_argument("-o", "--out", type=Path, required=True, help="output bundle folder")
+    exp.add_argument("--format", default="onnx,executorch", help="comma-separated: onnx, executorch")
+    exp.add_argument("--quantize", default="none", help="none or int8 (int8 weights per channel, dynamic activations)")
+    exp.add_argument("--backend", default="xnnpack", help="ExecuTorch delegate: xnnpack, coreml, qnn, vulkan")
+    exp.add_argument("--max-seq-len", type=int, default=256, help="positions the ExecuTorch KV cache holds")
+    exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

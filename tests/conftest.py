@@ -49,3 +49,37 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def shipped_model_dir() -> Path:
     assert (SHIPPED_MODEL / "model.safetensors").is_file(), "the shipped model is missing from the checkout"
     return SHIPPED_MODEL
+
+
+@pytest.fixture(scope="session")
+def compressed_tiny(tiny_model_dir, tmp_path_factory):
+    """Each method once at ratio 0.3 on the tiny model: method -> (folder, report)."""
+    from compress.config import CompressConfig
+    from compress.methods import METHODS
+    from compress.pipeline import compress
+
+    root = tmp_path_factory.mktemp("compressed")
+    out = {}
+    for method in METHODS:
+        folder = root / method.value
+        report = compress(tiny_model_dir, folder,
+                          CompressConfig(method=method, ratio=0.3, calib_tokens=2048, seq_len=64),
+                          progress=lambda _m: None)
+        out[method.value] = (folder, report)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
+    """The shipped model compressed for math (feature, 0.4) and exported to both formats:
+    the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder)."""
+    from compress.config import CompressConfig
+    from compress.pipeline import compress
+    from export.config import ExportConfig
+    from export.pipeline import export
+
+    root = tmp_path_factory.mktemp("shipped")
+    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math"),
+             progress=lambda _m: None)
+    export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
+    return root / "ckpt", root / "bundle"

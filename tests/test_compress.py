@@ -31,15 +31,8 @@ def _skewed_inputs(n: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_model_dir, tmp_path_factory):
-    """Each method once at ratio 0.3 on the tiny model (shared by several tests)."""
-    root = tmp_path_factory.mktemp("compressed")
-    out = {}
-    for method in METHODS:
-        folder = root / method.value
-        report = compress(tiny_model_dir, folder, CompressConfig(method=method, ratio=0.3, **SMALL), progress=quiet)
-        out[method.value] = (folder, report)
-    return out
+def compressed(compressed_tiny):
+    return compressed_tiny
 
 
 @pytest.mark.parametrize("method", [m.value for m in METHODS])

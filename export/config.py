@@ -1,0 +1,88 @@
+"""The export stage's recipe: which formats, which precision, how long a sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from rankdown.errors import RankdownError
+
+
+class Format(str, Enum):
+    ONNX = "onnx"
+    EXECUTORCH = "executorch"
+
+
+class Quantize(str, Enum):
+    NONE = "none"
+    # int8 weights, one scale per output channel; activations are quantized per call at run
+    # time. It is the int8 scheme both onnxruntime (MatMulInteger) and XNNPACK (qd8-f32-qc8w)
+    # run fast on CPU, so both formats carry the same numerics.
+    INT8 = "int8"
+
+
+class Backend(str, Enum):
+    """ExecuTorch delegate. Only XNNPACK's toolchain ships in the executorch wheel."""
+
+    XNNPACK = "xnnpack"
+    COREML = "coreml"
+    QNN = "qnn"
+    VULKAN = "vulkan"
+
+
+def _as_enum(enum: type[Enum], value, option: str):
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(m.value for m in enum)
+        raise RankdownError(f"unknown {option} {value!r}: choose one of {known}") from None
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """When an exported artifact counts as the same model as its PyTorch source."""
+
+    # max |logit diff| over the prompt positions, relative to the largest reference logit
+    max_rel_logit_diff: float = 1e-3
+    min_top1_agreement: float = 1.0
+    greedy_must_match: bool = True
+
+    @classmethod
+    def for_quantize(cls, quantize: Quantize) -> "ParityThresholds":
+        if quantize is Quantize.INT8:
+            # int8 changes the numbers on purpose; what must hold is that it still picks the
+            # same next token almost everywhere. Task quality is measured separately.
+            return cls(max_rel_logit_diff=0.25, min_top1_agreement=0.8, greedy_must_match=False)
+        return cls()
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[Format, ...] = (Format.ONNX, Format.EXECUTORCH)
+    quantize: Quantize = Quantize.NONE
+    backend: Backend = Backend.XNNPACK
+    max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
+    parity_new_tokens: int = 32
+    check: bool = True  # run the parity self-check after writing
+    overwrite: bool = False
+
+    def __post_init__(self):
+        formats = self.formats
+        if isinstance(formats, str):
+            formats = tuple(f for f in formats.split(",") if f)
+        formats = tuple(dict.fromkeys(_as_enum(Format, f, "format") for f in formats))
+        if not formats:
+            raise RankdownError("--format needs at least one of onnx, executorch")
+        object.__setattr__(self, "formats", formats)
+        object.__setattr__(self, "quantize", _as_enum(Quantize, self.quantize, "quantize mode"))
+        object.__setattr__(self, "backend", _as_enum(Backend, self.backend, "backend"))
+        if not isinstance(self.max_seq_len, int) or not 16 <= self.max_seq_len <= 32768:
+            raise RankdownError(f"--max-seq-len must be an integer in 16..32768, got {self.max_seq_len!r}")
+        if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:
+            raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
+
+    @property
+    def thresholds(self) -> ParityThresholds:
+        return ParityThresholds.for_quantize(self.quantize)

@@ -1,0 +1,143 @@
+"""Greedy decoding with a KV cache in each runtime, the way an app drives the artifact.
+
+Deliberately light: numpy and the runtime only (no transformers, no optimum), because the
+same code runs on devices that have no PyTorch. ExecuTorch's Python runtime does import
+torch for its tensors; on a device the C++ runner takes its place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Decoder(Protocol):
+    """One sequence at a time: ``prefill`` a prompt, then ``step`` one token at a time."""
+
+    max_positions: int | None
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Reset the cache, run the prompt in one call; logits for every prompt position (n, vocab)."""
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token; its logits (vocab,)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_logits: np.ndarray  # (n_prompt, vocab), float32
+    tokens: tuple[int, ...]  # new tokens, greedy, exactly ``new_tokens`` of them (no stop at EOS)
+    step_logits: np.ndarray  # (new_tokens, vocab): the logits each new token was chosen from
+
+
+def greedy(decoder: Decoder, prompt: list[int], new_tokens: int) -> Generation:
+    """Greedy continuation of a fixed length, so two runtimes are compared token for token."""
+    if decoder.max_positions is not None and len(prompt) + new_tokens > decoder.max_positions:
+        raise ValueError(f"prompt of {len(prompt)} + {new_tokens} new tokens exceeds the artifact's "
+                         f"{decoder.max_positions} positions")
+    prompt_logits = decoder.prefill(prompt)
+    logits = prompt_logits[-1]
+    tokens, chosen = [], []
+    for i in range(new_tokens):
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        chosen.append(logits)
+        if i + 1 < new_tokens:
+            logits = decoder.step(token)
+    step_logits = np.stack(chosen) if chosen else np.zeros((0, prompt_logits.shape[-1]), np.float32)
+    return Generation(prompt_logits, tuple(tokens), step_logits)
+
+
+class OnnxDecoder:
+    """An optimum-layout decoder graph (``input_ids``, ``attention_mask``, ``position_ids``,
+    ``past_key_values.*`` -> ``logits``, ``present.*``) in a plain InferenceSession."""
+
+    def __init__(self, model_path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self._past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        missing = {"input_ids", "logits"} - set(inputs) - {o.name for o in self.session.get_outputs()}
+        if missing or not self._past_names:
+            raise ValueError(f"{model_path}: not a decoder graph with a KV cache (missing {sorted(missing) or 'past_key_values'})")
+        self._needs_mask = "attention_mask" in inputs
+        self._needs_positions = "position_ids" in inputs
+        self._past_shapes = {}
+        for name in self._past_names:
+            shape = inputs[name].shape  # [batch, kv_heads, past, head_dim]
+            self._past_shapes[name] = (1, int(shape[1]), 0, int(shape[3]))
+        self._dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
+        self.max_positions = None
+        self._cache: dict[str, np.ndarray] = {}
+        self._length = 0
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        if self._needs_mask:
+            feeds["attention_mask"] = np.ones((1, self._length + n), dtype=np.int64)
+        if self._needs_positions:
+            feeds["position_ids"] = np.arange(self._length, self._length + n, dtype=np.int64)[None, :]
+        feeds.update(self._cache)
+        outputs = self.session.run(["logits", *self._present_names], feeds)
+        self._cache = dict(zip(self._past_names, outputs[1:]))
+        self._length += n
+        return outputs[0][0].astype(np.float32, copy=False)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self._cache = {n: np.zeros(s, dtype=self._dtype) for n, s in self._past_shapes.items()}
+        self._length = 0
+        return self._run(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])[-1]
+
+
+class ExecuTorchDecoder:
+    """A .pte with a static KV cache: ``forward(tokens[1, n], input_pos[1])`` -> logits[1, n, vocab],
+    the signature ExecuTorch's own LLM runner calls."""
+
+    def __init__(self, pte_path: Path):
+        import torch
+        from executorch.runtime import Runtime, Verification
+
+        self._torch = torch
+        runtime = Runtime.get()
+        program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency)
+        self.max_positions = _constant(program, "get_max_seq_len")
+        self.program = program
+        self.method = program.load_method("forward")
+        self._length = 0
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        torch = self._torch
+        n = len(ids)
+        tokens = torch.tensor([ids], dtype=torch.long)
+        logits = self.method.execute([tokens, torch.tensor([self._length], dtype=torch.long)])[0]
+        self._length += n
+        return logits[0].float().numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        # The static cache is overwritten position by position, and the attention mask covers
+        # only positions < cache_position, so restarting at 0 needs no explicit reset.
+        self._length = 0
+        return self._run(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])[-1]
+
+
+def _constant(program, name: str) -> int | None:
+    if name not in program.method_names:
+        return None
+    value = program.load_method(name).execute([])[0]
+    return int(value)

@@ -1,0 +1,204 @@
+"""ExecuTorch: torch.export with a static KV cache, lowered to a delegate (XNNPACK by default).
+
+transformers' ExecuTorch integration builds the exportable wrapper (static cache, one
+``forward(input_ids, cache_position)``); we add a dynamic prompt length so a prompt is one
+call, the metadata methods ExecuTorch's LLM runner reads, and int8 via the XNNPACK quantizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rankdown.errors import RankdownError
+from rankdown.factor_record import FactorRecord
+
+from export.config import Backend, ExportConfig, Quantize
+from export.factor_nodes import count_exported_program
+from export.manifest import FactorNodes
+
+SUBDIR = "executorch"
+MODEL_FILE = "model.pte"
+
+
+@dataclass(frozen=True)
+class _BackendSpec:
+    runtime_name: str  # the backend's name in the runtime's registry
+    needs: str  # what this machine must have, in words
+
+
+_BACKENDS = {
+    Backend.XNNPACK: _BackendSpec("XnnpackBackend", "nothing beyond the executorch wheel"),
+    Backend.COREML: _BackendSpec("CoreMLBackend", "macOS with coremltools (Core ML compiles and runs only there)"),
+    Backend.QNN: _BackendSpec("QnnBackend", "Qualcomm's QNN SDK (QNN_SDK_ROOT) and a Snapdragon device to run on"),
+    Backend.VULKAN: _BackendSpec("VulkanBackend", "the glslc shader compiler and an executorch runtime built with Vulkan"),
+}
+
+
+def check_backend(backend: Backend, will_run: bool) -> None:
+    """Fail before any work when the backend's toolchain (or, for the self-check, runtime) is missing."""
+    spec = _BACKENDS[backend]
+    missing = None
+    if backend is Backend.COREML and os.uname().sysname != "Darwin":
+        missing = "this is not macOS"
+    elif backend is Backend.QNN and not os.environ.get("QNN_SDK_ROOT"):
+        missing = "QNN_SDK_ROOT is not set"
+    elif backend is Backend.VULKAN and shutil.which("glslc") is None:
+        missing = "glslc is not on PATH"
+    if missing is None and will_run:
+        from executorch.runtime import Runtime
+
+        registered = Runtime.get().backend_registry.registered_backend_names
+        if spec.runtime_name not in registered:
+            missing = f"this machine's executorch runtime has no {spec.runtime_name} (it has {', '.join(registered)})"
+    if missing:
+        raise RankdownError(f"--backend {backend.value} needs {spec.needs}; {missing}")
+
+
+def _partitioners(backend: Backend, quantize: Quantize) -> list:
+    if backend is Backend.XNNPACK:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackDynamicallyQuantizedPartitioner,
+            XnnpackPartitioner,
+        )
+
+        # Dynamically quantized linears must be claimed first, whole; the generic partitioner
+        # would otherwise split choose_qparams from its matmul and form cyclic partitions.
+        return ([XnnpackDynamicallyQuantizedPartitioner()] if quantize is Quantize.INT8 else []) + [XnnpackPartitioner()]
+    if backend is Backend.COREML:
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        return [CoreMLPartitioner()]
+    if backend is Backend.QNN:
+        from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
+
+        return [QnnPartitioner()]
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+
+    return [VulkanPartitioner()]
+
+
+def _run_shared_down_once(program) -> int:
+    """Merge linears that apply the same weight to the same input (a shared-``down`` group's
+    members each call the owner's ``down`` in eager mode). Returns how many were merged."""
+
+    seen, merged = {}, 0
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        key = (node.args, tuple(sorted(node.kwargs.items())))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    if merged:
+        graph.lint()
+        program.graph_module.recompile()
+    return merged
+
+
+class RunnerSignature(torch.nn.Module):
+    """``forward(tokens[1, n], input_pos[1])``: the start position as one number, the signature of
+    ExecuTorch's own Llama exports, which every ExecuTorch LLM app knows how to call.
+    transformers' static-cache wrapper underneath wants one position per token."""
+
+    def __init__(self, model, max_cache_len: int):
+        super().__init__()
+        from transformers import GenerationConfig
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache, sdpa_mask_without_vmap
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # As transformers' convert_and_export_with_cache does: sdpa with a mask built without
+        # vmap, which torch.export cannot trace.
+        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", sdpa_mask_without_vmap)
+        ALL_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", ALL_ATTENTION_FUNCTIONS["sdpa"])
+        model.config._attn_implementation = "sdpa_without_vmap"
+        model.generation_config = GenerationConfig(
+            use_cache=True, cache_implementation="static", max_length=max_cache_len,
+            cache_config={"batch_size": 1, "max_cache_len": max_cache_len})
+        self.decoder = TorchExportableModuleWithStaticCache(model)
+
+    def forward(self, tokens, input_pos):
+        positions = input_pos + torch.arange(tokens.shape[1], dtype=torch.long)
+        return self.decoder(input_ids=tokens, cache_position=positions)
+
+
+def _metadata(model, cfg: ExportConfig) -> dict:
+    """Constant methods ExecuTorch's LLM runner (TextLLMRunner) reads from the program."""
+    config = model.config
+    eos = config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return {
+        "get_max_seq_len": cfg.max_seq_len,
+        "get_max_context_len": cfg.max_seq_len,
+        "get_vocab_size": config.vocab_size,
+        "get_bos_id": config.bos_token_id if config.bos_token_id is not None else -1,
+        "get_eos_ids": eos_ids,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": False,
+    }
+
+
+def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
+                      progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
+    """Write ``bundle/executorch/model.pte``. Returns seconds, node counts and the delegation summary."""
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    start = time.perf_counter()
+    length = cfg.max_seq_len
+    example = (torch.full((1, 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
+    seq = torch.export.Dim("seq", max=length - 1)
+    dynamic = {"tokens": {1: seq}, "input_pos": None}
+    with torch.no_grad():
+        # strict=True: with strict=False this torch fails later, in decomposition.
+        program = torch.export.export(RunnerSignature(model, length), args=example, dynamic_shapes=dynamic,
+                                      strict=True)
+        _run_shared_down_once(program)
+        nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
+        if cfg.quantize is Quantize.INT8:
+            program = _quantize_int8(program, example, dynamic)
+        progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
+        edge = to_edge_transform_and_lower(program, partitioner=_partitioners(cfg.backend, cfg.quantize),
+                                           constant_methods=_metadata(model, cfg))
+        info = get_delegation_info(edge.exported_program().graph_module)
+        delegation = {"delegated_nodes": int(info.num_delegated_nodes),
+                      "non_delegated_nodes": int(info.num_non_delegated_nodes),
+                      "delegated_subgraphs": int(info.num_delegated_subgraphs)}
+        executorch_program = edge.to_executorch()
+    path = bundle / SUBDIR / MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        executorch_program.write_to_file(f)
+    return time.perf_counter() - start, nodes, delegation
+
+
+def _quantize_int8(program, example, dynamic):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    # Per-channel symmetric int8 weights, activations quantized dynamically per call:
+    # XNNPACK's qd8-f32-qc8w kernels. Dynamic quantization needs no calibration data; the one
+    # call below only runs the observers once.
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    prepared = prepare_pt2e(program.module(), quantizer)
+    prepared(*example)
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, args=example, dynamic_shapes=dynamic, strict=True)
+
+
+def model_files(bundle: Path) -> list[Path]:
+    return sorted(p for p in (bundle / SUBDIR).rglob("*") if p.is_file())

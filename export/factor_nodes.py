@@ -1,0 +1,124 @@
+"""Count the graph nodes that carry each factor pair, so a pair folded into one dense weight
+(by an exporter's constant folding, a fusion pass, or a bug) is caught at export time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+from rankdown.factor_record import FactorRecord
+
+from export.manifest import FactorNodes
+
+# The factor pair's child names are part of the checkpoint format (see rankdown.factor);
+# the exported graphs keep them in node scopes and parameter names.
+FACTOR_CHILDREN = ("down", "up")
+_ONNX_MATMULS = {"MatMul", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+@dataclass(frozen=True)
+class _Expected:
+    shapes: dict[tuple[str, str], set[tuple[int, int]]]  # (module, child) -> acceptable weight shapes
+    pairs: int
+    groups: int
+
+    @property
+    def count(self) -> int:
+        return len(self.shapes)
+
+
+def _expected(record: FactorRecord) -> _Expected:
+    shapes: dict[tuple[str, str], set[tuple[int, int]]] = {}
+    groups = 0
+    owners = {spec.shares_down_with for spec in record.modules.values() if spec.shares_down_with}
+    for name, spec in record.modules.items():
+        if spec.shares_down_with is None:
+            # A group's down is stored once, on its owner, and must run once per token.
+            shapes[(name, "down")] = {(spec.in_features, spec.rank), (spec.rank, spec.in_features)}
+        shapes[(name, "up")] = {(spec.rank, spec.out_features), (spec.out_features, spec.rank)}
+        groups += name in owners
+    return _Expected(shapes, len(record.modules), groups)
+
+
+def _tally(record: FactorRecord, weights: list[tuple[str | None, str | None, tuple[int, ...]]], where: str) -> FactorNodes:
+    """``weights``: one (module, child, weight shape) per weight-carrying matmul node; module is
+    None for a node outside any recorded module, child None for a node directly in one."""
+    expected = _expected(record)
+    seen: dict[tuple[str, str], int] = {}
+    dense = 0
+    for module, child, shape in weights:
+        if module is None:
+            dense += 1
+            continue
+        if child is None:
+            spec = record.modules[module]
+            raise RankdownError(f"{where}: factor pair {module} was folded into one dense "
+                                f"{spec.out_features}x{spec.in_features} matmul")
+        key = (module, child)
+        if key not in expected.shapes:
+            raise RankdownError(f"{where}: {module}.{child} runs as a matmul of its own, but it shares "
+                                f"the down factor of {record.modules[module].shares_down_with}; it must reuse it")
+        if tuple(shape[-2:]) not in expected.shapes[key]:
+            raise RankdownError(f"{where}: {module}.{child} has weight shape {tuple(shape)}, "
+                                f"expected one of {sorted(expected.shapes[key])}")
+        seen[key] = seen.get(key, 0) + 1
+    repeated = sorted(k for k, n in seen.items() if n > 1)
+    if repeated:
+        module, child = repeated[0]
+        raise RankdownError(f"{where}: {module}.{child} appears {seen[repeated[0]]} times; each factor runs once")
+    missing = sorted(set(expected.shapes) - set(seen))
+    if missing:
+        module, child = missing[0]
+        raise RankdownError(f"{where}: no matmul carries {module}.{child} ({len(missing)} factor node(s) missing)")
+    return FactorNodes(pairs=expected.pairs, shared_groups=expected.groups, expected=expected.count,
+                       found=sum(seen.values()), dense_linears=dense)
+
+
+def _locate(record: FactorRecord, dotted: str) -> tuple[str | None, str | None]:
+    """(module, child) for a scope or parameter path such as ``model.layers.0.mlp.up_proj.down``,
+    tolerating prefixes an exporter adds (``model.`` wrappers, leading ``/``)."""
+    parts = dotted.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in record.modules:
+            return candidate, None
+        head, _, child = candidate.rpartition(".")
+        if child in FACTOR_CHILDREN and head in record.modules:
+            return head, child
+    return None, None
+
+
+def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
+    """Nodes of an optimum/torch.onnx export: scopes are ``/model/layers.0/self_attn/q_proj/down/MatMul``."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    weights = []
+    for node in model.graph.node:
+        if node.op_type not in _ONNX_MATMULS:
+            continue
+        weight = next((shapes[i] for i in node.input[1:2] if i in shapes), None)
+        if weight is None or len(weight) < 2:
+            continue  # activation x activation (attention scores), not a layer
+        scope = node.name.strip("/").split("/")[:-1]
+        weights.append((*_locate(record, ".".join(scope)), weight))
+    return _tally(record, weights, f"{model_path}")
+
+
+def count_exported_program(record: FactorRecord, program, where: str) -> FactorNodes:
+    """``aten.linear`` nodes of a torch.export program, matched to parameters by name."""
+    import torch
+
+    params = dict(program.graph_signature.inputs_to_parameters)
+    weights = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        weight = node.args[1]
+        fqn = params.get(weight.name, weight.name)
+        dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+        shape = tuple(weight.meta["val"].shape)
+        weights.append((*_locate(record, dotted), shape))
+    return _tally(record, weights, where)

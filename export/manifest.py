@@ -1,0 +1,190 @@
+"""``manifest.json``: what a bundle holds, where it came from, and proof it was checked.
+
+The one place that reads and writes it. It is written last, after every artifact passed its
+checks, and it carries each file's sha256, so a bundle whose files do not match it is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FactorNodes:
+    """Linear/MatMul nodes counted in one exported graph.
+
+    A factor pair must appear as 2 nodes, a shared-``down`` group of k members as 1 + k;
+    a pair folded back into one dense weight would appear as 1 node of the dense shape.
+    """
+
+    pairs: int  # factor pairs in the source checkpoint
+    shared_groups: int
+    expected: int
+    found: int
+    dense_linears: int  # weight-carrying matmuls that are not factors (unfactored layers, lm_head)
+
+
+@dataclass(frozen=True)
+class Parity:
+    prompts: int
+    positions: int
+    max_abs_logit_diff: float
+    logit_scale: float  # largest |reference logit|, so the diff can be read relatively
+    top1_agreement: float
+    new_tokens: int
+    greedy_match: bool
+    passed: bool
+
+
+@dataclass(frozen=True)
+class FormatEntry:
+    files: dict[str, FileEntry]  # path relative to the bundle -> size and hash
+    export_seconds: float
+    quantize: str
+    backend: str | None
+    factor_nodes: FactorNodes
+    delegation: dict[str, int] | None  # ExecuTorch: nodes delegated to the backend vs left on CPU kernels
+    parity: Parity | None  # None when the self-check was skipped
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    path: str
+    sha256: str  # over the weight files, config and factorization record, in name order
+    files: dict[str, str]  # name -> sha256
+    factorized: bool
+    compression: dict | None  # the source's compression.json, when it has one
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    total_params: int
+    decoder_linear_params: int
+    dense_decoder_linear_params: int
+    vocab_size: int
+    layers: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    ranks: dict[str, int]  # factorized module -> rank
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: SourceModel
+    model: ModelSummary
+    options: dict
+    tokenizer_files: dict[str, FileEntry]
+    formats: dict[str, FormatEntry]
+    versions: dict[str, str]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, bundle: Path) -> "Manifest":
+        path = Path(bundle) / MANIFEST_FILE
+        if not path.is_file():
+            raise RankdownError(f"{bundle}: not a rankdown bundle (no {MANIFEST_FILE})")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {raw.get('schema_version') if isinstance(raw, dict) else None!r} "
+                                 f"is not {SCHEMA_VERSION}")
+            return _build(cls, raw, "manifest")
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise RankdownError(f"{path}: invalid manifest: {e}") from None
+
+    def all_files(self) -> dict[str, FileEntry]:
+        files = dict(self.tokenizer_files)
+        for entry in self.formats.values():
+            files.update(entry.files)
+        return files
+
+
+def _build(cls, raw, where: str):
+    """A dataclass tree from JSON, refusing unknown or missing keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(raw) - names:
+        raise ValueError(f"{where}: unknown keys {sorted(set(raw) - names)}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if required - set(raw):
+        raise ValueError(f"{where}: missing keys {sorted(required - set(raw))}")
+    return cls(**{k: _value(hints[k], v, f"{where}.{k}") for k, v in raw.items()})
+
+
+def _value(hint, value, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object")
+        return {k: _value(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        return [_value(item_type, v, where) for v in value]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and (type(value) is not hint):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(root: Path, paths: list[Path]) -> dict[str, FileEntry]:
+    return {p.relative_to(root).as_posix(): FileEntry(p.stat().st_size, sha256_file(p)) for p in sorted(paths)}
+
+
+def verify_files(bundle: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists exists inside the bundle with its recorded size and hash."""
+    root = Path(bundle).resolve()
+    for rel, entry in manifest.all_files().items():
+        path = (root / rel)
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            raise RankdownError(f"{bundle}: manifest entry {rel!r} points outside the bundle")
+        if not path.is_file():
+            raise RankdownError(f"{bundle}: {rel} is listed in the manifest but missing")
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            raise RankdownError(f"{bundle}: {rel} does not match the manifest (size or sha256 differs)")

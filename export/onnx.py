@@ -1,0 +1,63 @@
+"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+from rankdown.factor_record import FactorRecord
+
+from export.config import ExportConfig, Quantize
+from export.factor_nodes import count_onnx
+from export.manifest import FactorNodes
+
+SUBDIR = "onnx"
+MODEL_FILE = "model.onnx"
+
+
+def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig) -> tuple[float, FactorNodes]:
+    """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds and node counts."""
+    import onnx
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    out = bundle / SUBDIR
+    start = time.perf_counter()
+    # optimum picks the graph's I/O names (input_ids, attention_mask, position_ids,
+    # past_key_values.*, logits, present.*) that ORTModelForCausalLM and ORT GenAI expect,
+    # and switches to external data on its own above 2 GB.
+    stage = bundle / ".onnx-fp32" if cfg.quantize is Quantize.INT8 else out
+    onnx_export_from_model(model, output=stage, task="text-generation-with-past", do_validation=False,
+                           no_post_process=False)
+    fp32_path = stage / MODEL_FILE
+    onnx.checker.check_model(str(fp32_path))  # path form: handles external data and > 2 GB
+    nodes = count_onnx(record, fp32_path)
+    if cfg.quantize is Quantize.INT8:
+        _quantize_int8(fp32_path, out / MODEL_FILE)
+        for extra in stage.iterdir():
+            if extra.suffix == ".json":
+                shutil.copy2(extra, out / extra.name)
+        shutil.rmtree(stage)
+        onnx.checker.check_model(str(out / MODEL_FILE))
+        quantized = count_onnx(record, out / MODEL_FILE)
+        if quantized.found != nodes.found:
+            raise RankdownError(f"{out / MODEL_FILE}: int8 quantization changed the factor node count "
+                                f"({nodes.found} -> {quantized.found})")
+        nodes = quantized
+    return time.perf_counter() - start, nodes
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = sum(p.stat().st_size for p in src.parent.iterdir()) > 1_800_000_000
+    # Only MatMuls with a constant weight are quantized (ORT leaves activation x activation
+    # attention products in float), so the factors and the head become int8, nothing else.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     use_external_data_format=large)
+
+
+def model_files(bundle: Path) -> list[Path]:
+    return sorted(p for p in (bundle / SUBDIR).rglob("*") if p.is_file())

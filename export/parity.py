@@ -1,0 +1,73 @@
+"""Does an exported artifact compute what its PyTorch source computes? Logits and greedy tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.config import ParityThresholds
+from export.decoding import Decoder, Generation, greedy
+from export.manifest import Parity
+
+
+def parity_prompts(tokenizer, room: int, lengths: tuple[int, ...] = (5, 23, 41)) -> list[list[int]]:
+    """Real text of each built-in task, cut to lengths unlike the export's example input (8),
+    so a shape specialised at export time would show up here; none longer than ``room``."""
+    from rankdown.tasks import Split, load_task
+
+    sources = [load_task("math", Split.EVALUATION).qa[0].prompt,
+               load_task("code", Split.EVALUATION).texts[0],
+               load_task("prose", Split.EVALUATION).texts[0]]
+    prompts = []
+    for text, length in zip(sources, lengths):
+        ids = tokenizer(text[: 16 * length], return_token_type_ids=False)["input_ids"]
+        prompts.append(list(ids[: min(length, room)]))
+    return prompts
+
+
+def torch_greedy(model, prompt: list[int], new_tokens: int) -> Generation:
+    """The reference: eager PyTorch with transformers' own dynamic KV cache."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        prompt_logits = out.logits[0].float().numpy()
+        cache, logits = out.past_key_values, out.logits[0, -1]
+        tokens, chosen = [], []
+        for i in range(new_tokens):
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            chosen.append(logits.float().numpy())
+            if i + 1 < new_tokens:
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[0, -1]
+    return Generation(prompt_logits, tuple(tokens), np.stack(chosen))
+
+
+def compare(reference: list[Generation], decoder: Decoder, prompts: list[list[int]], new_tokens: int,
+            thresholds: ParityThresholds) -> Parity:
+    max_diff, scale, agree, positions, greedy_ok = 0.0, 0.0, 0, 0, True
+    for prompt, ref in zip(prompts, reference):
+        got = greedy(decoder, prompt, new_tokens)
+        diff = np.abs(got.prompt_logits - ref.prompt_logits)
+        max_diff = max(max_diff, float(diff.max()))
+        scale = max(scale, float(np.abs(ref.prompt_logits).max()))
+        agree += int((got.prompt_logits.argmax(-1) == ref.prompt_logits.argmax(-1)).sum())
+        positions += len(prompt)
+        greedy_ok &= got.tokens == ref.tokens
+    top1 = agree / positions
+    passed = (max_diff <= thresholds.max_rel_logit_diff * scale and top1 >= thresholds.min_top1_agreement
+              and (greedy_ok or not thresholds.greedy_must_match))
+    return Parity(prompts=len(prompts), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
+                  top1_agreement=top1, new_tokens=new_tokens, greedy_match=greedy_ok, passed=passed)
+
+
+def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
+    reasons = []
+    if parity.max_abs_logit_diff > thresholds.max_rel_logit_diff * parity.logit_scale:
+        reasons.append(f"max |logit diff| {parity.max_abs_logit_diff:.3g} > "
+                       f"{thresholds.max_rel_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
+    if parity.top1_agreement < thresholds.min_top1_agreement:
+        reasons.append(f"top-1 agreement {parity.top1_agreement:.1%} < {thresholds.min_top1_agreement:.1%}")
+    if thresholds.greedy_must_match and not parity.greedy_match:
+        reasons.append(f"greedy tokens differ within {parity.new_tokens} new tokens")
+    return "; ".join(reasons)

@@ -1,0 +1,165 @@
+"""``export(checkpoint, bundle, config)``: one bundle folder with every asked format, checked.
+
+Bundle layout (its manifest is the authority on what is inside):
+    manifest.json            written last; sizes and sha256 of every file below
+    tokenizer.json, ...      the source's tokenizer files
+    onnx/model.onnx          + config.json, generation_config.json (ORTModelForCausalLM loads onnx/)
+    executorch/model.pte     XNNPACK-lowered, static KV cache, LLM-runner metadata methods
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.errors import RankdownError
+from rankdown.factor_record import RECORD_FILE
+from rankdown.info import model_info
+
+from export import executorch as et_format
+from export import onnx as onnx_format
+from export.config import ExportConfig, Format
+from export.decoding import ExecuTorchDecoder, OnnxDecoder
+from export.manifest import (
+    MANIFEST_FILE,
+    FormatEntry,
+    Manifest,
+    ModelSummary,
+    SourceModel,
+    file_entries,
+    sha256_file,
+)
+from export.parity import compare, describe_failure, parity_prompts, torch_greedy
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "executorch",
+              "torchao")
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _source(ckpt) -> SourceModel:
+    import hashlib
+    import json
+
+    names = [p for p in ckpt.weight_files] + [ckpt.folder / "config.json"]
+    if (ckpt.folder / RECORD_FILE).exists():
+        names.append(ckpt.folder / RECORD_FILE)
+    files = {p.name: sha256_file(p) for p in sorted(names)}
+    combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    report = ckpt.folder / "compression.json"
+    compression = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    return SourceModel(path=str(ckpt.folder.resolve()), sha256=combined, files=files,
+                       factorized=bool(ckpt.record.modules), compression=compression)
+
+
+def _summary(ckpt) -> ModelSummary:
+    info = model_info(ckpt)
+    config = ckpt.config
+    eos = config.eos_token_id
+    return ModelSummary(
+        total_params=info.total_params, decoder_linear_params=info.decoder_linear_params,
+        dense_decoder_linear_params=info.dense_decoder_linear_params, vocab_size=config.vocab_size,
+        layers=config.num_hidden_layers, bos_token_id=config.bos_token_id,
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        ranks={name: spec.rank for name, spec in ckpt.record.modules.items()},
+    )
+
+
+def _options(cfg: ExportConfig) -> dict:
+    raw = dataclasses.asdict(cfg)
+    return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
+
+
+def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = ExportConfig(),
+           progress: Callable[[str], None] = print) -> Manifest:
+    """Export a checkpoint (dense or compressed) to ``bundle``; nothing is left at ``bundle`` unless
+    every format was written, counted and (with ``cfg.check``) matched PyTorch."""
+    model_dir, bundle = Path(model_dir), Path(bundle)
+    ckpt = open_checkpoint(model_dir)
+    check_output_path(bundle, [model_dir], cfg.overwrite)
+    if Format.EXECUTORCH in cfg.formats:
+        et_format.check_backend(cfg.backend, will_run=cfg.check)
+    for name in TOKENIZER_FILES[:1]:
+        if not (ckpt.folder / name).is_file():
+            raise RankdownError(f"{ckpt.folder}: no {name}; a bundle needs the model's tokenizer")
+
+    model = load_model(ckpt).eval()
+    tokenizer = load_tokenizer(ckpt.folder)
+    thresholds = cfg.thresholds
+    prompts, reference = [], []
+    if cfg.check:
+        prompts = parity_prompts(tokenizer, room=cfg.max_seq_len - cfg.parity_new_tokens - 1)
+        reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in prompts]
+
+    entries: dict[str, FormatEntry] = {}
+    with atomic_folder(bundle, cfg.overwrite) as tmp:
+        for fmt in sorted(cfg.formats, key=list(Format).index):
+            progress(f"{fmt.value}: exporting{' (int8)' if cfg.quantize.value == 'int8' else ''}")
+            if fmt is Format.ONNX:
+                seconds, nodes = onnx_format.export_onnx(model, ckpt.record, tmp, cfg)
+                delegation, files = None, onnx_format.model_files(tmp)
+                make_decoder = lambda: OnnxDecoder(tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE)  # noqa: E731
+            else:
+                seconds, nodes, delegation = et_format.export_executorch(model, ckpt.record, tmp, cfg, progress)
+                files = et_format.model_files(tmp)
+                make_decoder = lambda: ExecuTorchDecoder(tmp / et_format.SUBDIR / et_format.MODEL_FILE)  # noqa: E731
+            progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
+                     f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "
+                     f"{nodes.dense_linears} dense linears")
+            parity = None
+            if cfg.check:
+                parity = compare(reference, make_decoder(), prompts, cfg.parity_new_tokens, thresholds)
+                progress(f"{fmt.value}: parity max |logit diff| {parity.max_abs_logit_diff:.2e} "
+                         f"(logit scale {parity.logit_scale:.1f}), top-1 {parity.top1_agreement:.1%}, greedy "
+                         f"{'identical' if parity.greedy_match else 'differs'} over {parity.new_tokens} tokens")
+                if not parity.passed:
+                    raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check: "
+                                        f"{describe_failure(parity, thresholds)}")
+            entries[fmt.value] = FormatEntry(
+                files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
+                backend=cfg.backend.value if fmt is Format.EXECUTORCH else None, factor_nodes=nodes,
+                delegation=delegation, parity=parity)
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (ckpt.folder / name).is_file():
+                shutil.copy2(ckpt.folder / name, tmp / name)
+                copied.append(tmp / name)
+        manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg),
+                            tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions())
+        write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+    return manifest
+
+
+def format_manifest(manifest: Manifest) -> str:
+    """A few lines a person reads after an export."""
+    m = manifest.model
+    src = manifest.source
+    method = (src.compression or {}).get("method", "dense")
+    lines = [f"source: {src.path} ({method}; sha256 {src.sha256[:12]}…)",
+             f"params: {m.total_params:,} total; decoder linears {m.decoder_linear_params:,} of "
+             f"{m.dense_decoder_linear_params:,} dense ({1 - m.decoder_linear_params / m.dense_decoder_linear_params:.1%} "
+             f"removed), {len(m.ranks)} factor pairs"]
+    for name, entry in manifest.formats.items():
+        size = sum(f.bytes for f in entry.files.values())
+        parity = entry.parity
+        check = ("not checked" if parity is None else
+                 f"parity {'passed' if parity.passed else 'FAILED'}: max |Δlogit| {parity.max_abs_logit_diff:.1e}, "
+                 f"top-1 {parity.top1_agreement:.1%}, greedy {'identical' if parity.greedy_match else 'differs'}")
+        nodes = entry.factor_nodes
+        lines.append(f"{name:<10} {size / 2**20:7.2f} MiB  {entry.quantize:<4}  {entry.export_seconds:6.1f} s  "
+                     f"factor nodes {nodes.found}/{nodes.expected}  {check}")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""export/: both formats on tiny Llamas of every module shape, self-checked against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.config import ExportConfig
+from export.decoding import ExecuTorchDecoder, OnnxDecoder, greedy
+from export.factor_nodes import count_exported_program, count_onnx
+from export.manifest import Manifest, verify_files
+from export.parity import torch_greedy
+from export.pipeline import export
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.errors import RankdownError
+from rankdown.factor_record import FactorRecord, ModuleFactor
+
+from conftest import write_tiny_model
+
+quiet = lambda _m: None  # noqa: E731
+
+
+def _expected_nodes(folder) -> int:
+    record = FactorRecord.read(folder)
+    return sum(1 if spec.shares_down_with else 2 for spec in record.modules.values())
+
+
+@pytest.fixture(scope="session")
+def joint_bundle(compressed_tiny, tmp_path_factory):
+    """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
+    folder, _ = compressed_tiny["joint"]
+    bundle = tmp_path_factory.mktemp("bundles") / "joint"
+    manifest = export(folder, bundle, ExportConfig(max_seq_len=128), progress=quiet)
+    return folder, bundle, manifest
+
+
+@pytest.fixture(scope="session")
+def joint_int8_bundle(compressed_tiny, tmp_path_factory):
+    folder, _ = compressed_tiny["joint"]
+    bundle = tmp_path_factory.mktemp("bundles") / "joint-int8"
+    return bundle, export(folder, bundle, ExportConfig(max_seq_len=128, quantize="int8"), progress=quiet)
+
+
+def test_bundle_layout_manifest_and_counts(joint_bundle):
+    folder, bundle, manifest = joint_bundle
+    assert (bundle / "onnx" / "model.onnx").is_file() and (bundle / "executorch" / "model.pte").is_file()
+    assert (bundle / "tokenizer.json").is_file()
+    assert not list(bundle.parent.glob(".joint.tmp-*"))
+    read = Manifest.read(bundle)
+    assert read == manifest
+    verify_files(bundle, read)
+    record = FactorRecord.read(folder)
+    owners = {s.shares_down_with for s in record.modules.values() if s.shares_down_with}
+    for name in ("onnx", "executorch"):
+        entry = read.formats[name]
+        nodes = entry.factor_nodes
+        assert nodes.pairs == len(record.modules) and nodes.shared_groups == len(owners) == 4
+        assert nodes.found == nodes.expected == _expected_nodes(folder)
+        assert nodes.dense_linears == 1  # lm_head
+        parity = entry.parity
+        assert parity.passed and parity.greedy_match and parity.top1_agreement == 1.0
+        assert parity.max_abs_logit_diff <= 1e-3 * parity.logit_scale
+        assert parity.prompts == 3 and parity.new_tokens == 32
+    assert read.formats["executorch"].delegation["delegated_nodes"] > 0
+    assert read.source.factorized and read.source.compression["method"] == "joint"
+    assert read.model.ranks == {n: s.rank for n, s in record.modules.items()}
+    assert {"torch", "executorch", "onnxruntime", "optimum"} <= set(read.versions)
+    assert read.options["formats"] == ["onnx", "executorch"] and read.options["quantize"] == "none"
+
+
+def test_onnx_loads_in_optimum_and_generates_like_torch(joint_bundle):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    folder, bundle, _ = joint_bundle
+    ort_model = ORTModelForCausalLM.from_pretrained(bundle / "onnx")
+    model = load_model(open_checkpoint(folder)).eval()
+    ids = load_tokenizer(folder)("12+7=", return_tensors="pt", return_token_type_ids=False)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=2)
+    with torch.no_grad():
+        expected = model.generate(**ids, **kwargs)
+    assert torch.equal(ort_model.generate(**ids, **kwargs), expected)
+
+
+def test_pte_carries_llm_runner_metadata(joint_bundle):
+    from executorch.runtime import Runtime
+
+    folder, bundle, _ = joint_bundle
+    program = Runtime.get().load_program(bundle / "executorch" / "model.pte")
+    value = lambda name: program.load_method(name).execute([])[0]  # noqa: E731
+    assert value("get_max_seq_len") == 128 and value("get_max_context_len") == 128
+    assert value("get_vocab_size") == open_checkpoint(folder).config.vocab_size
+    assert value("get_bos_id") == 0 and bool(value("use_kv_cache")) and bool(value("enable_dynamic_shape"))
+
+
+@pytest.mark.slow
+def test_executorch_llm_runner_answers_like_torch(shipped_math_bundle):
+    """The C++ runner phone apps link (TextLLMRunner) runs the .pte with the bundle's tokenizer
+    and the metadata methods, and prints what PyTorch's greedy decoding prints. The runner adds
+    no BOS unless asked (num_bos defaults to 0) and samples at 0.8 by default."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    folder, bundle = shipped_math_bundle
+    tokenizer = load_tokenizer(folder)
+    model = load_model(open_checkpoint(folder)).eval()
+    runner = TextLLMRunner(str(bundle / "executorch" / "model.pte"), str(bundle / "tokenizer.json"))
+    for prompt in ("12+7=", "95-38=", "40+59="):
+        reference = torch_greedy(model, tokenizer(prompt)["input_ids"], 4)
+        pieces: list[str] = []
+        runner.generate(prompt, GenerationConfig(max_new_tokens=4, temperature=0.0, echo=False, num_bos=1),
+                        token_callback=pieces.append)
+        assert "".join(pieces) == tokenizer.decode(list(reference.tokens), skip_special_tokens=True)
+        runner.reset()
+
+
+def test_prompt_is_one_call_of_any_length(joint_bundle):
+    """The prefill length is dynamic: prompts of other lengths than the example input (8)
+    run in one call and match PyTorch at every position."""
+    folder, bundle, _ = joint_bundle
+    model = load_model(open_checkpoint(folder)).eval()
+    for decoder in (OnnxDecoder(bundle / "onnx" / "model.onnx"), ExecuTorchDecoder(bundle / "executorch" / "model.pte")):
+        for length in (1, 3, 60):
+            prompt = list(range(3, 3 + length))
+            got = greedy(decoder, prompt, 4)
+            ref = torch_greedy(model, prompt, 4)
+            assert got.prompt_logits.shape == (length, model.config.vocab_size)
+            np.testing.assert_allclose(got.prompt_logits, ref.prompt_logits, atol=1e-4)
+            assert got.tokens == ref.tokens
+
+
+def test_decoder_refuses_more_positions_than_the_cache(joint_bundle):
+    _, bundle, _ = joint_bundle
+    decoder = ExecuTorchDecoder(bundle / "executorch" / "model.pte")
+    with pytest.raises(ValueError, match="exceeds the artifact's 128 positions"):
+        greedy(decoder, list(range(3, 103)), 40)
+
+
+@pytest.mark.parametrize("method", ["svd", "feature", "basis"])
+def test_every_method_shape_exports_to_onnx(compressed_tiny, tmp_path, method):
+    folder, _ = compressed_tiny[method]
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
+    nodes = manifest.formats["onnx"].factor_nodes
+    assert nodes.found == nodes.expected == _expected_nodes(folder) and nodes.shared_groups == 0
+    assert manifest.formats["onnx"].parity.passed and set(manifest.formats) == {"onnx"}
+
+
+def test_feature_pairs_with_bias_export_to_executorch(compressed_tiny, tmp_path):
+    folder, _ = compressed_tiny["feature"]
+    assert any(s.bias for s in FactorRecord.read(folder).modules.values())
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64), progress=quiet)
+    entry = manifest.formats["executorch"]
+    assert entry.parity.passed and entry.factor_nodes.found == _expected_nodes(folder)
+
+
+def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
+    """Llama-3.2-style tied embeddings: a dense checkpoint goes through both formats."""
+    folder = write_tiny_model(tmp_path / "tied", tiny_tokenizer, seed=3, tie_word_embeddings=True)
+    manifest = export(folder, tmp_path / "b", ExportConfig(max_seq_len=64), progress=quiet)
+    for entry in manifest.formats.values():
+        assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found == 0
+        # 7 per layer; the tied head reads the embedding through a transpose, not a stored weight
+        assert entry.factor_nodes.dense_linears in (2 * 7, 2 * 7 + 1)
+    assert not manifest.source.factorized and manifest.source.compression is None
+
+
+def test_int8_quantizes_every_linear_and_keeps_quality(joint_bundle, joint_int8_bundle):
+    """Stated bound: int8 perplexity within 3% of fp32 in the same runtime, top-1 >= 80%."""
+    import onnx
+    from tokenizers import Tokenizer
+
+    from rankdown.tasks import Split, load_task
+    from runtime_tests.quality import perplexity, windows_of
+
+    _, fp32, fp32_manifest = joint_bundle
+    int8, manifest = joint_int8_bundle
+    graph = onnx.load(str(int8 / "onnx" / "model.onnx")).graph
+    quantized = sum(n.op_type == "MatMulInteger" for n in graph.node)
+    nodes = manifest.formats["onnx"].factor_nodes
+    assert quantized == nodes.found + nodes.dense_linears  # every factor and the head, nothing else
+    int8_bytes = sum(len(t.raw_data) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    head = manifest.model.vocab_size * 64
+    assert int8_bytes == manifest.model.decoder_linear_params + head  # one byte per linear weight
+    tokenizer = Tokenizer.from_file(str(int8 / "tokenizer.json"))
+    windows = windows_of(tokenizer, load_task("math", Split.EVALUATION).texts, 64, 2048)
+    for name, make in (("onnx", lambda b: OnnxDecoder(b / "onnx" / "model.onnx")),
+                       ("executorch", lambda b: ExecuTorchDecoder(b / "executorch" / "model.pte"))):
+        entry = manifest.formats[name]
+        assert entry.quantize == "int8" and entry.parity.passed and entry.parity.top1_agreement >= 0.8
+        # int8 saves 3 of every 4 bytes of each linear weight; scales and graph nodes cost a little.
+        saved = (sum(f.bytes for f in fp32_manifest.formats[name].files.values())
+                 - sum(f.bytes for f in entry.files.values()))
+        assert saved > 0.4 * 4 * (manifest.model.decoder_linear_params + head), (name, saved)
+        ppl_int8, _ = perplexity(make(int8), windows)
+        ppl_fp32, _ = perplexity(make(fp32), windows)
+        assert abs(ppl_int8 / ppl_fp32 - 1) < 0.03, (name, ppl_int8, ppl_fp32)
+
+
+def _fake_record(module: str, in_features: int, out_features: int) -> FactorRecord:
+    return FactorRecord({module: ModuleFactor(rank=4, in_features=in_features, out_features=out_features, bias=False)})
+
+
+def test_a_folded_pair_is_caught_in_the_onnx_graph(tiny_model_dir, tmp_path):
+    export(tiny_model_dir, tmp_path / "dense", ExportConfig(formats="onnx", check=False), progress=quiet)
+    record = _fake_record("model.layers.1.mlp.up_proj", 64, 128)
+    with pytest.raises(RankdownError, match="up_proj was folded into one dense 128x64 matmul"):
+        count_onnx(record, tmp_path / "dense" / "onnx" / "model.onnx")
+
+
+def _exported_program(folder):
+    from export.executorch import RunnerSignature
+
+    model = load_model(open_checkpoint(folder)).eval()
+    with torch.no_grad():
+        return torch.export.export(RunnerSignature(model, 32), args=(torch.ones(1, 4, dtype=torch.long), torch.tensor([0])),
+                                   strict=True)
+
+
+def test_a_folded_pair_is_caught_in_the_exported_program(tiny_model_dir):
+    record = _fake_record("model.layers.0.self_attn.o_proj", 64, 64)
+    with pytest.raises(RankdownError, match="o_proj was folded"):
+        count_exported_program(record, _exported_program(tiny_model_dir), "test")
+
+
+def test_shared_down_runs_once_per_group_in_executorch(compressed_tiny):
+    """Eager mode applies a group's down once per member; the export must merge them (1 + k nodes)."""
+    from export.executorch import _run_shared_down_once
+
+    folder, _ = compressed_tiny["joint"]
+    record = FactorRecord.read(folder)
+    program = _exported_program(folder)
+    with pytest.raises(RankdownError, match="down appears 2 times; each factor runs once"):
+        count_exported_program(record, program, "test")
+    assert _run_shared_down_once(program) == 4
+    assert count_exported_program(record, program, "test").found == _expected_nodes(folder)
+
+
+def test_parity_failure_is_an_error_and_leaves_no_bundle(compressed_tiny, tmp_path, monkeypatch):
+    import export.pipeline as pipeline
+
+    class Corrupted(OnnxDecoder):
+        def prefill(self, ids):
+            return super().prefill(ids) + 0.05 * np.sin(np.arange(len(ids)))[:, None]
+
+    monkeypatch.setattr(pipeline, "OnnxDecoder", Corrupted)
+    folder, _ = compressed_tiny["svd"]
+    with pytest.raises(RankdownError, match="onnx export failed its parity self-check: max \\|logit diff\\|"):
+        export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_detects_tampering_and_unknown_keys(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    manifest = Manifest.read(copy)
+    with open(copy / "onnx" / "model.onnx", "r+b") as f:
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(RankdownError, match="onnx/model.onnx does not match the manifest"):
+        verify_files(copy, manifest)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["formats"]["onnx"]["surprise"] = 1
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(RankdownError, match="unknown keys \\['surprise'\\]"):
+        Manifest.read(copy)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rankdown.cli", "export", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("not-a-checkpoint", "config.json"),
+    ("unknown-format", "unknown format 'tflite': choose one of onnx, executorch"),
+    ("coreml", "--backend coreml needs macOS"),
+    ("no-parent", "parent folder"),
+    ("inside-input", "must not be, contain, or lie inside the input"),
+])
+def test_cli_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, case, pattern):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {
+        "not-a-checkpoint": [empty, "-o", tmp_path / "b"],
+        "unknown-format": [tiny_model_dir, "-o", tmp_path / "b", "--format", "onnx,tflite"],
+        "coreml": [tiny_model_dir, "-o", tmp_path / "b", "--format", "executorch", "--backend", "coreml"],
+        "no-parent": [tiny_model_dir, "-o", tmp_path / "missing" / "b"],
+        "inside-input": [tiny_model_dir, "-o", tiny_model_dir / "bundle"],
+    }[case]
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown export: error:")]
+    assert len(errors) == 1 and pattern in errors[0], result.stderr
+    assert not (tmp_path / "b").exists() and not (tiny_model_dir / "bundle").exists()
