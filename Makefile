@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-quality bench-cost clean
+.PHONY: venv test demo bench-quality bench-cost bench-export clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: venv
 
 bench-cost: venv
 	$(PY) -m bench.compress_cost --layers 2
+
+bench-export: venv
+	$(PY) -m bench.export_cost
 
 bench-quality: venv
 	$(PY) -m bench.quality

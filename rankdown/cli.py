@@ -88,6 +88,38 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(format_manifest(manifest))
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from runtime_tests.config import Checks, LatencyPlan, ValidateConfig
+    from runtime_tests.validate import validate
+
+    checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
+                    greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop)
+    cfg = ValidateConfig(runtimes=args.runtime, reference=args.reference, task=args.task, eval_file=args.eval,
+                         max_examples=args.max_examples, threads=args.threads, checks=checks,
+                         latency=None if args.no_latency else LatencyPlan(repeats=args.repeats),
+                         report_dir=args.report)
+    report = validate(args.bundle, cfg)
+    for name, r in report.runtimes.items():
+        q, p, lat = r.quality, r.parity, r.latency
+        em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} (PyTorch {q.reference_exact_match:.1%})"
+        ppl = "n/a" if q.perplexity is None else f"{q.perplexity:.3f} (PyTorch {q.reference_perplexity:.3f})"
+        line = (f"{name:<12} greedy {'identical' if p.greedy_match else 'DIFFERS'} over {p.greedy_tokens}, "
+                f"max |dlogit| {p.max_abs_logit_diff:.1e}, top-1 {p.top1_agreement:.1%}; exact match {em}; "
+                f"perplexity {ppl}")
+        if lat is not None:
+            ttft = ", ".join(f"{k} tok {v.median:.1f} ms" for k, v in lat.ttft_ms.items())
+            line += (f"\n{'':<12} TTFT {ttft}; decode {lat.decode_tokens_per_s.median:.1f} tok/s; load "
+                     f"{lat.load_s:.2f} s; peak RSS {lat.peak_rss_mb:.0f} MB; {lat.size_bytes / 2**20:.2f} MiB")
+        print(line)
+    if args.report:
+        print(f"report: {args.report / 'report.json'}")
+    if not report.passed:
+        print(f"rankdown validate: FAILED: {', '.join(report.failures)}", file=sys.stderr)
+        return 1
+    print("passed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     exp.set_defaults(func=cmd_export)
+
+    val = sub.add_parser("validate", help="run a bundle in onnxruntime / ExecuTorch: parity, quality, latency")
+    val.add_argument("bundle", type=Path)
+    val.add_argument("--reference", type=Path, help="PyTorch reference checkpoint (default: the bundle's source)")
+    val.add_argument("--runtime", help="comma-separated: onnxruntime, executorch (default: all in the bundle)")
+    val.add_argument("--task", choices=("math", "code", "prose"))
+    val.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
+    val.add_argument("--threads", type=int)
+    val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png here")
+    val.add_argument("--max-examples", type=int, default=200)
+    val.add_argument("--max-rel-logit-diff", type=float, help="default: 1e-3 (fp32), 0.25 (int8)")
+    val.add_argument("--min-top1", type=float, help="default: 1.0 (fp32), 0.8 (int8)")
+    val.add_argument("--greedy-tokens", type=int, default=64)
+    val.add_argument("--max-em-drop", type=float, default=0.02, help="allowed exact-match drop vs PyTorch")
+    val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")
+    val.add_argument("--no-latency", action="store_true")
+    val.set_defaults(func=cmd_validate)
     return parser
 
 
@@ -145,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_noise()
     try:
-        args.func(args)
+        status = args.func(args)
     except RankdownError as e:
         print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"rankdown {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

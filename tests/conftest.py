@@ -83,3 +83,15 @@ def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
              progress=lambda _m: None)
     export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
     return root / "ckpt", root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def joint_bundle(compressed_tiny, tmp_path_factory):
+    """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
+    from export.config import ExportConfig
+    from export.pipeline import export
+
+    folder, _ = compressed_tiny["joint"]
+    bundle = tmp_path_factory.mktemp("bundles") / "joint"
+    manifest = export(folder, bundle, ExportConfig(max_seq_len=128), progress=lambda _m: None)
+    return folder, bundle, manifest

@@ -32,15 +32,6 @@ def _expected_nodes(folder) -> int:
 
 
 @pytest.fixture(scope="session")
-def joint_bundle(compressed_tiny, tmp_path_factory):
-    """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
-    folder, _ = compressed_tiny["joint"]
-    bundle = tmp_path_factory.mktemp("bundles") / "joint"
-    manifest = export(folder, bundle, ExportConfig(max_seq_len=128), progress=quiet)
-    return folder, bundle, manifest
-
-
-@pytest.fixture(scope="session")
 def joint_int8_bundle(compressed_tiny, tmp_path_factory):
     folder, _ = compressed_tiny["joint"]
     bundle = tmp_path_factory.mktemp("bundles") / "joint-int8"
@@ -171,10 +162,9 @@ def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
 def test_int8_quantizes_every_linear_and_keeps_quality(joint_bundle, joint_int8_bundle):
     """Stated bound: int8 perplexity within 3% of fp32 in the same runtime, top-1 >= 80%."""
     import onnx
-    from tokenizers import Tokenizer
-
+    from rankdown.evaluate import EvalConfig, token_windows
     from rankdown.tasks import Split, load_task
-    from runtime_tests.quality import perplexity, windows_of
+    from runtime_tests.on_device import perplexity
 
     _, fp32, fp32_manifest = joint_bundle
     int8, manifest = joint_int8_bundle
@@ -185,8 +175,8 @@ def test_int8_quantizes_every_linear_and_keeps_quality(joint_bundle, joint_int8_
     int8_bytes = sum(len(t.raw_data) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
     head = manifest.model.vocab_size * 64
     assert int8_bytes == manifest.model.decoder_linear_params + head  # one byte per linear weight
-    tokenizer = Tokenizer.from_file(str(int8 / "tokenizer.json"))
-    windows = windows_of(tokenizer, load_task("math", Split.EVALUATION).texts, 64, 2048)
+    windows = token_windows(load_tokenizer(int8), load_task("math", Split.EVALUATION).texts,
+                            EvalConfig(window=64, max_tokens=2048))
     for name, make in (("onnx", lambda b: OnnxDecoder(b / "onnx" / "model.onnx")),
                        ("executorch", lambda b: ExecuTorchDecoder(b / "executorch" / "model.pte"))):
         entry = manifest.formats[name]

@@ -1,0 +1,77 @@
+"""The validate stage's recipe: which runtimes, against what, how strict, how much timing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from rankdown.errors import RankdownError
+
+
+class Runtime(str, Enum):
+    ONNXRUNTIME = "onnxruntime"
+    EXECUTORCH = "executorch"
+
+    @property
+    def format(self) -> str:
+        """The bundle format (manifest key) this runtime loads."""
+        return "onnx" if self is Runtime.ONNXRUNTIME else "executorch"
+
+    @property
+    def artifact(self) -> str:
+        return "onnx/model.onnx" if self is Runtime.ONNXRUNTIME else "executorch/model.pte"
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Pass/fail thresholds. ``None`` means: the export's own thresholds for its precision."""
+
+    max_rel_logit_diff: float | None = None  # max |logit diff| / largest |reference logit|
+    min_top1_agreement: float | None = None
+    greedy_tokens: int = 64  # greedy continuation that must be identical (fp32 bundles)
+    max_exact_match_drop: float = 0.02  # runtime EM may trail the PyTorch reference by this much
+    max_perplexity_increase: float = 0.02  # relative
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    prompt_lengths: tuple[int, ...] = (32, 128)
+    decode_tokens: int = 128
+    decode_prompt_length: int = 32
+    warmup: int = 1
+    repeats: int = 5
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    runtimes: tuple[Runtime, ...] | None = None  # None: every format the bundle holds
+    reference: Path | None = None  # None: the checkpoint the bundle was exported from
+    task: str | None = None  # None with no eval file: the bundle's compression task, else math
+    eval_file: Path | None = None
+    max_examples: int = 200
+    max_tokens: int = 8192  # perplexity budget
+    threads: int | None = None
+    checks: Checks = Checks()
+    latency: LatencyPlan | None = LatencyPlan()  # None: skip timing
+    report_dir: Path | None = None
+
+    def __post_init__(self):
+        runtimes = self.runtimes
+        if isinstance(runtimes, str):
+            runtimes = tuple(r for r in runtimes.split(",") if r)
+        if runtimes is not None:
+            parsed = []
+            for r in runtimes:
+                try:
+                    parsed.append(r if isinstance(r, Runtime) else Runtime(r))
+                except ValueError:
+                    known = ", ".join(m.value for m in Runtime)
+                    raise RankdownError(f"unknown runtime {r!r}: choose one of {known}") from None
+            object.__setattr__(self, "runtimes", tuple(dict.fromkeys(parsed)))
+        if self.task is not None and self.eval_file is not None:
+            raise RankdownError("give --task or --eval, not both")
+        if self.threads is not None and self.threads < 1:
+            raise RankdownError(f"--threads must be at least 1, got {self.threads}")
+        if self.max_examples < 1:
+            raise RankdownError(f"--max-examples must be at least 1, got {self.max_examples}")

@@ -1,0 +1,241 @@
+"""``validate(bundle, config)``: load each artifact in its real runtime and judge it.
+
+Parity against PyTorch, task quality computed by the runtime, latency and memory. The
+runtime half runs through a runner (this machine by default; devices/ brings others) and
+needs only numpy and the runtime; references, tokenizers and comparisons stay here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.config import ParityThresholds, Quantize
+from export.manifest import Manifest, verify_files
+from export.parity import parity_prompts, torch_greedy
+from rankdown.atomic import write_text_atomic
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.datafiles import load_data
+from rankdown.errors import RankdownError
+from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
+from rankdown.tasks import Split, load_task
+
+from runtime_tests.config import Runtime, ValidateConfig
+from runtime_tests.local_runner import LocalRunner
+from runtime_tests.on_device import JOB_SCHEMA
+from runtime_tests.report import (
+    LatencyReport,
+    ParityReport,
+    QualityReport,
+    Report,
+    RuntimeReport,
+    Spread,
+    to_markdown,
+)
+
+_RUNTIME_MODULES = {Runtime.ONNXRUNTIME: "onnxruntime", Runtime.EXECUTORCH: "executorch.runtime"}
+
+
+def _runtimes(bundle: Path, manifest: Manifest, cfg: ValidateConfig) -> tuple[Runtime, ...]:
+    held = [r for r in Runtime if r.format in manifest.formats]
+    chosen = cfg.runtimes or tuple(held)
+    for runtime in chosen:
+        if runtime.format not in manifest.formats:
+            raise RankdownError(f"{bundle}: holds no {runtime.format} artifact for {runtime.value} "
+                                f"(it has {', '.join(manifest.formats) or 'none'})")
+    return chosen
+
+
+def _check_installed(runtime: Runtime) -> None:
+    module = _RUNTIME_MODULES[runtime]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise RankdownError(f"runtime {runtime.value} is not installed here (no module {module})")
+
+
+def _data(manifest: Manifest, cfg: ValidateConfig):
+    if cfg.eval_file is not None:
+        return load_data(cfg.eval_file), str(cfg.eval_file)
+    task = cfg.task or (manifest.source.compression or {}).get("task") or "math"
+    return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: EOS and any token whose text holds a newline."""
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token, index in tokenizer.get_vocab().items():
+        if "\n" in tokenizer.convert_tokens_to_string([token]):
+            stops.add(index)
+    return sorted(stops)
+
+
+def _environment(cfg: ValidateConfig, runner) -> dict:
+    versions = {}
+    for name in ("rankdown", "torch", "onnxruntime", "executorch", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"machine": f"{platform.machine()} {platform.system()} ({os.cpu_count()} cores)",
+            "runner": runner.name, "emulated": runner.emulated, "threads": cfg.threads, "versions": versions}
+
+
+def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progress: Callable[[str], None] = print,
+             runner=None) -> Report:
+    bundle = Path(bundle)
+    runner = runner or LocalRunner()
+    manifest = Manifest.read(bundle)
+    verify_files(bundle, manifest)  # refuse a bundle whose files are not the ones exported
+    runtimes = _runtimes(bundle, manifest, cfg)
+    if runner.name == "local":  # a remote runner checks its own device
+        for runtime in runtimes:
+            _check_installed(runtime)
+    reference_dir = Path(cfg.reference or manifest.source.path)
+    if not reference_dir.is_dir():
+        raise RankdownError(f"{bundle}: its source checkpoint {reference_dir} is gone; pass --reference MODEL")
+    ckpt = open_checkpoint(reference_dir)
+    model = load_model(ckpt).eval()
+    tokenizer = load_tokenizer(bundle)
+    data, data_name = _data(manifest, cfg)
+
+    base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
+    max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
+    min_top1 = cfg.checks.min_top1_agreement if cfg.checks.min_top1_agreement is not None else base.min_top1_agreement
+    positions = int(manifest.options["max_seq_len"]) if Runtime.EXECUTORCH in runtimes else 1 << 30
+    greedy_tokens = min(cfg.checks.greedy_tokens, positions // 2)
+
+    progress(f"reference: PyTorch {reference_dir}")
+    prompts = parity_prompts(tokenizer, room=positions - greedy_tokens - 1)
+    reference = [torch_greedy(model, p, greedy_tokens) for p in prompts]
+    qa = data.qa[: cfg.max_examples]
+    eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)
+    windows = token_windows(tokenizer, data.texts, eval_cfg) if data.texts else []
+    ref_em = None
+    if qa:
+        answers = greedy_answers(model, tokenizer, qa, batch_size=64)
+        ref_em = sum(a == ex.answer for a, ex in zip(answers, qa)) / len(qa)
+    ref_ppl = perplexity(model, tokenizer, data.texts, eval_cfg)[0] if windows else None
+    progress(f"reference: exact match {'n/a' if ref_em is None else f'{ref_em:.1%}'}, perplexity "
+             f"{'n/a' if ref_ppl is None else f'{ref_ppl:.3f}'} on {data_name}")
+
+    job_base = {"schema_version": JOB_SCHEMA, "threads": cfg.threads,
+                "parity": {"prompts": prompts, "new_tokens": greedy_tokens},
+                "quality": {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
+                            "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
+                            "stop_ids": _stop_ids(tokenizer), "windows": windows}}
+    if cfg.latency is not None:
+        plan = cfg.latency
+        stream = [t for w in token_windows(tokenizer, load_task("prose", Split.EVALUATION).texts,
+                                           EvalConfig(window=256, max_tokens=4096)) for t in w]
+        lengths = [n for n in plan.prompt_lengths if n + 1 <= positions - 1] or [min(plan.prompt_lengths)]
+        job_base["latency"] = {"prompt_tokens": stream[: max(lengths)], "prompt_lengths": lengths,
+                               "decode_tokens": min(plan.decode_tokens, positions - plan.decode_prompt_length - 2),
+                               "decode_prompt_length": plan.decode_prompt_length,
+                               "warmup": plan.warmup, "repeats": plan.repeats}
+
+    reports: dict[str, RuntimeReport] = {}
+    for runtime in runtimes:
+        progress(f"{runtime.value}: running {runtime.artifact} via {runner.name}")
+        result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=runtime.artifact), bundle)
+        reports[runtime.value] = _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl,
+                                        max_rel, min_top1, base.greedy_must_match, cfg, runner)
+        r = reports[runtime.value]
+        progress(f"{runtime.value}: {'passed' if r.passed else 'FAILED ' + ', '.join(r.failures)}")
+    failures = [f for r in reports.values() for f in r.failures]
+    report = Report(bundle=str(bundle), reference=str(reference_dir), data=data_name, runtimes=reports,
+                    environment=_environment(cfg, runner), passed=not failures, failures=failures)
+    if cfg.report_dir is not None:
+        write_report(report, cfg.report_dir)
+    return report
+
+
+def _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1, greedy_must,
+           cfg: ValidateConfig, runner) -> RuntimeReport:
+    name = runtime.value
+    max_diff, scale, agree, count = 0.0, 0.0, 0, 0
+    for i, ref in enumerate(reference):
+        got = arrays[f"prompt_{i}"]
+        max_diff = max(max_diff, float(np.abs(got - ref.prompt_logits).max()))
+        scale = max(scale, float(np.abs(ref.prompt_logits).max()))
+        agree += int((got.argmax(-1) == ref.prompt_logits.argmax(-1)).sum())
+        count += len(got)
+    greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
+    parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
+                          logit_scale=scale, top1_agreement=agree / count, positions=count)
+    em = None
+    if qa:
+        texts = [first_line(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in result["answers"]]
+        em = sum(t == ex.answer for t, ex in zip(texts, qa)) / len(qa)
+    quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
+                            tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
+                            reference_perplexity=ref_ppl, seconds=result.get("quality_s", 0.0))
+    latency = None
+    if "latency" in result:
+        lat = result["latency"]
+        latency = LatencyReport(ttft_ms={k: Spread(**v) for k, v in lat["ttft_ms"].items()},
+                                decode_tokens_per_s=Spread(**lat["decode_tokens_per_s"]), load_s=result["load_s"],
+                                peak_rss_mb=result["peak_rss_mb"], size_bytes=result["size_bytes"],
+                                threads=cfg.threads, meaningful=not runner.emulated)
+    failures = []
+    if greedy_must and not greedy_ok:
+        failures.append(f"{name}.parity.greedy_match")
+    if max_diff > max_rel * scale:
+        failures.append(f"{name}.parity.max_abs_logit_diff")
+    if parity.top1_agreement < min_top1:
+        failures.append(f"{name}.parity.top1_agreement")
+    if em is not None and ref_em is not None and em < ref_em - cfg.checks.max_exact_match_drop:
+        failures.append(f"{name}.quality.exact_match")
+    if quality.perplexity is not None and ref_ppl is not None and \
+            quality.perplexity > ref_ppl * (1 + cfg.checks.max_perplexity_increase):
+        failures.append(f"{name}.quality.perplexity")
+    return RuntimeReport(artifact=runtime.artifact, parity=parity, quality=quality, latency=latency,
+                         failures=failures, passed=not failures)
+
+
+def write_report(report: Report, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "report.json", report.to_json())
+    write_text_atomic(folder / "report.md", to_markdown(report))
+    _plot_latency(report, folder / "latency.png")
+
+
+def _plot_latency(report: Report, path: Path) -> None:
+    timed = {n: r.latency for n, r in report.runtimes.items() if r.latency is not None}
+    if not timed:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(timed)
+    rates = [timed[n].decode_tokens_per_s for n in names]
+    left.bar(names, [r.median for r in rates],
+             yerr=[[r.median - r.min for r in rates], [r.max - r.median for r in rates]], capsize=4)
+    left.set_ylabel("decode tokens/s (median, min-max)")
+    lengths = sorted({k for lat in timed.values() for k in lat.ttft_ms}, key=int)
+    width = 0.8 / max(len(lengths), 1)
+    for j, length in enumerate(lengths):
+        right.bar([i + j * width for i in range(len(names))],
+                  [timed[n].ttft_ms[length].median if length in timed[n].ttft_ms else 0 for n in names],
+                  width, label=f"prompt {length}")
+    right.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(names))], names)
+    right.set_ylabel("time to first token, ms")
+    right.legend()
+    fig.suptitle(f"{Path(report.bundle).name}: {report.environment.get('machine')}")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

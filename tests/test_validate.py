@@ -1,0 +1,188 @@
+"""runtime_tests/: validate bundles in onnxruntime and ExecuTorch; catch bad ones loudly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from export.manifest import MANIFEST_FILE, Manifest, sha256_file
+from rankdown.errors import RankdownError
+from runtime_tests.config import LatencyPlan, ValidateConfig
+from runtime_tests.validate import validate
+
+quiet = lambda _m: None  # noqa: E731
+FAST = dict(max_examples=20, max_tokens=512, latency=LatencyPlan(prompt_lengths=(8, 32), decode_tokens=8, repeats=2))
+
+
+@pytest.fixture(scope="module")
+def good_report(joint_bundle, tmp_path_factory):
+    _, bundle, _ = joint_bundle
+    report_dir = tmp_path_factory.mktemp("report")
+    return validate(bundle, ValidateConfig(report_dir=report_dir, **FAST), progress=quiet), report_dir
+
+
+def test_a_good_bundle_passes_in_both_runtimes(good_report):
+    report, _ = good_report
+    assert report.passed and report.failures == [] and set(report.runtimes) == {"onnxruntime", "executorch"}
+    for r in report.runtimes.values():
+        assert r.passed and r.parity.greedy_match and r.parity.greedy_tokens == 64
+        assert r.parity.max_abs_logit_diff <= 1e-3 * r.parity.logit_scale and r.parity.top1_agreement == 1.0
+        # the runtime's own task quality equals PyTorch's on the same data
+        assert r.quality.examples == 20 and r.quality.exact_match == r.quality.reference_exact_match
+        assert r.quality.perplexity == pytest.approx(r.quality.reference_perplexity, rel=1e-4)
+
+
+def test_report_schema_and_latency_shape(good_report):
+    report, folder = good_report
+    raw = json.loads((folder / "report.json").read_text())
+    assert raw["schema_version"] == 1 and raw["passed"] is True
+    assert {"machine", "threads", "versions"} <= set(raw["environment"])
+    for name in ("onnxruntime", "executorch"):
+        r = raw["runtimes"][name]
+        assert {"greedy_match", "max_abs_logit_diff", "top1_agreement"} <= set(r["parity"])
+        assert {"exact_match", "perplexity"} <= set(r["quality"])
+        lat = r["latency"]
+        assert {"ttft_ms", "decode_tokens_per_s", "peak_rss_mb", "load_s"} <= set(lat)
+        assert set(lat["ttft_ms"]) == {"8", "32"}
+        for spread in [*lat["ttft_ms"].values(), lat["decode_tokens_per_s"]]:
+            assert spread["runs"] == 2 and 0 < spread["min"] <= spread["median"] <= spread["max"]
+        assert 0 < lat["peak_rss_mb"] < 4096 and lat["size_bytes"] > 0 and lat["load_s"] >= 0
+    assert "| onnxruntime |" in (folder / "report.md").read_text()
+    assert (folder / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _corrupt_onnx_weights(bundle, out):
+    """A copy whose ONNX weights are wrong but whose manifest matches the files: the kind of
+    bundle a broken export would produce. Only parity can tell."""
+    shutil.copytree(bundle, out)
+    path = out / "onnx" / "model.onnx"
+    model = onnx.load(str(path))
+    target = next(t for t in model.graph.initializer if len(t.dims) == 2 and 0 < t.dims[1] < 128)
+    flipped = -numpy_helper.to_array(target)
+    target.CopyFrom(numpy_helper.from_array(flipped, target.name))
+    onnx.save(model, str(path))
+    raw = json.loads((out / MANIFEST_FILE).read_text())
+    raw["formats"]["onnx"]["files"]["onnx/model.onnx"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    (out / MANIFEST_FILE).write_text(json.dumps(raw))
+    Manifest.read(out)
+
+
+def test_flipped_weights_fail_parity(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    _corrupt_onnx_weights(bundle, tmp_path / "bad")
+    report = validate(tmp_path / "bad", ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=20,
+                                                       max_tokens=512), progress=quiet)
+    assert not report.passed
+    assert "onnxruntime.parity.greedy_match" in report.failures
+    assert "onnxruntime.parity.max_abs_logit_diff" in report.failures
+
+
+def test_wrong_reference_fails_executorch_parity(joint_bundle, compressed_tiny):
+    """The .pte is judged against another checkpoint: its logits do not match, and it fails."""
+    _, bundle, _ = joint_bundle
+    other, _ = compressed_tiny["svd"]
+    report = validate(bundle, ValidateConfig(runtimes="executorch", reference=other, latency=None, max_examples=5,
+                                             max_tokens=256), progress=quiet)
+    assert not report.passed and "executorch.parity.max_abs_logit_diff" in report.failures
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rankdown.cli", "validate", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_exit_status_gates_ci(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    ok = _cli(bundle, "--runtime", "onnxruntime", "--no-latency", "--max-examples", "5")
+    assert ok.returncode == 0, ok.stderr
+    assert "passed" in ok.stdout
+    _corrupt_onnx_weights(bundle, tmp_path / "bad")
+    bad = _cli(tmp_path / "bad", "--runtime", "onnxruntime", "--no-latency", "--max-examples", "5",
+               "--report", tmp_path / "report")
+    assert bad.returncode == 1
+    assert "rankdown validate: FAILED: onnxruntime.parity.greedy_match" in bad.stderr
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["passed"] is False
+
+
+def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "executorch" / "model.pte", "r+b") as f:
+        f.seek(64)
+        f.write(b"\x00" * 16)
+    result = _cli(copy, "--no-latency")
+    assert result.returncode == 2
+    assert "executorch/model.pte does not match the manifest" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("no-manifest", "not a rankdown bundle (no manifest.json)"),
+    ("missing-artifact", "holds no executorch artifact for executorch (it has onnx)"),
+    ("unknown-runtime", "unknown runtime 'tflite'"),
+    ("source-gone", "pass --reference MODEL"),
+])
+def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, case, pattern):
+    _, bundle, _ = joint_bundle
+    target = tmp_path / "b"
+    shutil.copytree(bundle, target)
+    args = [target, "--no-latency"]
+    raw = json.loads((target / MANIFEST_FILE).read_text())
+    if case == "no-manifest":
+        (target / MANIFEST_FILE).unlink()
+    elif case == "missing-artifact":
+        del raw["formats"]["executorch"]
+        (target / MANIFEST_FILE).write_text(json.dumps(raw))
+        args += ["--runtime", "executorch"]
+    elif case == "unknown-runtime":
+        args += ["--runtime", "onnxruntime,tflite"]
+    else:
+        raw["source"]["path"] = str(tmp_path / "deleted")
+        (target / MANIFEST_FILE).write_text(json.dumps(raw))
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown validate: error:")]
+    assert len(errors) == 1 and pattern in errors[0], result.stderr
+
+
+def test_a_runtime_missing_here_is_a_clear_error(joint_bundle, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    _, bundle, _ = joint_bundle
+    with pytest.raises(RankdownError, match="runtime onnxruntime is not installed here"):
+        validate(bundle, ValidateConfig(latency=None), progress=quiet)
+
+
+def test_runtime_crash_is_reported_with_the_artifact(joint_bundle, tmp_path):
+    """A runtime that dies on its artifact (here: a truncated .pte with a matching manifest)
+    is reported as a one-line error naming the file, not a hang or a traceback."""
+    _, bundle, _ = joint_bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    pte = bad / "executorch" / "model.pte"
+    pte.write_bytes(pte.read_bytes()[:4096])
+    raw = json.loads((bad / MANIFEST_FILE).read_text())
+    raw["formats"]["executorch"]["files"]["executorch/model.pte"] = {"bytes": 4096, "sha256": sha256_file(pte)}
+    (bad / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(RankdownError, match=r"executorch/model.pte: executorch failed \(exit status 1\)"):
+        validate(bad, ValidateConfig(runtimes="executorch", latency=None, max_examples=2, max_tokens=128),
+                 progress=quiet)
+
+
+@pytest.mark.slow
+def test_shipped_bundle_validates_with_task_quality(shipped_math_bundle, tmp_path):
+    """End to end on the shipped model: the runtimes' own exact match equals PyTorch's."""
+    _, bundle = shipped_math_bundle
+    report = validate(bundle, ValidateConfig(max_examples=100, latency=LatencyPlan(repeats=2)), progress=quiet)
+    assert report.passed, report.failures
+    for r in report.runtimes.values():
+        assert r.quality.exact_match >= 0.9 and r.quality.exact_match == r.quality.reference_exact_match
+        assert r.latency.decode_tokens_per_s.median > 0
