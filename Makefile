@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-quality bench-cost bench-export clean
+.PHONY: venv test demo bench-quality bench-cost bench-export bench-latency clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,17 @@ demo: venv
 	$(VENV)/bin/rankdown compress --method feature --task math --ratio 0.4 -o out/math-0.4 --overwrite
 	$(VENV)/bin/rankdown info out/math-0.4 | head -4
 	$(VENV)/bin/rankdown eval out/math-0.4 --task math
+	$(VENV)/bin/rankdown export out/math-0.4 -o out/math-0.4-bundle --overwrite
+	$(VENV)/bin/rankdown validate out/math-0.4-bundle --report out/math-0.4-report
 
 bench-cost: venv
 	$(PY) -m bench.compress_cost --layers 2
 
 bench-export: venv
 	$(PY) -m bench.export_cost
+
+bench-latency: venv
+	$(PY) -m bench.latency
 
 bench-quality: venv
 	$(PY) -m bench.quality

@@ -26,7 +26,7 @@ from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
 from rankdown.tasks import Split, load_task
 
-from runtime_tests.config import Runtime, ValidateConfig
+from runtime_tests.config import LatencyPlan, Runtime, ValidateConfig
 from runtime_tests.local_runner import LocalRunner
 from runtime_tests.on_device import JOB_SCHEMA
 from runtime_tests.report import (
@@ -76,6 +76,16 @@ def _stop_ids(tokenizer) -> list[int]:
         if "\n" in tokenizer.convert_tokens_to_string([token]):
             stops.add(index)
     return sorted(stops)
+
+
+def latency_job(tokenizer, plan: LatencyPlan, positions: int) -> dict:
+    """The timing part of a job: real prose tokens as prompts, lengths that fit the artifact."""
+    stream = [t for w in token_windows(tokenizer, load_task("prose", Split.EVALUATION).texts,
+                                       EvalConfig(window=256, max_tokens=4096)) for t in w]
+    lengths = [n for n in plan.prompt_lengths if n + 1 <= positions - 1] or [min(plan.prompt_lengths)]
+    return {"prompt_tokens": stream[: max(lengths)], "prompt_lengths": lengths,
+            "decode_tokens": min(plan.decode_tokens, positions - plan.decode_prompt_length - 2),
+            "decode_prompt_length": plan.decode_prompt_length, "warmup": plan.warmup, "repeats": plan.repeats}
 
 
 def _environment(cfg: ValidateConfig, runner) -> dict:
@@ -133,14 +143,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                             "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
                             "stop_ids": _stop_ids(tokenizer), "windows": windows}}
     if cfg.latency is not None:
-        plan = cfg.latency
-        stream = [t for w in token_windows(tokenizer, load_task("prose", Split.EVALUATION).texts,
-                                           EvalConfig(window=256, max_tokens=4096)) for t in w]
-        lengths = [n for n in plan.prompt_lengths if n + 1 <= positions - 1] or [min(plan.prompt_lengths)]
-        job_base["latency"] = {"prompt_tokens": stream[: max(lengths)], "prompt_lengths": lengths,
-                               "decode_tokens": min(plan.decode_tokens, positions - plan.decode_prompt_length - 2),
-                               "decode_prompt_length": plan.decode_prompt_length,
-                               "warmup": plan.warmup, "repeats": plan.repeats}
+        job_base["latency"] = latency_job(tokenizer, cfg.latency, positions)
 
     reports: dict[str, RuntimeReport] = {}
     for runtime in runtimes:
