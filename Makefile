@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-quality bench-cost bench-export bench-latency clean
+.PHONY: venv test-deps test demo bench-quality bench-cost bench-export bench-latency clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: venv
+# The ssh transport is tested against a real OpenSSH server on loopback.
+test-deps:
+	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || \
+	  (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openssh-server || \
+	   (apt-get update -q && apt-get install -y -q openssh-server))
+
+test: venv test-deps
 	$(PY) -m pytest -q
 
 demo: venv

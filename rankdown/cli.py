@@ -98,7 +98,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
                          max_examples=args.max_examples, threads=args.threads, checks=checks,
                          latency=None if args.no_latency else LatencyPlan(repeats=args.repeats),
                          report_dir=args.report)
-    report = validate(args.bundle, cfg)
+    runner = None
+    if args.device:
+        from devices.profile import find_profile
+        from devices.runners import runner_for
+
+        profile = find_profile(args.device)
+        runner = runner_for(profile)
+        if cfg.runtimes is None:
+            cfg = dataclasses.replace(cfg, runtimes=profile.runtimes)
+        if cfg.threads is None:
+            cfg = dataclasses.replace(cfg, threads=profile.threads)
+        print(f"device: {profile.name} ({profile.description}) via {profile.transport.kind.value}")
+    report = validate(args.bundle, cfg, runner=runner)
     for name, r in report.runtimes.items():
         q, p, lat = r.quality, r.parity, r.latency
         em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} (PyTorch {q.reference_exact_match:.1%})"
@@ -118,6 +130,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     print("passed")
     return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    from devices.profile import shipped_profiles
+
+    for profile in shipped_profiles().values():
+        t = profile.transport
+        where = t.kind.value if t.host is None else f"{t.kind.value} {t.user + '@' if t.user else ''}{t.host}:{t.port}"
+        print(f"{profile.name:<18} {profile.arch:<8} {','.join(profile.runtimes):<24} threads {profile.threads:<3} "
+              f"memory {profile.memory_mb} MB  {where}  ({profile.description})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-em-drop", type=float, default=0.02, help="allowed exact-match drop vs PyTorch")
     val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")
     val.add_argument("--no-latency", action="store_true")
+    val.add_argument("--device", help="a device profile name (see `rankdown devices`) or a .toml file")
     val.set_defaults(func=cmd_validate)
+
+    dev = sub.add_parser("devices", help="list the shipped device profiles")
+    dev.set_defaults(func=cmd_devices)
     return parser
 
 
