@@ -43,18 +43,24 @@ def torch_greedy(model, prompt: list[int], new_tokens: int) -> Generation:
     return Generation(prompt_logits, tuple(tokens), np.stack(chosen))
 
 
+def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float, int]:
+    """Over (got, reference) prompt-logit pairs: max |diff|, the largest |reference logit|,
+    top-1 agreement and the number of positions."""
+    max_diff, scale, agree, positions = 0.0, 0.0, 0, 0
+    for got, ref in pairs:
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        positions += len(ref)
+    return max_diff, scale, agree / positions, positions
+
+
 def compare(reference: list[Generation], decoder: Decoder, prompts: list[list[int]], new_tokens: int,
             thresholds: ParityThresholds) -> Parity:
-    max_diff, scale, agree, positions, greedy_ok = 0.0, 0.0, 0, 0, True
-    for prompt, ref in zip(prompts, reference):
-        got = greedy(decoder, prompt, new_tokens)
-        diff = np.abs(got.prompt_logits - ref.prompt_logits)
-        max_diff = max(max_diff, float(diff.max()))
-        scale = max(scale, float(np.abs(ref.prompt_logits).max()))
-        agree += int((got.prompt_logits.argmax(-1) == ref.prompt_logits.argmax(-1)).sum())
-        positions += len(prompt)
-        greedy_ok &= got.tokens == ref.tokens
-    top1 = agree / positions
+    runs = [greedy(decoder, prompt, new_tokens) for prompt in prompts]
+    max_diff, scale, top1, positions = logit_agreement([(g.prompt_logits, r.prompt_logits)
+                                                         for g, r in zip(runs, reference)])
+    greedy_ok = all(g.tokens == r.tokens for g, r in zip(runs, reference))
     passed = (max_diff <= thresholds.max_rel_logit_diff * scale and top1 >= thresholds.min_top1_agreement
               and (greedy_ok or not thresholds.greedy_must_match))
     return Parity(prompts=len(prompts), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,

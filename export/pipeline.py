@@ -93,9 +93,8 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
     check_output_path(bundle, [model_dir], cfg.overwrite)
     if Format.EXECUTORCH in cfg.formats:
         et_format.check_backend(cfg.backend, will_run=cfg.check)
-    for name in TOKENIZER_FILES[:1]:
-        if not (ckpt.folder / name).is_file():
-            raise RankdownError(f"{ckpt.folder}: no {name}; a bundle needs the model's tokenizer")
+    if not (ckpt.folder / "tokenizer.json").is_file():
+        raise RankdownError(f"{ckpt.folder}: no tokenizer.json; a bundle needs the model's tokenizer")
 
     model = load_model(ckpt).eval()
     tokenizer = load_tokenizer(ckpt.folder)

@@ -14,11 +14,9 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from export.config import ParityThresholds, Quantize
 from export.manifest import Manifest, verify_files
-from export.parity import parity_prompts, torch_greedy
+from export.parity import logit_agreement, parity_prompts, torch_greedy
 from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
@@ -164,16 +162,11 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
 def _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1, greedy_must,
            cfg: ValidateConfig, runner) -> RuntimeReport:
     name = runtime.value
-    max_diff, scale, agree, count = 0.0, 0.0, 0, 0
-    for i, ref in enumerate(reference):
-        got = arrays[f"prompt_{i}"]
-        max_diff = max(max_diff, float(np.abs(got - ref.prompt_logits).max()))
-        scale = max(scale, float(np.abs(ref.prompt_logits).max()))
-        agree += int((got.argmax(-1) == ref.prompt_logits.argmax(-1)).sum())
-        count += len(got)
+    max_diff, scale, top1, count = logit_agreement([(arrays[f"prompt_{i}"], ref.prompt_logits)
+                                                    for i, ref in enumerate(reference)])
     greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
-                          logit_scale=scale, top1_agreement=agree / count, positions=count)
+                          logit_scale=scale, top1_agreement=top1, positions=count)
     em = None
     if qa:
         texts = [first_line(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in result["answers"]]
