@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test-deps test demo bench-quality bench-cost bench-export bench-latency clean
+.PHONY: venv test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The ssh transport is tested against a real OpenSSH server on loopback.
+# Debian packages the device tests need: a real sshd for the ssh transport; debootstrap,
+# qemu-user and the aarch64 cross g++ for the arm64-emu device and the C++ ExecuTorch runner.
+DEBS := openssh-server debootstrap qemu-user-static cmake g++ g++-aarch64-linux-gnu
 test-deps:
-	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || \
-	  (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openssh-server || \
-	   (apt-get update -q && apt-get install -y -q openssh-server))
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing $$missing"; export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing); fi
 
-test: venv test-deps
+# An arm64 Debian userland under qemu-user, built once under $${RANKDOWN_CACHE:-~/.cache/rankdown}.
+arm64-emu: venv test-deps
+	$(PY) -m devices.arm64_emu build
+
+test: venv test-deps arm64-emu
 	$(PY) -m pytest -q
 
 demo: venv

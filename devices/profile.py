@@ -20,6 +20,16 @@ _RUNTIMES = ("onnxruntime", "executorch")
 class Transport(str, Enum):
     LOCAL = "local"
     SSH = "ssh"
+    ADB = "adb"
+    ARM64_EMU = "arm64-emu"
+
+
+class ExecuTorchRunner(str, Enum):
+    """How the device runs a .pte: ExecuTorch's Python runtime (needs PyTorch there), or
+    ``rankdown-et-runner``, the C++ runtime a phone app links (built by the host, pushed)."""
+
+    PYTHON = "python"
+    NATIVE = "native"
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,9 @@ class TransportSpec:
     python: str = "python3"
     remote_dir: str = "/tmp/rankdown"
     options: dict[str, str] = field(default_factory=dict)  # extra ssh -o settings
+    serial: str | None = None  # adb -s
+    adb: str = "adb"  # the adb executable
+    pythonpath: str | None = None  # prepended to the device's PYTHONPATH (where numpy, onnxruntime are)
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,14 @@ class DeviceProfile:
     memory_mb: int
     transport: TransportSpec
     source: str
+    executorch_runner: ExecuTorchRunner = ExecuTorchRunner.PYTHON
+    exec_wrapper: tuple[str, ...] = ()  # prefixed to the native runner's command, e.g. taskset f0
 
 
 _TOP = {"name": str, "description": str, "arch": str, "runtimes": list, "threads": int, "memory_mb": int,
-        "transport": dict}
+        "transport": dict, "executorch_runner": str, "exec_wrapper": list}
 _TRANSPORT = {"kind": str, "host": str, "user": str, "port": int, "identity": str, "python": str,
-              "remote_dir": str, "options": dict}
+              "remote_dir": str, "options": dict, "serial": str, "adb": str, "pythonpath": str}
 
 
 def _typed(raw: dict, spec: dict, where: str, required: set[str]) -> None:
@@ -71,7 +86,7 @@ def load_profile(path: Path) -> DeviceProfile:
         raise RankdownError(f"{path}: cannot read device profile: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RankdownError(f"{path}: not a valid TOML device profile: {e}") from None
-    _typed(raw, _TOP, str(path), set(_TOP) - {"description"})
+    _typed(raw, _TOP, str(path), set(_TOP) - {"description", "executorch_runner", "exec_wrapper"})
     _typed(raw["transport"], _TRANSPORT, f"{path} [transport]", {"kind"})
     runtimes = tuple(raw["runtimes"])
     bad = [r for r in runtimes if r not in _RUNTIMES]
@@ -87,9 +102,17 @@ def load_profile(path: Path) -> DeviceProfile:
         raise RankdownError(f"{path}: transport kind {t['kind']!r} is not one of {known}") from None
     if t["kind"] is Transport.SSH and not t.get("host"):
         raise RankdownError(f"{path}: an ssh transport needs a host")
+    try:
+        runner = ExecuTorchRunner(raw.get("executorch_runner", ExecuTorchRunner.PYTHON.value))
+    except ValueError:
+        raise RankdownError(f"{path}: executorch_runner must be python or native, got {raw['executorch_runner']!r}") from None
+    wrapper = raw.get("exec_wrapper", [])
+    if not all(isinstance(w, str) for w in wrapper):
+        raise RankdownError(f"{path}: exec_wrapper must be a list of strings")
     return DeviceProfile(name=raw["name"], description=raw.get("description", ""), arch=raw["arch"],
                          runtimes=runtimes, threads=raw["threads"], memory_mb=raw["memory_mb"],
-                         transport=TransportSpec(**t), source=str(path))
+                         transport=TransportSpec(**t), source=str(path), executorch_runner=runner,
+                         exec_wrapper=tuple(wrapper))
 
 
 def shipped_profiles() -> dict[str, DeviceProfile]:

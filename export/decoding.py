@@ -136,6 +136,70 @@ class ExecuTorchDecoder:
         return self._run([token])[-1]
 
 
+class NativeExecuTorchDecoder:
+    """The same .pte in ExecuTorch's C++ runtime, through ``rankdown-et-runner`` (devices/et_runner),
+    for devices with no PyTorch. ``command`` launches the runner, e.g. ``[".../rankdown-et-runner"]``
+    or, under emulation, ``["qemu-aarch64-static", "-L", ROOT, ".../rankdown-et-runner"]``."""
+
+    def __init__(self, pte_path: Path, command: list[str], threads: int | None = None):
+        import json
+        import subprocess
+
+        argv = [*command, str(pte_path)] + ([str(threads)] if threads else [])
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        header = self._proc.stdout.readline()
+        if not header:
+            self._fail()
+        info = json.loads(header)
+        self.max_positions = info["max_seq_len"]
+        self.runner_load_ms = info["load_ms"]
+        self._length = 0
+
+    def _fail(self):
+        self._proc.kill()
+        err = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+        status = self._proc.wait()
+        raise RuntimeError(err[-1] if err else f"rankdown-et-runner exited with status {status}")
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        request = (np.asarray([n], "<i4").tobytes() + np.asarray([self._length], "<i8").tobytes()
+                   + np.asarray(ids, "<i8").tobytes())
+        try:
+            self._proc.stdin.write(request)
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail()
+        header = self._proc.stdout.read(8)
+        if len(header) != 8:
+            self._fail()
+        rows, cols = np.frombuffer(header, "<i4")
+        data = self._proc.stdout.read(4 * int(rows) * int(cols))
+        if len(data) != 4 * int(rows) * int(cols):
+            self._fail()
+        self._length += n
+        return np.frombuffer(data, "<f4").reshape(int(rows), int(cols))
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self._length = 0  # as ExecuTorchDecoder: the static cache needs no explicit reset
+        return self._run(list(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])[-1]
+
+    def close(self) -> float | None:
+        """End the runner; its peak resident memory in MB, as it measured it."""
+        import json
+
+        if self._proc.poll() is not None:
+            return None
+        self._proc.stdin.write(np.asarray([0], "<i4").tobytes())
+        self._proc.stdin.close()
+        line = self._proc.stdout.readline()
+        self._proc.wait(timeout=30)
+        return json.loads(line)["peak_rss_kb"] / 1024 if line else None
+
+
 def _constant(program, name: str) -> int | None:
     if name not in program.method_names:
         return None

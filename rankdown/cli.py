@@ -132,6 +132,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from devices.fit import FitConfig, fit
+    from devices.profile import find_profile
+
+    profile = find_profile(args.device)
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise RankdownError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    cfg = FitConfig(task=args.task, method=args.method, ratios=ratios,
+                    quantize=("none",) if args.no_int8 else ("none", "int8"), max_memory_mb=args.max_memory,
+                    min_score=args.min_score, max_examples=args.max_examples, overwrite=args.overwrite)
+    report = fit(args.model, args.out, profile, cfg)
+    print(f"{'ratio':>5}  {'weights':<5} {'params':>10}  {'needs MB':>8}  {'exact match':>11}  fits")
+    for c in report.candidates:
+        mark = " <- chosen" if c == report.chosen else ""
+        print(f"{c.ratio:>5}  {c.quantize:<5} {c.params:>10,}  {c.memory_mb:>8.1f}  {c.score:>11.1%}  "
+              f"{'yes' if c.fits else 'no'}{mark}")
+    print(f"{args.out}: ratio {report.chosen.ratio} {report.chosen.quantize} for {report.device} "
+          f"(budget {report.budget_mb:.0f} MB); validated on the device: "
+          f"{'passed' if report.validation_passed else 'FAILED'}")
+    return 0 if report.validation_passed else 1
+
+
 def cmd_devices(args: argparse.Namespace) -> None:
     from devices.profile import shipped_profiles
 
@@ -203,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--no-latency", action="store_true")
     val.add_argument("--device", help="a device profile name (see `rankdown devices`) or a .toml file")
     val.set_defaults(func=cmd_validate)
+
+    fitp = sub.add_parser("fit", help="the best task score that fits a device's memory: compress, export, validate there")
+    _model_arg(fitp)
+    fitp.add_argument("-o", "--out", type=Path, required=True, help="output folder: bundle/, checkpoint/, fit.json")
+    fitp.add_argument("--device", required=True, help="a device profile name (see `rankdown devices`) or a .toml file")
+    fitp.add_argument("--task", choices=("math",), default="math", help="scored by exact match")
+    fitp.add_argument("--max-memory", type=float, help="MB for the model (default: the profile's memory_mb)")
+    fitp.add_argument("--min-score", type=float, help="lowest acceptable exact match, 0..1")
+    fitp.add_argument("--method", default="feature", help="compression method (see compress)")
+    fitp.add_argument("--ratios", default="0,0.2,0.4,0.6", help="ratios to try; 0 is the dense model")
+    fitp.add_argument("--no-int8", action="store_true", help="fp32 weights only")
+    fitp.add_argument("--max-examples", type=int, default=200)
+    fitp.add_argument("--overwrite", action="store_true")
+    fitp.set_defaults(func=cmd_fit)
 
     dev = sub.add_parser("devices", help="list the shipped device profiles")
     dev.set_defaults(func=cmd_devices)

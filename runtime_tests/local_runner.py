@@ -22,13 +22,17 @@ class LocalRunner:
     name = "local"
     emulated = False
 
-    def __init__(self, timeout_s: float = 3600):
+    def __init__(self, timeout_s: float = 3600, executorch_runner: list[str] | None = None):
         self.timeout_s = timeout_s
+        self.executorch_runner = executorch_runner  # argv of rankdown-et-runner; None: ExecuTorch's Python runtime
 
     def run(self, job: dict, bundle: Path) -> tuple[dict, dict[str, np.ndarray]]:
         with tempfile.TemporaryDirectory(prefix="rankdown-job-") as tmp:
             job_path = Path(tmp) / "job.json"
-            job_path.write_text(json.dumps(dict(job, bundle=str(Path(bundle).resolve()))), encoding="utf-8")
+            job = dict(job, bundle=str(Path(bundle).resolve()))
+            if self.executorch_runner and job["runtime"] == "executorch":
+                job["executorch_runner"] = list(self.executorch_runner)
+            job_path.write_text(json.dumps(job), encoding="utf-8")
             out = Path(tmp) / "out"
             try:
                 proc = subprocess.run([sys.executable, "-m", "runtime_tests.on_device", str(job_path), str(out)],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import resource
 import statistics
 import sys
@@ -23,11 +24,11 @@ import numpy as np
 JOB_SCHEMA = 1
 
 
-def _import_runtime(runtime: str) -> None:
+def _import_runtime(runtime: str, native: bool) -> None:
     """Import before the load clock starts: a Python import is not what an app waits for."""
     if runtime == "onnxruntime":
         import onnxruntime  # noqa: F401
-    elif runtime == "executorch":
+    elif runtime == "executorch" and not native:
         import executorch.runtime  # noqa: F401
 
 
@@ -43,11 +44,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux and Android
 
 
-def _decoder(runtime: str, artifact: Path, threads: int | None):
-    from export.decoding import ExecuTorchDecoder, OnnxDecoder
+def _decoder(runtime: str, artifact: Path, threads: int | None, native_runner: list[str] | None):
+    from export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, OnnxDecoder
 
     if runtime == "onnxruntime":
         return OnnxDecoder(artifact, threads=threads)
+    if runtime == "executorch" and native_runner:
+        return NativeExecuTorchDecoder(artifact, native_runner, threads=threads)
     if runtime == "executorch":
         if threads:
             import torch  # the pybind runtime's threadpool follows torch's setting
@@ -129,11 +132,13 @@ def run_job(job: dict, out_dir: Path) -> dict:
     if job.get("schema_version") != JOB_SCHEMA:
         raise ValueError(f"job schema {job.get('schema_version')!r} is not {JOB_SCHEMA}")
     artifact = Path(job["bundle"]) / job["artifact"]
-    _import_runtime(job["runtime"])
+    native = job.get("executorch_runner")  # argv of rankdown-et-runner; absent: the Python runtime
+    _import_runtime(job["runtime"], bool(native))
     start = time.perf_counter()
-    decoder = _decoder(job["runtime"], artifact, job.get("threads"))
+    decoder = _decoder(job["runtime"], artifact, job.get("threads"), native)
     result: dict = {"load_s": time.perf_counter() - start, "size_bytes": artifact.stat().st_size,
-                    "max_positions": decoder.max_positions}
+                    "max_positions": decoder.max_positions, "machine": platform.machine(),
+                    "runner": "native" if native and job["runtime"] == "executorch" else "python"}
     arrays = {}
     if "parity" in job:
         tokens, arrays = _parity(decoder, job["parity"]["prompts"], job["parity"]["new_tokens"])
@@ -148,6 +153,9 @@ def run_job(job: dict, out_dir: Path) -> dict:
     if "latency" in job:
         result["latency"] = _latency(decoder, job)
     result["peak_rss_mb"] = peak_rss_mb()  # the whole process: runtime, model load and runs
+    if hasattr(decoder, "close"):
+        # The native runner holds the model in its own process: its peak is the app's figure.
+        result["harness_peak_rss_mb"], result["peak_rss_mb"] = result["peak_rss_mb"], decoder.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "logits.npz", **arrays)
     (out_dir / "result.json").write_text(json.dumps(result) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.profile import PROFILE_DIR, Transport, find_profile, load_profile, shipped_profiles
+from devices.profile import PROFILE_DIR, ExecuTorchRunner, Transport, find_profile, load_profile, shipped_profiles
 from devices.runners import runner_for
 from rankdown.errors import RankdownError
 from runtime_tests.config import LatencyPlan, ValidateConfig
@@ -24,9 +24,13 @@ quiet = lambda _m: None  # noqa: E731
 
 def test_shipped_profiles_load():
     profiles = shipped_profiles()
-    assert {"local-cpu", "linux-board-ssh"} <= set(profiles)
+    assert {"local-cpu", "linux-board-ssh", "arm64-emu", "android-arm64-adb"} <= set(profiles)
     assert profiles["local-cpu"].transport.kind is Transport.LOCAL
     assert profiles["linux-board-ssh"].transport.kind is Transport.SSH
+    assert profiles["arm64-emu"].transport.kind is Transport.ARM64_EMU
+    assert profiles["android-arm64-adb"].transport.kind is Transport.ADB
+    assert profiles["android-arm64-adb"].transport.remote_dir == "/data/local/tmp/rankdown"
+    assert profiles["android-arm64-adb"].executorch_runner is ExecuTorchRunner.NATIVE
     assert find_profile("local-cpu") == profiles["local-cpu"]
     assert find_profile(str(PROFILE_DIR / "local-cpu.toml")).name == "local-cpu"
 
@@ -40,7 +44,11 @@ def test_shipped_profiles_load():
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads='2'\nmemory_mb=1\n[transport]\nkind='local'\n",
      "threads must be a int"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='pigeon'\n",
-     "transport kind 'pigeon' is not one of local, ssh"),
+     "transport kind 'pigeon' is not one of local, ssh, adb, arm64-emu"),
+    ("name='x'\narch='a'\nruntimes=['executorch']\nthreads=1\nmemory_mb=1\nexecutorch_runner='jit'\n[transport]\nkind='local'\n",
+     "executorch_runner must be python or native"),
+    ("name='x'\narch='a'\nruntimes=['executorch']\nthreads=1\nmemory_mb=1\nexec_wrapper=[1]\n[transport]\nkind='local'\n",
+     "exec_wrapper must be a list of strings"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='ssh'\n",
      "an ssh transport needs a host"),
     ("arch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='local'\n", "missing keys ['name']"),
@@ -135,3 +143,192 @@ def test_unreachable_ssh_device_is_one_clear_error(tmp_path, joint_bundle):
     with pytest.raises(RankdownError, match="ssh 127.0.0.1: pushing the bundle failed"):
         validate(bundle, ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=1, max_tokens=64),
                  progress=quiet, runner=runner_for(load_profile(path)))
+
+
+# --- the C++ ExecuTorch runner, the arm64-emu device and adb -----------------------------------
+
+SMALL = dict(max_examples=3, max_tokens=256, latency=None)
+
+
+def _profile(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"name = '{name}'\n{body}")
+    return path
+
+
+def test_native_runner_matches_the_python_runtime_bit_for_bit(joint_bundle):
+    from export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
+    from devices.native_runner import BINARY, build_runner
+
+    _, bundle, _ = joint_bundle
+    pte = bundle / "executorch" / "model.pte"
+    native = NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)], threads=1)
+    python = ExecuTorchDecoder(pte)
+    assert native.max_positions == python.max_positions == 128
+    for prompt in ([5], [5, 9, 30, 7, 12, 40, 3]):
+        a, b = greedy(native, prompt, 12), greedy(python, prompt, 12)
+        assert a.tokens == b.tokens
+        assert (a.prompt_logits == b.prompt_logits).all() and (a.step_logits == b.step_logits).all()
+    assert native.close() > 1.0  # its own peak RSS, in MB
+
+
+def test_native_runner_refuses_a_broken_pte_in_one_line(tmp_path, joint_bundle):
+    from export.decoding import NativeExecuTorchDecoder
+    from devices.native_runner import BINARY, build_runner
+
+    _, bundle, _ = joint_bundle
+    bad = tmp_path / "model.pte"
+    bad.write_bytes((bundle / "executorch" / "model.pte").read_bytes()[:5000])
+    with pytest.raises(RuntimeError, match=r"rankdown-et-runner: error: .*model.pte: not a loadable ExecuTorch program"):
+        NativeExecuTorchDecoder(bad, [str(build_runner(progress=quiet) / "bin" / BINARY)])
+
+
+def test_local_profile_with_the_native_runner_validates(tmp_path, joint_bundle):
+    _, bundle, _ = joint_bundle
+    profile = load_profile(_profile(tmp_path, "local-native", "arch='host'\nruntimes=['executorch']\nthreads=1\n"
+                                    "memory_mb=512\nexecutorch_runner='native'\n[transport]\nkind='local'\n"))
+    report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, threads=1, **SMALL), progress=quiet,
+                      runner=runner_for(profile))
+    assert report.passed, report.failures
+    assert report.runtimes["executorch"].parity.greedy_match
+
+
+@pytest.fixture(scope="session")
+def arm64_root():
+    """The arm64-emu device; `make test` builds it first (make arm64-emu), this only checks."""
+    from devices.arm64_emu import build
+
+    return build(progress=quiet)  # a no-op when built; builds it when the prerequisites are installed
+
+
+@pytest.mark.slow
+def test_arm64_emu_runs_both_runtimes_on_arm(arm64_root, joint_bundle):
+    _, bundle, _ = joint_bundle
+    profile = find_profile("arm64-emu")
+    runner = runner_for(profile)
+    runs = arm64_root.path / "tmp" / "rankdown"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, threads=2, **SMALL), progress=quiet,
+                      runner=runner)
+    assert report.passed, report.failures
+    assert report.environment["runner"] == "arm64-emu" and report.environment["emulated"]
+    for name in ("onnxruntime", "executorch"):
+        r = report.runtimes[name]
+        assert r.parity.greedy_match and r.parity.max_abs_logit_diff < 1e-3
+    assert set(runs.iterdir()) == before  # the device is left clean
+
+
+def test_arm64_emu_really_is_arm(arm64_root):
+    probe = subprocess.run(arm64_root.python(["-c", "import platform; print(platform.machine())"]),
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "aarch64", probe.stderr
+    binary = (arm64_root.runner / "bin" / "rankdown-et-runner").read_bytes()
+    assert binary[:4] == b"\x7fELF" and int.from_bytes(binary[18:20], "little") == 183  # EM_AARCH64
+
+
+@pytest.fixture()
+def stand_in_adb(tmp_path, arm64_root):
+    """A `adb` on a temporary PATH that plays an arm64 phone (tests/stand_in_adb.py)."""
+    import shlex
+
+    from devices.arm64_emu import PYTHON
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    here = Path(__file__).parent
+    (shims / "adb").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {here / 'stand_in_adb.py'} \"$@\"\n")
+    (shims / "python3").write_text("#!/bin/sh\nexec " + " ".join(map(shlex.quote, arm64_root.command(
+        [str(arm64_root.path) + PYTHON]))) + ' "$@"\n')
+    # The phone runs the arm64 runner directly; here one more qemu has to, from the device path.
+    (shims / "arm64-exec").write_text(f"#!/bin/sh\np=\"$1\"; shift\nexec {' '.join(map(shlex.quote, arm64_root.exec_prefix()))} "
+                                      f"{arm64_root.path}\"$p\" \"$@\"\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    log = tmp_path / "adb.log"
+    env = {"STAND_IN_ADB_ROOT": str(arm64_root.path), "STAND_IN_ADB_LOG": str(log),
+           "STAND_IN_ADB_SERIAL": "emulator-5554", "STAND_IN_ADB_SHIMS": str(shims)}
+    profile = _profile(tmp_path, "stand-in-phone",
+                       "arch='aarch64'\nruntimes=['onnxruntime', 'executorch']\nthreads=2\nmemory_mb=1024\n"
+                       f"executorch_runner='native'\nexec_wrapper=['{shims / 'arm64-exec'}']\n[transport]\nkind='adb'\n"
+                       f"adb='{shims / 'adb'}'\nserial='emulator-5554'\npython='python3'\n"
+                       "remote_dir='/data/local/tmp/rankdown'\npythonpath='/opt/rankdown/site'\n")
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield profile, log
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_adb_transport_round_trips_through_a_stand_in_phone(stand_in_adb, arm64_root, joint_bundle):
+    import json
+
+    profile_path, log = stand_in_adb
+    _, bundle, _ = joint_bundle
+    profile = load_profile(profile_path)
+    runs = arm64_root.path / "data/local/tmp/rankdown"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, threads=2, **SMALL), progress=quiet,
+                      runner=runner_for(profile))
+    assert report.passed, report.failures
+    assert report.environment["runner"] == "adb"
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(c[:2] == ["-s", "emulator-5554"] for c in calls)
+    verbs = [c[2] for c in calls]
+    assert verbs.count("push") == 2 and verbs.count("pull") == 2  # one run per runtime
+    pushed = [c for c in calls if c[2] == "push"]
+    assert all(c[-1].startswith("/data/local/tmp/rankdown/") for c in pushed)
+    assert any(c[2] == "shell" and "chmod 755" in c[3] for c in calls)  # the native runner, for the .pte
+    assert set(runs.iterdir()) == before
+
+
+def test_adb_without_the_device_is_one_clear_error(stand_in_adb, joint_bundle, tmp_path):
+    profile_path, _ = stand_in_adb
+    _, bundle, _ = joint_bundle
+    text = profile_path.read_text().replace("serial='emulator-5554'", "serial='R58M12345'")
+    other = tmp_path / "other.toml"
+    other.write_text(text)
+    with pytest.raises(RankdownError, match="adb R58M12345: creating the run folder failed .*device 'R58M12345' not found"):
+        validate(bundle, ValidateConfig(runtimes="onnxruntime", **SMALL), progress=quiet,
+                 runner=runner_for(load_profile(other)))
+
+
+# --- rankdown fit ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_dir):
+    import dataclasses
+    import json
+
+    from devices.fit import FitConfig, fit, rank_candidates
+
+    profile = load_profile(_profile(tmp_path, "small-phone", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
+                                    "memory_mb=4096\n[transport]\nkind='local'\n"))
+    cfg = FitConfig(method="svd", ratios=(0.0, 0.6), max_examples=30, max_memory_mb=12)
+    report = fit(shipped_model_dir, tmp_path / "fit", profile, cfg, progress=quiet)
+    dense_fp32 = next(c for c in report.candidates if c.ratio == 0 and c.quantize == "none")
+    assert not dense_fp32.fits and dense_fp32.memory_mb > 12
+    assert report.chosen.fits and report.chosen.memory_mb <= 12 and report.validation_passed
+    # What was measured agrees with the estimate: the exported file and the KV cache fit the budget.
+    onnx_bytes = sum(f.stat().st_size for f in (tmp_path / "fit" / "bundle" / "onnx").iterdir())
+    assert onnx_bytes / 2**20 <= report.chosen.memory_mb
+    assert json.loads((tmp_path / "fit" / "fit.json").read_text())["chosen"]["ratio"] == report.chosen.ratio
+    assert (tmp_path / "fit" / "validation" / "report.json").is_file()
+    # With room for everything, the same candidates put the dense fp32 model first.
+    roomy = [dataclasses.replace(c, fits=True) for c in report.candidates]
+    assert rank_candidates(roomy)[0] == dataclasses.replace(dense_fp32, fits=True)
+    assert report.chosen.memory_mb < dense_fp32.memory_mb
+
+
+def test_fit_with_an_impossible_budget_is_one_clear_error(tmp_path, shipped_model_dir):
+    from devices.fit import FitConfig, fit
+
+    profile = load_profile(_profile(tmp_path, "watch", "arch='host'\nruntimes=['onnxruntime']\nthreads=1\n"
+                                    "memory_mb=1\n[transport]\nkind='local'\n"))
+    with pytest.raises(RankdownError, match=r"no candidate for watch: nothing fits 1 MB \(the smallest candidate needs"):
+        fit(shipped_model_dir, tmp_path / "fit", profile, FitConfig(method="svd", ratios=(0.0,), max_examples=5),
+            progress=quiet)
+    assert not (tmp_path / "fit").exists() and not list(tmp_path.glob(".fit*"))

@@ -1,0 +1,167 @@
+// rankdown-et-runner: runs a rankdown .pte in ExecuTorch's C++ runtime for the device half of
+// the harness (runtime_tests/on_device.py) where there is no PyTorch, e.g. a phone or an arm64
+// board. The harness keeps the decoding logic; this program only runs the model.
+//
+//   rankdown-et-runner MODEL.pte [THREADS]
+//
+// Protocol (little-endian, native sizes, over stdin/stdout):
+//   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T}
+//   in   int32 n, int64 start_pos, int64 tokens[n]
+//   out  int32 rows, int32 cols, float32 logits[rows * cols]
+//   in   int32 0: out one JSON line {"peak_rss_kb": K}, exit 0     (end of input: exit 0)
+// A failure prints one line "rankdown-et-runner: error: ..." on stderr and exits 1.
+
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+
+#include <chrono>
+#include <fstream>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+// The wheel ships libexecutorch_threadpool.so but not its header; this is the one call we need
+// (the size of the pool XNNPACK runs on).
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+using executorch::extension::make_tensor_ptr;
+using executorch::extension::module::Module;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+using executorch::runtime::Program;
+using executorch::aten::ScalarType;
+
+namespace {
+
+std::string g_model;
+
+[[noreturn]] void fail(const std::string& what) {
+  std::fprintf(stderr, "rankdown-et-runner: error: %s: %s\n", g_model.c_str(), what.c_str());
+  std::exit(1);
+}
+
+std::string error_name(Error e) {
+  return "ExecuTorch error " + std::to_string(static_cast<int>(e));
+}
+
+bool read_exact(void* out, size_t bytes) {
+  return std::fread(out, 1, bytes, stdin) == bytes;
+}
+
+void write_exact(const void* data, size_t bytes) {
+  if (std::fwrite(data, 1, bytes, stdout) != bytes) {
+    fail("cannot write to the harness (pipe closed)");
+  }
+}
+
+// A constant method the exporter wrote (get_max_seq_len, get_vocab_size): -1 when absent.
+int64_t constant(Module& module, const std::string& name) {
+  auto names = module.method_names();
+  if (!names.ok() || names->count(name) == 0) {
+    return -1;
+  }
+  auto out = module.execute(name);
+  if (!out.ok() || out->empty() || !(*out)[0].isInt()) {
+    fail("method " + name + " did not return an integer");
+  }
+  return (*out)[0].toInt();
+}
+
+// This process's peak resident memory (VmHWM), what the harness reports as the model's memory.
+long peak_rss_kb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      return std::strtol(line.c_str() + 6, nullptr, 10);
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || argc > 3) {
+    std::fprintf(stderr, "usage: rankdown-et-runner MODEL.pte [THREADS]\n");
+    return 2;
+  }
+  g_model = argv[1];
+  if (argc == 3) {
+    const int threads = std::atoi(argv[2]);
+    if (threads < 1) {
+      fail(std::string("threads must be a positive integer, got ") + argv[2]);
+    }
+    executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  Module module(g_model, Module::LoadMode::Mmap);
+  // Full verification: the file is untrusted input.
+  Error err = module.load(Program::Verification::InternalConsistency);
+  if (err != Error::Ok) {
+    fail("not a loadable ExecuTorch program (" + error_name(err) + ")");
+  }
+  err = module.load_method("forward");
+  if (err != Error::Ok) {
+    fail("cannot load method forward (" + error_name(err) + ")");
+  }
+  const int64_t max_seq_len = constant(module, "get_max_seq_len");
+  const int64_t vocab_size = constant(module, "get_vocab_size");
+  const double load_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::printf("{\"max_seq_len\": %s, \"vocab_size\": %s, \"load_ms\": %.3f}\n",
+              max_seq_len < 0 ? "null" : std::to_string(max_seq_len).c_str(),
+              vocab_size < 0 ? "null" : std::to_string(vocab_size).c_str(), load_ms);
+  std::fflush(stdout);
+
+  std::vector<int64_t> tokens;
+  while (true) {
+    int32_t n = 0;
+    int64_t start_pos = 0;
+    if (!read_exact(&n, sizeof n)) {
+      return 0;
+    }
+    if (n == 0) {
+      std::printf("{\"peak_rss_kb\": %ld}\n", peak_rss_kb());
+      std::fflush(stdout);
+      return 0;
+    }
+    if (n < 0 || !read_exact(&start_pos, sizeof start_pos)) {
+      fail("malformed request from the harness");
+    }
+    if (max_seq_len > 0 && (start_pos < 0 || start_pos + n > max_seq_len)) {
+      fail("positions " + std::to_string(start_pos) + ".." + std::to_string(start_pos + n - 1) +
+           " exceed the program's " + std::to_string(max_seq_len) + " positions");
+    }
+    tokens.resize(n);
+    if (!read_exact(tokens.data(), sizeof(int64_t) * n)) {
+      fail("malformed request from the harness");
+    }
+    auto input = make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
+    auto position = make_tensor_ptr({1}, std::vector<int64_t>{start_pos});
+    auto out = module.forward({EValue(*input), EValue(*position)});
+    if (!out.ok()) {
+      fail("forward failed (" + error_name(out.error()) + ")");
+    }
+    if (out->empty() || !(*out)[0].isTensor()) {
+      fail("forward returned no logits tensor");
+    }
+    const auto& logits = (*out)[0].toTensor();
+    if (logits.scalar_type() != ScalarType::Float || logits.dim() != 3) {
+      fail("logits are not a float32 [1, n, vocab] tensor");
+    }
+    const int32_t header[2] = {static_cast<int32_t>(logits.size(1)), static_cast<int32_t>(logits.size(2))};
+    write_exact(header, sizeof header);
+    write_exact(logits.const_data_ptr<float>(), sizeof(float) * logits.numel());
+    std::fflush(stdout);
+  }
+}

@@ -1,0 +1,190 @@
+"""Budget-driven export: the compression ratio (and int8 or not) that fits a device's memory
+budget with the best task score; exported, validated on the device, the choice reported.
+
+Memory a candidate needs on the device = its weights as the runtime holds them (fp32, or int8
+with a scale per output channel for every linear) + the KV cache at the export's
+``max_seq_len``; the runtime's own code is not counted (the profile's ``memory_mb`` is the
+budget for the model). Scores are PyTorch exact match on the task's evaluation split, one
+compression per ratio; an int8 candidate carries its ratio's fp32 score until the device
+validation measures it (validate fails a bundle whose exact match trails PyTorch by more
+than ``Checks.max_exact_match_drop``), and then the next candidate is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from compress.config import CompressConfig, Method
+from compress.pipeline import compress
+from export.config import ExportConfig, Format, Quantize
+from export.pipeline import export
+from export.manifest import MANIFEST_FILE, Manifest
+from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.errors import RankdownError
+from rankdown.evaluate import EvalConfig, evaluate
+from rankdown.tasks import Split, load_task
+from runtime_tests.config import ValidateConfig
+from runtime_tests.validate import validate, write_report
+
+from devices.profile import DeviceProfile
+from devices.runners import runner_for
+
+FIT_FILE = "fit.json"
+FIT_SCHEMA_VERSION = 1
+_FORMAT_OF = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    task: str = "math"
+    method: Method = Method.FEATURE
+    ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)  # 0.0: the dense model
+    quantize: tuple[Quantize, ...] = (Quantize.NONE, Quantize.INT8)
+    max_memory_mb: float | None = None  # None: the profile's memory_mb
+    min_score: float | None = None  # exact match, 0..1
+    max_examples: int = 200
+    max_seq_len: int = 256
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
+            raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+            object.__setattr__(self, "quantize", tuple(Quantize(q) for q in self.quantize))
+        except ValueError as e:
+            raise RankdownError(f"fit: {e}") from None
+        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
+            raise RankdownError(f"--max-memory must be positive, got {self.max_memory_mb}")
+        if self.min_score is not None and not 0 <= self.min_score <= 1:
+            raise RankdownError(f"--min-score is an exact-match fraction in 0..1, got {self.min_score}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    ratio: float
+    quantize: str
+    params: int  # every parameter of the model
+    memory_mb: float  # weights as the runtime holds them + KV cache
+    score: float | None  # exact match (PyTorch fp32)
+    fits: bool
+    meets_min_score: bool
+
+
+@dataclass(frozen=True)
+class FitReport:
+    schema_version: int
+    device: str
+    budget_mb: float
+    task: str
+    method: str
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    bundle: str | None
+    validation_passed: bool | None
+    validation_failures: list[str]
+    tried: list[str]  # candidates exported and validated, in order, with their outcome
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+def memory_mb(model, quantize: Quantize, max_seq_len: int) -> float:
+    """Weights the runtime holds (int8: 1 byte a linear weight + a float scale per output
+    channel; a tied head becomes its own int8 copy) + an fp32 KV cache of ``max_seq_len``."""
+    c = model.config
+    weights = sum(p.numel() for p in model.parameters()) * 4  # tied and shared weights once
+    if quantize is Quantize.INT8:
+        embedding = model.get_input_embeddings().weight
+        for linear in {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}.values():
+            w = linear.weight
+            weights += w.shape[0] * 4 + (w.numel() if w is embedding else -3 * w.numel())
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * max_seq_len * 4
+    return (weights + kv) / 2**20
+
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: highest score, then fp32 before int8 (exact parity), then smaller."""
+    return sorted((c for c in candidates if c.fits and c.meets_min_score),
+                  key=lambda c: (-(c.score or 0.0), c.quantize != Quantize.NONE.value, c.memory_mb))
+
+
+def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: FitConfig = FitConfig(),
+        progress: Callable[[str], None] = print) -> FitReport:
+    """Search, export and validate; ``out`` gets ``bundle/``, ``checkpoint/`` (when compressed),
+    ``validation/`` and ``fit.json``, or nothing on failure."""
+    model_dir, out = Path(model_dir), Path(out)
+    check_output_path(out, [model_dir], cfg.overwrite)
+    budget = cfg.max_memory_mb or float(profile.memory_mb)
+    formats = tuple(_FORMAT_OF[r] for r in profile.runtimes)
+    data = load_task(cfg.task, Split.EVALUATION)
+    if not data.qa:
+        raise RankdownError(f"fit scores by exact match; task {cfg.task} has no question/answer pairs")
+    tokenizer = load_tokenizer(model_dir)
+    with atomic_folder(out, cfg.overwrite) as staged:
+        work = staged / "candidates"
+        work.mkdir()
+        checkpoints, candidates = {}, []
+        for ratio in sorted(set(cfg.ratios)):
+            if ratio == 0:
+                checkpoints[ratio] = model_dir
+            else:
+                progress(f"fit: compressing with {cfg.method.value} at ratio {ratio}")
+                checkpoints[ratio] = work / f"ratio-{ratio}"
+                compress(model_dir, checkpoints[ratio], CompressConfig(method=cfg.method, ratio=ratio, task=cfg.task),
+                         progress=lambda _m: None)
+            model = load_model(open_checkpoint(checkpoints[ratio])).eval()
+            score = evaluate(model, tokenizer, data, EvalConfig(max_examples=cfg.max_examples, max_tokens=0)).exact_match
+            for q in cfg.quantize:
+                need = memory_mb(model, q, cfg.max_seq_len)
+                candidates.append(Candidate(ratio, q.value, sum(p.numel() for p in model.parameters()), round(need, 2),
+                                            score, need <= budget, cfg.min_score is None or score >= cfg.min_score))
+                progress(f"fit: ratio {ratio} {q.value:<4} needs {need:7.1f} MB of {budget:.0f}, exact match {score:.1%}")
+            del model
+        ranked = rank_candidates(candidates)
+        if not ranked:
+            best = max((c for c in candidates if c.fits), key=lambda c: c.score or 0, default=None)
+            why = (f"nothing fits {budget:.0f} MB (the smallest candidate needs "
+                   f"{min(c.memory_mb for c in candidates):.1f} MB)") if best is None else \
+                  (f"the best that fits {budget:.0f} MB scores {best.score:.1%} (ratio {best.ratio}, {best.quantize}), "
+                   f"below --min-score {cfg.min_score:.1%}")
+            raise RankdownError(f"{model_dir}: no candidate for {profile.name}: {why}")
+        tried = []
+        for choice in ranked:
+            label = f"ratio {choice.ratio} {choice.quantize}"
+            progress(f"fit: exporting {label} and validating it on {profile.name}")
+            bundle = work / f"bundle-{choice.ratio}-{choice.quantize}"
+            export(checkpoints[choice.ratio], bundle, ExportConfig(formats=formats, quantize=choice.quantize,
+                                                                   max_seq_len=cfg.max_seq_len), progress=lambda _m: None)
+            report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, task=cfg.task,
+                                                     max_examples=cfg.max_examples, threads=profile.threads,
+                                                     latency=None),
+                              progress=lambda _m: None, runner=runner_for(profile))
+            tried.append(f"{label}: {'passed' if report.passed else 'FAILED ' + ', '.join(report.failures)}")
+            progress(f"fit: {tried[-1]}")
+            if report.passed:
+                break
+        # The folder as it stays: the chosen bundle, its checkpoint (when compressed), the reports.
+        source = model_dir
+        if choice.ratio != 0:
+            shutil.move(str(checkpoints[choice.ratio]), staged / "checkpoint")
+            source = out / "checkpoint"
+        shutil.move(str(bundle), staged / "bundle")
+        manifest = Manifest.read(staged / "bundle")
+        write_text_atomic(staged / "bundle" / MANIFEST_FILE, dataclasses.replace(
+            manifest, source=dataclasses.replace(manifest.source, path=str(source.resolve()))).to_json())
+        shutil.rmtree(work)
+        write_report(report, staged / "validation")
+        result = FitReport(FIT_SCHEMA_VERSION, profile.name, budget, cfg.task, cfg.method.value, candidates, choice,
+                           str(out / "bundle"), report.passed, list(report.failures), tried)
+        result.write(staged / FIT_FILE)
+    return result
