@@ -118,6 +118,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         line = (f"{name:<12} greedy {'identical' if p.greedy_match else 'DIFFERS'} over {p.greedy_tokens}, "
                 f"max |dlogit| {p.max_abs_logit_diff:.1e}, top-1 {p.top1_agreement:.1%}; exact match {em}; "
                 f"perplexity {ppl}")
+        if r.executed_on:
+            line += f"\n{'':<12} ran on {r.executed_on}"
         if lat is not None:
             ttft = ", ".join(f"{k} tok {v.median:.1f} ms" for k, v in lat.ttft_ms.items())
             line += (f"\n{'':<12} TTFT {ttft}; decode {lat.decode_tokens_per_s.median:.1f} tok/s; load "

@@ -59,6 +59,7 @@ class RuntimeReport:
     latency: LatencyReport | None
     failures: list[str]  # named checks that failed; empty when passed
     passed: bool
+    executed_on: str = ""  # the device's CPU and what ran the artifact, e.g. "aarch64, rankdown-et-runner"
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class Report:
 def to_markdown(report: Report) -> str:
     lines = [f"# rankdown validate: {'PASSED' if report.passed else 'FAILED'}", "",
              f"bundle `{report.bundle}`, reference `{report.reference}`, data {report.data}, "
-             f"machine {report.environment.get('machine')}, threads {report.environment.get('threads')}", "",
+             f"host {report.environment.get('machine')}, run via {report.environment.get('runner')}"
+             f"{' (emulated: timings are not meaningful)' if report.environment.get('emulated') else ''}, "
+             f"threads {report.environment.get('threads')}", "",
              "| runtime | greedy | max abs logit diff | top-1 | exact match (ref) | perplexity (ref) | "
              "TTFT ms | decode tok/s | load s | peak RSS MB | size MiB | passed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -96,4 +99,5 @@ def to_markdown(report: Report) -> str:
         lines.append(f"| {name} | {'identical' if p.greedy_match else 'differs'} ({p.greedy_tokens}) | "
                      f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%} | {em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
+    lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
     return "\n".join(lines) + "\n"

@@ -193,8 +193,10 @@ def _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl, m
     if quality.perplexity is not None and ref_ppl is not None and \
             quality.perplexity > ref_ppl * (1 + cfg.checks.max_perplexity_increase):
         failures.append(f"{name}.quality.perplexity")
+    runner = {"native": "rankdown-et-runner (C++)", "python": f"Python {runtime.value}"}.get(result.get("runner"), "")
     return RuntimeReport(artifact=runtime.artifact, parity=parity, quality=quality, latency=latency,
-                         failures=failures, passed=not failures)
+                         failures=failures, passed=not failures,
+                         executed_on=", ".join(x for x in (result.get("machine"), runner) if x))
 
 
 def write_report(report: Report, folder: Path) -> None:

@@ -215,6 +215,8 @@ def test_arm64_emu_runs_both_runtimes_on_arm(arm64_root, joint_bundle):
     for name in ("onnxruntime", "executorch"):
         r = report.runtimes[name]
         assert r.parity.greedy_match and r.parity.max_abs_logit_diff < 1e-3
+        assert r.executed_on.startswith("aarch64")  # the harness reports the CPU it really ran on
+    assert report.runtimes["executorch"].executed_on == "aarch64, rankdown-et-runner (C++)"
     assert set(runs.iterdir()) == before  # the device is left clean
 
 
@@ -275,6 +277,7 @@ def test_adb_transport_round_trips_through_a_stand_in_phone(stand_in_adb, arm64_
                       runner=runner_for(profile))
     assert report.passed, report.failures
     assert report.environment["runner"] == "adb"
+    assert report.runtimes["executorch"].executed_on == "aarch64, rankdown-et-runner (C++)"
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(c[:2] == ["-s", "emulator-5554"] for c in calls)
     verbs = [c[2] for c in calls]
