@@ -183,7 +183,8 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
         write_text_atomic(staged / "bundle" / MANIFEST_FILE, dataclasses.replace(
             manifest, source=dataclasses.replace(manifest.source, path=str(source.resolve()))).to_json())
         shutil.rmtree(work)
-        write_report(report, staged / "validation")
+        write_report(dataclasses.replace(report, bundle=str(out / "bundle"), reference=str(source)),
+                     staged / "validation")
         result = FitReport(FIT_SCHEMA_VERSION, profile.name, budget, cfg.task, cfg.method.value, candidates, choice,
                            str(out / "bundle"), report.passed, list(report.failures), tried)
         result.write(staged / FIT_FILE)
