@@ -250,7 +250,7 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     _check_tokenizer_config(folder)
     try:
         # tokenizer_file is passed explicitly: transformers would otherwise take it from
-        # tokenizer_config.json, which may name any file on the machine.
+        # tokenizer_config.json, and resolve even a plain name against the working directory.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True,
                                                             tokenizer_file=str(path))
     except Exception as e:  # the library raises many types for a corrupt file

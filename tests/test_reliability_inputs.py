@@ -325,13 +325,18 @@ def test_tokenizer_config_cannot_name_files_elsewhere(tiny_model_dir, tmp_path, 
 
 
 def test_an_outside_tokenizer_is_not_picked_up(tiny_model_dir, tmp_path, monkeypatch):
-    """Even a name the check allows can not switch the file: the folder's tokenizer.json is
-    passed explicitly (a canary token exists only in the other file)."""
+    """A plain name passes the check, but transformers resolves it against the working
+    directory, not the model folder: the folder's tokenizer.json is passed explicitly, so a
+    canary tokenizer in the working directory is never loaded."""
     folder = _copy(tiny_model_dir, tmp_path)
     other = json.loads((folder / "tokenizer.json").read_text())
-    other["added_tokens"].append({"id": 4000, "content": "CANARY", "single_word": False, "lstrip": False,
+    next_id = 1 + max([t["id"] for t in other["added_tokens"]] + list(other["model"]["vocab"].values()))
+    other["added_tokens"].append({"id": next_id, "content": "CANARY", "single_word": False, "lstrip": False,
                                   "rstrip": False, "normalized": False, "special": True})
-    (folder / "other.json").write_text(json.dumps(other))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "other.json").write_text(json.dumps(other))
+    monkeypatch.chdir(cwd)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["tokenizer_file"] = "other.json"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
