@@ -44,11 +44,8 @@ from rankdown.checkpoint import open_checkpoint  # noqa: E402
 from rankdown.errors import RankdownError  # noqa: E402
 
 
-def _temporary_root(path: Path) -> Path:
-    for parent in path.parents:
-        if ".tmp-" in parent.name:
-            return parent
-    raise AssertionError(f"{path} is not written under a temporary folder")
+def _temporary_root(path: Path) -> Path | None:
+    return next((parent for parent in path.parents if ".tmp-" in parent.name), None)
 
 
 def _state_of_bundle(final: Path, previous: bytes) -> str:
@@ -89,7 +86,8 @@ def forking(real, path_index: int, stage: str, points: int, rng: random.Random, 
         real(*trial, **kwargs)
         size = max(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
         shutil.rmtree(scratch)
-        root = _temporary_root(target)
+        temporary = _temporary_root(target)
+        root = temporary or target.parent
         before = set(root.rglob("*"))
         for _ in range(points):
             offset = rng.randrange(0, size)
@@ -103,7 +101,8 @@ def forking(real, path_index: int, stage: str, points: int, rng: random.Random, 
                     os._exit(99)  # not killed: the write never reached the offset
             _, status = os.waitpid(pid, 0)
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXFSZ
-            results.append({"stage": stage, "offset": offset, "size": size, "killed": killed, "final": state_of()})
+            results.append({"stage": stage, "offset": offset, "size": size, "killed": killed, "final": state_of(),
+                            "under_temporary": temporary is not None})
             for leftover in sorted(set(root.rglob("*")) - before, reverse=True):
                 if leftover.is_dir() and not leftover.is_symlink():
                     shutil.rmtree(leftover, ignore_errors=True)

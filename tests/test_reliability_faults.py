@@ -65,6 +65,7 @@ def test_a_kill_at_any_byte_leaves_the_previous_output(kill_run, stage):
     assert len(points) >= 20
     assert len({r["offset"] for r in points}) >= 15, "kill offsets should spread over the file"
     assert all(r["killed"] for r in points), "a child survived: the kill landed after the write"
+    assert all(r["under_temporary"] for r in points), "an artifact was written under its final name"
     assert [r["final"] for r in points] == ["previous"] * len(points)
 
 
