@@ -8,7 +8,6 @@ re-truncates the cached factors.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -23,11 +22,14 @@ from compress.config import REPORT_FILE, Allocation, BasisMode, CompressConfig, 
 from compress.decomposition import Decomposition, UnitWeights
 from compress.methods import METHODS, MethodSpec
 from compress.rank_allocation import Unit, allocate, plan_units
-from rankdown.atomic import check_output_path
+from rankdown.atomic import check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, load_model, load_tokenizer, open_checkpoint, save_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, linear_params, shared_down_group
+from rankdown.info import model_info
+from rankdown.memory import is_out_of_memory, peak_rss_mb, require_memory
+from rankdown.output_lock import output_lock
 from rankdown.tasks import Split, TaskData, load_task
 
 Progress = Callable[[str], None]
@@ -36,10 +38,6 @@ BATCH = 8
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def calibration_data(cfg: CompressConfig) -> TaskData:
@@ -127,12 +125,45 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
     """Compress a dense checkpoint into ``out`` (a checkpoint folder plus compression.json)."""
     if cfg.basis_mode is BasisMode.TUNED:
         raise RankdownError("--basis-mode tuned is not available yet; use closed-form")
-    start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     check_output_path(out, [model_dir], cfg.overwrite)
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        try:
+            return _compress(model_dir, out, cfg, progress)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise RankdownError(f"{out}: ran out of memory while compressing (peak RSS {peak_rss_mb():.0f} MB)") from None
+
+
+def memory_estimate(ckpt, cfg: CompressConfig) -> int:
+    """Bytes a compression allocates beyond the libraries: the fp32 model, one unit's float64
+    decomposition, the calibration activations, one batch's logits, statistics and the save."""
+    c = ckpt.config
+    model = 4 * model_info(ckpt).total_params
+    widest_unit = 2 * c.intermediate_size * c.hidden_size
+    decomposition = 8 * 4 * widest_unit
+    activations = 4 * 3 * cfg.calib_tokens * c.hidden_size if METHODS[cfg.method].needs_data else 0
+    batch = 4 * BATCH * cfg.seq_len * (3 * c.intermediate_size + 4 * c.vocab_size)
+    stats = 8 * 2 * (3 * c.hidden_size**2 + c.intermediate_size**2)
+    return 2 * model + decomposition + activations + batch + stats
+
+
+def _disk_estimate(ckpt, cfg: CompressConfig, dtype: torch.dtype) -> int:
+    info = model_info(ckpt)
+    kept = info.total_params - cfg.ratio * info.dense_decoder_linear_params
+    return int(kept * torch.empty(0, dtype=dtype).element_size()) + (1 << 20)
+
+
+def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
+    start = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     if ckpt.record.modules:
         raise RankdownError(f"{model_dir}: already compressed; compress the dense model instead")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else ckpt.stored_dtype
+    require_memory(memory_estimate(ckpt, cfg), "compress", model_dir)
+    check_free_space(out, _disk_estimate(ckpt, cfg, dtype), "the compressed checkpoint")
     torch.manual_seed(cfg.seed)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(model_dir)
@@ -155,7 +186,6 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
         ranks, keep_ratios = compress_with_bayes(model, spec, units, windows, cfg, progress)
         _compress_streaming(model, spec, units, ranks, windows, progress)
     loss = calibration_loss(model, windows)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype else ckpt.stored_dtype
     modules = {}
     for unit, rank in zip(units, ranks):
         for name, member, m_out in zip(unit.names(), unit.members, unit.out_features):

@@ -7,6 +7,7 @@ torch for its tensors; on a device the C++ runner takes its place.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -51,6 +52,17 @@ def greedy(decoder: Decoder, prompt: list[int], new_tokens: int) -> Generation:
     return Generation(prompt_logits, tuple(tokens), step_logits)
 
 
+def check_positions(ids: list[int], start: int, max_positions: int | None, max_call: int | None = None) -> None:
+    """Refuse, before the runtime sees it, a call that would run past the positions the artifact
+    holds: a static cache written out of bounds corrupts memory instead of failing cleanly."""
+    if not ids:
+        raise ValueError("no tokens to run")
+    if max_call is not None and len(ids) > max_call:
+        raise ValueError(f"{len(ids)} tokens in one call exceed the artifact's limit of {max_call} per call")
+    if max_positions is not None and start + len(ids) > max_positions:
+        raise ValueError(f"{len(ids)} tokens at position {start} exceed the artifact's {max_positions} positions")
+
+
 class OnnxDecoder:
     """An optimum-layout decoder graph (``input_ids``, ``attention_mask``, ``position_ids``,
     ``past_key_values.*`` -> ``logits``, ``present.*``) in a plain InferenceSession."""
@@ -76,11 +88,12 @@ class OnnxDecoder:
             shape = inputs[name].shape  # [batch, kv_heads, past, head_dim]
             self._past_shapes[name] = (1, int(shape[1]), 0, int(shape[3]))
         self._dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
-        self.max_positions = None
+        self.max_positions = trained_positions(Path(model_path).parent / "config.json")
         self._cache: dict[str, np.ndarray] = {}
         self._length = 0
 
     def _run(self, ids: list[int]) -> np.ndarray:
+        check_positions(ids, self._length, self.max_positions)
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64)}
         if self._needs_mask:
@@ -119,6 +132,9 @@ class ExecuTorchDecoder:
         self._length = 0
 
     def _run(self, ids: list[int]) -> np.ndarray:
+        # A prompt is one call of at most max_positions - 1 tokens (the export's dynamic length bound).
+        check_positions(ids, self._length, self.max_positions,
+                        None if self.max_positions is None else self.max_positions - 1)
         torch = self._torch
         n = len(ids)
         tokens = torch.tensor([ids], dtype=torch.long)
@@ -162,6 +178,8 @@ class NativeExecuTorchDecoder:
         raise RuntimeError(err[-1] if err else f"rankdown-et-runner exited with status {status}")
 
     def _run(self, ids: list[int]) -> np.ndarray:
+        check_positions(ids, self._length, self.max_positions,
+                        None if self.max_positions is None else self.max_positions - 1)
         n = len(ids)
         request = (np.asarray([n], "<i4").tobytes() + np.asarray([self._length], "<i8").tobytes()
                    + np.asarray(ids, "<i8").tobytes())
@@ -198,6 +216,16 @@ class NativeExecuTorchDecoder:
         line = self._proc.stdout.readline()
         self._proc.wait(timeout=30)
         return json.loads(line)["peak_rss_kb"] / 1024 if line else None
+
+
+def trained_positions(config: Path) -> int | None:
+    """max_position_embeddings from the config.json optimum writes beside the graph: the graph
+    computes rotary angles for any position, but the model was never run past this one."""
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _constant(program, name: str) -> int | None:

@@ -176,11 +176,15 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
                       "non_delegated_nodes": int(info.num_non_delegated_nodes),
                       "delegated_subgraphs": int(info.num_delegated_subgraphs)}
         executorch_program = edge.to_executorch()
-    path = bundle / SUBDIR / MODEL_FILE
+    write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
+    return time.perf_counter() - start, nodes, delegation
+
+
+def write_program(executorch_program, path: Path) -> None:
+    """The one place a .pte is written (the kill-point tests fork here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         executorch_program.write_to_file(f)
-    return time.perf_counter() - start, nodes, delegation
 
 
 def _quantize_int8(program, example, dynamic):

@@ -93,6 +93,8 @@ class Manifest:
     tokenizer_files: dict[str, FileEntry]
     formats: dict[str, FormatEntry]
     versions: dict[str, str]
+    # the exporting process's peak resident memory after each stage ("load", then each format), MB
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

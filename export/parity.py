@@ -55,6 +55,18 @@ def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, 
     return max_diff, scale, agree / positions, positions
 
 
+def largest_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int, int, float]:
+    """Where the largest |logit diff| is over (got, reference) pairs: pair index, position,
+    vocabulary index and the difference, so a failure says where to look."""
+    best = (0, 0, 0, -1.0)
+    for index, (got, ref) in enumerate(pairs):
+        diff = np.abs(got - ref)
+        position, token = np.unravel_index(int(diff.argmax()), diff.shape)
+        if diff[position, token] > best[3]:
+            best = (index, int(position), int(token), float(diff[position, token]))
+    return best
+
+
 def compare(reference: list[Generation], decoder: Decoder, prompts: list[list[int]], new_tokens: int,
             thresholds: ParityThresholds) -> Parity:
     runs = [greedy(decoder, prompt, new_tokens) for prompt in prompts]

@@ -1,8 +1,17 @@
-"""Write a whole output folder or file, or nothing: a temporary sibling renamed into place."""
+"""Write a whole output folder or file, or nothing: a temporary sibling renamed into place.
+
+A run killed at any byte (SIGKILL, power loss) leaves the final path absent or holding the
+previous complete output: content is only ever written under a temporary name, fsynced,
+then renamed; an existing output is swapped for the new one in one atomic exchange where
+the kernel offers it. Temporaries a killed run left behind are removed by the next run
+into the same output (which holds the output lock, so no live run owns them).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
@@ -11,6 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_OUT_OF_SPACE_TEXT = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded")
 
 
 def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -31,11 +43,86 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise RankdownError(f"{out}: parent folder {parent} is not writable")
 
 
+def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
+    """Pre-flight: refuse before any work when the output's file system cannot hold the estimate."""
+    parent = Path(out).resolve().parent
+    free = shutil.disk_usage(parent).free
+    if needed_bytes > free:
+        raise RankdownError(f"{out}: out of space: {what} needs about {needed_bytes / 2**20:.0f} MiB, "
+                            f"{free / 2**20:.0f} MiB free on {parent}")
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or as the text of a native library's own error type
+    (safetensors, protobuf and flatbuffer writers do not raise OSError)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _OUT_OF_SPACE_TEXT)
+
+
+def _last_written(root: Path) -> Path | None:
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def out_of_space_error(out: Path, error: BaseException, tmp: Path | None = None) -> RankdownError:
+    """'out of space writing X', X the file being written when the disk filled."""
+    name = getattr(error, "filename", None)
+    where = Path(name) if name else (_last_written(tmp) if tmp is not None and tmp.is_dir() else None)
+    if where is not None and tmp is not None and where.is_relative_to(tmp):
+        where = Path(out) / where.relative_to(tmp)
+    return RankdownError(f"{out}: out of space writing {where or out}")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary folders a killed run left beside ``out``; where the run died between
+    moving the previous output aside and renaming the new one in (file systems without an atomic
+    exchange), put the previous output back first. Call only while holding the output lock."""
+    out = Path(out)
+    parent = out.resolve().parent
+    stale = sorted(p for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*") for p in parent.glob(pattern)
+                   if p.is_dir() and not p.is_symlink())
+    for path in stale:
+        previous = path / "previous"
+        if path.name.startswith(f".{out.name}.old-") and previous.is_dir() and not out.exists():
+            os.rename(previous, out)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # this file system or kernel cannot exchange
+    raise OSError(code, os.strerror(code), str(b))
 
 
 @contextlib.contextmanager
@@ -57,24 +144,27 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         if out.exists():
             if not overwrite:
                 raise RankdownError(f"{out}: already exists (pass --overwrite to replace it)")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rename(out, old / "previous")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+                os.rename(out, old / "previous")
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except OSError as e:
+        _fsync_dir(parent)
+    except BaseException as e:
+        error = out_of_space_error(out, e, tmp) if is_out_of_space(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise RankdownError(f"{out}: out of space writing {e.filename or out}") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
         raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file via a temporary sibling and a rename, so a reader never sees half of it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -82,7 +172,9 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_out_of_space(e):
+            raise RankdownError(f"{path}: out of space writing {path.name}") from None
         raise

@@ -89,16 +89,38 @@ def read_config(folder: Path) -> LlamaConfig:
         value = raw.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RankdownError(f"{path}: {key} must be a positive integer, got {value!r}")
+    _check_rope(raw, path)
     try:
         config = LlamaConfig.from_dict(raw)
-    except (ValueError, TypeError, KeyError) as e:
-        raise RankdownError(f"{path}: invalid Llama config: {e}") from None
+        LlamaRotaryEmbedding(config=config)  # the rotary table the model will build
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise RankdownError(f"{path}: invalid Llama config: {type(e).__name__}: {e}") from None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
         raise RankdownError(f"{path}: num_key_value_heads {kv_heads!r} does not divide num_attention_heads {heads}")
     if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
         raise RankdownError(f"{path}: hidden_size {config.hidden_size} is not divisible by {heads} heads")
     return config
+
+
+def _check_rope(raw: dict, path: Path) -> None:
+    """A rotary setting the stock Llama can build: transformers only logs a warning for a bad
+    factor and fails with a KeyError deep inside model construction for an unknown type."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta = raw.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise RankdownError(f"{path}: rope_theta must be a positive number, got {theta!r}")
+    scaling = raw.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise RankdownError(f"{path}: rope_scaling must be an object or null, got {scaling!r}")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ROPE_INIT_FUNCTIONS:
+            raise RankdownError(f"{path}: rope_scaling type {kind!r} is not one of {', '.join(ROPE_INIT_FUNCTIONS)}")
+        factor = scaling.get("factor", 1.0)
+        if kind != "default" and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1):
+            raise RankdownError(f"{path}: rope_scaling factor must be a number >= 1, got {factor!r}")
 
 
 def _contained(folder: Path, name: object, where: Path) -> Path:
@@ -157,7 +179,9 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     expected = {k: tuple(v.shape) for k, v in meta_model(config, record, folder).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+        if "lm_head.weight" in tensors:
+            _check_tied_head(tensors, folder)
+            tensors.pop("lm_head.weight")
     for name, shape in expected.items():
         if name not in tensors:
             raise RankdownError(f"{folder}: tensor {name!r} is missing from the weights (config and weights disagree)")
@@ -172,6 +196,23 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     if extra:
         raise RankdownError(f"{tensors[extra[0]][0]}: tensor {extra[0]!r} is not in the model the config describes")
     return Checkpoint(folder, config, record, tensors)
+
+
+def _check_tied_head(tensors: dict[str, tuple[Path, TensorEntry]], folder: Path) -> None:
+    """A config that ties the head to the embedding, with weights that hold a different head,
+    would silently drop the stored head: refuse unless the two are the same bytes."""
+    head_file, head = tensors["lm_head.weight"]
+    embed_file, embed = tensors.get("model.embed_tokens.weight", (None, None))
+    if embed is None or (head.dtype, head.shape) != (embed.dtype, embed.shape):
+        raise RankdownError(f"{head_file}: config.json ties the embeddings, but tensor 'lm_head.weight' "
+                            "does not match model.embed_tokens.weight")
+    with safe_open(str(head_file), framework="pt") as f:
+        stored_head = f.get_tensor("lm_head.weight")
+    with safe_open(str(embed_file), framework="pt") as f:
+        stored_embed = f.get_tensor("model.embed_tokens.weight")
+    if not torch.equal(stored_head, stored_embed):
+        raise RankdownError(f"{head_file}: config.json ties the embeddings, but tensor 'lm_head.weight' differs "
+                            "from model.embed_tokens.weight (set tie_word_embeddings to false)")
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -206,13 +247,35 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
         raise RankdownError(f"{folder}: no tokenizer.json (a fast tokenizer file is required)")
     if path.stat().st_size > MAX_TOKENIZER_BYTES:
         raise RankdownError(f"{path}: larger than {MAX_TOKENIZER_BYTES} bytes")
+    _check_tokenizer_config(folder)
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        # tokenizer_file is passed explicitly: transformers would otherwise take it from
+        # tokenizer_config.json, and resolve even a plain name against the working directory.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True,
+                                                            tokenizer_file=str(path))
     except Exception as e:  # the library raises many types for a corrupt file
         raise RankdownError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_tokenizer_config(folder: Path) -> None:
+    """tokenizer_config.json may only name files by their standard names in this folder; a path
+    elsewhere (``../``, absolute) is refused before transformers reads it. Its chat template is
+    kept as text: rankdown never renders it."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return
+    if path.is_symlink():
+        raise RankdownError(f"{path}: is a link; tokenizer files must be plain files in the model folder")
+    raw = _read_json(path, MAX_CONFIG_BYTES * 16)
+    for key, value in raw.items():
+        if not key.endswith("_file") or value is None:
+            continue
+        name = Path(str(value))
+        if not isinstance(value, str) or name.is_absolute() or ".." in name.parts or len(name.parts) != 1:
+            raise RankdownError(f"{path}: {key} {value!r} points outside the model folder")
 
 
 def save_checkpoint(

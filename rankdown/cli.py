@@ -116,7 +116,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} (PyTorch {q.reference_exact_match:.1%})"
         ppl = "n/a" if q.perplexity is None else f"{q.perplexity:.3f} (PyTorch {q.reference_perplexity:.3f})"
         line = (f"{name:<12} greedy {'identical' if p.greedy_match else 'DIFFERS'} over {p.greedy_tokens}, "
-                f"max |dlogit| {p.max_abs_logit_diff:.1e}, top-1 {p.top1_agreement:.1%}; exact match {em}; "
+                f"max |dlogit| {p.max_abs_logit_diff:.1e}{'' if r.passed else ' at ' + p.max_diff_at}, "
+                f"top-1 {p.top1_agreement:.1%}; exact match {em}; "
                 f"perplexity {ppl}")
         if r.executed_on:
             line += f"\n{'':<12} ran on {r.executed_on}"

@@ -57,7 +57,7 @@ class FactorRecord:
         for name, spec in modules.items():
             # A shared-down group's rank is bounded by the group's stacked rows, not one member's.
             limit = spec.in_features if spec.group else min(spec.in_features, spec.out_features)
-            if not isinstance(spec.rank, int) or not 1 <= spec.rank <= limit:
+            if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or not 1 <= spec.rank <= limit:
                 raise RankdownError(f"{path}: module {name} has rank {spec.rank!r} outside 1..{limit}")
             owner = spec.shares_down_with
             if owner is not None and (owner not in modules or modules[owner].shares_down_with is not None

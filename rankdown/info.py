@@ -32,6 +32,13 @@ class ModelInfo:
         """Fraction of the dense decoder-linear parameters removed (0 for a dense model)."""
         return 1.0 - self.decoder_linear_params / self.dense_decoder_linear_params
 
+    @property
+    def warnings(self) -> list[str]:
+        """Factor pairs above the break-even rank m n / (m + n): they store more than the dense layer."""
+        return [f"{m.name}: rank {m.rank} is above the break-even rank {m.out_features * m.in_features // (m.out_features + m.in_features)}; "
+                f"the pair stores {m.params:,} parameters, more than the dense layer's {m.dense_params:,}"
+                for m in self.modules if m.rank is not None and m.params > m.dense_params]
+
 
 def model_info(ckpt: Checkpoint) -> ModelInfo:
     """Computed from the config, record and headers alone: no weight data is read."""
@@ -69,4 +76,5 @@ def format_info(info: ModelInfo) -> str:
     for m in info.modules:
         rank = "dense" if m.rank is None else str(m.rank)
         lines.append(f"{m.name:<40} {f'{m.out_features}x{m.in_features}':>11} {rank:>6} {m.params:>9,}")
+    lines += [f"warning: {w}" for w in info.warnings]
     return "\n".join(lines)

@@ -19,6 +19,11 @@ class ParityReport:
     logit_scale: float
     top1_agreement: float
     positions: int
+    max_diff_at: str = ""  # where the largest difference is: prompt, position and vocabulary entry
+    # The runtime run without its cache (one prefill of prompt + generated tokens) against PyTorch's
+    # cached decode, and whether its top-1 there equals the tokens it produced with its cache.
+    cache_max_abs_logit_diff: float | None = None
+    cache_consistent: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Report:
     environment: dict
     passed: bool
     failures: list[str] = field(default_factory=list)
+    tokenizer_matches_reference: bool | None = None  # None: the reference folder has no tokenizer
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -14,9 +14,14 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from export.config import ParityThresholds, Quantize
+from export.decoding import trained_positions
 from export.manifest import Manifest, verify_files
-from export.parity import logit_agreement, parity_prompts, torch_greedy
+from export.onnx_files import external_data_files
+from export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
+from export.pte_file import check_pte_header
 from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
@@ -48,6 +53,54 @@ def _runtimes(bundle: Path, manifest: Manifest, cfg: ValidateConfig) -> tuple[Ru
             raise RankdownError(f"{bundle}: holds no {runtime.format} artifact for {runtime.value} "
                                 f"(it has {', '.join(manifest.formats) or 'none'})")
     return chosen
+
+
+def _check_artifacts(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> None:
+    """Before any runtime opens an artifact: it is one the manifest hashed, an ONNX model reads no
+    byte outside the bundle or outside the hashed files, and a .pte has a header this runtime reads."""
+    listed = set(manifest.all_files())
+    root = bundle.resolve()
+    for runtime in runtimes:
+        path = bundle / runtime.artifact
+        if runtime.artifact not in listed:
+            raise RankdownError(f"{path}: not listed in the manifest, so its bytes are unverified")
+        if runtime is Runtime.ONNXRUNTIME:
+            for data in external_data_files(path, bundle):
+                rel = data.resolve().relative_to(root).as_posix()
+                if rel not in listed:
+                    raise RankdownError(f"{path}: external data {rel} is not listed in the manifest, so its bytes "
+                                        "are unverified")
+        else:
+            check_pte_header(path)
+
+
+def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
+    if report_dir is None:
+        return
+    target, source = Path(report_dir).resolve(), bundle.resolve()
+    if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+        raise RankdownError(f"{report_dir}: the report must not be written into, or around, the bundle {bundle}")
+
+
+def _positions(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> int:
+    """The positions every chosen artifact can hold: the .pte's static cache, the ONNX model's
+    trained context (its graph has no hard limit)."""
+    limits = []
+    if Runtime.EXECUTORCH in runtimes:
+        limits.append(int(manifest.options["max_seq_len"]))
+    if Runtime.ONNXRUNTIME in runtimes:
+        limits.append(trained_positions(bundle / "onnx" / "config.json") or 1 << 30)
+    return min(limits)
+
+
+def _tokenizer_matches(tokenizer, reference_dir: Path, texts: list[str]) -> bool | None:
+    """The bundle ships the tokenizer the reference was trained with: same vocabulary, same ids."""
+    if not (reference_dir / "tokenizer.json").is_file():
+        return None
+    theirs = load_tokenizer(reference_dir)
+    if tokenizer.get_vocab() != theirs.get_vocab():
+        return False
+    return all(tokenizer(t)["input_ids"] == theirs(t)["input_ids"] for t in texts)
 
 
 def _check_installed(runtime: Runtime) -> None:
@@ -104,6 +157,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)  # refuse a bundle whose files are not the ones exported
     runtimes = _runtimes(bundle, manifest, cfg)
+    _check_artifacts(bundle, manifest, runtimes)
+    _check_report_dir(cfg.report_dir, bundle)
     if runner.name == "local":  # a remote runner checks its own device
         for runtime in runtimes:
             _check_installed(runtime)
@@ -118,12 +173,17 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
     max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
     min_top1 = cfg.checks.min_top1_agreement if cfg.checks.min_top1_agreement is not None else base.min_top1_agreement
-    positions = int(manifest.options["max_seq_len"]) if Runtime.EXECUTORCH in runtimes else 1 << 30
+    positions = _positions(bundle, manifest, runtimes)
     greedy_tokens = min(cfg.checks.greedy_tokens, positions // 2)
 
     progress(f"reference: PyTorch {reference_dir}")
-    prompts = parity_prompts(tokenizer, room=positions - greedy_tokens - 1)
+    room = positions - greedy_tokens - 1
+    prompts = parity_prompts(tokenizer, room=room)
     reference = [torch_greedy(model, p, greedy_tokens) for p in prompts]
+    # The same sequences again as one prompt each (prompt + PyTorch's greedy tokens): the runtime's
+    # logits without its KV cache, to hold against its cached decode.
+    uncached = [(p + list(ref.tokens[:-1]))[:room] for p, ref in zip(prompts, reference)]
+    tokenizer_ok = _tokenizer_matches(tokenizer, reference_dir, [tokenizer.decode(p) for p in prompts])
     qa = data.qa[: cfg.max_examples]
     eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)
     windows = token_windows(tokenizer, data.texts, eval_cfg) if data.texts else []
@@ -136,7 +196,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
              f"{'n/a' if ref_ppl is None else f'{ref_ppl:.3f}'} on {data_name}")
 
     job_base = {"schema_version": JOB_SCHEMA, "threads": cfg.threads,
-                "parity": {"prompts": prompts, "new_tokens": greedy_tokens},
+                "parity": {"prompts": prompts + uncached, "new_tokens": greedy_tokens},
                 "quality": {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
                             "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
                             "stop_ids": _stop_ids(tokenizer), "windows": windows}}
@@ -147,26 +207,56 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     for runtime in runtimes:
         progress(f"{runtime.value}: running {runtime.artifact} via {runner.name}")
         result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=runtime.artifact), bundle)
-        reports[runtime.value] = _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl,
-                                        max_rel, min_top1, base.greedy_must_match, cfg, runner)
+        reports[runtime.value] = _judge(runtime, result, arrays, reference, [len(p) for p in prompts], tokenizer,
+                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, cfg, runner)
         r = reports[runtime.value]
-        progress(f"{runtime.value}: {'passed' if r.passed else 'FAILED ' + ', '.join(r.failures)}")
+        progress(f"{runtime.value}: " + ("passed" if r.passed else
+                                         f"FAILED {', '.join(r.failures)}; largest |logit diff| "
+                                         f"{r.parity.max_abs_logit_diff:.3g} at {r.parity.max_diff_at}"))
     failures = [f for r in reports.values() for f in r.failures]
+    if tokenizer_ok is False:
+        failures.append("tokenizer.matches_reference")
     report = Report(bundle=str(bundle), reference=str(reference_dir), data=data_name, runtimes=reports,
-                    environment=_environment(cfg, runner), passed=not failures, failures=failures)
+                    environment=_environment(cfg, runner), passed=not failures, failures=failures,
+                    tokenizer_matches_reference=tokenizer_ok)
     if cfg.report_dir is not None:
         write_report(report, cfg.report_dir)
     return report
 
 
-def _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1, greedy_must,
-           cfg: ValidateConfig, runner) -> RuntimeReport:
+def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(runtime without its cache, PyTorch with its cache) logits over each greedy continuation: the
+    runtime ran prompt + PyTorch's greedy tokens as one prompt, so position length - 1 + k holds
+    the logits token k was chosen from."""
+    n = len(reference)
+    pairs = []
+    for i, (ref, length) in enumerate(zip(reference, prompt_lengths)):
+        got = arrays[f"prompt_{n + i}"][length - 1:][: len(ref.step_logits)]
+        pairs.append((got, ref.step_logits[: len(got)]))
+    return pairs
+
+
+def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1,
+           greedy_must, cfg: ValidateConfig, runner) -> RuntimeReport:
     name = runtime.value
-    max_diff, scale, top1, count = logit_agreement([(arrays[f"prompt_{i}"], ref.prompt_logits)
-                                                    for i, ref in enumerate(reference)])
+    n = len(reference)
+    continuations = _continuations(arrays, reference, prompt_lengths)
+    # Prompt positions and continuation positions alike: a small error anywhere counts.
+    pairs = [(arrays[f"prompt_{i}"], ref.prompt_logits) for i, ref in enumerate(reference)] + continuations
+    max_diff, scale, top1, count = logit_agreement(pairs)
+    at_pair, at_position, at_token, _ = largest_difference(pairs)
+    if at_pair >= n:
+        at_pair, at_position = at_pair - n, at_position + prompt_lengths[at_pair - n] - 1
+    where = (f"prompt {at_pair} position {at_position} token {at_token} "
+             f"({tokenizer.convert_ids_to_tokens(at_token)!r})")
+    cache_diff = max(float(np.abs(got - want).max()) for got, want in continuations)
+    # The runtime's own top-1 without its cache must be the tokens it produced with its cache.
+    cache_ok = all([int(t) for t in got.argmax(-1)] == list(cached[: len(got)])
+                   for (got, _), cached in zip(continuations, result["parity_tokens"]))
     greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
-                          logit_scale=scale, top1_agreement=top1, positions=count)
+                          logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
+                          cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok)
     em = None
     if qa:
         texts = [first_line(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in result["answers"]]
@@ -188,6 +278,10 @@ def _judge(runtime, result, arrays, reference, tokenizer, qa, ref_em, ref_ppl, m
         failures.append(f"{name}.parity.max_abs_logit_diff")
     if parity.top1_agreement < min_top1:
         failures.append(f"{name}.parity.top1_agreement")
+    # int8 quantizes activations per call, so a prompt and a token-by-token decode may round to
+    # different top-1s; there the logit bound above is the cache check.
+    if greedy_must and not cache_ok:
+        failures.append(f"{name}.parity.cache_consistency")
     if em is not None and ref_em is not None and em < ref_em - cfg.checks.max_exact_match_drop:
         failures.append(f"{name}.quality.exact_match")
     if quality.perplexity is not None and ref_ppl is not None and \

@@ -162,15 +162,18 @@ def test_a_runtime_missing_here_is_a_clear_error(joint_bundle, monkeypatch):
 
 
 def test_runtime_crash_is_reported_with_the_artifact(joint_bundle, tmp_path):
-    """A runtime that dies on its artifact (here: a truncated .pte with a matching manifest)
-    is reported as a one-line error naming the file, not a hang or a traceback."""
+    """A runtime that dies on its artifact (here: a .pte whose program is zeroed behind an intact
+    header, so the host's header check passes, with a matching manifest) is reported as a
+    one-line error naming the file, not a hang or a traceback."""
     _, bundle, _ = joint_bundle
     bad = tmp_path / "bad"
     shutil.copytree(bundle, bad)
     pte = bad / "executorch" / "model.pte"
-    pte.write_bytes(pte.read_bytes()[:4096])
+    data = bytearray(pte.read_bytes())
+    data[64:4096] = bytes(4096 - 64)
+    pte.write_bytes(bytes(data))
     raw = json.loads((bad / MANIFEST_FILE).read_text())
-    raw["formats"]["executorch"]["files"]["executorch/model.pte"] = {"bytes": 4096, "sha256": sha256_file(pte)}
+    raw["formats"]["executorch"]["files"]["executorch/model.pte"] = {"bytes": len(data), "sha256": sha256_file(pte)}
     (bad / MANIFEST_FILE).write_text(json.dumps(raw))
     with pytest.raises(RankdownError, match=r"executorch/model.pte: executorch failed \(exit status 1\)"):
         validate(bad, ValidateConfig(runtimes="executorch", latency=None, max_examples=2, max_tokens=128),

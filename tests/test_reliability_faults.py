@@ -1,0 +1,352 @@
+"""Issue 7, faults (cases 10-14): kills at any byte, a full disk, outputs that overlap inputs,
+re-runs and concurrent runs never leave a partial or mixed output under a final name."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+
+import rankdown.atomic as atomic
+import rankdown.checkpoint as checkpoint
+from compress.config import CompressConfig
+from compress.pipeline import compress
+from export.config import ExportConfig
+from export.manifest import Manifest, verify_files
+from export.pipeline import export
+from rankdown.errors import RankdownError
+from rankdown.output_lock import lock_path, output_lock
+from runtime_tests.config import ValidateConfig
+from runtime_tests.validate import validate
+
+SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
+quiet = lambda _m: None  # noqa: E731
+HERE = Path(__file__).parent
+
+
+def tree_digest(folder: Path) -> str:
+    """One hash over every file's relative name and bytes: an input is unchanged iff this is."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _debris(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+# 10. kill points -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kill_run(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("kills")
+    before = tree_digest(tiny_model_dir)
+    result = subprocess.run([sys.executable, str(HERE / "kill_harness.py"), str(tiny_model_dir), str(work), "20", "7"],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tree_digest(tiny_model_dir) == before
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("stage", ["checkpoint", "onnx", "pte", "manifest"])
+def test_a_kill_at_any_byte_leaves_the_previous_output(kill_run, stage):
+    points = [r for r in kill_run["results"] if r["stage"] == stage]
+    assert len(points) >= 20
+    assert len({r["offset"] for r in points}) >= 15, "kill offsets should spread over the file"
+    assert all(r["killed"] for r in points), "a child survived: the kill landed after the write"
+    assert all(r["under_temporary"] for r in points), "an artifact was written under its final name"
+    assert [r["final"] for r in points] == ["previous"] * len(points)
+
+
+def test_after_the_kills_the_run_completes_and_leaves_nothing_behind(kill_run):
+    assert kill_run["checkpoint_after"] == "new" and kill_run["bundle_after"] == "new"
+    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= set(kill_run["external_data"])
+    assert kill_run["leftovers"] == []
+
+
+_COMMIT_PROBE = r"""
+import json, os, shutil, signal, sys
+from pathlib import Path
+import rankdown.atomic as atomic
+from rankdown.output_lock import output_lock
+
+root = Path(sys.argv[1]); out = root / "out"
+if sys.argv[2] == "no-exchange":
+    atomic._exchange = lambda a, b: False  # a file system without renameat2 RENAME_EXCHANGE
+
+def write(word):
+    with atomic.atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text(word)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text(word * 1000)
+
+def state():
+    if not out.exists():
+        return "absent"
+    a, b = out / "a.txt", out / "sub" / "b.txt"
+    if a.is_file() and b.is_file() and b.read_text() == a.read_text() * 1000:
+        return a.read_text()
+    return "incomplete"
+
+STEPS = [(os, "fsync"), (os, "rename"), (atomic, "_exchange"), (shutil, "rmtree")]
+calls = []
+def counting(module, name, kill_at=None):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        if kill_at is not None and len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, wrapper)
+    return real
+
+write("old")
+reals = [counting(m, n) for m, n in STEPS]
+write("new")
+total = len(calls)
+for (m, n), real in zip(STEPS, reals):
+    setattr(m, n, real)
+write("old")
+results = []
+for k in range(1, total + 2):
+    calls.clear()
+    pid = os.fork()
+    if pid == 0:
+        for m, n in STEPS:
+            counting(m, n, kill_at=k)
+        write("new")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status)
+    after_kill = state()
+    leftovers = len(list(root.glob(".out.*")))
+    with output_lock(out):
+        atomic.remove_stale_temporaries(out)
+    results.append({"step": k, "killed": killed, "after_kill": after_kill, "leftovers": leftovers,
+                    "after_cleanup": state(), "debris": sorted(p.name for p in root.iterdir() if p.name != "out")})
+    write("old")
+print(json.dumps({"total": total, "results": results}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "no-exchange"])
+def test_a_kill_at_each_commit_step_keeps_a_complete_output(tmp_path, mode):
+    """Every boundary of the commit (each fsync, rename, exchange, removal), killed with SIGKILL:
+    the final path holds the previous or the new output, complete; the next run into it removes
+    the debris (and, without an atomic exchange, puts a moved-aside previous output back)."""
+    result = subprocess.run([sys.executable, "-c", _COMMIT_PROBE, str(tmp_path), mode], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout)
+    assert probe["total"] >= 5
+    states = set()
+    for r in probe["results"]:
+        assert r["after_cleanup"] in ("old", "new"), r
+        assert r["debris"] == [], r
+        if mode == "exchange":
+            assert r["after_kill"] in ("old", "new"), r
+        states.add(r["after_kill"])
+    assert sum(r["killed"] for r in probe["results"]) == probe["total"]
+    assert {"old", "new"} <= states
+
+
+def test_validate_refuses_what_a_killed_export_left(joint_bundle, tmp_path):
+    """A temporary folder a kill left has no manifest (it is written last); a copy with the
+    manifest but a file cut short does not match it. Both are refused."""
+    _, bundle, _ = joint_bundle
+    partial = tmp_path / ".b.tmp-killed"
+    shutil.copytree(bundle, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(RankdownError, match="not a rankdown bundle"):
+        validate(partial, ValidateConfig(latency=None), progress=quiet)
+    cut = tmp_path / "cut"
+    shutil.copytree(bundle, cut)
+    data = (cut / "onnx" / "model.onnx").read_bytes()
+    (cut / "onnx" / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(RankdownError, match="onnx/model.onnx does not match the manifest"):
+        validate(cut, ValidateConfig(latency=None), progress=quiet)
+
+
+# 11. disk full ---------------------------------------------------------------------------------
+
+def test_pre_flight_refuses_when_the_disk_cannot_hold_the_output(tiny_model_dir, compressed_tiny, tmp_path, monkeypatch):
+    import compress.pipeline as compress_pipeline
+    import export.pipeline as export_pipeline
+
+    class Tiny:
+        free = 4096
+
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _p: Tiny)
+    monkeypatch.setattr(compress_pipeline, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(export_pipeline, "load_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(RankdownError, match=r"out: out of space: the compressed checkpoint needs about \d+ MiB, 0 MiB free"):
+        compress(tiny_model_dir, tmp_path / "out", CompressConfig(**SMALL), progress=quiet)
+    folder, _ = compressed_tiny["svd"]
+    with pytest.raises(RankdownError, match=r"b: out of space: the bundle needs about \d+ MiB"):
+        export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_disk_full_while_writing_weights_is_one_clean_error(tiny_model_dir, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own error type (text as a real 64 KiB tmpfs gave it)."""
+    def fills_the_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    before = tree_digest(tiny_model_dir)
+    monkeypatch.setattr(checkpoint, "save_file", fills_the_disk)
+    out = tmp_path / "out"
+    with pytest.raises(RankdownError, match=r"out: out of space writing .*out/model.safetensors$"):
+        compress(tiny_model_dir, out, CompressConfig(**SMALL), progress=quiet)
+    assert not out.exists() and _debris(out) == []
+    assert tree_digest(tiny_model_dir) == before
+
+
+def test_disk_full_while_writing_onnx_is_one_clean_error(compressed_tiny, tmp_path, monkeypatch):
+    import onnx
+
+    real_save = onnx.save
+
+    def fills_the_disk(model, path, *args, **kwargs):
+        if str(path).endswith("model.onnx"):
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    folder, _ = compressed_tiny["svd"]
+    before = tree_digest(folder)
+    monkeypatch.setattr(onnx, "save", fills_the_disk)
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's onnx.save path, as for a large model
+    out = tmp_path / "b"
+    with pytest.raises(RankdownError, match=r"b: out of space writing .*b/onnx/model.onnx"):
+        export(folder, out, ExportConfig(formats="onnx", check=False), progress=quiet)
+    assert not out.exists() and _debris(out) == []
+    assert tree_digest(folder) == before
+
+
+# 12. outputs that overlap inputs ----------------------------------------------------------------
+
+def _overlapping(case: str, model: Path, tmp_path: Path) -> Path:
+    if case == "equal":
+        return model
+    if case == "inside":
+        return model / "out"
+    if case == "containing":
+        return model.parent
+    link = tmp_path / "link"
+    link.symlink_to(model, target_is_directory=True)
+    return link if case == "symlink to the input" else link / "out"
+
+
+CASES = ["equal", "inside", "containing", "symlink to the input", "inside through a symlink"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_overlapping_the_input_is_refused_before_any_write(tiny_model_dir, compressed_tiny, tmp_path, case):
+    models = tmp_path / "models"
+    models.mkdir()
+    dense = shutil.copytree(tiny_model_dir, models / "dense")
+    source, _ = compressed_tiny["svd"]
+    compressed = shutil.copytree(source, tmp_path / "c" / "svd")
+    for model, run in ((dense, lambda out: compress(dense, out, CompressConfig(overwrite=True, **SMALL), progress=quiet)),
+                       (compressed, lambda out: export(compressed, out, ExportConfig(formats="onnx", overwrite=True),
+                                                       progress=quiet))):
+        before = tree_digest(model.parent)
+        out = _overlapping(case, model, tmp_path)
+        with pytest.raises(RankdownError, match="output must not be, contain, or lie inside the input"):
+            run(out)
+        assert tree_digest(model.parent) == before
+        if (tmp_path / "link").is_symlink():
+            (tmp_path / "link").unlink()
+
+
+def test_validate_report_inside_the_bundle_is_refused(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    before = tree_digest(copy)
+    with pytest.raises(RankdownError, match="must not be written into, or around, the bundle"):
+        validate(copy, ValidateConfig(latency=None, report_dir=copy / "report"), progress=quiet)
+    assert tree_digest(copy) == before
+
+
+# 13. re-runs -----------------------------------------------------------------------------------
+
+def test_rerun_export_is_byte_identical_with_no_stale_files(compressed_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # external data: the file that could grow by appends
+    folder, _ = compressed_tiny["svd"]
+    bundle = tmp_path / "b"
+    cfg = ExportConfig(formats="onnx", check=False)
+    first = export(folder, bundle, cfg, progress=quiet)
+    files = {rel: (bundle / rel).read_bytes() for rel in first.all_files()}
+    assert "onnx/model.onnx_data" in files
+    with pytest.raises(RankdownError, match="already exists"):
+        export(folder, bundle, cfg, progress=quiet)
+    (bundle / "onnx" / "stale.onnx_data").write_bytes(b"old shard")
+    second = export(folder, bundle, ExportConfig(formats="onnx", check=False, overwrite=True), progress=quiet)
+    assert set(second.all_files()) == set(files)
+    for rel, data in files.items():
+        assert (bundle / rel).read_bytes() == data, f"{rel} differs on re-export"
+    assert not (bundle / "onnx" / "stale.onnx_data").exists()
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()) == \
+        sorted(set(files) | {"manifest.json"})
+    verify_files(bundle, Manifest.read(bundle))
+
+
+def test_rerun_compress_is_byte_identical(tiny_model_dir, tmp_path):
+    out = tmp_path / "c"
+    compress(tiny_model_dir, out, CompressConfig(method="whiten", **SMALL), progress=quiet)
+    first = (out / "model.safetensors").read_bytes()
+    (out / "stray.safetensors").write_bytes(b"x")
+    compress(tiny_model_dir, out, CompressConfig(method="whiten", overwrite=True, **SMALL), progress=quiet)
+    assert (out / "model.safetensors").read_bytes() == first
+    assert not (out / "stray.safetensors").exists()
+
+
+# 14. concurrent runs ---------------------------------------------------------------------------
+
+def test_a_second_run_into_a_locked_output_fails_fast(tiny_model_dir, tmp_path, monkeypatch):
+    import compress.pipeline as compress_pipeline
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(compress_pipeline, "open_checkpoint", lambda *a: pytest.fail("the locked run started work"))
+    with output_lock(out):
+        with pytest.raises(RankdownError, match="another rankdown run is writing it"):
+            compress(tiny_model_dir, out, CompressConfig(**SMALL), progress=quiet)
+    assert not lock_path(out).exists() and not out.exists()
+
+
+def test_two_cli_runs_into_one_output_never_mix(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rankdown.cli", "compress", str(tiny_model_dir), "--ratio", "0.3", "-o", str(out)]
+    with output_lock(out):  # a run in progress, in this process: the CLI must give up at once
+        start = time.monotonic()
+        blocked = subprocess.run(command + ["--method", "svd"], capture_output=True, text=True, timeout=300)
+        assert blocked.returncode == 2 and "Traceback" not in blocked.stderr
+        assert blocked.stderr.strip().splitlines()[-1].startswith("rankdown compress: error:")
+        assert "another rankdown run is writing it" in blocked.stderr
+        assert time.monotonic() - start < 60
+    runs = [subprocess.Popen(command + ["--method", method], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for method in ("svd", "joint")]
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in runs]
+    for proc in runs:
+        proc.stdout.close()
+        proc.stderr.close()
+    codes = sorted(code for code, _ in outcomes)
+    assert codes == [0, 2], outcomes
+    loser = next(err for code, err in outcomes if code == 2)
+    assert "another rankdown run is writing it" in loser or "already exists" in loser
+    report = json.loads((out / "compression.json").read_text())
+    winner = "svd" if outcomes[0][0] == 0 else "joint"
+    assert report["method"] == winner
+    assert _debris(out) == []
