@@ -33,6 +33,24 @@ class BasisMode(str, Enum):
 
 
 @dataclass(frozen=True)
+class BasisTuning:
+    """How tuned mode trains: optimizer steps, windows per step, pruning steps and rates."""
+
+    steps: int = 240
+    batch: int = 8
+    prune_steps: int = 6
+    recover_share: float = 0.25  # of the steps, after the last pruning, that only train
+    coefficient_lr: float = 1e-2  # coefficients train as c = s * g, g starting at 1
+    new_bases_lr: float = 2e-3
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1 or self.prune_steps < 1:
+            raise RankdownError("tuning steps, batch and prune steps must be at least 1")
+        if self.prune_steps > self.steps:
+            raise RankdownError(f"--tune-steps {self.steps} is fewer than the {self.prune_steps} pruning steps")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """One compression recipe. ``ratio`` is the fraction of decoder-linear parameters removed."""
 
@@ -43,6 +61,7 @@ class CompressConfig:
     allocate: Allocation = Allocation.UNIFORM
     trials: int = 30
     basis_mode: BasisMode = BasisMode.CLOSED_FORM
+    tuning: BasisTuning = field(default_factory=BasisTuning)  # used by --basis-mode tuned only
     seed: int = 0
     calib_tokens: int = 16384  # calibration budget: windows of seq_len tokens, BOS included
     seq_len: int = 128
@@ -63,6 +82,10 @@ class CompressConfig:
                     raise RankdownError(f"unknown {name.replace('_', '-')} {value!r}: choose one of {known}") from None
         if (self.task is None) == (self.calib is None):
             raise RankdownError("give a task (math, code, prose) or a calibration file, not both")
+        if self.basis_mode is BasisMode.TUNED and self.method is not Method.BASIS:
+            raise RankdownError("--basis-mode tuned applies to --method basis only")
+        if self.basis_mode is BasisMode.TUNED and self.allocate is not Allocation.UNIFORM:
+            raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate at uniform")
         if self.trials < 1:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
 

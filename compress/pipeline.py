@@ -46,6 +46,15 @@ def calibration_data(cfg: CompressConfig) -> TaskData:
     return load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.CALIBRATION)
 
 
+def training_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
+    """Tuned mode's training data: the task's training split, or the calibration file itself."""
+    data = load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.TRAIN)
+    where = str(cfg.calib) if cfg.calib is not None else f"task {cfg.task} (train split)"
+    tokens = cfg.tuning.steps * cfg.tuning.batch * cfg.seq_len
+    return calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
+                               cfg.seq_len, tokens, where)
+
+
 def layer_shapes(model: LlamaForCausalLM) -> list[dict[str, tuple[int, int, bool]]]:
     shapes = []
     for layer in model.model.layers:
@@ -125,8 +134,6 @@ def _compress_streaming(model, spec, units, ranks, windows, progress: Progress) 
 
 def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progress: Progress = _stderr) -> CompressionReport:
     """Compress a dense checkpoint into ``out`` (a checkpoint folder plus compression.json)."""
-    if cfg.basis_mode is BasisMode.TUNED:
-        raise RankdownError("--basis-mode tuned is not available yet; use closed-form")
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     check_output_path(out, [model_dir], cfg.overwrite)
@@ -146,7 +153,14 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
     progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
              f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens")
     keep_ratios: dict[str, float] = {}
-    if cfg.allocate is Allocation.UNIFORM:
+    if cfg.basis_mode is BasisMode.TUNED:
+        from compress.basis_tuning import tune_bases
+
+        training = training_windows(tokenizer, cfg)
+        progress(f"tuning bases on {training.shape[0]} training windows: {cfg.tuning.steps} steps of "
+                 f"{cfg.tuning.batch}, {cfg.tuning.prune_steps} pruning steps")
+        ranks = tune_bases(model, units, windows, training, cfg.ratio, cfg.tuning, cfg.seed, progress)
+    elif cfg.allocate is Allocation.UNIFORM:
         ranks = allocate(units, cfg.ratio)
         _compress_streaming(model, spec, units, ranks, windows, progress)
     else:
