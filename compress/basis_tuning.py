@@ -2,7 +2,9 @@
 
 Every decoder linear becomes W = U diag(c) V^T + B_new A_new: U, V are W's singular
 vectors (frozen), the coefficients c (started at the singular values) and a few new bases
-(LoRA-style, B_new = 0) are trained on the task's training split with next-token loss.
+(LoRA-style, B_new = 0) are trained on the task's training split with next-token loss plus
+distillation from the dense model, KL(dense || tuned), so that what the dense model does
+well on the task (its answers, not only the text's statistics) is what the bases keep.
 At evenly spaced steps the bases whose share of their linear's output energy on the task,
 c_i^2 E[(v_i^T x)^2], is smallest are pruned for good: each linear keeps the same fraction
 of its energy (the paper's "keep K^(1/T) of the coefficients' sum", with the fraction set
@@ -14,9 +16,11 @@ capped so that every linear ends as a factor pair that saves parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.calibration import collect_layer_stats, layer_inputs
@@ -175,6 +179,7 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
     if any(len(u.members) != 1 for u in units):
         raise ValueError("tuned basis selection factors single linears")
     generator = torch.Generator().manual_seed(seed)
+    teacher = copy.deepcopy(model) if tuning.distill > 0 else None
     new_bases = [max(1, round(NEW_BASES_SHARE * min(u.in_features, sum(u.out_features)))) for u in units]
     modules = _selected_pools(model, units, calibration, new_bases, generator, progress)
     for i, module in modules.items():
@@ -200,7 +205,13 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
     for step in range(1, tuning.steps + 1):
         rows = torch.randint(0, training.shape[0], (tuning.batch,), generator=generator)
         ids = training[rows]
-        loss = model(input_ids=ids, labels=ids).loss
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if teacher is not None:
+            with torch.no_grad():
+                reference = F.log_softmax(teacher(input_ids=ids).logits, -1)
+            log_probs = F.log_softmax(out.logits, -1)
+            loss = loss + tuning.distill * F.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,11 +224,12 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
         if step % report_every == 0 or step == tuning.steps:
             from compress.pipeline import peak_rss_mb
 
-            progress(f"tuning step {step}/{tuning.steps}: task loss {sum(running) / len(running):.4f}, "
+            progress(f"tuning step {step}/{tuning.steps}: loss {sum(running) / len(running):.4f}, "
                      f"{count:,} decoder-linear parameters (budget {target:,}), "
                      f"{time.perf_counter() - clock:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
             running = []
     model.eval()
+    del teacher
     for i, module in modules.items():
         _set(model, units[i], module.factor_pair(torch.float32))
     return [modules[i].rank for i in range(len(units))]

@@ -36,12 +36,14 @@ class BasisMode(str, Enum):
 class BasisTuning:
     """How tuned mode trains: optimizer steps, windows per step, pruning steps and rates."""
 
-    steps: int = 240
+    steps: int = 120
     batch: int = 8
+    seq_len: int = 64  # tokens per training window: math lines are short, and a step costs per token
     prune_steps: int = 6
     recover_share: float = 0.25  # of the steps, after the last pruning, that only train
     coefficient_lr: float = 1e-2  # coefficients train as c = s * g, g starting at 1
     new_bases_lr: float = 2e-3
+    distill: float = 1.0  # weight of KL(dense || tuned) next to the task's next-token loss; 0 turns it off
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.prune_steps < 1:
@@ -112,6 +114,9 @@ class CompressionReport:
     wall_seconds: float
     peak_memory_mb: float
     keep_ratios: dict[str, float] = field(default_factory=dict)
+    # bayes only: held-back loss of the final (streamed) factors for the chosen and the uniform
+    # ranks, and which were kept
+    allocation_check: dict[str, float | str] = field(default_factory=dict)
     basis_mode: str | None = None
     seed: int = 0
     schema_version: int = REPORT_SCHEMA_VERSION

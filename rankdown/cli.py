@@ -72,6 +72,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
         **({} if args.tune_steps is None else {"tuning": BasisTuning(steps=args.tune_steps)}),
+        **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
     )
     report = compress(args.model, args.out, cfg)
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
@@ -144,7 +145,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.config import BasisTuning
+    from compress.config import BasisTuning, CompressConfig
 
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
     comp.add_argument("--task", choices=("math", "code", "prose"), help="built-in calibration data (default math)")
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
+    comp.add_argument("--calib-tokens", type=int,
+                      help=f"calibration tokens read (default {CompressConfig.calib_tokens})")
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
     comp.add_argument("--method", default="svd", help="svd, asvd, whiten, joint, feature, basis")
     comp.add_argument("--allocate", default="uniform", help="uniform or bayes")

@@ -19,7 +19,7 @@ quiet = lambda _m: None  # noqa: E731
 
 
 def _stats(x: torch.Tensor) -> InputStats:
-    stats = InputStats(x.shape[1])
+    stats = InputStats(x.shape[1], pooled=True)
     for chunk in x.split(64):
         stats.add_group(chunk)
     return stats
@@ -117,6 +117,11 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     report = compress(tiny_model_dir, tmp_path / "b", cfg, progress=quiet)
     assert abs(report.achieved_ratio - 0.4) <= 0.004
     assert set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
+    check = report.allocation_check
+    if "bayes_loss" in check:  # the final factors were re-judged: the lower held-back loss wins
+        assert check["kept"] == ("bayes" if check["bayes_loss"] < check["uniform_loss"] else "uniform")
+    else:
+        assert check["kept"] == "uniform"
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -195,3 +200,14 @@ def test_tuned_basis_meets_the_budget_with_factor_pairs_and_beats_closed_form(ti
                | {tuned.modules[f"model.layers.{i}.mlp.gate_proj"].rank for i in range(2)}) > 1
     # Same calibration windows, same budget: training the bases must lower the task loss.
     assert tuned.calibration_loss < closed.calibration_loss - 0.05
+
+
+def test_cholesky_ridge_leaves_the_statistics_unchanged():
+    from compress.whitening import cholesky_factor
+
+    x = _skewed_inputs(16, count=8)  # 8 samples of 16 channels: a singular second moment
+    c = _stats(x).second_moment
+    before = c.clone()
+    l = cholesky_factor(c)  # noqa: E741
+    assert torch.equal(c, before)
+    assert torch.allclose(l @ l.T, c, atol=1e-3 * c.diagonal().mean().item())
