@@ -10,8 +10,10 @@ c_i^2 E[(v_i^T x)^2], is smallest are pruned for good: each linear keeps the sam
 of its energy (the paper's "keep K^(1/T) of the coefficients' sum", with the fraction set
 so that the parameter count reaches that step's target, geometric down to the budget).
 Pruned bases never return; the last steps recover. Ranks per linear are an outcome.
-The pool starts from the task-selected bases (the closed-form score s_i^2 v_i^T C v_i),
-capped so that every linear ends as a factor pair that saves parameters.
+The pool starts from the task's bases: those of the whitened SVD on the task's calibration
+inputs, the strongest first, capped so that every linear ends as a factor pair that saves
+parameters. (Plain SVD bases scored by s_i^2 v_i^T C v_i, as closed-form mode selects them,
+measured worse here: 87.5% math exact match at ratio 0.4 after 120 steps.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from compress.calibration import collect_layer_stats, layer_inputs
 from compress.config import BasisTuning
 from compress.decomposition import balanced_svd
 from compress.rank_allocation import Unit, total_params
+from compress.whitening import cholesky_factor
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 
@@ -34,7 +37,9 @@ NEW_BASES_SHARE = 1 / 32  # new bases per linear, of min(m, n) (the authors add 
 
 
 class TunableBasisLinear(nn.Module):
-    """y = ((x V) * s * g) U^T + (x A_new^T) B_new^T + bias, tracking each basis's output energy."""
+    """y = ((x V) * s * g) U^T + (x A_new^T) B_new^T + bias, tracking each basis's output energy.
+
+    U has orthonormal columns; V need not (whitened bases), so energy is measured, not assumed."""
 
     def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, new_bases: int,
                  bias: torch.Tensor | None, generator: torch.Generator):
@@ -113,12 +118,14 @@ def _selected_pools(model, units: list[Unit], windows: torch.Tensor, new_bases: 
             (member,) = unit.members
             dense = layer.get_submodule(member)
             w = dense.weight.detach().double()
-            c = stats[unit.site].second_moment
-            u, s, vh = balanced_svd(w)
-            v = vh.T
-            score = s**2 * torch.einsum("ni,nm,mi->i", v, c, v)
+            # Bases of the whitened SVD (W L = U S V^T, C = L L^T): basis i reads x through
+            # L^-T v_i, so on the task's inputs the bases' outputs are uncorrelated and basis i
+            # carries output energy s_i^2 exactly: the task's own ordering of W's bases.
+            chol = cholesky_factor(stats[unit.site].second_moment)
+            u, s, vh = balanced_svd(w @ chol)
+            v = torch.linalg.solve_triangular(chol.T, vh.T, upper=True)
             pool = max(1, unit.max_saving_rank - new_bases[i])
-            chosen = torch.argsort(score, descending=True)[:pool]
+            chosen = torch.arange(min(pool, s.numel()))
             bias = None if dense.bias is None else dense.bias.detach()
             modules[i] = TunableBasisLinear(u[:, chosen], s[chosen], v[:, chosen], new_bases[i], bias, generator)
         del stats

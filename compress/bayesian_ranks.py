@@ -71,7 +71,8 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
             stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)
         for i, unit in enumerate(units):
             if unit.layer == index and unit.compressible:
-                cache[i] = decompose_unit(spec, layer, unit, stats, f"model.layers.{index}")
+                cache[i] = decompose_unit(spec, layer, unit, None if stats is None else stats[unit.site],
+                                         f"model.layers.{index}")
         progress(f"layer {index + 1}/{len(layers)} decomposed in {time.perf_counter() - start:.1f} s")
 
     def apply(ranks: list[int | None]) -> None:

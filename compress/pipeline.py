@@ -81,19 +81,22 @@ def layer_shapes(model: LlamaForCausalLM) -> list[dict[str, tuple[int, int, bool
     return shapes
 
 
-def unit_weights(layer: nn.Module, unit: Unit, stats) -> UnitWeights:
+def unit_weights(layer: nn.Module, unit: Unit, site_stats) -> UnitWeights:
     modules = [layer.get_submodule(m) for m in unit.members]
     return UnitWeights(
         names=list(unit.members),
         weights=[m.weight.detach().to(torch.float64) for m in modules],
         biases=[None if m.bias is None else m.bias.detach().to(torch.float64) for m in modules],
-        stats=None if stats is None else stats[unit.site],
+        stats=site_stats,
     )
 
 
-def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, stats, prefix: str) -> Decomposition:
+def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str) -> Decomposition:
+    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if data-free)."""
+    weights = unit_weights(layer, unit, site_stats)
+    del site_stats  # only ``weights`` holds them now, so the method may release them
     try:
-        return spec.decompose(unit_weights(layer, unit, stats))
+        return spec.decompose(weights)
     except ValueError as e:
         raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
 
@@ -165,10 +168,14 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         del weights
         stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
-        for unit, rank in zip(units, ranks):
-            if unit.layer != index or rank is None:
-                continue
-            decomposition = decompose_unit(spec, layer, unit, stats, f"model.layers.{index}")
+        todo = [(unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None]
+        for position, (unit, rank) in enumerate(todo):
+            last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
+            # The site's last unit takes its statistics along (no name here holds them), so a
+            # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
+            decomposition = decompose_unit(spec, layer, unit, None if stats is None else
+                                           (stats.pop(unit.site) if last_of_site else stats[unit.site]),
+                                           f"model.layers.{index}")
             set_unit(layer, unit, factor_modules(decomposition, unit, rank, torch.float32))
             del decomposition
         del stats

@@ -48,5 +48,7 @@ def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torc
 
 
 def decompose(unit: UnitWeights) -> Decomposition:
-    a, bs = whitened_factors(unit.weights, cholesky_factor(unit.stats.second_moment))
+    chol = cholesky_factor(unit.stats.second_moment)
+    unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
+    a, bs = whitened_factors(unit.weights, chol)
     return Decomposition(a=a, bs=bs, biases=unit.biases)
