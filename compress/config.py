@@ -36,14 +36,17 @@ class BasisMode(str, Enum):
 class BasisTuning:
     """How tuned mode trains: optimizer steps, windows per step, pruning steps and rates."""
 
-    steps: int = 120
+    steps: int = 60
     batch: int = 8
     seq_len: int = 64  # tokens per training window: math lines are short, and a step costs per token
     prune_steps: int = 6
     recover_share: float = 0.25  # of the steps, after the last pruning, that only train
-    coefficient_lr: float = 1e-2  # coefficients train as c = s * g, g starting at 1
-    new_bases_lr: float = 2e-3
-    distill: float = 1.0  # weight of KL(dense || tuned) next to the task's next-token loss; 0 turns it off
+    coefficient_lr: float = 2e-3  # coefficients train as c = s * g, g starting at 1
+    new_bases_lr: float = 1e-3
+    # Weight of KL(dense || tuned) next to the task's next-token loss (0 turns it off). Measured on
+    # the shipped model at ratio 0.4, 60 steps: weight 1 gave math EM 90.5%, weight 10 gave 97.5%
+    # (dense 98.2%): next-token loss alone lowers perplexity but drifts away from the answers.
+    distill: float = 10.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.prune_steps < 1:

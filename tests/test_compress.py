@@ -182,7 +182,7 @@ def test_info_and_report_agree_on_the_ratio(compressed):
 
 
 def test_tuned_basis_meets_the_budget_with_factor_pairs_and_beats_closed_form(tiny_model_dir, tmp_path):
-    tuning = BasisTuning(steps=30, batch=4, prune_steps=3)
+    tuning = BasisTuning(steps=30, batch=4, prune_steps=3, coefficient_lr=1e-2, new_bases_lr=2e-3, distill=1.0)
     tuned = compress(tiny_model_dir, tmp_path / "tuned",
                      CompressConfig(method="basis", basis_mode="tuned", ratio=0.4, tuning=tuning, **SMALL), progress=quiet)
     closed = compress(tiny_model_dir, tmp_path / "closed", CompressConfig(method="basis", ratio=0.4, **SMALL),
