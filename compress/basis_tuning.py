@@ -12,8 +12,9 @@ so that the parameter count reaches that step's target, geometric down to the bu
 Pruned bases never return; the last steps recover. Ranks per linear are an outcome.
 The pool starts from the task's bases: those of the whitened SVD on the task's calibration
 inputs, the strongest first, capped so that every linear ends as a factor pair that saves
-parameters. (Plain SVD bases scored by s_i^2 v_i^T C v_i, as closed-form mode selects them,
-measured worse here: 87.5% math exact match at ratio 0.4 after 120 steps.)
+parameters. (On the shipped model at ratio 0.4, pruning from these bases with no training at
+all kept math exact match at 98.2%; plain SVD bases scored by s_i^2 v_i^T C v_i, as closed-form
+mode selects them, ended at 87.5% after 120 steps of training.)
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from rankdown.tasks import Split, TaskData, load_task
 Progress = Callable[[str], None]
 BATCH = 8
 HEAD_SLICE = 16384  # vocabulary rows of the head upcast at once for the calibration loss
+TOKEN_CHUNK = 1024  # tokens whose logits over one slice are held at once
 
 
 def _stderr(message: str) -> None:
@@ -128,24 +129,25 @@ def calibration_loss(model: LlamaForCausalLM, windows: torch.Tensor) -> float:
 
 
 def _streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> float:
-    """Mean next-token loss from the last layer's outputs, one window at a time and the head's
-    vocabulary in slices, so that neither the full logits nor an fp32 head are ever held."""
-    total, count = 0.0, 0
-    rows = HEAD_SLICE
+    """Mean next-token loss from the last layer's outputs with the head's vocabulary in slices
+    (log-sum-exp accumulated per token), so that neither the full logits nor an fp32 copy of the
+    head are ever held: at a 128k vocabulary either would be gigabytes."""
     with torch.no_grad():
-        for i in range(hidden.shape[0]):
-            h = norm(hidden[i, :-1])
-            targets = windows[i, 1:]
-            log_sum = torch.full((h.shape[0],), -torch.inf, dtype=torch.float64)
-            picked = torch.zeros(h.shape[0], dtype=torch.float64)
-            for first in range(0, head.shape[0], rows):
-                logits = (h @ head[first : first + rows].float().T).double()
-                log_sum = torch.logaddexp(log_sum, torch.logsumexp(logits, -1))
-                inside = (targets >= first) & (targets < first + rows)
-                picked[inside] = logits[inside, targets[inside] - first]
-            total += (log_sum - picked).sum().item()
-            count += targets.numel()
-    return total / count
+        h = torch.cat([norm(hidden[i : i + BATCH, :-1]).reshape(-1, hidden.shape[-1])
+                       for i in range(0, hidden.shape[0], BATCH)])
+        targets = windows[:, 1:].reshape(-1)
+        log_sum = torch.full((h.shape[0],), -torch.inf, dtype=torch.float64)
+        picked = torch.zeros(h.shape[0], dtype=torch.float64)
+        for first in range(0, head.shape[0], HEAD_SLICE):
+            rows = head[first : first + HEAD_SLICE].float()
+            for t in range(0, h.shape[0], TOKEN_CHUNK):
+                logits = h[t : t + TOKEN_CHUNK] @ rows.T
+                chunk = slice(t, t + TOKEN_CHUNK)
+                log_sum[chunk] = torch.logaddexp(log_sum[chunk], torch.logsumexp(logits, -1).double())
+                local = targets[chunk] - first
+                inside = (local >= 0) & (local < rows.shape[0])
+                picked[chunk][inside] = logits[inside, local[inside]].double()
+    return (log_sum - picked).mean().item()
 
 
 def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,

@@ -211,3 +211,14 @@ def test_cholesky_ridge_leaves_the_statistics_unchanged():
     l = cholesky_factor(c)  # noqa: E741
     assert torch.equal(c, before)
     assert torch.allclose(l @ l.T, c, atol=1e-3 * c.diagonal().mean().item())
+
+
+def test_streamed_loss_equals_cross_entropy_over_the_full_vocabulary():
+    from compress import pipeline
+
+    torch.manual_seed(0)
+    hidden, windows = torch.randn(5, 9, 16), torch.randint(0, 40000, (5, 9))
+    head, norm = torch.randn(40000, 16).half(), torch.nn.LayerNorm(16)  # 40000 rows: three vocabulary slices
+    logits = norm(hidden[:, :-1]) @ head.float().T
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 40000), windows[:, 1:].reshape(-1)).item()
+    assert pipeline._streamed_loss(hidden, windows, norm, head) == pytest.approx(expected, rel=1e-5)
