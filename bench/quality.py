@@ -75,7 +75,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     shutil.rmtree(out)
         cross = []
-        for mode in args.cross_modes.split(","):
+        for mode in filter(None, args.cross_modes.split(",")):
             for calib_task in ("math", "code"):
                 out = work / f"basis-{mode}-for-{calib_task}"
                 compress(SHIPPED_MODEL, out, CompressConfig(method="basis", basis_mode=mode, ratio=0.4, task=calib_task),
