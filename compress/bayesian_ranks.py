@@ -7,7 +7,8 @@ scaled jointly onto the parameter budget, so every trial meets it. Objective: pe
 on held-back calibration windows + 1e-3 x mean KL(dense || compressed). The first trial
 is the uniform allocation, so the search can only improve on it by its own objective.
 The chosen ranks are returned; the final factors are then computed by the streaming path
-(activations through the compressed layers), which measured better than the cached ones.
+(activations through the compressed layers), which can change the outcome: the pipeline
+re-judges the chosen ranks against uniform with those final factors and keeps the better.
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ def _objective(model, windows: torch.Tensor, reference: torch.Tensor) -> float:
     return math.exp(nll) + KL_WEIGHT * kl
 
 
+def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search's fit windows and its held-back windows (the last quarter)."""
+    if windows.shape[0] < 4:
+        raise RankdownError("bayes allocation needs at least 4 calibration windows (give more data)")
+    held = max(2, windows.shape[0] // 4)
+    return windows[:-held], windows[-held:]
+
+
 def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: torch.Tensor, cfg: CompressConfig,
                         progress) -> tuple[list[int | None], dict[str, float]]:
     from compress.pipeline import decompose_unit, factor_modules, set_unit
 
-    if windows.shape[0] < 4:
-        raise RankdownError("bayes allocation needs at least 4 calibration windows (give more data)")
-    held = max(2, windows.shape[0] // 4)
-    fit_windows, eval_windows = windows[:-held], windows[-held:]
+    fit_windows, eval_windows = split_windows(windows)
     reference = _log_probs(model, eval_windows)
     layers = model.model.layers
     dense = {(u.layer, m): layers[u.layer].get_submodule(m) for u in units for m in u.members}
@@ -62,10 +68,11 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
         start = time.perf_counter()
         stats = None
         if spec.needs_data:
-            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH)
+            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)
         for i, unit in enumerate(units):
             if unit.layer == index and unit.compressible:
-                cache[i] = decompose_unit(spec, layer, unit, stats, f"model.layers.{index}")
+                cache[i] = decompose_unit(spec, layer, unit, None if stats is None else stats[unit.site],
+                                         f"model.layers.{index}")
         progress(f"layer {index + 1}/{len(layers)} decomposed in {time.perf_counter() - start:.1f} s")
 
     def apply(ranks: list[int | None]) -> None:

@@ -43,37 +43,48 @@ def calibration_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ..
 
 @dataclass
 class InputStats:
-    """Second moments of one site's inputs: E[x x^T], E[x], E[|x|], and the pooled covariance."""
+    """Second moments of one site's inputs: E[x x^T], E[x], E[|x|], and (if asked) the pooled covariance.
+
+    The n x n float64 sums dominate memory (512 MiB each at n = 8192), so the pooled covariance
+    is kept only for the methods that read it, and E[x x^T] is normalized in place, once.
+    """
 
     dim: int
+    pooled: bool = False
     count: int = 0
-    xxt: torch.Tensor = field(init=False)
+    xxt: torch.Tensor | None = field(init=False)
     x_sum: torch.Tensor = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
-    pooled_cov_sum: torch.Tensor = field(init=False)
+    pooled_cov_sum: torch.Tensor | None = field(init=False)
     groups: int = 0
+    _second_moment: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.xxt = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         self.x_sum = torch.zeros(self.dim, dtype=torch.float64)
         self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
-        self.pooled_cov_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.pooled_cov_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.pooled else None
 
     def add_group(self, x: torch.Tensor) -> None:
         """One group of sequences (seed 002 pools covariance over such groups with equal weight)."""
+        if self.xxt is None:
+            raise RuntimeError("statistics were already read; accumulate before reading")
         x = x.reshape(-1, self.dim).to(torch.float64)
-        xxt = x.T @ x
-        self.xxt += xxt
+        self.xxt.addmm_(x.T, x)
         self.x_sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
-        mean = x.mean(0)
-        self.pooled_cov_sum += xxt / x.shape[0] - torch.outer(mean, mean)
+        if self.pooled_cov_sum is not None:
+            mean = x.mean(0)
+            self.pooled_cov_sum.addmm_(x.T, x, alpha=1 / x.shape[0]).sub_(torch.outer(mean, mean))
         self.groups += 1
 
     @property
     def second_moment(self) -> torch.Tensor:
-        return self.xxt / self.count
+        if self._second_moment is None:
+            self._second_moment = self.xxt.div_(self.count)
+            self.xxt = None
+        return self._second_moment
 
     @property
     def mean(self) -> torch.Tensor:
@@ -85,6 +96,8 @@ class InputStats:
 
     @property
     def pooled_covariance(self) -> torch.Tensor:
+        if self.pooled_cov_sum is None:
+            raise RuntimeError("pooled covariance was not collected (InputStats(pooled=True))")
         return self.pooled_cov_sum / self.groups
 
 
@@ -123,11 +136,11 @@ def run_layer(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, b
 
 
 def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor,
-                        batch: int) -> tuple[dict[str, InputStats], torch.Tensor]:
+                        batch: int, pooled: bool = False) -> tuple[dict[str, InputStats], torch.Tensor]:
     """Statistics of the layer's four input sites, and its (dense) outputs."""
     hidden_size = model.config.hidden_size
     dims = {"attn_in": hidden_size, "o_in": layer.self_attn.o_proj.in_features,
             "mlp_in": hidden_size, "down_in": layer.mlp.down_proj.in_features}
-    stats = {site: InputStats(dim) for site, dim in dims.items()}
+    stats = {site: InputStats(dim, pooled) for site, dim in dims.items()}
     out = run_layer(model, layer, hidden, batch, stats)
     return stats, out

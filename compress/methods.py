@@ -17,6 +17,7 @@ class MethodSpec:
     joint_groups: bool = False  # q/k and gate/up share one down
     dense_kinds: frozenset[str] = frozenset()  # kinds this method leaves dense
     factor_bias: bool = False  # the up factor always carries a bias (counted in the budget)
+    pooled_stats: bool = False  # reads the pooled input covariance (an extra n x n per site)
 
 
 METHODS: dict[Method, MethodSpec] = {
@@ -26,6 +27,6 @@ METHODS: dict[Method, MethodSpec] = {
     Method.JOINT: MethodSpec(joint_rank.decompose, needs_data=False, joint_groups=True),
     # Seed 002 leaves v dense (its public code does): v is small under GQA and sensitive.
     Method.FEATURE: MethodSpec(feature.decompose, needs_data=True, dense_kinds=frozenset({"v"}),
-                                  factor_bias=True),
+                                  factor_bias=True, pooled_stats=True),
     Method.BASIS: MethodSpec(basis_selection.decompose, needs_data=True),
 }

@@ -14,16 +14,26 @@ RIDGE = 1e-6  # relative to the mean diagonal of C
 
 
 def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular L with L L^T = C + ridge, the ridge growing until C is positive definite."""
+    """Lower-triangular L with L L^T = C + ridge, the ridge growing until C is positive definite.
+
+    The ridge goes onto C's diagonal in place and comes off again: no n x n identity and no
+    copy of C, which at n = 8192 would be 512 MiB each.
+    """
     c = second_moment.to(torch.float64)
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
-    scale = c.diagonal().mean().clamp_min(1e-12)
+    diagonal = c.diagonal()
+    original = diagonal.clone()
+    scale = original.mean().clamp_min(1e-12)
     ridge = RIDGE
-    for _ in range(8):
-        l, info = torch.linalg.cholesky_ex(c + ridge * scale * eye)
-        if int(info) == 0:
-            return l
-        ridge *= 10
+    try:
+        for _ in range(8):
+            diagonal.copy_(original + ridge * scale)
+            l, info = torch.linalg.cholesky_ex(c)
+            if int(info) == 0:
+                return l
+            del l
+            ridge *= 10
+    finally:
+        diagonal.copy_(original)
     raise ValueError("input covariance is not positive definite even with a ridge")
 
 
@@ -38,5 +48,7 @@ def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torc
 
 
 def decompose(unit: UnitWeights) -> Decomposition:
-    a, bs = whitened_factors(unit.weights, cholesky_factor(unit.stats.second_moment))
+    chol = cholesky_factor(unit.stats.second_moment)
+    unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
+    a, bs = whitened_factors(unit.weights, chol)
     return Decomposition(a=a, bs=bs, biases=unit.biases)

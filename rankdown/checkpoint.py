@@ -278,6 +278,30 @@ def _check_tokenizer_config(folder: Path) -> None:
             raise RankdownError(f"{path}: {key} {value!r} points outside the model folder")
 
 
+def _write_folder_files(folder: Path, model: LlamaForCausalLM, source: Path, dtype: torch.dtype,
+                        extra_files: dict[str, str] | None) -> None:
+    """Everything but the weights: config, factor record, the source's tokenizer files, extras."""
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("auto_map", None)
+    record = record_of(model)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if record.modules:
+        (folder / RECORD_FILE).write_text(record.to_json(), encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        src = source / name
+        if src.is_file() and not src.is_symlink():
+            shutil.copyfile(src, folder / name)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+def _storable(name: str, tensor: torch.Tensor, dtype: torch.dtype, out: Path) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise RankdownError(f"{out}: refusing to write tensor {name!r}: it contains NaN or Inf")
+    return tensor.detach().to(dtype).contiguous()  # a copy only where the dtype changes
+
+
 def save_checkpoint(
     model: LlamaForCausalLM,
     source: Path,
@@ -291,25 +315,60 @@ def save_checkpoint(
     for name, tensor in model.state_dict().items():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if not torch.isfinite(tensor).all():
-            raise RankdownError(f"{out}: refusing to write tensor {name!r}: it contains NaN or Inf")
-        state[name] = tensor.detach().to(dtype).contiguous()  # a copy only where the dtype changes
-    config = model.config.to_dict()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("auto_map", None)
-    record = record_of(model)
+        state[name] = _storable(name, tensor, dtype, out)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if record.modules:
-            (tmp / RECORD_FILE).write_text(record.to_json(), encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            src = source / name
-            if src.is_file() and not src.is_symlink():
-                shutil.copyfile(src, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        _write_folder_files(tmp, model, source, dtype, extra_files)
     return out
+
+
+class ShardedWriter:
+    """A checkpoint written one piece at a time (a safetensors shard per piece, then the index),
+    so that a streaming compressor never holds the whole output: memory stays at one piece."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder, self.dtype = folder, dtype
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        state = {name: _storable(name, t, self.dtype, self.folder) for name, t in tensors.items()}
+        path = self.folder / f".piece-{len(self.shards)}.safetensors"
+        save_file(state, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(state)))
+
+    def finish(self, model: LlamaForCausalLM, source: Path, extra_files: dict[str, str] | None = None) -> None:
+        """Name the shards, write the index and the folder's other files (``model`` may be on meta)."""
+        weight_map, total = {}, len(self.shards)
+        for number, (path, names) in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{total:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        size = sum((self.folder / f).stat().st_size for f in set(weight_map.values()))
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_folder_files(self.folder, model, source, self.dtype, extra_files)
+
+
+def read_tensors(ckpt: Checkpoint, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names start with ``prefix``, read from safetensors on demand
+    (``dtype`` None keeps the stored dtype), so a streaming pass holds only what it is working on."""
+    found = {}
+    for name, (file, _entry) in ckpt.tensors.items():
+        if not name.startswith(prefix):
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        if not torch.isfinite(tensor).all():
+            raise RankdownError(f"{file}: tensor {name!r} contains NaN or Inf")
+        found[name] = tensor if dtype is None else tensor.to(dtype)
+    return found
+
+
+def skeleton_model(ckpt: Checkpoint) -> LlamaForCausalLM:
+    """The checkpoint's model with every weight on the meta device (no memory), rotary table built."""
+    model = meta_model(ckpt.config, ckpt.record, ckpt.folder)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=ckpt.config)
+    return model.eval()
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:

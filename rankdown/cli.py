@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from compress.config import CompressConfig
+    from compress.config import BasisTuning, CompressConfig
     from compress.pipeline import compress
 
     if args.task is None and args.calib is None:
@@ -71,6 +71,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+        **({} if args.tune_steps is None else {"tuning": BasisTuning(steps=args.tune_steps)}),
+        **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
     )
     report = compress(args.model, args.out, cfg)
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
@@ -170,6 +172,8 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compress.config import BasisTuning, CompressConfig
+
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -192,11 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
     comp.add_argument("--task", choices=("math", "code", "prose"), help="built-in calibration data (default math)")
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
+    comp.add_argument("--calib-tokens", type=int,
+                      help=f"calibration tokens read (default {CompressConfig.calib_tokens})")
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
     comp.add_argument("--method", default="svd", help="svd, asvd, whiten, joint, feature, basis")
     comp.add_argument("--allocate", default="uniform", help="uniform or bayes")
     comp.add_argument("--trials", type=int, default=30, help="Bayesian-optimization trials")
-    comp.add_argument("--basis-mode", default="closed-form", help="closed-form or tuned")
+    comp.add_argument("--basis-mode", default="closed-form",
+                      help="basis method only: closed-form (no training) or tuned (trained coefficients, pruned to the budget)")
+    comp.add_argument("--tune-steps", type=int, help=f"training steps of --basis-mode tuned (default {BasisTuning().steps})")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from compress.calibration import InputStats
-from compress.config import CompressConfig, CompressionReport
+from compress.config import BasisTuning, CompressConfig, CompressionReport
 from compress.decomposition import UnitWeights
 from compress.methods import METHODS
 from compress.pipeline import compress
 from compress.rank_allocation import Unit, allocate
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.errors import RankdownError
+from rankdown.factor import FactorizedLinear
 from rankdown.info import model_info
 
 SMALL = dict(calib_tokens=2048, seq_len=64)
@@ -18,7 +19,7 @@ quiet = lambda _m: None  # noqa: E731
 
 
 def _stats(x: torch.Tensor) -> InputStats:
-    stats = InputStats(x.shape[1])
+    stats = InputStats(x.shape[1], pooled=True)
     for chunk in x.split(64):
         stats.add_group(chunk)
     return stats
@@ -116,6 +117,11 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     report = compress(tiny_model_dir, tmp_path / "b", cfg, progress=quiet)
     assert abs(report.achieved_ratio - 0.4) <= 0.004
     assert set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
+    check = report.allocation_check
+    if "bayes_loss" in check:  # the final factors were re-judged: the lower held-back loss wins
+        assert check["kept"] == ("bayes" if check["bayes_loss"] < check["uniform_loss"] else "uniform")
+    else:
+        assert check["kept"] == "uniform"
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -124,6 +130,9 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     (dict(ratio="x"), "strictly between 0 and 1"),
     (dict(method="magic"), "unknown method 'magic'"),
     (dict(allocate="best"), "unknown allocate 'best'"),
+    (dict(basis_mode="trained"), "unknown basis-mode 'trained'"),
+    (dict(method="whiten", basis_mode="tuned"), "applies to --method basis only"),
+    (dict(method="basis", basis_mode="tuned", allocate="bayes"), "leave --allocate at uniform"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(RankdownError, match=message):
@@ -170,3 +179,46 @@ def test_info_and_report_agree_on_the_ratio(compressed):
         info = model_info(open_checkpoint(folder))
         assert info.dense_decoder_linear_params == report.params_before
         assert info.compression_ratio == pytest.approx(report.achieved_ratio)
+
+
+def test_tuned_basis_meets_the_budget_with_factor_pairs_and_beats_closed_form(tiny_model_dir, tmp_path):
+    tuning = BasisTuning(steps=30, batch=4, prune_steps=3, coefficient_lr=1e-2, new_bases_lr=2e-3, distill=1.0)
+    tuned = compress(tiny_model_dir, tmp_path / "tuned",
+                     CompressConfig(method="basis", basis_mode="tuned", ratio=0.4, tuning=tuning, **SMALL), progress=quiet)
+    closed = compress(tiny_model_dir, tmp_path / "closed", CompressConfig(method="basis", ratio=0.4, **SMALL),
+                      progress=quiet)
+    assert abs(tuned.achieved_ratio - 0.4) <= 0.004
+    assert json.loads((tmp_path / "tuned" / "compression.json").read_text())["basis_mode"] == "tuned"
+    model = load_model(open_checkpoint(tmp_path / "tuned"))
+    for layer in model.model.layers:
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert isinstance(layer.get_submodule(name), FactorizedLinear)
+    assert model_info(open_checkpoint(tmp_path / "tuned")).decoder_linear_params == tuned.params_after
+    # Ranks are an outcome of pruning: they differ between linears of one shape.
+    assert len({tuned.modules[f"model.layers.{i}.mlp.up_proj"].rank for i in range(2)}
+               | {tuned.modules[f"model.layers.{i}.mlp.gate_proj"].rank for i in range(2)}) > 1
+    # Same calibration windows, same budget: training the bases must lower the task loss.
+    assert tuned.calibration_loss < closed.calibration_loss - 0.05
+
+
+def test_cholesky_ridge_leaves_the_statistics_unchanged():
+    from compress.whitening import cholesky_factor
+
+    x = _skewed_inputs(16, count=8)  # 8 samples of 16 channels: a singular second moment
+    c = _stats(x).second_moment
+    before = c.clone()
+    l = cholesky_factor(c)  # noqa: E741
+    assert torch.equal(c, before)
+    assert torch.allclose(l @ l.T, c, atol=1e-3 * c.diagonal().mean().item())
+
+
+def test_streamed_loss_equals_cross_entropy_over_the_full_vocabulary():
+    from compress import pipeline
+
+    torch.manual_seed(0)
+    hidden, windows = torch.randn(5, 9, 16), torch.randint(0, 40000, (5, 9))
+    head, norm = torch.randn(40000, 16).half(), torch.nn.LayerNorm(16)  # 40000 rows: three vocabulary slices
+    logits = norm(hidden[:, :-1]) @ head.float().T
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 40000), windows[:, 1:].reshape(-1)).item()
+    assert pipeline._streamed_loss(hidden, windows, norm, head) == pytest.approx(expected, rel=1e-5)
