@@ -24,15 +24,15 @@ from compress.config import REPORT_FILE, Allocation, BasisMode, CompressConfig, 
 from compress.decomposition import Decomposition, UnitWeights
 from compress.methods import METHODS, MethodSpec
 from compress.rank_allocation import Unit, allocate, plan_units
-from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
+from rankdown.atomic import atomic_folder, check_free_space, check_output_path
 from rankdown.checkpoint import (DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, read_tensors,
                                  skeleton_model)
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, linear_params, shared_down_group
 from rankdown.info import model_info
-from rankdown.memory import is_out_of_memory, peak_rss_mb, require_memory
-from rankdown.output_lock import output_lock
+from rankdown.memory import peak_rss_mb, require_memory
+from rankdown.output_lock import exclusive_output
 from rankdown.tasks import Split, TaskData, load_task
 
 Progress = Callable[[str], None]
@@ -230,14 +230,8 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
     """Compress a dense checkpoint into ``out`` (a checkpoint folder plus compression.json)."""
     model_dir, out = Path(model_dir), Path(out)
     check_output_path(out, [model_dir], cfg.overwrite)
-    with output_lock(out):
-        remove_stale_temporaries(out)
-        try:
-            return _compress(model_dir, out, cfg, progress)
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise RankdownError(f"{out}: ran out of memory while compressing (peak RSS {peak_rss_mb():.0f} MB)") from None
+    with exclusive_output(out, "compressing"):
+        return _compress(model_dir, out, cfg, progress)
 
 
 def memory_estimate(ckpt, cfg: CompressConfig) -> int:

@@ -19,15 +19,14 @@ from rankdown.atomic import (
     atomic_folder,
     check_free_space,
     check_output_path,
-    remove_stale_temporaries,
     write_text_atomic,
 )
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
-from rankdown.memory import is_out_of_memory, peak_rss_mb, require_memory
-from rankdown.output_lock import output_lock
+from rankdown.memory import peak_rss_mb, require_memory
+from rankdown.output_lock import exclusive_output
 
 from export import executorch as et_format
 from export import onnx as onnx_format
@@ -105,14 +104,8 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
         et_format.check_backend(cfg.backend, will_run=cfg.check)
     if not (ckpt.folder / "tokenizer.json").is_file():
         raise RankdownError(f"{ckpt.folder}: no tokenizer.json; a bundle needs the model's tokenizer")
-    with output_lock(bundle):
-        remove_stale_temporaries(bundle)
-        try:
-            return _export(ckpt, bundle, cfg, progress)
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise RankdownError(f"{bundle}: ran out of memory while exporting (peak RSS {peak_rss_mb():.0f} MB)") from None
+    with exclusive_output(bundle, "exporting"):
+        return _export(ckpt, bundle, cfg, progress)
 
 
 # Address space a format's export takes per fp32 weight byte (traced graph, constant copies,

@@ -58,3 +58,20 @@ def output_lock(out: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_output(out: Path, doing: str) -> Iterator[None]:
+    """How a stage holds its output for a run: locked, last run's leftovers cleared, and running
+    out of memory reported as one line (``doing``: "compressing", "exporting")."""
+    from rankdown.atomic import remove_stale_temporaries
+    from rankdown.memory import is_out_of_memory, peak_rss_mb
+
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        try:
+            yield
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise RankdownError(f"{out}: ran out of memory while {doing} (peak RSS {peak_rss_mb():.0f} MB)") from None
