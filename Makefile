@@ -29,7 +29,7 @@ arm64-emu: venv test-deps
 	$(PY) -m devices.arm64_emu build
 
 test: venv test-deps arm64-emu
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 demo: venv
 	$(VENV)/bin/rankdown info

@@ -95,3 +95,44 @@ def joint_bundle(compressed_tiny, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("bundles") / "joint"
     manifest = export(folder, bundle, ExportConfig(max_seq_len=128), progress=lambda _m: None)
     return folder, bundle, manifest
+
+
+def checkpoint_tensors(folder: Path) -> dict:
+    """Every tensor of a checkpoint folder, single-file or sharded (compress writes shards)."""
+    from safetensors.torch import load_file
+
+    from rankdown.checkpoint import open_checkpoint
+
+    tensors = {}
+    for path in open_checkpoint(folder).weight_files:
+        tensors.update(load_file(path))
+    return tensors
+
+
+def checkpoint_weight_bytes(folder: Path) -> dict[str, bytes]:
+    """File name -> bytes of every weight file and the shard index, for byte-identical checks."""
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.index.json"))
+    return {p.name: p.read_bytes() for p in files}
+
+
+def update_tensors(folder: Path, updates: dict) -> None:
+    """Overwrite tensors in place, each in the file that holds it (new names go with the first).
+    Reads the shard index itself: the folder may already be inconsistent on purpose."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        home = {name: Path(folder) / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        home = {name: Path(folder) / "model.safetensors" for name in load_file(Path(folder) / "model.safetensors")}
+    known = [home[n] for n in updates if n in home]
+    default = known[0] if known else next(iter(home.values()))
+    by_file: dict = {}
+    for name, tensor in updates.items():
+        by_file.setdefault(home.get(name, default), {})[name] = tensor
+    for path, changed in by_file.items():
+        tensors = load_file(path)
+        tensors.update(changed)
+        save_file(tensors, path, metadata={"format": "pt"})

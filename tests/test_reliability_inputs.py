@@ -23,6 +23,8 @@ from compress.pipeline import compress
 from export.manifest import MANIFEST_FILE, sha256_file
 from rankdown.checkpoint import MAX_TOKENIZER_BYTES, load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
+
+from conftest import checkpoint_tensors
 from rankdown.safetensors_check import read_header
 from runtime_tests.config import ValidateConfig
 from runtime_tests.local_runner import LocalRunner
@@ -290,7 +292,7 @@ def test_rank_deficient_weights_give_finite_factors(tiny_model_dir, tmp_path, me
     w.copy_(torch.outer(w[:, 0], torch.ones(w.shape[1])))  # rank 1
     save_file(tensors, folder / "model.safetensors")
     compress(folder, tmp_path / "out", CompressConfig(method=method, **SMALL), progress=quiet)
-    for name, tensor in load_file(tmp_path / "out" / "model.safetensors").items():
+    for name, tensor in checkpoint_tensors(tmp_path / "out").items():
         assert torch.isfinite(tensor).all(), name
 
 

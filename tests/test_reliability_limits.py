@@ -27,7 +27,7 @@ from rankdown.info import format_info, model_info
 from rankdown.safetensors_check import read_header
 from runtime_tests.local_runner import LocalRunner
 
-from conftest import write_tiny_model
+from conftest import checkpoint_tensors, update_tensors, write_tiny_model
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
 quiet = lambda _m: None  # noqa: E731
@@ -160,10 +160,10 @@ def test_half_precision_checkpoints_compress_in_float64_and_round_trip_bit_exact
     out = tmp_path / "out"
     compress(folder, out, CompressConfig(method="whiten", **SMALL), progress=quiet)
     assert seen and set(seen) == {torch.float64}
-    assert {entry.dtype for entry in read_header(out / "model.safetensors").values()} == {stored}
+    assert {entry.dtype for path in open_checkpoint(out).weight_files for entry in read_header(path).values()} == {stored}
     model = load_model(open_checkpoint(out), dtype=dtype)
     again = save_checkpoint(model, out, tmp_path / "again", dtype=dtype)
-    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    first, second = checkpoint_tensors(out), checkpoint_tensors(again)
     assert first.keys() == second.keys()
     for name in first:
         assert first[name].dtype == dtype
@@ -203,10 +203,7 @@ def test_a_factorization_naming_an_unknown_module_is_a_clean_error(svd_copy):
 def test_a_rank_above_break_even_is_loaded_with_an_explicit_warning(svd_copy):
     module = "model.layers.0.self_attn.o_proj"  # 64 x 64: break-even rank 32
     _set_rank(svd_copy, module, 40)
-    tensors = load_file(svd_copy / "model.safetensors")
-    tensors[f"{module}.down.weight"] = torch.randn(40, 64)
-    tensors[f"{module}.up.weight"] = torch.randn(64, 40)
-    save_file(tensors, svd_copy / "model.safetensors")
+    update_tensors(svd_copy, {f"{module}.down.weight": torch.randn(40, 64), f"{module}.up.weight": torch.randn(64, 40)})
     info = model_info(open_checkpoint(svd_copy))
     assert info.warnings == [f"{module}: rank 40 is above the break-even rank 32; the pair stores 5,120 parameters, "
                              "more than the dense layer's 4,096"]
@@ -217,7 +214,7 @@ def test_a_rank_above_break_even_is_loaded_with_an_explicit_warning(svd_copy):
 def test_reported_parameter_counts_match_the_files(compressed_tiny, method):
     """compression.json, ``info`` and the tensors on disk agree; no chosen rank is above break-even."""
     folder, report = compressed_tiny[method]
-    stored = load_file(folder / "model.safetensors")
+    stored = checkpoint_tensors(folder)
     on_disk = sum(t.numel() for n, t in stored.items()
                   if n.startswith("model.layers.") and (".self_attn." in n or ".mlp." in n) and "proj" in n)
     info = model_info(open_checkpoint(folder))
