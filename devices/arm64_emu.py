@@ -23,7 +23,7 @@ from typing import Callable
 
 from rankdown.errors import RankdownError
 
-from devices.native_runner import build_runner, cache_dir
+from devices.native_runner import build_runner, cache_dir, run_checked
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -84,11 +84,7 @@ def find_root() -> Arm64Root:
 
 
 def _run(args: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True, **kwargs)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or [""]
-        raise RankdownError(f"arm64-emu: {what} failed (exit status {proc.returncode}): {tail[0]}")
-    return proc
+    return run_checked(args, f"arm64-emu: {what}", **kwargs)
 
 
 def _unpack_wheels(site: Path, progress: Callable[[str], None]) -> None:

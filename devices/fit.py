@@ -42,6 +42,13 @@ FIT_SCHEMA_VERSION = 1
 _FORMAT_OF = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
 
 
+def _choice(enum, value, what: str):
+    try:
+        return enum(value)
+    except ValueError:
+        raise RankdownError(f"unknown {what} {value!r}: choose one of {', '.join(m.value for m in enum)}") from None
+
+
 @dataclass(frozen=True)
 class FitConfig:
     task: str = "math"
@@ -57,11 +64,8 @@ class FitConfig:
     def __post_init__(self):
         if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
             raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
-        try:
-            object.__setattr__(self, "method", Method(self.method))
-            object.__setattr__(self, "quantize", tuple(Quantize(q) for q in self.quantize))
-        except ValueError as e:
-            raise RankdownError(f"fit: {e}") from None
+        object.__setattr__(self, "method", _choice(Method, self.method, "method"))
+        object.__setattr__(self, "quantize", tuple(_choice(Quantize, q, "quantize mode") for q in self.quantize))
         if self.max_memory_mb is not None and self.max_memory_mb <= 0:
             raise RankdownError(f"--max-memory must be positive, got {self.max_memory_mb}")
         if self.min_score is not None and not 0 <= self.min_score <= 1:
@@ -124,6 +128,7 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
     ``validation/`` and ``fit.json``, or nothing on failure."""
     model_dir, out = Path(model_dir), Path(out)
     check_output_path(out, [model_dir], cfg.overwrite)
+    open_checkpoint(model_dir)  # a missing or broken model is named before any work
     budget = cfg.max_memory_mb or float(profile.memory_mb)
     formats = tuple(_FORMAT_OF[r] for r in profile.runtimes)
     data = load_task(cfg.task, Split.EVALUATION)

@@ -44,11 +44,13 @@ def _sources_digest(arch: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _run(args: list[str], what: str, **kwargs) -> None:
+def run_checked(args: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run a build or set-up tool; a failure is one line naming ``what`` and the tool's last words."""
     proc = subprocess.run(args, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or [""]
         raise RankdownError(f"{what} failed (exit status {proc.returncode}): {tail[0]}")
+    return proc
 
 
 def _host_package() -> Path:
@@ -67,7 +69,7 @@ def _wheel_package(arch: str, work: Path, progress: Callable[[str], None]) -> Pa
         progress(f"downloading the executorch {version} wheel for {arch}")
         platforms = [a for p in _WHEEL_PLATFORMS[arch] for a in ("--platform", p)]
         py = f"{sys.version_info.major}{sys.version_info.minor}"
-        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", *platforms,
+        run_checked([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", *platforms,
               "--python-version", py, "--implementation", "cp", f"executorch=={version}", "-d", str(wheels)],
              f"pip download of executorch {version} for {arch}")
         found = sorted(wheels.glob(f"executorch-{version}-*{arch}.whl"))
@@ -101,8 +103,8 @@ def build_runner(arch: str = HOST_ARCH, progress: Callable[[str], None] = print)
                      f"-DCMAKE_PREFIX_PATH={package}"]
         if arch != HOST_ARCH:
             configure.append(f"-DCMAKE_TOOLCHAIN_FILE={_TOOLCHAIN[arch]}")
-        _run(configure, f"cmake configure of {BINARY} ({arch})")
-        _run(["cmake", "--build", str(tmp / "build"), "-j", "2"], f"build of {BINARY} ({arch})")
+        run_checked(configure, f"cmake configure of {BINARY} ({arch})")
+        run_checked(["cmake", "--build", str(tmp / "build"), "-j", "2"], f"build of {BINARY} ({arch})")
         out = tmp / "out"
         (out / "bin").mkdir(parents=True)
         shutil.copy2(tmp / "build" / BINARY, out / "bin" / BINARY)

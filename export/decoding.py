@@ -158,7 +158,6 @@ class NativeExecuTorchDecoder:
     or, under emulation, ``["qemu-aarch64-static", "-L", ROOT, ".../rankdown-et-runner"]``."""
 
     def __init__(self, pte_path: Path, command: list[str], threads: int | None = None):
-        import json
         import subprocess
 
         argv = [*command, str(pte_path)] + ([str(threads)] if threads else [])
@@ -207,8 +206,6 @@ class NativeExecuTorchDecoder:
 
     def close(self) -> float | None:
         """End the runner; its peak resident memory in MB, as it measured it."""
-        import json
-
         if self._proc.poll() is not None:
             return None
         self._proc.stdin.write(np.asarray([0], "<i4").tobytes())
