@@ -169,7 +169,10 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         del weights
         stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
-        todo = [(unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None]
+        # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
+        # other units' decompositions allocate their own working memory.
+        todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
+                      key=lambda pair: -pair[0].in_features)
         for position, (unit, rank) in enumerate(todo):
             last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
             # The site's last unit takes its statistics along (no name here holds them), so a

@@ -1,7 +1,12 @@
 """SVD-LLM whitening (Wang et al. 2024): the rank-r optimum of ||(W - BA) X||_F in closed form.
 
 C = E[x x^T] = L L^T (Cholesky, with a small ridge when C is singular); SVD of W L;
-A = S^1/2 V^T L^-1, B = U S^1/2. Also used by joint rank-k and basis selection.
+A = S^1/2 V^T L^-1, B = U S^1/2. Also used by basis selection.
+
+For a wide W (m <= n, e.g. down_proj, n = 8192) the same factors come without L: the left
+singular vectors U of W L are the eigenvectors of W L L^T W^T = W C W^T (m x m), and
+A = S^1/2 V^T L^-1 = S^-1/2 U^T W. So C can be freed as soon as W C is formed, and neither
+L (n x n) nor the SVD of an m x n matrix is ever held: at n = 8192 each is 512 MiB.
 """
 
 from __future__ import annotations
@@ -47,8 +52,39 @@ def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torc
     return a, split_rows(u * root, weights)
 
 
+def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The whitened factors of a wide stack (m <= n) from the eigenvectors of W (C + ridge) W^T.
+
+    Takes the statistics off ``unit`` and lets go of them after W C, so that C is freed there
+    when nobody else holds it.
+    """
+    weights, stats, unit.stats = unit.weights, unit.stats, None
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    c = stats.second_moment
+    ridge = RIDGE * c.diagonal().mean().clamp_min(1e-12)
+    wc = stacked @ c
+    del c, stats
+    gram = wc @ stacked.T
+    del wc
+    gram.add_(stacked @ stacked.T, alpha=float(ridge))
+    gram = (gram + gram.T) / 2
+    try:
+        eigenvalues, u = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"eigendecomposition did not converge: {e}") from None
+    eigenvalues, u = eigenvalues.flip(0), u.flip(1)  # descending: a rank-r choice is a prefix
+    # Singular values of W L are sqrt(eigenvalues); the floor only guards division, it does not
+    # change B A = U U^T W at any rank.
+    quarter = eigenvalues.clamp_min(eigenvalues[0].clamp_min(1e-300) * 1e-24) ** 0.25
+    a = (u.T @ stacked) / quarter[:, None]
+    return a, split_rows(u * quarter, weights)
+
+
 def decompose(unit: UnitWeights) -> Decomposition:
-    chol = cholesky_factor(unit.stats.second_moment)
-    unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
-    a, bs = whitened_factors(unit.weights, chol)
+    if unit.out_features <= unit.in_features:
+        a, bs = projected_factors(unit)
+    else:
+        chol = cholesky_factor(unit.stats.second_moment)
+        unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
+        a, bs = whitened_factors(unit.weights, chol)
     return Decomposition(a=a, bs=bs, biases=unit.biases)

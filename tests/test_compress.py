@@ -222,3 +222,28 @@ def test_streamed_loss_equals_cross_entropy_over_the_full_vocabulary():
     logits = norm(hidden[:, :-1]) @ head.float().T
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 40000), windows[:, 1:].reshape(-1)).item()
     assert pipeline._streamed_loss(hidden, windows, norm, head) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 64), (32, 32)])
+def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
+    """The m <= n path (eigenvectors of W C W^T, no n x n factor) gives SVD-LLM's factors: the
+    same output error at every rank, and it lets go of the statistics it was handed."""
+    import weakref
+
+    from compress.whitening import cholesky_factor, projected_factors, whitened_factors
+
+    m, n = shape
+    w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stats = _stats(_skewed_inputs(n))
+    chol = cholesky_factor(stats.second_moment)
+    a_ref, (b_ref,) = whitened_factors([w], chol)
+    unit = UnitWeights(["down_proj"], [w], [None], stats)
+    alive = weakref.ref(stats)
+    del stats
+    a, (b,) = projected_factors(unit)
+    assert alive() is None and unit.stats is None
+    for rank in (1, m // 3, m):
+        expected = ((b_ref[:, :rank] @ a_ref[:rank] - w) @ chol).norm()
+        got = ((b[:, :rank] @ a[:rank] - w) @ chol).norm()
+        assert got == pytest.approx(expected.item(), rel=1e-6, abs=1e-9)
+    assert torch.allclose(b @ a, w, atol=1e-8)
