@@ -10,7 +10,8 @@ from pathlib import Path
 from rankdown.errors import RankdownError
 
 REPORT_FILE = "compression.json"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: allocation_check (bayes re-judged against uniform)
+READABLE_REPORT_VERSIONS = (1, 2)  # a version-1 report reads with an empty allocation_check
 
 
 class Method(str, Enum):
@@ -118,8 +119,8 @@ class CompressionReport:
     wall_seconds: float
     peak_memory_mb: float
     keep_ratios: dict[str, float] = field(default_factory=dict)
-    # bayes only: held-back loss of the final (streamed) factors for the chosen and the uniform
-    # ranks, and which were kept
+    # bayes only: the loss of the final (streamed) factors for the chosen and the uniform ranks on
+    # windows the search never saw, and which were kept
     allocation_check: dict[str, float | str] = field(default_factory=dict)
     basis_mode: str | None = None
     seed: int = 0
@@ -138,7 +139,7 @@ class CompressionReport:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             raw.pop("achieved_ratio", None)
-            if raw.get("schema_version") != REPORT_SCHEMA_VERSION:
+            if raw.get("schema_version") not in READABLE_REPORT_VERSIONS:
                 raise ValueError(f"schema_version {raw.get('schema_version')!r}")
             raw["modules"] = {k: ModuleReport(**v) for k, v in raw["modules"].items()}
             return cls(**raw)

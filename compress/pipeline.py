@@ -31,7 +31,7 @@ from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, linear_params, shared_down_group
 from rankdown.info import model_info
-from rankdown.memory import peak_rss_mb, require_memory
+from rankdown.memory import peak_rss_mb, release_free_memory, require_memory
 from rankdown.output_lock import exclusive_output
 from rankdown.tasks import Split, TaskData, load_task
 
@@ -162,6 +162,7 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
     hidden = F.embedding(windows, embed).float()
     scored_hidden = None if scored is None else F.embedding(scored, embed).float()
     del embed
+    release_free_memory()
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         prefix = f"model.layers.{index}."
@@ -169,6 +170,7 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         del weights
         stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
+        release_free_memory()  # the forward pass's activations, before the decompositions allocate
         # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
         # other units' decompositions allocate their own working memory.
         todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
@@ -189,6 +191,7 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
         if writer is not None:
             writer.add({prefix + k: v for k, v in layer.state_dict().items()})
         layer.to("meta")
+        release_free_memory()
         progress(f"layer {index + 1}/{len(layers)} compressed in {time.perf_counter() - start:.1f} s "
                  f"(RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB)")
     rest = read_tensors(ckpt, "model.norm.") | read_tensors(ckpt, "model.embed_tokens.") | read_tensors(ckpt, "lm_head.")
@@ -205,28 +208,45 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
     return model, loss
 
 
+def check_windows(tokenizer, cfg: CompressConfig, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split off the windows that judge bayes against uniform: ones that neither the
+    decompositions nor the search's trials have seen, else the check would favour the search's
+    own pick. A task brings its training split for this; a calibration file gives up its last
+    eighth. Returns (windows for the search, windows for the check)."""
+    if cfg.calib is None:
+        data = load_task(cfg.task, Split.TRAIN)
+        texts = data.texts or tuple(q.prompt + q.answer for q in data.qa)
+        return windows, calibration_windows(tokenizer, texts, cfg.seq_len, max(cfg.calib_tokens // 4, 2 * cfg.seq_len),
+                                            f"task {cfg.task} (train split)")
+    held = max(2, windows.shape[0] // 8)
+    if windows.shape[0] - held < 4:
+        raise RankdownError(f"{cfg.calib}: bayes allocation needs at least 6 calibration windows of {cfg.seq_len} "
+                            "tokens (give more text)")
+    return windows[:-held], windows[-held:]
+
+
 def _check_against_uniform(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
-                           cfg: CompressConfig, progress: Progress) -> tuple[list[int | None], dict[str, float | str]]:
+                           check: torch.Tensor, cfg: CompressConfig,
+                           progress: Progress) -> tuple[list[int | None], dict[str, float | str]]:
     """Bayesian trials score cached factors from dense activations; the final factors are streamed.
 
     So the winner is re-judged as it will be built: both it and the uniform ranks are built by
-    the streaming pass from the search's fit windows and scored on its held-back windows (never
-    the evaluation split); the uniform ranks are kept if they score at least as well.
+    the streaming pass from the search's windows and scored on ``check`` windows, which the
+    search never saw (and never the evaluation split); the uniform ranks are kept if they score
+    at least as well.
     """
-    from compress.bayesian_ranks import split_windows
-
     uniform = allocate(units, cfg.ratio)
     if ranks == uniform:
         return ranks, {"kept": "uniform", "note": "the search chose the uniform ranks"}
-    fit, held = split_windows(windows)
     quiet = lambda _m: None  # noqa: E731
-    losses = {name: _compress_streaming(ckpt, spec, units, r, fit, None, quiet, scored=held)[1]
+    losses = {name: _compress_streaming(ckpt, spec, units, r, windows, None, quiet, scored=check)[1]
               for name, r in (("bayes", ranks), ("uniform", uniform))}
     kept = "bayes" if losses["bayes"] < losses["uniform"] else "uniform"
-    progress(f"check of the final factors on {held.shape[0]} held-back windows: loss bayes {losses['bayes']:.4f}, "
+    progress(f"check of the final factors on {check.shape[0]} unseen windows: loss bayes {losses['bayes']:.4f}, "
              f"uniform {losses['uniform']:.4f}: keeping the {kept} ranks")
     return (ranks if kept == "bayes" else uniform), {"kept": kept, "bayes_loss": round(losses["bayes"], 5),
-                                                      "uniform_loss": round(losses["uniform"], 5)}
+                                                      "uniform_loss": round(losses["uniform"], 5),
+                                                      "check_windows": int(check.shape[0])}
 
 
 def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progress: Progress = _stderr) -> CompressionReport:
@@ -299,10 +319,11 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             else:
                 from compress.bayesian_ranks import compress_with_bayes
 
+                search, unseen = check_windows(tokenizer, cfg, windows)
                 dense = load_model(ckpt)
-                ranks, keep_ratios = compress_with_bayes(dense, spec, units, windows, cfg, progress)
+                ranks, keep_ratios = compress_with_bayes(dense, spec, units, search, cfg, progress)
                 del dense  # never the dense model and a compressed one at once: the final pass streams
-                ranks, check = _check_against_uniform(ckpt, spec, units, ranks, windows, cfg, progress)
+                ranks, check = _check_against_uniform(ckpt, spec, units, ranks, search, unseen, cfg, progress)
             writer = ShardedWriter(tmp, dtype)
             model, loss = _compress_streaming(ckpt, spec, units, ranks, windows, writer, progress)
         modules = {}

@@ -16,6 +16,7 @@ import torch
 from compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
 
 RIDGE = 1e-6  # relative to the mean diagonal of C
+GRAM_BLOCK = 1024  # columns of C per step when forming W C W^T
 
 
 def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,11 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     c = stats.second_moment
     ridge = RIDGE * c.diagonal().mean().clamp_min(1e-12)
-    wc = stacked @ c
+    # W C W^T by column blocks of C: W C (m x n, 128 MiB for down_proj) is never held whole.
+    gram = stacked @ stacked.T * ridge
+    for block in torch.arange(c.shape[0]).split(GRAM_BLOCK):
+        gram.addmm_(stacked @ c[:, block], stacked[:, block].T)
     del c, stats
-    gram = wc @ stacked.T
-    del wc
-    gram.add_(stacked @ stacked.T, alpha=float(ridge))
     gram = (gram + gram.T) / 2
     try:
         eigenvalues, u = torch.linalg.eigh(gram)

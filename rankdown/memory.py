@@ -70,3 +70,22 @@ def is_out_of_memory(error: BaseException) -> bool:
     """An allocation failure, as Python or torch's CPU allocator reports it."""
     return isinstance(error, MemoryError) or (
         isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "DefaultCPUAllocator" in str(error)))
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Tensors under glibc's mmap threshold live on the heap, and the threshold rises each time a
+    large tensor is freed, so a layer-by-layer pass would otherwise keep each layer's freed
+    working memory resident (about 160 MB a layer at Llama-3.2-1B shape, measured).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -118,7 +118,7 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     assert abs(report.achieved_ratio - 0.4) <= 0.004
     assert set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
     check = report.allocation_check
-    if "bayes_loss" in check:  # the final factors were re-judged: the lower held-back loss wins
+    if "bayes_loss" in check:  # the final factors were re-judged: the lower loss on unseen windows wins
         assert check["kept"] == ("bayes" if check["bayes_loss"] < check["uniform_loss"] else "uniform")
     else:
         assert check["kept"] == "uniform"
@@ -247,3 +247,28 @@ def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
         got = ((b[:, :rank] @ a[:rank] - w) @ chol).norm()
         assert got == pytest.approx(expected.item(), rel=1e-6, abs=1e-9)
     assert torch.allclose(b @ a, w, atol=1e-8)
+
+
+def test_bayes_is_judged_on_windows_the_search_never_saw(tiny_model_dir, tmp_path):
+    """The check against uniform must not reuse the search's windows, else it favours the search's pick."""
+    from compress.calibration import calibration_windows
+    from compress.pipeline import calibration_data, check_windows
+    from rankdown.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="bayes", task="math", **SMALL)
+    data = calibration_data(cfg)
+    windows = calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
+                                  cfg.seq_len, cfg.calib_tokens, "math")
+    search, unseen = check_windows(tokenizer, cfg, windows)
+    assert torch.equal(search, windows)  # a task brings its training split for the check
+    seen = {tuple(row.tolist()) for row in windows}
+    assert unseen.shape[0] >= 2 and not seen & {tuple(row.tolist()) for row in unseen}
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"{i} plus {i} is {2 * i}." for i in range(3000)))
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="bayes", task=None, calib=text, **SMALL)
+    windows = calibration_windows(tokenizer, calibration_data(cfg).texts, cfg.seq_len, cfg.calib_tokens, str(text))
+    search, unseen = check_windows(tokenizer, cfg, windows)
+    assert search.shape[0] + unseen.shape[0] == windows.shape[0]
+    assert torch.equal(torch.cat([search, unseen]), windows)  # a file gives up its tail, which the search never gets
