@@ -91,10 +91,18 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats) -> UnitWeights:
     )
 
 
-def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str) -> Decomposition:
-    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if data-free)."""
+def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
+                   release_dense: bool = False) -> Decomposition:
+    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if data-free).
+
+    ``release_dense`` frees the dense members' float32 weights once their float64 copies are
+    made (the caller replaces those modules next, and runs no forward pass in between).
+    """
     weights = unit_weights(layer, unit, site_stats)
     del site_stats  # only ``weights`` holds them now, so the method may release them
+    if release_dense:
+        for member in unit.members:
+            layer.get_submodule(member).to("meta")
     try:
         return spec.decompose(weights)
     except ValueError as e:
@@ -181,7 +189,7 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
             # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
             decomposition = decompose_unit(spec, layer, unit, None if stats is None else
                                            (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                           f"model.layers.{index}")
+                                           f"model.layers.{index}", release_dense=True)
             set_unit(layer, unit, factor_modules(decomposition, unit, rank, torch.float32))
             del decomposition
         del stats

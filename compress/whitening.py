@@ -63,10 +63,13 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     c = stats.second_moment
     ridge = RIDGE * c.diagonal().mean().clamp_min(1e-12)
-    # W C W^T by column blocks of C: W C (m x n, 128 MiB for down_proj) is never held whole.
-    gram = stacked @ stacked.T * ridge
-    for block in torch.arange(c.shape[0]).split(GRAM_BLOCK):
-        gram.addmm_(stacked @ c[:, block], stacked[:, block].T)
+    # W C W^T by blocks of C: W C (m x n, 128 MiB for down_proj) is never held whole. C is
+    # symmetric, so a column block is a row block transposed, which BLAS reads without a copy.
+    gram = stacked @ stacked.T
+    gram.mul_(ridge)
+    for start in range(0, c.shape[0], GRAM_BLOCK):
+        block = slice(start, start + GRAM_BLOCK)
+        gram.addmm_(stacked @ c[block].T, stacked[:, block].T)
     del c, stats
     gram = (gram + gram.T) / 2
     try:
