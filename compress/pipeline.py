@@ -81,28 +81,30 @@ def layer_shapes(model: LlamaForCausalLM) -> list[dict[str, tuple[int, int, bool
     return shapes
 
 
-def unit_weights(layer: nn.Module, unit: Unit, site_stats) -> UnitWeights:
-    modules = [layer.get_submodule(m) for m in unit.members]
+def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, torch.Tensor] | None = None) -> UnitWeights:
+    """The unit's dense weights in float64: from the layer's modules, or from ``stored`` tensors
+    (layer-relative names, e.g. "mlp.down_proj.weight") when the modules were already freed."""
+    def tensor(member: str, kind: str) -> torch.Tensor | None:
+        if stored is not None:
+            found = stored.get(f"{member}.{kind}")
+        else:
+            found = getattr(layer.get_submodule(member), kind)
+        return None if found is None else found.detach().to(torch.float64)
+
     return UnitWeights(
         names=list(unit.members),
-        weights=[m.weight.detach().to(torch.float64) for m in modules],
-        biases=[None if m.bias is None else m.bias.detach().to(torch.float64) for m in modules],
+        weights=[tensor(m, "weight") for m in unit.members],
+        biases=[tensor(m, "bias") for m in unit.members],
         stats=site_stats,
     )
 
 
 def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
-                   release_dense: bool = False) -> Decomposition:
-    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if data-free).
-
-    ``release_dense`` frees the dense members' float32 weights once their float64 copies are
-    made (the caller replaces those modules next, and runs no forward pass in between).
-    """
-    weights = unit_weights(layer, unit, site_stats)
-    del site_stats  # only ``weights`` holds them now, so the method may release them
-    if release_dense:
-        for member in unit.members:
-            layer.get_submodule(member).to("meta")
+                   stored: dict[str, torch.Tensor] | None = None) -> Decomposition:
+    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if
+    data-free); ``stored`` as for ``unit_weights``."""
+    weights = unit_weights(layer, unit, site_stats, stored)
+    del site_stats, stored  # only ``weights`` holds them now, so the method may release them
     try:
         return spec.decompose(weights)
     except ValueError as e:
@@ -178,18 +180,27 @@ def _compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[i
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         del weights
         stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
-        release_free_memory()  # the forward pass's activations, before the decompositions allocate
         # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
         # other units' decompositions allocate their own working memory.
         todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
                       key=lambda pair: -pair[0].in_features)
+        # No forward pass runs until every unit is factored, so the dense weights to be replaced
+        # are dropped now and each unit re-reads its own from the checkpoint when its turn comes.
+        for unit, _ in todo:
+            for member in unit.members:
+                layer.get_submodule(member).to("meta")
+        release_free_memory()  # the forward pass's activations and those weights
         for position, (unit, rank) in enumerate(todo):
             last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
+            stored = {}
+            for member in unit.members:
+                stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
             # The site's last unit takes its statistics along (no name here holds them), so a
             # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
             decomposition = decompose_unit(spec, layer, unit, None if stats is None else
                                            (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                           f"model.layers.{index}", release_dense=True)
+                                           f"model.layers.{index}", stored)
+            del stored
             set_unit(layer, unit, factor_modules(decomposition, unit, rank, torch.float32))
             del decomposition
         del stats

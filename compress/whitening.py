@@ -3,7 +3,9 @@
 C = E[x x^T] = L L^T (Cholesky, with a small ridge when C is singular); SVD of W L;
 A = S^1/2 V^T L^-1, B = U S^1/2. Also used by basis selection.
 
-For a wide W (m <= n, e.g. down_proj, n = 8192) the same factors come without L: the left
+``decompose`` takes no SVD of an m x n matrix (nor holds its workspace): for a tall W (m > n)
+V and S come from the n x n matrix L^T W^T W L, and for a wide W (m <= n, e.g. down_proj at
+n = 8192) the same factors come without L: the left
 singular vectors U of W L are the eigenvectors of W L L^T W^T = W C W^T (m x m), and
 A = S^1/2 V^T L^-1 = S^-1/2 U^T W. So C can be freed as soon as W C is formed, and neither
 L (n x n) nor the SVD of an m x n matrix is ever held: at n = 8192 each is 512 MiB.
@@ -43,14 +45,38 @@ def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
     raise ValueError("input covariance is not positive definite even with a ridge")
 
 
+def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, so that a rank-r choice is a prefix) and eigenvectors of a symmetric matrix."""
+    try:
+        eigenvalues, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"eigendecomposition did not converge: {e}") from None
+    return eigenvalues.flip(0), vectors.flip(1)
+
+
+def _quarter_power(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """S^1/2 for singular values S = sqrt(eigenvalues). The floor only guards a division by zero:
+    the product B A of the split factors does not depend on it."""
+    return eigenvalues.clamp_min(eigenvalues[0].clamp_min(1e-300) * 1e-24) ** 0.25
+
+
 def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A (R x n) and per-member B_j for the stacked weights, ordered by whitened singular value."""
     stacked = torch.cat(weights, dim=0)
-    u, s, vh = balanced_svd(stacked @ l)
-    root = s.sqrt()
+    if stacked.shape[0] > stacked.shape[1]:
+        # Tall (gate/up: 8192 x 2048): V and S^2 from the n x n matrix L^T W^T W L, and
+        # U S^1/2 = W L V S^-1/2; the SVD of the m x n W L and its workspace are never held.
+        eigenvalues, v = _descending_eigh(l.T @ (stacked.T @ stacked) @ l)
+        root = _quarter_power(eigenvalues)
+        vh = v.T
+        b = (stacked @ (l @ v)) / root
+    else:
+        u, s, vh = balanced_svd(stacked @ l)
+        root = s.sqrt()
+        b = u * root
     # A = S^1/2 V^T L^-1, i.e. L^T A^T = V S^1/2: a triangular solve, never an explicit inverse.
     a = torch.linalg.solve_triangular(l.T, (root[:, None] * vh).T, upper=True).T
-    return a, split_rows(u * root, weights)
+    return a, split_rows(b, weights)
 
 
 def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -71,15 +97,8 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
         block = slice(start, start + GRAM_BLOCK)
         gram.addmm_(stacked @ c[block].T, stacked[:, block].T)
     del c, stats
-    gram = (gram + gram.T) / 2
-    try:
-        eigenvalues, u = torch.linalg.eigh(gram)
-    except torch.linalg.LinAlgError as e:
-        raise ValueError(f"eigendecomposition did not converge: {e}") from None
-    eigenvalues, u = eigenvalues.flip(0), u.flip(1)  # descending: a rank-r choice is a prefix
-    # Singular values of W L are sqrt(eigenvalues); the floor only guards division, it does not
-    # change B A = U U^T W at any rank.
-    quarter = eigenvalues.clamp_min(eigenvalues[0].clamp_min(1e-300) * 1e-24) ** 0.25
+    eigenvalues, u = _descending_eigh(gram)
+    quarter = _quarter_power(eigenvalues)  # singular values of W L are sqrt(eigenvalues)
     a = (u.T @ stacked) / quarter[:, None]
     return a, split_rows(u * quarter, weights)
 

@@ -272,3 +272,19 @@ def test_bayes_is_judged_on_windows_the_search_never_saw(tiny_model_dir, tmp_pat
     search, unseen = check_windows(tokenizer, cfg, windows)
     assert search.shape[0] + unseen.shape[0] == windows.shape[0]
     assert torch.equal(torch.cat([search, unseen]), windows)  # a file gives up its tail, which the search never gets
+
+
+def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
+    from compress.decomposition import balanced_svd
+    from compress.whitening import cholesky_factor, whitened_factors
+
+    n = 24
+    w = torch.randn(80, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    chol = cholesky_factor(_stats(_skewed_inputs(n)).second_moment)
+    a, (b,) = whitened_factors([w], chol)
+    s = balanced_svd(w @ chol)[1]
+    for rank in (1, 7, n):
+        # The rank-r error in the whitened norm is the tail of W L's singular values (Eckart-Young).
+        got = ((b[:, :rank] @ a[:rank] - w) @ chol).norm().item()
+        assert got == pytest.approx(s[rank:].norm().item(), rel=1e-6, abs=1e-9)
+    assert torch.allclose(b @ a, w, atol=1e-8)
