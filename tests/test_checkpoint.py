@@ -155,3 +155,23 @@ def test_corrupt_factor_record_is_a_clean_error(tiny_model_dir, tmp_path):
     (folder / "factorization.json").write_text('{"schema_version": 1, "modules": {}, "extra": 1}')
     assert "invalid factorization record" in _error(folder)
     assert FactorRecord.read(tiny_model_dir).modules == {}
+
+
+def test_finite_check_in_slices_finds_a_nan_past_the_first_slice():
+    import torch
+
+    from rankdown.checkpoint import FINITE_CHUNK, all_finite
+
+    tensor = torch.zeros(FINITE_CHUNK + 10, dtype=torch.float16)
+    assert all_finite(tensor)
+    tensor[-1] = float("nan")
+    assert not all_finite(tensor)
+    tensor[-1] = float("-inf")
+    assert not all_finite(tensor.reshape(2, -1))
+    assert all_finite(torch.arange(10))  # integer tensors hold no NaN
+
+
+def test_peak_rss_is_this_process_high_water_mark():
+    from rankdown.memory import _status_bytes, peak_rss_mb
+
+    assert peak_rss_mb() * 2**20 >= _status_bytes("VmRSS") > 0

@@ -288,3 +288,15 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
         got = ((b[:, :rank] @ a[:rank] - w) @ chol).norm().item()
         assert got == pytest.approx(s[rank:].norm().item(), rel=1e-6, abs=1e-9)
     assert torch.allclose(b @ a, w, atol=1e-8)
+
+
+def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compressed, tmp_path):
+    folder, _ = compressed["svd"]
+    raw = json.loads((folder / "compression.json").read_text())
+    assert raw["schema_version"] == 2
+    old = {k: v for k, v in raw.items() if k != "allocation_check"} | {"schema_version": 1}
+    (tmp_path / "compression.json").write_text(json.dumps(old))
+    assert CompressionReport.read(tmp_path).allocation_check == {}
+    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 3}))
+    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 3"):
+        CompressionReport.read(tmp_path)
