@@ -176,14 +176,3 @@ def test_peak_rss_is_this_process_high_water_mark():
 
     assert peak_rss_mb() * 2**20 >= _status_bytes("VmRSS") > 0
 
-
-def test_freed_heap_memory_goes_back_to_the_os():
-    import torch
-
-    from rankdown.memory import _status_bytes, release_free_memory
-
-    chunks = [torch.ones(100_000) for _ in range(300)]  # 400 KB each: heap, not mmap, once the threshold rose
-    del chunks
-    before = _status_bytes("VmRSS")
-    release_free_memory()
-    assert _status_bytes("VmRSS") <= before
