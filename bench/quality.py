@@ -97,7 +97,8 @@ def write(rows: list[dict], cross: list[dict], out: Path) -> None:
         lines.append(f"| {r['method']} | {ranks} | {r['ratio']:.1f} | {r['params']:,} | {r['math_em']:.1%} | "
                      f"{r['math_ppl']:.3f} | {r['code_ppl']:.2f} | {r['prose_ppl']:.2f} | {r['seconds']:.1f} |")
     lines += ["", "`bayes (kept uniform)`: the Bayesian search's ranks lost to uniform when both were rebuilt with the",
-              "final streamed factors and scored on held-back calibration windows, so the uniform ranks were kept.",
+              "final streamed factors and scored on calibration windows withheld from the search, so the uniform",
+              "ranks were kept.",
               "`pruned`: tuned basis selection, ranks are the outcome of its pruning.", "",
               "Task specificity: `basis` (ratio 0.4) compressed for one task, scored on both.", "",
               "| basis mode | compressed for | math EM | ppl math | ppl code |", "|---|---|---|---|---|"]
