@@ -57,7 +57,9 @@ def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quarter_power(eigenvalues: torch.Tensor) -> torch.Tensor:
     """S^1/2 for singular values S = sqrt(eigenvalues). The floor only guards a division by zero:
     the product B A of the split factors does not depend on it."""
-    return eigenvalues.clamp_min(eigenvalues[0].clamp_min(1e-300) * 1e-24) ** 0.25
+    top = float(eigenvalues[0])
+    # An all-zero W (top 0) has B A = 0 whatever the split: any positive floor will do.
+    return eigenvalues.clamp_min(top * 1e-24 if top > 1e-200 else 1.0) ** 0.25
 
 
 def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

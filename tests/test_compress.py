@@ -286,3 +286,12 @@ def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compress
     (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 3}))
     with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 3"):
         CompressionReport.read(tmp_path)
+
+
+def test_whitening_an_all_zero_matrix_gives_finite_zero_factors():
+    from compress.whitening import decompose
+
+    for shape in ((8, 16), (16, 8)):  # the wide (eigenvectors of W C W^T) and the tall path
+        stats = _stats(_skewed_inputs(shape[1]))
+        a, (b,), _ = decompose(UnitWeights(["q_proj"], [torch.zeros(shape, dtype=torch.float64)], [None], stats)).factors(3)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all() and not (b @ a).any()
