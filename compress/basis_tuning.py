@@ -230,7 +230,7 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
             count = _prune_to(modules, units, step_target)
             optimizer = _optimizer(modules, tuning)
         if step % report_every == 0 or step == tuning.steps:
-            from compress.pipeline import peak_rss_mb
+            from rankdown.memory import peak_rss_mb
 
             progress(f"tuning step {step}/{tuning.steps}: loss {sum(running) / len(running):.4f}, "
                      f"{count:,} decoder-linear parameters (budget {target:,}), "

@@ -8,7 +8,6 @@ re-truncates the cached factors.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, linear_params, shared_down_group
 from rankdown.info import model_info
-from rankdown.memory import peak_rss_mb, release_free_memory, require_memory
+from rankdown.memory import peak_rss_mb, release_free_memory, require_memory, rss_mb
 from rankdown.output_lock import exclusive_output
 from rankdown.tasks import Split, TaskData, load_task
 
@@ -43,15 +42,6 @@ TOKEN_CHUNK = 1024  # tokens whose logits over one slice are held at once
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def rss_mb() -> float:
-    """Resident memory now (Linux /proc; the peak where that is unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-    return pages * resource.getpagesize() / 2**20
 
 
 def calibration_data(cfg: CompressConfig) -> TaskData:

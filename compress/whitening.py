@@ -3,12 +3,11 @@
 C = E[x x^T] = L L^T (Cholesky, with a small ridge when C is singular); SVD of W L;
 A = S^1/2 V^T L^-1, B = U S^1/2. Also used by basis selection.
 
-``decompose`` takes no SVD of an m x n matrix (nor holds its workspace): for a tall W (m > n)
-V and S come from the n x n matrix L^T W^T W L, and for a wide W (m <= n, e.g. down_proj at
-n = 8192) the same factors come without L: the left
-singular vectors U of W L are the eigenvectors of W L L^T W^T = W C W^T (m x m), and
-A = S^1/2 V^T L^-1 = S^-1/2 U^T W. So C can be freed as soon as W C is formed, and neither
-L (n x n) nor the SVD of an m x n matrix is ever held: at n = 8192 each is 512 MiB.
+``decompose`` takes no SVD of an m x n matrix (nor holds its workspace). For a tall W (m > n)
+V and S come from the n x n matrix L^T W^T W L. For a wide W (m <= n, e.g. down_proj at
+n = 8192) the same factors come without L: the left singular vectors U of W L are the
+eigenvectors of W L L^T W^T = W C W^T (m x m), and A = S^1/2 V^T L^-1 = S^-1/2 U^T W, so C
+is freed as soon as W C W^T is formed and no n x n factor (512 MiB at n = 8192) is held.
 """
 
 from __future__ import annotations

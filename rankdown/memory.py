@@ -39,6 +39,12 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def rss_mb() -> float:
+    """Resident memory now, in MB (VmRSS; the peak where /proc is unavailable)."""
+    now = _status_bytes("VmRSS")
+    return now / 2**20 if now is not None else peak_rss_mb()
+
+
 def _cgroup_room() -> tuple[int, str] | None:
     try:
         line = next(entry for entry in Path("/proc/self/cgroup").read_text().splitlines() if entry.startswith("0::"))
