@@ -26,7 +26,7 @@ test-deps:
 
 # An arm64 Debian userland under qemu-user, built once under $${RANKDOWN_CACHE:-~/.cache/rankdown}.
 arm64-emu: venv test-deps
-	$(PY) -m devices.arm64_emu build
+	$(PY) -m rankdown.devices.arm64_emu build
 
 test: venv test-deps arm64-emu
 	$(PY) -m pytest -q --durations=15

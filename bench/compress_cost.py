@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compress.config import CompressionReport
+from rankdown.compress.config import CompressionReport
 from rankdown.shipped import SHIPPED_MODEL
 
 LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,

@@ -7,17 +7,22 @@ seconds are what a user waits for. Writes bench/results/export_cost.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
 
-from compress.config import CompressConfig
-from compress.pipeline import compress
-from export.config import ExportConfig
-from export.pipeline import export
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
+from rankdown.export.config import ExportConfig
+from rankdown.export.pipeline import export
 from rankdown.shipped import SHIPPED_MODEL
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _progress(tag: str, message: str) -> None:
+    print(f"  [{tag}] {message}", flush=True)
 
 
 def main() -> None:
@@ -34,7 +39,7 @@ def main() -> None:
             for quantize in ("none", "int8"):
                 start = time.perf_counter()
                 manifest = export(source, root / f"b-{len(rows)}", ExportConfig(quantize=quantize),
-                                  progress=lambda m: print(f"  [{label} {quantize}] {m}", flush=True))
+                                  progress=functools.partial(_progress, f"{label} {quantize}"))
                 wall = time.perf_counter() - start
                 for name, entry in manifest.formats.items():
                     rows.append((label, quantize, name, sum(f.bytes for f in entry.files.values()) / 2**20,

@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compress.config import CompressConfig
-from compress.pipeline import compress
-from export.config import ExportConfig
-from export.manifest import Manifest
-from export.pipeline import export
-from rankdown.shipped import SHIPPED_MODEL
-from runtime_tests.config import LatencyPlan, Runtime
-from runtime_tests.local_runner import LocalRunner
-from runtime_tests.on_device import JOB_SCHEMA
-from runtime_tests.validate import latency_job
 from rankdown.checkpoint import load_tokenizer
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
+from rankdown.export.config import ExportConfig
+from rankdown.export.manifest import Manifest
+from rankdown.export.pipeline import export
+from rankdown.shipped import SHIPPED_MODEL
+from rankdown.validate.config import LatencyPlan, Runtime
+from rankdown.validate.harness import latency_job
+from rankdown.validate.local_runner import LocalRunner
+from rankdown.validate.on_device import JOB_SCHEMA
 
 RESULTS = Path(__file__).parent / "results"
 

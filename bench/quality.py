@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from compress.config import CompressConfig
-from compress.pipeline import compress
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
 from rankdown.evaluate import EvalConfig, evaluate
 from rankdown.info import model_info
 from rankdown.shipped import SHIPPED_MODEL
@@ -54,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rankdown-bench-"))
-    quiet = lambda _msg: None  # noqa: E731
+    def quiet(_message: str) -> None:
+        pass
     dense_params = model_info(open_checkpoint(SHIPPED_MODEL)).decoder_linear_params
     rows = [{"method": "dense", "allocate": "-", "ratio": 0.0, "params": dense_params, "seconds": 0.0} | score(SHIPPED_MODEL)]
     try:

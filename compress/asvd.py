@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compress.decomposition import Decomposition, UnitWeights, balanced_svd
+from rankdown.compress.decomposition import Decomposition, UnitWeights, balanced_svd
 
 ALPHA = 0.5
 

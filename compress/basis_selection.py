@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from compress.decomposition import Decomposition, UnitWeights, balanced_svd
-from compress.whitening import cholesky_factor, whitened_factors
+from rankdown.compress.decomposition import Decomposition, UnitWeights, balanced_svd
+from rankdown.compress.whitening import cholesky_factor, whitened_factors
 
 SELECTED_SHARE = 0.75  # of the rank spent on selected bases; the rest on new (enhancing) bases
 

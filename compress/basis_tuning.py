@@ -22,15 +22,16 @@ from __future__ import annotations
 import copy
 import math
 import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.calibration import collect_layer_stats, layer_inputs
-from compress.config import BasisTuning
-from compress.decomposition import balanced_svd
-from compress.rank_allocation import Unit, total_params
-from compress.whitening import cholesky_factor
+from rankdown.compress.calibration import collect_layer_stats, layer_inputs
+from rankdown.compress.config import BasisTuning
+from rankdown.compress.decomposition import balanced_svd
+from rankdown.compress.rank_allocation import Unit, total_params
+from rankdown.compress.whitening import cholesky_factor
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 
@@ -106,7 +107,7 @@ class TunableBasisLinear(nn.Module):
 def _selected_pools(model, units: list[Unit], windows: torch.Tensor, new_bases: list[int],
                     generator: torch.Generator, progress) -> dict[int, TunableBasisLinear]:
     """For each unit: SVD of W, the pool of its task-selected bases (closed-form score), as a module."""
-    from compress.pipeline import BATCH
+    from rankdown.compress.pipeline import BATCH
 
     layers = model.model.layers
     hidden = layer_inputs(model, windows)

@@ -20,10 +20,10 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from compress.calibration import collect_layer_stats, layer_inputs
-from compress.config import CompressConfig
-from compress.methods import MethodSpec
-from compress.rank_allocation import Unit, allocate
+from rankdown.compress.calibration import collect_layer_stats, layer_inputs
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.methods import MethodSpec
+from rankdown.compress.rank_allocation import Unit, allocate
 from rankdown.errors import RankdownError
 
 KL_WEIGHT = 1e-3
@@ -56,7 +56,7 @@ def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: torch.Tensor, cfg: CompressConfig,
                         progress) -> tuple[list[int | None], dict[str, float]]:
-    from compress.pipeline import decompose_unit, factor_modules, set_unit
+    from rankdown.compress.pipeline import decompose_unit, factor_modules, set_unit
 
     fit_windows, eval_windows = split_windows(windows)
     reference = _log_probs(model, eval_windows)

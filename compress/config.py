@@ -134,7 +134,7 @@ class CompressionReport:
         return json.dumps(asdict(self) | {"achieved_ratio": self.achieved_ratio}, indent=2) + "\n"
 
     @classmethod
-    def read(cls, folder: Path) -> "CompressionReport":
+    def read(cls, folder: Path) -> CompressionReport:
         path = folder / REPORT_FILE
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

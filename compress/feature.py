@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.decomposition import Decomposition, UnitWeights
+from rankdown.compress.decomposition import Decomposition, UnitWeights
 
 
 def decompose(unit: UnitWeights) -> Decomposition:

@@ -8,7 +8,7 @@ same k. No calibration data is read. A single matrix reduces to plain SVD.
 
 from __future__ import annotations
 
-from compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
+from rankdown.compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
 
 
 def decompose(unit: UnitWeights) -> Decomposition:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compress import asvd, basis_selection, feature, joint_rank, svd, whitening
-from compress.config import Method
-from compress.decomposition import Decomposition, UnitWeights
+from rankdown.compress import asvd, basis_selection, feature, joint_rank, svd, whitening
+from rankdown.compress.config import Method
+from rankdown.compress.decomposition import Decomposition, UnitWeights
 
 
 @dataclass(frozen=True)

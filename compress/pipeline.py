@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from compress.calibration import calibration_windows, collect_layer_stats, run_layer
-from compress.config import REPORT_FILE, Allocation, BasisMode, CompressConfig, CompressionReport, ModuleReport
-from compress.decomposition import Decomposition, UnitWeights
-from compress.methods import METHODS, MethodSpec
-from compress.rank_allocation import Unit, allocate, plan_units
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path
-from rankdown.checkpoint import (DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, read_tensors,
-                                 skeleton_model)
+from rankdown.checkpoint import DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, read_tensors, skeleton_model
+from rankdown.compress.calibration import calibration_windows, collect_layer_stats, run_layer
+from rankdown.compress.config import REPORT_FILE, Allocation, BasisMode, CompressConfig, CompressionReport, ModuleReport
+from rankdown.compress.decomposition import Decomposition, UnitWeights
+from rankdown.compress.methods import METHODS, MethodSpec
+from rankdown.compress.rank_allocation import Unit, allocate, plan_units
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, linear_params, shared_down_group
@@ -245,7 +244,8 @@ def _check_against_uniform(ckpt, spec: MethodSpec, units: list[Unit], ranks: lis
     uniform = allocate(units, cfg.ratio)
     if ranks == uniform:
         return ranks, {"kept": "uniform", "note": "the search chose the uniform ranks"}
-    quiet = lambda _m: None  # noqa: E731
+    def quiet(_message: str) -> None:
+        pass
     losses = {name: _compress_streaming(ckpt, spec, units, r, windows, None, quiet, scored=check)[1]
               for name, r in (("bayes", ranks), ("uniform", uniform))}
     kept = "bayes" if losses["bayes"] < losses["uniform"] else "uniform"
@@ -309,7 +309,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
         if cfg.basis_mode is BasisMode.TUNED:
             # Training needs the whole model at once: this mode does not stream.
-            from compress.basis_tuning import tune_bases
+            from rankdown.compress.basis_tuning import tune_bases
 
             model = load_model(ckpt)
             training = training_windows(tokenizer, cfg)
@@ -324,7 +324,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             if cfg.allocate is Allocation.UNIFORM:
                 ranks = allocate(units, cfg.ratio)
             else:
-                from compress.bayesian_ranks import compress_with_bayes
+                from rankdown.compress.bayesian_ranks import compress_with_bayes
 
                 search, unseen = check_windows(cfg, windows)
                 dense = load_model(ckpt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compress.calibration import SITE_OF
+from rankdown.compress.calibration import SITE_OF
 from rankdown.errors import RankdownError
 
 KIND_OF = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
+from rankdown.compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
 
 RIDGE = 1e-6  # relative to the mean diagonal of C
 GRAM_BLOCK = 1024  # columns of C per step when forming W C W^T
@@ -34,10 +34,10 @@ def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
     try:
         for _ in range(8):
             diagonal.copy_(original + ridge * scale)
-            l, info = torch.linalg.cholesky_ex(c)
+            lower, info = torch.linalg.cholesky_ex(c)
             if int(info) == 0:
-                return l
-            del l
+                return lower
+            del lower
             ridge *= 10
     finally:
         diagonal.copy_(original)
@@ -61,22 +61,22 @@ def _quarter_power(eigenvalues: torch.Tensor) -> torch.Tensor:
     return eigenvalues.clamp_min(top * 1e-24 if top > 1e-200 else 1.0) ** 0.25
 
 
-def whitened_factors(weights: list[torch.Tensor], l: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def whitened_factors(weights: list[torch.Tensor], lower: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A (R x n) and per-member B_j for the stacked weights, ordered by whitened singular value."""
     stacked = torch.cat(weights, dim=0)
     if stacked.shape[0] > stacked.shape[1]:
         # Tall (gate/up: 8192 x 2048): V and S^2 from the n x n matrix L^T W^T W L, and
         # U S^1/2 = W L V S^-1/2; the SVD of the m x n W L and its workspace are never held.
-        eigenvalues, v = _descending_eigh(l.T @ (stacked.T @ stacked) @ l)
+        eigenvalues, v = _descending_eigh(lower.T @ (stacked.T @ stacked) @ lower)
         root = _quarter_power(eigenvalues)
         vh = v.T
-        b = (stacked @ (l @ v)) / root
+        b = (stacked @ (lower @ v)) / root
     else:
-        u, s, vh = balanced_svd(stacked @ l)
+        u, s, vh = balanced_svd(stacked @ lower)
         root = s.sqrt()
         b = u * root
     # A = S^1/2 V^T L^-1, i.e. L^T A^T = V S^1/2: a triangular solve, never an explicit inverse.
-    a = torch.linalg.solve_triangular(l.T, (root[:, None] * vh).T, upper=True).T
+    a = torch.linalg.solve_triangular(lower.T, (root[:, None] * vh).T, upper=True).T
     return a, split_rows(b, weights)
 
 

@@ -1,6 +1,6 @@
 """An arm64 Linux device that runs on this machine: a Debian arm64 userland under qemu-user.
 
-    python -m devices.arm64_emu build      (what `make arm64-emu` runs; a few minutes, once)
+    python -m rankdown.devices.arm64_emu build      (what `make arm64-emu` runs; a few minutes, once)
 
 The root is Debian bookworm's arm64 python3 (debootstrap, unpacked with dpkg -x, no chroot or
 binfmt needed), with the aarch64 wheels of numpy and onnxruntime (the host's versions) and
@@ -17,13 +17,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from rankdown.devices.native_runner import build_runner, cache_dir, run_checked
 from rankdown.errors import RankdownError
-
-from devices.native_runner import build_runner, cache_dir, run_checked
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -144,7 +143,7 @@ def build(progress: Callable[[str], None] = print) -> Arm64Root:
 
 def main(argv: list[str]) -> int:
     if argv != ["build"]:
-        print("usage: python -m devices.arm64_emu build", file=sys.stderr)
+        print("usage: python -m rankdown.devices.arm64_emu build", file=sys.stderr)
         return 2
     try:
         build()

@@ -15,27 +15,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
-from compress.config import CompressConfig, Method
-from compress.pipeline import compress
-from export.config import ExportConfig, Format, Quantize
-from export.pipeline import export
-from export.manifest import MANIFEST_FILE, Manifest
 from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.config import CompressConfig, Method
+from rankdown.compress.pipeline import compress
+from rankdown.devices.profile import DeviceProfile
+from rankdown.devices.runners import runner_for
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
+from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.manifest import MANIFEST_FILE, Manifest
+from rankdown.export.pipeline import export
 from rankdown.tasks import Split, load_task
-from runtime_tests.config import ValidateConfig
-from runtime_tests.validate import validate, write_report
-
-from devices.profile import DeviceProfile
-from devices.runners import runner_for
+from rankdown.validate.config import ValidateConfig
+from rankdown.validate.harness import validate, write_report
 
 FIT_FILE = "fit.json"
 FIT_SCHEMA_VERSION = 1

@@ -1,9 +1,9 @@
-"""Transports that run the device half of the harness (runtime_tests.on_device) on a device.
+"""Transports that run the device half of the harness (rankdown.validate.on_device) on a device.
 
 Each runner has the LocalRunner's ``run(job, bundle) -> (result, arrays)``: it ships the
 bundle, the harness's device-side files (numpy + runtime only, no PyTorch model code) and,
 where the device runs .pte files natively, ``rankdown-et-runner`` built for its CPU; runs
-``python -m runtime_tests.on_device`` there; and brings ``result.json`` and ``logits.npz``
+``python -m rankdown.validate.on_device`` there; and brings ``result.json`` and ``logits.npz``
 back. References and comparisons stay on the host. The device-side layout, under one
 folder per run: ``bundle/``, ``harness/``, ``runner/{bin,lib}``, ``job.json``, ``out/``.
 """
@@ -21,18 +21,18 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import export
-import export.decoding
-import runtime_tests
-import runtime_tests.on_device
+import rankdown
+import rankdown.export
+import rankdown.export.decoding
+import rankdown.validate
+import rankdown.validate.on_device
+from rankdown.devices.native_runner import BINARY, HOST_ARCH, build_runner
+from rankdown.devices.profile import DeviceProfile, ExecuTorchRunner, Transport, TransportSpec
 from rankdown.errors import RankdownError
-from runtime_tests.local_runner import LocalRunner, read_outputs
-
-from devices.native_runner import BINARY, HOST_ARCH, build_runner
-from devices.profile import DeviceProfile, ExecuTorchRunner, Transport, TransportSpec
+from rankdown.validate.local_runner import LocalRunner, read_outputs
 
 # Everything the device needs besides python3, numpy and the runtime.
-HARNESS_MODULES = (export, export.decoding, runtime_tests, runtime_tests.on_device)
+HARNESS_MODULES = (rankdown, rankdown.export, rankdown.export.decoding, rankdown.validate, rankdown.validate.on_device)
 
 
 def harness_files() -> dict[str, Path]:
@@ -40,8 +40,9 @@ def harness_files() -> dict[str, Path]:
     files = {}
     for module in HARNESS_MODULES:
         path = Path(module.__file__)
-        package = module.__name__.split(".")[0]
-        files[f"{package}/{path.name}"] = path
+        # Packages by their import name: the installed names differ from the source folders.
+        folder = module.__name__.split(".") if path.name == "__init__.py" else module.__name__.split(".")[:-1]
+        files["/".join([*folder, path.name])] = path
     return files
 
 
@@ -142,7 +143,7 @@ class SshRunner(_Device):
                       input=_push_archive(bundle, job, self._runner_dir(job)))
         try:
             proc = self._ssh(f"cd {q(remote)}/harness && PYTHONPATH={_pythonpath(self.spec)} "
-                             f"{q(self.spec.python)} -m runtime_tests.on_device {q(remote)}/job.json {q(remote)}/out",
+                             f"{q(self.spec.python)} -m rankdown.validate.on_device {q(remote)}/job.json {q(remote)}/out",
                              capture_output=True, text=True)
             with tempfile.TemporaryDirectory(prefix="rankdown-pull-") as tmp:
                 out = Path(tmp) / "out"
@@ -202,7 +203,7 @@ class AdbRunner(_Device):
                 if (stage / "runner").is_dir():
                     self._adb("shell", f"chmod 755 {q(remote)}/runner/bin/{BINARY}", what="marking the runner executable")
                 proc = self._adb("shell", f"cd {q(remote)}/harness && PYTHONPATH={_pythonpath(self.spec)} "
-                                 f"{q(self.spec.python)} -m runtime_tests.on_device {q(remote)}/job.json "
+                                 f"{q(self.spec.python)} -m rankdown.validate.on_device {q(remote)}/job.json "
                                  f"{q(remote)}/out; echo {_EXIT_MARK}$?", what="running the harness", check=False)
                 status = _exit_status(proc)
                 out = Path(tmp) / "out"
@@ -240,7 +241,7 @@ class Arm64EmuRunner(_Device):
         return build_runner("aarch64", progress=lambda _m: None) if self._native(job) else None
 
     def run(self, job: dict, bundle: Path) -> tuple[dict, dict]:
-        from devices.arm64_emu import SITE, find_root
+        from rankdown.devices.arm64_emu import SITE, find_root
 
         root = find_root()
         # Host paths throughout: qemu's -L maps a guest path into the root only when it exists
@@ -255,7 +256,7 @@ class Arm64EmuRunner(_Device):
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                    "PYTHONPATH": f"{host / 'harness'}:{root.path / SITE.lstrip('/')}"}
             try:
-                proc = subprocess.run(root.python(["-m", "runtime_tests.on_device", str(host / "job.json"),
+                proc = subprocess.run(root.python(["-m", "rankdown.validate.on_device", str(host / "job.json"),
                                                    str(host / "out")]),
                                       cwd=host / "harness", env=env, capture_output=True, text=True,
                                       timeout=self.timeout_s)

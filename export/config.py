@@ -50,7 +50,7 @@ class ParityThresholds:
     greedy_must_match: bool = True
 
     @classmethod
-    def for_quantize(cls, quantize: Quantize) -> "ParityThresholds":
+    def for_quantize(cls, quantize: Quantize) -> ParityThresholds:
         if quantize is Quantize.INT8:
             # int8 changes the numbers on purpose; what must hold is that it still picks the
             # same next token almost everywhere. Task quality is measured separately.

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from rankdown.errors import RankdownError
+from rankdown.export.config import Backend, ExportConfig, Quantize
+from rankdown.export.factor_nodes import count_exported_program
+from rankdown.export.manifest import FactorNodes
 from rankdown.factor_record import FactorRecord
-
-from export.config import Backend, ExportConfig, Quantize
-from export.factor_nodes import count_exported_program
-from export.manifest import FactorNodes
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.export.manifest import FactorNodes
 from rankdown.factor_record import FactorRecord
-
-from export.manifest import FactorNodes
 
 # The factor pair's child names are part of the checkpoint format (see rankdown.factor);
 # the exported graphs keep them in node scopes and parameter names.

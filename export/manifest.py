@@ -6,15 +6,13 @@ checks, and it carries each file's sha256, so a bundle whose files do not match 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.schema import build
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -101,7 +99,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def read(cls, bundle: Path) -> "Manifest":
+    def read(cls, bundle: Path) -> Manifest:
         path = Path(bundle) / MANIFEST_FILE
         if not path.is_file():
             raise RankdownError(f"{bundle}: not a rankdown bundle (no {MANIFEST_FILE})")
@@ -110,7 +108,7 @@ class Manifest:
             if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema_version {raw.get('schema_version') if isinstance(raw, dict) else None!r} "
                                  f"is not {SCHEMA_VERSION}")
-            return _build(cls, raw, "manifest")
+            return build(cls, raw, "manifest")
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise RankdownError(f"{path}: invalid manifest: {e}") from None
 
@@ -119,52 +117,6 @@ class Manifest:
         for entry in self.formats.values():
             files.update(entry.files)
         return files
-
-
-def _build(cls, raw, where: str):
-    """A dataclass tree from JSON, refusing unknown or missing keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected an object")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if set(raw) - names:
-        raise ValueError(f"{where}: unknown keys {sorted(set(raw) - names)}")
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    if required - set(raw):
-        raise ValueError(f"{where}: missing keys {sorted(required - set(raw))}")
-    return cls(**{k: _value(hints[k], v, f"{where}.{k}") for k, v in raw.items()})
-
-
-def _value(hint, value, where: str):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        hint = next(a for a in options if a is not type(None))
-        origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object")
-        return {k: _value(value_type, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list")
-        return [_value(item_type, v, where) for v in value]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool, float) and (type(value) is not hint):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.factor_nodes import count_onnx
+from rankdown.export.manifest import FactorNodes
 from rankdown.factor_record import FactorRecord
-
-from export.config import ExportConfig, Quantize
-from export.factor_nodes import count_onnx
-from export.manifest import FactorNodes
 
 SUBDIR = "onnx"
 MODEL_FILE = "model.onnx"

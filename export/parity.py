@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.config import ParityThresholds
-from export.decoding import Decoder, Generation, greedy
-from export.manifest import Parity
+from rankdown.export.config import ParityThresholds
+from rankdown.export.decoding import Decoder, Generation, greedy
+from rankdown.export.manifest import Parity
 
 
 def parity_prompts(tokenizer, room: int, lengths: tuple[int, ...] = (5, 23, 41)) -> list[list[int]]:

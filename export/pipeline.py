@@ -10,6 +10,7 @@ Bundle layout (its manifest is the authority on what is inside):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import shutil
 from collections.abc import Callable
@@ -23,16 +24,11 @@ from rankdown.atomic import (
 )
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
-from rankdown.factor_record import RECORD_FILE
-from rankdown.info import model_info
-from rankdown.memory import peak_rss_mb, require_memory
-from rankdown.output_lock import exclusive_output
-
-from export import executorch as et_format
-from export import onnx as onnx_format
-from export.config import ExportConfig, Format, Quantize
-from export.decoding import ExecuTorchDecoder, OnnxDecoder
-from export.manifest import (
+from rankdown.export import executorch as et_format
+from rankdown.export import onnx as onnx_format
+from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder
+from rankdown.export.manifest import (
     MANIFEST_FILE,
     FormatEntry,
     Manifest,
@@ -41,9 +37,13 @@ from export.manifest import (
     file_entries,
     sha256_file,
 )
-from export.onnx_files import check_onnx_model
-from export.parity import compare, describe_failure, parity_prompts, torch_greedy
-from export.pte_file import check_pte_header
+from rankdown.export.onnx_files import check_onnx_model
+from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
+from rankdown.export.pte_file import check_pte_header
+from rankdown.factor_record import RECORD_FILE
+from rankdown.info import model_info
+from rankdown.memory import peak_rss_mb, require_memory
+from rankdown.output_lock import exclusive_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "executorch",
@@ -145,12 +145,12 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 seconds, nodes = onnx_format.export_onnx(model, ckpt.record, tmp, cfg)
                 check_onnx_model(tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE, tmp)
                 delegation, files = None, onnx_format.model_files(tmp)
-                make_decoder = lambda: OnnxDecoder(tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE)  # noqa: E731
+                make_decoder = functools.partial(OnnxDecoder, tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE)
             else:
                 seconds, nodes, delegation = et_format.export_executorch(model, ckpt.record, tmp, cfg, progress)
                 check_pte_header(tmp / et_format.SUBDIR / et_format.MODEL_FILE)
                 files = et_format.model_files(tmp)
-                make_decoder = lambda: ExecuTorchDecoder(tmp / et_format.SUBDIR / et_format.MODEL_FILE)  # noqa: E731
+                make_decoder = functools.partial(ExecuTorchDecoder, tmp / et_format.SUBDIR / et_format.MODEL_FILE)
             peaks[fmt.value] = round(peak_rss_mb(), 1)
             progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
                      f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "

@@ -63,8 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from compress.config import BasisTuning, CompressConfig
-    from compress.pipeline import compress
+    from rankdown.compress.config import BasisTuning, CompressConfig
+    from rankdown.compress.pipeline import compress
 
     if args.task is None and args.calib is None:
         args.task = "math"
@@ -80,8 +80,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.config import ExportConfig
-    from export.pipeline import export, format_manifest
+    from rankdown.export.config import ExportConfig
+    from rankdown.export.pipeline import export, format_manifest
 
     cfg = ExportConfig(formats=args.format, quantize=args.quantize, backend=args.backend,
                        max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
@@ -91,8 +91,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from runtime_tests.config import Checks, LatencyPlan, ValidateConfig
-    from runtime_tests.validate import validate
+    from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
+    from rankdown.validate.harness import validate
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
                     greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop)
@@ -102,8 +102,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                          report_dir=args.report)
     runner = None
     if args.device:
-        from devices.profile import find_profile
-        from devices.runners import runner_for
+        from rankdown.devices.profile import find_profile
+        from rankdown.devices.runners import runner_for
 
         profile = find_profile(args.device)
         runner = runner_for(profile)
@@ -138,8 +138,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from devices.fit import FitConfig, fit
-    from devices.profile import find_profile
+    from rankdown.devices.fit import FitConfig, fit
+    from rankdown.devices.profile import find_profile
 
     profile = find_profile(args.device)
     try:
@@ -162,7 +162,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
-    from devices.profile import shipped_profiles
+    from rankdown.devices.profile import shipped_profiles
 
     for profile in shipped_profiles().values():
         t = profile.transport
@@ -172,7 +172,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.config import BasisTuning, CompressConfig
+    from rankdown.compress.config import BasisTuning, CompressConfig
 
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)

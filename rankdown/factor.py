@@ -24,7 +24,7 @@ class FactorizedLinear(nn.Module):
         self.up = up
 
     @classmethod
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> "FactorizedLinear":
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> FactorizedLinear:
         """Build from A (r x n) and B (m x r) so that W ~ B A."""
         rank, n = a.shape
         m = b.shape[0]

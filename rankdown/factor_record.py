@@ -40,7 +40,7 @@ class FactorRecord:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def read(cls, folder: Path) -> "FactorRecord":
+    def read(cls, folder: Path) -> FactorRecord:
         """The folder's record, or an empty one for a dense checkpoint."""
         path = folder / RECORD_FILE
         if not path.exists():

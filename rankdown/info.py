@@ -35,7 +35,8 @@ class ModelInfo:
     @property
     def warnings(self) -> list[str]:
         """Factor pairs above the break-even rank m n / (m + n): they store more than the dense layer."""
-        return [f"{m.name}: rank {m.rank} is above the break-even rank {m.out_features * m.in_features // (m.out_features + m.in_features)}; "
+        return [f"{m.name}: rank {m.rank} is above the break-even rank "
+                f"{m.out_features * m.in_features // (m.out_features + m.in_features)}; "
                 f"the pair stores {m.params:,} parameters, more than the dense layer's {m.dense_params:,}"
                 for m in self.modules if m.rank is not None and m.params > m.dense_params]
 

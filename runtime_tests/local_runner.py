@@ -2,7 +2,7 @@
 
 A child process keeps each runtime's peak memory its own, and a runtime that crashes on a
 bad artifact takes down the child, not the harness. Remote runners (devices/) implement the
-same ``run(job, bundle)``: push, run ``python -m runtime_tests.on_device``, pull.
+same ``run(job, bundle)``: push, run ``python -m rankdown.validate.on_device``, pull.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class LocalRunner:
             job_path.write_text(json.dumps(job), encoding="utf-8")
             out = Path(tmp) / "out"
             try:
-                proc = subprocess.run([sys.executable, "-m", "runtime_tests.on_device", str(job_path), str(out)],
+                proc = subprocess.run([sys.executable, "-m", "rankdown.validate.on_device", str(job_path), str(out)],
                                       capture_output=True, text=True, timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
                 raise RankdownError(f"{bundle / job['artifact']}: {job['runtime']} did not finish in "

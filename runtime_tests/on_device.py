@@ -1,6 +1,6 @@
 """The half of the harness that runs where the model will run: numpy and the runtime only.
 
-    python -m runtime_tests.on_device JOB.json OUT_DIR
+    python -m rankdown.validate.on_device JOB.json OUT_DIR
 
 JOB names the artifact, the runtime and pre-tokenized work (the host owns the tokenizer, the
 PyTorch reference and every comparison). OUT_DIR receives ``result.json`` and ``logits.npz``.
@@ -10,6 +10,7 @@ phone the C++ runner takes that part.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import platform
@@ -27,9 +28,9 @@ JOB_SCHEMA = 1
 def _import_runtime(runtime: str, native: bool) -> None:
     """Import before the load clock starts: a Python import is not what an app waits for."""
     if runtime == "onnxruntime":
-        import onnxruntime  # noqa: F401
+        importlib.import_module("onnxruntime")
     elif runtime == "executorch" and not native:
-        import executorch.runtime  # noqa: F401
+        importlib.import_module("executorch.runtime")
 
 
 def peak_rss_mb() -> float:
@@ -45,7 +46,7 @@ def peak_rss_mb() -> float:
 
 
 def _decoder(runtime: str, artifact: Path, threads: int | None, native_runner: list[str] | None):
-    from export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, OnnxDecoder
+    from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, OnnxDecoder
 
     if runtime == "onnxruntime":
         return OnnxDecoder(artifact, threads=threads)
@@ -61,7 +62,7 @@ def _decoder(runtime: str, artifact: Path, threads: int | None, native_runner: l
 
 
 def _parity(decoder, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
-    from export.decoding import greedy
+    from rankdown.export.decoding import greedy
 
     tokens, arrays = [], {}
     for i, prompt in enumerate(prompts):
@@ -164,12 +165,12 @@ def run_job(job: dict, out_dir: Path) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m runtime_tests.on_device JOB.json OUT_DIR", file=sys.stderr)
+        print("usage: python -m rankdown.validate.on_device JOB.json OUT_DIR", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     try:
         run_job(job, Path(argv[1]))
-    except Exception as e:  # noqa: BLE001 - the host reports it; a device has no one to read a traceback
+    except Exception as e:
         print(f"on_device: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -54,9 +54,9 @@ def shipped_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def compressed_tiny(tiny_model_dir, tmp_path_factory):
     """Each method once at ratio 0.3 on the tiny model: method -> (folder, report)."""
-    from compress.config import CompressConfig
-    from compress.methods import METHODS
-    from compress.pipeline import compress
+    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.methods import METHODS
+    from rankdown.compress.pipeline import compress
 
     root = tmp_path_factory.mktemp("compressed")
     out = {}
@@ -73,10 +73,10 @@ def compressed_tiny(tiny_model_dir, tmp_path_factory):
 def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
     """The shipped model compressed for math (feature, 0.4) and exported to both formats:
     the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder)."""
-    from compress.config import CompressConfig
-    from compress.pipeline import compress
-    from export.config import ExportConfig
-    from export.pipeline import export
+    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.pipeline import compress
+    from rankdown.export.config import ExportConfig
+    from rankdown.export.pipeline import export
 
     root = tmp_path_factory.mktemp("shipped")
     compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math"),
@@ -88,8 +88,8 @@ def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def joint_bundle(compressed_tiny, tmp_path_factory):
     """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
-    from export.config import ExportConfig
-    from export.pipeline import export
+    from rankdown.export.config import ExportConfig
+    from rankdown.export.pipeline import export
 
     folder, _ = compressed_tiny["joint"]
     bundle = tmp_path_factory.mktemp("bundles") / "joint"

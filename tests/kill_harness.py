@@ -15,6 +15,7 @@ write keeps each kill point cheap: the export before it runs once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -27,21 +28,21 @@ from pathlib import Path
 
 os.environ["FORCE_ONNX_EXTERNAL_DATA"] = "1"  # optimum writes .onnx + .onnx_data, as for a model over 2 GB
 
-import onnx  # noqa: E402
-import torch  # noqa: E402
+import onnx
+import torch
 
 torch.set_num_threads(1)  # no thread pool alive across fork
 
-import export.executorch as et_format  # noqa: E402
-import export.pipeline as export_pipeline  # noqa: E402
-import rankdown.checkpoint as checkpoint  # noqa: E402
-from compress.config import CompressConfig  # noqa: E402
-from compress.pipeline import compress  # noqa: E402
-from export.config import ExportConfig  # noqa: E402
-from export.manifest import MANIFEST_FILE, Manifest, verify_files  # noqa: E402
-from export.pipeline import export  # noqa: E402
-from rankdown.checkpoint import open_checkpoint  # noqa: E402
-from rankdown.errors import RankdownError  # noqa: E402
+import rankdown.checkpoint as checkpoint
+import rankdown.export.executorch as et_format
+import rankdown.export.pipeline as export_pipeline
+from rankdown.checkpoint import open_checkpoint
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
+from rankdown.errors import RankdownError
+from rankdown.export.config import ExportConfig
+from rankdown.export.manifest import MANIFEST_FILE, Manifest, verify_files
+from rankdown.export.pipeline import export
 
 
 def _temporary_root(path: Path) -> Path | None:
@@ -117,7 +118,8 @@ def main(model_dir: Path, work: Path, points: int, seed: int) -> dict:
     rng = random.Random(seed)
     results: list[dict] = []
     small = dict(calib_tokens=1024, seq_len=32)
-    quiet = lambda _m: None  # noqa: E731
+    def quiet(_message: str) -> None:
+        pass
 
     ckpt = work / "ckpt"
     compress(model_dir, ckpt, CompressConfig(method="svd", ratio=0.3, **small), progress=quiet)
@@ -131,7 +133,7 @@ def main(model_dir: Path, work: Path, points: int, seed: int) -> dict:
     # The previous bundle: ONNX only, which is cheap; the run under test writes both formats over it.
     export(ckpt, bundle, ExportConfig(formats="onnx", check=False), progress=quiet)
     previous_manifest = (bundle / MANIFEST_FILE).read_bytes()
-    state = lambda: _state_of_bundle(bundle, previous_manifest)  # noqa: E731
+    state = functools.partial(_state_of_bundle, bundle, previous_manifest)
 
     def copy_model(args):
         model = onnx.ModelProto()

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -10,8 +11,6 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint, sav
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, shared_down_group
 from rankdown.factor_record import FactorRecord
-
-from conftest import write_tiny_model
 
 
 def _factorize_some(model):

@@ -3,19 +3,20 @@ import json
 import pytest
 import torch
 
-from compress.calibration import InputStats
-from compress.config import BasisTuning, CompressConfig, CompressionReport
-from compress.decomposition import UnitWeights
-from compress.methods import METHODS
-from compress.pipeline import compress
-from compress.rank_allocation import Unit, allocate
 from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.compress.calibration import InputStats
+from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport
+from rankdown.compress.decomposition import UnitWeights
+from rankdown.compress.methods import METHODS
+from rankdown.compress.pipeline import compress
+from rankdown.compress.rank_allocation import Unit, allocate
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 from rankdown.info import model_info
 
 SMALL = dict(calib_tokens=2048, seq_len=64)
-quiet = lambda _m: None  # noqa: E731
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 
 
 def _stats(x: torch.Tensor) -> InputStats:
@@ -94,7 +95,8 @@ def test_basis_selection_depends_on_the_task_data():
     w = torch.randn(32, n, dtype=torch.float64)
     first = _skewed_inputs(n, seed=2)
     second = _skewed_inputs(n, seed=3).flip(1)  # energy in the other input channels
-    pick = lambda x: METHODS["basis"].decompose(UnitWeights(["w"], [w], [None], _stats(x))).factors(rank)[0]  # noqa: E731
+    def pick(x):
+        return METHODS["basis"].decompose(UnitWeights(["w"], [w], [None], _stats(x))).factors(rank)[0]
     assert not torch.allclose(pick(first), pick(second), atol=1e-3)
     assert torch.allclose(pick(first), pick(first))
 
@@ -203,18 +205,18 @@ def test_tuned_basis_meets_the_budget_with_factor_pairs_and_beats_closed_form(ti
 
 
 def test_cholesky_ridge_leaves_the_statistics_unchanged():
-    from compress.whitening import cholesky_factor
+    from rankdown.compress.whitening import cholesky_factor
 
     x = _skewed_inputs(16, count=8)  # 8 samples of 16 channels: a singular second moment
     c = _stats(x).second_moment
     before = c.clone()
-    l = cholesky_factor(c)  # noqa: E741
+    lower = cholesky_factor(c)
     assert torch.equal(c, before)
-    assert torch.allclose(l @ l.T, c, atol=1e-3 * c.diagonal().mean().item())
+    assert torch.allclose(lower @ lower.T, c, atol=1e-3 * c.diagonal().mean().item())
 
 
 def test_streamed_loss_equals_cross_entropy_over_the_full_vocabulary():
-    from compress import pipeline
+    from rankdown.compress import pipeline
 
     torch.manual_seed(0)
     hidden, windows = torch.randn(5, 9, 16), torch.randint(0, 40000, (5, 9))
@@ -230,7 +232,7 @@ def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
     same output error at every rank, and it lets go of the statistics it was handed."""
     import weakref
 
-    from compress.whitening import cholesky_factor, projected_factors, whitened_factors
+    from rankdown.compress.whitening import cholesky_factor, projected_factors, whitened_factors
 
     m, n = shape
     w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -251,7 +253,7 @@ def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
 
 def test_bayes_is_judged_on_windows_the_search_never_saw():
     """The check against uniform must not reuse the search's windows, else it favours the search's pick."""
-    from compress.pipeline import check_windows
+    from rankdown.compress.pipeline import check_windows
 
     windows = torch.arange(40 * 8).reshape(40, 8)
     search, unseen = check_windows(CompressConfig(method="whiten", ratio=0.4, allocate="bayes", task="math"), windows)
@@ -261,8 +263,8 @@ def test_bayes_is_judged_on_windows_the_search_never_saw():
 
 
 def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
-    from compress.decomposition import balanced_svd
-    from compress.whitening import cholesky_factor, whitened_factors
+    from rankdown.compress.decomposition import balanced_svd
+    from rankdown.compress.whitening import cholesky_factor, whitened_factors
 
     n = 24
     w = torch.randn(80, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -289,7 +291,7 @@ def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compress
 
 
 def test_whitening_an_all_zero_matrix_gives_finite_zero_factors():
-    from compress.whitening import decompose
+    from rankdown.compress.whitening import decompose
 
     for shape in ((8, 16), (16, 8)):  # the wide (eigenvectors of W C W^T) and the tall path
         stats = _stats(_skewed_inputs(shape[1]))

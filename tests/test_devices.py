@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from devices.profile import PROFILE_DIR, ExecuTorchRunner, Transport, find_profile, load_profile, shipped_profiles
-from devices.runners import runner_for
+from rankdown.devices.profile import PROFILE_DIR, ExecuTorchRunner, Transport, find_profile, load_profile, shipped_profiles
+from rankdown.devices.runners import runner_for
 from rankdown.errors import RankdownError
-from runtime_tests.config import LatencyPlan, ValidateConfig
-from runtime_tests.validate import validate
+from rankdown.validate.config import LatencyPlan, ValidateConfig
+from rankdown.validate.harness import validate
 
-quiet = lambda _m: None  # noqa: E731
+
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 
 
 def test_shipped_profiles_load():
@@ -157,8 +159,8 @@ def _profile(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def test_native_runner_matches_the_python_runtime_bit_for_bit(joint_bundle):
-    from export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
-    from devices.native_runner import BINARY, build_runner
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
 
     _, bundle, _ = joint_bundle
     pte = bundle / "executorch" / "model.pte"
@@ -173,8 +175,8 @@ def test_native_runner_matches_the_python_runtime_bit_for_bit(joint_bundle):
 
 
 def test_native_runner_refuses_a_broken_pte_in_one_line(tmp_path, joint_bundle):
-    from export.decoding import NativeExecuTorchDecoder
-    from devices.native_runner import BINARY, build_runner
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import NativeExecuTorchDecoder
 
     _, bundle, _ = joint_bundle
     bad = tmp_path / "model.pte"
@@ -196,7 +198,7 @@ def test_local_profile_with_the_native_runner_validates(tmp_path, joint_bundle):
 @pytest.fixture(scope="session")
 def arm64_root():
     """The arm64-emu device; `make test` builds it first (make arm64-emu), this only checks."""
-    from devices.arm64_emu import build
+    from rankdown.devices.arm64_emu import build
 
     return build(progress=quiet)  # a no-op when built; builds it when the prerequisites are installed
 
@@ -233,7 +235,7 @@ def stand_in_adb(tmp_path, arm64_root):
     """A `adb` on a temporary PATH that plays an arm64 phone (tests/stand_in_adb.py)."""
     import shlex
 
-    from devices.arm64_emu import PYTHON
+    from rankdown.devices.arm64_emu import PYTHON
 
     shims = tmp_path / "shims"
     shims.mkdir()
@@ -308,7 +310,7 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
     import dataclasses
     import json
 
-    from devices.fit import FitConfig, fit, rank_candidates
+    from rankdown.devices.fit import FitConfig, fit, rank_candidates
 
     profile = load_profile(_profile(tmp_path, "small-phone", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
                                     "memory_mb=4096\n[transport]\nkind='local'\n"))
@@ -329,7 +331,7 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
 
 
 def test_fit_with_an_impossible_budget_is_one_clear_error(tmp_path, shipped_model_dir):
-    from devices.fit import FitConfig, fit
+    from rankdown.devices.fit import FitConfig, fit
 
     profile = load_profile(_profile(tmp_path, "watch", "arch='host'\nruntimes=['onnxruntime']\nthreads=1\n"
                                     "memory_mb=1\n[transport]\nkind='local'\n"))

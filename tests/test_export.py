@@ -10,20 +10,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from export.config import ExportConfig
-from export.decoding import ExecuTorchDecoder, OnnxDecoder, greedy
-from export.factor_nodes import count_exported_program, count_onnx
-from export.manifest import Manifest, verify_files
-from export.parity import torch_greedy
-from export.pipeline import export
-from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.errors import RankdownError
-from rankdown.factor_record import FactorRecord, ModuleFactor
-
 from conftest import write_tiny_model
 
-quiet = lambda _m: None  # noqa: E731
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.errors import RankdownError
+from rankdown.export.config import ExportConfig
+from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder, greedy
+from rankdown.export.factor_nodes import count_exported_program, count_onnx
+from rankdown.export.manifest import Manifest, verify_files
+from rankdown.export.parity import torch_greedy
+from rankdown.export.pipeline import export
+from rankdown.factor_record import FactorRecord, ModuleFactor
+
+
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 
 
 def _expected_nodes(folder) -> int:
@@ -83,7 +84,8 @@ def test_pte_carries_llm_runner_metadata(joint_bundle):
 
     folder, bundle, _ = joint_bundle
     program = Runtime.get().load_program(bundle / "executorch" / "model.pte")
-    value = lambda name: program.load_method(name).execute([])[0]  # noqa: E731
+    def value(name):
+        return program.load_method(name).execute([])[0]
     assert value("get_max_seq_len") == 128 and value("get_max_context_len") == 128
     assert value("get_vocab_size") == open_checkpoint(folder).config.vocab_size
     assert value("get_bos_id") == 0 and bool(value("use_kv_cache")) and bool(value("enable_dynamic_shape"))
@@ -162,9 +164,10 @@ def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
 def test_int8_quantizes_every_linear_and_keeps_quality(joint_bundle, joint_int8_bundle):
     """Stated bound: int8 perplexity within 3% of fp32 in the same runtime, top-1 >= 80%."""
     import onnx
+
     from rankdown.evaluate import EvalConfig, token_windows
     from rankdown.tasks import Split, load_task
-    from runtime_tests.on_device import perplexity
+    from rankdown.validate.on_device import perplexity
 
     _, fp32, fp32_manifest = joint_bundle
     int8, manifest = joint_int8_bundle
@@ -202,7 +205,7 @@ def test_a_folded_pair_is_caught_in_the_onnx_graph(tiny_model_dir, tmp_path):
 
 
 def _exported_program(folder):
-    from export.executorch import RunnerSignature
+    from rankdown.export.executorch import RunnerSignature
 
     model = load_model(open_checkpoint(folder)).eval()
     with torch.no_grad():
@@ -218,7 +221,7 @@ def test_a_folded_pair_is_caught_in_the_exported_program(tiny_model_dir):
 
 def test_shared_down_runs_once_per_group_in_executorch(compressed_tiny):
     """Eager mode applies a group's down once per member; the export must merge them (1 + k nodes)."""
-    from export.executorch import _run_shared_down_once
+    from rankdown.export.executorch import _run_shared_down_once
 
     folder, _ = compressed_tiny["joint"]
     record = FactorRecord.read(folder)
@@ -230,7 +233,7 @@ def test_shared_down_runs_once_per_group_in_executorch(compressed_tiny):
 
 
 def test_parity_failure_is_an_error_and_leaves_no_bundle(compressed_tiny, tmp_path, monkeypatch):
-    import export.pipeline as pipeline
+    import rankdown.export.pipeline as pipeline
 
     class Corrupted(OnnxDecoder):
         def prefill(self, ids):

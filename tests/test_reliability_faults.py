@@ -14,24 +14,24 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import checkpoint_weight_bytes
 from safetensors import SafetensorError
 
 import rankdown.atomic as atomic
 import rankdown.checkpoint as checkpoint
-from compress.config import CompressConfig
-from compress.pipeline import compress
-from export.config import ExportConfig
-from export.manifest import Manifest, verify_files
-from export.pipeline import export
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
-
-from conftest import checkpoint_weight_bytes
+from rankdown.export.config import ExportConfig
+from rankdown.export.manifest import Manifest, verify_files
+from rankdown.export.pipeline import export
 from rankdown.output_lock import lock_path, output_lock
-from runtime_tests.config import ValidateConfig
-from runtime_tests.validate import validate
+from rankdown.validate.config import ValidateConfig
+from rankdown.validate.harness import validate
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-quiet = lambda _m: None  # noqa: E731
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 HERE = Path(__file__).parent
 
 
@@ -183,8 +183,8 @@ def test_validate_refuses_what_a_killed_export_left(joint_bundle, tmp_path):
 # 11. disk full ---------------------------------------------------------------------------------
 
 def test_pre_flight_refuses_when_the_disk_cannot_hold_the_output(tiny_model_dir, compressed_tiny, tmp_path, monkeypatch):
-    import compress.pipeline as compress_pipeline
-    import export.pipeline as export_pipeline
+    import rankdown.compress.pipeline as compress_pipeline
+    import rankdown.export.pipeline as export_pipeline
 
     class Tiny:
         free = 4096
@@ -318,7 +318,7 @@ def test_rerun_compress_is_byte_identical(tiny_model_dir, tmp_path):
 # 14. concurrent runs ---------------------------------------------------------------------------
 
 def test_a_second_run_into_a_locked_output_fails_fast(tiny_model_dir, tmp_path, monkeypatch):
-    import compress.pipeline as compress_pipeline
+    import rankdown.compress.pipeline as compress_pipeline
 
     out = tmp_path / "out"
     monkeypatch.setattr(compress_pipeline, "open_checkpoint", lambda *a: pytest.fail("the locked run started work"))

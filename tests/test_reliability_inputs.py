@@ -16,24 +16,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from compress.config import CompressConfig
-from compress.pipeline import compress
-from export.manifest import MANIFEST_FILE, sha256_file
-from rankdown.checkpoint import MAX_TOKENIZER_BYTES, load_model, load_tokenizer, open_checkpoint
-from rankdown.errors import RankdownError
-
 from conftest import checkpoint_tensors
-from rankdown.safetensors_check import read_header
-from runtime_tests.config import ValidateConfig
-from runtime_tests.local_runner import LocalRunner
-from runtime_tests.validate import validate
-
+from safetensors.torch import load_file, save_file
 from test_safetensors_check import CASES as MALFORMED
 
+from rankdown.checkpoint import MAX_TOKENIZER_BYTES, load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.pipeline import compress
+from rankdown.errors import RankdownError
+from rankdown.export.manifest import MANIFEST_FILE, sha256_file
+from rankdown.safetensors_check import read_header
+from rankdown.validate.config import ValidateConfig
+from rankdown.validate.harness import validate
+from rankdown.validate.local_runner import LocalRunner
+
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-quiet = lambda _m: None  # noqa: E731
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 
 
 def _copy(src, tmp_path, name="m"):
@@ -226,7 +225,7 @@ CONFIG_LIES = {
 
 @pytest.mark.parametrize("case", sorted(CONFIG_LIES))
 def test_config_that_disagrees_with_weights_fails_pre_flight(tiny_model_dir, tmp_path, monkeypatch, case):
-    import compress.pipeline as pipeline
+    import rankdown.compress.pipeline as pipeline
 
     changes, pattern = CONFIG_LIES[case]
     folder = _copy(tiny_model_dir, tmp_path)
@@ -269,9 +268,9 @@ def test_svd_that_does_not_converge_names_the_module(tiny_model_dir, tmp_path, m
 
 
 def test_non_finite_factors_are_never_written(tiny_model_dir, tmp_path, monkeypatch):
-    from compress.config import Method
-    from compress.decomposition import Decomposition
-    from compress.methods import METHODS, MethodSpec
+    from rankdown.compress.config import Method
+    from rankdown.compress.decomposition import Decomposition
+    from rankdown.compress.methods import METHODS, MethodSpec
 
     def poisoned(unit):
         n = unit.in_features

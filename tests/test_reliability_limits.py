@@ -13,24 +13,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import checkpoint_tensors, update_tensors, write_tiny_model
 from onnx import TensorProto, helper
-from safetensors.torch import load_file, save_file
 
-from compress.config import CompressConfig, CompressionReport, Method
-from compress.methods import METHODS, MethodSpec
-from compress.pipeline import compress
-from export.decoding import ExecuTorchDecoder, OnnxDecoder
-from export.onnx_files import check_onnx_model
 from rankdown.checkpoint import load_model, open_checkpoint, save_checkpoint
+from rankdown.compress.config import CompressConfig, CompressionReport, Method
+from rankdown.compress.methods import METHODS, MethodSpec
+from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
+from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder
+from rankdown.export.onnx_files import check_onnx_model
 from rankdown.info import format_info, model_info
 from rankdown.safetensors_check import read_header
-from runtime_tests.local_runner import LocalRunner
-
-from conftest import checkpoint_tensors, update_tensors, write_tiny_model
+from rankdown.validate.local_runner import LocalRunner
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-quiet = lambda _m: None  # noqa: E731
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 
 
 # 15. over 2 GiB --------------------------------------------------------------------------------
@@ -40,7 +39,7 @@ import sys
 from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
-from export.onnx_files import check_onnx_model
+from rankdown.export.onnx_files import check_onnx_model
 
 root = Path(sys.argv[1])
 sizes = {"big": 2**29 + 16, "second": 3 * 2**27}  # 2 GiB + 64 bytes, and 1.5 GiB more: 3.5 GiB in all
@@ -96,7 +95,7 @@ def test_an_empty_or_oversized_onnx_file_is_refused(tmp_path):
 _MEMORY_PROBE = r"""
 import resource, sys
 from pathlib import Path
-import compress.pipeline, export.pipeline  # the libraries are resident before the cap
+import rankdown.compress.pipeline, rankdown.export.pipeline  # the libraries are resident before the cap
 from rankdown.cli import main
 
 def vm_size():
@@ -113,7 +112,7 @@ cap(100)
 codes = [main(["compress", shipped, "--method", "feature", "--ratio", "0.4", "-o", out + "/shipped"]),
          main(["export", compressed, "--format", "onnx", "-o", out + "/bundle"])]
 cap(1500)
-from compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig
 compress.pipeline.compress(tiny, out + "/tiny", CompressConfig(method="svd", ratio=0.3, calib_tokens=512, seq_len=32),
                            progress=lambda _m: None)
 print(codes)

@@ -13,16 +13,18 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from export.config import ExportConfig
-from export.manifest import MANIFEST_FILE, sha256_file
-from export.pipeline import export
 from rankdown.checkpoint import load_tokenizer
+from rankdown.export.config import ExportConfig
+from rankdown.export.manifest import MANIFEST_FILE, sha256_file
+from rankdown.export.pipeline import export
 from rankdown.tasks import Split, load_task
-from runtime_tests.config import ValidateConfig
-from runtime_tests.local_runner import LocalRunner
-from runtime_tests.validate import validate
+from rankdown.validate.config import ValidateConfig
+from rankdown.validate.harness import validate
+from rankdown.validate.local_runner import LocalRunner
 
-quiet = lambda _m: None  # noqa: E731
+
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 CHEAP = dict(runtimes="onnxruntime", latency=None, max_examples=5, max_tokens=256)
 
 

@@ -11,12 +11,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.manifest import MANIFEST_FILE, Manifest, sha256_file
 from rankdown.errors import RankdownError
-from runtime_tests.config import LatencyPlan, ValidateConfig
-from runtime_tests.validate import validate
+from rankdown.export.manifest import MANIFEST_FILE, Manifest, sha256_file
+from rankdown.validate.config import LatencyPlan, ValidateConfig
+from rankdown.validate.harness import validate
 
-quiet = lambda _m: None  # noqa: E731
+
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
 FAST = dict(max_examples=20, max_tokens=512, latency=LatencyPlan(prompt_lengths=(8, 32), decode_tokens=8, repeats=2))
 
 

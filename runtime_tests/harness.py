@@ -16,23 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
-from export.config import ParityThresholds, Quantize
-from export.decoding import trained_positions
-from export.manifest import Manifest, verify_files
-from export.onnx_files import external_data_files
-from export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
-from export.pte_file import check_pte_header
 from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
+from rankdown.export.config import ParityThresholds, Quantize
+from rankdown.export.decoding import trained_positions
+from rankdown.export.manifest import Manifest, verify_files
+from rankdown.export.onnx_files import external_data_files
+from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
+from rankdown.export.pte_file import check_pte_header
 from rankdown.tasks import Split, load_task
-
-from runtime_tests.config import LatencyPlan, Runtime, ValidateConfig
-from runtime_tests.local_runner import LocalRunner
-from runtime_tests.on_device import JOB_SCHEMA
-from runtime_tests.report import (
+from rankdown.validate.config import LatencyPlan, Runtime, ValidateConfig
+from rankdown.validate.local_runner import LocalRunner
+from rankdown.validate.on_device import JOB_SCHEMA
+from rankdown.validate.report import (
     LatencyReport,
     ParityReport,
     QualityReport,
