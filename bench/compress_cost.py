@@ -58,7 +58,7 @@ def main() -> None:
         config = LlamaConfig(**(LLAMA_32_1B | {"num_hidden_layers": args.layers}), bos_token_id=0, eos_token_id=1)
         torch.manual_seed(0)
         with torch.no_grad():
-            model = LlamaForCausalLM(config).to(torch.float16)
+            model = LlamaForCausalLM(config).half()
         model.save_pretrained(work / "model", safe_serialization=True)
         del model
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -70,6 +70,7 @@ def main() -> None:
         command = [sys.executable, "-m", "rankdown.cli", "compress", str(work / "model"), "-o", str(work / "out"),
                    "--method", args.method, "--ratio", "0.4", "--task", "prose", "--calib-tokens", str(args.calib_tokens)]
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+        assert proc.stderr is not None  # stderr=PIPE
         for message in proc.stderr:
             match = re.match(r"layer \d+/\d+ compressed in ([\d.]+) s", message)
             if match:

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--out", type=Path, default=RESULTS / "export_cost.md")
     args = parser.parse_args()
-    rows = []
+    rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         compress(SHIPPED_MODEL, root / "feature", CompressConfig(method="feature", ratio=args.ratio, task="math"),

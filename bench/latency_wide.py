@@ -56,8 +56,8 @@ def main() -> None:
         plan = LatencyPlan(prompt_lengths=(32, 128), decode_tokens=64, repeats=3)
         job = {"schema_version": JOB_SCHEMA, "threads": args.threads, "latency": latency_job(tokenizer, plan, 512),
                "runtime": Runtime.ONNXRUNTIME.value, "artifact": Runtime.ONNXRUNTIME.artifact}
-        rates = {label: [] for label in bundles}
-        ttft = {label: [] for label in bundles}
+        rates: dict[str, list[float]] = {label: [] for label in bundles}
+        ttft: dict[str, list[float]] = {label: [] for label in bundles}
         for _ in range(args.rounds):
             for label, bundle in bundles.items():
                 result, _ = LocalRunner().run(job, bundle)

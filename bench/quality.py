@@ -33,7 +33,7 @@ TASKS = ("math", "code", "prose")
 def score(folder: Path, tasks=TASKS) -> dict:
     model = load_model(open_checkpoint(folder))
     tokenizer = load_tokenizer(folder)
-    row = {}
+    row: dict[str, float | None] = {}
     for task in tasks:
         result = evaluate(model, tokenizer, load_task(task, Split.EVALUATION), EvalConfig())
         if result.exact_match is not None:

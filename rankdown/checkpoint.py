@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from rankdown.atomic import atomic_folder
 from rankdown.errors import RankdownError
+from rankdown.factor import FactorizedLinear, SharedDownLinear
 from rankdown.factor_record import RECORD_FILE, FactorRecord, apply_record, record_of
 from rankdown.safetensors_check import TensorEntry, read_header
 
@@ -383,12 +384,10 @@ def skeleton_model(ckpt: Checkpoint) -> LlamaForCausalLM:
     return model.eval()
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear | FactorizedLinear | SharedDownLinear]:
     """The decoder's linears (dense or factorized) by qualified name; embeddings and lm_head excluded."""
-    from rankdown.factor import FactorizedLinear, SharedDownLinear
-
     kinds = (nn.Linear, FactorizedLinear, SharedDownLinear)
-    found = {}
+    found: dict[str, nn.Linear | FactorizedLinear | SharedDownLinear] = {}
     for name, module in model.named_modules():
         if not name.startswith("model.layers.") or not isinstance(module, kinds):
             continue

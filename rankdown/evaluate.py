@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.tasks import QAExample, TaskData
 
@@ -51,7 +51,7 @@ def token_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...], cf
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...],
+def perplexity(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...],
                cfg: EvalConfig) -> tuple[float, int]:
     """exp(mean next-token loss) over the windows, and the number of predicted tokens."""
     windows = token_windows(tokenizer, texts, cfg)
@@ -81,7 +81,7 @@ def first_line(text: str) -> str:
 
 
 @torch.no_grad()
-def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, qa: tuple[QAExample, ...],
+def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, qa: tuple[QAExample, ...],
                    batch_size: int) -> list[str]:
     """The first line of each prompt's greedy continuation (left-padded batches)."""
     answers = []
@@ -99,7 +99,7 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, q
     return answers
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, data: TaskData,
+def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data: TaskData,
              cfg: EvalConfig = EvalConfig()) -> EvalResult:
     """Exact match (if the data has question/answer pairs) and perplexity (if it has texts)."""
     if cfg.threads:

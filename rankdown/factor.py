@@ -14,6 +14,9 @@ from torch import nn
 class FactorizedLinear(nn.Module):
     """y = up(down(x)): ``down`` is r x n without bias, ``up`` is m x r with an optional bias."""
 
+    down: nn.Linear
+    up: nn.Linear
+
     def __init__(self, down: nn.Linear, up: nn.Linear):
         super().__init__()
         if down.out_features != up.in_features:
@@ -60,6 +63,10 @@ class SharedDownLinear(nn.Module):
     member's name); the others hold a reference that is deliberately not registered, so the
     shared weight exists once in the state dict and in every exported graph.
     """
+
+    down: nn.Linear
+    up: nn.Linear
+    _shared_down: nn.Linear
 
     def __init__(self, down: nn.Linear, up: nn.Linear, owner: bool):
         super().__init__()

@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, out: Path) -> None:
                 log.flush()
                 print(json.dumps(record), flush=True)
     model.eval()
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.half().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     print(f"saved {out} after {time.perf_counter() - start:.0f} s", flush=True)
 
