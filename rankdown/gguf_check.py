@@ -143,6 +143,9 @@ def _parse(buf: mmap.mmap, size: int, bad) -> GGUFHeader:
         raise bad(f"claims {n_tensors} tensors (limit {MAX_TENSORS})")
     if n_kv > MAX_KV:
         raise bad(f"claims {n_kv} metadata entries (limit {MAX_KV})")
+    # The smallest entries: a 1-byte key and a 1-byte value; a 1-byte name, one dimension, type and offset.
+    if n_kv * 14 + n_tensors * 33 > size - cur.pos:
+        raise bad(f"claims {n_tensors} tensors and {n_kv} metadata entries, more than its {size} bytes can hold")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string("a metadata key")
@@ -225,10 +228,9 @@ def check_llama(header: GGUFHeader, path: Path) -> None:
         raise RankdownError(f"{path}: GGUF heads {heads}/{kv_heads} (query/key-value) with head size {head_dim} "
                             "are not a grouped-query attention layout")
     found = {int(m.group(1)) for name in tensors if (m := _LAYER.fullmatch(name))}
-    if found != set(range(layers)):
-        extra = sorted(found - set(range(layers)))
-        raise RankdownError(f"{path}: llama.block_count is {layers} but the file holds layers "
-                            f"{'up to ' + str(max(found)) if found else 'none'}{' (e.g. ' + str(extra[0]) + ')' if extra else ''}")
+    if len(found) != layers or max(found, default=-1) != layers - 1:  # distinct and >= 0: then exactly 0..layers-1
+        raise RankdownError(f"{path}: llama.block_count is {layers} but the file holds {len(found)} layers "
+                            f"(numbered {min(found, default=0)}..{max(found, default=-1)})")
     embed = tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2 or embed.shape[1] != hidden:
         raise RankdownError(f"{path}: tensor 'token_embd.weight' is missing or not [vocabulary, {hidden}] "

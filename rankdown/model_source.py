@@ -68,8 +68,13 @@ def imported_gguf(source: Path, say=_say) -> Path:
 
 
 def _hub_cache() -> Path:
+    """huggingface_hub's cache folder, from the environment as it is now (the library reads it once, at import)."""
     from huggingface_hub import constants
 
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
     return Path(constants.HF_HUB_CACHE)
 
 
@@ -85,7 +90,10 @@ def hub_snapshot(repo_id: str, say=_say) -> Path:
         raise RankdownError(f"{repo_id}: no such folder or file, and not in the local Hugging Face cache "
                             f"({cache}): fetch it with `huggingface-cli download {repo_id}` on a machine "
                             "with internet and copy the cache here (HF_HOME or HF_HUB_CACHE)") from None
-    return _plain_copy(snapshot, cache / f"models--{repo_id.replace('/', '--')}", repo_id, say)
+    repo_root = cache / f"models--{repo_id.replace('/', '--')}"
+    if snapshot.resolve().parent != (repo_root / "snapshots").resolve():
+        raise RankdownError(f"{repo_root / 'refs'}: names a snapshot outside {repo_root / 'snapshots'}")
+    return _plain_copy(snapshot, repo_root, repo_id, say)
 
 
 def _plain_copy(snapshot: Path, repo_root: Path, repo_id: str, say) -> Path:

@@ -49,16 +49,15 @@ def write_gguf(folder: Path, out: Path, qtype: GGMLQuantizationType = GGMLQuanti
     tensors = load_file(folder / "model.safetensors")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer = GGUFWriter(out, arch)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(config["hidden_size"] // heads)
-    writer.add_rope_freq_base(float(config["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
+    counts = {"block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
+              "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
+              "attention.head_count": heads, "attention.head_count_kv": kv_heads,
+              "rope.dimension_count": config["hidden_size"] // heads, "vocab_size": config["vocab_size"]}
+    counts = {f"{arch}.{k}": v for k, v in counts.items()} | (metadata_overrides or {})
+    for key, value in counts.items():
+        writer.add_uint32(key, value)
+    writer.add_float32(f"{arch}.rope.freq_base", float(config["rope_theta"]))
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     specials = {t["id"] for t in tok["added_tokens"] if t["special"]}
     tokens = [token for token, _ in vocab][: len(vocab) - tokens_cut]
@@ -72,8 +71,6 @@ def write_gguf(folder: Path, out: Path, qtype: GGMLQuantizationType = GGMLQuanti
     writer.add_pad_token_id(config["pad_token_id"])
     writer.add_add_bos_token(True)
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    for key, value in (metadata_overrides or {}).items():
-        writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
     for name, w in tensors.items():
         if config.get("tie_word_embeddings") and name == "lm_head.weight":
             continue
