@@ -80,7 +80,7 @@ WRITTEN_CASES = {
     "not a Llama": (dict(arch="qwen2"), "GGUF architecture 'qwen2' is not supported"),
     "tokenizer shorter than the vocabulary": (dict(tokens_cut=1), "the tokenizer has 399 tokens but the embedding has 400 rows"),
     "vocab_size that lies": (dict(metadata_overrides={"llama.vocab_size": 4000}), "llama.vocab_size 4000"),
-    "layer count that lies": (dict(metadata_overrides={"llama.block_count": 1_000_000}), "block_count is 1000000 but the file holds 2 layers"),
+    "layer count that lies": (dict(metadata_overrides={"llama.block_count": 1_000_000}), "block_count is 1000000 but the file holds 2"),
     "width that lies": (dict(metadata_overrides={"llama.embedding_length": 32}), "'token_embd.weight' is missing or not"),
     "heads that lie": (dict(metadata_overrides={"llama.attention.head_count_kv": 4}), "'blk.0.attn_k.weight' has shape"),
 }
