@@ -68,5 +68,4 @@ def check_config_against_weights(config, tensors: dict[str, tuple[Path, TensorEn
             continue  # absent or factorized: the model built from the record names it
         file, entry = tensors[name]
         if entry.shape != shape:
-            raise RankdownError(f"{file}: tensor {name!r} has shape {list(entry.shape)} but {path.name} "
-                                f"implies {list(shape)}")
+            raise RankdownError(f"{file}: tensor {name!r} has shape {list(entry.shape)} but the config implies {list(shape)}")
