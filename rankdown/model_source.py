@@ -5,7 +5,8 @@ Every command that takes MODEL turns it into a checkpoint folder here, before an
 - a GGUF file (known by its magic bytes) is imported once into rankdown's cache, keyed by the
   file's sha256, and later commands reuse that folder;
 - ``org/name`` that is no local path is looked up in the Hugging Face cache, offline: nothing
-  is ever downloaded. The snapshot's symlinks into the cache's blobs are turned into hard
+  is ever downloaded; a snapshot of a GGUF repository (no config.json, one .gguf) is imported
+  as a GGUF file is. The snapshot's symlinks into the cache's blobs are turned into hard
   links in a plain folder of rankdown's cache, so the checkpoint checks (no links out of a
   model folder) hold unchanged.
 """
@@ -42,7 +43,14 @@ def resolve_model(given: str | Path, say=_say) -> Path:
             raise RankdownError(f"{path}: not a model folder or a GGUF file")
         return imported_gguf(path, say)
     if HUB_ID.fullmatch(str(given)) and not str(given).startswith("."):
-        return hub_snapshot(str(given), say)
+        folder = hub_snapshot(str(given), say)
+        if (folder / "config.json").exists():
+            return folder
+        ggufs = [p for p in sorted(folder.iterdir()) if is_gguf(p)]
+        if len(ggufs) > 1:  # a GGUF repository holds one file per quantization: the user picks
+            raise RankdownError(f"{given}: the cached snapshot holds {len(ggufs)} GGUF files; give one as MODEL, "
+                                f"e.g. {ggufs[0]}")
+        return imported_gguf(ggufs[0], say) if ggufs else folder
     return path  # the checkpoint loader names what is missing
 
 

@@ -85,3 +85,18 @@ def test_an_existing_path_wins_over_a_hub_id(hub, tiny_model_dir, tmp_path, monk
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "tiny").symlink_to(tiny_model_dir)
     assert resolve_model("org/tiny", say=lambda _m: pytest.fail("looked in the hub cache")) == Path("org/tiny")
+
+
+def test_a_cached_gguf_repository_is_imported_once(hub, tiny_model_dir, tmp_path, capsys):
+    from gguf_files import write_gguf
+
+    gguf_only = tmp_path / "gguf-repo"
+    gguf_only.mkdir()
+    write_gguf(tiny_model_dir, gguf_only / "tiny-Q8_0.gguf")
+    fake_hub_cache(hub, "org/tiny-GGUF", gguf_only)
+    assert main(["info", "org/tiny-GGUF"]) == 0
+    assert "importing once into" in capsys.readouterr().err
+    (gguf_only / "tiny-F32.gguf").write_bytes((gguf_only / "tiny-Q8_0.gguf").read_bytes())
+    fake_hub_cache(hub, "org/two-GGUF", gguf_only)
+    assert main(["info", "org/two-GGUF"]) == 2
+    assert "holds 2 GGUF files; give one as MODEL" in capsys.readouterr().err
