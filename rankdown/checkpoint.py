@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from rankdown.atomic import atomic_folder
+from rankdown.config_check import check_config_against_weights, check_config_values
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
 from rankdown.factor_record import RECORD_FILE, FactorRecord, apply_record, record_of
@@ -86,10 +87,7 @@ def read_config(folder: Path) -> LlamaConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise RankdownError(f"{path}: unsupported model type {model_type!r} (rankdown supports: llama)")
     raw.pop("auto_map", None)  # remote code: ignored, never imported
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-        value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise RankdownError(f"{path}: {key} must be a positive integer, got {value!r}")
+    check_config_values(raw, path)
     _check_rope(raw, path)
     try:
         config = LlamaConfig.from_dict(raw)
@@ -177,6 +175,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
             if name in tensors:
                 raise RankdownError(f"{file}: tensor {name!r} is also in {tensors[name][0].name}")
             tensors[name] = (file, entry)
+    check_config_against_weights(config, tensors, folder)  # before the model the config describes is built
     expected = {k: tuple(v.shape) for k, v in meta_model(config, record, folder).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

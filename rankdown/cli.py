@@ -14,8 +14,10 @@ from rankdown.shipped import SHIPPED_MODEL
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", type=Path, default=SHIPPED_MODEL,
-                        help="Hugging Face model folder or rankdown checkpoint (default: the shipped model)")
+    # Kept as text: resolve_model turns a .gguf file or a cached hub id into a folder inside main's error handling.
+    parser.add_argument("model", nargs="?", default=SHIPPED_MODEL,
+                        help="model folder, rankdown checkpoint, .gguf file (imported once, cached) or a hub id "
+                             "org/name in the local Hugging Face cache (default: the shipped model)")
 
 
 def _task_data(args: argparse.Namespace, split_name: str):
@@ -31,6 +33,22 @@ def _task_data(args: argparse.Namespace, split_name: str):
         raise RankdownError(f"give --task (math, code, prose) or --{split_name} FILE")
     split = Split.EVALUATION if split_name == "eval" else Split.CALIBRATION
     return load_task(args.task, split)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from rankdown.gguf_check import is_gguf
+    from rankdown.gguf_import import import_gguf
+
+    source = Path(args.source)
+    if source.is_dir():
+        raise RankdownError(f"{source}: a folder; a Hugging Face model folder is used as it is, without import")
+    if not source.is_file():
+        raise RankdownError(f"{source}: no such file")
+    if not is_gguf(source):
+        raise RankdownError(f"{source}: not a GGUF file (it does not start with the GGUF magic)")
+    record = import_gguf(source, args.out, overwrite=args.overwrite,
+                         progress=lambda message: print(message, file=sys.stderr))
+    print(f"{args.out}: imported {source} (sha256 {record.sha256[:16]}...) in {record.seconds:.1f} s")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -177,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    imp = sub.add_parser("import", help="a .gguf file as a safetensors checkpoint folder (dequantized once)")
+    imp.add_argument("source", help=".gguf file (llama.cpp's format; Llama architecture)")
+    imp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    imp.set_defaults(func=cmd_import)
+
     info = sub.add_parser("info", help="parameters, per-module shapes and ranks, size")
     _model_arg(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -269,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_noise()
     try:
+        if getattr(args, "model", None) is not None:
+            from rankdown.model_source import resolve_model
+
+            args.model = resolve_model(args.model)
         status = args.func(args)
     except RankdownError as e:
         print(f"rankdown {args.command}: error: {e}", file=sys.stderr)

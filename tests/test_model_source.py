@@ -1,0 +1,102 @@
+"""MODEL as a hub id: resolved from a Hugging Face cache laid out as huggingface_hub lays it out
+(models--org--name/blobs, snapshots/REV/ links into blobs, refs/main), offline, never downloading."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from rankdown.cli import main
+from rankdown.errors import RankdownError
+from rankdown.model_source import resolve_model
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(hub: os.PathLike, repo_id: str, model_dir) -> None:
+    """``model_dir``'s files as huggingface_hub stores a downloaded snapshot."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    for file in sorted(model_dir.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    def no_network(*_args, **_kwargs):
+        pytest.fail("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("RANKDOWN_CACHE", str(tmp_path / "rankdown-cache"))
+    return tmp_path / "hf" / "hub"
+
+
+def test_a_cached_hub_id_runs_as_a_plain_folder(hub, tiny_model_dir, capsys):
+    fake_hub_cache(hub, "org/tiny", tiny_model_dir)
+    assert main(["info", "org/tiny"]) == 0
+    captured = capsys.readouterr()
+    assert "decoder linear params" in captured.out
+    assert f"cached snapshot {REVISION[:12]}" in captured.err
+    folder = resolve_model("org/tiny", say=lambda _m: None)
+    assert not any(p.is_symlink() for p in folder.iterdir())
+    assert (folder / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+def test_an_uncached_hub_id_says_how_to_fetch_it(hub, capsys):
+    assert main(["info", "org/absent"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in err and "huggingface-cli download org/absent" in err
+    assert err.count("\n") == 1
+
+
+def test_a_snapshot_link_out_of_the_blobs_is_refused(hub, tiny_model_dir, tmp_path):
+    fake_hub_cache(hub, "org/tiny", tiny_model_dir)
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    link = hub / "models--org--tiny" / "snapshots" / REVISION / "config.json"
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(RankdownError, match="links outside the cache's blobs"):
+        resolve_model("org/tiny", say=lambda _m: None)
+
+
+def test_a_ref_that_escapes_the_snapshots_is_refused(hub, tiny_model_dir):
+    fake_hub_cache(hub, "org/tiny", tiny_model_dir)
+    (hub / "models--org--tiny" / "refs" / "main").write_text("../../..")
+    with pytest.raises(RankdownError, match="names a snapshot outside"):
+        resolve_model("org/tiny", say=lambda _m: None)
+
+
+def test_an_existing_path_wins_over_a_hub_id(hub, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "tiny").symlink_to(tiny_model_dir)
+    assert resolve_model("org/tiny", say=lambda _m: pytest.fail("looked in the hub cache")) == Path("org/tiny")
+
+
+def test_a_cached_gguf_repository_is_imported_once(hub, tiny_model_dir, tmp_path, capsys):
+    from gguf_files import write_gguf
+
+    gguf_only = tmp_path / "gguf-repo"
+    gguf_only.mkdir()
+    write_gguf(tiny_model_dir, gguf_only / "tiny-Q8_0.gguf")
+    fake_hub_cache(hub, "org/tiny-GGUF", gguf_only)
+    assert main(["info", "org/tiny-GGUF"]) == 0
+    assert "importing once into" in capsys.readouterr().err
+    (gguf_only / "tiny-F32.gguf").write_bytes((gguf_only / "tiny-Q8_0.gguf").read_bytes())
+    fake_hub_cache(hub, "org/two-GGUF", gguf_only)
+    assert main(["info", "org/two-GGUF"]) == 2
+    assert "holds 2 GGUF files; give one as MODEL" in capsys.readouterr().err
