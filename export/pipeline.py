@@ -26,6 +26,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export import executorch as et_format
 from rankdown.export import onnx as onnx_format
+from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
 from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder
 from rankdown.export.manifest import (
@@ -139,6 +140,9 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
+        # First: a tokenizer the app runtimes cannot read fails the export before minutes of lowering.
+        for change in write_bundle_tokenizer(ckpt.folder, tmp, tokenizer, check_texts()):
+            progress(f"tokenizer.json: {change}")
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{' (int8)' if cfg.quantize.value == 'int8' else ''}")
             if fmt is Format.ONNX:
@@ -168,9 +172,9 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if fmt is Format.EXECUTORCH else None, factor_nodes=nodes,
                 delegation=delegation, parity=parity)
-        copied = []
+        copied = [tmp / TOKENIZER_FILE]
         for name in TOKENIZER_FILES:
-            if (ckpt.folder / name).is_file():
+            if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():
                 shutil.copy2(ckpt.folder / name, tmp / name)
                 copied.append(tmp / name)
         manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg),
