@@ -49,6 +49,25 @@ def test_factorized_tied_model_stores_its_table_once_in_both_formats(tied_factor
     assert sizes["executorch"] <= sizes["onnx"], sizes
 
 
+def test_schema_1_manifest_is_read_with_tied_fields_unknown(tmp_path):
+    """Bundles written before schema 2 have no tied_embeddings / embedding_tables: read as None."""
+    import json
+
+    from rankdown.export.manifest import FactorNodes, FormatEntry, Manifest, ModelSummary, SourceModel
+
+    summary = ModelSummary(10, 4, 4, 5, 1, 0, [1], {}, tied_embeddings=True)
+    entry = FormatEntry({}, 1.0, "none", None, FactorNodes(0, 0, 0, 0, 1), None, None, embedding_tables=1)
+    raw = json.loads(Manifest(SourceModel("x", "0", {}, False, None), summary, {}, {}, {"onnx": entry}, {}).to_json())
+    assert raw["schema_version"] == 2
+    del raw["model"]["tied_embeddings"], raw["formats"]["onnx"]["embedding_tables"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw | {"schema_version": 1}))
+    old = Manifest.read(tmp_path)
+    assert old.model.tied_embeddings is None and old.formats["onnx"].embedding_tables is None
+    (tmp_path / "manifest.json").write_text(json.dumps(raw | {"schema_version": 3}))
+    with pytest.raises(RankdownError, match="invalid manifest: schema_version 3 is not one of 1, 2"):
+        Manifest.read(tmp_path)
+
+
 def test_a_table_stored_twice_fails_the_export(tied_factorized, tmp_path, monkeypatch):
     """Without the shared-weight partitioner XNNPACK packs its own copy of the head: refused."""
     import rankdown.export.executorch as et_format
