@@ -19,6 +19,7 @@ from rankdown.errors import RankdownError
 from rankdown.export.config import Backend, ExportConfig, Quantize
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
+from rankdown.export.tied_embeddings import shared_weight_partitioners
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "executorch"
@@ -68,7 +69,9 @@ def _partitioners(backend: Backend, quantize: Quantize) -> list:
 
         # Dynamically quantized linears must be claimed first, whole; the generic partitioner
         # would otherwise split choose_qparams from its matmul and form cyclic partitions.
-        return ([XnnpackDynamicallyQuantizedPartitioner()] if quantize is Quantize.INT8 else []) + [XnnpackPartitioner()]
+        int8 = quantize is Quantize.INT8
+        return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + shared_weight_partitioners(int8) + [
+            XnnpackPartitioner()]
     if backend is Backend.COREML:
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 

@@ -15,7 +15,8 @@ from rankdown.errors import RankdownError
 from rankdown.schema import build
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: before tied_embeddings and embedding_tables (read as None)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class FormatEntry:
     factor_nodes: FactorNodes
     delegation: dict[str, int] | None  # ExecuTorch: nodes delegated to the backend vs left on CPU kernels
     parity: Parity | None  # None when the self-check was skipped
+    # copies of a tied embedding table found in this format's files (must be 1); None: untied, or schema 1
+    embedding_tables: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class ModelSummary:
     bos_token_id: int | None
     eos_token_ids: list[int]
     ranks: dict[str, int]  # factorized module -> rank
+    # the head reads the token-embedding table (total_params counts it once); None: schema 1
+    tied_embeddings: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,9 @@ class Manifest:
             raise RankdownError(f"{bundle}: not a rankdown bundle (no {MANIFEST_FILE})")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+            if not isinstance(raw, dict) or raw.get("schema_version") not in _READABLE_VERSIONS:
                 raise ValueError(f"schema_version {raw.get('schema_version') if isinstance(raw, dict) else None!r} "
-                                 f"is not {SCHEMA_VERSION}")
+                                 f"is not one of {', '.join(map(str, _READABLE_VERSIONS))}")
             return build(cls, raw, "manifest")
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise RankdownError(f"{path}: invalid manifest: {e}") from None

@@ -26,6 +26,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export import executorch as et_format
 from rankdown.export import onnx as onnx_format
+from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
 from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder
 from rankdown.export.manifest import (
@@ -40,6 +41,7 @@ from rankdown.export.manifest import (
 from rankdown.export.onnx_files import check_onnx_model
 from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
 from rankdown.export.pte_file import check_pte_header
+from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory
@@ -85,6 +87,7 @@ def _summary(ckpt) -> ModelSummary:
         layers=config.num_hidden_layers, bos_token_id=config.bos_token_id,
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
         ranks={name: spec.rank for name, spec in ckpt.record.modules.items()},
+        tied_embeddings=bool(config.tie_word_embeddings),
     )
 
 
@@ -139,6 +142,9 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
+        # First: a tokenizer the app runtimes cannot read fails the export before minutes of lowering.
+        for change in write_bundle_tokenizer(ckpt.folder, tmp, tokenizer, check_texts()):
+            progress(f"tokenizer.json: {change}")
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{' (int8)' if cfg.quantize.value == 'int8' else ''}")
             if fmt is Format.ONNX:
@@ -151,6 +157,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 check_pte_header(tmp / et_format.SUBDIR / et_format.MODEL_FILE)
                 files = et_format.model_files(tmp)
                 make_decoder = functools.partial(ExecuTorchDecoder, tmp / et_format.SUBDIR / et_format.MODEL_FILE)
+            tables = check_stored_once(files, tied_table(model), tmp / fmt.value)
             peaks[fmt.value] = round(peak_rss_mb(), 1)
             progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
                      f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "
@@ -167,10 +174,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if fmt is Format.EXECUTORCH else None, factor_nodes=nodes,
-                delegation=delegation, parity=parity)
-        copied = []
+                delegation=delegation, parity=parity, embedding_tables=tables)
+        copied = [tmp / TOKENIZER_FILE]
         for name in TOKENIZER_FILES:
-            if (ckpt.folder / name).is_file():
+            if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():
                 shutil.copy2(ckpt.folder / name, tmp / name)
                 copied.append(tmp / name)
         manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg),
@@ -188,7 +195,8 @@ def format_manifest(manifest: Manifest) -> str:
     lines = [f"source: {src.path} ({method}; sha256 {src.sha256[:12]}…)",
              f"params: {m.total_params:,} total; decoder linears {m.decoder_linear_params:,} of "
              f"{m.dense_decoder_linear_params:,} dense ({1 - m.decoder_linear_params / m.dense_decoder_linear_params:.1%} "
-             f"removed), {len(m.ranks)} factor pairs"]
+             f"removed), {len(m.ranks)} factor pairs"
+             + (", tied embeddings (one table, counted once)" if m.tied_embeddings else "")]
     for name, entry in manifest.formats.items():
         size = sum(f.bytes for f in entry.files.values())
         parity = entry.parity
