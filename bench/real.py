@@ -265,7 +265,7 @@ def plot(rows: list[dict], dense: dict, task: str, path: Path) -> None:
                 ppl_ax.plot(ratios, ppls, style, label=f"{method} ({allocate})")
     em_ax.axhline(dense["task_em"], color="black", linewidth=0.8, label="dense")
     ppl_ax.axhline(dense["code_ppl"], color="black", linewidth=0.8)
-    em_ax.set(xlabel="fraction of decoder-linear parameters removed", ylabel=f"{task} exact match")
+    em_ax.set(xlabel="fraction of decoder-linear parameters removed", ylabel=f"{task} exact match", ylim=(0, 1))
     ppl_ax.set(xlabel="fraction of decoder-linear parameters removed", ylabel="code perplexity (log)", yscale="log")
     em_ax.legend(fontsize=7, ncol=2)
     fig.suptitle("SmolLM2-135M-Instruct")
