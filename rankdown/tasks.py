@@ -1,14 +1,22 @@
-"""Built-in tasks (math, code, prose): deterministic corpora with disjoint splits.
+"""Built-in tasks: deterministic corpora with disjoint splits.
 
 Everything is generated or read from what every machine with this Python has: generated
 arithmetic, the standard library's own sources and the English text of
 ``pydoc_data.topics``. A document's split is fixed by a hash of its identity, so the
 training, calibration and evaluation splits never share a document, on any machine.
+
+``math``, ``code`` and ``prose`` suit the shipped model, which was trained on them. A
+pretrained model has never seen ``a+b=`` without context, so ``compare`` and
+``identifiers`` are few-shot exact-match tasks (a math-flavoured and a code-flavoured one)
+that a 135M-parameter pretrained Llama solves often but not always: their prompts are
+four solved lines from the training split, then the question.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,7 +48,8 @@ class TaskData:
     qa: tuple[QAExample, ...] = field(default_factory=tuple)
 
 
-TASKS = ("math", "code", "prose")
+TASKS = ("math", "code", "prose", "compare", "identifiers")
+EXACT_MATCH_TASKS = ("math", "compare", "identifiers")
 
 # Percent buckets of the identity hash: [0, 80) train, [80, 90) calibration, [90, 100) evaluation.
 _SPLIT_BUCKETS = {Split.TRAIN: range(0, 80), Split.CALIBRATION: range(80, 90), Split.EVALUATION: range(90, 100)}
@@ -49,6 +58,10 @@ MATH_EVAL_PROBLEMS = 400
 MATH_LINES_PER_TEXT = 24
 PROSE_CHUNK_CHARS = 1500
 CODE_CHUNK_CHARS = 1500
+FEW_SHOT_EXAMPLES = 4
+FEW_SHOT_EVAL_PROBLEMS = 400
+# Function names of two or more lower-case words: the ones whose CamelCase form differs.
+_SNAKE_DEF = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+([a-z][a-z0-9]*(?:_[a-z][a-z0-9]*)+)[ \t]*\(", re.MULTILINE)
 
 
 def _bucket(identity: str) -> int:
@@ -108,8 +121,54 @@ def prose_documents(split: Split) -> list[str]:
     return [topics[key] for key in sorted(topics) if _in_split(key, split)]
 
 
+def _hash_ordered(items: list[QAExample]) -> list[QAExample]:
+    return sorted(items, key=lambda ex: hashlib.sha256(ex.prompt.encode()).digest())
+
+
+def compare_problems(split: Split) -> list[QAExample]:
+    """``max(a, b) =`` for distinct two-digit numbers; the answer is the larger one."""
+    problems = [QAExample(f"max({a}, {b}) =", str(max(a, b))) for a in range(10, 100) for b in range(10, 100) if a != b]
+    return _hash_ordered([p for p in problems if _in_split(p.prompt, split)])
+
+
+@functools.cache
+def _stdlib_function_names() -> tuple[str, ...]:
+    """snake_case names of the functions defined in this Python's standard library (tests excluded)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names: set[str] = set()
+    for path in stdlib.rglob("*.py"):
+        parts = path.relative_to(stdlib).parts
+        if "site-packages" in parts or any(part in ("test", "tests", "idle_test") for part in parts):
+            continue
+        names.update(_SNAKE_DEF.findall(path.read_text(encoding="utf-8", errors="replace")))
+    return tuple(sorted(names))
+
+
+def identifier_problems(split: Split) -> list[QAExample]:
+    """``snake_case_name ->`` with its CamelCase form (each word capitalized, underscores dropped)."""
+    problems = [QAExample(f"{name} ->", "".join(word.capitalize() for word in name.split("_")))
+                for name in _stdlib_function_names()]
+    return _hash_ordered([p for p in problems if _in_split(p.prompt, split)])
+
+
+_FEW_SHOT_TASKS = {"compare": compare_problems, "identifiers": identifier_problems}
+
+
+def _few_shot_task(name: str, split: Split) -> TaskData:
+    """Texts are solved lines (perplexity, calibration); each question is led by the same four
+    solved lines of the training split, so no evaluation problem is ever shown to the model."""
+    problems = _FEW_SHOT_TASKS[name](split)
+    lines = [f"{p.prompt} {p.answer}" for p in problems]
+    texts = tuple("\n".join(lines[i : i + MATH_LINES_PER_TEXT]) + "\n" for i in range(0, len(lines), MATH_LINES_PER_TEXT))
+    if split is not Split.EVALUATION:
+        return TaskData(name, texts)
+    shots = "".join(f"{p.prompt} {p.answer}\n" for p in _FEW_SHOT_TASKS[name](Split.TRAIN)[:FEW_SHOT_EXAMPLES])
+    qa = tuple(QAExample(shots + p.prompt, p.answer) for p in problems[:FEW_SHOT_EVAL_PROBLEMS])
+    return TaskData(name, texts, qa)
+
+
 def load_task(name: str, split: Split) -> TaskData:
-    """The texts (and, for math, the question/answer pairs) of one built-in task split."""
+    """The texts (and, for exact-match tasks, the question/answer pairs) of one built-in task split."""
     if name == "math":
         problems = math_problems(split)
         qa = tuple(problems[:MATH_EVAL_PROBLEMS]) if split is Split.EVALUATION else ()
@@ -120,4 +179,6 @@ def load_task(name: str, split: Split) -> TaskData:
     if name == "prose":
         docs = prose_documents(split)
         return TaskData(name, tuple(c for d in docs for c in _chunks(d, PROSE_CHUNK_CHARS)))
+    if name in _FEW_SHOT_TASKS:
+        return _few_shot_task(name, split)
     raise RankdownError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")

