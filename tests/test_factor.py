@@ -33,7 +33,7 @@ def test_shared_down_group_registers_one_down_and_computes_each_member():
 def test_mismatched_factor_ranks_are_rejected():
     import pytest
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="factor ranks disagree: down has 3, up has 2"):
         FactorizedLinear(nn.Linear(4, 3, bias=False), nn.Linear(2, 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="factor ranks disagree: down has 3, up has 2"):
         SharedDownLinear(nn.Linear(4, 3, bias=False), nn.Linear(2, 4), owner=True)

@@ -1,4 +1,4 @@
-"""Issue 7, faults (cases 10-14): kills at any byte, a full disk, outputs that overlap inputs,
+"""Faults: kills at any byte, a full disk, outputs that overlap inputs,
 re-runs and concurrent runs never leave a partial or mixed output under a final name."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _debris(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
 
 
-# 10. kill points -------------------------------------------------------------------------------
+# kill points -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def kill_run(tiny_model_dir, tmp_path_factory):
@@ -180,7 +180,7 @@ def test_validate_refuses_what_a_killed_export_left(joint_bundle, tmp_path):
         validate(cut, ValidateConfig(latency=None), progress=quiet)
 
 
-# 11. disk full ---------------------------------------------------------------------------------
+# disk full ---------------------------------------------------------------------------------
 
 def test_pre_flight_refuses_when_the_disk_cannot_hold_the_output(tiny_model_dir, compressed_tiny, tmp_path, monkeypatch):
     import rankdown.compress.pipeline as compress_pipeline
@@ -237,7 +237,7 @@ def test_disk_full_while_writing_onnx_is_one_clean_error(compressed_tiny, tmp_pa
     assert tree_digest(folder) == before
 
 
-# 12. outputs that overlap inputs ----------------------------------------------------------------
+# outputs that overlap inputs ----------------------------------------------------------------
 
 def _overlapping(case: str, model: Path, tmp_path: Path) -> Path:
     if case == "equal":
@@ -282,7 +282,7 @@ def test_validate_report_inside_the_bundle_is_refused(joint_bundle, tmp_path):
     assert tree_digest(copy) == before
 
 
-# 13. re-runs -----------------------------------------------------------------------------------
+# re-runs -----------------------------------------------------------------------------------
 
 def test_rerun_export_is_byte_identical_with_no_stale_files(compressed_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # external data: the file that could grow by appends
@@ -315,7 +315,7 @@ def test_rerun_compress_is_byte_identical(tiny_model_dir, tmp_path):
     assert not (out / "stray.safetensors").exists()
 
 
-# 14. concurrent runs ---------------------------------------------------------------------------
+# concurrent runs ---------------------------------------------------------------------------
 
 def test_a_second_run_into_a_locked_output_fails_fast(tiny_model_dir, tmp_path, monkeypatch):
     import rankdown.compress.pipeline as compress_pipeline

@@ -1,4 +1,4 @@
-"""Issue 13, hostile or broken model input: GGUF files that are truncated, whose tensor offsets,
+"""Hostile or broken model input: GGUF files that are truncated, whose tensor offsets,
 sizes or counts lie, whose tokenizer does not match the vocabulary, or that are no Llama; and
 Hugging Face folders whose config.json disagrees with the weights or is absurd. Each is refused
 in one line, in seconds, with bounded memory, before any real work, and nothing is written."""

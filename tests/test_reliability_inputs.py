@@ -1,4 +1,4 @@
-"""Issue 7, untrusted input (cases 1-9): hostile model folders, tokenizers and bundles are refused
+"""Untrusted input: hostile model folders, tokenizers and bundles are refused
 with one line naming the file, before anything outside the folder is read or anything is written."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Payload:
         return (open, (self.sentinel, "w"))
 
 
-# 1. pickle -----------------------------------------------------------------------------------
+# pickle -----------------------------------------------------------------------------------
 
 def test_stray_pickle_beside_safetensors_is_never_read(tiny_model_dir, tmp_path, monkeypatch):
     folder = _copy(tiny_model_dir, tmp_path)
@@ -76,7 +76,7 @@ def test_stray_pickle_beside_safetensors_is_never_read(tiny_model_dir, tmp_path,
     assert not (tmp_path / "out" / "pytorch_model.bin").exists()
 
 
-# 2. remote code ------------------------------------------------------------------------------
+# remote code ------------------------------------------------------------------------------
 
 def test_remote_code_is_never_imported_whatever_the_environment_says(tiny_model_dir, tmp_path):
     folder = _copy(tiny_model_dir, tmp_path)
@@ -104,7 +104,7 @@ def test_remote_code_is_never_imported_whatever_the_environment_says(tiny_model_
     assert not modules.exists() or not any(modules.rglob("*.py"))
 
 
-# 3. malformed safetensors --------------------------------------------------------------------
+# malformed safetensors --------------------------------------------------------------------
 
 def _raw(header: dict, data: bytes) -> bytes:
     blob = json.dumps(header).encode()
@@ -145,7 +145,7 @@ def test_a_huge_header_claim_is_refused_without_reading_it(tmp_path):
     assert peak < 1 << 20, f"{peak} bytes allocated for a refused header"
 
 
-# 4. sharded index traversal ------------------------------------------------------------------
+# sharded index traversal ------------------------------------------------------------------
 
 _TRAVERSAL_PROBE = r"""
 import json, shutil, sys
@@ -207,7 +207,7 @@ def test_a_tensor_in_two_shards_is_refused(tiny_model_dir, tmp_path):
     _refused_by_compress(folder, tmp_path / "out", f"tensor '{second[0]}' is also in")
 
 
-# 5. config vs weights ------------------------------------------------------------------------
+# config vs weights ------------------------------------------------------------------------
 
 CONFIG_LIES = {
     "hidden size": ({"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}, "has shape"),
@@ -248,7 +248,7 @@ def test_tied_config_with_an_identical_stored_head_is_accepted(tiny_tokenizer, t
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-# 6. non-finite and degenerate weights ------------------------------------------------------------
+# non-finite and degenerate weights ------------------------------------------------------------
 
 def test_non_finite_weight_is_named_and_nothing_is_written(tiny_model_dir, tmp_path):
     folder = _copy(tiny_model_dir, tmp_path)
@@ -295,7 +295,7 @@ def test_rank_deficient_weights_give_finite_factors(tiny_model_dir, tmp_path, me
         assert torch.isfinite(tensor).all(), name
 
 
-# 7. tokenizer files --------------------------------------------------------------------------
+# tokenizer files --------------------------------------------------------------------------
 
 def test_tokenizer_payloads_neither_execute_nor_escape(tiny_model_dir, tmp_path):
     folder = _copy(tiny_model_dir, tmp_path)
@@ -352,7 +352,7 @@ def test_oversized_tokenizer_is_refused_unread(tiny_model_dir, tmp_path):
         load_tokenizer(folder)
 
 
-# 8. tampered ONNX external data ----------------------------------------------------------------
+# tampered ONNX external data ----------------------------------------------------------------
 
 class _Reached(Exception):
     pass
@@ -451,7 +451,7 @@ def test_tampered_external_data_is_refused_before_the_runtime(external_data_bund
     assert "model.onnx" in str(info.value) and "\n" not in str(info.value)
 
 
-# 9. tampered .pte ------------------------------------------------------------------------------
+# tampered .pte ------------------------------------------------------------------------------
 
 def _tampered_pte(joint_bundle, tmp_path, case):
     _, bundle, _ = joint_bundle

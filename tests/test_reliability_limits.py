@@ -1,4 +1,4 @@
-"""Issue 7, limits (cases 15-19): models over 2 GiB, memory caps, dtypes, ranks and sequence
+"""Limits: models over 2 GiB, memory caps, dtypes, ranks and sequence
 boundaries end in a result or a clean error, never a crash or a silent wrong answer."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def quiet(_message: str) -> None:
     """A progress callback that prints nothing."""
 
 
-# 15. over 2 GiB --------------------------------------------------------------------------------
+# over 2 GiB --------------------------------------------------------------------------------
 
 _LARGE_PROBE = r"""
 import sys
@@ -90,7 +90,7 @@ def test_an_empty_or_oversized_onnx_file_is_refused(tmp_path):
         check_onnx_model(tmp_path / "model.onnx", tmp_path)
 
 
-# 16. memory caps --------------------------------------------------------------------------------
+# memory caps --------------------------------------------------------------------------------
 
 _MEMORY_PROBE = r"""
 import resource, sys
@@ -142,7 +142,7 @@ def test_peak_rss_per_stage_is_in_the_manifest(joint_bundle):
     assert 0 < peaks["load"] <= peaks["onnx"] <= peaks["executorch"]
 
 
-# 17. dtypes ------------------------------------------------------------------------------------
+# dtypes ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,stored", [(torch.float16, "F16"), (torch.bfloat16, "BF16")])
 def test_half_precision_checkpoints_compress_in_float64_and_round_trip_bit_exact(tiny_tokenizer, tmp_path, monkeypatch,
@@ -169,7 +169,7 @@ def test_half_precision_checkpoints_compress_in_float64_and_round_trip_bit_exact
         assert torch.equal(first[name].view(torch.int16), second[name].view(torch.int16)), name
 
 
-# 18. ranks -------------------------------------------------------------------------------------
+# ranks -------------------------------------------------------------------------------------
 
 @pytest.fixture()
 def svd_copy(compressed_tiny, tmp_path):
@@ -225,7 +225,7 @@ def test_reported_parameter_counts_match_the_files(compressed_tiny, method):
             assert module.rank * (module.in_features + module.out_features) < module.in_features * module.out_features
 
 
-# 19. sequence boundaries -----------------------------------------------------------------------
+# sequence boundaries -----------------------------------------------------------------------
 
 def _torch_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():

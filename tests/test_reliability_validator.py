@@ -1,4 +1,4 @@
-"""Issue 7, the validator itself (cases 20-21): it fails closed on subtly wrong bundles, says where
+"""The validator itself: it fails closed on subtly wrong bundles, says where
 the largest difference is, and checks real tokens through cached and uncached decoding."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _drop_a_bias(model):
     _replace(bias, np.zeros_like(numpy_helper.to_array(bias)))
 
 
-# 20. fails closed --------------------------------------------------------------------------------
+# fails closed --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit", [_swap_two_heads, _drop_a_bias], ids=["swap heads", "drop bias"])
 def test_subtly_wrong_bundles_fail_with_where_the_difference_is(feature_bundle, tmp_path, edit):
@@ -123,7 +123,7 @@ def test_one_factor_scaled_by_1_01_fails_in_the_cli_with_where(feature_bundle, t
     assert report["passed"] is False and report["runtimes"]["onnxruntime"]["parity"]["max_diff_at"].startswith("prompt ")
 
 
-# 21. real tokens, cached and uncached ----------------------------------------------------------
+# real tokens, cached and uncached ----------------------------------------------------------
 
 class _Recording(LocalRunner):
     def __init__(self):

@@ -81,5 +81,5 @@ def test_read_dataclass_errors_name_the_file(tmp_path):
 def test_default_of_reads_the_dataclass_default_once():
     assert default_of(Inner, "scale") == 1.0
     assert default_of(Outer, "extras") == []
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="Inner.size has no default"):
         default_of(Inner, "size")

@@ -3,20 +3,22 @@ import pytest
 from rankdown.tasks import FEW_SHOT_EXAMPLES, Split, load_task, math_problems
 
 
-def test_math_splits_are_disjoint_and_deterministic():
+def test_math_splits_are_pairwise_disjoint_and_deterministic():
     train = {p.prompt for p in math_problems(Split.TRAIN)}
     calib = {p.prompt for p in math_problems(Split.CALIBRATION)}
     evaluation = math_problems(Split.EVALUATION)
-    assert not train & calib and not train & {p.prompt for p in evaluation}
+    held = {p.prompt for p in evaluation}
+    assert train and calib and held
+    assert not train & calib and not train & held and not calib & held
     assert evaluation == math_problems(Split.EVALUATION)
     assert all(str(eval(p.prompt[:-1])) == p.answer for p in evaluation[:50])
 
 
-def test_code_and_prose_splits_share_no_text():
-    for task in ("code", "prose"):
-        train = set(load_task(task, Split.TRAIN).texts)
-        held_out = set(load_task(task, Split.EVALUATION).texts) | set(load_task(task, Split.CALIBRATION).texts)
-        assert train and held_out and not train & held_out
+@pytest.mark.parametrize("task", ["math", "code", "prose", "compare", "identifiers"])
+def test_no_two_splits_share_a_text(task):
+    train, calib, evaluation = (set(load_task(task, split).texts) for split in (Split.TRAIN, Split.CALIBRATION, Split.EVALUATION))
+    assert train and calib and evaluation
+    assert not train & calib and not train & evaluation and not calib & evaluation
 
 
 def test_math_evaluation_has_question_answer_pairs():
