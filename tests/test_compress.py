@@ -303,3 +303,46 @@ def test_whitening_an_all_zero_matrix_gives_finite_zero_factors():
         stats = _stats(_skewed_inputs(shape[1]))
         a, (b,), _ = decompose(UnitWeights(["q_proj"], [torch.zeros(shape, dtype=torch.float64)], [None], stats)).factors(3)
         assert torch.isfinite(a).all() and torch.isfinite(b).all() and not (b @ a).any()
+
+
+def test_every_rank_strategy_is_registered_and_the_config_picks_it():
+    from rankdown.compress.config import Strategy
+    from rankdown.compress.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(Strategy)
+    assert CompressConfig(ratio=0.4).strategy is Strategy.UNIFORM
+    assert CompressConfig(ratio=0.4, allocate="bayes").strategy is Strategy.BAYES
+    assert CompressConfig(ratio=0.4, method="basis", basis_mode="tuned").strategy is Strategy.TUNED_BASIS
+
+
+def test_the_pipeline_runs_the_strategy_from_the_registry(tiny_model_dir, tmp_path, monkeypatch):
+    """A strategy is a registry entry: replacing the entry is all it takes for compress to use it."""
+    from rankdown.compress import strategies, uniform_ranks
+    from rankdown.compress.config import Strategy
+
+    seen = []
+
+    def spy(job):
+        seen.append(len(job.units))
+        return uniform_ranks.choose(job)
+
+    monkeypatch.setitem(strategies.STRATEGIES, Strategy.UNIFORM, strategies.StrategySpec(spy))
+    report = compress(tiny_model_dir, tmp_path / "s", CompressConfig(method="svd", ratio=0.3, **SMALL), progress=quiet)
+    assert seen == [14] and abs(report.achieved_ratio - 0.3) <= 0.003  # 2 layers x 7 linears
+
+
+def test_the_compress_command_defaults_are_the_configs(monkeypatch):
+    from rankdown.cli import build_parser
+    from rankdown.compress import pipeline
+
+    seen = []
+
+    def stop(_model, _out, cfg):
+        seen.append(cfg)
+        raise RuntimeError("stopped before compressing")
+
+    monkeypatch.setattr(pipeline, "compress", stop)
+    args = build_parser().parse_args(["compress", "-o", "out", "--ratio", "0.25"])
+    with pytest.raises(RuntimeError, match="stopped before compressing"):
+        args.func(args)
+    assert seen == [CompressConfig(ratio=0.25)]
