@@ -171,9 +171,28 @@ def cmd_devices(args: argparse.Namespace) -> None:
               f"memory {profile.memory_mb} MB  {where}  ({profile.description})")
 
 
-def _compress_parser(sub) -> None:
-    """Choices, defaults and their help text come from the config's enums and dataclasses."""
-    from rankdown.compress.config import Allocation, BasisMode, BasisTuning, CompressConfig, Method
+def build_parser() -> argparse.ArgumentParser:
+    from rankdown.compress.config import BasisTuning, CompressConfig
+
+    parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameters, per-module shapes and ranks, size")
+    _model_arg(info)
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=cmd_info)
+
+    ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
+    _model_arg(ev)
+    ev.add_argument("--task", choices=("math", "code", "prose"))
+    ev.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
+    ev.add_argument("--json", type=Path, help="write the result as JSON here")
+    ev.add_argument("--max-examples", type=int, default=400)
+    ev.add_argument("--threads", type=int, default=None)
+    ev.set_defaults(func=cmd_eval)
+
+    # compress: choices, defaults and their help come from the config's enums and dataclasses.
+    from rankdown.compress.config import Allocation, BasisMode, Method
     from rankdown.schema import choices, default_of, help_with_default
     from rankdown.tasks import TASKS
 
@@ -198,27 +217,6 @@ def _compress_parser(sub) -> None:
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    info = sub.add_parser("info", help="parameters, per-module shapes and ranks, size")
-    _model_arg(info)
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.set_defaults(func=cmd_info)
-
-    ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
-    _model_arg(ev)
-    ev.add_argument("--task", choices=("math", "code", "prose"))
-    ev.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
-    ev.add_argument("--json", type=Path, help="write the result as JSON here")
-    ev.add_argument("--max-examples", type=int, default=400)
-    ev.add_argument("--threads", type=int, default=None)
-    ev.set_defaults(func=cmd_eval)
-
-    _compress_parser(sub)
 
     exp = sub.add_parser("export", help="ONNX and ExecuTorch (.pte) with KV cache, factor pairs kept, self-checked")
     _model_arg(exp)
