@@ -27,13 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankdown.compress.calibration import collect_layer_stats, layer_inputs
-from rankdown.compress.config import BasisTuning
+from rankdown.checkpoint import load_model
+from rankdown.compress.calibration import calibration_windows, collect_layer_stats, layer_inputs
+from rankdown.compress.config import BasisTuning, CompressConfig
 from rankdown.compress.decomposition import balanced_svd
-from rankdown.compress.rank_allocation import Unit, total_params
+from rankdown.compress.rank_allocation import total_params
+from rankdown.compress.rank_job import RankJob, RankOutcome
+from rankdown.compress.units import BATCH, Unit, set_unit
 from rankdown.compress.whitening import cholesky_factor
+from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
+from rankdown.memory import peak_rss_mb
+from rankdown.tasks import Split, load_task
 
 NEW_BASES_SHARE = 1 / 32  # new bases per linear, of min(m, n) (the authors add 32 to 4096-wide Llama 2)
 
@@ -107,8 +113,6 @@ class TunableBasisLinear(nn.Module):
 def _selected_pools(model, units: list[Unit], windows: torch.Tensor, new_bases: list[int],
                     generator: torch.Generator, progress) -> dict[int, TunableBasisLinear]:
     """For each unit: SVD of W, the pool of its task-selected bases (closed-form score), as a module."""
-    from rankdown.compress.pipeline import BATCH
-
     layers = model.model.layers
     hidden = layer_inputs(model, windows)
     modules = {}
@@ -173,12 +177,6 @@ def _optimizer(modules: dict[int, TunableBasisLinear], tuning: BasisTuning) -> t
     ])
 
 
-def _set(model, unit: Unit, module: nn.Module) -> None:
-    (member,) = unit.members
-    parent, _, child = member.rpartition(".")
-    setattr(model.model.layers[unit.layer].get_submodule(parent), child, module)
-
-
 def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: torch.Tensor, ratio: float,
                tuning: BasisTuning, seed: int, progress) -> list[int | None]:
     """Train and prune the task-selected bases of every unit down to the budget; returns the ranks.
@@ -192,7 +190,7 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
     new_bases = [max(1, round(NEW_BASES_SHARE * min(u.in_features, sum(u.out_features)))) for u in units]
     modules = _selected_pools(model, units, calibration, new_bases, generator, progress)
     for i, module in modules.items():
-        _set(model, units[i], module)
+        set_unit(model.model.layers[units[i].layer], units[i], [module])
     for p in model.parameters():
         p.requires_grad_(False)
     for module in modules.values():
@@ -231,8 +229,6 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
             count = _prune_to(modules, units, step_target)
             optimizer = _optimizer(modules, tuning)
         if step % report_every == 0 or step == tuning.steps:
-            from rankdown.memory import peak_rss_mb
-
             progress(f"tuning step {step}/{tuning.steps}: loss {sum(running) / len(running):.4f}, "
                      f"{count:,} decoder-linear parameters (budget {target:,}), "
                      f"{time.perf_counter() - clock:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
@@ -240,5 +236,41 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
     model.eval()
     del teacher
     for i, module in modules.items():
-        _set(model, units[i], module.factor_pair(torch.float32))
+        set_unit(model.model.layers[units[i].layer], units[i], [module.factor_pair(torch.float32)])
     return [modules[i].rank for i in range(len(units))]
+
+
+def training_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
+    """Tuned mode's training data: the task's training split, or the calibration file itself."""
+    data = load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.TRAIN)
+    where = str(cfg.calib) if cfg.calib is not None else f"task {cfg.task} (train split)"
+    tokens = cfg.tuning.steps * cfg.tuning.batch * cfg.tuning.seq_len
+    return calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
+                               cfg.tuning.seq_len, tokens, where)
+
+
+@torch.no_grad()
+def calibration_loss(model, windows: torch.Tensor) -> float:
+    """Mean next-token loss of the whole (tuned) model over ``windows``."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], BATCH):
+        ids = windows[i : i + BATCH]
+        loss = model(input_ids=ids, labels=ids).loss
+        total += loss.item() * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def choose(job: RankJob) -> RankOutcome:
+    """The rank strategy of --basis-mode tuned: ranks are what pruning leaves."""
+    cfg = job.cfg
+    # Training needs the whole model at once: this strategy does not stream.
+    model = load_model(job.ckpt)
+    training = training_windows(job.tokenizer, cfg)
+    job.progress(f"tuning bases on {training.shape[0]} training windows: {cfg.tuning.steps} steps of "
+                 f"{cfg.tuning.batch}, {cfg.tuning.prune_steps} pruning steps")
+    ranks = tune_bases(model, job.units, job.windows, training, cfg.ratio, cfg.tuning, cfg.seed, job.progress)
+    loss = calibration_loss(model, job.windows)
+    job.writer.add({k: v for k, v in model.state_dict().items()
+                    if not (model.config.tie_word_embeddings and k == "lm_head.weight")})
+    return RankOutcome(model, ranks, loss)

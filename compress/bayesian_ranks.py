@@ -6,9 +6,9 @@ does); a trial only re-truncates those cached factors. A trial proposes a weight
 scaled jointly onto the parameter budget, so every trial meets it. Objective: perplexity
 on held-back calibration windows + 1e-3 x mean KL(dense || compressed). The first trial
 is the uniform allocation, so the search can only improve on it by its own objective.
-The chosen ranks are returned; the final factors are then computed by the streaming path
-(activations through the compressed layers), which can change the outcome: the pipeline
-re-judges the chosen ranks against uniform with those final factors and keeps the better.
+The final factors are then computed by the streaming path (activations through the
+compressed layers), which can change the outcome: so the chosen ranks are re-judged against
+uniform with those final factors, on windows the search never saw, and the better are kept.
 """
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ from __future__ import annotations
 import math
 import time
 
-import optuna
 import torch
 import torch.nn.functional as F
 
-from rankdown.compress.calibration import collect_layer_stats, layer_inputs
+from rankdown.checkpoint import load_model
+from rankdown.compress.calibration import collect_layer_stats, held_back, layer_inputs
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.methods import MethodSpec
-from rankdown.compress.rank_allocation import Unit, allocate
-from rankdown.errors import RankdownError
+from rankdown.compress.rank_allocation import allocate
+from rankdown.compress.rank_job import RankJob, RankOutcome
+from rankdown.compress.streaming import compress_streaming
+from rankdown.compress.units import BATCH, Unit, decompose_unit, factor_modules, set_unit
 
 KL_WEIGHT = 1e-3
 WEIGHT_RANGE = (0.3, 1.0)
-BATCH = 8
+MIN_WINDOWS = 6  # the check holds back 2, and the search holds back 2 of the 4 it fits on
 
 
 @torch.no_grad()
@@ -46,19 +48,13 @@ def _objective(model, windows: torch.Tensor, reference: torch.Tensor) -> float:
     return math.exp(nll) + KL_WEIGHT * kl
 
 
-def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The search's fit windows and its held-back windows (the last quarter)."""
-    if windows.shape[0] < 4:
-        raise RankdownError("bayes allocation needs at least 4 calibration windows (give more data)")
-    held = max(2, windows.shape[0] // 4)
-    return windows[:-held], windows[-held:]
-
-
 def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: torch.Tensor, cfg: CompressConfig,
                         progress) -> tuple[list[int | None], dict[str, float]]:
-    from rankdown.compress.pipeline import decompose_unit, factor_modules, set_unit
+    # Imported here, not with the module: the registry imports every strategy, and only bayes
+    # needs optuna (seconds to import, and memory a streaming run would carry to its peak).
+    import optuna
 
-    fit_windows, eval_windows = split_windows(windows)
+    fit_windows, eval_windows = held_back(windows, MIN_WINDOWS - 2, f"{cfg.source}: bayes allocation")
     reference = _log_probs(model, eval_windows)
     layers = model.model.layers
     dense = {(u.layer, m): layers[u.layer].get_submodule(m) for u in units for m in u.members}
@@ -109,3 +105,43 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
         members = [(u, r) for u, r in zip(units, ranks) if u.kind == kind]
         keep[kind] = round(sum(u.params(r) for u, r in members) / sum(u.dense_params for u, _ in members), 4)
     return ranks, keep
+
+
+def _check_against_uniform(job: RankJob, ranks: list[int | None], windows: torch.Tensor,
+                           check: torch.Tensor) -> tuple[list[int | None], dict[str, int | float | str]]:
+    """Bayesian trials score cached factors from dense activations; the final factors are streamed.
+
+    So the winner is re-judged as it will be built: both it and the uniform ranks are built by
+    the streaming pass from the search's windows and scored on ``check`` windows, which the
+    search never saw (and never the evaluation split); the uniform ranks are kept if they score
+    at least as well.
+    """
+    uniform = allocate(job.units, job.cfg.ratio)
+    if ranks == uniform:
+        return ranks, {"kept": "uniform", "note": "the search chose the uniform ranks"}
+    def quiet(_message: str) -> None:
+        pass
+    losses = {name: compress_streaming(job.ckpt, job.method, job.units, r, windows, None, quiet, scored=check)[1]
+              for name, r in (("bayes", ranks), ("uniform", uniform))}
+    kept = "bayes" if losses["bayes"] < losses["uniform"] else "uniform"
+    job.progress(f"check of the final factors on {check.shape[0]} unseen windows: loss bayes {losses['bayes']:.4f}, "
+                 f"uniform {losses['uniform']:.4f}: keeping the {kept} ranks")
+    return (ranks if kept == "bayes" else uniform), {"kept": kept, "bayes_loss": round(losses["bayes"], 5),
+                                                      "uniform_loss": round(losses["uniform"], 5),
+                                                      "check_windows": int(check.shape[0])}
+
+
+def choose(job: RankJob) -> RankOutcome:
+    """Search on the calibration windows but the last quarter, check on that quarter, then stream.
+
+    The check's windows are not the task's training split: the shipped model was trained on it,
+    and its loss there ranked the candidates the other way round from held-out text (whiten at
+    0.6: bayes lower on training windows, higher perplexity on evaluation).
+    """
+    search, unseen = held_back(job.windows, MIN_WINDOWS, f"{job.cfg.source}: bayes allocation")
+    dense = load_model(job.ckpt)
+    ranks, keep_ratios = compress_with_bayes(dense, job.method, job.units, search, job.cfg, job.progress)
+    del dense  # never the dense model and a compressed one at once: the final pass streams
+    ranks, check = _check_against_uniform(job, ranks, search, unseen)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress)
+    return RankOutcome(model, ranks, loss, keep_ratios, check)

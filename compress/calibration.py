@@ -12,16 +12,9 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rankdown.compress.units import SITES
 from rankdown.errors import RankdownError
 
-# Which site feeds which linear; members of one site can share a ``down`` (joint rank-k).
-SITES = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_in": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_in": ("mlp.down_proj",),
-}
-SITE_OF = {member: site for site, members in SITES.items() for member in members}
 ROW_SLICE = 256  # rows of a batch upcast to float64 at once
 
 
@@ -40,6 +33,16 @@ def calibration_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ..
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = [[bos] + stream[i * step : (i + 1) * step] for i in range(count)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def held_back(windows: torch.Tensor, minimum: int, purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the other windows, the last quarter of them held back, at least two): the held-back windows
+    judge what was fitted on the others, so they never saw it. ``purpose`` leads the error."""
+    if windows.shape[0] < minimum:
+        raise RankdownError(f"{purpose} needs at least {minimum} calibration windows of {windows.shape[1]} tokens "
+                            "(give more text or --calib-tokens)")
+    held = max(2, windows.shape[0] // 4)
+    return windows[:-held], windows[-held:]
 
 
 @dataclass
@@ -147,9 +150,6 @@ def run_layer(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, b
 def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor,
                         batch: int, pooled: bool = False) -> tuple[dict[str, InputStats], torch.Tensor]:
     """Statistics of the layer's four input sites, and its (dense) outputs."""
-    hidden_size = model.config.hidden_size
-    dims = {"attn_in": hidden_size, "o_in": layer.self_attn.o_proj.in_features,
-            "mlp_in": hidden_size, "down_in": layer.mlp.down_proj.in_features}
-    stats = {site: InputStats(dim, pooled) for site, dim in dims.items()}
+    stats = {site: InputStats(layer.get_submodule(members[0]).in_features, pooled) for site, members in SITES.items()}
     out = run_layer(model, layer, hidden, batch, stats)
     return stats, out

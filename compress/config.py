@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_file, to_jsonable
+from rankdown.tasks import TASKS
 
 REPORT_FILE = "compression.json"
 REPORT_SCHEMA_VERSION = 2  # 2: allocation_check (bayes re-judged against uniform)
@@ -31,6 +32,14 @@ class Allocation(str, Enum):
 class BasisMode(str, Enum):
     CLOSED_FORM = "closed-form"
     TUNED = "tuned"
+
+
+class Strategy(str, Enum):
+    """How ranks are chosen (compress/strategies.py); picked from --allocate and --basis-mode."""
+
+    UNIFORM = "uniform"
+    BAYES = "bayes"
+    TUNED_BASIS = "tuned-basis"  # ranks are the outcome of training and pruning the bases
 
 
 @dataclass(frozen=True)
@@ -72,29 +81,31 @@ class CompressConfig:
     seed: int = 0
     calib_tokens: int = 16384  # calibration budget: windows of seq_len tokens, BOS included
     seq_len: int = 128
-    group_windows: int = 8  # sequences per pooled-covariance group (seed 002)
     dtype: str | None = None  # stored dtype of the factors; None keeps the source's
     overwrite: bool = False
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise RankdownError(f"--ratio must be a number strictly between 0 and 1, got {self.ratio!r}")
-        for name, enum in (("method", Method), ("allocate", Allocation), ("basis_mode", BasisMode)):
-            value = getattr(self, name)
-            if not isinstance(value, enum):
-                try:
-                    object.__setattr__(self, name, enum(value))
-                except ValueError:
-                    known = ", ".join(m.value for m in enum)
-                    raise RankdownError(f"unknown {name.replace('_', '-')} {value!r}: choose one of {known}") from None
+        coerce_enums(self)
         if (self.task is None) == (self.calib is None):
-            raise RankdownError("give a task (math, code, prose) or a calibration file, not both")
+            raise RankdownError(f"give a task ({', '.join(TASKS)}) or a calibration file, not both")
         if self.basis_mode is BasisMode.TUNED and self.method is not Method.BASIS:
             raise RankdownError("--basis-mode tuned applies to --method basis only")
         if self.basis_mode is BasisMode.TUNED and self.allocate is not Allocation.UNIFORM:
             raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate at uniform")
         if self.trials < 1:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
+
+    @property
+    def strategy(self) -> Strategy:
+        """Tuned basis selection chooses its ranks by pruning; otherwise --allocate says how."""
+        return Strategy.TUNED_BASIS if self.basis_mode is BasisMode.TUNED else Strategy(self.allocate.value)
+
+    @property
+    def source(self) -> str:
+        """The calibration data as messages name it."""
+        return str(self.calib) if self.calib is not None else f"task {self.task}"
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class CompressionReport:
     keep_ratios: dict[str, float] = field(default_factory=dict)
     # bayes only: the loss of the final (streamed) factors for the chosen and the uniform ranks on
     # windows the search never saw, and which were kept
-    allocation_check: dict[str, float | str] = field(default_factory=dict)
+    allocation_check: dict[str, int | float | str] = field(default_factory=dict)
     basis_mode: str | None = None
     seed: int = 0
     schema_version: int = REPORT_SCHEMA_VERSION
@@ -131,17 +142,14 @@ class CompressionReport:
         return 1 - self.params_after / self.params_before
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self) | {"achieved_ratio": self.achieved_ratio}, indent=2) + "\n"
+        return dump_json(to_jsonable(self) | {"achieved_ratio": self.achieved_ratio})
 
     @classmethod
     def read(cls, folder: Path) -> CompressionReport:
         path = folder / REPORT_FILE
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            raw.pop("achieved_ratio", None)
+        raw = read_json_file(path, "compression report")
+        if isinstance(raw, dict):
+            raw.pop("achieved_ratio", None)  # derived, written for readers of the file
             if raw.get("schema_version") not in READABLE_REPORT_VERSIONS:
-                raise ValueError(f"schema_version {raw.get('schema_version')!r}")
-            raw["modules"] = {k: ModuleReport(**v) for k, v in raw["modules"].items()}
-            return cls(**raw)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise RankdownError(f"{path}: invalid compression report: {e}") from None
+                raise RankdownError(f"{path}: invalid compression report: schema_version {raw.get('schema_version')!r}")
+        return read_dataclass(cls, path, "compression report", raw)

@@ -18,6 +18,7 @@ class MethodSpec:
     dense_kinds: frozenset[str] = frozenset()  # kinds this method leaves dense
     factor_bias: bool = False  # the up factor always carries a bias (counted in the budget)
     pooled_stats: bool = False  # reads the pooled input covariance (an extra n x n per site)
+    basis_modes: bool = False  # closed-form or tuned (--basis-mode), recorded in compression.json
 
 
 METHODS: dict[Method, MethodSpec] = {
@@ -28,5 +29,5 @@ METHODS: dict[Method, MethodSpec] = {
     # Seed 002 leaves v dense (its public code does): v is small under GQA and sensitive.
     Method.FEATURE: MethodSpec(feature.decompose, needs_data=True, dense_kinds=frozenset({"v"}),
                                   factor_bias=True, pooled_stats=True),
-    Method.BASIS: MethodSpec(basis_selection.decompose, needs_data=True),
+    Method.BASIS: MethodSpec(basis_selection.decompose, needs_data=True, basis_modes=True),
 }

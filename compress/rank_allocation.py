@@ -1,4 +1,4 @@
-"""Units, the parameter budget, and ranks: uniform, or scaled per kind (for Bayesian trials).
+"""The parameter budget and ranks: uniform, or scaled per kind (for Bayesian trials).
 
 A unit's rank r costs r (n + sum m_j) parameters (plus biases); it saves parameters only
 below the break-even rank. Ranks are chosen so that the decoder linears keep
@@ -9,72 +9,11 @@ parameters stays dense.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from rankdown.compress.calibration import SITE_OF
+from rankdown.compress.units import Unit
 from rankdown.errors import RankdownError
 
-KIND_OF = {
-    "self_attn.q_proj": "qk", "self_attn.k_proj": "qk", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
-}
-JOINT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 TOLERANCE = 0.01  # the kept parameter count lands within 1% of the target count
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One factor pair to be (or a group sharing one ``down``), within one decoder layer."""
-
-    layer: int
-    members: tuple[str, ...]  # layer-relative names, e.g. "self_attn.q_proj"
-    in_features: int
-    out_features: tuple[int, ...]
-    biases: int
-    kind: str
-    compressible: bool
-    factor_bias: bool = False
-
-    @property
-    def site(self) -> str:
-        return SITE_OF[self.members[0]]
-
-    @property
-    def dense_params(self) -> int:
-        return self.in_features * sum(self.out_features) + self.biases
-
-    def params(self, rank: int | None) -> int:
-        if rank is None:
-            return self.dense_params
-        biases = sum(self.out_features) if self.factor_bias else self.biases
-        return rank * (self.in_features + sum(self.out_features)) + biases
-
-    @property
-    def max_saving_rank(self) -> int:
-        """The largest rank that still saves parameters (0 if none does)."""
-        per_rank = self.in_features + sum(self.out_features)
-        saving = self.dense_params - self.params(0)
-        return max(0, min(math.ceil(saving / per_rank) - 1, self.in_features, sum(self.out_features)))
-
-    def names(self) -> list[str]:
-        return [f"model.layers.{self.layer}.{m}" for m in self.members]
-
-
-def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool, dense_kinds: frozenset[str],
-               factor_bias: bool = False) -> list[Unit]:
-    """Units for every layer: ``layer_shapes[l][member] = (out, in, has_bias)``."""
-    units = []
-    for index, shapes in enumerate(layer_shapes):
-        grouped = [g for g in JOINT_GROUPS if joint]
-        taken = {m for g in grouped for m in g}
-        members_list = list(grouped) + [(m,) for m in KIND_OF if m not in taken]
-        for members in members_list:
-            outs = tuple(shapes[m][0] for m in members)
-            kind = KIND_OF[members[0]]
-            units.append(Unit(index, members, shapes[members[0]][1], outs,
-                              sum(shapes[m][0] for m in members if shapes[m][2]), kind,
-                              compressible=kind not in dense_kinds, factor_bias=factor_bias))
-    return units
 
 
 def _ranks_for_scale(units: list[Unit], scale: float, weights: dict[str, float]) -> list[int | None]:

@@ -83,14 +83,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     from rankdown.compress.config import BasisTuning, CompressConfig
     from rankdown.compress.pipeline import compress
+    from rankdown.schema import default_of
 
     if args.task is None and args.calib is None:
-        args.task = "math"
+        args.task = default_of(CompressConfig, "task")
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
-        trials=args.trials, basis_mode=args.basis_mode, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
-        **({} if args.tune_steps is None else {"tuning": BasisTuning(steps=args.tune_steps)}),
-        **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
+        trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps), seed=args.seed,
+        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
     )
     report = compress(args.model, args.out, cfg)
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
@@ -216,21 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None)
     ev.set_defaults(func=cmd_eval)
 
+    # compress: choices, defaults and their help come from the config's enums and dataclasses.
+    from rankdown.compress.config import Allocation, BasisMode, Method
+    from rankdown.schema import choices, default_of, help_with_default
+
+    def option(flag: str, text: str, cls: type = CompressConfig, field: str | None = None, **kwargs) -> None:
+        field = field or flag.removeprefix("--").replace("-", "_")
+        comp.add_argument(flag, default=default_of(cls, field), help=help_with_default(text, cls, field), **kwargs)
+
     comp = sub.add_parser("compress", help="replace decoder linears by factor pairs chosen with task data")
     _model_arg(comp)
     comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
-    comp.add_argument("--task", choices=TASKS, help="built-in calibration data (default math)")
+    comp.add_argument("--task", choices=TASKS, help=help_with_default("built-in calibration data", CompressConfig, "task"))
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
-    comp.add_argument("--calib-tokens", type=int,
-                      help=f"calibration tokens read (default {CompressConfig.calib_tokens})")
+    option("--calib-tokens", "calibration tokens read", type=int)
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
-    comp.add_argument("--method", default="svd", help="svd, asvd, whiten, joint, feature, basis")
-    comp.add_argument("--allocate", default="uniform", help="uniform or bayes")
-    comp.add_argument("--trials", type=int, default=30, help="Bayesian-optimization trials")
-    comp.add_argument("--basis-mode", default="closed-form",
-                      help="basis method only: closed-form (no training) or tuned (trained coefficients, pruned to the budget)")
-    comp.add_argument("--tune-steps", type=int, help=f"training steps of --basis-mode tuned (default {BasisTuning().steps})")
-    comp.add_argument("--seed", type=int, default=0)
+    option("--method", "factorization method", choices=choices(Method))
+    option("--allocate", "how ranks are spread over the layers", choices=choices(Allocation))
+    option("--trials", "Bayesian-optimization trials", type=int)
+    option("--basis-mode", "basis method only: closed-form (no training) or tuned (trained coefficients, pruned to "
+           "the budget)", choices=choices(BasisMode))
+    option("--tune-steps", "training steps of --basis-mode tuned", BasisTuning, "steps", type=int)
+    option("--seed", "random seed", type=int)
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)

@@ -14,6 +14,7 @@ from torch import nn
 
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.schema import build, read_json_file
 
 RECORD_FILE = "factorization.json"
 SCHEMA_VERSION = 1
@@ -45,19 +46,20 @@ class FactorRecord:
         path = folder / RECORD_FILE
         if not path.exists():
             return cls()
+        raw = read_json_file(path, "factorization record")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}")
-            if set(raw) != {"modules", "schema_version"}:
-                raise ValueError(f"unknown keys {sorted(set(raw) - {'modules', 'schema_version'})}")
-            modules = {name: ModuleFactor(**spec) for name, spec in raw["modules"].items()}
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            version = raw.get("schema_version") if isinstance(raw, dict) else None
+            if version != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {version!r} is not {SCHEMA_VERSION}")
+            if "modules" not in raw:
+                raise ValueError("missing keys ['modules']")
+            modules = build(cls, raw, "factorization").modules
+        except (ValueError, TypeError) as e:
             raise RankdownError(f"{path}: invalid factorization record: {e}") from None
         for name, spec in modules.items():
             # A shared-down group's rank is bounded by the group's stacked rows, not one member's.
             limit = spec.in_features if spec.group else min(spec.in_features, spec.out_features)
-            if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or not 1 <= spec.rank <= limit:
+            if not 1 <= spec.rank <= limit:  # its type (int, not bool) was checked when read
                 raise RankdownError(f"{path}: module {name} has rank {spec.rank!r} outside 1..{limit}")
             owner = spec.shares_down_with
             if owner is not None and (owner not in modules or modules[owner].shares_down_with is not None

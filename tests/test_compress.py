@@ -9,7 +9,8 @@ from rankdown.compress.config import BasisTuning, CompressConfig, CompressionRep
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.methods import METHODS
 from rankdown.compress.pipeline import compress
-from rankdown.compress.rank_allocation import Unit, allocate
+from rankdown.compress.rank_allocation import allocate
+from rankdown.compress.units import Unit
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 from rankdown.info import model_info
@@ -130,9 +131,10 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     (dict(ratio=0), "strictly between 0 and 1"),
     (dict(ratio=1.5), "strictly between 0 and 1"),
     (dict(ratio="x"), "strictly between 0 and 1"),
-    (dict(method="magic"), "unknown method 'magic'"),
-    (dict(allocate="best"), "unknown allocate 'best'"),
-    (dict(basis_mode="trained"), "unknown basis-mode 'trained'"),
+    (dict(method="magic"), "unknown --method 'magic': choose one of svd, asvd, whiten, joint, feature, basis$"),
+    (dict(allocate="best"), "unknown --allocate 'best'"),
+    (dict(basis_mode="trained"), "unknown --basis-mode 'trained'"),
+    (dict(task=None), "give a task \\(math, code, prose\\) or a calibration file"),
     (dict(method="whiten", basis_mode="tuned"), "applies to --method basis only"),
     (dict(method="basis", basis_mode="tuned", allocate="bayes"), "leave --allocate at uniform"),
 ])
@@ -216,14 +218,14 @@ def test_cholesky_ridge_leaves_the_statistics_unchanged():
 
 
 def test_streamed_loss_equals_cross_entropy_over_the_full_vocabulary():
-    from rankdown.compress import pipeline
+    from rankdown.compress.streaming import streamed_loss
 
     torch.manual_seed(0)
     hidden, windows = torch.randn(5, 9, 16), torch.randint(0, 40000, (5, 9))
     head, norm = torch.randn(40000, 16).half(), torch.nn.LayerNorm(16)  # 40000 rows: three vocabulary slices
     logits = norm(hidden[:, :-1]) @ head.float().T
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 40000), windows[:, 1:].reshape(-1)).item()
-    assert pipeline._streamed_loss(hidden, windows, norm, head) == pytest.approx(expected, rel=1e-5)
+    assert streamed_loss(hidden, windows, norm, head) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(24, 64), (32, 32)])
@@ -253,13 +255,17 @@ def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
 
 def test_bayes_is_judged_on_windows_the_search_never_saw():
     """The check against uniform must not reuse the search's windows, else it favours the search's pick."""
-    from rankdown.compress.pipeline import check_windows
+    from rankdown.compress.bayesian_ranks import MIN_WINDOWS
+    from rankdown.compress.calibration import held_back
 
     windows = torch.arange(40 * 8).reshape(40, 8)
-    search, unseen = check_windows(CompressConfig(method="whiten", ratio=0.4, allocate="bayes", task="math"), windows)
+    search, unseen = held_back(windows, MIN_WINDOWS, "task math: bayes allocation")
     assert unseen.shape[0] == 10 and torch.equal(torch.cat([search, unseen]), windows)
-    with pytest.raises(RankdownError, match="task math: bayes allocation needs at least 6 calibration windows"):
-        check_windows(CompressConfig(method="whiten", ratio=0.4, allocate="bayes", task="math"), windows[:5])
+    # The search splits its own windows the same way: at the fewest windows allowed, both halves hold two.
+    fit, judged = held_back(search[:MIN_WINDOWS - 2], MIN_WINDOWS - 2, "bayes")
+    assert fit.shape[0] == 2 and judged.shape[0] == 2
+    with pytest.raises(RankdownError, match="task math: bayes allocation needs at least 6 calibration windows of 8 tokens"):
+        held_back(windows[:5], MIN_WINDOWS, "task math: bayes allocation")
 
 
 def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
@@ -297,3 +303,46 @@ def test_whitening_an_all_zero_matrix_gives_finite_zero_factors():
         stats = _stats(_skewed_inputs(shape[1]))
         a, (b,), _ = decompose(UnitWeights(["q_proj"], [torch.zeros(shape, dtype=torch.float64)], [None], stats)).factors(3)
         assert torch.isfinite(a).all() and torch.isfinite(b).all() and not (b @ a).any()
+
+
+def test_every_rank_strategy_is_registered_and_the_config_picks_it():
+    from rankdown.compress.config import Strategy
+    from rankdown.compress.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(Strategy)
+    assert CompressConfig(ratio=0.4).strategy is Strategy.UNIFORM
+    assert CompressConfig(ratio=0.4, allocate="bayes").strategy is Strategy.BAYES
+    assert CompressConfig(ratio=0.4, method="basis", basis_mode="tuned").strategy is Strategy.TUNED_BASIS
+
+
+def test_the_pipeline_runs_the_strategy_from_the_registry(tiny_model_dir, tmp_path, monkeypatch):
+    """A strategy is a registry entry: replacing the entry is all it takes for compress to use it."""
+    from rankdown.compress import strategies, uniform_ranks
+    from rankdown.compress.config import Strategy
+
+    seen = []
+
+    def spy(job):
+        seen.append(len(job.units))
+        return uniform_ranks.choose(job)
+
+    monkeypatch.setitem(strategies.STRATEGIES, Strategy.UNIFORM, strategies.StrategySpec(spy))
+    report = compress(tiny_model_dir, tmp_path / "s", CompressConfig(method="svd", ratio=0.3, **SMALL), progress=quiet)
+    assert seen == [14] and abs(report.achieved_ratio - 0.3) <= 0.003  # 2 layers x 7 linears
+
+
+def test_the_compress_command_defaults_are_the_configs(monkeypatch):
+    from rankdown.cli import build_parser
+    from rankdown.compress import pipeline
+
+    seen = []
+
+    def stop(_model, _out, cfg):
+        seen.append(cfg)
+        raise RuntimeError("stopped before compressing")
+
+    monkeypatch.setattr(pipeline, "compress", stop)
+    args = build_parser().parse_args(["compress", "-o", "out", "--ratio", "0.25"])
+    with pytest.raises(RuntimeError, match="stopped before compressing"):
+        args.func(args)
+    assert seen == [CompressConfig(ratio=0.25)]

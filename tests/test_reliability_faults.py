@@ -190,7 +190,7 @@ def test_pre_flight_refuses_when_the_disk_cannot_hold_the_output(tiny_model_dir,
         free = 4096
 
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _p: Tiny)
-    monkeypatch.setattr(compress_pipeline, "load_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(compress_pipeline, "load_tokenizer", lambda *a, **k: pytest.fail("work started"))
     monkeypatch.setattr(export_pipeline, "load_model", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(RankdownError, match=r"out: out of space: the compressed checkpoint needs about \d+ MiB, 0 MiB free"):
         compress(tiny_model_dir, tmp_path / "out", CompressConfig(**SMALL), progress=quiet)

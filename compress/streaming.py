@@ -1,0 +1,114 @@
+"""The streaming pass: a decoder layer at a time from the checkpoint, through the compressed layers.
+
+Only one layer's weights, activations and statistics are held at once; the dense model and its
+compressed copy are never in memory together.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from rankdown.checkpoint import ShardedWriter, read_tensors, skeleton_model
+from rankdown.compress.calibration import collect_layer_stats, run_layer
+from rankdown.compress.methods import MethodSpec
+from rankdown.compress.rank_job import Progress
+from rankdown.compress.units import BATCH, Unit, decompose_unit, factor_modules, set_unit
+from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
+
+HEAD_SLICE = 16384  # vocabulary rows of the head upcast at once for the calibration loss
+TOKEN_CHUNK = 1024  # tokens whose logits over one slice are held at once
+
+
+def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> float:
+    """Mean next-token loss from the last layer's outputs with the head's vocabulary in slices
+    (log-sum-exp accumulated per token), so that neither the full logits nor an fp32 copy of the
+    head are ever held: at a 128k vocabulary either would be gigabytes."""
+    with torch.no_grad():
+        h = torch.cat([norm(hidden[i : i + BATCH, :-1]).reshape(-1, hidden.shape[-1])
+                       for i in range(0, hidden.shape[0], BATCH)])
+        targets = windows[:, 1:].reshape(-1)
+        log_sum = torch.full((h.shape[0],), -torch.inf, dtype=torch.float64)
+        picked = torch.zeros(h.shape[0], dtype=torch.float64)
+        for first in range(0, head.shape[0], HEAD_SLICE):
+            rows = head[first : first + HEAD_SLICE].float()
+            for t in range(0, h.shape[0], TOKEN_CHUNK):
+                logits = h[t : t + TOKEN_CHUNK] @ rows.T
+                chunk = slice(t, t + TOKEN_CHUNK)
+                log_sum[chunk] = torch.logaddexp(log_sum[chunk], torch.logsumexp(logits, -1).double())
+                local = targets[chunk] - first
+                inside = (local >= 0) & (local < rows.shape[0])
+                picked[chunk][inside] = logits[inside, local[inside]].double()
+    return (log_sum - picked).mean().item()
+
+
+def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
+                        writer: ShardedWriter | None, progress: Progress,
+                        scored: torch.Tensor | None = None) -> tuple[LlamaForCausalLM, float]:
+    """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
+    compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
+    model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
+    windows (default: the calibration windows themselves)."""
+    model = skeleton_model(ckpt)
+    layers = model.model.layers
+    embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"]
+    hidden = F.embedding(windows, embed).float()
+    scored_hidden = None if scored is None else F.embedding(scored, embed).float()
+    del embed
+    release_free_memory()
+    for index, layer in enumerate(layers):
+        start = time.perf_counter()
+        prefix = f"model.layers.{index}."
+        weights = read_tensors(ckpt, prefix, torch.float32)
+        layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
+        del weights
+        stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
+        # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
+        # other units' decompositions allocate their own working memory.
+        todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
+                      key=lambda pair: -pair[0].in_features)
+        # No forward pass runs until every unit is factored, so the dense weights to be replaced
+        # are dropped now and each unit re-reads its own from the checkpoint when its turn comes.
+        for unit, _ in todo:
+            for member in unit.members:
+                layer.get_submodule(member).to("meta")
+        release_free_memory()  # the forward pass's activations and those weights
+        for position, (unit, rank) in enumerate(todo):
+            last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
+            stored = {}
+            for member in unit.members:
+                stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
+            # The site's last unit takes its statistics along (no name here holds them), so a
+            # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
+            decomposition = decompose_unit(spec, layer, unit, None if stats is None else
+                                           (stats.pop(unit.site) if last_of_site else stats[unit.site]),
+                                           f"model.layers.{index}", stored)
+            del stored
+            set_unit(layer, unit, factor_modules(decomposition, unit, rank, torch.float32))
+            del decomposition
+        del stats
+        hidden = run_layer(model, layer, hidden, BATCH)
+        if scored_hidden is not None:
+            scored_hidden = run_layer(model, layer, scored_hidden, BATCH)
+        if writer is not None:
+            writer.add({prefix + k: v for k, v in layer.state_dict().items()})
+        layer.to("meta")
+        release_free_memory()
+        progress(f"layer {index + 1}/{len(layers)} compressed in {time.perf_counter() - start:.1f} s "
+                 f"(RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB)")
+    rest = read_tensors(ckpt, "model.norm.") | read_tensors(ckpt, "model.embed_tokens.") | read_tensors(ckpt, "lm_head.")
+    head = rest.get("lm_head.weight", rest["model.embed_tokens.weight"])
+    norm = model.model.norm
+    norm.load_state_dict({"weight": rest["model.norm.weight"].float()}, assign=True)
+    if scored is None:
+        loss = streamed_loss(hidden, windows, norm, head)
+    else:
+        loss = streamed_loss(scored_hidden, scored, norm, head)
+    if writer is not None:
+        writer.add(rest)
+    del rest, head
+    return model, loss

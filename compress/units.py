@@ -1,0 +1,147 @@
+"""Units, the Llama linears they are made of, and how a unit is decomposed and put back.
+
+A unit is one decoder linear, or a group of linears reading one input that share ``down``
+(joint rank-k). Every other compress module names the linears and the batch size from here,
+so that the pipeline, the rank strategies and the statistics agree on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankdown.compress.decomposition import Decomposition, UnitWeights
+from rankdown.compress.methods import MethodSpec
+from rankdown.errors import RankdownError
+from rankdown.factor import FactorizedLinear, shared_down_group
+
+BATCH = 8  # calibration windows per forward pass
+
+# A decoder layer's linears by their layer-relative names (the stock transformers Llama's).
+Q_PROJ, K_PROJ, V_PROJ, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+GATE_PROJ, UP_PROJ, DOWN_PROJ = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+LINEARS = (Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ)
+# q and k share one keep share (seed 002 ties them); the others have one each.
+KIND_OF = {Q_PROJ: "qk", K_PROJ: "qk", V_PROJ: "v", O_PROJ: "o", GATE_PROJ: "gate", UP_PROJ: "up", DOWN_PROJ: "down"}
+JOINT_GROUPS = ((Q_PROJ, K_PROJ), (GATE_PROJ, UP_PROJ))
+# Which input site feeds which linear; members of one site can share a ``down`` (joint rank-k).
+SITES = {"attn_in": (Q_PROJ, K_PROJ, V_PROJ), "o_in": (O_PROJ,), "mlp_in": (GATE_PROJ, UP_PROJ), "down_in": (DOWN_PROJ,)}
+SITE_OF = {member: site for site, members in SITES.items() for member in members}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One factor pair to be (or a group sharing one ``down``), within one decoder layer."""
+
+    layer: int
+    members: tuple[str, ...]  # layer-relative names, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: tuple[int, ...]
+    biases: int
+    kind: str
+    compressible: bool
+    factor_bias: bool = False
+
+    @property
+    def site(self) -> str:
+        return SITE_OF[self.members[0]]
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * sum(self.out_features) + self.biases
+
+    def params(self, rank: int | None) -> int:
+        if rank is None:
+            return self.dense_params
+        biases = sum(self.out_features) if self.factor_bias else self.biases
+        return rank * (self.in_features + sum(self.out_features)) + biases
+
+    @property
+    def max_saving_rank(self) -> int:
+        """The largest rank that still saves parameters (0 if none does)."""
+        per_rank = self.in_features + sum(self.out_features)
+        saving = self.dense_params - self.params(0)
+        return max(0, min(math.ceil(saving / per_rank) - 1, self.in_features, sum(self.out_features)))
+
+    def names(self) -> list[str]:
+        return [f"model.layers.{self.layer}.{m}" for m in self.members]
+
+
+def layer_shapes(model: nn.Module) -> list[dict[str, tuple[int, int, bool]]]:
+    """``[layer][member] = (out, in, has_bias)`` for every decoder linear; refuses factor pairs."""
+    shapes = []
+    for layer in model.model.layers:
+        entry = {}
+        for name in LINEARS:
+            module = layer.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise RankdownError(f"model.layers: {name} is already factorized; compress a dense checkpoint")
+            entry[name] = (module.out_features, module.in_features, module.bias is not None)
+        shapes.append(entry)
+    return shapes
+
+
+def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool, dense_kinds: frozenset[str],
+               factor_bias: bool = False) -> list[Unit]:
+    """Units for every layer: ``layer_shapes[l][member] = (out, in, has_bias)``."""
+    units = []
+    for index, shapes in enumerate(layer_shapes):
+        grouped = [g for g in JOINT_GROUPS if joint]
+        taken = {m for g in grouped for m in g}
+        members_list = list(grouped) + [(m,) for m in LINEARS if m not in taken]
+        for members in members_list:
+            outs = tuple(shapes[m][0] for m in members)
+            kind = KIND_OF[members[0]]
+            units.append(Unit(index, members, shapes[members[0]][1], outs,
+                              sum(shapes[m][0] for m in members if shapes[m][2]), kind,
+                              compressible=kind not in dense_kinds, factor_bias=factor_bias))
+    return units
+
+
+def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, torch.Tensor] | None = None) -> UnitWeights:
+    """The unit's dense weights in float64: from the layer's modules, or from ``stored`` tensors
+    (layer-relative names, e.g. "mlp.down_proj.weight") when the modules were already freed."""
+    def tensor(member: str, kind: str) -> torch.Tensor | None:
+        if stored is not None:
+            found = stored.get(f"{member}.{kind}")
+        else:
+            found = getattr(layer.get_submodule(member), kind)
+        return None if found is None else found.detach().to(torch.float64)
+
+    return UnitWeights(
+        names=list(unit.members),
+        weights=[tensor(m, "weight") for m in unit.members],
+        biases=[tensor(m, "bias") for m in unit.members],
+        stats=site_stats,
+    )
+
+
+def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
+                   stored: dict[str, torch.Tensor] | None = None) -> Decomposition:
+    """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if
+    data-free); ``stored`` as for ``unit_weights``."""
+    weights = unit_weights(layer, unit, site_stats, stored)
+    del site_stats, stored  # only ``weights`` holds them now, so the method may release them
+    try:
+        return spec.decompose(weights)
+    except ValueError as e:
+        raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
+
+
+def factor_modules(decomposition: Decomposition, unit: Unit, rank: int, dtype: torch.dtype) -> list[nn.Module]:
+    """Factor pairs for one unit at ``rank`` (a shared-``down`` group for joint units)."""
+    a, bs, biases = decomposition.factors(rank)
+    cast = [None if b is None else b.to(dtype) for b in biases]
+    if len(unit.members) == 1:
+        return [FactorizedLinear.from_factors(a.to(dtype), bs[0].to(dtype), cast[0])]
+    return shared_down_group(a.to(dtype), [b.to(dtype) for b in bs], cast)
+
+
+def set_unit(layer: nn.Module, unit: Unit, modules: list[nn.Module]) -> None:
+    """Put ``modules`` (one per member) in place of the unit's linears in its decoder ``layer``."""
+    for member, module in zip(unit.members, modules):
+        parent, _, child = member.rpartition(".")
+        setattr(layer.get_submodule(parent), child, module)
