@@ -49,6 +49,12 @@ class TunableBasisLinear(nn.Module):
 
     U has orthonormal columns; V need not (whitened bases), so energy is measured, not assumed."""
 
+    u: torch.Tensor
+    v: torch.Tensor
+    s: torch.Tensor
+    bias: torch.Tensor | None
+    energy: torch.Tensor
+
     def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, new_bases: int,
                  bias: torch.Tensor | None, generator: torch.Generator):
         super().__init__()

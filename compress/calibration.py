@@ -94,6 +94,7 @@ class InputStats:
     @property
     def second_moment(self) -> torch.Tensor:
         if self._second_moment is None:
+            assert self.xxt is not None, "second_moment is read once the statistics are complete"
             self._second_moment = self.xxt.div_(self.count)
             self.xxt = None
         return self._second_moment
@@ -147,9 +148,15 @@ def run_layer(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, b
             h.remove()
 
 
+def _in_features(layer: nn.Module, member: str) -> int:
+    linear = layer.get_submodule(member)
+    assert isinstance(linear, nn.Linear), "statistics are collected on the dense layer"
+    return linear.in_features
+
+
 def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor,
                         batch: int, pooled: bool = False) -> tuple[dict[str, InputStats], torch.Tensor]:
     """Statistics of the layer's four input sites, and its (dense) outputs."""
-    stats = {site: InputStats(layer.get_submodule(members[0]).in_features, pooled) for site, members in SITES.items()}
+    stats = {site: InputStats(_in_features(layer, members[0]), pooled) for site, members in SITES.items()}
     out = run_layer(model, layer, hidden, batch, stats)
     return stats, out

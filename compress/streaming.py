@@ -79,7 +79,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
         release_free_memory()  # the forward pass's activations and those weights
         for position, (unit, rank) in enumerate(todo):
             last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
-            stored = {}
+            stored: dict[str, torch.Tensor] = {}
             for member in unit.members:
                 stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
             # The site's last unit takes its statistics along (no name here holds them), so a
@@ -104,7 +104,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
     head = rest.get("lm_head.weight", rest["model.embed_tokens.weight"])
     norm = model.model.norm
     norm.load_state_dict({"weight": rest["model.norm.weight"].float()}, assign=True)
-    if scored is None:
+    if scored is None or scored_hidden is None:
         loss = streamed_loss(hidden, windows, norm, head)
     else:
         loss = streamed_loss(scored_hidden, scored, norm, head)

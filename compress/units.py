@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from rankdown.compress.decomposition import Decomposition, UnitWeights
 from rankdown.compress.methods import MethodSpec
 from rankdown.errors import RankdownError
-from rankdown.factor import FactorizedLinear, shared_down_group
+from rankdown.factor import FactorizedLinear, SharedDownLinear, shared_down_group
 
 BATCH = 8  # calibration windows per forward pass
 
@@ -70,7 +71,7 @@ class Unit:
         return [f"model.layers.{self.layer}.{m}" for m in self.members]
 
 
-def layer_shapes(model: nn.Module) -> list[dict[str, tuple[int, int, bool]]]:
+def layer_shapes(model: LlamaForCausalLM) -> list[dict[str, tuple[int, int, bool]]]:
     """``[layer][member] = (out, in, has_bias)`` for every decoder linear; refuses factor pairs."""
     shapes = []
     for layer in model.model.layers:
@@ -131,7 +132,8 @@ def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, p
         raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
 
 
-def factor_modules(decomposition: Decomposition, unit: Unit, rank: int, dtype: torch.dtype) -> list[nn.Module]:
+def factor_modules(decomposition: Decomposition, unit: Unit, rank: int,
+                   dtype: torch.dtype) -> list[FactorizedLinear] | list[SharedDownLinear]:
     """Factor pairs for one unit at ``rank`` (a shared-``down`` group for joint units)."""
     a, bs, biases = decomposition.factors(rank)
     cast = [None if b is None else b.to(dtype) for b in biases]

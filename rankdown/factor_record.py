@@ -63,6 +63,7 @@ class FactorRecord:
                 raise RankdownError(f"{path}: module {name} has rank {spec.rank!r} outside 1..{limit}")
             owner = spec.shares_down_with
             if owner is not None and (owner not in modules or modules[owner].shares_down_with is not None
+                                      or modules[owner].group is None
                                       or modules[owner].rank != spec.rank
                                       or modules[owner].in_features != spec.in_features):
                 raise RankdownError(f"{path}: module {name} shares down with {owner!r}, which is not a matching owner")
@@ -100,7 +101,7 @@ def record_of(model: nn.Module) -> FactorRecord:
 def apply_record(model: nn.Module, record: FactorRecord, where: Path) -> None:
     """Swap each recorded ``nn.Linear`` for an empty factor pair of the recorded shape."""
     owners_first = sorted(record.modules.items(), key=lambda kv: kv[1].shares_down_with is not None)
-    built: dict[str, nn.Module] = {}
+    built: dict[str, FactorizedLinear | SharedDownLinear] = {}
     for name, spec in owners_first:
         try:
             dense = model.get_submodule(name)
@@ -117,13 +118,14 @@ def apply_record(model: nn.Module, record: FactorRecord, where: Path) -> None:
         up = nn.Linear(spec.rank, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
         if spec.group is None:
             down = nn.Linear(spec.in_features, spec.rank, bias=False, dtype=dtype, device=device)
-            replacement: nn.Module = FactorizedLinear(down, up)
+            replacement: FactorizedLinear | SharedDownLinear = FactorizedLinear(down, up)
         elif spec.shares_down_with is None:
             down = nn.Linear(spec.in_features, spec.rank, bias=False, dtype=dtype, device=device)
             replacement = SharedDownLinear(down, up, owner=True)
         else:
             owner = built[spec.shares_down_with]
-            replacement = SharedDownLinear(owner.down, up, owner=False)
+            assert isinstance(owner, SharedDownLinear), "a shared down's owner is built first (record order)"
+            replacement = SharedDownLinear(owner.shared_down, up, owner=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         built[name] = replacement
