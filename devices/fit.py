@@ -16,7 +16,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -29,31 +29,25 @@ from rankdown.devices.profile import DeviceProfile
 from rankdown.devices.runners import runner_for
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
-from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.formats import by_runtime
 from rankdown.export.manifest import MANIFEST_FILE, Manifest
 from rankdown.export.pipeline import export
+from rankdown.schema import coerce_enums
 from rankdown.tasks import Split, load_task
 from rankdown.validate.config import ValidateConfig
-from rankdown.validate.harness import validate, write_report
+from rankdown.validate.harness import validate
+from rankdown.validate.report import write_report
 
 FIT_FILE = "fit.json"
 FIT_SCHEMA_VERSION = 1
-_FORMAT_OF = {"onnxruntime": Format.ONNX, "executorch": Format.EXECUTORCH}
-
-
-def _choice(enum, value, what: str):
-    try:
-        return enum(value)
-    except ValueError:
-        raise RankdownError(f"unknown {what} {value!r}: choose one of {', '.join(m.value for m in enum)}") from None
-
 
 @dataclass(frozen=True)
 class FitConfig:
     task: str = "math"
     method: Method = Method.FEATURE
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)  # 0.0: the dense model
-    quantize: tuple[Quantize, ...] = (Quantize.NONE, Quantize.INT8)
+    quantize: tuple[Quantize, ...] = field(default=(Quantize.NONE, Quantize.INT8), metadata={"option": "--quantize"})
     max_memory_mb: float | None = None  # None: the profile's memory_mb
     min_score: float | None = None  # exact match, 0..1
     max_examples: int = 200
@@ -63,8 +57,7 @@ class FitConfig:
     def __post_init__(self):
         if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
             raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
-        object.__setattr__(self, "method", _choice(Method, self.method, "method"))
-        object.__setattr__(self, "quantize", tuple(_choice(Quantize, q, "quantize mode") for q in self.quantize))
+        coerce_enums(self)
         if self.max_memory_mb is not None and self.max_memory_mb <= 0:
             raise RankdownError(f"--max-memory must be positive, got {self.max_memory_mb}")
         if self.min_score is not None and not 0 <= self.min_score <= 1:
@@ -129,7 +122,7 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
     check_output_path(out, [model_dir], cfg.overwrite)
     open_checkpoint(model_dir)  # a missing or broken model is named before any work
     budget = cfg.max_memory_mb or float(profile.memory_mb)
-    formats = tuple(_FORMAT_OF[r] for r in profile.runtimes)
+    formats = tuple(by_runtime(r).name for r in profile.runtimes)
     data = load_task(cfg.task, Split.EVALUATION)
     if not data.qa:
         raise RankdownError(f"fit scores by exact match; task {cfg.task} has no question/answer pairs")

@@ -12,9 +12,10 @@ from enum import Enum
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.schema import build
+from rankdown.validate.config import Runtime
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-_RUNTIMES = ("onnxruntime", "executorch")
 
 
 class Transport(str, Enum):
@@ -49,34 +50,18 @@ class TransportSpec:
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """A profile file's keys (read with rankdown.schema: unknown keys and wrong types are errors)."""
+
     name: str
-    description: str
     arch: str
-    runtimes: tuple[str, ...]
+    runtimes: tuple[Runtime, ...]
     threads: int
     memory_mb: int
     transport: TransportSpec
-    source: str
+    description: str = ""
     executorch_runner: ExecuTorchRunner = ExecuTorchRunner.PYTHON
     exec_wrapper: tuple[str, ...] = ()  # prefixed to the native runner's command, e.g. taskset f0
-
-
-_TOP = {"name": str, "description": str, "arch": str, "runtimes": list, "threads": int, "memory_mb": int,
-        "transport": dict, "executorch_runner": str, "exec_wrapper": list}
-_TRANSPORT = {"kind": str, "host": str, "user": str, "port": int, "identity": str, "python": str,
-              "remote_dir": str, "options": dict, "serial": str, "adb": str, "pythonpath": str}
-
-
-def _typed(raw: dict, spec: dict, where: str, required: set[str]) -> None:
-    unknown = set(raw) - set(spec)
-    if unknown:
-        raise RankdownError(f"{where}: unknown keys {sorted(unknown)}")
-    missing = required - set(raw)
-    if missing:
-        raise RankdownError(f"{where}: missing keys {sorted(missing)}")
-    for key, kind in spec.items():
-        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool) and kind is int):
-            raise RankdownError(f"{where}: {key} must be a {kind.__name__}, got {raw[key]!r}")
+    source: str = ""  # the file it was read from; not a key of the file
 
 
 def load_profile(path: Path) -> DeviceProfile:
@@ -86,33 +71,19 @@ def load_profile(path: Path) -> DeviceProfile:
         raise RankdownError(f"{path}: cannot read device profile: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RankdownError(f"{path}: not a valid TOML device profile: {e}") from None
-    _typed(raw, _TOP, str(path), set(_TOP) - {"description", "executorch_runner", "exec_wrapper"})
-    _typed(raw["transport"], _TRANSPORT, f"{path} [transport]", {"kind"})
-    runtimes = tuple(raw["runtimes"])
-    bad = [r for r in runtimes if r not in _RUNTIMES]
-    if bad or not runtimes:
-        raise RankdownError(f"{path}: runtimes must be some of {', '.join(_RUNTIMES)}, got {raw['runtimes']!r}")
-    if raw["threads"] < 1 or raw["memory_mb"] < 1:
+    if "source" in raw:
+        raise RankdownError(f"{path}: unknown keys ['source']")
+    try:
+        profile = build(DeviceProfile, dict(raw, source=str(path)), "device_profile")
+    except (ValueError, TypeError) as e:
+        raise RankdownError(f"{path}: invalid device profile: {e}") from None
+    if not profile.runtimes:
+        raise RankdownError(f"{path}: runtimes must name at least one of {', '.join(m.value for m in Runtime)}")
+    if profile.threads < 1 or profile.memory_mb < 1:
         raise RankdownError(f"{path}: threads and memory_mb must be positive")
-    t = dict(raw["transport"])
-    try:
-        t["kind"] = Transport(t["kind"])
-    except ValueError:
-        known = ", ".join(k.value for k in Transport)
-        raise RankdownError(f"{path}: transport kind {t['kind']!r} is not one of {known}") from None
-    if t["kind"] is Transport.SSH and not t.get("host"):
+    if profile.transport.kind is Transport.SSH and not profile.transport.host:
         raise RankdownError(f"{path}: an ssh transport needs a host")
-    try:
-        runner = ExecuTorchRunner(raw.get("executorch_runner", ExecuTorchRunner.PYTHON.value))
-    except ValueError:
-        raise RankdownError(f"{path}: executorch_runner must be python or native, got {raw['executorch_runner']!r}") from None
-    wrapper = raw.get("exec_wrapper", [])
-    if not all(isinstance(w, str) for w in wrapper):
-        raise RankdownError(f"{path}: exec_wrapper must be a list of strings")
-    return DeviceProfile(name=raw["name"], description=raw.get("description", ""), arch=raw["arch"],
-                         runtimes=runtimes, threads=raw["threads"], memory_mb=raw["memory_mb"],
-                         transport=TransportSpec(**t), source=str(path), executorch_runner=runner,
-                         exec_wrapper=tuple(wrapper))
+    return profile
 
 
 def shipped_profiles() -> dict[str, DeviceProfile]:

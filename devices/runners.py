@@ -10,6 +10,7 @@ folder per run: ``bundle/``, ``harness/``, ``runner/{bin,lib}``, ``job.json``, `
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -20,19 +21,25 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path
+from types import ModuleType
 
-import rankdown
-import rankdown.export
-import rankdown.export.decoding
-import rankdown.validate
-import rankdown.validate.on_device
 from rankdown.devices.native_runner import BINARY, HOST_ARCH, build_runner
 from rankdown.devices.profile import DeviceProfile, ExecuTorchRunner, Transport, TransportSpec
 from rankdown.errors import RankdownError
+from rankdown.export.formats import FORMATS
 from rankdown.validate.local_runner import LocalRunner, read_outputs
 
-# Everything the device needs besides python3, numpy and the runtime.
-HARNESS_MODULES = (rankdown, rankdown.export, rankdown.export.decoding, rankdown.validate, rankdown.validate.on_device)
+
+def _device_modules() -> tuple[ModuleType, ...]:
+    """Everything the device needs besides python3, numpy and the runtime: the harness's device
+    half, the format table, every registered format's decoder module, and their packages."""
+    wanted = ["rankdown.validate.on_device", "rankdown.export.formats",
+              *(spec.decoder.partition(":")[0] for spec in FORMATS)]
+    names = dict.fromkeys(".".join(n.split(".")[:i]) for n in wanted for i in range(1, n.count(".") + 2))
+    return tuple(importlib.import_module(n) for n in names)
+
+
+HARNESS_MODULES = _device_modules()
 
 
 def harness_files() -> dict[str, Path]:
@@ -88,6 +95,7 @@ class _Device:
 
     def __init__(self, profile: DeviceProfile | None):
         self.profile = profile
+        self.device = profile.name if profile is not None else self.name  # report.json's environment.device
 
     def _native(self, job: dict) -> bool:
         return (job["runtime"] == "executorch" and self.profile is not None
@@ -278,8 +286,9 @@ def runner_for(profile: DeviceProfile):
     if kind is Transport.LOCAL:
         if profile.executorch_runner is ExecuTorchRunner.NATIVE and "executorch" in profile.runtimes:
             built = build_runner(HOST_ARCH, progress=lambda _m: None)
-            return LocalRunner(executorch_runner=[*profile.exec_wrapper, str(built / "bin" / BINARY)])
-        return LocalRunner()
+            return LocalRunner(executorch_runner=[*profile.exec_wrapper, str(built / "bin" / BINARY)],
+                               device=profile.name)
+        return LocalRunner(device=profile.name)
     if kind is Transport.SSH:
         return SshRunner(profile.transport, profile=profile)
     if kind is Transport.ADB:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from rankdown.errors import RankdownError
+from rankdown.export.et_backends import Backend
+from rankdown.export.formats import format_names
+from rankdown.schema import coerce_enums, name_enum
 
-
-class Format(str, Enum):
-    ONNX = "onnx"
-    EXECUTORCH = "executorch"
+# Every registered format (export/formats.py), in registration order.
+Format = name_enum("Format", format_names(), __name__)
 
 
 class Quantize(str, Enum):
@@ -19,25 +20,6 @@ class Quantize(str, Enum):
     # time. It is the int8 scheme both onnxruntime (MatMulInteger) and XNNPACK (qd8-f32-qc8w)
     # run fast on CPU, so both formats carry the same numerics.
     INT8 = "int8"
-
-
-class Backend(str, Enum):
-    """ExecuTorch delegate. Only XNNPACK's toolchain ships in the executorch wheel."""
-
-    XNNPACK = "xnnpack"
-    COREML = "coreml"
-    QNN = "qnn"
-    VULKAN = "vulkan"
-
-
-def _as_enum(enum: type[Enum], value, option: str):
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value)
-    except ValueError:
-        known = ", ".join(m.value for m in enum)
-        raise RankdownError(f"unknown {option} {value!r}: choose one of {known}") from None
 
 
 @dataclass(frozen=True)
@@ -60,7 +42,7 @@ class ParityThresholds:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: tuple[Format, ...] = (Format.ONNX, Format.EXECUTORCH)
+    formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
@@ -69,15 +51,9 @@ class ExportConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        formats = self.formats
-        if isinstance(formats, str):
-            formats = tuple(f for f in formats.split(",") if f)
-        formats = tuple(dict.fromkeys(_as_enum(Format, f, "format") for f in formats))
-        if not formats:
-            raise RankdownError("--format needs at least one of onnx, executorch")
-        object.__setattr__(self, "formats", formats)
-        object.__setattr__(self, "quantize", _as_enum(Quantize, self.quantize, "quantize mode"))
-        object.__setattr__(self, "backend", _as_enum(Backend, self.backend, "backend"))
+        coerce_enums(self)
+        if not self.formats:
+            raise RankdownError(f"--format needs at least one of {', '.join(format_names())}")
         if not isinstance(self.max_seq_len, int) or not 16 <= self.max_seq_len <= 32768:
             raise RankdownError(f"--max-seq-len must be an integer in 16..32768, got {self.max_seq_len!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:

@@ -215,6 +215,23 @@ class NativeExecuTorchDecoder:
         return json.loads(line)["peak_rss_kb"] / 1024 if line else None
 
 
+def open_onnx(artifact: Path, threads: int | None = None, native_runner: list[str] | None = None) -> OnnxDecoder:
+    """The ONNX format's decoder opener (export/formats.py); ONNX has no native runner."""
+    return OnnxDecoder(artifact, threads=threads)
+
+
+def open_executorch(artifact: Path, threads: int | None = None, native_runner: list[str] | None = None) -> Decoder:
+    """The ExecuTorch format's decoder opener: ``rankdown-et-runner`` when its argv is given,
+    else ExecuTorch's Python runtime."""
+    if native_runner:
+        return NativeExecuTorchDecoder(artifact, native_runner, threads=threads)
+    if threads:
+        import torch  # the pybind runtime's threadpool follows torch's setting
+
+        torch.set_num_threads(threads)
+    return ExecuTorchDecoder(artifact)
+
+
 def trained_positions(config: Path) -> int | None:
     """max_position_embeddings from the config.json optimum writes beside the graph: the graph
     computes rotary angles for any position, but the model was never run past this one."""

@@ -3,86 +3,45 @@
 transformers' ExecuTorch integration builds the exportable wrapper (static cache, one
 ``forward(input_ids, cache_position)``); we add a dynamic prompt length so a prompt is one
 call, the metadata methods ExecuTorch's LLM runner reads, and int8 via the XNNPACK quantizer.
+The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``;
+its delegates are registered in export/et_backends.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rankdown.errors import RankdownError
-from rankdown.export.config import Backend, ExportConfig, Quantize
+from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
-from rankdown.export.tied_embeddings import shared_weight_partitioners
+from rankdown.export.pte_file import check_pte_header
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"
 
 
-@dataclass(frozen=True)
-class _BackendSpec:
-    runtime_name: str  # the backend's name in the runtime's registry
-    needs: str  # what this machine must have, in words
+def preflight(cfg: ExportConfig) -> None:
+    check_backend(cfg.backend, will_run=cfg.check)
 
 
-_BACKENDS = {
-    Backend.XNNPACK: _BackendSpec("XnnpackBackend", "nothing beyond the executorch wheel"),
-    Backend.COREML: _BackendSpec("CoreMLBackend", "macOS with coremltools (Core ML compiles and runs only there)"),
-    Backend.QNN: _BackendSpec("QnnBackend", "Qualcomm's QNN SDK (QNN_SDK_ROOT) and a Snapdragon device to run on"),
-    Backend.VULKAN: _BackendSpec("VulkanBackend", "the glslc shader compiler and an executorch runtime built with Vulkan"),
-}
+def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
+           progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
+    return export_executorch(model, record, bundle, cfg, progress)
 
 
-def check_backend(backend: Backend, will_run: bool) -> None:
-    """Fail before any work when the backend's toolchain (or, for the self-check, runtime) is missing."""
-    spec = _BACKENDS[backend]
-    missing = None
-    if backend is Backend.COREML and os.uname().sysname != "Darwin":
-        missing = "this is not macOS"
-    elif backend is Backend.QNN and not os.environ.get("QNN_SDK_ROOT"):
-        missing = "QNN_SDK_ROOT is not set"
-    elif backend is Backend.VULKAN and shutil.which("glslc") is None:
-        missing = "glslc is not on PATH"
-    if missing is None and will_run:
-        from executorch.runtime import Runtime
-
-        registered = Runtime.get().backend_registry.registered_backend_names
-        if spec.runtime_name not in registered:
-            missing = f"this machine's executorch runtime has no {spec.runtime_name} (it has {', '.join(registered)})"
-    if missing:
-        raise RankdownError(f"--backend {backend.value} needs {spec.needs}; {missing}")
+def check_file(path: Path, bundle: Path) -> list[Path]:
+    check_pte_header(path)
+    return []
 
 
-def _partitioners(backend: Backend, quantize: Quantize) -> list:
-    if backend is Backend.XNNPACK:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackDynamicallyQuantizedPartitioner,
-            XnnpackPartitioner,
-        )
-
-        # Dynamically quantized linears must be claimed first, whole; the generic partitioner
-        # would otherwise split choose_qparams from its matmul and form cyclic partitions.
-        int8 = quantize is Quantize.INT8
-        return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + shared_weight_partitioners(int8) + [
-            XnnpackPartitioner()]
-    if backend is Backend.COREML:
-        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
-
-        return [CoreMLPartitioner()]
-    if backend is Backend.QNN:
-        from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
-
-        return [QnnPartitioner()]
-    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
-
-    return [VulkanPartitioner()]
+def positions(path: Path, options: dict) -> int:
+    """The static KV cache's length, as exported."""
+    return int(options["max_seq_len"])
 
 
 def _run_shared_down_once(program) -> int:
@@ -171,7 +130,7 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
-        edge = to_edge_transform_and_lower(program, partitioner=_partitioners(cfg.backend, cfg.quantize),
+        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is Quantize.INT8),
                                            constant_methods=_metadata(model, cfg))
         info = get_delegation_info(edge.exported_program().graph_module)
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
@@ -204,7 +163,3 @@ def _quantize_int8(program, example, dynamic):
     prepared(*example)
     converted = convert_pt2e(prepared)
     return torch.export.export(converted, args=example, dynamic_shapes=dynamic, strict=True)
-
-
-def model_files(bundle: Path) -> list[Path]:
-    return sorted(p for p in (bundle / SUBDIR).rglob("*") if p.is_file())

@@ -1,4 +1,7 @@
-"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer."""
+"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer.
+
+The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,35 @@ from pathlib import Path
 
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
+from rankdown.export.onnx_files import check_onnx_model, external_data_files
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "onnx"
 MODEL_FILE = "model.onnx"
+
+
+def preflight(cfg: ExportConfig) -> None:
+    """optimum and onnxruntime come with the pinned stack: nothing to check before the work."""
+
+
+def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progress=print) -> tuple[float, FactorNodes, None]:
+    seconds, nodes = export_onnx(model, record, bundle, cfg)
+    # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
+    check_onnx_model(bundle / SUBDIR / MODEL_FILE, bundle)
+    return seconds, nodes, None
+
+
+def check_file(path: Path, bundle: Path) -> list[Path]:
+    """The external-data files the graph reads, each proven to lie inside the bundle."""
+    return external_data_files(path, bundle)
+
+
+def positions(path: Path, options: dict) -> int | None:
+    """The model's trained context: the graph computes rotary angles for any position."""
+    return trained_positions(Path(path).parent / "config.json")
 
 
 def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig) -> tuple[float, FactorNodes]:
@@ -56,7 +82,3 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     # attention products in float), so the factors and the head become int8, nothing else.
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      use_external_data_format=large)
-
-
-def model_files(bundle: Path) -> list[Path]:
-    return sorted(p for p in (bundle / SUBDIR).rglob("*") if p.is_file())

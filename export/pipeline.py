@@ -10,7 +10,6 @@ Bundle layout (its manifest is the authority on what is inside):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.metadata
 import shutil
 from collections.abc import Callable
@@ -24,11 +23,9 @@ from rankdown.atomic import (
 )
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
-from rankdown.export import executorch as et_format
-from rankdown.export import onnx as onnx_format
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
-from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder
+from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
     MANIFEST_FILE,
     FormatEntry,
@@ -38,9 +35,7 @@ from rankdown.export.manifest import (
     file_entries,
     sha256_file,
 )
-from rankdown.export.onnx_files import check_onnx_model
 from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
-from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
@@ -103,24 +98,18 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
     model_dir, bundle = Path(model_dir), Path(bundle)
     ckpt = open_checkpoint(model_dir)
     check_output_path(bundle, [model_dir], cfg.overwrite)
-    if Format.EXECUTORCH in cfg.formats:
-        et_format.check_backend(cfg.backend, will_run=cfg.check)
+    for fmt in cfg.formats:
+        by_format(fmt).module().preflight(cfg)
     if not (ckpt.folder / "tokenizer.json").is_file():
         raise RankdownError(f"{ckpt.folder}: no tokenizer.json; a bundle needs the model's tokenizer")
     with exclusive_output(bundle, "exporting"):
         return _export(ckpt, bundle, cfg, progress)
 
 
-# Address space a format's export takes per fp32 weight byte (traced graph, constant copies,
-# serialized program) and for the exporter itself. Fitted to the shipped model (26 MB of fp32
-# weights): its ONNX export grew the process by 353 MB, its ExecuTorch export by 381 MB.
-_MEMORY_PER_WEIGHT_BYTE = {Format.ONNX: 4, Format.EXECUTORCH: 8}
-_MEMORY_FIXED = {Format.ONNX: 260_000_000, Format.EXECUTORCH: 210_000_000}
-
-
 def memory_estimate(ckpt, cfg: ExportConfig) -> int:
+    """The model's fp32 weights + the hungriest format's export (formats run one at a time)."""
     weights = 4 * model_info(ckpt).total_params
-    return weights + max(_MEMORY_PER_WEIGHT_BYTE[f] * weights + _MEMORY_FIXED[f] for f in cfg.formats)
+    return weights + max(by_format(f).memory.bytes_for(weights) for f in cfg.formats)
 
 
 def disk_estimate(ckpt, cfg: ExportConfig) -> int:
@@ -147,24 +136,18 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             progress(f"tokenizer.json: {change}")
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{' (int8)' if cfg.quantize.value == 'int8' else ''}")
-            if fmt is Format.ONNX:
-                seconds, nodes = onnx_format.export_onnx(model, ckpt.record, tmp, cfg)
-                check_onnx_model(tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE, tmp)
-                delegation, files = None, onnx_format.model_files(tmp)
-                make_decoder = functools.partial(OnnxDecoder, tmp / onnx_format.SUBDIR / onnx_format.MODEL_FILE)
-            else:
-                seconds, nodes, delegation = et_format.export_executorch(model, ckpt.record, tmp, cfg, progress)
-                check_pte_header(tmp / et_format.SUBDIR / et_format.MODEL_FILE)
-                files = et_format.model_files(tmp)
-                make_decoder = functools.partial(ExecuTorchDecoder, tmp / et_format.SUBDIR / et_format.MODEL_FILE)
-            tables = check_stored_once(files, tied_table(model), tmp / fmt.value)
+            spec = by_format(fmt)
+            seconds, nodes, delegation = spec.module().export(model, ckpt.record, tmp, cfg, progress)
+            spec.module().check_file(tmp / spec.artifact, tmp)
+            files = _format_files(tmp, spec)
+            tables = check_stored_once(files, tied_table(model), tmp / spec.folder)
             peaks[fmt.value] = round(peak_rss_mb(), 1)
             progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
                      f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "
                      f"{nodes.dense_linears} dense linears")
             parity = None
             if cfg.check:
-                parity = compare(reference, make_decoder(), prompts, cfg.parity_new_tokens, thresholds)
+                parity = compare(reference, spec.open_decoder(tmp / spec.artifact), prompts, cfg.parity_new_tokens, thresholds)
                 progress(f"{fmt.value}: parity max |logit diff| {parity.max_abs_logit_diff:.2e} "
                          f"(logit scale {parity.logit_scale:.1f}), top-1 {parity.top1_agreement:.1%}, greedy "
                          f"{'identical' if parity.greedy_match else 'differs'} over {parity.new_tokens} tokens")
@@ -173,7 +156,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                                         f"{describe_failure(parity, thresholds)}")
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
-                backend=cfg.backend.value if fmt is Format.EXECUTORCH else None, factor_nodes=nodes,
+                backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=parity, embedding_tables=tables)
         copied = [tmp / TOKENIZER_FILE]
         for name in TOKENIZER_FILES:
@@ -185,6 +168,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def _format_files(bundle: Path, spec: FormatSpec) -> list[Path]:
+    return sorted(p for p in (bundle / spec.folder).rglob("*") if p.is_file())
 
 
 def format_manifest(manifest: Manifest) -> str:

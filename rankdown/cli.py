@@ -242,21 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
 
-    exp = sub.add_parser("export", help="ONNX and ExecuTorch (.pte) with KV cache, factor pairs kept, self-checked")
+    from rankdown.export.config import Backend, ExportConfig, Format, Quantize
+    from rankdown.export.formats import format_names, runtime_names
+    from rankdown.validate.config import Runtime
+
+    exp = sub.add_parser("export", help=f"{' and '.join(format_names())} with KV cache, factor pairs kept, self-checked")
     _model_arg(exp)
     exp.add_argument("-o", "--out", type=Path, required=True, help="output bundle folder")
-    exp.add_argument("--format", default="onnx,executorch", help="comma-separated: onnx, executorch")
-    exp.add_argument("--quantize", default="none", help="none or int8 (int8 weights per channel, dynamic activations)")
-    exp.add_argument("--backend", default="xnnpack", help="ExecuTorch delegate: xnnpack, coreml, qnn, vulkan")
-    exp.add_argument("--max-seq-len", type=int, default=256, help="positions the ExecuTorch KV cache holds")
+    exp.add_argument("--format", default=",".join(f.value for f in default_of(ExportConfig, "formats")),
+                     help=f"comma-separated: {', '.join(choices(Format))}")
+    exp.add_argument("--quantize", default=default_of(ExportConfig, "quantize").value,
+                     help=help_with_default(f"{' or '.join(choices(Quantize))} (int8 weights per channel, dynamic "
+                                            "activations)", ExportConfig, "quantize"))
+    exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
+                     help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
+                                            "backend"))
+    exp.add_argument("--max-seq-len", type=int, default=default_of(ExportConfig, "max_seq_len"),
+                     help=help_with_default("positions the ExecuTorch KV cache holds", ExportConfig, "max_seq_len"))
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     exp.set_defaults(func=cmd_export)
 
-    val = sub.add_parser("validate", help="run a bundle in onnxruntime / ExecuTorch: parity, quality, latency")
+    val = sub.add_parser("validate", help=f"run a bundle in {' / '.join(runtime_names())}: parity, quality, latency")
     val.add_argument("bundle", type=Path)
     val.add_argument("--reference", type=Path, help="PyTorch reference checkpoint (default: the bundle's source)")
-    val.add_argument("--runtime", help="comma-separated: onnxruntime, executorch (default: all in the bundle)")
+    val.add_argument("--runtime", help=f"comma-separated: {', '.join(choices(Runtime))} (default: all in the bundle)")
     val.add_argument("--task", choices=TASKS)
     val.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
     val.add_argument("--threads", type=int)

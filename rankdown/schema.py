@@ -27,6 +27,13 @@ def choices(enum: type[Enum]) -> list[str]:
     return [str(m.value) for m in enum]
 
 
+def name_enum(name: str, values: list[str], module: str) -> Any:
+    """A text enum whose members are a registry's names (``"arm64-emu"`` -> ``ARM64_EMU``), so that
+    a registration is the only place a new name is written and parsing stays ``parse_enum``'s."""
+    members = [(v.upper().replace("-", "_").replace(".", "_"), v) for v in values]
+    return Enum(name, members, module=module, type=str)  # type: ignore[misc]
+
+
 def parse_enum(enum: type[E], value: Any, option: str) -> E:
     """``value`` as a member of ``enum``; an unknown value names the option and the choices."""
     if isinstance(value, enum):
@@ -37,15 +44,28 @@ def parse_enum(enum: type[E], value: Any, option: str) -> E:
         raise RankdownError(f"unknown {option} {value!r}: choose one of {', '.join(choices(enum))}") from None
 
 
+def parse_enums(enum: type[E], value: Any, option: str) -> tuple[E, ...]:
+    """A comma-separated text or a sequence as members of ``enum``, in order, each once."""
+    items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+    return tuple(dict.fromkeys(parse_enum(enum, v, option) for v in items))
+
+
 def coerce_enums(instance: Any) -> None:
     """In a (frozen) dataclass's ``__post_init__``: turn every enum-typed field given as text
-    into its member, with ``parse_enum``'s error. The option is named as on the command line."""
+    into its member, and every ``tuple[Enum, ...]`` field given as a comma-separated text or a
+    sequence into members (each once), with ``parse_enum``'s error. The option is named as on
+    the command line: ``option_name`` of the field, or the field's ``metadata["option"]``."""
     hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
-        enum = _enum_of(hints[f.name])
         value = getattr(instance, f.name)
-        if enum is not None and value is not None:
-            object.__setattr__(instance, f.name, parse_enum(enum, value, option_name(f.name)))
+        if value is None:
+            continue
+        option = f.metadata.get("option", option_name(f.name))
+        enum = _enum_of(hints[f.name])
+        if enum is not None:
+            object.__setattr__(instance, f.name, parse_enum(enum, value, option))
+        elif (items := _enum_items_of(hints[f.name])) is not None:
+            object.__setattr__(instance, f.name, parse_enums(items, value, option))
 
 
 def option_name(field_name: str) -> str:
@@ -126,6 +146,17 @@ def read_dataclass(cls: type[T], path: Path, what: str, raw: Any = None) -> T:
         return build(cls, raw, what.replace(" ", "_"))
     except (ValueError, TypeError) as e:
         raise RankdownError(f"{path}: invalid {what}: {e}") from None
+
+
+def _enum_items_of(hint: Any) -> type[Enum] | None:
+    """``E`` for a ``tuple[E, ...]`` hint (or an optional one)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), None)
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _enum_of(args[0])
+    return None
 
 
 def _enum_of(hint: Any) -> type[Enum] | None:

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.export.formats import runtime_names
+from rankdown.schema import coerce_enums, name_enum
 
-
-class Runtime(str, Enum):
-    ONNXRUNTIME = "onnxruntime"
-    EXECUTORCH = "executorch"
-
-    @property
-    def format(self) -> str:
-        """The bundle format (manifest key) this runtime loads."""
-        return "onnx" if self is Runtime.ONNXRUNTIME else "executorch"
-
-    @property
-    def artifact(self) -> str:
-        return "onnx/model.onnx" if self is Runtime.ONNXRUNTIME else "executorch/model.pte"
+# What runs each registered format (export/formats.py: by_runtime gives its artifact and format).
+Runtime = name_enum("Runtime", runtime_names(), __name__)
 
 
 @dataclass(frozen=True)
@@ -45,7 +35,8 @@ class LatencyPlan:
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    runtimes: tuple[Runtime, ...] | None = None  # None: every format the bundle holds
+    # None: every format the bundle holds
+    runtimes: tuple[Runtime, ...] | None = field(default=None, metadata={"option": "--runtime"})
     reference: Path | None = None  # None: the checkpoint the bundle was exported from
     task: str | None = None  # None with no eval file: the bundle's compression task, else math
     eval_file: Path | None = None
@@ -57,18 +48,7 @@ class ValidateConfig:
     report_dir: Path | None = None
 
     def __post_init__(self):
-        runtimes = self.runtimes
-        if isinstance(runtimes, str):
-            runtimes = tuple(r for r in runtimes.split(",") if r)
-        if runtimes is not None:
-            parsed = []
-            for r in runtimes:
-                try:
-                    parsed.append(r if isinstance(r, Runtime) else Runtime(r))
-                except ValueError:
-                    known = ", ".join(m.value for m in Runtime)
-                    raise RankdownError(f"unknown runtime {r!r}: choose one of {known}") from None
-            object.__setattr__(self, "runtimes", tuple(dict.fromkeys(parsed)))
+        coerce_enums(self)
         if self.task is not None and self.eval_file is not None:
             raise RankdownError("give --task or --eval, not both")
         if self.threads is not None and self.threads < 1:

@@ -7,28 +7,23 @@ needs only numpy and the runtime; references, tokenizers and comparisons stay he
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
-import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
 from rankdown.export.config import ParityThresholds, Quantize
-from rankdown.export.decoding import trained_positions
+from rankdown.export.formats import by_runtime
 from rankdown.export.manifest import Manifest, verify_files
-from rankdown.export.onnx_files import external_data_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
-from rankdown.export.pte_file import check_pte_header
 from rankdown.tasks import Split, load_task
 from rankdown.validate.config import LatencyPlan, Runtime, ValidateConfig
+from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
 from rankdown.validate.on_device import JOB_SCHEMA
 from rankdown.validate.report import (
@@ -38,39 +33,36 @@ from rankdown.validate.report import (
     Report,
     RuntimeReport,
     Spread,
-    to_markdown,
+    write_report,
 )
-
-_RUNTIME_MODULES = {Runtime.ONNXRUNTIME: "onnxruntime", Runtime.EXECUTORCH: "executorch.runtime"}
 
 
 def _runtimes(bundle: Path, manifest: Manifest, cfg: ValidateConfig) -> tuple[Runtime, ...]:
-    held = [r for r in Runtime if r.format in manifest.formats]
+    held = [r for r in Runtime if by_runtime(r).name in manifest.formats]
     chosen = cfg.runtimes or tuple(held)
     for runtime in chosen:
-        if runtime.format not in manifest.formats:
-            raise RankdownError(f"{bundle}: holds no {runtime.format} artifact for {runtime.value} "
+        if by_runtime(runtime).name not in manifest.formats:
+            raise RankdownError(f"{bundle}: holds no {by_runtime(runtime).name} artifact for {runtime.value} "
                                 f"(it has {', '.join(manifest.formats) or 'none'})")
     return chosen
 
 
 def _check_artifacts(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> None:
-    """Before any runtime opens an artifact: it is one the manifest hashed, an ONNX model reads no
-    byte outside the bundle or outside the hashed files, and a .pte has a header this runtime reads."""
+    """Before any runtime opens an artifact: it is one the manifest hashed, it passes its format's
+    file check (an ONNX model reads no byte outside the bundle, a .pte has a header this runtime
+    reads), and every other file it reads is one the manifest hashed."""
     listed = set(manifest.all_files())
     root = bundle.resolve()
     for runtime in runtimes:
-        path = bundle / runtime.artifact
-        if runtime.artifact not in listed:
+        spec = by_runtime(runtime)
+        path = bundle / spec.artifact
+        if spec.artifact not in listed:
             raise RankdownError(f"{path}: not listed in the manifest, so its bytes are unverified")
-        if runtime is Runtime.ONNXRUNTIME:
-            for data in external_data_files(path, bundle):
-                rel = data.resolve().relative_to(root).as_posix()
-                if rel not in listed:
-                    raise RankdownError(f"{path}: external data {rel} is not listed in the manifest, so its bytes "
-                                        "are unverified")
-        else:
-            check_pte_header(path)
+        for data in spec.module().check_file(path, bundle):
+            rel = data.resolve().relative_to(root).as_posix()
+            if rel not in listed:
+                raise RankdownError(f"{path}: external data {rel} is not listed in the manifest, so its bytes "
+                                    "are unverified")
 
 
 def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
@@ -82,13 +74,12 @@ def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
 
 
 def _positions(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> int:
-    """The positions every chosen artifact can hold: the .pte's static cache, the ONNX model's
-    trained context (its graph has no hard limit)."""
+    """The positions every chosen artifact can hold (its format's ``positions``: the .pte's static
+    cache, the ONNX model's trained context; None for no limit)."""
     limits = []
-    if Runtime.EXECUTORCH in runtimes:
-        limits.append(int(manifest.options["max_seq_len"]))
-    if Runtime.ONNXRUNTIME in runtimes:
-        limits.append(trained_positions(bundle / "onnx" / "config.json") or 1 << 30)
+    for runtime in runtimes:
+        spec = by_runtime(runtime)
+        limits.append(spec.module().positions(bundle / spec.artifact, manifest.options) or 1 << 30)
     return min(limits)
 
 
@@ -103,7 +94,7 @@ def _tokenizer_matches(tokenizer, reference_dir: Path, texts: list[str]) -> bool
 
 
 def _check_installed(runtime: Runtime) -> None:
-    module = _RUNTIME_MODULES[runtime]
+    module = by_runtime(runtime).runtime_module
     try:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
@@ -136,17 +127,6 @@ def latency_job(tokenizer, plan: LatencyPlan, positions: int) -> dict:
     return {"prompt_tokens": stream[: max(lengths)], "prompt_lengths": lengths,
             "decode_tokens": min(plan.decode_tokens, positions - plan.decode_prompt_length - 2),
             "decode_prompt_length": plan.decode_prompt_length, "warmup": plan.warmup, "repeats": plan.repeats}
-
-
-def _environment(cfg: ValidateConfig, runner) -> dict:
-    versions = {}
-    for name in ("rankdown", "torch", "onnxruntime", "executorch", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {"machine": f"{platform.machine()} {platform.system()} ({os.cpu_count()} cores)",
-            "runner": runner.name, "emulated": runner.emulated, "threads": cfg.threads, "versions": versions}
 
 
 def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progress: Callable[[str], None] = print,
@@ -203,9 +183,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         job_base["latency"] = latency_job(tokenizer, cfg.latency, positions)
 
     reports: dict[str, RuntimeReport] = {}
+    results = []
     for runtime in runtimes:
-        progress(f"{runtime.value}: running {runtime.artifact} via {runner.name}")
-        result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=runtime.artifact), bundle)
+        artifact = by_runtime(runtime).artifact
+        progress(f"{runtime.value}: running {artifact} via {runner.name}")
+        result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact), bundle)
+        results.append(result)
         reports[runtime.value] = _judge(runtime, result, arrays, reference, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, cfg, runner)
         r = reports[runtime.value]
@@ -216,7 +199,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     if tokenizer_ok is False:
         failures.append("tokenizer.matches_reference")
     report = Report(bundle=str(bundle), reference=str(reference_dir), data=data_name, runtimes=reports,
-                    environment=_environment(cfg, runner), passed=not failures, failures=failures,
+                    environment=environment(runner, results, cfg.threads), passed=not failures, failures=failures,
                     tokenizer_matches_reference=tokenizer_ok)
     if cfg.report_dir is not None:
         write_report(report, cfg.report_dir)
@@ -287,46 +270,6 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
             quality.perplexity > ref_ppl * (1 + cfg.checks.max_perplexity_increase):
         failures.append(f"{name}.quality.perplexity")
     runner = {"native": "rankdown-et-runner (C++)", "python": f"Python {runtime.value}"}.get(result.get("runner"), "")
-    return RuntimeReport(artifact=runtime.artifact, parity=parity, quality=quality, latency=latency,
+    return RuntimeReport(artifact=by_runtime(runtime).artifact, parity=parity, quality=quality, latency=latency,
                          failures=failures, passed=not failures,
                          executed_on=", ".join(x for x in (result.get("machine"), runner) if x))
-
-
-def write_report(report: Report, folder: Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "report.json", report.to_json())
-    write_text_atomic(folder / "report.md", to_markdown(report))
-    _plot_latency(report, folder / "latency.png")
-
-
-def _plot_latency(report: Report, path: Path) -> None:
-    timed = {n: r.latency for n, r in report.runtimes.items() if r.latency is not None}
-    if not timed:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = list(timed)
-    rates = [timed[n].decode_tokens_per_s for n in names]
-    left.bar(names, [r.median for r in rates],
-             yerr=[[r.median - r.min for r in rates], [r.max - r.median for r in rates]], capsize=4)
-    left.set_ylabel("decode tokens/s (median, min-max)")
-    lengths = sorted({k for lat in timed.values() for k in lat.ttft_ms}, key=int)
-    width = 0.8 / max(len(lengths), 1)
-    for j, length in enumerate(lengths):
-        right.bar([i + j * width for i in range(len(names))],
-                  [timed[n].ttft_ms[length].median if length in timed[n].ttft_ms else 0 for n in names],
-                  width, label=f"prompt {length}")
-    right.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(names))], names)
-    right.set_ylabel("time to first token, ms")
-    right.legend()
-    fig.suptitle(f"{Path(report.bundle).name}: {report.environment.get('machine')}")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)

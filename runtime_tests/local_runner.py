@@ -22,8 +22,9 @@ class LocalRunner:
     name = "local"
     emulated = False
 
-    def __init__(self, timeout_s: float = 3600, executorch_runner: list[str] | None = None):
+    def __init__(self, timeout_s: float = 3600, executorch_runner: list[str] | None = None, device: str = "local"):
         self.timeout_s = timeout_s
+        self.device = device  # the device profile's name in report.json; "local" without one
         self.executorch_runner = executorch_runner  # argv of rankdown-et-runner; None: ExecuTorch's Python runtime
 
     def run(self, job: dict, bundle: Path) -> tuple[dict, dict[str, np.ndarray]]:

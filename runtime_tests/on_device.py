@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -27,10 +28,10 @@ JOB_SCHEMA = 1
 
 def _import_runtime(runtime: str, native: bool) -> None:
     """Import before the load clock starts: a Python import is not what an app waits for."""
-    if runtime == "onnxruntime":
-        importlib.import_module("onnxruntime")
-    elif runtime == "executorch" and not native:
-        importlib.import_module("executorch.runtime")
+    from rankdown.export.formats import by_runtime
+
+    if not native:
+        importlib.import_module(by_runtime(runtime).runtime_module)
 
 
 def peak_rss_mb() -> float:
@@ -46,19 +47,11 @@ def peak_rss_mb() -> float:
 
 
 def _decoder(runtime: str, artifact: Path, threads: int | None, native_runner: list[str] | None):
-    from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, OnnxDecoder
+    from rankdown.export.formats import by_runtime, runtime_names
 
-    if runtime == "onnxruntime":
-        return OnnxDecoder(artifact, threads=threads)
-    if runtime == "executorch" and native_runner:
-        return NativeExecuTorchDecoder(artifact, native_runner, threads=threads)
-    if runtime == "executorch":
-        if threads:
-            import torch  # the pybind runtime's threadpool follows torch's setting
-
-            torch.set_num_threads(threads)
-        return ExecuTorchDecoder(artifact)
-    raise ValueError(f"unknown runtime {runtime!r}")
+    if runtime not in runtime_names():
+        raise ValueError(f"unknown runtime {runtime!r}")
+    return by_runtime(runtime).open_decoder(artifact, threads, native_runner)
 
 
 def _parity(decoder, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
@@ -139,6 +132,7 @@ def run_job(job: dict, out_dir: Path) -> dict:
     decoder = _decoder(job["runtime"], artifact, job.get("threads"), native)
     result: dict = {"load_s": time.perf_counter() - start, "size_bytes": artifact.stat().st_size,
                     "max_positions": decoder.max_positions, "machine": platform.machine(),
+                    "system": platform.system(), "cores": os.cpu_count(),
                     "runner": "native" if native and job["runtime"] == "executorch" else "python"}
     arrays = {}
     if "parity" in job:

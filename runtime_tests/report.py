@@ -6,9 +6,44 @@ The one place that writes the report; its schema is documented in the README.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-SCHEMA_VERSION = 1
+from rankdown.atomic import write_text_atomic
+
+# 2: ``environment`` says where the runtimes ran (``device``) with the host beside it (``host``);
+# in 1 it was one dict whose ``machine`` named the host wherever the runtimes ran.
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DeviceEnvironment:
+    """Where the runtimes ran, as the device half of the harness saw it."""
+
+    name: str  # the device profile's name; "local" for this machine without a profile
+    transport: str  # how the harness reached it: local, ssh, adb, arm64-emu
+    machine: str  # the device's CPU architecture as its OS names it: x86_64, aarch64
+    system: str  # Linux, Darwin, ...
+    cores: int | None
+    emulated: bool  # under emulation: parity holds, timings mean nothing
+
+
+@dataclass(frozen=True)
+class HostEnvironment:
+    """Where the PyTorch reference and every comparison ran."""
+
+    machine: str
+    system: str
+    cores: int | None
+    versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Environment:
+    device: DeviceEnvironment
+    host: HostEnvironment
+    threads: int | None
 
 
 @dataclass(frozen=True)
@@ -73,7 +108,7 @@ class Report:
     reference: str
     data: str
     runtimes: dict[str, RuntimeReport]
-    environment: dict
+    environment: Environment
     passed: bool
     failures: list[str] = field(default_factory=list)
     tokenizer_matches_reference: bool | None = None  # None: the reference folder has no tokenizer
@@ -84,11 +119,13 @@ class Report:
 
 
 def to_markdown(report: Report) -> str:
+    device, host = report.environment.device, report.environment.host
     lines = [f"# rankdown validate: {'PASSED' if report.passed else 'FAILED'}", "",
              f"bundle `{report.bundle}`, reference `{report.reference}`, data {report.data}, "
-             f"host {report.environment.get('machine')}, run via {report.environment.get('runner')}"
-             f"{' (emulated: timings are not meaningful)' if report.environment.get('emulated') else ''}, "
-             f"threads {report.environment.get('threads')}", "",
+             f"threads {report.environment.threads}", "",
+             f"runtimes ran on {device.name} ({device.machine} {device.system}, {device.cores} cores) via "
+             f"{device.transport}{' (emulated: timings are not meaningful)' if device.emulated else ''}; "
+             f"host {host.machine} {host.system} ({host.cores} cores)", "",
              "| runtime | greedy | max abs logit diff | top-1 | exact match (ref) | perplexity (ref) | "
              "TTFT ms | decode tok/s | load s | peak RSS MB | size MiB | passed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,3 +144,45 @@ def to_markdown(report: Report) -> str:
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "report.json", report.to_json())
+    write_text_atomic(folder / "report.md", to_markdown(report))
+    _plot_latency(report, folder / "latency.png")
+
+
+def _plot_latency(report: Report, path: Path) -> None:
+    timed = {n: r.latency for n, r in report.runtimes.items() if r.latency is not None}
+    if not timed:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(timed)
+    rates = [timed[n].decode_tokens_per_s for n in names]
+    left.bar(names, [r.median for r in rates],
+             yerr=[[r.median - r.min for r in rates], [r.max - r.median for r in rates]], capsize=4)
+    left.set_ylabel("decode tokens/s (median, min-max)")
+    lengths = sorted({k for lat in timed.values() for k in lat.ttft_ms}, key=int)
+    width = 0.8 / max(len(lengths), 1)
+    for j, length in enumerate(lengths):
+        right.bar([i + j * width for i in range(len(names))],
+                  [timed[n].ttft_ms[length].median if length in timed[n].ttft_ms else 0 for n in names],
+                  width, label=f"prompt {length}")
+    right.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(names))], names)
+    right.set_ylabel("time to first token, ms")
+    right.legend()
+    device = report.environment.device
+    fig.suptitle(f"{Path(report.bundle).name}: {device.name} ({device.machine}"
+                 f"{', emulated' if device.emulated else ''})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -42,15 +43,15 @@ def test_shipped_profiles_load():
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\ncolour='red'\n[transport]\nkind='local'\n",
      "unknown keys ['colour']"),
     ("name='x'\narch='a'\nruntimes=['tflite']\nthreads=1\nmemory_mb=1\n[transport]\nkind='local'\n",
-     "runtimes must be some of onnxruntime, executorch"),
+     "runtimes: 'tflite' is not one of ['onnxruntime', 'executorch']"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads='2'\nmemory_mb=1\n[transport]\nkind='local'\n",
-     "threads must be a int"),
+     "threads: expected int, got str"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='pigeon'\n",
-     "transport kind 'pigeon' is not one of local, ssh, adb, arm64-emu"),
+     "transport.kind: 'pigeon' is not one of ['local', 'ssh', 'adb', 'arm64-emu']"),
     ("name='x'\narch='a'\nruntimes=['executorch']\nthreads=1\nmemory_mb=1\nexecutorch_runner='jit'\n[transport]\nkind='local'\n",
-     "executorch_runner must be python or native"),
+     "executorch_runner: 'jit' is not one of ['python', 'native']"),
     ("name='x'\narch='a'\nruntimes=['executorch']\nthreads=1\nmemory_mb=1\nexec_wrapper=[1]\n[transport]\nkind='local'\n",
-     "exec_wrapper must be a list of strings"),
+     "exec_wrapper: expected str, got int"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='ssh'\n",
      "an ssh transport needs a host"),
     ("arch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='local'\n", "missing keys ['name']"),
@@ -121,7 +122,8 @@ def test_ssh_transport_round_trips_a_bundle_and_report(sshd, joint_bundle):
                                                                                  repeats=1)),
                       progress=quiet, runner=runner_for(profile))
     assert report.passed, report.failures
-    assert report.environment["runner"] == "ssh"
+    device = report.environment.device
+    assert (device.name, device.transport, device.emulated) == ("loopback-ssh", "ssh", False)
     r = report.runtimes["onnxruntime"]
     assert r.parity.greedy_match and r.latency.decode_tokens_per_s.median > 0
     assert list(remote_dir.iterdir()) == []  # the device is left clean
@@ -193,6 +195,7 @@ def test_local_profile_with_the_native_runner_validates(tmp_path, joint_bundle):
                       runner=runner_for(profile))
     assert report.passed, report.failures
     assert report.runtimes["executorch"].parity.greedy_match
+    assert report.environment.device.name == "local-native"  # the profile, not the transport
 
 
 @pytest.fixture(scope="session")
@@ -213,7 +216,10 @@ def test_arm64_emu_runs_both_runtimes_on_arm(arm64_root, joint_bundle):
     report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, threads=2, **SMALL), progress=quiet,
                       runner=runner)
     assert report.passed, report.failures
-    assert report.environment["runner"] == "arm64-emu" and report.environment["emulated"]
+    device, host = report.environment.device, report.environment.host
+    # The device is the arm64 root, whatever the host is; the host stays beside it.
+    assert (device.name, device.transport, device.machine, device.emulated) == ("arm64-emu", "arm64-emu", "aarch64", True)
+    assert host.machine == platform.machine() and device.system == "Linux"
     for name in ("onnxruntime", "executorch"):
         r = report.runtimes[name]
         assert r.parity.greedy_match and r.parity.max_abs_logit_diff < 1e-3
@@ -280,7 +286,7 @@ def test_adb_transport_round_trips_through_a_stand_in_phone(stand_in_adb, arm64_
     report = validate(bundle, ValidateConfig(runtimes=("executorch",), threads=2, **SMALL), progress=quiet,
                       runner=runner_for(profile))
     assert report.passed, report.failures
-    assert report.environment["runner"] == "adb"
+    assert (report.environment.device.transport, report.environment.device.machine) == ("adb", "aarch64")
     assert report.runtimes["executorch"].executed_on == "aarch64, rankdown-et-runner (C++)"
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(c[:2] == ["-s", "emulator-5554"] for c in calls)

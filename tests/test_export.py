@@ -233,13 +233,13 @@ def test_shared_down_runs_once_per_group_in_executorch(compressed_tiny):
 
 
 def test_parity_failure_is_an_error_and_leaves_no_bundle(compressed_tiny, tmp_path, monkeypatch):
-    import rankdown.export.pipeline as pipeline
+    import rankdown.export.decoding as decoding
 
     class Corrupted(OnnxDecoder):
         def prefill(self, ids):
             return super().prefill(ids) + 0.05 * np.sin(np.arange(len(ids)))[:, None]
 
-    monkeypatch.setattr(pipeline, "OnnxDecoder", Corrupted)
+    monkeypatch.setattr(decoding, "OnnxDecoder", Corrupted)
     folder, _ = compressed_tiny["svd"]
     with pytest.raises(RankdownError, match="onnx export failed its parity self-check: max \\|logit diff\\|"):
         export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
@@ -272,7 +272,7 @@ def _cli(*args):
 
 @pytest.mark.parametrize("case,pattern", [
     ("not-a-checkpoint", "config.json"),
-    ("unknown-format", "unknown format 'tflite': choose one of onnx, executorch"),
+    ("unknown-format", "unknown --format 'tflite': choose one of onnx, executorch"),
     ("coreml", "--backend coreml needs macOS"),
     ("no-parent", "parent folder"),
     ("inside-input", "must not be, contain, or lie inside the input"),

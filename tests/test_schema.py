@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rankdown.errors import RankdownError
-from rankdown.schema import build, coerce_enums, default_of, dump_json, parse_enum, read_dataclass
+from rankdown.schema import build, coerce_enums, default_of, dump_json, name_enum, parse_enum, parse_enums, read_dataclass
 
 
 class Colour(str, Enum):
@@ -83,3 +83,25 @@ def test_default_of_reads_the_dataclass_default_once():
     assert default_of(Outer, "extras") == []
     with pytest.raises(KeyError, match="Inner.size has no default"):
         default_of(Inner, "size")
+
+
+@dataclass(frozen=True)
+class Palette:
+    colours: tuple[Colour, ...] = field(default=(Colour.RED,), metadata={"option": "--colour"})
+    accent: Colour | None = None
+
+    def __post_init__(self):
+        coerce_enums(self)
+
+
+def test_coerce_enums_parses_a_comma_list_once_each_under_the_option_given():
+    assert Palette(colours="blue,red,blue").colours == (Colour.BLUE, Colour.RED)  # type: ignore[arg-type]
+    assert Palette(colours=["red"], accent="blue").accent is Colour.BLUE  # type: ignore[arg-type]
+    with pytest.raises(RankdownError, match=r"unknown --colour 'pink': choose one of red, blue$"):
+        Palette(colours="red,pink")  # type: ignore[arg-type]
+
+
+def test_name_enum_makes_members_from_registered_names():
+    Kind = name_enum("Kind", ["arm64-emu", "onnx"], __name__)
+    assert Kind.ARM64_EMU.value == "arm64-emu" and Kind("onnx") is Kind.ONNX and Kind.ONNX == "onnx"
+    assert parse_enums(Kind, "onnx,arm64-emu", "--kind") == (Kind.ONNX, Kind.ARM64_EMU)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -43,8 +45,11 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 1 and raw["passed"] is True
-    assert {"machine", "threads", "versions"} <= set(raw["environment"])
+    assert raw["schema_version"] == 2 and raw["passed"] is True
+    env = raw["environment"]
+    assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
+                             "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
+    assert {"machine", "system", "cores", "versions"} == set(env["host"]) and "onnxruntime" in env["host"]["versions"]
     for name in ("onnxruntime", "executorch"):
         r = raw["runtimes"][name]
         assert {"greedy_match", "max_abs_logit_diff", "top1_agreement"} <= set(r["parity"])
@@ -127,7 +132,7 @@ def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path):
 @pytest.mark.parametrize("case,pattern", [
     ("no-manifest", "not a rankdown bundle (no manifest.json)"),
     ("missing-artifact", "holds no executorch artifact for executorch (it has onnx)"),
-    ("unknown-runtime", "unknown runtime 'tflite'"),
+    ("unknown-runtime", "unknown --runtime 'tflite': choose one of onnxruntime, executorch"),
     ("source-gone", "pass --reference MODEL"),
 ])
 def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, case, pattern):

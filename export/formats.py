@@ -1,0 +1,98 @@
+"""The export formats, one registration each: export, validate, devices and the CLI read this table.
+
+A format is one module (``export/onnx.py``, ``export/executorch.py``) with four functions:
+
+    preflight(cfg)                                  refuse before any work (a missing toolchain)
+    export(model, record, bundle, cfg, progress)    write the artifact and count its factor nodes:
+                                                    -> (seconds, FactorNodes, delegation summary | None)
+    check_file(path, bundle)                        refuse a malformed artifact before a runtime
+                                                    opens it; -> the other files it reads
+    positions(path, options)                        positions the artifact holds (None: no limit)
+
+plus a decoder opener ``open(artifact, threads, native_runner) -> Decoder`` that imports
+neither torch nor transformers at module level, because it runs on devices. The table names
+them as ``"module:function"`` so that this file imports nothing heavy and ships to devices as
+it is (``devices/runners.py`` sends it, and every decoder module, with the harness).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Address space a format's export takes: per fp32 weight byte (traced graph, constant
+    copies, serialized program) and for the exporter itself."""
+
+    per_weight_byte: int
+    fixed_bytes: int
+
+    def bytes_for(self, weight_bytes: int) -> int:
+        return self.per_weight_byte * weight_bytes + self.fixed_bytes
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str  # --format value and manifest key
+    runtime: str  # --runtime value and report key: what runs the artifact
+    runtime_module: str  # what must import where the artifact runs in Python
+    artifact: str  # the artifact's path in the bundle; its folder holds every file of the format
+    implementation: str  # the module with preflight / export / check_file / positions
+    decoder: str  # "module:function": open(artifact, threads, native_runner) -> Decoder, torch-free import
+    memory: MemoryModel
+    takes_backend: bool = False  # lowered to an ExecuTorch delegate (--backend)
+
+    @property
+    def folder(self) -> str:
+        return self.artifact.split("/")[0]
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(self.implementation)
+
+    def open_decoder(self, artifact: Any, threads: int | None = None, native_runner: list[str] | None = None):
+        module, _, function = self.decoder.partition(":")
+        opener: Callable = getattr(importlib.import_module(module), function)
+        return opener(artifact, threads, native_runner)
+
+
+# Memory models fitted to the shipped model (26 MB of fp32 weights): its ONNX export grew the
+# process by 353 MB, its ExecuTorch export by 381 MB.
+FORMATS: tuple[FormatSpec, ...] = (
+    FormatSpec("onnx", runtime="onnxruntime", runtime_module="onnxruntime", artifact="onnx/model.onnx",
+               implementation="rankdown.export.onnx", decoder="rankdown.export.decoding:open_onnx",
+               memory=MemoryModel(4, 260_000_000)),
+    FormatSpec("executorch", runtime="executorch", runtime_module="executorch.runtime",
+               artifact="executorch/model.pte", implementation="rankdown.export.executorch",
+               decoder="rankdown.export.decoding:open_executorch", memory=MemoryModel(8, 210_000_000),
+               takes_backend=True),
+)
+
+
+def format_names() -> list[str]:
+    return [spec.name for spec in FORMATS]
+
+
+def runtime_names() -> list[str]:
+    return [spec.runtime for spec in FORMATS]
+
+
+def by_format(name: Any) -> FormatSpec:
+    """The format ``name`` (an enum member or its text)."""
+    return _find("name", getattr(name, "value", name))
+
+
+def by_runtime(name: Any) -> FormatSpec:
+    """The format the runtime ``name`` runs (an enum member or its text)."""
+    return _find("runtime", getattr(name, "value", name))
+
+
+def _find(key: str, value: str) -> FormatSpec:
+    for spec in FORMATS:
+        if getattr(spec, key) == value:
+            return spec
+    raise KeyError(f"no export format with {key} {value!r}")
