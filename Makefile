@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real clean
+.PHONY: venv lint test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ test-deps:
 arm64-emu: venv test-deps
 	$(PY) -m rankdown.devices.arm64_emu build
 
-test: venv test-deps arm64-emu
+# ruff (style, imports, bug patterns) and mypy (types) over the package, bench and tests' config.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv lint test-deps arm64-emu
 	$(PY) -m pytest -q --durations=15
 
 demo: venv

@@ -141,6 +141,7 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
                          progress=lambda _m: None)
             model = load_model(open_checkpoint(checkpoints[ratio])).eval()
             score = evaluate(model, tokenizer, data, EvalConfig(max_examples=cfg.max_examples, max_tokens=0)).exact_match
+            assert score is not None, "fit's tasks are exact-match tasks"
             for q in cfg.quantize:
                 need = memory_mb(model, q, cfg.max_seq_len)
                 candidates.append(Candidate(ratio, q.value, sum(p.numel() for p in model.parameters()), round(need, 2),

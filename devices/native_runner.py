@@ -96,8 +96,8 @@ def build_runner(arch: str = HOST_ARCH, progress: Callable[[str], None] = print)
         return target
     progress(f"building {BINARY} for {arch}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{arch}-", dir=target.parent) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=f".{arch}-", dir=target.parent) as tmp_name:
+        tmp = Path(tmp_name)
         package = _host_package() if arch == HOST_ARCH else _wheel_package(arch, tmp / "wheel", progress)
         configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(tmp / "build"), "-DCMAKE_BUILD_TYPE=Release",
                      f"-DCMAKE_PREFIX_PATH={package}"]

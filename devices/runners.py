@@ -46,6 +46,7 @@ def harness_files() -> dict[str, Path]:
     """Archive name -> file: the device half of the harness, as importable packages."""
     files = {}
     for module in HARNESS_MODULES:
+        assert module.__file__ is not None, f"{module.__name__} is a module with a file"
         path = Path(module.__file__)
         # Packages by their import name: the installed names differ from the source folders.
         folder = module.__name__.split(".") if path.name == "__init__.py" else module.__name__.split(".")[:-1]
@@ -104,12 +105,14 @@ class _Device:
     def _runner_dir(self, job: dict) -> Path | None:
         if not self._native(job):
             return None
+        assert self.profile is not None  # _native needs one
         arch = HOST_ARCH if self.profile.arch in ("host", HOST_ARCH) else self.profile.arch
         return build_runner(arch, progress=lambda _m: None)
 
     def _with_runner(self, job: dict, remote: str, bundle_at: str | None = None) -> dict:
         job = dict(job, bundle=bundle_at or f"{remote}/bundle")
         if self._native(job):
+            assert self.profile is not None  # _native needs one
             job["executorch_runner"] = [*self.profile.exec_wrapper, f"{remote}/runner/bin/{BINARY}"]
         return job
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from rankdown.errors import RankdownError
 from rankdown.export.et_backends import Backend
@@ -11,7 +12,11 @@ from rankdown.export.formats import format_names
 from rankdown.schema import coerce_enums, name_enum
 
 # Every registered format (export/formats.py), in registration order.
-Format = name_enum("Format", format_names(), __name__)
+if TYPE_CHECKING:  # the members come from the registry at run time; a type checker sees a text enum
+    class Format(str, Enum):
+        pass
+else:
+    Format = name_enum("Format", format_names(), __name__)
 
 
 class Quantize(str, Enum):

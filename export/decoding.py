@@ -162,7 +162,9 @@ class NativeExecuTorchDecoder:
 
         argv = [*command, str(pte_path)] + ([str(threads)] if threads else [])
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        header = self._proc.stdout.readline()
+        assert self._proc.stdin and self._proc.stdout and self._proc.stderr  # all three are pipes
+        self._stdin, self._stdout, self._stderr = self._proc.stdin, self._proc.stdout, self._proc.stderr
+        header = self._stdout.readline()
         if not header:
             self._fail()
         info = json.loads(header)
@@ -172,7 +174,7 @@ class NativeExecuTorchDecoder:
 
     def _fail(self):
         self._proc.kill()
-        err = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+        err = self._stderr.read().decode(errors="replace").strip().splitlines()
         status = self._proc.wait()
         raise RuntimeError(err[-1] if err else f"rankdown-et-runner exited with status {status}")
 
@@ -183,15 +185,15 @@ class NativeExecuTorchDecoder:
         request = (np.asarray([n], "<i4").tobytes() + np.asarray([self._length], "<i8").tobytes()
                    + np.asarray(ids, "<i8").tobytes())
         try:
-            self._proc.stdin.write(request)
-            self._proc.stdin.flush()
+            self._stdin.write(request)
+            self._stdin.flush()
         except BrokenPipeError:
             self._fail()
-        header = self._proc.stdout.read(8)
+        header = self._stdout.read(8)
         if len(header) != 8:
             self._fail()
         rows, cols = np.frombuffer(header, "<i4")
-        data = self._proc.stdout.read(4 * int(rows) * int(cols))
+        data = self._stdout.read(4 * int(rows) * int(cols))
         if len(data) != 4 * int(rows) * int(cols):
             self._fail()
         self._length += n
@@ -208,9 +210,9 @@ class NativeExecuTorchDecoder:
         """End the runner; its peak resident memory in MB, as it measured it."""
         if self._proc.poll() is not None:
             return None
-        self._proc.stdin.write(np.asarray([0], "<i4").tobytes())
-        self._proc.stdin.close()
-        line = self._proc.stdout.readline()
+        self._stdin.write(np.asarray([0], "<i4").tobytes())
+        self._stdin.close()
+        line = self._stdout.readline()
         self._proc.wait(timeout=30)
         return json.loads(line)["peak_rss_kb"] / 1024 if line else None
 

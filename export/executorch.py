@@ -48,7 +48,8 @@ def _run_shared_down_once(program) -> int:
     """Merge linears that apply the same weight to the same input (a shared-``down`` group's
     members each call the owner's ``down`` in eager mode). Returns how many were merged."""
 
-    seen, merged = {}, 0
+    seen: dict[tuple, torch.fx.Node] = {}
+    merged = 0
     graph = program.graph_module.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:

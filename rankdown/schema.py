@@ -31,7 +31,7 @@ def name_enum(name: str, values: list[str], module: str) -> Any:
     """A text enum whose members are a registry's names (``"arm64-emu"`` -> ``ARM64_EMU``), so that
     a registration is the only place a new name is written and parsing stays ``parse_enum``'s."""
     members = [(v.upper().replace("-", "_").replace(".", "_"), v) for v in values]
-    return Enum(name, members, module=module, type=str)  # type: ignore[misc]
+    return Enum(name, members, module=module, type=str)
 
 
 def parse_enum(enum: type[E], value: Any, option: str) -> E:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rankdown.errors import RankdownError
 from rankdown.export.formats import runtime_names
 from rankdown.schema import coerce_enums, name_enum
 
 # What runs each registered format (export/formats.py: by_runtime gives its artifact and format).
-Runtime = name_enum("Runtime", runtime_names(), __name__)
+if TYPE_CHECKING:  # the members come from the registry at run time; a type checker sees a text enum
+    class Runtime(str, Enum):
+        pass
+else:
+    Runtime = name_enum("Runtime", runtime_names(), __name__)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +135,7 @@ def run_job(job: dict, out_dir: Path) -> dict:
                     "max_positions": decoder.max_positions, "machine": platform.machine(),
                     "system": platform.system(), "cores": os.cpu_count(),
                     "runner": "native" if native and job["runtime"] == "executorch" else "python"}
-    arrays = {}
+    arrays: dict[str, Any] = {}  # savez takes its arrays as keywords
     if "parity" in job:
         tokens, arrays = _parity(decoder, job["parity"]["prompts"], job["parity"]["new_tokens"])
         result["parity_tokens"] = tokens
@@ -142,8 +143,8 @@ def run_job(job: dict, out_dir: Path) -> dict:
         q = job["quality"]
         begin = time.perf_counter()
         result["answers"] = _answers(decoder, q["prompts"], q["budgets"], set(q["stop_ids"]))
-        ppl, tokens = perplexity(decoder, q["windows"])
-        result["perplexity"], result["perplexity_tokens"] = ppl, tokens
+        ppl, scored = perplexity(decoder, q["windows"])
+        result["perplexity"], result["perplexity_tokens"] = ppl, scored
         result["quality_s"] = time.perf_counter() - begin
     if "latency" in job:
         result["latency"] = _latency(decoder, job)
