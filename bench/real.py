@@ -169,7 +169,11 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     path = args.out / "real.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    setup = {"model": str(args.model), "task": args.task, "examples": args.examples, "ppl_tokens": args.ppl_tokens}
+    # The import's provenance pins the model: a folder converted another way (e.g. a tokenizer
+    # that adds BOS where the GGUF says not to) would score differently and must not be mixed in.
+    provenance = json.loads((args.model / "import.json").read_text()) if (args.model / "import.json").is_file() else {}
+    setup = {"model": str(args.model), "source_sha256": provenance.get("sha256"), "task": args.task,
+             "examples": args.examples, "ppl_tokens": args.ppl_tokens}
     if results.get("setup", setup) != setup:
         raise SystemExit(f"{path} was made with {results['setup']}; move it away to start over")
     results.setdefault("setup", setup)
