@@ -19,11 +19,12 @@ from rankdown.errors import RankdownError
 from rankdown.export.config import Backend, ExportConfig, Quantize
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
-from rankdown.export.tied_embeddings import shared_weight_partitioners
+from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"
+DATA_FILE = "model.ptd"  # a tied table, stored once outside the program (export/tied_embeddings.py)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,7 @@ def _partitioners(backend: Backend, quantize: Quantize) -> list:
         # Dynamically quantized linears must be claimed first, whole; the generic partitioner
         # would otherwise split choose_qparams from its matmul and form cyclic partitions.
         int8 = quantize is Quantize.INT8
-        return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + shared_weight_partitioners(int8) + [
-            XnnpackPartitioner()]
+        return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + [XnnpackPartitioner()]
     if backend is Backend.COREML:
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
@@ -153,7 +153,8 @@ def _metadata(model, cfg: ExportConfig) -> dict:
 
 def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                       progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
-    """Write ``bundle/executorch/model.pte``. Returns seconds, node counts and the delegation summary."""
+    """Write ``bundle/executorch/model.pte``, and ``model.ptd`` beside it for a tied fp32 model.
+    Returns seconds, node counts and the delegation summary."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
@@ -170,6 +171,8 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
+        # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
+        external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
         edge = to_edge_transform_and_lower(program, partitioner=_partitioners(cfg.backend, cfg.quantize),
                                            constant_methods=_metadata(model, cfg))
@@ -177,16 +180,24 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
                       "non_delegated_nodes": int(info.num_non_delegated_nodes),
                       "delegated_subgraphs": int(info.num_delegated_subgraphs)}
-        executorch_program = edge.to_executorch()
+        executorch_program = edge.to_executorch(_backend_config(external))
     write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
     return time.perf_counter() - start, nodes, delegation
 
 
+def _backend_config(external_table: bool):
+    from executorch.exir import ExecutorchBackendConfig
+
+    return ExecutorchBackendConfig(external_constants=external_table_tag) if external_table else None
+
+
 def write_program(executorch_program, path: Path) -> None:
-    """The one place a .pte is written (the kill-point tests fork here)."""
+    """The one place a .pte (and its program data file, if it has one) is written (the kill-point
+    tests fork here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         executorch_program.write_to_file(f)
+    executorch_program.write_tensor_data_to_file(str(path.parent))  # one <tag>.ptd per data tag, often none
 
 
 def _quantize_int8(program, example, dynamic):

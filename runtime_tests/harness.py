@@ -22,7 +22,7 @@ from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
 from rankdown.export.config import ParityThresholds, Quantize
-from rankdown.export.decoding import trained_positions
+from rankdown.export.decoding import program_data_file, trained_positions
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.onnx_files import external_data_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
@@ -71,6 +71,10 @@ def _check_artifacts(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, 
                                         "are unverified")
         else:
             check_pte_header(path)
+            data = Path(runtime.artifact).with_suffix(".ptd").as_posix()
+            if program_data_file(path) is not None and data not in listed:
+                raise RankdownError(f"{path}: program data {data} is not listed in the manifest, so its bytes "
+                                    "are unverified")
 
 
 def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
