@@ -115,6 +115,13 @@ class OnnxDecoder:
         return self._run([token])[-1]
 
 
+def program_data_file(pte_path: Path) -> Path | None:
+    """The program data (.ptd) the export writes beside a .pte whose weights are partly outside it
+    (a tied embedding table, export/tied_embeddings.py); None when the .pte holds them all."""
+    data = Path(pte_path).with_suffix(".ptd")
+    return data if data.is_file() else None
+
+
 class ExecuTorchDecoder:
     """A .pte with a static KV cache: ``forward(tokens[1, n], input_pos[1])`` -> logits[1, n, vocab],
     the signature ExecuTorch's own LLM runner calls."""
@@ -125,7 +132,8 @@ class ExecuTorchDecoder:
 
         self._torch = torch
         runtime = Runtime.get()
-        program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency)
+        program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency,
+                                       data_path=program_data_file(pte_path))
         self.max_positions = _constant(program, "get_max_seq_len")
         self.program = program
         self.method = program.load_method("forward")
@@ -160,7 +168,8 @@ class NativeExecuTorchDecoder:
     def __init__(self, pte_path: Path, command: list[str], threads: int | None = None):
         import subprocess
 
-        argv = [*command, str(pte_path)] + ([str(threads)] if threads else [])
+        data = program_data_file(pte_path)
+        argv = [*command, str(pte_path)] + ([str(threads)] if threads else []) + (["--data", str(data)] if data else [])
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self._proc.stdin and self._proc.stdout and self._proc.stderr  # all three are pipes
         self._stdin, self._stdout, self._stderr = self._proc.stdin, self._proc.stdout, self._proc.stderr

@@ -34,10 +34,7 @@ def _xnnpack(int8: bool) -> list:
 
     # Dynamically quantized linears must be claimed first, whole; the generic partitioner
     # would otherwise split choose_qparams from its matmul and form cyclic partitions.
-    from rankdown.export.tied_embeddings import shared_weight_partitioners
-
-    return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + shared_weight_partitioners(int8) + [
-        XnnpackPartitioner()]
+    return ([XnnpackDynamicallyQuantizedPartitioner()] if int8 else []) + [XnnpackPartitioner()]
 
 
 def _coreml(int8: bool) -> list:

@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 
 from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.decoding import program_data_file
 from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
+from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"
+DATA_FILE = "model.ptd"  # a tied table, stored once outside the program (export/tied_embeddings.py)
 
 
 def preflight(cfg: ExportConfig) -> None:
@@ -35,8 +38,10 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
 
 
 def check_file(path: Path, bundle: Path) -> list[Path]:
+    """The .pte's header, and its program data (a tied table's .ptd), which the runtime also reads."""
     check_pte_header(path)
-    return []
+    data = program_data_file(path)
+    return [] if data is None else [data]
 
 
 def positions(path: Path, options: dict) -> int:
@@ -113,7 +118,8 @@ def _metadata(model, cfg: ExportConfig) -> dict:
 
 def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                       progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
-    """Write ``bundle/executorch/model.pte``. Returns seconds, node counts and the delegation summary."""
+    """Write ``bundle/executorch/model.pte``, and ``model.ptd`` beside it for a tied fp32 model.
+    Returns seconds, node counts and the delegation summary."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
@@ -130,6 +136,8 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
+        # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
+        external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
         edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is Quantize.INT8),
                                            constant_methods=_metadata(model, cfg))
@@ -137,16 +145,24 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
                       "non_delegated_nodes": int(info.num_non_delegated_nodes),
                       "delegated_subgraphs": int(info.num_delegated_subgraphs)}
-        executorch_program = edge.to_executorch()
+        executorch_program = edge.to_executorch(_backend_config(external))
     write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
     return time.perf_counter() - start, nodes, delegation
 
 
+def _backend_config(external_table: bool):
+    from executorch.exir import ExecutorchBackendConfig
+
+    return ExecutorchBackendConfig(external_constants=external_table_tag) if external_table else None
+
+
 def write_program(executorch_program, path: Path) -> None:
-    """The one place a .pte is written (the kill-point tests fork here)."""
+    """The one place a .pte (and its program data file, if it has one) is written (the kill-point
+    tests fork here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         executorch_program.write_to_file(f)
+    executorch_program.write_tensor_data_to_file(str(path.parent))  # one <tag>.ptd per data tag, often none
 
 
 def _quantize_int8(program, example, dynamic):

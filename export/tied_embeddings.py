@@ -2,13 +2,13 @@
 
 ONNX: optimum's exporter (with ``accelerate``) rewrites the head to read the Gather's
 initializer through a Transpose. ExecuTorch: XNNPACK packs a linear's weight into its own
-blob (keyed by sha256 in the program's named data), while the token lookup stays on CPU
-kernels with its own constant, so a tied table is written twice. The runtime resolves
-program constants only from the constant segment or an external .ptd, never from the
-named data, so the one way to a single copy inside one .pte is to give XNNPACK the head's
-weight at run time (``force_non_static_weights_for_f32_linear``, XNNPACK's own option for
-weights shared outside a partition) for that one linear. It costs decode time: XNNPACK
-repacks the table on every call (measured in the module's commit message and the report).
+blob while the token lookup stays on CPU kernels with its own constant, so inside one .pte a
+tied table is written twice. ExecuTorch's program-data separation stores it once: the lookup's
+constant (``external_constants``) and XNNPACK's copy of the head weight (named data with an
+external tag) both go to one .ptd beside the .pte, and the NamedDataStore keeps one buffer per
+distinct content, so the two names share one segment. XNNPACK still packs the head once, at
+load; giving it the weight at run time instead (``force_non_static_weights_for_f32_linear``)
+also stored the table once but repacked it on every call, doubling decode time.
 
 Whatever the exporter did, ``table_copies`` counts the table's bytes in the written files,
 as stored or transposed, and the export fails if a tied table was stored more than once.
@@ -79,19 +79,29 @@ def check_stored_once(files: list[Path], table: np.ndarray | None, where: Path) 
     return copies
 
 
-def shared_weight_partitioners(quantize_int8: bool) -> list:
-    """XNNPACK partitioners that claim, before the generic one, each fp32 linear whose weight
-    another op also reads (a tied head), taking that weight as a run-time input so the program
-    keeps one constant for both. Empty for int8: the head's weight becomes its own int8 tensor."""
-    if quantize_int8:
-        return []
-    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+_TAG_KEY = "delegate_constant_tag"  # the key XNNPACK's node visitor reads (executorch 1.5)
 
-    class SharedWeightLinearConfig(LinearConfig):
-        def check_constraints(self, node, ep) -> bool:
-            weight = node.args[1]
-            shared = any(user.target != node.target for user in weight.users)
-            return shared and super().check_constraints(node, ep)
 
-    return [XnnpackPartitioner(configs=[SharedWeightLinearConfig], force_non_static_weights_for_f32_linear=True)]
+def tag_tied_table(program, data_tag: str) -> bool:
+    """Mark the parameter that both a token lookup and a linear read (a tied table) for the
+    program data file ``data_tag``: XNNPACK's node visitor reads ``delegate_constant_tag`` from
+    the weight's node, and ``external_table_tag`` moves the lookup's constant. Returns whether
+    a tied table was found."""
+    import torch
+
+    params = program.graph_signature.inputs_to_parameters
+    found = False
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in params:
+            continue
+        targets = {user.target for user in node.users}
+        if {torch.ops.aten.embedding.default, torch.ops.aten.linear.default} <= targets:
+            node.meta.setdefault("custom", {})[_TAG_KEY] = data_tag
+            found = True
+    return found
+
+
+def external_table_tag(node) -> str | None:
+    """``ExecutorchBackendConfig.external_constants``: the program data file for a constant the
+    runtime kernels read, set only on the tied table by ``tag_tied_table``."""
+    return (node.meta.get("custom") or {}).get(_TAG_KEY)

@@ -61,7 +61,7 @@ def _check_artifacts(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, 
         for data in spec.module().check_file(path, bundle):
             rel = data.resolve().relative_to(root).as_posix()
             if rel not in listed:
-                raise RankdownError(f"{path}: external data {rel} is not listed in the manifest, so its bytes "
+                raise RankdownError(f"{path}: data it reads, {rel}, is not listed in the manifest, so its bytes "
                                     "are unverified")
 
 

@@ -60,6 +60,7 @@ def test_bundle_layout_manifest_and_counts(joint_bundle):
         assert parity.max_abs_logit_diff <= 1e-3 * parity.logit_scale
         assert parity.prompts == 3 and parity.new_tokens == 32
     assert read.formats["executorch"].delegation["delegated_nodes"] > 0
+    assert set(read.formats["executorch"].files) == {"executorch/model.pte"}  # untied: no .ptd
     assert read.source.factorized and read.source.compression["method"] == "joint"
     assert read.model.ranks == {n: s.rank for n, s in record.modules.items()}
     assert {"torch", "executorch", "onnxruntime", "optimum"} <= set(read.versions)

@@ -445,7 +445,7 @@ def test_tampered_external_data_is_refused_before_the_runtime(external_data_bund
     else:
         bundle = _tamper_location(external_data_bundle, tmp_path, location="extra.bin")
         shutil.copy(bundle / "onnx" / "model.onnx_data", bundle / "onnx" / "extra.bin")
-        pattern = "extra.bin is not listed in the manifest"
+        pattern = "extra.bin, is not listed in the manifest"
     with pytest.raises(RankdownError, match=pattern) as info:
         _validate_onnx(bundle)
     assert "model.onnx" in str(info.value) and "\n" not in str(info.value)

@@ -39,14 +39,75 @@ def test_table_copies_counts_stored_and_transposed_tables(tmp_path):
     assert table_copies([tmp_path / "g"], table) == 0
 
 
-def test_factorized_tied_model_stores_its_table_once_in_both_formats(tied_factorized, tmp_path):
-    manifest = export(tied_factorized, tmp_path / "b", ExportConfig(max_seq_len=64), progress=quiet)
+@pytest.fixture(scope="session")
+def tied_bundle(tied_factorized, tmp_path_factory):
+    bundle = tmp_path_factory.mktemp("tied-bundle") / "b"
+    return bundle, export(tied_factorized, bundle, ExportConfig(max_seq_len=64), progress=quiet)
+
+
+def test_factorized_tied_model_stores_its_table_once_in_both_formats(tied_factorized, tied_bundle):
+    """ExecuTorch: the lookup's constant and XNNPACK's head weight share one segment of model.ptd."""
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.tied_embeddings import tied_table
+
+    bundle, manifest = tied_bundle
     assert manifest.model.tied_embeddings
     sizes = {}
     for name, entry in manifest.formats.items():
         assert entry.embedding_tables == 1 and entry.parity.passed, name
         sizes[name] = sum(f.bytes for f in entry.files.values())
     assert sizes["executorch"] <= sizes["onnx"], sizes
+    assert set(manifest.formats["executorch"].files) == {"executorch/model.pte", "executorch/model.ptd"}
+    table = tied_table(load_model(open_checkpoint(tied_factorized)))
+    assert table_copies([bundle / "executorch" / "model.ptd"], table) == 1
+    assert table_copies([bundle / "executorch" / "model.pte"], table) == 0
+
+
+def test_tied_pte_with_its_ptd_runs_in_the_llm_runner_and_the_native_runner(tied_factorized, tied_bundle):
+    """What apps link: TextLLMRunner given the .ptd prints PyTorch's greedy text, and the C++
+    runner (``--data``) returns the Python runtime's logits bit for bit."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
+    from rankdown.export.parity import torch_greedy
+
+    bundle, _ = tied_bundle
+    pte, ptd = bundle / "executorch" / "model.pte", bundle / "executorch" / "model.ptd"
+    tokenizer = load_tokenizer(tied_factorized)
+    model = load_model(open_checkpoint(tied_factorized)).eval()
+    runner = TextLLMRunner(str(pte), str(bundle / "tokenizer.json"), data_path=str(ptd))
+    prompt = "12+7="
+    reference = torch_greedy(model, tokenizer(prompt)["input_ids"], 4)
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(max_new_tokens=4, temperature=0.0, echo=False, num_bos=1),
+                    token_callback=pieces.append)
+    assert "".join(pieces) == tokenizer.decode(list(reference.tokens), skip_special_tokens=True)
+
+    native = NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)], threads=1)
+    a, b = greedy(native, [5, 9, 30, 7], 6), greedy(ExecuTorchDecoder(pte), [5, 9, 30, 7], 6)
+    assert a.tokens == b.tokens and (a.prompt_logits == b.prompt_logits).all()
+    native.close()
+
+
+def test_a_ptd_the_manifest_does_not_list_is_refused(tied_bundle, tmp_path):
+    import json
+    import shutil
+
+    from rankdown.export.manifest import MANIFEST_FILE
+    from rankdown.validate.config import ValidateConfig
+    from rankdown.validate.harness import validate
+
+    bundle, _ = tied_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    raw = json.loads((copy / MANIFEST_FILE).read_text())
+    del raw["formats"]["executorch"]["files"]["executorch/model.ptd"]
+    (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(RankdownError, match=r"model.pte: data it reads, executorch/model.ptd, is not listed in the "
+                                            r"manifest"):
+        validate(copy, ValidateConfig(runtimes="executorch", latency=None), progress=quiet)
 
 
 def test_schema_1_manifest_is_read_with_tied_fields_unknown(tmp_path):
@@ -69,10 +130,10 @@ def test_schema_1_manifest_is_read_with_tied_fields_unknown(tmp_path):
 
 
 def test_a_table_stored_twice_fails_the_export(tied_factorized, tmp_path, monkeypatch):
-    """Without the shared-weight partitioner XNNPACK packs its own copy of the head: refused."""
+    """Without the .ptd XNNPACK packs its own copy of the head into the .pte: refused."""
     import rankdown.export.executorch as et_format
 
-    monkeypatch.setattr(et_format, "shared_weight_partitioners", lambda _int8: [])
+    monkeypatch.setattr(et_format, "tag_tied_table", lambda _program, _tag: False)
     with pytest.raises(RankdownError, match=r"tied embedding table \(\d+ x 64\) is stored 2 times"):
         export(tied_factorized, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64, check=False),
                progress=quiet)

@@ -2,7 +2,9 @@
 // the harness (runtime_tests/on_device.py) where there is no PyTorch, e.g. a phone or an arm64
 // board. The harness keeps the decoding logic; this program only runs the model.
 //
-//   rankdown-et-runner MODEL.pte [THREADS]
+//   rankdown-et-runner MODEL.pte [THREADS] [--data MODEL.ptd]
+//
+// --data: the program data file (weights stored outside the .pte, e.g. a tied embedding table).
 //
 // Protocol (little-endian, native sizes, over stdin/stdout):
 //   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T}
@@ -16,6 +18,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <memory>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -90,21 +93,29 @@ long peak_rss_kb() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || argc > 3) {
-    std::fprintf(stderr, "usage: rankdown-et-runner MODEL.pte [THREADS]\n");
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string data;
+  if (args.size() >= 2 && args[args.size() - 2] == "--data") {
+    data = args.back();
+    args.resize(args.size() - 2);
+  }
+  if (args.empty() || args.size() > 2 || (args.size() == 2 && args[1] == "--data")) {
+    std::fprintf(stderr, "usage: rankdown-et-runner MODEL.pte [THREADS] [--data MODEL.ptd]\n");
     return 2;
   }
-  g_model = argv[1];
-  if (argc == 3) {
-    const int threads = std::atoi(argv[2]);
+  g_model = args[0];
+  if (args.size() == 2) {
+    const int threads = std::atoi(args[1].c_str());
     if (threads < 1) {
-      fail(std::string("threads must be a positive integer, got ") + argv[2]);
+      fail("threads must be a positive integer, got " + args[1]);
     }
     executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
   }
 
   const auto start = std::chrono::steady_clock::now();
-  Module module(g_model, Module::LoadMode::Mmap);
+  auto owned = data.empty() ? std::make_unique<Module>(g_model, Module::LoadMode::Mmap)
+                            : std::make_unique<Module>(g_model, data, Module::LoadMode::Mmap);
+  Module& module = *owned;
   // Full verification: the file is untrusted input.
   Error err = module.load(Program::Verification::InternalConsistency);
   if (err != Error::Ok) {
