@@ -134,7 +134,7 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     (dict(method="magic"), "unknown --method 'magic': choose one of svd, asvd, whiten, joint, feature, basis$"),
     (dict(allocate="best"), "unknown --allocate 'best'"),
     (dict(basis_mode="trained"), "unknown --basis-mode 'trained'"),
-    (dict(task=None), "give a task \\(math, code, prose\\) or a calibration file"),
+    (dict(task=None), "give a task \\(math, code, prose, compare, identifiers\\) or a calibration file"),
     (dict(method="whiten", basis_mode="tuned"), "applies to --method basis only"),
     (dict(method="basis", basis_mode="tuned", allocate="bayes"), "leave --allocate at uniform"),
 ])
