@@ -10,7 +10,6 @@ Bundle layout (its manifest is the authority on what is inside):
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory
 from rankdown.output_lock import exclusive_output
+from rankdown.versions import package_versions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "executorch",
@@ -48,13 +48,7 @@ _VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "o
 
 
 def _versions() -> dict[str, str]:
-    found = {}
-    for name in _VERSIONED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
+    return package_versions(_VERSIONED)
 
 
 def _source(ckpt) -> SourceModel:

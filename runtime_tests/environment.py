@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 
 from rankdown.validate.report import DeviceEnvironment, Environment, HostEnvironment
+from rankdown.versions import package_versions
 
 _VERSIONED = ("rankdown", "torch", "onnxruntime", "executorch", "numpy")
 
 
 def host_environment() -> HostEnvironment:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return HostEnvironment(machine=platform.machine(), system=platform.system(), cores=os.cpu_count(),
-                           versions=versions)
+                           versions=package_versions(_VERSIONED))
 
 
 def device_environment(runner, results: list[dict]) -> DeviceEnvironment:
