@@ -12,4 +12,4 @@ def decompose(unit: UnitWeights) -> Decomposition:
     scale = unit.stats.mean_abs.clamp_min(1e-6) ** ALPHA
     u, s, vh = balanced_svd(w * scale[None, :])
     root = s.sqrt()
-    return Decomposition(a=(root[:, None] * vh) / scale[None, :], bs=[u * root], biases=unit.biases)
+    return Decomposition(a=(root[:, None] * vh) / scale[None, :], bs=[u * root], biases=unit.biases, energies=s**2)

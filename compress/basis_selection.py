@@ -45,4 +45,5 @@ def decompose(unit: UnitWeights) -> Decomposition:
             b_sel = torch.cat([b_sel, b_new[:, :extra]], dim=1)
         return a_sel, [b_sel], unit.biases
 
-    return Decomposition(a=v.T, bs=[u], biases=unit.biases, custom=factors)
+    # The scores sum to trace(W C W^T), the output energy: a score's share is what dropping its basis costs.
+    return Decomposition(a=v.T, bs=[u], biases=unit.biases, custom=factors, energies=score[order])

@@ -27,6 +27,7 @@ class Method(str, Enum):
 class Allocation(str, Enum):
     UNIFORM = "uniform"
     BAYES = "bayes"
+    ERROR = "error"
 
 
 class BasisMode(str, Enum):
@@ -39,6 +40,7 @@ class Strategy(str, Enum):
 
     UNIFORM = "uniform"
     BAYES = "bayes"
+    ERROR = "error"  # greedy over every unit's truncation loss per parameter (compress/error_ranks.py)
     TUNED_BASIS = "tuned-basis"  # ranks are the outcome of training and pruning the bases
 
 
@@ -130,8 +132,9 @@ class CompressionReport:
     wall_seconds: float
     peak_memory_mb: float
     keep_ratios: dict[str, float] = field(default_factory=dict)
-    # bayes only: the loss of the final (streamed) factors for the chosen and the uniform ranks on
-    # windows the search never saw, and which were kept
+    # bayes: the loss of the final (streamed) factors for the chosen and the uniform ranks on
+    # windows the search never saw, and which were kept; error: the error scale and the truncation
+    # loss predicted for the chosen and for the uniform ranks
     allocation_check: dict[str, int | float | str] = field(default_factory=dict)
     basis_mode: str | None = None
     seed: int = 0

@@ -3,6 +3,8 @@
 A *unit* is one linear, or a group of linears reading one input that share ``down``
 (joint rank-k). ``factors(rank)`` gives A (rank x n), one B_j (m_j x rank) per member and
 one bias per member; Bayesian rank trials call it many times on one cached decomposition.
+``energies`` is the unit's error profile: what dropping each rank direction costs in the
+method's own metric, so that an allocation can price every rank before any is chosen.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class Decomposition:
     a: torch.Tensor  # R x n
     bs: list[torch.Tensor]  # m_j x R
     biases: list[torch.Tensor | None]
+    # Per rank direction, descending: the squared singular value in the method's metric, so that
+    # energies[r:].sum() is the error of rank r (SVD-LLM's truncation loss: for whitening the
+    # calibration output error ||W X - B A X||^2 / T exactly; for plain SVD ||W - B A||_F^2).
+    energies: torch.Tensor
     bias_for_rank: Callable[[int], list[torch.Tensor | None]] | None = None
     custom: Callable[[int], Factors] | None = None
 
@@ -52,6 +58,10 @@ class Decomposition:
             return self.custom(rank)
         biases = self.bias_for_rank(rank) if self.bias_for_rank else self.biases
         return self.a[:rank], [b[:, :rank] for b in self.bs], biases
+
+    def tail_error(self, rank: int) -> float:
+        """The error a rank-``rank`` truncation leaves, in the method's metric (0 at full rank)."""
+        return float(self.energies[rank:].sum())
 
 
 def balanced_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,4 +27,5 @@ def decompose(unit: UnitWeights) -> Decomposition:
         restore = mu - qr @ (qr.T @ mu)
         return [restore if b is None else b + restore]
 
-    return Decomposition(a=q.T @ w, bs=[q], biases=unit.biases, bias_for_rank=bias_for_rank)
+    return Decomposition(a=q.T @ w, bs=[q], biases=unit.biases, bias_for_rank=bias_for_rank,
+                         energies=eigenvalues.flip(-1).clamp_min(0))  # output variance per direction

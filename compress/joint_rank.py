@@ -18,6 +18,7 @@ def decompose(unit: UnitWeights) -> Decomposition:
     u, s, vh = balanced_svd(stacked)
     if len(unit.weights) == 1:
         root = s.sqrt()
-        return Decomposition(a=root[:, None] * vh, bs=[u * root], biases=unit.biases)
+        return Decomposition(a=root[:, None] * vh, bs=[u * root], biases=unit.biases, energies=s**2)
     # A = V_k^T is orthonormal, so B_j = W_j V_k carries the scale (U S rows of each member).
-    return Decomposition(a=vh, bs=split_rows(u * s, unit.weights), biases=unit.biases)
+    return Decomposition(a=vh, bs=split_rows(u * s, unit.weights), biases=unit.biases,
+                         energies=s**2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rankdown.compress import basis_tuning, bayesian_ranks, uniform_ranks
+from rankdown.compress import basis_tuning, bayesian_ranks, error_ranks, uniform_ranks
 from rankdown.compress.config import Strategy
 from rankdown.compress.rank_job import RankJob, RankOutcome
 
@@ -24,6 +24,8 @@ STRATEGIES: dict[Strategy, StrategySpec] = {
     Strategy.UNIFORM: StrategySpec(uniform_ranks.choose),
     # Seed 002: trials on factors cached from the dense model, then checked against uniform and streamed.
     Strategy.BAYES: StrategySpec(bayesian_ranks.choose),
+    # SVD-LLM's truncation loss priced per parameter over every unit: a profiling pass, then stream.
+    Strategy.ERROR: StrategySpec(error_ranks.choose),
     # Seed 001 as its authors run it: ranks are what training and pruning the bases leave.
     Strategy.TUNED_BASIS: StrategySpec(basis_tuning.choose),
 }

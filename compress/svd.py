@@ -9,4 +9,4 @@ def decompose(unit: UnitWeights) -> Decomposition:
     (w,) = unit.weights
     u, s, vh = balanced_svd(w)
     root = s.sqrt()
-    return Decomposition(a=root[:, None] * vh, bs=[u * root], biases=unit.biases)
+    return Decomposition(a=root[:, None] * vh, bs=[u * root], biases=unit.biases, energies=s**2)

@@ -111,4 +111,7 @@ def decompose(unit: UnitWeights) -> Decomposition:
         chol = cholesky_factor(unit.stats.second_moment)
         unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
         a, bs = whitened_factors(unit.weights, chol)
-    return Decomposition(a=a, bs=bs, biases=unit.biases)
+    # B = U S^1/2 with U orthonormal: column i's squared norm is s_i, and s_i^2 is the output error
+    # that dropping it adds (SVD-LLM's truncation loss).
+    singular_values = sum((b * b).sum(0) for b in bs)
+    return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2)

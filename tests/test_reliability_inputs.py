@@ -276,7 +276,7 @@ def test_non_finite_factors_are_never_written(tiny_model_dir, tmp_path, monkeypa
         n = unit.in_features
         a = torch.full((n, n), float("nan"), dtype=torch.float64)
         return Decomposition(a=a, bs=[torch.zeros(w.shape[0], n, dtype=torch.float64) for w in unit.weights],
-                             biases=unit.biases)
+                             biases=unit.biases, energies=torch.zeros(n, dtype=torch.float64))
 
     monkeypatch.setitem(METHODS, Method.SVD, MethodSpec(poisoned, needs_data=False))
     _refused_by_compress(tiny_model_dir, tmp_path / "out", "refusing to write tensor .* NaN or Inf")

@@ -1,0 +1,132 @@
+"""--allocate error: error profiles from each method's decomposition, and the greedy allocation."""
+
+import pytest
+import torch
+
+from rankdown.compress.calibration import InputStats
+from rankdown.compress.config import CompressConfig
+from rankdown.compress.decomposition import UnitWeights
+from rankdown.compress.error_ranks import ErrorScale, allocate_by_error, predicted_error
+from rankdown.compress.methods import METHODS
+from rankdown.compress.pipeline import compress
+from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
+from rankdown.compress.units import Unit, plan_units
+from rankdown.errors import RankdownError
+
+
+def quiet(_message: str) -> None:
+    """A progress callback that prints nothing."""
+
+
+def _stats(x: torch.Tensor) -> InputStats:
+    stats = InputStats(x.shape[1], pooled=True)
+    for chunk in x.split(64):
+        stats.add_group(chunk)
+    return stats
+
+
+def _skewed_inputs(n: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(count, n, generator=g, dtype=torch.float64) * torch.logspace(1, -2, n, dtype=torch.float64)
+
+
+def _shipped_shapes(layers: int = 6) -> list[dict[str, tuple[int, int, bool]]]:
+    """The shipped model's decoder linears: hidden 256, GQA k/v 64, intermediate 1024."""
+    attn = {"self_attn.q_proj": (256, 256, False), "self_attn.k_proj": (64, 256, False),
+            "self_attn.v_proj": (64, 256, False), "self_attn.o_proj": (256, 256, False)}
+    mlp = {"mlp.gate_proj": (1024, 256, False), "mlp.up_proj": (1024, 256, False), "mlp.down_proj": (256, 1024, False)}
+    return [attn | mlp] * layers
+
+
+def _random_profiles(units: list[Unit], seed: int = 0) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    profiles: list[torch.Tensor | None] = []
+    for unit in units:
+        length = min(unit.in_features, sum(unit.out_features))
+        decay = float(torch.rand(1, generator=g)) * 0.1
+        profiles.append(torch.exp(-decay * torch.arange(length, dtype=torch.float64)) * float(torch.rand(1, generator=g) + 0.1))
+    return profiles
+
+
+def test_whitened_tail_error_is_the_calibration_output_error():
+    """SVD-LLM's truncation loss: the tail of the whitened energies is E||(W - B A) x||^2, at every rank."""
+    n = 24
+    # Skewed, but not so far that the Cholesky ridge (1e-6 of the mean variance) shows in the smallest tail.
+    x = torch.randn(2048, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * torch.logspace(
+        0.5, -0.5, n, dtype=torch.float64)
+    for m in (16, 40):  # the wide (W C W^T) and the tall (L^T W^T W L) path
+        w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+        decomposition = METHODS["whiten"].decompose(UnitWeights(["w"], [w], [None], _stats(x)))
+        for rank in (1, 5, min(m, n) - 1):
+            a, (b,), _ = decomposition.factors(rank)
+            measured = (((w - b @ a) @ x.T) ** 2).sum().item() / x.shape[0]
+            assert decomposition.tail_error(rank) == pytest.approx(measured, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["svd", "joint"])
+def test_data_free_tail_error_is_the_frobenius_error(method):
+    w = torch.randn(20, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    decomposition = METHODS[method].decompose(UnitWeights(["w"], [w], [None], None))
+    a, (b,), _ = decomposition.factors(4)
+    assert decomposition.tail_error(4) == pytest.approx(((w - b @ a) ** 2).sum().item(), rel=1e-9)
+    assert decomposition.tail_error(12) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["feature", "basis", "asvd"])
+def test_every_method_gives_a_descending_profile_of_its_full_rank(method):
+    n = 16
+    w = torch.randn(24, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    energies = METHODS[method].decompose(UnitWeights(["w"], [w], [None], _stats(_skewed_inputs(n)))).energies
+    assert energies.shape[0] >= n and (energies >= 0).all()  # output PCA has one per output (m > n)
+    assert (energies[1:] <= energies[:-1] + 1e-9).all()
+
+
+def test_the_flat_spectrum_needs_more_rank_than_the_steep_one():
+    """Energy concentrated in a few directions is kept by a few ranks; a flat spectrum's error falls
+    only with rank, so the greedy spends the budget there."""
+    units = [Unit(0, ("mlp.down_proj",), 128, (128,), 0, "down", True),
+             Unit(0, ("self_attn.o_proj",), 128, (128,), 0, "o", True)]
+    steep = 0.5 ** torch.arange(128, dtype=torch.float64)
+    flat = torch.ones(128, dtype=torch.float64)
+    for scale in ErrorScale:
+        ranks = allocate_by_error(units, [steep, flat], 0.6, scale)
+        assert ranks[0] is not None and ranks[1] is not None and ranks[0] < 10 < ranks[1]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_budget_is_met_within_one_percent_and_ranks_stay_below_break_even(ratio):
+    units = plan_units(_shipped_shapes(), joint=False, dense_kinds=frozenset())
+    profiles = _random_profiles(units)
+    for scale in ErrorScale:
+        ranks = allocate_by_error(units, profiles, ratio, scale)
+        target = (1 - ratio) * sum(u.dense_params for u in units)
+        assert abs(total_params(units, ranks) - target) <= TOLERANCE * target
+        assert all(r is None or 1 <= r <= u.max_saving_rank for u, r in zip(units, ranks))
+        # Greedy on convex error curves: never worse than the uniform ranks by its own measure.
+        uniform = allocate(units, ratio)
+        assert predicted_error(profiles, ranks, scale) <= predicted_error(profiles, uniform, scale)
+
+
+def test_a_unit_whose_error_never_falls_enough_is_kept_dense_not_past_break_even():
+    """At break-even a factor pair costs the dense linear's parameters: the next step is dense."""
+    units = plan_units(_shipped_shapes(1), joint=True, dense_kinds=frozenset({"v"}))
+    profiles = [None if not u.compressible else 0.9 ** torch.arange(min(u.in_features, sum(u.out_features)),
+                                                                      dtype=torch.float64) for u in units]
+    o = next(i for i, u in enumerate(units) if u.kind == "o")
+    profiles[o] = torch.ones(256, dtype=torch.float64)  # flat: every rank matters as much as the first
+    ranks = allocate_by_error(units, profiles, 0.1, ErrorScale.RELATIVE)
+    assert ranks[o] is None
+    assert ranks[[u.kind for u in units].index("v")] is None  # the method's dense kind stays dense
+    with pytest.raises(RankdownError, match="ratio 0.999 is out of reach"):
+        allocate_by_error(units, profiles, 0.999, ErrorScale.RELATIVE)
+
+
+def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path):
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64)
+    report = compress(tiny_model_dir, tmp_path / "e", cfg, progress=quiet)
+    assert abs(report.achieved_ratio - 0.4) <= 0.004
+    assert report.allocate == "error" and set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
+    check = report.allocation_check
+    assert check["error_scale"] in {s.value for s in ErrorScale}
+    assert isinstance(check["predicted_error"], float) and isinstance(check["uniform_predicted_error"], float)
+    assert check["predicted_error"] <= check["uniform_predicted_error"]
