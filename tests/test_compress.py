@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import input_stats, quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
-from rankdown.compress.calibration import InputStats
 from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.methods import METHODS
@@ -16,15 +16,7 @@ from rankdown.factor import FactorizedLinear
 from rankdown.info import model_info
 
 SMALL = dict(calib_tokens=2048, seq_len=64)
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 
-
-def _stats(x: torch.Tensor) -> InputStats:
-    stats = InputStats(x.shape[1], pooled=True)
-    for chunk in x.split(64):
-        stats.add_group(chunk)
-    return stats
 
 
 def _skewed_inputs(n: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -55,7 +47,7 @@ def test_full_rank_factors_reproduce_the_dense_layer(method):
     members = [torch.randn(16, n, dtype=torch.float64)]
     if METHODS[method].joint_groups:
         members.append(torch.randn(8, n, dtype=torch.float64))
-    unit = UnitWeights(["a", "b"][: len(members)], members, [None] * len(members), _stats(_skewed_inputs(n)))
+    unit = UnitWeights(["a", "b"][: len(members)], members, [None] * len(members), input_stats(_skewed_inputs(n)))
     decomposition = METHODS[method].decompose(unit)
     a, bs, biases = decomposition.factors(min(n, sum(w.shape[0] for w in members)))
     x = _skewed_inputs(n, 32, seed=1)
@@ -82,7 +74,7 @@ def test_whitening_beats_svd_on_output_error_for_skewed_data():
     n, m, rank = 32, 32, 8
     w = torch.randn(m, n, dtype=torch.float64)
     x = _skewed_inputs(n)
-    unit = UnitWeights(["w"], [w], [None], _stats(x))
+    unit = UnitWeights(["w"], [w], [None], input_stats(x))
     errors = {}
     for method in ("svd", "whiten"):
         a, (b,), _ = METHODS[method].decompose(unit).factors(rank)
@@ -97,7 +89,7 @@ def test_basis_selection_depends_on_the_task_data():
     first = _skewed_inputs(n, seed=2)
     second = _skewed_inputs(n, seed=3).flip(1)  # energy in the other input channels
     def pick(x):
-        return METHODS["basis"].decompose(UnitWeights(["w"], [w], [None], _stats(x))).factors(rank)[0]
+        return METHODS["basis"].decompose(UnitWeights(["w"], [w], [None], input_stats(x))).factors(rank)[0]
     assert not torch.allclose(pick(first), pick(second), atol=1e-3)
     assert torch.allclose(pick(first), pick(first))
 
@@ -210,7 +202,7 @@ def test_cholesky_ridge_leaves_the_statistics_unchanged():
     from rankdown.compress.whitening import cholesky_factor
 
     x = _skewed_inputs(16, count=8)  # 8 samples of 16 channels: a singular second moment
-    c = _stats(x).second_moment
+    c = input_stats(x).second_moment
     before = c.clone()
     lower = cholesky_factor(c)
     assert torch.equal(c, before)
@@ -238,7 +230,7 @@ def test_wide_whitening_without_cholesky_matches_the_cholesky_path(shape):
 
     m, n = shape
     w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    stats = _stats(_skewed_inputs(n))
+    stats = input_stats(_skewed_inputs(n))
     chol = cholesky_factor(stats.second_moment)
     a_ref, (b_ref,) = whitened_factors([w], chol)
     unit = UnitWeights(["down_proj"], [w], [None], stats)
@@ -274,7 +266,7 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
 
     n = 24
     w = torch.randn(80, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    chol = cholesky_factor(_stats(_skewed_inputs(n)).second_moment)
+    chol = cholesky_factor(input_stats(_skewed_inputs(n)).second_moment)
     a, (b,) = whitened_factors([w], chol)
     s = balanced_svd(w @ chol)[1]
     for rank in (1, 7, n):
@@ -300,7 +292,7 @@ def test_whitening_an_all_zero_matrix_gives_finite_zero_factors():
     from rankdown.compress.whitening import decompose
 
     for shape in ((8, 16), (16, 8)):  # the wide (eigenvectors of W C W^T) and the tall path
-        stats = _stats(_skewed_inputs(shape[1]))
+        stats = input_stats(_skewed_inputs(shape[1]))
         a, (b,), _ = decompose(UnitWeights(["q_proj"], [torch.zeros(shape, dtype=torch.float64)], [None], stats)).factors(3)
         assert torch.isfinite(a).all() and torch.isfinite(b).all() and not (b @ a).any()
 

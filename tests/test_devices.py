@@ -13,16 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import quiet
 
 from rankdown.devices.profile import PROFILE_DIR, ExecuTorchRunner, Transport, find_profile, load_profile, shipped_profiles
 from rankdown.devices.runners import runner_for
 from rankdown.errors import RankdownError
 from rankdown.validate.config import LatencyPlan, ValidateConfig
 from rankdown.validate.harness import validate
-
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 
 
 def test_shipped_profiles_load():

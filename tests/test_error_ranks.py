@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import input_stats, quiet
 
-from rankdown.compress.calibration import InputStats
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.error_ranks import ErrorScale, allocate_by_error, predicted_error
@@ -12,17 +12,6 @@ from rankdown.compress.pipeline import compress
 from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
 from rankdown.compress.units import Unit, plan_units
 from rankdown.errors import RankdownError
-
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
-
-
-def _stats(x: torch.Tensor) -> InputStats:
-    stats = InputStats(x.shape[1], pooled=True)
-    for chunk in x.split(64):
-        stats.add_group(chunk)
-    return stats
 
 
 def _skewed_inputs(n: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -56,7 +45,7 @@ def test_whitened_tail_error_is_the_calibration_output_error():
         0.5, -0.5, n, dtype=torch.float64)
     for m in (16, 40):  # the wide (W C W^T) and the tall (L^T W^T W L) path
         w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
-        decomposition = METHODS["whiten"].decompose(UnitWeights(["w"], [w], [None], _stats(x)))
+        decomposition = METHODS["whiten"].decompose(UnitWeights(["w"], [w], [None], input_stats(x)))
         for rank in (1, 5, min(m, n) - 1):
             a, (b,), _ = decomposition.factors(rank)
             measured = (((w - b @ a) @ x.T) ** 2).sum().item() / x.shape[0]
@@ -76,7 +65,7 @@ def test_data_free_tail_error_is_the_frobenius_error(method):
 def test_every_method_gives_a_descending_profile_of_its_full_rank(method):
     n = 16
     w = torch.randn(24, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    energies = METHODS[method].decompose(UnitWeights(["w"], [w], [None], _stats(_skewed_inputs(n)))).energies
+    energies = METHODS[method].decompose(UnitWeights(["w"], [w], [None], input_stats(_skewed_inputs(n)))).energies
     assert energies.shape[0] >= n and (energies >= 0).all()  # output PCA has one per output (m > n)
     assert (energies[1:] <= energies[:-1] + 1e-9).all()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_model
+from helpers import quiet
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
@@ -21,10 +22,6 @@ from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import torch_greedy
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord, ModuleFactor
-
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 
 
 def _expected_nodes(folder) -> int:

@@ -12,6 +12,7 @@ import torch
 from conftest import write_tiny_model
 from gguf import GGMLQuantizationType
 from gguf_files import gguf_name, round_trip, write_gguf
+from helpers import quiet
 from safetensors.numpy import load_file
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
@@ -21,9 +22,6 @@ from rankdown.gguf_import import IMPORT_FILE, ImportRecord, import_gguf, sha256_
 QTYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16,
           "Q8_0": GGMLQuantizationType.Q8_0, "Q4_1": GGMLQuantizationType.Q4_1}
 
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import checkpoint_weight_bytes
+from helpers import quiet
 from safetensors import SafetensorError
 
 import rankdown.atomic as atomic
@@ -30,8 +31,7 @@ from rankdown.validate.config import ValidateConfig
 from rankdown.validate.harness import validate
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
+
 HERE = Path(__file__).parent
 
 

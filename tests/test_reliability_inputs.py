@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 from conftest import checkpoint_tensors
+from helpers import quiet
 from safetensors.torch import load_file, save_file
 from test_safetensors_check import CASES as MALFORMED
 
@@ -31,8 +32,7 @@ from rankdown.validate.harness import validate
 from rankdown.validate.local_runner import LocalRunner
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
+
 
 
 def _copy(src, tmp_path, name="m"):

@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from conftest import checkpoint_tensors, update_tensors, write_tiny_model
+from helpers import quiet
 from onnx import TensorProto, helper
 
 from rankdown.checkpoint import load_model, open_checkpoint, save_checkpoint
@@ -28,8 +29,7 @@ from rankdown.safetensors_check import read_header
 from rankdown.validate.local_runner import LocalRunner
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
+
 
 
 # over 2 GiB --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from helpers import quiet
 from onnx import helper, numpy_helper
 
 from rankdown.checkpoint import load_tokenizer
@@ -22,9 +23,6 @@ from rankdown.validate.config import ValidateConfig
 from rankdown.validate.harness import validate
 from rankdown.validate.local_runner import LocalRunner
 
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 CHEAP = dict(runtimes="onnxruntime", latency=None, max_examples=5, max_tokens=256)
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import write_tiny_model
+from helpers import quiet
 
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
 from rankdown.export.pipeline import export
 from rankdown.export.tied_embeddings import table_copies
-
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 
 
 @pytest.fixture(scope="session")

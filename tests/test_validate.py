@@ -11,6 +11,7 @@ import sys
 
 import onnx
 import pytest
+from helpers import quiet
 from onnx import numpy_helper
 
 from rankdown.errors import RankdownError
@@ -18,9 +19,6 @@ from rankdown.export.manifest import MANIFEST_FILE, Manifest, sha256_file
 from rankdown.validate.config import LatencyPlan, ValidateConfig
 from rankdown.validate.harness import validate
 
-
-def quiet(_message: str) -> None:
-    """A progress callback that prints nothing."""
 FAST = dict(max_examples=20, max_tokens=512, latency=LatencyPlan(prompt_lengths=(8, 32), decode_tokens=8, repeats=2))
 
 
