@@ -232,7 +232,9 @@ def test_config_that_disagrees_with_weights_fails_pre_flight(tiny_model_dir, tmp
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    # The first real work after the checks: reading the tokenizer, then building the model.
+    for name in ("load_tokenizer", "skeleton_model"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: pytest.fail("work began before the config was checked"))
     message = _refused_by_compress(folder, tmp_path / "out", pattern)
     assert "config.json" in message or "model.safetensors" in message or str(folder) in message
 

@@ -113,8 +113,8 @@ codes = [main(["compress", shipped, "--method", "feature", "--ratio", "0.4", "-o
          main(["export", compressed, "--format", "onnx", "-o", out + "/bundle"])]
 cap(1500)
 from rankdown.compress.config import CompressConfig
-compress.pipeline.compress(tiny, out + "/tiny", CompressConfig(method="svd", ratio=0.3, calib_tokens=512, seq_len=32),
-                           progress=lambda _m: None)
+rankdown.compress.pipeline.compress(tiny, out + "/tiny", CompressConfig(method="svd", ratio=0.3, calib_tokens=512, seq_len=32),
+                                    progress=lambda _m: None)
 print(codes)
 """
 
