@@ -90,7 +90,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps), seed=args.seed,
-        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
+        correct=args.correct, calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
     )
     report = compress(args.model, args.out, cfg)
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
            "the budget)", choices=choices(BasisMode))
     option("--tune-steps", "training steps of --basis-mode tuned", BasisTuning, "steps", type=int)
     option("--seed", "random seed", type=int)
+    option("--correct", "fit each layer to the dense model's outputs from the compressed model's inputs, "
+           "correcting the error carried from earlier layers (whiten)", action=argparse.BooleanOptionalAction)
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
