@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = ValidateConfig(runtimes=args.runtime, reference=args.reference, task=args.task, eval_file=args.eval,
                          max_examples=args.max_examples, threads=args.threads, checks=checks,
                          latency=None if args.no_latency else LatencyPlan(repeats=args.repeats),
-                         report_dir=args.report)
+                         report_dir=args.report, compare=args.compare)
     runner = None
     if args.device:
         from rankdown.devices.profile import find_profile
@@ -146,6 +146,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             line += (f"\n{'':<12} TTFT {ttft}; decode {lat.decode_tokens_per_s.median:.1f} tok/s; load "
                      f"{lat.load_s:.2f} s; peak RSS {lat.peak_rss_mb:.0f} MB; {lat.size_bytes / 2**20:.2f} MiB")
         print(line)
+    for name, c in report.comparisons.items():
+        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in c.ratios.items())
+        quality = "" if c.exact_match_difference is None else f"; exact match {c.exact_match_difference:+.1%}"
+        if c.perplexity_ratio is not None:
+            quality += f"; perplexity {c.perplexity_ratio:.2f}x"
+        print(f"{name:<12} vs {c.other} (this / other, timed interleaved): {ratio}{quality}")
     if args.report:
         print(f"report: {args.report / 'report.json'}")
     if not report.passed:
@@ -280,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-em-drop", type=float, default=0.02, help="allowed exact-match drop vs PyTorch")
     val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")
     val.add_argument("--no-latency", action="store_true")
+    val.add_argument("--compare", type=Path, metavar="OTHER",
+                     help="another bundle (e.g. the dense export): both timed interleaved with one protocol, the "
+                          "ratios and the quality difference reported")
     val.add_argument("--device", help="a device profile name (see `rankdown devices`) or a .toml file")
     val.set_defaults(func=cmd_validate)
 

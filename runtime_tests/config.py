@@ -52,6 +52,7 @@ class ValidateConfig:
     checks: Checks = Checks()
     latency: LatencyPlan | None = LatencyPlan()  # None: skip timing
     report_dir: Path | None = None
+    compare: Path | None = None  # another bundle, timed interleaved with this one (validate --compare)
 
     def __post_init__(self):
         coerce_enums(self)

@@ -7,6 +7,7 @@ needs only numpy and the runtime; references, tokenizers and comparisons stay he
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +23,13 @@ from rankdown.export.formats import by_runtime
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
 from rankdown.tasks import Split, load_task
+from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
 from rankdown.validate.config import LatencyPlan, Runtime, ValidateConfig
 from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
 from rankdown.validate.on_device import JOB_SCHEMA
 from rankdown.validate.report import (
+    Comparison,
     LatencyReport,
     ParityReport,
     QualityReport,
@@ -81,6 +84,29 @@ def _positions(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) 
         spec = by_runtime(runtime)
         limits.append(spec.module().positions(bundle / spec.artifact, manifest.options) or 1 << 30)
     return min(limits)
+
+
+def _format_bytes(manifest: Manifest, runtime: Runtime) -> int:
+    """What a runtime's artifact weighs on disk: every file of its format (a .pte with its .ptd)."""
+    return sum(f.bytes for f in manifest.formats[by_runtime(runtime).name].files.values())
+
+
+def _other_bundle(other: Path, bundle: Path, runtimes: tuple[Runtime, ...], tokenizer,
+                  cfg: ValidateConfig) -> Manifest:
+    """The --compare bundle, checked as strictly as the bundle itself, before any work."""
+    if cfg.latency is None:
+        raise RankdownError("--compare times both bundles; leave out --no-latency")
+    if other.resolve() == bundle.resolve():
+        raise RankdownError(f"{other}: --compare needs another bundle than the one validated")
+    manifest = Manifest.read(other)
+    verify_files(other, manifest)
+    for runtime in runtimes:
+        if by_runtime(runtime).name not in manifest.formats:
+            raise RankdownError(f"{other}: holds no {by_runtime(runtime).name} artifact to compare in {runtime.value}")
+    _check_artifacts(other, manifest, runtimes)
+    if load_tokenizer(other).get_vocab() != tokenizer.get_vocab():
+        raise RankdownError(f"{other}: its tokenizer is not {bundle}'s, so the two cannot run the same prompts")
+    return manifest
 
 
 def _tokenizer_matches(tokenizer, reference_dir: Path, texts: list[str]) -> bool | None:
@@ -147,6 +173,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     ckpt = open_checkpoint(reference_dir)
     model = load_model(ckpt).eval()
     tokenizer = load_tokenizer(bundle)
+    other = Path(cfg.compare) if cfg.compare is not None else None
+    other_manifest = None if other is None else _other_bundle(other, bundle, runtimes, tokenizer, cfg)
     data, data_name = _data(manifest, cfg)
 
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
@@ -179,10 +207,17 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                 "quality": {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
                             "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
                             "stop_ids": _stop_ids(tokenizer), "windows": windows}}
+    timing = None
     if cfg.latency is not None:
-        job_base["latency"] = latency_job(tokenizer, cfg.latency, positions)
+        # Both bundles run the same timed prompts, so they must fit the smaller of the two.
+        room_both = positions if other is None or other_manifest is None else \
+            min(positions, _positions(other, other_manifest, runtimes))
+        timing = latency_job(tokenizer, cfg.latency, room_both)
+        if other is None:  # with --compare, both bundles are timed afterwards, interleaved
+            job_base["latency"] = timing
 
     reports: dict[str, RuntimeReport] = {}
+    comparisons: dict[str, Comparison] = {}
     results = []
     for runtime in runtimes:
         artifact = by_runtime(runtime).artifact
@@ -190,7 +225,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact), bundle)
         results.append(result)
         reports[runtime.value] = _judge(runtime, result, arrays, reference, [len(p) for p in prompts], tokenizer,
-                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, cfg, runner)
+                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, cfg, runner,
+                                        _format_bytes(manifest, runtime))
+        if other is not None and other_manifest is not None and timing is not None and cfg.latency is not None:
+            reports[runtime.value], comparisons[runtime.value] = _compare(
+                runtime, reports[runtime.value], (bundle, manifest), (other, other_manifest), job_base, timing,
+                tokenizer, qa, cfg, runner, progress)
         r = reports[runtime.value]
         progress(f"{runtime.value}: " + ("passed" if r.passed else
                                          f"FAILED {', '.join(r.failures)}; largest |logit diff| "
@@ -200,10 +240,38 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         failures.append("tokenizer.matches_reference")
     report = Report(bundle=str(bundle), reference=str(reference_dir), data=data_name, runtimes=reports,
                     environment=environment(runner, results, cfg.threads), passed=not failures, failures=failures,
-                    tokenizer_matches_reference=tokenizer_ok)
+                    tokenizer_matches_reference=tokenizer_ok, comparisons=comparisons)
     if cfg.report_dir is not None:
         write_report(report, cfg.report_dir)
     return report
+
+
+def _compare(runtime: Runtime, this: RuntimeReport, mine: tuple[Path, Manifest], theirs: tuple[Path, Manifest],
+             job_base: dict, timing: dict, tokenizer, qa, cfg: ValidateConfig, runner,
+             progress: Callable[[str], None]) -> tuple[RuntimeReport, Comparison]:
+    """The other bundle's quality in this runtime on the same data, then both timed interleaved."""
+    assert cfg.latency is not None
+    artifact = by_runtime(runtime).artifact
+    base = {"schema_version": JOB_SCHEMA, "threads": cfg.threads, "runtime": runtime.value, "artifact": artifact}
+    progress(f"{runtime.value}: quality of {theirs[0] / artifact} on the same data")
+    result, _ = runner.run(dict(base, quality=job_base["quality"]), theirs[0])
+    quality = QualityReport(exact_match=_exact_match(tokenizer, result["answers"], qa), examples=len(qa),
+                            perplexity=result.get("perplexity"), tokens=result.get("perplexity_tokens", 0),
+                            reference_exact_match=None, reference_perplexity=None, seconds=result.get("quality_s", 0.0))
+    progress(f"{runtime.value}: timing {mine[0]} and {theirs[0]} interleaved, {cfg.latency.repeats} rounds")
+    timed = interleaved_latency(lambda job, folder: runner.run(job, folder)[0],
+                                [(dict(base, latency=timing), mine[0]), (dict(base, latency=timing), theirs[0])],
+                                cfg.latency, progress)
+    ours, other = (merged_latency(runs, _format_bytes(manifest, runtime), cfg.threads, not runner.emulated)
+                   for runs, (_, manifest) in zip(timed, (mine, theirs)))
+    return dataclasses.replace(this, latency=ours), compare(theirs[0], ours, other, this.quality, quality)
+
+
+def _exact_match(tokenizer, answers: list[list[int]], qa) -> float | None:
+    if not qa:
+        return None
+    texts = [first_line(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in answers]
+    return sum(t == ex.answer for t, ex in zip(texts, qa)) / len(qa)
 
 
 def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -219,7 +287,7 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
 
 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1,
-           greedy_must, cfg: ValidateConfig, runner) -> RuntimeReport:
+           greedy_must, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
@@ -239,10 +307,7 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
                           logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok)
-    em = None
-    if qa:
-        texts = [first_line(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in result["answers"]]
-        em = sum(t == ex.answer for t, ex in zip(texts, qa)) / len(qa)
+    em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
                             reference_perplexity=ref_ppl, seconds=result.get("quality_s", 0.0))
@@ -251,7 +316,7 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
         lat = result["latency"]
         latency = LatencyReport(ttft_ms={k: Spread(**v) for k, v in lat["ttft_ms"].items()},
                                 decode_tokens_per_s=Spread(**lat["decode_tokens_per_s"]), load_s=result["load_s"],
-                                peak_rss_mb=result["peak_rss_mb"], size_bytes=result["size_bytes"],
+                                peak_rss_mb=result["peak_rss_mb"], size_bytes=size_bytes,
                                 threads=cfg.threads, meaningful=not runner.emulated)
     failures = []
     if greedy_must and not greedy_ok:

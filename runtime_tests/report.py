@@ -14,7 +14,8 @@ from rankdown.atomic import write_text_atomic
 
 # 2: ``environment`` says where the runtimes ran (``device``) with the host beside it (``host``);
 # in 1 it was one dict whose ``machine`` named the host wherever the runtimes ran.
-SCHEMA_VERSION = 2
+# 3: ``comparisons`` (validate --compare); ``size_bytes`` counts the artifact's data files too (.ptd).
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,19 @@ class RuntimeReport:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """Another bundle timed interleaved with this one in the same runtime, and its quality there."""
+
+    other: str
+    latency: LatencyReport  # the other bundle's
+    exact_match: float | None  # the other bundle's, by the same runtime on the same data
+    perplexity: float | None
+    ratios: dict[str, float]  # this / other: decode_tokens_per_s, ttft_ms_<length>, size_bytes, peak_rss_mb
+    exact_match_difference: float | None  # this - other
+    perplexity_ratio: float | None  # this / other
+
+
+@dataclass(frozen=True)
 class Report:
     bundle: str
     reference: str
@@ -112,6 +126,7 @@ class Report:
     passed: bool
     failures: list[str] = field(default_factory=list)
     tokenizer_matches_reference: bool | None = None  # None: the reference folder has no tokenizer
+    comparisons: dict[str, Comparison] = field(default_factory=dict)  # runtime -> validate --compare
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -143,6 +158,25 @@ def to_markdown(report: Report) -> str:
                      f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%} | {em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
+    if report.comparisons:
+        other = next(iter(report.comparisons.values())).other
+        lines += ["", f"## Compared with `{other}` (timed interleaved, same protocol)", "",
+                  "| runtime | decode tok/s | TTFT ms | size MiB | peak RSS MB | exact match | perplexity |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, c in report.comparisons.items():
+            this = report.runtimes[name]
+            mine, theirs = this.latency, c.latency
+            assert mine is not None
+            ttft = "; ".join(f"{k}: {mine.ttft_ms[k].median:.1f} vs {theirs.ttft_ms[k].median:.1f} "
+                             f"({c.ratios[f'ttft_ms_{k}']:.2f}x)" for k in mine.ttft_ms)
+            em = ("n/a" if c.exact_match_difference is None else
+                  f"{this.quality.exact_match:.1%} vs {c.exact_match:.1%} ({c.exact_match_difference:+.1%})")
+            ppl = ("n/a" if c.perplexity_ratio is None else
+                   f"{this.quality.perplexity:.3f} vs {c.perplexity:.3f} ({c.perplexity_ratio:.2f}x)")
+            lines.append(f"| {name} | {mine.decode_tokens_per_s.median:.1f} vs {theirs.decode_tokens_per_s.median:.1f} "
+                         f"({c.ratios['decode_tokens_per_s']:.2f}x) | {ttft} | {mine.size_bytes / 2**20:.1f} vs "
+                         f"{theirs.size_bytes / 2**20:.1f} ({c.ratios['size_bytes']:.2f}x) | {mine.peak_rss_mb:.0f} vs "
+                         f"{theirs.peak_rss_mb:.0f} ({c.ratios['peak_rss_mb']:.2f}x) | {em} | {ppl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,6 +186,8 @@ def write_report(report: Report, folder: Path) -> None:
     write_text_atomic(folder / "report.json", report.to_json())
     write_text_atomic(folder / "report.md", to_markdown(report))
     _plot_latency(report, folder / "latency.png")
+    if report.comparisons:
+        _plot_comparison(report, folder / "comparison.png")
 
 
 def _plot_latency(report: Report, path: Path) -> None:
@@ -181,6 +217,36 @@ def _plot_latency(report: Report, path: Path) -> None:
     device = report.environment.device
     fig.suptitle(f"{Path(report.bundle).name}: {device.name} ({device.machine}"
                  f"{', emulated' if device.emulated else ''})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_comparison(report: Report, path: Path) -> None:
+    """Ratios this / other per runtime, with the quality difference in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.comparisons)
+    metrics = list(next(iter(report.comparisons.values())).ratios)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        c = report.comparisons[name]
+        quality = "" if c.exact_match_difference is None else f", exact match {c.exact_match_difference:+.1%}"
+        if c.perplexity_ratio is not None:
+            quality += f", perplexity {c.perplexity_ratio:.2f}x"
+        ax.bar([i + j * width for i in range(len(metrics))], [c.ratios[m] for m in metrics], width,
+               label=f"{name}{quality}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(metrics))], metrics, fontsize=8)
+    ax.set_ylabel("this bundle / the other")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(report.bundle).name} vs {Path(next(iter(report.comparisons.values())).other).name}")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -43,7 +43,7 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 2 and raw["passed"] is True
+    assert raw["schema_version"] == 3 and raw["passed"] is True and raw["comparisons"] == {}
     env = raw["environment"]
     assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
                              "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
@@ -194,3 +194,52 @@ def test_shipped_bundle_validates_with_task_quality(shipped_math_bundle, tmp_pat
     for r in report.runtimes.values():
         assert r.quality.exact_match >= 0.9 and r.quality.exact_match == r.quality.reference_exact_match
         assert r.latency.decode_tokens_per_s.median > 0
+
+
+class _RecordingRunner:
+    """The local runner, noting which bundle each timed job ran on."""
+
+    name, emulated = "local", False
+
+    def __init__(self):
+        from rankdown.validate.local_runner import LocalRunner
+
+        self.inner, self.timed = LocalRunner(), []
+
+    def run(self, job, bundle):
+        if "latency" in job:
+            self.timed.append(bundle.name)
+        return self.inner.run(job, bundle)
+
+
+def test_compare_times_both_bundles_interleaved_and_reports_ratios_and_quality(joint_bundle, tmp_path):
+    _, bundle, _ = joint_bundle
+    other = tmp_path / "other"
+    _corrupt_onnx_weights(bundle, other)
+    runner = _RecordingRunner()
+    cfg = ValidateConfig(runtimes="onnxruntime", report_dir=tmp_path / "report", compare=other, **FAST)
+    report = validate(bundle, cfg, progress=quiet, runner=runner)
+    assert runner.timed == [bundle.name, "other"] * 2  # one timed repeat per run, alternating
+    c = report.comparisons["onnxruntime"]
+    mine = report.runtimes["onnxruntime"].latency
+    assert mine is not None and mine.decode_tokens_per_s.runs == 2 and c.latency.decode_tokens_per_s.runs == 2
+    assert set(c.ratios) == {"decode_tokens_per_s", "ttft_ms_8", "ttft_ms_32", "size_bytes", "peak_rss_mb"}
+    assert c.ratios["decode_tokens_per_s"] == pytest.approx(
+        mine.decode_tokens_per_s.median / c.latency.decode_tokens_per_s.median)
+    assert c.ratios["size_bytes"] == pytest.approx(1.0, rel=0.01)
+    # The other bundle's flipped weights score differently in the same runtime on the same data.
+    assert c.perplexity is not None and c.perplexity_ratio == pytest.approx(
+        report.runtimes["onnxruntime"].quality.perplexity / c.perplexity) and abs(c.perplexity_ratio - 1) > 1e-4
+    raw = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert raw["comparisons"]["onnxruntime"]["other"] == str(other)
+    assert "Compared with" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_refuses_itself_and_no_latency(joint_bundle):
+    _, bundle, _ = joint_bundle
+    with pytest.raises(RankdownError, match="--compare needs another bundle"):
+        validate(bundle, ValidateConfig(runtimes="onnxruntime", compare=bundle, **FAST), progress=quiet)
+    with pytest.raises(RankdownError, match="leave out --no-latency"):
+        validate(bundle, ValidateConfig(runtimes="onnxruntime", compare=bundle, **(FAST | {"latency": None})),
+                 progress=quiet)
