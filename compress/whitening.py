@@ -104,42 +104,41 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
     return a, split_rows(u * quarter, weights)
 
 
-def corrected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The rank-r optimum of ||W X - B A X^||_F: X the dense model's inputs, X^ this (compressed)
-    model's inputs for the same tokens, so each layer also undoes the error carried from earlier ones.
+def corrected_factors(unit: UnitWeights) -> Decomposition:
+    """Whitening on this (compressed) model's inputs X^, then ``up`` refitted to the dense model's
+    outputs W X for the same tokens, so each layer also undoes part of the error carried in.
 
-    With C^ = E[x^ x^^T] = L L^T and M = E[x x^^T], ||W X - W' X^||^2 / T = ||W' L - G||_F^2 + const
-    for G = W M L^-T: the truncated SVD of G gives W' L, i.e. whitening with W L replaced by G.
-    B and A are then jointly optimal, so refitting B by least squares would change nothing."""
+    A = S^1/2 V^T L^-1 comes from whitening (C^ = E[x^ x^^T] = L L^T), then B = argmin
+    ||W X - B A X^||_F = W M A^T (A C^ A^T)^-1 with M = E[x x^^T]. A C^ A^T is diagonal
+    (the whitened directions are uncorrelated on X^), so each column of B is refitted alone and a
+    rank-r prefix stays the rank-r optimum for that A. Measured on SmolLM2-135M (whiten, 40%,
+    code), fitting W' as a whole to the dense outputs (G = W M L^-T, truncated) overfits: held-out
+    code perplexity 2,209 against 126 uncorrected; this refit keeps the regression r-dimensional."""
     weights, stats, unit.stats = unit.weights, unit.stats, None
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-    lower = cholesky_factor(stats.second_moment)
-    # G^T = L^-1 (W M)^T: a triangular solve, never an explicit inverse.
-    target = torch.linalg.solve_triangular(lower, (stacked @ stats.cross_moment).T, upper=False).T
+    second, cross = stats.second_moment, stats.cross_moment
+    a, _ = whitened_factors(weights, cholesky_factor(second))
     del stats
-    if target.shape[0] > target.shape[1]:
-        eigenvalues, v = _descending_eigh(target.T @ target)
-        root = _quarter_power(eigenvalues)
-        vh = v.T
-        b = (target @ v) / root
-    else:
-        u, s, vh = balanced_svd(target)
-        root = s.sqrt()
-        b = u * root
-    a = torch.linalg.solve_triangular(lower.T, (root[:, None] * vh).T, upper=True).T
-    return a, split_rows(b, weights)
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    gains = ((a @ second) * a).sum(1).clamp_min(1e-30)  # diag(A C^ A^T)
+    b = (stacked @ (cross @ a.T)) / gains
+    # Keeping direction i lowers the error by ||b_i||^2 E[(a_i x^)^2] (s_i^2 before the refit), and
+    # the directions are uncorrelated, so the best r are the r largest: reorder, so a prefix is that.
+    energies = (b * b).sum(0) * gains
+    order = torch.argsort(energies, descending=True)
+    b = b[:, order]
+    return Decomposition(a=a[order], bs=split_rows(b, weights), biases=unit.biases, energies=energies[order])
 
 
 def decompose(unit: UnitWeights) -> Decomposition:
     if getattr(unit.stats, "cross_moment", None) is not None:
-        a, bs = corrected_factors(unit)
-    elif unit.out_features <= unit.in_features:
+        return corrected_factors(unit)
+    if unit.out_features <= unit.in_features:
         a, bs = projected_factors(unit)
     else:
         chol = cholesky_factor(unit.stats.second_moment)
         unit.stats = None  # C is no longer needed: free it (if nobody else holds it) before the SVD
         a, bs = whitened_factors(unit.weights, chol)
     # B = U S^1/2 with U orthonormal: column i's squared norm is s_i, and s_i^2 is the output error
-    # that dropping it adds (SVD-LLM's truncation loss; corrected: beyond the error already carried in).
+    # that dropping it adds (SVD-LLM's truncation loss).
     singular_values = sum((b * b).sum(0) for b in bs)
     return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2)
