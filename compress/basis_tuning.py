@@ -28,18 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankdown.checkpoint import load_model
-from rankdown.compress.calibration import calibration_windows, collect_layer_stats, layer_inputs
-from rankdown.compress.config import BasisTuning, CompressConfig
+from rankdown.compress.calibration import collect_layer_stats, layer_inputs
+from rankdown.compress.config import BasisTuning
 from rankdown.compress.decomposition import balanced_svd
 from rankdown.compress.rank_allocation import total_params
 from rankdown.compress.rank_job import RankJob, RankOutcome
+from rankdown.compress.training_data import mean_loss, training_windows
 from rankdown.compress.units import BATCH, Unit, set_unit
 from rankdown.compress.whitening import cholesky_factor
-from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 from rankdown.memory import peak_rss_mb
-from rankdown.tasks import Split, load_task
 
 NEW_BASES_SHARE = 1 / 32  # new bases per linear, of min(m, n) (the authors add 32 to 4096-wide Llama 2)
 
@@ -246,37 +245,17 @@ def tune_bases(model, units: list[Unit], calibration: torch.Tensor, training: to
     return [modules[i].rank for i in range(len(units))]
 
 
-def training_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
-    """Tuned mode's training data: the task's training split, or the calibration file itself."""
-    data = load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.TRAIN)
-    where = str(cfg.calib) if cfg.calib is not None else f"task {cfg.task} (train split)"
-    tokens = cfg.tuning.steps * cfg.tuning.batch * cfg.tuning.seq_len
-    return calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
-                               cfg.tuning.seq_len, tokens, where)
-
-
-@torch.no_grad()
-def calibration_loss(model, windows: torch.Tensor) -> float:
-    """Mean next-token loss of the whole (tuned) model over ``windows``."""
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], BATCH):
-        ids = windows[i : i + BATCH]
-        loss = model(input_ids=ids, labels=ids).loss
-        total += loss.item() * ids[:, 1:].numel()
-        count += ids[:, 1:].numel()
-    return total / count
-
-
 def choose(job: RankJob) -> RankOutcome:
     """The rank strategy of --basis-mode tuned: ranks are what pruning leaves."""
     cfg = job.cfg
     # Training needs the whole model at once: this strategy does not stream.
     model = load_model(job.ckpt)
-    training = training_windows(job.tokenizer, cfg)
+    training = training_windows(job.tokenizer, cfg, cfg.tuning.seq_len,
+                                cfg.tuning.steps * cfg.tuning.batch * cfg.tuning.seq_len)
     job.progress(f"tuning bases on {training.shape[0]} training windows: {cfg.tuning.steps} steps of "
                  f"{cfg.tuning.batch}, {cfg.tuning.prune_steps} pruning steps")
     ranks = tune_bases(model, job.units, job.windows, training, cfg.ratio, cfg.tuning, cfg.seed, job.progress)
-    loss = calibration_loss(model, job.windows)
+    loss = mean_loss(model, job.windows)
     job.writer.add({k: v for k, v in model.state_dict().items()
                     if not (model.config.tie_word_embeddings and k == "lm_head.weight")})
     return RankOutcome(model, ranks, loss)

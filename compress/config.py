@@ -11,8 +11,8 @@ from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_f
 from rankdown.tasks import TASKS
 
 REPORT_FILE = "compression.json"
-REPORT_SCHEMA_VERSION = 3  # 2: allocation_check (bayes re-judged against uniform); 3: corrected
-READABLE_REPORT_VERSIONS = (1, 2, 3)  # older reports read with an empty allocation_check, corrected false
+REPORT_SCHEMA_VERSION = 3  # 2: allocation_check (bayes re-judged against uniform); 3: healing, corrected
+READABLE_REPORT_VERSIONS = (1, 2, 3)  # older reports read with an empty allocation_check, no healing, not corrected
 
 
 class Method(str, Enum):
@@ -69,6 +69,33 @@ class BasisTuning:
 
 
 @dataclass(frozen=True)
+class Healing:
+    """Distillation after factorization (compress/healing.py): both factors of every pair trained on
+    the task's training split, next-token loss + ``distill`` x KL(dense || compressed) over the dense
+    model's top ``top_k`` tokens (the rest of its mass as one more outcome). 0 steps: no healing."""
+
+    steps: int = 0
+    batch: int = 8  # training windows per step
+    seq_len: int = 128  # tokens per training window, BOS included
+    lr: float = 5e-5  # AdamW, decayed linearly to 0 over the steps
+    distill: float = 1.0
+    top_k: int = 32  # the dense model's log-probs kept per token; they are computed before compressing
+    held_back: int = 16  # training windows never trained on: the report's loss before and after
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "seq_len", "top_k", "held_back"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RankdownError(f"healing {name} must be a whole number, got {value!r}")
+        if self.steps < 0:
+            raise RankdownError(f"--heal-steps must be at least 0, got {self.steps}")
+        if self.batch < 1 or self.seq_len < 2 or self.top_k < 1 or self.held_back < 1:
+            raise RankdownError("healing batch, top_k and held-back windows must be at least 1, seq_len at least 2")
+        if not self.lr > 0 or not self.distill >= 0:
+            raise RankdownError(f"healing lr must be positive and distill at least 0, got {self.lr!r}, {self.distill!r}")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """One compression recipe. ``ratio`` is the fraction of decoder-linear parameters removed."""
 
@@ -80,6 +107,7 @@ class CompressConfig:
     trials: int = 30
     basis_mode: BasisMode = BasisMode.CLOSED_FORM
     tuning: BasisTuning = field(default_factory=BasisTuning)  # used by --basis-mode tuned only
+    healing: Healing = field(default_factory=Healing)  # after any strategy, tuned basis included
     seed: int = 0
     # Fit each layer to the dense model's outputs from the compressed model's inputs, so the error
     # carried from earlier layers is corrected (whiten; compress/whitening.corrected_factors).
@@ -123,6 +151,25 @@ class ModuleReport:
 
 
 @dataclass(frozen=True)
+class HealingReport:
+    """What healing did, judged on training windows it never trained on (never the evaluation split)."""
+
+    steps: int
+    batch: int
+    seq_len: int
+    lr: float
+    distill: float
+    training_windows: int
+    held_back_windows: int
+    loss_before: float  # next-token loss on the held-back windows
+    loss_after: float
+    kl_before: float  # KL(dense || compressed) over the dense model's top-k, on the held-back windows
+    kl_after: float
+    teacher_seconds: float  # the dense model's top-k log-probs, computed before compressing
+    seconds: float  # the training steps and the judging
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     method: str
     task: str
@@ -140,6 +187,7 @@ class CompressionReport:
     # loss predicted for the chosen and for the uniform ranks
     allocation_check: dict[str, int | float | str] = field(default_factory=dict)
     basis_mode: str | None = None
+    healing: HealingReport | None = None
     seed: int = 0
     corrected: bool = False  # fitted to the dense model's outputs (--correct)
     schema_version: int = REPORT_SCHEMA_VERSION

@@ -5,7 +5,8 @@ picks from compress/strategies.py (which builds and writes the factors), then th
 Uniform ranks stream: calibration activations flow through the already-compressed layers,
 and only one layer's activations and statistics are held at once. Bayesian ranks (seed 002)
 first decompose every layer once from the dense model's activations, then each trial only
-re-truncates the cached factors.
+re-truncates the cached factors. With --heal-steps, the dense model's targets are computed
+first, the strategy's factors are held in memory, healed (compress/healing.py), then written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rankdown.atomic import atomic_folder, check_free_space, check_output_path
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress.calibration import calibration_windows
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, ModuleReport
+from rankdown.compress.healing import Healer, healing_memory
 from rankdown.compress.methods import METHODS
 from rankdown.compress.rank_job import Progress, RankJob
 from rankdown.compress.strategies import STRATEGIES
@@ -51,8 +53,10 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
 
 def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     """Bytes a compression allocates beyond the libraries: the fp32 model, one unit's float64
-    decomposition, the calibration activations, one batch's logits, statistics and the save.
-    An upper bound: the streaming path holds one layer's weights, not the model twice."""
+    decomposition, the calibration activations, one batch's logits, statistics and the save, and
+    healing's training state. An upper bound: the streaming path holds one layer's weights, not the
+    model twice; healing holds the compressed model (smaller than the dense one) after the dense
+    model is freed."""
     c = ckpt.config
     model = 4 * model_info(ckpt).total_params
     widest_unit = 2 * c.intermediate_size * c.hidden_size
@@ -60,7 +64,8 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     activations = 4 * 3 * cfg.calib_tokens * c.hidden_size if METHODS[cfg.method].needs_data else 0
     batch = 4 * BATCH * cfg.seq_len * (3 * c.intermediate_size + 4 * c.vocab_size)
     stats = 8 * 2 * (3 * c.hidden_size**2 + c.intermediate_size**2)
-    return 2 * model + decomposition + activations + batch + stats
+    trainable = (1 - cfg.ratio) * model_info(ckpt).dense_decoder_linear_params
+    return 2 * model + decomposition + activations + batch + stats + healing_memory(ckpt, cfg, trainable)
 
 
 def _disk_estimate(ckpt, cfg: CompressConfig, dtype: torch.dtype) -> int:
@@ -91,10 +96,14 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
              f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens "
              f"(RSS {rss_mb():.0f} MB)")
+    healer = Healer(ckpt, tokenizer, cfg, progress) if cfg.healing.steps > 0 else None
     with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
-        job = RankJob(ckpt, spec, units, windows, tokenizer, cfg, ShardedWriter(tmp, dtype), progress)
+        writer = ShardedWriter(tmp, dtype)
+        job = RankJob(ckpt, spec, units, windows, tokenizer, cfg, writer if healer is None else healer.weights,
+                      progress)
         outcome = STRATEGIES[cfg.strategy].choose(job)
         model, ranks, loss = outcome.model, outcome.ranks, outcome.calibration_loss
+        healing = None if healer is None else healer.heal_into(model, writer)
         modules = {}
         for unit, rank in zip(units, ranks):
             for name, m_out in zip(unit.names(), unit.out_features):
@@ -108,9 +117,10 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             calibration_loss=loss, wall_seconds=round(time.perf_counter() - start, 2),
             peak_memory_mb=round(peak_rss_mb(), 1), keep_ratios=outcome.keep_ratios,
             allocation_check=outcome.allocation_check,
-            basis_mode=cfg.basis_mode.value if spec.basis_modes else None, seed=cfg.seed, corrected=cfg.correct,
+            basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
+            corrected=cfg.correct,
         )
-        job.writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
+        writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
     progress(f"wrote {out}: {report.params_after:,} of {report.params_before:,} decoder-linear parameters "
              f"({report.achieved_ratio:.2%} removed), calibration loss {loss:.4f}, {report.wall_seconds:.1f} s, "
              f"peak RSS {report.peak_memory_mb:.0f} MB")

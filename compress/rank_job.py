@@ -8,16 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rankdown.checkpoint import Checkpoint, ShardedWriter
+from rankdown.checkpoint import Checkpoint
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.units import Unit
 
 Progress = Callable[[str], None]
+
+
+class WeightSink(Protocol):
+    """Where a strategy puts the compressed checkpoint's tensors: a ShardedWriter (to disk, piece by
+    piece), or compress/healing.py's HeldWeights (in memory, to be healed before they are written)."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class RankJob:
     windows: torch.Tensor  # calibration windows, N x seq_len
     tokenizer: PreTrainedTokenizerFast
     cfg: CompressConfig
-    writer: ShardedWriter  # receives every tensor of the compressed checkpoint
+    writer: WeightSink  # receives every tensor of the compressed checkpoint
     progress: Progress
 
 

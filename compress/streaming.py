@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from rankdown.checkpoint import ShardedWriter, read_tensors, skeleton_model
+from rankdown.checkpoint import read_tensors, skeleton_model
 from rankdown.compress.calibration import collect_layer_stats, collect_paired_stats, run_layer
 from rankdown.compress.methods import MethodSpec
-from rankdown.compress.rank_job import Progress
+from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.units import BATCH, Unit, decompose_unit, factor_modules, set_unit
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
@@ -47,7 +47,7 @@ def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, 
 
 
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
-                        writer: ShardedWriter | None, progress: Progress,
+                        writer: WeightSink | None, progress: Progress,
                         scored: torch.Tensor | None = None, correct: bool = False) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the

@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from rankdown.compress.config import BasisTuning, CompressConfig
+    from rankdown.compress.config import BasisTuning, CompressConfig, Healing
     from rankdown.compress.pipeline import compress
     from rankdown.schema import default_of
 
@@ -89,12 +89,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
         args.task = default_of(CompressConfig, "task")
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
-        trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps), seed=args.seed,
-        correct=args.correct, calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
+        trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
+        healing=Healing(steps=args.heal_steps), seed=args.seed, correct=args.correct,
+        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
     )
     report = compress(args.model, args.out, cfg)
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
           f"parameters ({report.params_before:,} -> {report.params_after:,}) in {report.wall_seconds:.1f} s")
+    if report.healing is not None:
+        h = report.healing
+        print(f"healed {h.steps} steps in {h.seconds:.1f} s: held-back training loss {h.loss_before:.4f} -> "
+              f"{h.loss_after:.4f}, KL to the dense model {h.kl_before:.4f} -> {h.kl_after:.4f}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -196,7 +201,7 @@ def cmd_devices(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rankdown.compress.config import BasisTuning, CompressConfig
+    from rankdown.compress.config import BasisTuning, CompressConfig, Healing
     from rankdown.tasks import EXACT_MATCH_TASKS, TASKS
 
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
@@ -243,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     option("--basis-mode", "basis method only: closed-form (no training) or tuned (trained coefficients, pruned to "
            "the budget)", choices=choices(BasisMode))
     option("--tune-steps", "training steps of --basis-mode tuned", BasisTuning, "steps", type=int)
+    option("--heal-steps", "healing after factorization: distillation steps on the task's training split (or "
+           f"the --calib file), {default_of(Healing, 'batch')} windows of {default_of(Healing, 'seq_len')} tokens "
+           "each, every factor pair trained; 0 turns it off", Healing, "steps", type=int)
     option("--seed", "random seed", type=int)
     option("--correct", "fit each layer to the dense model's outputs from the compressed model's inputs, "
            "correcting the error carried from earlier layers (whiten)", action=argparse.BooleanOptionalAction)

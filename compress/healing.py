@@ -1,0 +1,235 @@
+"""Healing (issue 14, item 3): a short distillation of the compressed model on the task's data.
+
+After factorization, both factors of every pair are trained on the task's training split (or the
+--calib file) with next-token loss + ``distill`` x KL(dense || compressed). The dense model's side
+of the KL is computed first, before anything is compressed: its top-k log-probs on every training
+window are kept (the rest of its mass as one more outcome, so the KL is that of the two
+distributions coarsened to k + 1 outcomes, exact where the top k hold all the mass), and the
+dense model is freed. So the dense and the compressed models are never in memory together.
+
+Healing needs the whole compressed model, so when it runs the strategy hands its tensors to
+``HeldWeights`` (in memory) instead of the checkpoint writer; the healed model is then written
+a decoder layer per piece, as the streaming pass writes it. Embeddings, norms, the head and
+linears left dense stay as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from rankdown.checkpoint import Checkpoint, load_model
+from rankdown.compress.config import CompressConfig, Healing, HealingReport
+from rankdown.compress.rank_job import Progress, WeightSink
+from rankdown.compress.training_data import training_windows
+from rankdown.compress.units import BATCH
+from rankdown.errors import RankdownError
+from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
+
+MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
+MIN_RESIDUAL = 1e-8  # floor of the mass outside the top k, so its log stays finite
+
+
+@dataclass
+class TeacherTargets:
+    """The dense model's next-token top-k log-probs on every training window (N x (T-1) x k)."""
+
+    windows: torch.Tensor  # N x T; the last ``held_back`` are never trained on
+    log_probs: torch.Tensor  # float32
+    tokens: torch.Tensor  # int32
+    held_back: int
+    seconds: float
+
+
+class HeldWeights:
+    """A WeightSink that keeps the compressed tensors in memory, for healing to train them."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors.update(tensors)
+
+
+def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: Progress) -> TeacherTargets:
+    """Training windows and the dense model's top-k log-probs on them; the dense model is freed after."""
+    healing = cfg.healing
+    start = time.perf_counter()
+    tokens = (healing.steps * healing.batch + healing.held_back) * healing.seq_len
+    windows = training_windows(tokenizer, cfg, healing.seq_len, tokens)
+    held = min(healing.held_back, windows.shape[0] // 4)
+    if held < 1:
+        raise RankdownError(f"{cfg.source}: healing needs at least 4 training windows of {healing.seq_len} tokens, "
+                            f"the data gives {windows.shape[0]}")
+    dense = load_model(ckpt)
+    log_probs, indices = [], []
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], BATCH):
+            logits = dense(input_ids=windows[i : i + BATCH]).logits[:, :-1].float()
+            top = F.log_softmax(logits, -1).topk(healing.top_k, dim=-1)
+            log_probs.append(top.values)
+            indices.append(top.indices.to(torch.int32))
+            del logits, top
+    del dense
+    release_free_memory()
+    seconds = time.perf_counter() - start
+    progress(f"healing: dense top-{healing.top_k} log-probs on {windows.shape[0]} training windows of "
+             f"{healing.seq_len} tokens ({held} held back) in {seconds:.1f} s (RSS {rss_mb():.0f} MB)")
+    return TeacherTargets(windows, torch.cat(log_probs), torch.cat(indices), held, seconds)
+
+
+def distillation_terms(logits: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
+                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token loss, mean KL(dense || compressed) over the top k + the rest) for logits of
+    windows ``ids`` (B x T x V) against the dense model's top-k log-probs (B x (T-1) x k)."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), -1)
+    nll = -log_probs.gather(-1, ids[:, 1:, None]).mean()
+    student = log_probs.gather(-1, tokens.long())
+    p = teacher.exp()
+    rest_p = (1 - p.sum(-1)).clamp_min(MIN_RESIDUAL)
+    rest_q = (1 - student.exp().sum(-1)).clamp_min(MIN_RESIDUAL)
+    kl = (p * (teacher - student)).sum(-1) + rest_p * (rest_p.log() - rest_q.log())
+    return nll, kl.mean()
+
+
+@torch.no_grad()
+def _judge(model, targets: TeacherTargets, rows: torch.Tensor) -> tuple[float, float]:
+    """(next-token loss, KL) averaged over the windows ``rows``, token-weighted."""
+    nll_sum, kl_sum = 0.0, 0.0
+    for chunk in rows.split(BATCH):
+        ids = targets.windows[chunk]
+        nll, kl = distillation_terms(model(input_ids=ids).logits, ids, targets.log_probs[chunk], targets.tokens[chunk])
+        nll_sum += nll.item() * len(chunk)
+        kl_sum += kl.item() * len(chunk)
+    return nll_sum / len(rows), kl_sum / len(rows)
+
+
+def factor_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Both factors (and their biases) of every factor pair, a shared down once."""
+    found: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (FactorizedLinear, SharedDownLinear)):
+            found.update((id(p), p) for p in module.parameters())
+    return list(found.values())
+
+
+def _materialize(model: LlamaForCausalLM, held: HeldWeights) -> None:
+    """Put the held tensors into the strategy's model (its weights may be on meta), in float32."""
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in held.tensors.items()},
+                          strict=False, assign=True)
+    held.tensors.clear()
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"healing: tensors the strategy did not hand over: {left[:3]}")
+
+
+def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
+         progress: Progress) -> HealingReport:
+    """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay)."""
+    start = time.perf_counter()
+    trainable = factor_parameters(model)
+    if not trainable:
+        raise RankdownError("healing: the compressed model has no factor pairs to train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    count = targets.windows.shape[0] - targets.held_back
+    held_rows = torch.arange(count, targets.windows.shape[0])
+    loss_before, kl_before = _judge(model, targets, held_rows)
+    progress(f"healing {sum(p.numel() for p in trainable):,} factor parameters on {count} training windows: "
+             f"{healing.steps} steps of {healing.batch} x {healing.seq_len} tokens; held-back loss "
+             f"{loss_before:.4f}, KL {kl_before:.4f}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(trainable, lr=healing.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / healing.steps)
+    order = torch.empty(0, dtype=torch.long)
+    report_every = max(1, healing.steps // 12)
+    running: list[tuple[float, float]] = []
+    model.train()
+    for step in range(1, healing.steps + 1):
+        while order.numel() < healing.batch:  # every window once per pass, a fresh order each pass
+            order = torch.cat([order, torch.randperm(count, generator=generator)])
+        rows, order = order[: healing.batch], order[healing.batch :]
+        optimizer.zero_grad(set_to_none=True)
+        nll_step, kl_step = 0.0, 0.0
+        for chunk in rows.split(MICRO_BATCH):
+            ids = targets.windows[chunk]
+            nll, kl = distillation_terms(model(input_ids=ids).logits, ids, targets.log_probs[chunk],
+                                         targets.tokens[chunk])
+            share = len(chunk) / len(rows)
+            ((nll + healing.distill * kl) * share).backward()
+            nll_step += nll.item() * share
+            kl_step += kl.item() * share
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        running.append((nll_step, kl_step))
+        if step % report_every == 0 or step == healing.steps:
+            nll_mean = sum(r[0] for r in running) / len(running)
+            kl_mean = sum(r[1] for r in running) / len(running)
+            progress(f"healing step {step}/{healing.steps}: loss {nll_mean + healing.distill * kl_mean:.4f} "
+                     f"(next-token {nll_mean:.4f}, KL {kl_mean:.4f}), {time.perf_counter() - start:.0f} s, "
+                     f"RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB")
+            running = []
+    model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    del optimizer, schedule
+    loss_after, kl_after = _judge(model, targets, held_rows)
+    seconds = time.perf_counter() - start
+    progress(f"healed in {seconds:.1f} s: held-back loss {loss_before:.4f} -> {loss_after:.4f}, "
+             f"KL {kl_before:.4f} -> {kl_after:.4f}")
+    return HealingReport(steps=healing.steps, batch=healing.batch, seq_len=healing.seq_len, lr=healing.lr,
+                         distill=healing.distill, training_windows=count, held_back_windows=targets.held_back,
+                         loss_before=round(loss_before, 5), loss_after=round(loss_after, 5),
+                         kl_before=round(kl_before, 5), kl_after=round(kl_after, 5),
+                         teacher_seconds=round(targets.seconds, 2), seconds=round(seconds, 2))
+
+
+def write_model(writer: WeightSink, model: LlamaForCausalLM) -> None:
+    """The model's tensors, a decoder layer per piece and then the rest (a tied head once)."""
+    for index, layer in enumerate(model.model.layers):
+        writer.add({f"model.layers.{index}.{k}": v for k, v in layer.state_dict().items()})
+    tied = model.config.tie_word_embeddings
+    writer.add({k: v for k, v in model.state_dict().items()
+                if not k.startswith("model.layers.") and not (tied and k == "lm_head.weight")})
+
+
+class Healer:
+    """The pipeline's handle on healing: the dense model's targets first, then the held weights
+    trained and written."""
+
+    def __init__(self, ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: Progress):
+        self.cfg, self.progress = cfg, progress
+        self.targets = teacher_targets(ckpt, tokenizer, cfg, progress)
+        self.weights = HeldWeights()  # the strategy's writer while healing is on
+
+    def heal_into(self, model: LlamaForCausalLM, writer: WeightSink) -> HealingReport:
+        _materialize(model, self.weights)
+        report = heal(model, self.targets, self.cfg.healing, self.cfg.seed, self.progress)
+        write_model(writer, model)
+        return report
+
+
+def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> int:
+    """Bytes healing adds beyond the compressed model: gradients and AdamW's two moments of the
+    ``trainable`` factor parameters, the dense model's targets, and one micro-batch's activations
+    and logits kept for the backward pass (an estimate: about 10 hidden-wide and 5 MLP-wide values
+    per token and layer, the attention weights, and a few vocabulary-wide copies of the logits)."""
+    healing, c = cfg.healing, ckpt.config
+    if healing.steps == 0:
+        return 0
+    windows = healing.steps * healing.batch + healing.held_back
+    targets = windows * healing.seq_len * healing.top_k * 8 + windows * healing.seq_len * 8
+    per_token = (c.num_hidden_layers * (10 * c.hidden_size + 5 * c.intermediate_size
+                                        + c.num_attention_heads * healing.seq_len) + 4 * c.vocab_size)
+    activations = 4 * MICRO_BATCH * healing.seq_len * per_token
+    return int(3 * 4 * trainable) + targets + activations

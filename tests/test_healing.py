@@ -1,0 +1,113 @@
+"""Healing (--heal-steps): a short distillation of every factor pair on the task's training split."""
+
+import pytest
+import torch
+from helpers import quiet
+from safetensors.torch import load_file
+
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compress import healing
+from rankdown.compress.calibration import calibration_windows
+from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.pipeline import compress
+from rankdown.compress.training_data import mean_loss
+from rankdown.errors import RankdownError
+from rankdown.tasks import Split, load_task
+
+SMALL = dict(calib_tokens=2048, seq_len=64)
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        found |= load_file(shard)
+    return found
+
+
+@pytest.fixture(scope="module")
+def shipped_pair(shipped_model_dir, tmp_path_factory):
+    """The shipped model, svd at 0.6 for math (far from dense), unhealed and healed 24 steps (seed 0)."""
+    root = tmp_path_factory.mktemp("heal")
+    base = dict(method="svd", ratio=0.6, task="math", calib_tokens=4096)
+    plain = compress(shipped_model_dir, root / "plain", CompressConfig(**base), progress=quiet)
+    healed = compress(shipped_model_dir, root / "healed",
+                      CompressConfig(**base, healing=Healing(steps=24, batch=8, seq_len=64, lr=5e-4)), progress=quiet)
+    return root / "plain", plain, root / "healed", healed
+
+
+def test_healing_lowers_loss_on_unseen_task_text_and_reports_it(shipped_model_dir, shipped_pair):
+    plain_dir, plain, healed_dir, healed = shipped_pair
+    h = healed.healing
+    assert plain.healing is None and h is not None and h.steps == 24
+    assert h.loss_after < h.loss_before and h.kl_after < h.kl_before
+    assert CompressionReport.read(healed_dir).healing == h
+    # Judged independently on the task's calibration split, which healing never reads.
+    tokenizer = load_tokenizer(shipped_model_dir)
+    unseen = calibration_windows(tokenizer, load_task("math", Split.CALIBRATION).texts, 64, 4096, "math")
+    losses = [mean_loss(load_model(open_checkpoint(d)), unseen) for d in (shipped_model_dir, plain_dir, healed_dir)]
+    dense, before, after = losses
+    assert after < before - 0.2 * (before - dense), losses  # at least a fifth of the gap to dense closed
+
+
+def test_healing_trains_both_factors_and_keeps_ranks_and_everything_else(shipped_pair):
+    plain_dir, plain, healed_dir, healed = shipped_pair
+    assert healed.modules == plain.modules and healed.params_after == plain.params_after
+    before, after = tensors(plain_dir), tensors(healed_dir)
+    assert before.keys() == after.keys()
+    factors = [k for k in before if k.endswith((".down.weight", ".up.weight"))]
+    assert len(factors) == 2 * sum(m.rank is not None for m in plain.modules.values()) > 0
+    assert all(not torch.equal(before[k], after[k]) for k in factors)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in factors)
+
+
+def test_heal_steps_zero_is_the_unhealed_checkpoint_bit_for_bit(tiny_model_dir, tmp_path):
+    off = compress(tiny_model_dir, tmp_path / "off", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
+    zero = compress(tiny_model_dir, tmp_path / "zero", CompressConfig(ratio=0.3, healing=Healing(steps=0), **SMALL),
+                    progress=quiet)
+    assert zero.healing is None and off.modules == zero.modules
+    for shard in sorted((tmp_path / "off").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "zero" / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("extra", [dict(method="whiten"), dict(method="basis", basis_mode="tuned", tuning=BasisTuning(steps=6, batch=2)),
+                                   dict(method="svd", tied=True)])
+def test_held_weights_written_after_healing_equal_the_direct_write(tiny_tokenizer, tiny_model_dir, tmp_path,
+                                                                   monkeypatch, extra):
+    """The healing path's writing (strategy -> memory -> model -> pieces) loses or changes nothing:
+    with the training step stubbed out, its checkpoint holds the direct path's tensors exactly."""
+    from conftest import write_tiny_model
+
+    extra = dict(extra)
+    model_dir = write_tiny_model(tmp_path / "tied", tiny_tokenizer, tie_word_embeddings=True) \
+        if extra.pop("tied", False) else tiny_model_dir
+    base = dict(ratio=0.4, **SMALL, **extra)
+    compress(model_dir, tmp_path / "direct", CompressConfig(**base), progress=quiet)
+    monkeypatch.setattr(healing, "heal", lambda *a, **k: HealingReport(1, 1, 2, 1.0, 0.0, 1, 1, 0, 0, 0, 0, 0, 0))
+    compress(model_dir, tmp_path / "held", CompressConfig(**base, healing=Healing(steps=1, held_back=2)), progress=quiet)
+    direct, held = tensors(tmp_path / "direct"), tensors(tmp_path / "held")
+    assert direct.keys() == held.keys() and all(torch.equal(direct[k], held[k]) for k in direct)
+
+
+def test_healing_repeats_with_the_seed(tiny_model_dir, tmp_path):
+    cfg = CompressConfig(ratio=0.4, method="svd", healing=Healing(steps=3, batch=2, seq_len=32, held_back=2), **SMALL)
+    reports = [compress(tiny_model_dir, tmp_path / name, cfg, progress=quiet) for name in ("a", "b")]
+    assert reports[0].healing.loss_after == reports[1].healing.loss_after
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(steps=-1), "--heal-steps must be at least 0, got -1"),
+                                            (dict(steps=2, lr=0.0), "healing lr must be positive"),
+                                            (dict(steps=1.5), "whole number")])
+def test_bad_healing_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(RankdownError, match=message):
+        CompressConfig(healing=Healing(**kwargs))
+
+
+def test_negative_heal_steps_is_a_one_line_error_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    from rankdown.cli import main
+
+    status = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--ratio", "0.3", "--heal-steps", "-1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "--heal-steps must be at least 0, got -1" in lines[0]
+    assert not (tmp_path / "o").exists()
