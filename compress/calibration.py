@@ -55,13 +55,11 @@ class InputStats:
 
     dim: int
     pooled: bool = False
-    paired: bool = False  # also E[x_dense x^T]: the dense model's inputs against these (compressed) ones
     count: int = 0
     xxt: torch.Tensor | None = field(init=False)
     x_sum: torch.Tensor = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
     pooled_cov_sum: torch.Tensor | None = field(init=False)
-    cross_sum: torch.Tensor | None = field(init=False)
     groups: int = 0
     _second_moment: torch.Tensor | None = field(init=False, default=None, repr=False)
 
@@ -70,14 +68,6 @@ class InputStats:
         self.x_sum = torch.zeros(self.dim, dtype=torch.float64)
         self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
         self.pooled_cov_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.pooled else None
-        self.cross_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.paired else None
-
-    def add_pair(self, dense: torch.Tensor, x: torch.Tensor) -> None:
-        """The same tokens' inputs in the dense model and here: accumulates sum x_dense x^T."""
-        if self.cross_sum is None:
-            raise RuntimeError("cross moments were not asked for (InputStats(paired=True))")
-        for d, part in zip(dense.reshape(-1, self.dim).split(ROW_SLICE), x.reshape(-1, self.dim).split(ROW_SLICE)):
-            self.cross_sum.addmm_(d.T.to(torch.float64), part.to(torch.float64))
 
     def add_group(self, x: torch.Tensor) -> None:
         """One group of sequences (seed 002 pools covariance over such groups with equal weight)."""
@@ -108,11 +98,6 @@ class InputStats:
             self._second_moment = self.xxt.div_(self.count)
             self.xxt = None
         return self._second_moment
-
-    @property
-    def cross_moment(self) -> torch.Tensor | None:
-        """E[x_dense x^T] (None unless paired): what error correction fits the compressed inputs to."""
-        return None if self.cross_sum is None else self.cross_sum / self.count
 
     @property
     def mean(self) -> torch.Tensor:
@@ -175,36 +160,3 @@ def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch
     stats = {site: InputStats(_in_features(layer, members[0]), pooled) for site, members in SITES.items()}
     out = run_layer(model, layer, hidden, batch, stats)
     return stats, out
-
-
-@torch.no_grad()
-def collect_paired_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, dense_hidden: torch.Tensor,
-                         batch: int, pooled: bool = False) -> tuple[dict[str, InputStats], torch.Tensor]:
-    """Statistics of the (dense) layer's sites on ``hidden`` (the compressed model's stream), with
-    the cross moments against the same tokens' inputs on ``dense_hidden`` (the dense model's
-    stream); returns them and the layer's outputs on the dense stream, the next layer's dense input.
-
-    Batch by batch, so only one batch's site inputs of each stream are held at once."""
-    stats = {site: InputStats(_in_features(layer, members[0]), pooled, paired=True) for site, members in SITES.items()}
-    dense_inputs: dict[str, torch.Tensor] = {}
-
-    def observe(site: str):
-        def hook(_module, args):
-            x = args[0]
-            if site not in dense_inputs:  # the dense stream's batch runs first
-                dense_inputs[site] = x
-            else:
-                stats[site].add_group(x)
-                stats[site].add_pair(dense_inputs.pop(site), x)
-        return hook
-
-    handles = [layer.get_submodule(members[0]).register_forward_pre_hook(observe(site)) for site, members in SITES.items()]
-    outputs = []
-    try:
-        for i in range(0, hidden.shape[0], batch):
-            outputs.append(run_layer(model, layer, dense_hidden[i : i + batch], batch))
-            run_layer(model, layer, hidden[i : i + batch], batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats, torch.cat(outputs)

@@ -11,8 +11,8 @@ from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_f
 from rankdown.tasks import TASKS
 
 REPORT_FILE = "compression.json"
-REPORT_SCHEMA_VERSION = 3  # 2: allocation_check (bayes re-judged against uniform); 3: healing, corrected
-READABLE_REPORT_VERSIONS = (1, 2, 3)  # older reports read with an empty allocation_check, no healing, not corrected
+REPORT_SCHEMA_VERSION = 3  # 2: allocation_check (bayes re-judged against uniform); 3: healing
+READABLE_REPORT_VERSIONS = (1, 2, 3)  # older reports read with an empty allocation_check, no healing
 
 
 class Method(str, Enum):
@@ -109,9 +109,6 @@ class CompressConfig:
     tuning: BasisTuning = field(default_factory=BasisTuning)  # used by --basis-mode tuned only
     healing: Healing = field(default_factory=Healing)  # after any strategy, tuned basis included
     seed: int = 0
-    # Fit each layer to the dense model's outputs from the compressed model's inputs, so the error
-    # carried from earlier layers is corrected (whiten; compress/whitening.corrected_factors).
-    correct: bool = False
     calib_tokens: int = 16384  # calibration budget: windows of seq_len tokens, BOS included
     seq_len: int = 128
     dtype: str | None = None  # stored dtype of the factors; None keeps the source's
@@ -189,7 +186,6 @@ class CompressionReport:
     basis_mode: str | None = None
     healing: HealingReport | None = None
     seed: int = 0
-    corrected: bool = False  # fitted to the dense model's outputs (--correct)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

@@ -85,9 +85,6 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_dir)
     spec = METHODS[cfg.method]
-    if cfg.correct and not spec.corrects:
-        raise RankdownError(f"--correct applies to --method {', '.join(m.value for m, s in METHODS.items() if s.corrects)}, "
-                            f"not {cfg.method.value}")
     data = calibration_data(cfg)
     windows = calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
                                   cfg.seq_len, cfg.calib_tokens, cfg.source)
@@ -118,7 +115,6 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             peak_memory_mb=round(peak_rss_mb(), 1), keep_ratios=outcome.keep_ratios,
             allocation_check=outcome.allocation_check,
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
-            corrected=cfg.correct,
         )
         writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
     progress(f"wrote {out}: {report.params_after:,} of {report.params_before:,} decoder-linear parameters "

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from rankdown.checkpoint import read_tensors, skeleton_model
-from rankdown.compress.calibration import collect_layer_stats, collect_paired_stats, run_layer
+from rankdown.compress.calibration import collect_layer_stats, run_layer
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.units import BATCH, Unit, decompose_unit, factor_modules, set_unit
@@ -48,20 +48,16 @@ def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, 
 
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
                         writer: WeightSink | None, progress: Progress,
-                        scored: torch.Tensor | None = None, correct: bool = False) -> tuple[LlamaForCausalLM, float]:
+                        scored: torch.Tensor | None = None) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
     model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
-    windows (default: the calibration windows themselves).
-
-    ``correct``: the dense model's activations stream alongside (one more activation tensor, the
-    same layer's weights), and each layer is fitted to the dense outputs (whitening.corrected_factors)."""
+    windows (default: the calibration windows themselves)."""
     model = skeleton_model(ckpt)
     layers = model.model.layers
     embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"]
     hidden = F.embedding(windows, embed).float()
     scored_hidden = None if scored is None else F.embedding(scored, embed).float()
-    dense_hidden = hidden if correct and spec.needs_data else None
     del embed
     release_free_memory()
     for index, layer in enumerate(layers):
@@ -70,11 +66,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
         weights = read_tensors(ckpt, prefix, torch.float32)
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         del weights
-        stats = None
-        if dense_hidden is not None:
-            stats, dense_hidden = collect_paired_stats(model, layer, hidden, dense_hidden, BATCH, spec.pooled_stats)
-        elif spec.needs_data:
-            stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0]
+        stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
         # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
         # other units' decompositions allocate their own working memory.
         todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),

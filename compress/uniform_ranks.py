@@ -10,6 +10,5 @@ from rankdown.compress.streaming import compress_streaming
 
 def choose(job: RankJob) -> RankOutcome:
     ranks = allocate(job.units, job.cfg.ratio)
-    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress,
-                                     correct=job.cfg.correct)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress)
     return RankOutcome(model, ranks, loss)

@@ -104,34 +104,7 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
     return a, split_rows(u * quarter, weights)
 
 
-def corrected_factors(unit: UnitWeights) -> Decomposition:
-    """Whitening on this (compressed) model's inputs X^, then ``up`` refitted to the dense model's
-    outputs W X for the same tokens, so each layer also undoes part of the error carried in.
-
-    A = S^1/2 V^T L^-1 comes from whitening (C^ = E[x^ x^^T] = L L^T), then B = argmin
-    ||W X - B A X^||_F = W M A^T (A C^ A^T)^-1 with M = E[x x^^T]. A C^ A^T is diagonal
-    (the whitened directions are uncorrelated on X^), so each column of B is refitted alone and a
-    rank-r prefix stays the rank-r optimum for that A. Measured on SmolLM2-135M (whiten, 40%,
-    code), fitting W' as a whole to the dense outputs (G = W M L^-T, truncated) overfits: held-out
-    code perplexity 2,209 against 126 uncorrected; this refit keeps the regression r-dimensional."""
-    weights, stats, unit.stats = unit.weights, unit.stats, None
-    second, cross = stats.second_moment, stats.cross_moment
-    a, _ = whitened_factors(weights, cholesky_factor(second))
-    del stats
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-    gains = ((a @ second) * a).sum(1).clamp_min(1e-30)  # diag(A C^ A^T)
-    b = (stacked @ (cross @ a.T)) / gains
-    # Keeping direction i lowers the error by ||b_i||^2 E[(a_i x^)^2] (s_i^2 before the refit), and
-    # the directions are uncorrelated, so the best r are the r largest: reorder, so a prefix is that.
-    energies = (b * b).sum(0) * gains
-    order = torch.argsort(energies, descending=True)
-    b = b[:, order]
-    return Decomposition(a=a[order], bs=split_rows(b, weights), biases=unit.biases, energies=energies[order])
-
-
 def decompose(unit: UnitWeights) -> Decomposition:
-    if getattr(unit.stats, "cross_moment", None) is not None:
-        return corrected_factors(unit)
     if unit.out_features <= unit.in_features:
         a, bs = projected_factors(unit)
     else:

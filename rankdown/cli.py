@@ -90,7 +90,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
-        healing=Healing(steps=args.heal_steps), seed=args.seed, correct=args.correct,
+        healing=Healing(steps=args.heal_steps), seed=args.seed,
         calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
     )
     report = compress(args.model, args.out, cfg)
@@ -252,8 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
            f"the --calib file), {default_of(Healing, 'batch')} windows of {default_of(Healing, 'seq_len')} tokens "
            "each, every factor pair trained; 0 turns it off", Healing, "steps", type=int)
     option("--seed", "random seed", type=int)
-    option("--correct", "fit each layer to the dense model's outputs from the compressed model's inputs, "
-           "correcting the error carried from earlier layers (whiten)", action=argparse.BooleanOptionalAction)
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)

@@ -279,8 +279,8 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
 def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compressed, tmp_path):
     folder, _ = compressed["svd"]
     raw = json.loads((folder / "compression.json").read_text())
-    assert raw["schema_version"] == 3 and raw["healing"] is None and raw["corrected"] is False
-    v2 = {k: v for k, v in raw.items() if k not in ("healing", "corrected")} | {"schema_version": 2}
+    assert raw["schema_version"] == 3 and raw["healing"] is None
+    v2 = {k: v for k, v in raw.items() if k != "healing"} | {"schema_version": 2}
     (tmp_path / "compression.json").write_text(json.dumps(v2))
     assert CompressionReport.read(tmp_path).healing is None
     old = {k: v for k, v in v2.items() if k != "allocation_check"} | {"schema_version": 1}
