@@ -40,7 +40,7 @@ demo: venv
 	$(VENV)/bin/rankdown info
 	$(VENV)/bin/rankdown eval --task math
 	mkdir -p out
-	$(VENV)/bin/rankdown compress --method feature --task math --ratio 0.4 -o out/math-0.4 --overwrite
+	$(VENV)/bin/rankdown compress --task math --ratio 0.4 -o out/math-0.4 --overwrite
 	$(VENV)/bin/rankdown info out/math-0.4 | head -4
 	$(VENV)/bin/rankdown eval out/math-0.4 --task math
 	$(VENV)/bin/rankdown export out/math-0.4 -o out/math-0.4-bundle --overwrite
