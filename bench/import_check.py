@@ -31,13 +31,16 @@ MODEL = Path("bench/models/smollm2-135m-instruct")
 LLAMA_PYTHON = Path("bench/.venv-llama/bin/python")
 PROMPT_TOKENS = (32, 64)  # each prompt is cut to at most 64 tokens and must hold at least 32
 NEW_TOKENS = 32
-THREADS = 2
+THREADS = 1  # a correctness check: one thread each runs far better than two on a shared 2-core machine
 
-# Bounds, from the measured run in bench/results/import_check.md with room for another machine's
-# SIMD path: an import error moves top-1 on most positions and logits by whole units on average.
+# Bounds, from the measured run in bench/results/import_check.md (top-1 97.6%, mean 0.17, every
+# flip at a reference gap <= 0.12) with room for another machine's SIMD path. An import error
+# moves top-1 on most positions, logits by whole units on average, and flips clear winners.
 MIN_TOP1_AGREEMENT = 0.95  # over every prompt position of every prompt
-MAX_MEAN_ABS_DIFF = 0.25  # mean over positions and vocabulary, logits are O(10)
-MIN_GREEDY_PROMPTS = 6  # of 8 prompts whose 32-token greedy continuation must agree in full
+MAX_MEAN_ABS_DIFF = 0.3  # mean over positions and vocabulary; logits reach about 40
+# A greedy continuation may part ways (once it does, the two texts differ from there on), but only
+# where the reference nearly tied the two tokens; the same for every top-1 flip at a prompt position.
+MAX_FLIP_GAP = 0.5  # reference logit of its top-1 minus its logit of llama.cpp's choice
 
 
 def prompt_texts() -> list[tuple[str, str]]:
@@ -50,7 +53,8 @@ def prompt_texts() -> list[tuple[str, str]]:
     identifiers = load_task("identifiers", Split.EVALUATION).qa
     return [("code", code[0]), ("code", code[len(code) // 2]), ("prose", prose[0]), ("prose", prose[len(prose) // 2]),
             ("compare", compare[0].prompt), ("compare", compare[1].prompt), ("identifiers", identifiers[0].prompt),
-            ("chat", "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
+            ("chat", "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                     "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
                      "<|im_start|>assistant\n")]
 
 
@@ -66,10 +70,10 @@ def llama_half(job_path: Path, out: Path) -> None:
     """Runs in the llama venv: llama.cpp's logits for every prompt position, its greedy
     continuation (one token per call, as an app decodes) and its own tokenization of each text."""
     import llama_cpp
+    from llama_open import open_llama  # beside this file, which runs by path here
 
     job = json.loads(job_path.read_text())
-    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_batch=job["n_ctx"], n_threads=job["threads"],
-                          n_threads_batch=job["threads"], logits_all=True, verbose=False, seed=0)
+    llm = open_llama(job["gguf"], job["n_ctx"], job["threads"], logits_all=True)
     results = []
     for i, prompt in enumerate(job["prompts"]):
         llm.reset()
@@ -153,8 +157,11 @@ def main() -> int:
     for prompt, got, theirs in zip(prompts, llama_logits, llama["prompts"]):
         ref = torch_greedy(model, prompt["ids"], NEW_TOKENS)
         ours = list(ref.tokens)
+        split = agreed_prefix(ours, theirs["greedy"])
+        split_gap = None if split == NEW_TOKENS else \
+            float(ref.step_logits[split][ours[split]] - ref.step_logits[split][theirs["greedy"][split]])
         rows.append({"kind": prompt["kind"], "tokens": len(prompt["ids"]), **compare_prompt(ref.prompt_logits, got),
-                     "greedy_agree": agreed_prefix(ours, theirs["greedy"]), "greedy_transformers": ours,
+                     "greedy_agree": split, "greedy_split_gap": split_gap, "greedy_transformers": ours,
                      "greedy_llama_cpp": theirs["greedy"], "llama_tokenizer_same": theirs["own_ids"] == prompt["ids"],
                      "greedy_text_transformers": tokenizer.decode(ours),
                      "greedy_text_llama_cpp": tokenizer.decode(theirs["greedy"])})
@@ -166,14 +173,18 @@ def main() -> int:
                "mean_abs_diff": sum(r["mean_abs_diff"] * r["positions"] for r in rows) / positions,
                "logit_scale": max(r["logit_scale"] for r in rows),
                "greedy_identical_prompts": sum(r["greedy_agree"] == NEW_TOKENS for r in rows),
+               "largest_flip_gap": max([g for r in rows for g in r["flip_gaps"]]
+                                       + [r["greedy_split_gap"] for r in rows if r["greedy_split_gap"] is not None],
+                                       default=0.0),
                "llama_tokenizer_same_prompts": sum(r["llama_tokenizer_same"] for r in rows)}
     failures = []
     if summary["top1_agreement"] < MIN_TOP1_AGREEMENT:
         failures.append(f"top-1 agreement {summary['top1_agreement']:.1%} < {MIN_TOP1_AGREEMENT:.0%}")
     if summary["mean_abs_diff"] > MAX_MEAN_ABS_DIFF:
         failures.append(f"mean |logit diff| {summary['mean_abs_diff']:.3f} > {MAX_MEAN_ABS_DIFF}")
-    if summary["greedy_identical_prompts"] < MIN_GREEDY_PROMPTS:
-        failures.append(f"greedy identical on {summary['greedy_identical_prompts']} prompts < {MIN_GREEDY_PROMPTS}")
+    if summary["largest_flip_gap"] > MAX_FLIP_GAP:
+        failures.append(f"a top-1 flip or greedy split where the reference led by {summary['largest_flip_gap']:.2f} "
+                        f"> {MAX_FLIP_GAP}")
     if llama["add_bos"]:
         failures.append("the GGUF says add_bos_token, which this check (and the import) do not expect")
     results = {"setup": {"model": str(args.model), "gguf": str(gguf), "source_sha256": provenance.get("sha256"),
@@ -181,7 +192,7 @@ def main() -> int:
                          "torch": torch.__version__, "threads": THREADS, "new_tokens": NEW_TOKENS,
                          "llama_seconds": round(llama_s, 1), "transformers_seconds": round(torch_s, 1),
                          "bounds": {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_mean_abs_diff": MAX_MEAN_ABS_DIFF,
-                                    "min_greedy_identical_prompts": MIN_GREEDY_PROMPTS}},
+                                    "max_flip_gap": MAX_FLIP_GAP}},
                "summary": summary, "passed": not failures, "failures": failures, "prompts": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "import_check.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -196,18 +207,21 @@ def report(results: dict) -> str:
              f"against llama.cpp (llama-cpp-python {setup['llama_cpp_python']}) on the same token ids, "
              f"{setup['threads']} threads.", "",
              "| prompt | tokens | top-1 agree | max abs diff | mean abs diff | logit scale | reference gap at flips | "
-             f"greedy agree of {setup['new_tokens']} | llama.cpp tokenizer same |", "|---|---|---|---|---|---|---|---|---|"]
+             f"greedy agree of {setup['new_tokens']} (gap at split) | llama.cpp tokenizer same |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["prompts"]:
         gaps = ", ".join(f"{g:.2f}" for g in r["flip_gaps"]) or "-"
+        split = "" if r["greedy_split_gap"] is None else f" ({r['greedy_split_gap']:.2f})"
         lines.append(f"| {r['kind']} | {r['tokens']} | {r['top1_agree']}/{r['positions']} | {r['max_abs_diff']:.3f} | "
-                     f"{r['mean_abs_diff']:.4f} | {r['logit_scale']:.1f} | {gaps} | {r['greedy_agree']} | "
+                     f"{r['mean_abs_diff']:.4f} | {r['logit_scale']:.1f} | {gaps} | {r['greedy_agree']}{split} | "
                      f"{'yes' if r['llama_tokenizer_same'] else 'no'} |")
     b = setup["bounds"]
     lines += ["", f"All prompts: top-1 {s['top1_agreement']:.1%} of {s['positions']} positions (bound >= "
               f"{b['min_top1_agreement']:.0%}); max |logit diff| {s['max_abs_diff']:.3f}, mean {s['mean_abs_diff']:.4f} "
               f"(bound <= {b['max_mean_abs_diff']}), logit scale {s['logit_scale']:.1f}; greedy identical over "
-              f"{setup['new_tokens']} tokens on {s['greedy_identical_prompts']} of {len(results['prompts'])} prompts "
-              f"(bound >= {b['min_greedy_identical_prompts']}); llama.cpp's own tokenizer gives the same ids on "
+              f"{setup['new_tokens']} tokens on {s['greedy_identical_prompts']} of {len(results['prompts'])} prompts; "
+              f"every top-1 flip and greedy split at a reference gap <= {s['largest_flip_gap']:.2f} (bound <= "
+              f"{b['max_flip_gap']}); llama.cpp's own tokenizer gives the same ids on "
               f"{s['llama_tokenizer_same_prompts']} of {len(results['prompts'])}.",
               "", "passed" if results["passed"] else "FAILED: " + "; ".join(results["failures"])]
     for r in results["prompts"]:

@@ -100,10 +100,9 @@ def _bundle_precision(bundle: Path) -> str:
 
 class LlamaCpp:
     def __init__(self, path: str, threads: int):
-        import llama_cpp
+        from llama_open import open_llama  # beside this file, which runs by path here
 
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=MAX_SEQ_LEN, n_batch=MAX_SEQ_LEN, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False, seed=0)
+        self.llm = open_llama(path, MAX_SEQ_LEN, threads)
 
     def first(self, ids: list[int]) -> int:
         self.llm.reset()  # the next eval drops the KV cache past position 0
