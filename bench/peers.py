@@ -55,6 +55,22 @@ class Row:
     weights: list[str] = field(default_factory=list)  # files counted as the size; default: the artifact
 
 
+def stage_model(model: Path, work: Path) -> Path:
+    """The imported folder as the peers' exporters read it: its files linked, and config.json with
+    ``architectures`` set. `rankdown import` writes it null, and both the onnxruntime-genai builder
+    and optimum-executorch choose their model class from it."""
+    staged = work / "source"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in model.iterdir():
+        link = staged / path.name
+        if path.name != "config.json" and not link.exists():
+            link.symlink_to(path.resolve())
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return staged
+
+
 def peer_rows(model: Path, gguf: Path, work: Path) -> list[Row]:
     et = ["-m", "optimum.exporters.executorch.__main__"]  # what `optimum-cli export executorch` runs
     et_args = ["--model", str(model), "--task", "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa",
@@ -104,14 +120,18 @@ class LlamaCpp:
 
         self.llm = open_llama(path, MAX_SEQ_LEN, threads)
 
+    def _last_logits(self) -> np.ndarray:
+        # Without logits_all, Llama.eval keeps no logits (llm.scores stays zero): read the context's.
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+
     def first(self, ids: list[int]) -> int:
         self.llm.reset()  # the next eval drops the KV cache past position 0
         self.llm.eval(ids)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
     def next(self, token: int) -> int:
         self.llm.eval([token])
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
 
 class Genai:
@@ -262,19 +282,20 @@ def python_of(venv: str) -> str:
     return sys.executable if venv == "project" else str(VENVS[venv] / "bin/python")
 
 
-def child_env() -> dict:
-    return os.environ | {"OMP_NUM_THREADS": str(THREADS), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+def child_env(threads: int = THREADS) -> dict:
+    return os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def export(row: Row) -> float | None:
     """Run the row's export once; a finished one (its artifact present) is kept across runs."""
-    if not row.export or Path(row.artifact).exists():
+    done = Path(row.artifact) / "genai_config.json" if row.runtime == "genai" else Path(row.artifact)
+    if not row.export or done.exists():  # a failed builder run leaves its folder without the config
         return None
     command = [python_of(row.venv), *row.export]
     log("$ " + " ".join(command))
     start = time.perf_counter()
     subprocess.run(command, check=True, env=child_env())
-    if not Path(row.artifact).exists():
+    if not done.exists():
         raise SystemExit(f"{row.name} {row.precision}: the export wrote no {row.artifact}")
     return round(time.perf_counter() - start, 1)
 
@@ -288,9 +309,9 @@ def weight_bytes(row: Row) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def time_row(row: Row, prompt: list[int], long_prompt: list[int]) -> dict:
-    job = {"runtime": row.runtime, "artifact": row.artifact, "threads": THREADS, "prompt": prompt,
-           "long_prompt": long_prompt, "new_tokens": NEW_TOKENS, "warmup": WARMUP, "runs": RUNS}
+def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse.Namespace) -> dict:
+    job = {"runtime": row.runtime, "artifact": row.artifact, "threads": args.threads, "prompt": prompt,
+           "long_prompt": long_prompt, "new_tokens": NEW_TOKENS, "warmup": args.warmup, "runs": args.runs}
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
@@ -298,7 +319,7 @@ def time_row(row: Row, prompt: list[int], long_prompt: list[int]) -> dict:
         # By path: the peers' venvs have no rankdown, and this half needs none for them.
         command = [python_of(row.venv), str(Path(__file__).resolve()), "time", str(job_path), str(out_path)]
         log(f"timing {row.name} {row.precision}: {row.artifact}")
-        subprocess.run(command, check=True, env=child_env())
+        subprocess.run(command, check=True, env=child_env(args.threads))
         result = json.loads(out_path.read_text())
     result["load_average"] = [round(x, 2) for x in (*load_before, *os.getloadavg()[:1])]
     return result
@@ -310,7 +331,7 @@ def reference_greedy(model: Path, prompt: list[int]) -> list[int]:
     from rankdown.checkpoint import load_model, open_checkpoint
     from rankdown.export.parity import torch_greedy
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(1)  # a reference, not a timing: one thread is the fastest on a shared machine
     return list(torch_greedy(load_model(open_checkpoint(model)).eval(), prompt, NEW_TOKENS).tokens)
 
 
@@ -348,12 +369,17 @@ def main() -> None:
                         help="a `rankdown export` folder, timed as one row per artifact (repeatable)")
     parser.add_argument("--only", help="comma-separated row names or precisions to run (substring match)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    # The protocol's values are the defaults; other values are for a loaded machine, and the tables say so.
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
     args = parser.parse_args()
 
     from bench.real import ensure_model, packaged_gguf
 
     ensure_model(args.model)
-    rows = peer_rows(args.model.resolve(), (args.gguf or packaged_gguf()).resolve(), args.work.resolve())
+    staged = stage_model(args.model.resolve(), args.work.resolve())
+    rows = peer_rows(staged, (args.gguf or packaged_gguf()).resolve(), args.work.resolve())
     for spec in args.bundle:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -368,13 +394,13 @@ def main() -> None:
     prompt, long_prompt = prompts(args.model)
     log("transformers fp32 greedy reference")
     reference = reference_greedy(args.model, prompt)
-    results: dict = {"setup": {"model": str(args.model), "threads": THREADS, "prompt_tokens": PROMPT_TOKENS,
-                         "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": WARMUP,
-                         "runs": RUNS, "cores": os.cpu_count(), "uptime": _uptime(), "versions": versions()},
+    results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
+                         "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
+                         "runs": args.runs, "cores": os.cpu_count(), "uptime": _uptime(), "versions": versions()},
                "rows": []}
     for row in rows:
         seconds = export(row)
-        result = time_row(row, prompt, long_prompt)
+        result = time_row(row, prompt, long_prompt, args)
         greedy = result.pop("greedy")
         agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
         results["rows"].append(asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
