@@ -72,7 +72,8 @@ def stage_model(model: Path, work: Path) -> Path:
 
 
 def peer_rows(model: Path, gguf: Path, work: Path) -> list[Row]:
-    et = ["-m", "optimum.exporters.executorch.__main__"]  # what `optimum-cli export executorch` runs
+    # `optimum-cli export executorch` (optimum.exporters.executorch's own __main__ drops the recipe options)
+    et = ["-m", "optimum.commands.optimum_cli", "export", "executorch"]
     et_args = ["--model", str(model), "--task", "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa",
                "--use_custom_kv_cache", "--max_seq_len", str(MAX_SEQ_LEN)]
     genai = ["-m", "onnxruntime_genai.models.builder", "-i", str(model), "-e", "cpu"]
@@ -398,13 +399,20 @@ def main() -> None:
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
                          "runs": args.runs, "cores": os.cpu_count(), "uptime": _uptime(), "versions": versions()},
                "rows": []}
+    # Rows not rerun now are kept from the last file (each carries its own threads, runs and load),
+    # so one artifact can be re-timed without redoing the rest.
+    path = args.out / "peers.json"
+    kept = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rerun = {(r.name, r.precision) for r in rows}
+    results["rows"] = [r for r in kept if (r["name"], r["precision"]) not in rerun]
     for row in rows:
         seconds = export(row)
         result = time_row(row, prompt, long_prompt, args)
         greedy = result.pop("greedy")
         agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
         results["rows"].append(asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
-                                              "greedy_agree_with_transformers": agree} | result)
+                                              "greedy_agree_with_transformers": agree, "threads": args.threads,
+                                              "runs": args.runs, "uptime": _uptime()} | result)
         log(json.dumps(results["rows"][-1]))
         write(results, args.out)
     results["setup"]["uptime_end"] = _uptime()
@@ -422,17 +430,19 @@ def write(results: dict, out: Path) -> None:
     s = results["setup"]
     lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads, each row in its own process: a {s['prompt_tokens']}-token "
              f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; median of {s['runs']} runs "
-             f"after {s['warmup']} warm-up (min-max in brackets). Load at start: `{s['uptime']}`"
+             f"after {s['warmup']} warm-up (min-max in brackets); rows kept from an earlier run say their own "
+             f"threads and runs. Load at start of the last run: `{s['uptime']}`"
              + (f"; at end: `{s['uptime_end']}`" if "uptime_end" in s else "") + ".", "",
              f"| export | precision | decode tok/s | TTFT {s['prompt_tokens']} ms | TTFT {s['long_prompt_tokens']} ms | "
-             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | threads, runs | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
         lines.append(f"| {r['name']} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
-                     f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r['load_average'][0]:.2f} |")
+                     f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "
+                     f"{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
 
 
