@@ -149,6 +149,8 @@ def _write(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizer
     save_file(state, str(folder / SINGLE_FILE), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["torch_dtype"] = "float32"
+    # Tools that pick a model class from the config (onnxruntime-genai's builder, optimum) refuse null.
+    config["architectures"] = ["LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     # The chat template stays inside tokenizer_config.json, which every later stage copies.
     tokenizer.save_pretrained(str(folder), save_jinja_files=False)
