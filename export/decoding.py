@@ -129,6 +129,7 @@ class ExecuTorchDecoder:
     def __init__(self, pte_path: Path):
         import torch
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
+        from executorch.kernels import quantized  # noqa: F401  (quantized_decomposed::embedding_byte, int4 bundles)
         from executorch.runtime import Runtime, Verification
 
         self._torch = torch

@@ -36,6 +36,9 @@ class KVCache(torch.nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
     def update(self, key: torch.Tensor, value: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor]:
         """``key``/``value`` as transformers gives them, [1, kv_heads, n, head_dim]."""
         torch.ops.llama.update_cache(key.transpose(1, 2), self.k_cache, start_pos)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,9 +90,26 @@ def pad_ranks(model: nn.Module, record: FactorRecord, group_size: int) -> tuple[
     return dataclasses.replace(record, modules=modules), padded
 
 
-def quantize_int4(model: nn.Module, record: FactorRecord, group_size: int) -> tuple[nn.Module, Int4Plan]:
+class ByteEmbedding(nn.Module):
+    """The token lookup with int8 rows and one scale per row, as ExecuTorch's quantized
+    ``embedding_byte`` kernel takes them (ExecuTorch's Llama export does the same)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (registers the op)
+
+        weight = embedding.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scales, None, -128, 127, ids)
+
+
+def quantize_int4(model: Any, record: FactorRecord, group_size: int) -> tuple[nn.Module, Int4Plan]:
     """A quantized copy of ``model`` (the caller's model is left as it is) and what was done."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     model = copy.deepcopy(model)
@@ -106,11 +124,11 @@ def quantize_int4(model: nn.Module, record: FactorRecord, group_size: int) -> tu
         chosen = set(names)
         config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
                   if group is None else
-                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)))
+                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                        weight_granularity=PerGroup(group)))
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel.
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
               filter_fn=lambda m, fqn: m is head)
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-              filter_fn=lambda m, fqn: m is embedding)
+    model.set_input_embeddings(ByteEmbedding(embedding))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

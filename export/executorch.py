@@ -3,13 +3,15 @@
 The stock transformers model attends through ExecuTorch's LLM kernels (``llama::update_cache``,
 ``llama::custom_sdpa``; export/et_attention.py), as ExecuTorch's and optimum-executorch's Llama
 exports do; ``forward(tokens[1, n], input_pos[1])`` takes a prompt in one call. We add the
-metadata methods ExecuTorch's LLM runner reads, and int8 via the XNNPACK quantizer.
+metadata methods ExecuTorch's LLM runner reads, int8 via the XNNPACK quantizer and int4 (8da4w)
+via torchao (export/et_int4.py).
 The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``;
 its delegates are registered in export/et_backends.py.
 """
 
 from __future__ import annotations
 
+import operator
 import time
 from pathlib import Path
 
@@ -53,13 +55,15 @@ def positions(path: Path, options: dict) -> int:
 
 
 def _is_mergeable(node) -> bool:
-    """Pure ops that may repeat with the same inputs: linears, and the (de)quantization around them."""
+    """A pure op (no mutation, no randomness), so two with the same inputs compute the same:
+    the linears, and the activation quantization in front of a quantized one."""
     if node.op != "call_function":
         return False
-    if node.target is torch.ops.aten.linear.default:
+    if node.target is operator.getitem:
         return True
-    namespace = getattr(node.target, "namespace", "")
-    return namespace in ("torchao", "quantized_decomposed") or "access_subclass_inner_tensor" in str(node.target)
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
 
 
 def _run_shared_down_once(program) -> int:
