@@ -124,7 +124,7 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int) -> tuple[nn
         chosen = set(names)
         config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
                   if group is None else
-                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
                                                         weight_granularity=PerGroup(group)))
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel.
