@@ -25,6 +25,12 @@ class Quantize(str, Enum):
     # time. It is the int8 scheme both onnxruntime (MatMulInteger) and XNNPACK (qd8-f32-qc8w)
     # run fast on CPU, so both formats carry the same numerics.
     INT8 = "int8"
+    # 4-bit weights in groups of --group-size input columns, int8 activations per call (8da4w);
+    # head and embedding 8-bit. ExecuTorch only for now (export/et_int4.py).
+    INT4 = "int4"
+
+
+GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class ParityThresholds:
             # int8 changes the numbers on purpose; what must hold is that it still picks the
             # same next token almost everywhere. Task quality is measured separately.
             return cls(max_rel_logit_diff=0.25, min_top1_agreement=0.8, greedy_must_match=False)
+        if quantize is Quantize.INT4:
+            # 4 bits move logits further than 8; the same token must still win at most positions.
+            return cls(max_rel_logit_diff=0.5, min_top1_agreement=0.6, greedy_must_match=False)
         return cls()
 
 
@@ -49,6 +58,7 @@ class ParityThresholds:
 class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
+    group_size: int = 32  # int4: input columns that share one scale
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
     parity_new_tokens: int = 32
@@ -61,6 +71,8 @@ class ExportConfig:
             raise RankdownError(f"--format needs at least one of {', '.join(format_names())}")
         if not isinstance(self.max_seq_len, int) or not 16 <= self.max_seq_len <= 32768:
             raise RankdownError(f"--max-seq-len must be an integer in 16..32768, got {self.max_seq_len!r}")
+        if self.group_size not in GROUP_SIZES:
+            raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:
             raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
 

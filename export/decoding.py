@@ -128,6 +128,8 @@ class ExecuTorchDecoder:
 
     def __init__(self, pte_path: Path):
         import torch
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
+        from executorch.kernels import quantized  # noqa: F401  (quantized_decomposed::embedding_byte, int4 bundles)
         from executorch.runtime import Runtime, Verification
 
         self._torch = torch
@@ -151,8 +153,8 @@ class ExecuTorchDecoder:
         return logits[0].float().numpy()
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        # The static cache is overwritten position by position, and the attention mask covers
-        # only positions < cache_position, so restarting at 0 needs no explicit reset.
+        # The static cache is overwritten position by position, and attention reads only
+        # positions before the current one, so restarting at 0 needs no explicit reset.
         self._length = 0
         return self._run(list(ids))
 

@@ -1,14 +1,17 @@
 """ExecuTorch: torch.export with a static KV cache, lowered to a delegate (XNNPACK by default).
 
-transformers' ExecuTorch integration builds the exportable wrapper (static cache, one
-``forward(input_ids, cache_position)``); we add a dynamic prompt length so a prompt is one
-call, the metadata methods ExecuTorch's LLM runner reads, and int8 via the XNNPACK quantizer.
+The stock transformers model attends through ExecuTorch's LLM kernels (``llama::update_cache``,
+``llama::custom_sdpa``; export/et_attention.py), as ExecuTorch's and optimum-executorch's Llama
+exports do; ``forward(tokens[1, n], input_pos[1])`` takes a prompt in one call. We add the
+metadata methods ExecuTorch's LLM runner reads, int8 via the XNNPACK quantizer and int4 (8da4w)
+via torchao (export/et_int4.py).
 The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``;
 its delegates are registered in export/et_backends.py.
 """
 
 from __future__ import annotations
 
+import operator
 import time
 from pathlib import Path
 
@@ -16,7 +19,9 @@ import torch
 
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.decoding import program_data_file
+from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
+from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
@@ -49,54 +54,51 @@ def positions(path: Path, options: dict) -> int:
     return int(options["max_seq_len"])
 
 
+def _is_mergeable(node) -> bool:
+    """A pure op (no mutation, no randomness), so two with the same inputs compute the same:
+    the linears, and the activation quantization in front of a quantized one."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
+
+
 def _run_shared_down_once(program) -> int:
     """Merge linears that apply the same weight to the same input (a shared-``down`` group's
-    members each call the owner's ``down`` in eager mode). Returns how many were merged."""
+    members each call the owner's ``down`` in eager mode), with their (de)quantization ops when
+    quantized. Returns how many linears were merged."""
 
     seen: dict[tuple, torch.fx.Node] = {}
     merged = 0
     graph = program.graph_module.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+        if not _is_mergeable(node):
             continue
-        key = (node.args, tuple(sorted(node.kwargs.items())))
+        key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
         if key in seen:
             node.replace_all_uses_with(seen[key])
             graph.erase_node(node)
-            merged += 1
+            merged += node.target is torch.ops.aten.linear.default
         else:
             seen[key] = node
-    if merged:
-        graph.lint()
-        program.graph_module.recompile()
+    graph.lint()
+    program.graph_module.recompile()
     return merged
 
 
-class RunnerSignature(torch.nn.Module):
-    """``forward(tokens[1, n], input_pos[1])``: the start position as one number, the signature of
-    ExecuTorch's own Llama exports, which every ExecuTorch LLM app knows how to call.
-    transformers' static-cache wrapper underneath wants one position per token."""
-
-    def __init__(self, model, max_cache_len: int):
-        super().__init__()
-        from transformers import GenerationConfig
-        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache, sdpa_mask_without_vmap
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        # As transformers' convert_and_export_with_cache does: sdpa with a mask built without
-        # vmap, which torch.export cannot trace.
-        ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", sdpa_mask_without_vmap)
-        ALL_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", ALL_ATTENTION_FUNCTIONS["sdpa"])
-        model.config._attn_implementation = "sdpa_without_vmap"
-        model.generation_config = GenerationConfig(
-            use_cache=True, cache_implementation="static", max_length=max_cache_len,
-            cache_config={"batch_size": 1, "max_cache_len": max_cache_len})
-        self.decoder = TorchExportableModuleWithStaticCache(model)
-
-    def forward(self, tokens, input_pos):
-        positions = input_pos + torch.arange(tokens.shape[1], dtype=torch.long)
-        return self.decoder(input_ids=tokens, cache_position=positions)
+def trace(model, max_len: int):
+    """``model`` as a torch.export program with the custom-ops attention and a static cache of
+    ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``."""
+    example = (torch.full((1, 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
+    dynamic = {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
+    with torch.no_grad(), custom_attention(model, max_len):
+        # strict=True: with strict=False this torch fails later, in decomposition.
+        program = torch.export.export(CustomOpsSignature(model, max_len), args=example, dynamic_shapes=dynamic,
+                                      strict=True)
+    return program, example, dynamic
 
 
 def _metadata(model, cfg: ExportConfig) -> dict:
@@ -112,7 +114,7 @@ def _metadata(model, cfg: ExportConfig) -> dict:
         "get_eos_ids": eos_ids,
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": True,  # attention and cache update run as ExecuTorch's LLM kernels
     }
 
 
@@ -125,35 +127,37 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
 
     start = time.perf_counter()
     length = cfg.max_seq_len
-    example = (torch.full((1, 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
-    seq = torch.export.Dim("seq", max=length - 1)
-    dynamic = {"tokens": {1: seq}, "input_pos": None}
+    if cfg.quantize is Quantize.INT4:
+        model, plan = quantize_int4(model, record, cfg.group_size)
+        record = plan.record
+        progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
+                 f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     with torch.no_grad():
-        # strict=True: with strict=False this torch fails later, in decomposition.
-        program = torch.export.export(RunnerSignature(model, length), args=example, dynamic_shapes=dynamic,
-                                      strict=True)
+        program, example, dynamic = trace(model, length)
         _run_shared_down_once(program)
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
-        # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
-        external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
+        # int8/int4: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
+        external = cfg.quantize is Quantize.NONE and tag_tied_table(program, Path(DATA_FILE).stem)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
-        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is Quantize.INT8),
+        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is not Quantize.NONE),
                                            constant_methods=_metadata(model, cfg))
         info = get_delegation_info(edge.exported_program().graph_module)
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
                       "non_delegated_nodes": int(info.num_non_delegated_nodes),
                       "delegated_subgraphs": int(info.num_delegated_subgraphs)}
-        executorch_program = edge.to_executorch(_backend_config(external))
+        executorch_program = edge.to_executorch(_backend_config(external, cfg.quantize is Quantize.INT4))
     write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
     return time.perf_counter() - start, nodes, delegation
 
 
-def _backend_config(external_table: bool):
+def _backend_config(external_table: bool, int4: bool):
     from executorch.exir import ExecutorchBackendConfig
 
-    return ExecutorchBackendConfig(external_constants=external_table_tag) if external_table else None
+    # int4: the 8-bit embedding's dequantize + lookup becomes one quantized-lookup kernel.
+    return ExecutorchBackendConfig(external_constants=external_table_tag if external_table else False,
+                                   do_quant_fusion_and_const_prop=int4)
 
 
 def write_program(executorch_program, path: Path) -> None:

@@ -107,7 +107,8 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
 
 
 def count_exported_program(record: FactorRecord, program, where: str) -> FactorNodes:
-    """``aten.linear`` nodes of a torch.export program, matched to parameters by name."""
+    """``aten.linear`` nodes of a torch.export program, matched to parameters by name (a quantized
+    weight through its dequantize op, to the parameter it unpacks)."""
     import torch
 
     params = dict(program.graph_signature.inputs_to_parameters)
@@ -116,6 +117,8 @@ def count_exported_program(record: FactorRecord, program, where: str) -> FactorN
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
         weight = node.args[1]
+        while weight.op == "call_function" and weight.args:  # a quantized weight: dequantize(parts of it)
+            weight = weight.args[0]
         fqn = params.get(weight.name, weight.name)
         dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
         shape = tuple(weight.meta["val"].shape)

@@ -22,7 +22,10 @@ MODEL_FILE = "model.onnx"
 
 
 def preflight(cfg: ExportConfig) -> None:
-    """optimum and onnxruntime come with the pinned stack: nothing to check before the work."""
+    """optimum and onnxruntime come with the pinned stack; int4 (MatMulNBits) is not built yet."""
+    if cfg.quantize is Quantize.INT4:
+        raise RankdownError("--quantize int4 is ExecuTorch-only for now (ONNX MatMulNBits is not implemented); "
+                            "use --format executorch")
 
 
 def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progress=print) -> tuple[float, FactorNodes, None]:

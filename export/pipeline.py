@@ -107,7 +107,7 @@ def memory_estimate(ckpt, cfg: ExportConfig) -> int:
 
 
 def disk_estimate(ckpt, cfg: ExportConfig) -> int:
-    per_format = 4 * model_info(ckpt).total_params // (4 if cfg.quantize is Quantize.INT8 else 1)
+    per_format = 4 * model_info(ckpt).total_params // {Quantize.INT8: 4, Quantize.INT4: 6}.get(cfg.quantize, 1)
     return len(cfg.formats) * per_format + ckpt.size_bytes // 8 + (8 << 20)
 
 
@@ -129,7 +129,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         for change in write_bundle_tokenizer(ckpt.folder, tmp, tokenizer, check_texts()):
             progress(f"tokenizer.json: {change}")
         for fmt in sorted(cfg.formats, key=list(Format).index):
-            progress(f"{fmt.value}: exporting{' (int8)' if cfg.quantize.value == 'int8' else ''}")
+            progress(f"{fmt.value}: exporting{'' if cfg.quantize is Quantize.NONE else f' ({cfg.quantize.value})'}")
             spec = by_format(fmt)
             seconds, nodes, delegation = spec.module().export(model, ckpt.record, tmp, cfg, progress)
             spec.module().check_file(tmp / spec.artifact, tmp)

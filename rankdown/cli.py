@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export, format_manifest
 
-    cfg = ExportConfig(formats=args.format, quantize=args.quantize, backend=args.backend,
+    cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, backend=args.backend,
                        max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
     manifest = export(args.model, args.out, cfg)
     print(f"{args.out}: bundle written")
@@ -266,8 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", default=",".join(f.value for f in default_of(ExportConfig, "formats")),
                      help=f"comma-separated: {', '.join(choices(Format))}")
     exp.add_argument("--quantize", default=default_of(ExportConfig, "quantize").value,
-                     help=help_with_default(f"{' or '.join(choices(Quantize))} (int8 weights per channel, dynamic "
-                                            "activations)", ExportConfig, "quantize"))
+                     help=help_with_default(f"{' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
+                                            "4-bit weights per group, head and embedding 8-bit, ExecuTorch only; "
+                                            "both with activations quantized per call)", ExportConfig, "quantize"))
+    exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
+                     help=help_with_default("int4: input columns sharing one scale", ExportConfig, "group_size"))
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import quiet
 
@@ -157,7 +158,9 @@ def _profile(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def test_native_runner_matches_the_python_runtime_bit_for_bit(joint_bundle):
+def test_native_runner_matches_the_python_runtime(joint_bundle):
+    """Same tokens; logits equal up to float summation order (the runner carries its own kernels
+    for ExecuTorch's attention ops, devices/et_runner/llm_kernels.cpp)."""
     from rankdown.devices.native_runner import BINARY, build_runner
     from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
 
@@ -169,7 +172,8 @@ def test_native_runner_matches_the_python_runtime_bit_for_bit(joint_bundle):
     for prompt in ([5], [5, 9, 30, 7, 12, 40, 3]):
         a, b = greedy(native, prompt, 12), greedy(python, prompt, 12)
         assert a.tokens == b.tokens
-        assert (a.prompt_logits == b.prompt_logits).all() and (a.step_logits == b.step_logits).all()
+        assert np.abs(a.prompt_logits - b.prompt_logits).max() < 1e-4
+        assert np.abs(a.step_logits - b.step_logits).max() < 1e-4
     assert native.close() > 1.0  # its own peak RSS, in MB
 
 

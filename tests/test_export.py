@@ -203,12 +203,9 @@ def test_a_folded_pair_is_caught_in_the_onnx_graph(tiny_model_dir, tmp_path):
 
 
 def _exported_program(folder):
-    from rankdown.export.executorch import RunnerSignature
+    from rankdown.export.executorch import trace
 
-    model = load_model(open_checkpoint(folder)).eval()
-    with torch.no_grad():
-        return torch.export.export(RunnerSignature(model, 32), args=(torch.ones(1, 4, dtype=torch.long), torch.tensor([0])),
-                                   strict=True)
+    return trace(load_model(open_checkpoint(folder)).eval(), 32)[0]
 
 
 def test_a_folded_pair_is_caught_in_the_exported_program(tiny_model_dir):

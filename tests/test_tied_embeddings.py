@@ -62,7 +62,7 @@ def test_factorized_tied_model_stores_its_table_once_in_both_formats(tied_factor
 
 def test_tied_pte_with_its_ptd_runs_in_the_llm_runner_and_the_native_runner(tied_factorized, tied_bundle):
     """What apps link: TextLLMRunner given the .ptd prints PyTorch's greedy text, and the C++
-    runner (``--data``) returns the Python runtime's logits bit for bit."""
+    runner (``--data``) returns the Python runtime's tokens, and its logits to float rounding."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
@@ -84,7 +84,7 @@ def test_tied_pte_with_its_ptd_runs_in_the_llm_runner_and_the_native_runner(tied
 
     native = NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)], threads=1)
     a, b = greedy(native, [5, 9, 30, 7], 6), greedy(ExecuTorchDecoder(pte), [5, 9, 30, 7], 6)
-    assert a.tokens == b.tokens and (a.prompt_logits == b.prompt_logits).all()
+    assert a.tokens == b.tokens and np.abs(a.prompt_logits - b.prompt_logits).max() < 1e-4
     native.close()
 
 

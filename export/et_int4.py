@@ -1,0 +1,134 @@
+"""4-bit ExecuTorch weights (8da4w): every decoder linear, factor pairs included, as 4-bit weights in
+groups of ``group_size`` input columns with one scale each, activations quantized to int8 per token
+at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w) and the
+token embedding 8-bit per row (weight-only). Through torchao's ``quantize_``, as ExecuTorch's
+Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
+
+A group must divide the linear's input width. A factor pair's ``up`` reads the rank, which need not
+be a multiple of the group: such a pair's rank is padded with zeros (zero rows in ``down``, zero
+columns in ``up``: the same product) up to the next multiple of the smallest group (32, or
+``group_size`` if smaller), and the group used for ``up`` is the largest power of two that divides
+the padded rank, at most ``group_size``. A dense linear whose input width no group divides falls
+back to 8-bit per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.factor_record import FactorRecord
+
+MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
+
+
+@dataclass(frozen=True)
+class Int4Plan:
+    """What the quantization did: the record with padded ranks (for counting factor nodes), the
+    padded pairs (name -> (rank, padded rank)) and the linears kept at 8 bits per channel."""
+
+    record: FactorRecord
+    padded: dict[str, tuple[int, int]]
+    int8_linears: tuple[str, ...]
+
+
+def group_for(width: int, group_size: int) -> int | None:
+    """The largest power-of-two group <= ``group_size`` dividing ``width`` and >= the smallest
+    allowed group; None if there is none."""
+    group = group_size
+    while group >= min(MIN_GROUP, group_size):
+        if width % group == 0:
+            return group
+        group //= 2
+    return None
+
+
+def padded_rank(rank: int, group_size: int) -> int:
+    step = min(MIN_GROUP, group_size)
+    return -(-rank // step) * step
+
+
+def _pad_rows(linear: nn.Linear, rows: int) -> None:
+    extra = rows - linear.out_features
+    if extra > 0:
+        weight = linear.weight.detach()
+        linear.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]), requires_grad=False)
+        linear.out_features = rows
+
+
+def _pad_columns(linear: nn.Linear, columns: int) -> None:
+    extra = columns - linear.in_features
+    if extra > 0:
+        weight = linear.weight.detach()
+        linear.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(weight.shape[0], extra)], dim=1),
+                                     requires_grad=False)
+        linear.in_features = columns
+
+
+def pad_ranks(model: nn.Module, record: FactorRecord, group_size: int) -> tuple[FactorRecord, dict[str, tuple[int, int]]]:
+    """Pad, in place, every factor pair whose rank no group divides (a shared ``down`` once, and
+    each member's ``up`` to match); the record with the padded ranks, and what was padded."""
+    padded: dict[str, tuple[int, int]] = {}
+    modules = dict(record.modules)
+    for name, module in model.named_modules():
+        if not isinstance(module, (FactorizedLinear, SharedDownLinear)):
+            continue
+        down = module.down if isinstance(module, FactorizedLinear) else module.shared_down
+        if group_for(down.out_features, group_size) is None:
+            _pad_rows(down, padded_rank(down.out_features, group_size))
+        if module.up.in_features != down.out_features:
+            padded[name] = (module.up.in_features, down.out_features)
+            _pad_columns(module.up, down.out_features)
+            if name in modules:
+                modules[name] = dataclasses.replace(modules[name], rank=down.out_features)
+    return dataclasses.replace(record, modules=modules), padded
+
+
+class ByteEmbedding(nn.Module):
+    """The token lookup with int8 rows and one scale per row, as ExecuTorch's quantized
+    ``embedding_byte`` kernel takes them (ExecuTorch's Llama export does the same)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (registers the op)
+
+        weight = embedding.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scales, None, -128, 127, ids)
+
+
+def quantize_int4(model: Any, record: FactorRecord, group_size: int) -> tuple[nn.Module, Int4Plan]:
+    """A quantized copy of ``model`` (the caller's model is left as it is) and what was done."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    model = copy.deepcopy(model)
+    record, padded = pad_ranks(model, record, group_size)
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    groups: dict[int | None, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            groups.setdefault(group_for(module.in_features, group_size), []).append(name)
+    for group, names in groups.items():
+        chosen = set(names)
+        config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+                  if group is None else
+                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                        weight_granularity=PerGroup(group)))
+        quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+    # The head is as wide as the vocabulary and decides the token: 8 bits per output channel.
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              filter_fn=lambda m, fqn: m is head)
+    model.set_input_embeddings(ByteEmbedding(embedding))
+    return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

@@ -1,0 +1,79 @@
+"""ExecuTorch export through ExecuTorch's LLM kernels (llama::custom_sdpa, llama::update_cache) and
+4-bit (8da4w) weights: the ops are in the program, factor pairs stay two linears, parity holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import quiet
+
+from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.export.config import ExportConfig
+from rankdown.export.et_int4 import group_for, pad_ranks, padded_rank
+from rankdown.export.pipeline import export
+from rankdown.factor_record import FactorRecord
+
+CUSTOM_OPS = (b"llama::custom_sdpa", b"llama::update_cache")
+
+
+def _expected_nodes(record: FactorRecord) -> int:
+    return sum(1 if spec.shares_down_with else 2 for spec in record.modules.values())
+
+
+def test_attention_runs_as_executorch_custom_ops(joint_bundle):
+    """The shared fp32 export: every attention goes through the kernels, pairs stay two linears,
+    greedy identical to PyTorch (the export's own parity check)."""
+    folder, bundle, manifest = joint_bundle
+    pte = (bundle / "executorch" / "model.pte").read_bytes()
+    for op in CUSTOM_OPS:
+        assert op in pte, op
+    assert b"aten::bmm" not in pte and b"aten::_softmax" not in pte  # no plain-aten attention left
+    entry = manifest.formats["executorch"]
+    assert entry.factor_nodes.found == entry.factor_nodes.expected == _expected_nodes(FactorRecord.read(folder))
+    assert entry.parity.passed and entry.parity.greedy_match and entry.parity.max_abs_logit_diff < 1e-4
+
+
+def test_group_and_padding_rules():
+    assert group_for(64, 32) == 32 and group_for(96, 64) == 32 and group_for(128, 128) == 128
+    assert group_for(37, 32) is None and group_for(48, 16) == 16 and group_for(40, 32) is None
+    assert padded_rank(37, 32) == 64 and padded_rank(40, 32) == 64 and padded_rank(20, 16) == 32
+
+
+def test_padded_ranks_compute_the_same_model(compressed_tiny):
+    """Zero rows in down and zero columns in up (shared downs once): the same logits, bit for bit
+    up to float summation order, and every pair's rank a multiple of the smallest group."""
+    folder, _ = compressed_tiny["joint"]
+    record = FactorRecord.read(folder)
+    model = load_model(open_checkpoint(folder)).eval()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        before = model(ids).logits
+        padded_record, padded = pad_ranks(model, record, 32)
+        after = model(ids).logits
+    assert padded and all(r % 32 for r, _ in padded.values())
+    assert all(spec.rank % 32 == 0 for spec in padded_record.modules.values())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def joint_int4_bundle(compressed_tiny, tmp_path_factory):
+    folder, _ = compressed_tiny["joint"]
+    bundle = tmp_path_factory.mktemp("bundles") / "joint-int4"
+    return folder, bundle, export(folder, bundle, ExportConfig(formats="executorch", max_seq_len=64, quantize="int4"),
+                                  progress=quiet)
+
+
+def test_int4_quantizes_odd_rank_pairs_and_keeps_top1(joint_int4_bundle, joint_bundle):
+    """Ranks that are not multiples of the group are padded, not refused; shared downs still run
+    once; the int4 self-check bounds (top-1 >= 60%, |logit diff| <= 0.5 x scale) hold."""
+    folder, bundle, manifest = joint_int4_bundle
+    record = FactorRecord.read(folder)
+    assert any(spec.rank % 32 for spec in record.modules.values())
+    entry = manifest.formats["executorch"]
+    assert entry.quantize == "int4" and entry.parity.passed and entry.parity.top1_agreement >= 0.6
+    assert entry.factor_nodes.found == entry.factor_nodes.expected == _expected_nodes(record)
+    pte = (bundle / "executorch" / "model.pte").read_bytes()
+    for op in CUSTOM_OPS:
+        assert op in pte, op
+    fp32 = sum(f.bytes for f in joint_bundle[2].formats["executorch"].files.values())
+    assert sum(f.bytes for f in entry.files.values()) < 0.5 * fp32
