@@ -135,7 +135,11 @@ def best_at(rows: list[dict], task: str, ratio: float) -> dict | None:
 def llm_runner_check(bundle: Path, checkpoint: Path, task: str, new_tokens: int = 16) -> dict:
     """What phone apps link: ExecuTorch's TextLLMRunner on the .pte (and its .ptd) with the
     bundle's own tokenizer.json, greedy; its text must equal PyTorch's greedy text."""
+    # The .pte calls ExecuTorch's LLM kernels (and int4 ones its quantized kernels): a process
+    # loads them before the program, as an app links them.
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from executorch.kernels import quantized  # noqa: F401
 
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
     from rankdown.export.parity import torch_greedy
