@@ -54,8 +54,8 @@ def test_config_parsing_names_the_option_and_the_registered_choices():
     assert ValidateConfig(runtimes=["executorch"]).runtimes == (Runtime.EXECUTORCH,)
     with pytest.raises(RankdownError, match=r"unknown --backend 'metal': choose one of xnnpack, coreml, qnn, vulkan$"):
         ExportConfig(backend="metal")
-    with pytest.raises(RankdownError, match=r"unknown --quantize 'int4': choose one of none, int8$"):
-        ExportConfig(quantize="int4")
+    with pytest.raises(RankdownError, match=r"unknown --quantize 'int2': choose one of none, int8, int4$"):
+        ExportConfig(quantize="int2")
     with pytest.raises(RankdownError, match="--format needs at least one of onnx, executorch"):
         ExportConfig(formats="")
 

@@ -42,8 +42,9 @@ def _copy(src, tmp_path, name="m"):
 
 
 def _refused_by_compress(folder, out, pattern):
+    # svd: the cases below break its decomposition (torch.linalg.svd, the method's registry entry).
     with pytest.raises(RankdownError, match=pattern) as info:
-        compress(folder, out, CompressConfig(**SMALL), progress=quiet)
+        compress(folder, out, CompressConfig(method="svd", **SMALL), progress=quiet)
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "compress left something behind"
     assert "\n" not in str(info.value)
     return str(info.value)
