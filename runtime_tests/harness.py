@@ -170,11 +170,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     reference_dir = Path(cfg.reference or manifest.source.path)
     if not reference_dir.is_dir():
         raise RankdownError(f"{bundle}: its source checkpoint {reference_dir} is gone; pass --reference MODEL")
-    ckpt = open_checkpoint(reference_dir)
-    model = load_model(ckpt).eval()
     tokenizer = load_tokenizer(bundle)
+    # A bad --compare bundle is refused before the reference model is loaded.
     other = Path(cfg.compare) if cfg.compare is not None else None
     other_manifest = None if other is None else _other_bundle(other, bundle, runtimes, tokenizer, cfg)
+    ckpt = open_checkpoint(reference_dir)
+    model = load_model(ckpt).eval()
     data, data_name = _data(manifest, cfg)
 
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
