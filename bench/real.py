@@ -120,7 +120,8 @@ def compress_row(model: Path, row: dict, trials: int, out: Path) -> dict:
     # The machine may be shared: the load average says how far compress seconds are upper bounds.
     return {"params": report.params_after, "achieved_ratio": round(report.achieved_ratio, 4),
             "compress_seconds": round(report.wall_seconds, 1), "peak_rss_mb": round(report.peak_memory_mb),
-            "bayes_kept": report.allocation_check.get("kept"), "load_average": round(os.getloadavg()[0], 1)}
+            "bayes_kept": report.allocation_check.get("kept"), "load_average": round(os.getloadavg()[0], 1)} | (
+                {"trials": trials} if allocate == "bayes" else {})
 
 
 def save(results: dict, out: Path) -> None:
@@ -290,7 +291,8 @@ def write(results: dict, out: Path) -> None:
                   "peak RSS MB | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(task_rows, key=lambda r: (r["ratio"], METHODS.index(r["method"]) if r["method"] in METHODS
                                                   else -1, r["allocate"])):
-            ranks = "bayes (kept uniform)" if r.get("bayes_kept") == "uniform" else r["allocate"]
+            ranks = r["allocate"] + (f" ({r['trials']} trials)" if r.get("trials") else "")
+            ranks += ", kept uniform" if r.get("bayes_kept") == "uniform" else ""
             rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,}"
             em = "-" if r["task_em"] is None else f"{r['task_em']:.1%}" + (
                 f" ({r['task_em'] / dense['task_em']:.2f}x)" if dense and dense["task_em"] and r is not dense else "")
