@@ -131,7 +131,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{'' if cfg.quantize is Quantize.NONE else f' ({cfg.quantize.value})'}")
             spec = by_format(fmt)
-            seconds, nodes, delegation = spec.module().export(model, ckpt.record, tmp, cfg, progress)
+            seconds, nodes, delegation, quantization = spec.module().export(model, ckpt.record, tmp, cfg, progress)
             spec.module().check_file(tmp / spec.artifact, tmp)
             files = _format_files(tmp, spec)
             tables = check_stored_once(files, tied_table(model), tmp / spec.folder)
@@ -151,7 +151,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
-                delegation=delegation, parity=parity, embedding_tables=tables)
+                delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization)
         copied = [tmp / TOKENIZER_FILE]
         for name in TOKENIZER_FILES:
             if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():
