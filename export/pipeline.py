@@ -107,8 +107,11 @@ def memory_estimate(ckpt, cfg: ExportConfig) -> int:
 
 
 def disk_estimate(ckpt, cfg: ExportConfig) -> int:
-    per_format = 4 * model_info(ckpt).total_params // {Quantize.INT8: 4, Quantize.INT4: 6}.get(cfg.quantize, 1)
-    return len(cfg.formats) * per_format + ckpt.size_bytes // 8 + (8 << 20)
+    fp32 = 4 * model_info(ckpt).total_params
+    per_format = fp32 // {Quantize.INT8: 4, Quantize.INT4: 6}.get(cfg.quantize, 1)
+    # A quantized ONNX export first writes the fp32 graph beside the bundle's files, then removes it.
+    staged = fp32 if cfg.quantize is not Quantize.NONE and Format("onnx") in cfg.formats else 0
+    return len(cfg.formats) * per_format + staged + ckpt.size_bytes // 8 + (8 << 20)
 
 
 def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], None]) -> Manifest:

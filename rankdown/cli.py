@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated: {', '.join(choices(Format))}")
     exp.add_argument("--quantize", default=default_of(ExportConfig, "quantize").value,
                      help=help_with_default(f"{' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
-                                            "4-bit weights per group, head and embedding 8-bit, ExecuTorch only; "
-                                            "both with activations quantized per call)", ExportConfig, "quantize"))
+                                            "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
+                                            "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
     exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
                      help=help_with_default("int4: input columns sharing one scale", ExportConfig, "group_size"))
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
