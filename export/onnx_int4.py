@@ -125,8 +125,12 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     eight.process()
     quantized = eight.model
     if embedding_4bit:
+        # Only the token lookup: a Gather from a 2-D table (others read shapes, not weights).
+        tables = {i.name for i in quantized.model.graph.initializer if len(i.dims) == 2}
+        not_lookups = [n.name for n in quantized.model.graph.node if n.op_type == "Gather" and n.input[0] not in tables]
         gather = MatMulNBitsQuantizer(quantized.model, bits=4, block_size=group_size, is_symmetric=symmetric,
-                                      op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+                                      nodes_to_exclude=not_lookups, op_types_to_quantize=("Gather",),
+                                      quant_axes=(("Gather", 1),))
         with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): scale 0, handled
             gather.process()
         quantized = gather.model

@@ -80,3 +80,27 @@ def test_validate_runs_the_int4_onnx_bundle(onnx_int4_bundles):
     assert report.passed and result.passed, result.failures
     assert result.parity.top1_agreement >= 0.6
     assert result.quality.perplexity is not None and result.quality.reference_perplexity is not None
+
+
+def test_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
+    """optimum's tied head reads the table through a Transpose, which the quantizer cannot see as a
+    constant weight: it is given the transposed table first, then quantized to 8 bits; the lookup is
+    4-bit, so no fp32 copy of the table is left."""
+    from conftest import write_tiny_model
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.pipeline import compress
+    from rankdown.export.tied_embeddings import table_copies, tied_table
+
+    dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
+    compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64),
+             progress=quiet)
+    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    entry = manifest.formats["onnx"]
+    assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit (own copy of the tied table)"
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    assert entry.embedding_tables == 0
+    assert table_copies([tmp_path / "b" / "onnx" / "model.onnx"], tied_table(load_model(open_checkpoint(dense)))) == 0
