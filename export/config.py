@@ -26,7 +26,8 @@ class Quantize(str, Enum):
     # run fast on CPU, so both formats carry the same numerics.
     INT8 = "int8"
     # 4-bit weights in groups of --group-size input columns, int8 activations per call (8da4w);
-    # head and embedding 8-bit. ExecuTorch only for now (export/et_int4.py).
+    # ExecuTorch: 8da4w, head and embedding 8-bit (export/et_int4.py); ONNX: MatMulNBits, head 8-bit,
+    # embedding fp32 (export/onnx_int4.py).
     INT4 = "int4"
 
 

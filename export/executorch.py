@@ -38,7 +38,7 @@ def preflight(cfg: ExportConfig) -> None:
 
 
 def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
-           progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
+           progress=print) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
     return export_executorch(model, record, bundle, cfg, progress)
 
 
@@ -119,17 +119,20 @@ def _metadata(model, cfg: ExportConfig) -> dict:
 
 
 def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
-                      progress=print) -> tuple[float, FactorNodes, dict[str, int]]:
+                      progress=print) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
     """Write ``bundle/executorch/model.pte``, and ``model.ptd`` beside it for a tied fp32 model.
-    Returns seconds, node counts and the delegation summary."""
+    Returns seconds, node counts, the delegation summary and, for int4, what was padded."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
     start = time.perf_counter()
     length = cfg.max_seq_len
+    quantization = None
     if cfg.quantize is Quantize.INT4:
         model, plan = quantize_int4(model, record, cfg.group_size)
         record = plan.record
+        quantization = {"scheme": "torchao 8da4w", "padded_ranks": len(plan.padded),
+                        "int8_linears": len(plan.int8_linears)}
         progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
                  f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     with torch.no_grad():
@@ -149,7 +152,7 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
                       "delegated_subgraphs": int(info.num_delegated_subgraphs)}
         executorch_program = edge.to_executorch(_backend_config(external, cfg.quantize is Quantize.INT4))
     write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
-    return time.perf_counter() - start, nodes, delegation
+    return time.perf_counter() - start, nodes, delegation, quantization
 
 
 def _backend_config(external_table: bool, int4: bool):

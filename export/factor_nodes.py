@@ -13,7 +13,7 @@ from rankdown.factor_record import FactorRecord
 # The factor pair's child names are part of the checkpoint format (see rankdown.factor);
 # the exported graphs keep them in node scopes and parameter names.
 FACTOR_CHILDREN = ("down", "up")
-_ONNX_MATMULS = {"MatMul", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+_ONNX_MATMULS = {"MatMul", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,10 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
         if node.op_type not in _ONNX_MATMULS:
             continue
         weight = next((shapes[i] for i in node.input[1:2] if i in shapes), None)
+        if node.op_type == "MatMulNBits" and weight is not None:
+            # The weight is packed (N, blocks, bytes per block); the node's K and N are the matrix's shape.
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            weight = (int(attributes["K"]), int(attributes["N"]))
         if weight is None or len(weight) < 2:
             continue  # activation x activation (attention scores), not a layer
         scope = node.name.strip("/").split("/")[:-1]

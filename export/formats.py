@@ -4,7 +4,8 @@ A format is one module (``export/onnx.py``, ``export/executorch.py``) with four 
 
     preflight(cfg)                                  refuse before any work (a missing toolchain)
     export(model, record, bundle, cfg, progress)    write the artifact and count its factor nodes:
-                                                    -> (seconds, FactorNodes, delegation summary | None)
+                                                    -> (seconds, FactorNodes, delegation summary | None,
+                                                        quantization summary | None)
     check_file(path, bundle)                        refuse a malformed artifact before a runtime
                                                     opens it; -> the other files it reads
     positions(path, options)                        positions the artifact holds (None: no limit)

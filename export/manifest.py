@@ -63,6 +63,8 @@ class FormatEntry:
     parity: Parity | None  # None when the self-check was skipped
     # copies of a tied embedding table found in this format's files (must be 1); None: untied, or schema 1
     embedding_tables: int | None = None
+    # what a quantizer did beyond --quantize/--group-size (ONNX int4: blocks, partial blocks, head, embedding)
+    quantization: dict | None = None
 
 
 @dataclass(frozen=True)

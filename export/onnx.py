@@ -1,4 +1,5 @@
-"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer.
+"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer
+(``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py).
 
 The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``.
 """
@@ -15,6 +16,7 @@ from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_files import check_onnx_model, external_data_files
+from rankdown.export.onnx_int4 import quantize_int4
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "onnx"
@@ -22,17 +24,25 @@ MODEL_FILE = "model.onnx"
 
 
 def preflight(cfg: ExportConfig) -> None:
-    """optimum and onnxruntime come with the pinned stack; int4 (MatMulNBits) is not built yet."""
+    """optimum and onnxruntime come with the pinned stack; int4 needs onnxruntime's quantizer to import
+    (it imports ``onnx_ir``, which onnxruntime does not declare)."""
     if cfg.quantize is Quantize.INT4:
-        raise RankdownError("--quantize int4 is ExecuTorch-only for now (ONNX MatMulNBits is not implemented); "
-                            "use --format executorch")
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
+        except ImportError as e:
+            raise RankdownError(f"--quantize int4 for ONNX needs onnxruntime's MatMulNBitsQuantizer: {e}") from None
 
 
-def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progress=print) -> tuple[float, FactorNodes, None]:
-    seconds, nodes = export_onnx(model, record, bundle, cfg)
+def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
+           progress=print) -> tuple[float, FactorNodes, None, dict | None]:
+    seconds, nodes, quantization = export_onnx(model, record, bundle, cfg)
+    if quantization is not None:
+        progress(f"  onnx: int4 MatMulNBits in blocks of {cfg.group_size} for {quantization['int4_matmuls']} "
+                 f"matmul(s) ({quantization['partial_last_block']} with a zero-padded last block: input width "
+                 f"not a multiple of the block); head {quantization['head']}; embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
     check_onnx_model(bundle / SUBDIR / MODEL_FILE, bundle)
-    return seconds, nodes, None
+    return seconds, nodes, None, quantization
 
 
 def check_file(path: Path, bundle: Path) -> list[Path]:
@@ -45,8 +55,10 @@ def positions(path: Path, options: dict) -> int | None:
     return trained_positions(Path(path).parent / "config.json")
 
 
-def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig) -> tuple[float, FactorNodes]:
-    """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds and node counts."""
+def export_onnx(model, record: FactorRecord, bundle: Path,
+                cfg: ExportConfig) -> tuple[float, FactorNodes, dict | None]:
+    """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds, node counts
+    and, for int4, what the quantizer did."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -55,25 +67,30 @@ def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig) ->
     # optimum picks the graph's I/O names (input_ids, attention_mask, position_ids,
     # past_key_values.*, logits, present.*) that ORTModelForCausalLM and ORT GenAI expect,
     # and switches to external data on its own above 2 GB.
-    stage = bundle / ".onnx-fp32" if cfg.quantize is Quantize.INT8 else out
+    quantized = cfg.quantize is not Quantize.NONE
+    stage = bundle / ".onnx-fp32" if quantized else out
     onnx_export_from_model(model, output=stage, task="text-generation-with-past", do_validation=False,
                            no_post_process=False)
     fp32_path = stage / MODEL_FILE
     onnx.checker.check_model(str(fp32_path))  # path form: handles external data and > 2 GB
     nodes = count_onnx(record, fp32_path)
-    if cfg.quantize is Quantize.INT8:
-        _quantize_int8(fp32_path, out / MODEL_FILE)
+    summary = None
+    if quantized:
+        if cfg.quantize is Quantize.INT8:
+            _quantize_int8(fp32_path, out / MODEL_FILE)
+        else:
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group_size).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)
         shutil.rmtree(stage)
         onnx.checker.check_model(str(out / MODEL_FILE))
-        quantized = count_onnx(record, out / MODEL_FILE)
-        if quantized.found != nodes.found:
-            raise RankdownError(f"{out / MODEL_FILE}: int8 quantization changed the factor node count "
-                                f"({nodes.found} -> {quantized.found})")
-        nodes = quantized
-    return time.perf_counter() - start, nodes
+        requantized = count_onnx(record, out / MODEL_FILE)
+        if requantized.found != nodes.found:
+            raise RankdownError(f"{out / MODEL_FILE}: {cfg.quantize.value} quantization changed the factor node count "
+                                f"({nodes.found} -> {requantized.found})")
+        nodes = requantized
+    return time.perf_counter() - start, nodes, summary
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:

@@ -107,8 +107,11 @@ def memory_estimate(ckpt, cfg: ExportConfig) -> int:
 
 
 def disk_estimate(ckpt, cfg: ExportConfig) -> int:
-    per_format = 4 * model_info(ckpt).total_params // {Quantize.INT8: 4, Quantize.INT4: 6}.get(cfg.quantize, 1)
-    return len(cfg.formats) * per_format + ckpt.size_bytes // 8 + (8 << 20)
+    fp32 = 4 * model_info(ckpt).total_params
+    per_format = fp32 // {Quantize.INT8: 4, Quantize.INT4: 6}.get(cfg.quantize, 1)
+    # A quantized ONNX export first writes the fp32 graph beside the bundle's files, then removes it.
+    staged = fp32 if cfg.quantize is not Quantize.NONE and Format("onnx") in cfg.formats else 0
+    return len(cfg.formats) * per_format + staged + ckpt.size_bytes // 8 + (8 << 20)
 
 
 def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], None]) -> Manifest:
@@ -131,7 +134,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{'' if cfg.quantize is Quantize.NONE else f' ({cfg.quantize.value})'}")
             spec = by_format(fmt)
-            seconds, nodes, delegation = spec.module().export(model, ckpt.record, tmp, cfg, progress)
+            seconds, nodes, delegation, quantization = spec.module().export(model, ckpt.record, tmp, cfg, progress)
             spec.module().check_file(tmp / spec.artifact, tmp)
             files = _format_files(tmp, spec)
             tables = check_stored_once(files, tied_table(model), tmp / spec.folder)
@@ -151,7 +154,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
-                delegation=delegation, parity=parity, embedding_tables=tables)
+                delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization)
         copied = [tmp / TOKENIZER_FILE]
         for name in TOKENIZER_FILES:
             if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():

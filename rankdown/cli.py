@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated: {', '.join(choices(Format))}")
     exp.add_argument("--quantize", default=default_of(ExportConfig, "quantize").value,
                      help=help_with_default(f"{' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
-                                            "4-bit weights per group, head and embedding 8-bit, ExecuTorch only; "
-                                            "both with activations quantized per call)", ExportConfig, "quantize"))
+                                            "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
+                                            "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
     exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
                      help=help_with_default("int4: input columns sharing one scale", ExportConfig, "group_size"))
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--threads", type=int)
     val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png here")
     val.add_argument("--max-examples", type=int, default=200)
-    val.add_argument("--max-rel-logit-diff", type=float, help="default: 1e-3 (fp32), 0.25 (int8)")
-    val.add_argument("--min-top1", type=float, help="default: 1.0 (fp32), 0.8 (int8)")
+    val.add_argument("--max-rel-logit-diff", type=float, help="default: 1e-3 (fp32), 0.25 (int8), 0.5 (int4)")
+    val.add_argument("--min-top1", type=float, help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4)")
     val.add_argument("--greedy-tokens", type=int, default=64)
     val.add_argument("--max-em-drop", type=float, default=0.02, help="allowed exact-match drop vs PyTorch")
     val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")

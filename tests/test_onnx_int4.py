@@ -1,0 +1,106 @@
+"""ONNX int4: onnxruntime's MatMulNBitsQuantizer on the exported graph. Factor pairs stay two
+(MatMulNBits) nodes, ranks that are no multiple of the block are quantized (not refused), the
+head is 8-bit, the self-check's int4 bounds hold, the file shrinks, and validate runs it."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from helpers import quiet
+
+from rankdown.export.config import ExportConfig
+from rankdown.export.manifest import Manifest
+from rankdown.export.pipeline import export
+from rankdown.factor_record import FactorRecord
+from rankdown.validate.config import ValidateConfig
+from rankdown.validate.harness import validate
+
+
+@pytest.fixture(scope="session")
+def onnx_int4_bundles(compressed_tiny, tmp_path_factory):
+    """The joint checkpoint (odd ranks, shared downs) to ONNX in fp32 and in int4: (folder, fp32, int4)."""
+    folder, _ = compressed_tiny["joint"]
+    root = tmp_path_factory.mktemp("onnx-int4")
+    fp32 = export(folder, root / "fp32", ExportConfig(formats="onnx"), progress=quiet)
+    int4 = export(folder, root / "int4", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    return folder, (root / "fp32", fp32), (root / "int4", int4)
+
+
+def _weights(graph) -> dict[str, tuple[int, ...]]:
+    return {init.name: tuple(init.dims) for init in graph.initializer}
+
+
+def test_int4_graph_keeps_every_factor_pair_as_two_matmulnbits(onnx_int4_bundles):
+    folder, _, (bundle, manifest) = onnx_int4_bundles
+    record = FactorRecord.read(folder)
+    assert any(spec.rank % 2 for spec in record.modules.values())  # an odd K for some up
+    graph = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    factors = [a for n, a in zip(nbits, attrs) if n.name.split("/")[-2] in ("down", "up")]
+    entry = manifest.formats["onnx"]
+    expected = sum(1 if spec.shares_down_with else 2 for spec in record.modules.values())
+    assert entry.factor_nodes.found == entry.factor_nodes.expected == expected == len(factors)
+    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in factors)
+    odd = [a for a in factors if a["K"] % 32]
+    assert odd and all(a["K"] in {spec.rank for spec in record.modules.values()} for a in odd)
+    # No weight anywhere has a dense (out x in) shape of a factorized module: no pair was multiplied back.
+    dense = {(s.in_features, s.out_features) for s in record.modules.values()}
+    assert not any((a["K"], a["N"]) in dense for a in attrs)
+    assert not any(shape[-2:] in dense or shape[-2:][::-1] in dense for shape in _weights(graph).values()
+                   if len(shape) == 2)
+    head = [a for n, a in zip(nbits, attrs) if n.output[0] == "logits"]
+    assert len(head) == 1 and head[0]["bits"] == 8
+    assert [n.op_type for n in graph.node if "Gather" in n.op_type and n.input[0] in _weights(graph)] \
+        == ["GatherBlockQuantized"]
+    assert not any(n.op_type == "MatMul" and n.input[1] in _weights(graph) for n in graph.node)  # nothing left fp32
+    assert entry.quantization["partial_last_block"] == len(odd)  # the library zero-pads their last block
+
+
+def test_int4_parity_size_and_manifest(onnx_int4_bundles):
+    _, (fp32_bundle, fp32), (bundle, manifest) = onnx_int4_bundles
+    entry = manifest.formats["onnx"]
+    assert entry.quantize == "int4" and entry.parity.passed
+    assert entry.parity.top1_agreement >= 0.6 and entry.parity.max_abs_logit_diff <= 0.5 * entry.parity.logit_scale
+    assert entry.quantization["embedding"] == "GatherBlockQuantized 4-bit" and entry.quantization["block_size"] == 32
+    # Every file of the format is in the manifest (model.onnx and any external data), and nothing else is there.
+    listed = set(entry.files)
+    assert listed == {p.relative_to(bundle).as_posix() for p in (bundle / "onnx").rglob("*") if p.is_file()}
+    model_bytes = sum(f.bytes for name, f in entry.files.items() if not name.endswith(".json"))
+    fp32_bytes = sum(f.bytes for name, f in fp32.formats["onnx"].files.items() if not name.endswith(".json"))
+    assert model_bytes < 0.4 * fp32_bytes
+    assert Manifest.read(bundle).formats["onnx"].quantization == entry.quantization  # survives the round trip
+
+
+def test_validate_runs_the_int4_onnx_bundle(onnx_int4_bundles):
+    """validate applies the manifest's int4 bounds and measures task quality in onnxruntime."""
+    _, _, (bundle, _) = onnx_int4_bundles
+    report = validate(bundle, ValidateConfig(latency=None, max_examples=5, max_tokens=256), progress=quiet)
+    result = report.runtimes["onnxruntime"]
+    assert report.passed and result.passed, result.failures
+    assert result.parity.top1_agreement >= 0.6
+    assert result.quality.perplexity is not None and result.quality.reference_perplexity is not None
+
+
+def test_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
+    """optimum's tied head reads the table through a Transpose, which the quantizer cannot see as a
+    constant weight: it is given the transposed table first, then quantized to 8 bits; the lookup is
+    4-bit, so no fp32 copy of the table is left."""
+    from conftest import write_tiny_model
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.pipeline import compress
+    from rankdown.export.tied_embeddings import table_copies, tied_table
+
+    dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
+    compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64),
+             progress=quiet)
+    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    entry = manifest.formats["onnx"]
+    assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit (own copy of the tied table)"
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    assert entry.embedding_tables == 0
+    assert table_copies([tmp_path / "b" / "onnx" / "model.onnx"], tied_table(load_model(open_checkpoint(dense)))) == 0
