@@ -118,7 +118,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rankdown.validate.harness import validate
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
-                    greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop)
+                    greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop,
+                    max_perplexity_increase=args.max_ppl_increase)
     cfg = ValidateConfig(runtimes=args.runtime, reference=args.reference, task=args.task, eval_file=args.eval,
                          max_examples=args.max_examples, threads=args.threads, checks=checks,
                          latency=None if args.no_latency else LatencyPlan(repeats=args.repeats),
@@ -292,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-rel-logit-diff", type=float, help="default: 1e-3 (fp32), 0.25 (int8), 0.5 (int4)")
     val.add_argument("--min-top1", type=float, help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4)")
     val.add_argument("--greedy-tokens", type=int, default=64)
-    val.add_argument("--max-em-drop", type=float, default=0.02, help="allowed exact-match drop vs PyTorch")
+    val.add_argument("--max-em-drop", type=float, default=None,
+                     help="allowed exact-match drop vs PyTorch (default 0.02; int4 bundles 0.10)")
+    val.add_argument("--max-ppl-increase", type=float, default=None,
+                     help="allowed relative perplexity increase vs PyTorch (default 0.02; int4 bundles 0.10)")
     val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")
     val.add_argument("--no-latency", action="store_true")
     val.add_argument("--compare", type=Path, metavar="OTHER",

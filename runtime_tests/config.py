@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rankdown.errors import RankdownError
+from rankdown.export.config import Quantize
 from rankdown.export.formats import runtime_names
 from rankdown.schema import coerce_enums, name_enum
 
@@ -26,8 +27,26 @@ class Checks:
     max_rel_logit_diff: float | None = None  # max |logit diff| / largest |reference logit|
     min_top1_agreement: float | None = None
     greedy_tokens: int = 64  # greedy continuation that must be identical (fp32 bundles)
-    max_exact_match_drop: float = 0.02  # runtime EM may trail the PyTorch reference by this much
-    max_perplexity_increase: float = 0.02  # relative
+    max_exact_match_drop: float | None = None  # runtime EM may trail the PyTorch reference by this much
+    max_perplexity_increase: float | None = None  # relative
+
+
+@dataclass(frozen=True)
+class QualityBounds:
+    """How far a runtime's task quality may trail the (unquantized) PyTorch reference, by precision.
+    fp32 and int8 must keep the task; int4 is a different model on purpose, so its bound is wider and
+    its quality is what the report is read for."""
+
+    max_exact_match_drop: float = 0.02
+    max_perplexity_increase: float = 0.02
+
+    @classmethod
+    def for_quantize(cls, quantize: Quantize) -> QualityBounds:
+        # int4 on the shipped model (feature 0.4): EM 98.5% -> 97.0% (ONNX) / 91.0% (ExecuTorch),
+        # perplexity 5.13 -> 5.31 / 5.32 (+3.5%); README's int4 table.
+        if quantize is Quantize.INT4:
+            return cls(max_exact_match_drop=0.10, max_perplexity_increase=0.10)
+        return cls()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
 from rankdown.tasks import Split, load_task
 from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
-from rankdown.validate.config import LatencyPlan, Runtime, ValidateConfig
+from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
 from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
 from rankdown.validate.on_device import JOB_SCHEMA
@@ -181,6 +181,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
     max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
     min_top1 = cfg.checks.min_top1_agreement if cfg.checks.min_top1_agreement is not None else base.min_top1_agreement
+    default_bounds = QualityBounds.for_quantize(Quantize(manifest.options["quantize"]))
+    bounds = QualityBounds(
+        default_bounds.max_exact_match_drop if cfg.checks.max_exact_match_drop is None
+        else cfg.checks.max_exact_match_drop,
+        default_bounds.max_perplexity_increase if cfg.checks.max_perplexity_increase is None
+        else cfg.checks.max_perplexity_increase)
     positions = _positions(bundle, manifest, runtimes)
     greedy_tokens = min(cfg.checks.greedy_tokens, positions // 2)
 
@@ -226,7 +232,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact), bundle)
         results.append(result)
         reports[runtime.value] = _judge(runtime, result, arrays, reference, [len(p) for p in prompts], tokenizer,
-                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, cfg, runner,
+                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
         if other is not None and other_manifest is not None and timing is not None and cfg.latency is not None:
             reports[runtime.value], comparisons[runtime.value] = _compare(
@@ -288,7 +294,7 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
 
 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1,
-           greedy_must, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
+           greedy_must, bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
@@ -330,10 +336,10 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     # different top-1s; there the logit bound above is the cache check.
     if greedy_must and not cache_ok:
         failures.append(f"{name}.parity.cache_consistency")
-    if em is not None and ref_em is not None and em < ref_em - cfg.checks.max_exact_match_drop:
+    if em is not None and ref_em is not None and em < ref_em - bounds.max_exact_match_drop:
         failures.append(f"{name}.quality.exact_match")
     if quality.perplexity is not None and ref_ppl is not None and \
-            quality.perplexity > ref_ppl * (1 + cfg.checks.max_perplexity_increase):
+            quality.perplexity > ref_ppl * (1 + bounds.max_perplexity_increase):
         failures.append(f"{name}.quality.perplexity")
     runner = {"native": "rankdown-et-runner (C++)", "python": f"Python {runtime.value}"}.get(result.get("runner"), "")
     return RuntimeReport(artifact=by_runtime(runtime).artifact, parity=parity, quality=quality, latency=latency,

@@ -8,11 +8,11 @@ import onnx
 import pytest
 from helpers import quiet
 
-from rankdown.export.config import ExportConfig
+from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.manifest import Manifest
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
-from rankdown.validate.config import ValidateConfig
+from rankdown.validate.config import Checks, QualityBounds, ValidateConfig
 from rankdown.validate.harness import validate
 
 
@@ -80,6 +80,12 @@ def test_validate_runs_the_int4_onnx_bundle(onnx_int4_bundles):
     assert report.passed and result.passed, result.failures
     assert result.parity.top1_agreement >= 0.6
     assert result.quality.perplexity is not None and result.quality.reference_perplexity is not None
+    # The quality bounds are int4's unless given: a perplexity bound below the measured ratio fails.
+    ratio = result.quality.perplexity / result.quality.reference_perplexity
+    strict = validate(bundle, ValidateConfig(latency=None, max_examples=5, max_tokens=256,
+                                             checks=Checks(max_perplexity_increase=ratio - 1 - 1e-3)), progress=quiet)
+    assert strict.failures == ["onnxruntime.quality.perplexity"]
+    assert QualityBounds.for_quantize(Quantize.INT4).max_perplexity_increase > QualityBounds().max_perplexity_increase
 
 
 def test_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
