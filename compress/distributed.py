@@ -160,3 +160,15 @@ def share_factors(workers: Workers, factors: Factors | None, unit: Unit, owner: 
 def leads_output() -> bool:
     """Whether this process prints a command's result: not one of torchrun's workers 1..N-1."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def share_vector(workers: Workers, vector: torch.Tensor | None, owner: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor as ``owner`` holds it (``vector``, None elsewhere), on every worker: its length first."""
+    if workers.world_size == 1:
+        assert vector is not None, "one worker computes every vector"
+        return vector
+    length = torch.tensor([0 if vector is None else vector.numel()], dtype=torch.int64, device=workers.device)
+    workers.broadcast_(length, owner)
+    shared = (torch.empty(int(length), dtype=dtype, device=workers.device) if vector is None
+              else vector.to(device=workers.device, dtype=dtype).contiguous())
+    return workers.broadcast_(shared, owner)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.compute_device import Device, resolve_device
 from rankdown.schema import coerce_enums
 from rankdown.tasks import QAExample, TaskData
+
+if TYPE_CHECKING:  # the CLI's parser reads EvalConfig's defaults without loading transformers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)

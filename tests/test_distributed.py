@@ -25,6 +25,10 @@ from rankdown.tasks import Split, load_task
 # each truncation is unique (on math text the first layer's inputs span a few dozen embeddings,
 # and factors past that rank are any basis of the null space).
 SMALL = dict(task="prose", ratio=0.4, calib_tokens=2048, seq_len=64)
+# error ranks with the default method (feature): both distributed passes (the dense profile that
+# prices every rank, then the streaming pass that uniform ranks use too), the pooled covariance
+# summed over workers, and ranks that move if any statistic does.
+CHOSEN = SMALL | dict(allocate="error")
 RANKDOWN = [sys.executable, "-m", "rankdown.cli"]
 
 
@@ -38,8 +42,8 @@ def _effective(tensors: dict, name: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def one_and_two(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
-    one = compress(tiny_model_dir, root / "one", CompressConfig(**SMALL), progress=quiet)
-    two = compress(tiny_model_dir, root / "two", CompressConfig(workers=2, **SMALL), progress=quiet)
+    one = compress(tiny_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
+    two = compress(tiny_model_dir, root / "two", CompressConfig(workers=2, **CHOSEN), progress=quiet)
     return root, one, two
 
 
@@ -48,6 +52,9 @@ def test_two_workers_give_the_one_process_ranks_factors_and_loss(one_and_two):
     assert (one.workers, two.workers, two.device) == (1, 2, "cpu")
     assert {k: m.rank for k, m in one.modules.items()} == {k: m.rank for k, m in two.modules.items()}
     assert two.calibration_loss == pytest.approx(one.calibration_loss, rel=1e-9)
+    assert two.allocation_check.keys() == one.allocation_check.keys()
+    for key, value in one.allocation_check.items():
+        assert two.allocation_check[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6))
     a, b = checkpoint_tensors(root / "one"), checkpoint_tensors(root / "two")
     assert a.keys() == b.keys()
     for name in one.modules:  # factor signs may differ between runs; their product may not
