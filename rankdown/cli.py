@@ -66,14 +66,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from rankdown.atomic import write_text_atomic
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.compute_device import resolve_device
     from rankdown.evaluate import EvalConfig, evaluate
 
+    cfg = EvalConfig(max_examples=args.max_examples, threads=args.threads, device=args.device)
+    resolve_device(cfg.device)  # --device cuda without a GPU is refused before the model loads
     data = _task_data(args, "eval")
     ckpt = open_checkpoint(args.model)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt.folder)
-    result = evaluate(model, tokenizer, data, EvalConfig(max_examples=args.max_examples, threads=args.threads,
-                                                         device=args.device))
+    result = evaluate(model, tokenizer, data, cfg)
     em = "n/a" if result.exact_match is None else f"{result.exact_match:.1%} of {result.examples}"
     ppl = "n/a" if result.perplexity is None else f"{result.perplexity:.3f} over {result.tokens} tokens"
     print(f"{data.name}: exact match {em}; perplexity {ppl} ({result.seconds:.1f} s)")

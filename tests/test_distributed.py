@@ -122,6 +122,15 @@ def test_strategies_that_run_in_one_process_refuse_workers_before_any_work(tiny_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_command_refuses_workers_with_bayes_in_one_line(tiny_model_dir, tmp_path):
+    result = subprocess.run([*RANKDOWN, "compress", tiny_model_dir, "-o", tmp_path / "out", "--ratio", "0.4",
+                             "--workers", "2", "--allocate", "bayes"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rankdown compress: error: --workers 2: bayes ranks run in one process only (distributed: uniform, error)"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_workers_must_be_a_whole_number_of_at_least_one(value):
     with pytest.raises(RankdownError, match=r"^--workers must be a whole number of at least 1"):
