@@ -47,8 +47,10 @@ demo: venv
 	$(VENV)/bin/rankdown export out/math-0.4 -o out/math-0.4-bundle --overwrite
 	$(VENV)/bin/rankdown validate out/math-0.4-bundle --report out/math-0.4-report
 
+# The 1B-shape memory bound (2 layers, one process), then one 8B-shape layer with 1 and 2 workers.
 bench-cost: venv
 	$(PY) -m bench.compress_cost --layers 2
+	$(PY) -m bench.compress_cost --shape 8b --layers 1 --workers 1,2
 
 bench-export: venv
 	$(PY) -m bench.export_cost

@@ -121,7 +121,7 @@ def _check_against_uniform(job: RankJob, ranks: list[int | None], windows: torch
         return ranks, {"kept": "uniform", "note": "the search chose the uniform ranks"}
     def quiet(_message: str) -> None:
         pass
-    losses = {name: compress_streaming(job.ckpt, job.method, job.units, r, windows, None, quiet, scored=check)[1]
+    losses = {name: compress_streaming(job.ckpt, job.method, job.units, r, windows, None, quiet, job.workers, scored=check)[1]
               for name, r in (("bayes", ranks), ("uniform", uniform))}
     kept = "bayes" if losses["bayes"] < losses["uniform"] else "uniform"
     job.progress(f"check of the final factors on {check.shape[0]} unseen windows: loss bayes {losses['bayes']:.4f}, "
@@ -143,5 +143,5 @@ def choose(job: RankJob) -> RankOutcome:
     ranks, keep_ratios = compress_with_bayes(dense, job.method, job.units, search, job.cfg, job.progress)
     del dense  # never the dense model and a compressed one at once: the final pass streams
     ranks, check = _check_against_uniform(job, ranks, search, unseen)
-    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers)
     return RankOutcome(model, ranks, loss, keep_ratios, check)

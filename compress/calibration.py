@@ -55,6 +55,7 @@ class InputStats:
 
     dim: int
     pooled: bool = False
+    device: torch.device = torch.device("cpu")
     count: int = 0
     xxt: torch.Tensor | None = field(init=False)
     x_sum: torch.Tensor = field(init=False)
@@ -64,10 +65,13 @@ class InputStats:
     _second_moment: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
-        self.xxt = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        self.x_sum = torch.zeros(self.dim, dtype=torch.float64)
-        self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
-        self.pooled_cov_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.pooled else None
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=self.device)
+
+        self.xxt = zeros(self.dim, self.dim)
+        self.x_sum = zeros(self.dim)
+        self.abs_sum = zeros(self.dim)
+        self.pooled_cov_sum = zeros(self.dim, self.dim) if self.pooled else None
 
     def add_group(self, x: torch.Tensor) -> None:
         """One group of sequences (seed 002 pools covariance over such groups with equal weight)."""
@@ -75,7 +79,7 @@ class InputStats:
             raise RuntimeError("statistics were already read; accumulate before reading")
         x = x.reshape(-1, self.dim)
         rows = x.shape[0]
-        group_sum = torch.zeros(self.dim, dtype=torch.float64)
+        group_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         # float64 in row slices: a whole batch upcast is 64 MiB at n = 8192.
         for part in x.split(ROW_SLICE):
             part = part.to(torch.float64)
@@ -115,7 +119,7 @@ class InputStats:
 
 
 def _position_embeddings(model: LlamaForCausalLM, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     return model.model.rotary_emb(hidden, positions)
 
 
@@ -156,7 +160,7 @@ def _in_features(layer: nn.Module, member: str) -> int:
 
 def collect_layer_stats(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor,
                         batch: int, pooled: bool = False) -> tuple[dict[str, InputStats], torch.Tensor]:
-    """Statistics of the layer's four input sites, and its (dense) outputs."""
-    stats = {site: InputStats(_in_features(layer, members[0]), pooled) for site, members in SITES.items()}
+    """Statistics of the layer's four input sites, and its (dense) outputs, on ``hidden``'s device."""
+    stats = {site: InputStats(_in_features(layer, members[0]), pooled, hidden.device) for site, members in SITES.items()}
     out = run_layer(model, layer, hidden, batch, stats)
     return stats, out

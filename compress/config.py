@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from rankdown.compute_device import Device
 from rankdown.errors import RankdownError
 from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_file, to_jsonable
 from rankdown.tasks import TASKS
 
 REPORT_FILE = "compression.json"
-REPORT_SCHEMA_VERSION = 3  # 2: allocation_check (bayes re-judged against uniform); 3: healing
-READABLE_REPORT_VERSIONS = (1, 2, 3)  # older reports read with an empty allocation_check, no healing
+REPORT_SCHEMA_VERSION = 4  # 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device
+READABLE_REPORT_VERSIONS = (1, 2, 3, 4)  # older reports read with an empty allocation_check, no healing, 1 cpu worker
 
 
 class Method(str, Enum):
@@ -116,6 +117,8 @@ class CompressConfig:
     seq_len: int = 128
     dtype: str | None = None  # stored dtype of the factors; None keeps the source's
     overwrite: bool = False
+    workers: int = 1  # processes sharing the calibration windows (compress/distributed.py); torchrun's under torchrun
+    device: Device = Device.AUTO  # where statistics and decompositions are computed
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -129,6 +132,8 @@ class CompressConfig:
             raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate at uniform")
         if self.trials < 1:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise RankdownError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
 
     @property
     def strategy(self) -> Strategy:
@@ -189,6 +194,8 @@ class CompressionReport:
     basis_mode: str | None = None
     healing: HealingReport | None = None
     seed: int = 0
+    workers: int = 1  # processes that shared the calibration windows
+    device: str = "cpu"  # where statistics and decompositions ran ("cuda:0", ...)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

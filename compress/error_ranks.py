@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from rankdown.checkpoint import read_tensors, skeleton_model
 from rankdown.compress.calibration import collect_layer_stats
+from rankdown.compress.distributed import Workers, share_vector
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
 from rankdown.compress.rank_job import Progress, RankJob, RankOutcome
@@ -49,17 +50,19 @@ def error_scale(spec: MethodSpec) -> ErrorScale:
 
 
 def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Tensor,
-                   progress: Progress) -> list[torch.Tensor | None]:
+                   progress: Progress, workers: Workers) -> list[torch.Tensor | None]:
     """Each compressible unit's energies, from the dense model's activations, one layer at a time.
 
     The layer's dense outputs come from the same forward pass that collects its statistics, and
-    only the energies (a vector per unit) outlive the layer.
+    only the energies (a vector per unit) outlive the layer. With several workers, as in the
+    streaming pass: statistics summed over the workers, units spread over them, energies broadcast.
     """
     model = skeleton_model(ckpt)
+    model.model.rotary_emb.to(workers.device)
     hidden = None
     if spec.needs_data:
-        embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"]
-        hidden = F.embedding(windows, embed).float()
+        embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"].to(workers.device)
+        hidden = F.embedding(workers.local_windows(windows).to(workers.device), embed).float()
         del embed
     energies: list[torch.Tensor | None] = [None] * len(units)
     for index, layer in enumerate(model.model.layers):
@@ -67,21 +70,28 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
         prefix = f"model.layers.{index}."
         weights = read_tensors(ckpt, prefix, torch.float32)
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
+        layer.to(workers.device)
         del weights
         stats = None
         if hidden is not None:
             stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)
+            workers.sum_stats(stats)
         todo = sorted((i for i, u in enumerate(units) if u.layer == index and u.compressible),
                       key=lambda i: -units[i].in_features)
-        for position, i in enumerate(todo):
+        mine = [(position, i) for position, i in enumerate(todo) if workers.owner(position) == workers.rank]
+        for k, (_, i) in enumerate(mine):
             unit = units[i]
-            last_of_site = all(units[j].site != unit.site for j in todo[position + 1 :])
+            last_of_site = all(units[j].site != unit.site for _, j in mine[k + 1 :])
             site_stats = None if stats is None else (stats.pop(unit.site) if last_of_site else stats[unit.site])
-            decomposition = decompose_unit(spec, layer, unit, site_stats, f"model.layers.{index}")
+            decomposition = decompose_unit(spec, layer, unit, site_stats, f"model.layers.{index}",
+                                           device=workers.device)
             del site_stats
             energies[i] = decomposition.energies.detach().to(torch.float64).clone()
             del decomposition
         del stats
+        for position, i in enumerate(todo):
+            shared = share_vector(workers, energies[i], workers.owner(position), torch.float64)
+            energies[i] = shared.to("cpu")
         layer.to("meta")
         release_free_memory()
         progress(f"layer {index + 1}/{len(model.model.layers)} profiled in {time.perf_counter() - start:.1f} s")
@@ -166,13 +176,13 @@ def keep_shares(units: list[Unit], ranks: list[int | None]) -> dict[str, float]:
 
 def choose(job: RankJob) -> RankOutcome:
     scale = error_scale(job.method)
-    energies = dense_energies(job.ckpt, job.method, job.units, job.windows, job.progress)
+    energies = dense_energies(job.ckpt, job.method, job.units, job.windows, job.progress, job.workers)
     ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale)
     uniform = allocate(job.units, job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
                  f"(uniform ranks: {flat:.4g})")
-    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers)
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
                                            "uniform_predicted_error": float(f"{flat:.6g}")}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

@@ -7,25 +7,31 @@ and only one layer's activations and statistics are held at once. Bayesian ranks
 first decompose every layer once from the dense model's activations, then each trial only
 re-truncates the cached factors. With --heal-steps, the dense model's targets are computed
 first, the strategy's factors are held in memory, healed (compress/healing.py), then written.
+With ``workers`` > 1 (or under torchrun) the same code runs in every worker on its share of the
+calibration windows (compress/distributed.py); worker 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rankdown.atomic import atomic_folder, check_free_space, check_output_path
+from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
+from rankdown.compress import distributed
 from rankdown.compress.calibration import calibration_windows
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, ModuleReport
 from rankdown.compress.healing import Healer, healing_memory
+from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
-from rankdown.compress.rank_job import Progress, RankJob
+from rankdown.compress.rank_job import Discard, Progress, RankJob
 from rankdown.compress.strategies import STRATEGIES
 from rankdown.compress.units import BATCH, layer_shapes, plan_units
+from rankdown.compute_device import resolve_device
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import linear_params
@@ -43,12 +49,49 @@ def calibration_data(cfg: CompressConfig) -> TaskData:
     return load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.CALIBRATION)
 
 
+def _quiet(_message: str) -> None:
+    pass
+
+
 def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progress: Progress = _stderr) -> CompressionReport:
-    """Compress a dense checkpoint into ``out`` (a checkpoint folder plus compression.json)."""
+    """Compress a dense checkpoint into ``out`` (a checkpoint folder plus compression.json).
+
+    ``cfg.workers`` > 1 starts that many worker processes and waits for them; under torchrun
+    this process is one of the workers already."""
     model_dir, out = Path(model_dir), Path(out)
-    check_output_path(out, [model_dir], cfg.overwrite)
-    with exclusive_output(out, "compressing"):
-        return _compress(model_dir, out, cfg, progress)
+    size = distributed.world_size(cfg.workers)
+    resolve_device(cfg.device)  # --device cuda without a GPU is refused here, before any work
+    if size > 1 and not STRATEGIES[cfg.strategy].distributed:
+        raise RankdownError(f"--workers {size}: {cfg.strategy.value} ranks run in one process only "
+                            f"(distributed: {', '.join(s.value for s, spec in STRATEGIES.items() if spec.distributed)})")
+    if size > 1 and cfg.healing.steps > 0:
+        raise RankdownError(f"--workers {size}: --heal-steps runs in one process only")
+    if size > 1 and not distributed.launched():
+        check_output_path(out, [model_dir], cfg.overwrite)
+        with exclusive_output(out, "compressing"):
+            try:
+                launch(compress_worker, (model_dir, out, cfg, False), size)
+            finally:
+                remove_stale_temporaries(out)  # worker 0's, if it was killed while writing
+        return CompressionReport.read(out)  # worker 0 reported its progress
+    return compress_worker(model_dir, out, cfg, True, progress)
+
+
+def compress_worker(model_dir: Path, out: Path, cfg: CompressConfig, hold_output: bool,
+                    progress: Progress = _stderr) -> CompressionReport:
+    """One worker's part (all of it, alone): worker 0 writes ``out``, taking its lock when
+    ``hold_output`` (the launcher holds it otherwise); the others only compute."""
+    workers = distributed.join(cfg.device)
+    try:
+        if not workers.leader:
+            return _compress(model_dir, out, cfg, _quiet, workers)
+        if not hold_output:
+            return _compress(model_dir, out, cfg, progress, workers)
+        check_output_path(out, [model_dir], cfg.overwrite)
+        with exclusive_output(out, "compressing"):
+            return _compress(model_dir, out, cfg, progress, workers)
+    finally:
+        workers.close()
 
 
 def memory_estimate(ckpt, cfg: CompressConfig) -> int:
@@ -74,7 +117,8 @@ def _disk_estimate(ckpt, cfg: CompressConfig, dtype: torch.dtype) -> int:
     return int(kept * torch.empty(0, dtype=dtype).element_size()) + (1 << 20)
 
 
-def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
+def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progress,
+              workers: distributed.Workers) -> CompressionReport:
     start = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     if ckpt.record.modules:
@@ -90,14 +134,15 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
                                   cfg.seq_len, cfg.calib_tokens, cfg.source)
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
+    where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
     progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
-             f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens "
-             f"(RSS {rss_mb():.0f} MB)")
+             f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens{where} "
+             f"on {workers.device} (RSS {rss_mb():.0f} MB)")
     healer = Healer(ckpt, tokenizer, cfg, progress) if cfg.healing.steps > 0 else None
-    with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
-        writer = ShardedWriter(tmp, dtype)
-        job = RankJob(ckpt, spec, units, windows, tokenizer, cfg, writer if healer is None else healer.weights,
-                      progress)
+    with atomic_folder(out, overwrite=cfg.overwrite) if workers.leader else contextlib.nullcontext(out) as tmp:
+        writer = ShardedWriter(tmp, dtype) if workers.leader else None
+        sink = Discard() if writer is None else writer if healer is None else healer.weights
+        job = RankJob(ckpt, spec, units, windows, tokenizer, cfg, sink, progress, workers)
         outcome = STRATEGIES[cfg.strategy].choose(job)
         model, ranks, loss = outcome.model, outcome.ranks, outcome.calibration_loss
         healing = None if healer is None else healer.heal_into(model, writer)
@@ -112,11 +157,13 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             method=cfg.method.value, task=cfg.task or str(cfg.calib), ratio=cfg.ratio, allocate=cfg.allocate.value,
             params_before=before, params_after=sum(m.params for m in modules.values()), modules=modules,
             calibration_loss=loss, wall_seconds=round(time.perf_counter() - start, 2),
-            peak_memory_mb=round(peak_rss_mb(), 1), keep_ratios=outcome.keep_ratios,
+            peak_memory_mb=round(workers.max(peak_rss_mb()), 1), keep_ratios=outcome.keep_ratios,
             allocation_check=outcome.allocation_check,
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
+            workers=workers.world_size, device=str(workers.device),
         )
-        writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
+        if writer is not None:
+            writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
     progress(f"wrote {out}: {report.params_after:,} of {report.params_before:,} decoder-linear parameters "
              f"({report.achieved_ratio:.2%} removed), calibration loss {loss:.4f}, {report.wall_seconds:.1f} s, "
              f"peak RSS {report.peak_memory_mb:.0f} MB")

@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.checkpoint import Checkpoint
 from rankdown.compress.config import CompressConfig
+from rankdown.compress.distributed import Workers
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.units import Unit
 
@@ -28,6 +29,13 @@ class WeightSink(Protocol):
     def add(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
 
+class Discard:
+    """The sink of every worker but the leader, which alone writes the checkpoint."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        del tensors
+
+
 @dataclass(frozen=True)
 class RankJob:
     ckpt: Checkpoint  # the dense source
@@ -38,6 +46,7 @@ class RankJob:
     cfg: CompressConfig
     writer: WeightSink  # receives every tensor of the compressed checkpoint
     progress: Progress
+    workers: Workers  # this process among the workers (one, alone, by default) and its device
 
 
 @dataclass

@@ -18,14 +18,15 @@ from rankdown.compress.rank_job import RankJob, RankOutcome
 @dataclass(frozen=True)
 class StrategySpec:
     choose: Callable[[RankJob], RankOutcome]  # ranks chosen, factors built and written
+    distributed: bool = False  # runs on several workers (compress/distributed.py), or in one process only
 
 
 STRATEGIES: dict[Strategy, StrategySpec] = {
-    Strategy.UNIFORM: StrategySpec(uniform_ranks.choose),
+    Strategy.UNIFORM: StrategySpec(uniform_ranks.choose, distributed=True),
     # Seed 002: trials on factors cached from the dense model, then checked against uniform and streamed.
     Strategy.BAYES: StrategySpec(bayesian_ranks.choose),
     # SVD-LLM's truncation loss priced per parameter over every unit: a profiling pass, then stream.
-    Strategy.ERROR: StrategySpec(error_ranks.choose),
+    Strategy.ERROR: StrategySpec(error_ranks.choose, distributed=True),
     # Seed 001 as its authors run it: ranks are what training and pruning the bases leave.
     Strategy.TUNED_BASIS: StrategySpec(basis_tuning.choose),
 }

@@ -15,27 +15,31 @@ from transformers import LlamaForCausalLM
 
 from rankdown.checkpoint import read_tensors, skeleton_model
 from rankdown.compress.calibration import collect_layer_stats, run_layer
+from rankdown.compress.decomposition import Factors
+from rankdown.compress.distributed import Workers, share_factors
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_job import Progress, WeightSink
-from rankdown.compress.units import BATCH, Unit, decompose_unit, factor_modules, set_unit
+from rankdown.compress.units import BATCH, Unit, decompose_unit, modules_from_factors, set_unit, unit_factors
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
 HEAD_SLICE = 16384  # vocabulary rows of the head upcast at once for the calibration loss
 TOKEN_CHUNK = 1024  # tokens whose logits over one slice are held at once
 
 
-def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> float:
-    """Mean next-token loss from the last layer's outputs with the head's vocabulary in slices
-    (log-sum-exp accumulated per token), so that neither the full logits nor an fp32 copy of the
-    head are ever held: at a 128k vocabulary either would be gigabytes."""
+def streamed_loss_sum(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token loss and the number of tokens, from the last layer's outputs with the
+    head's vocabulary in slices (log-sum-exp accumulated per token), so that neither the full
+    logits nor an fp32 copy of the head are ever held: at a 128k vocabulary either would be
+    gigabytes. Sums, so that workers holding different windows add theirs up exactly."""
+    device = hidden.device
     with torch.no_grad():
         h = torch.cat([norm(hidden[i : i + BATCH, :-1]).reshape(-1, hidden.shape[-1])
                        for i in range(0, hidden.shape[0], BATCH)])
-        targets = windows[:, 1:].reshape(-1)
-        log_sum = torch.full((h.shape[0],), -torch.inf, dtype=torch.float64)
-        picked = torch.zeros(h.shape[0], dtype=torch.float64)
+        targets = windows[:, 1:].reshape(-1).to(device)
+        log_sum = torch.full((h.shape[0],), -torch.inf, dtype=torch.float64, device=device)
+        picked = torch.zeros(h.shape[0], dtype=torch.float64, device=device)
         for first in range(0, head.shape[0], HEAD_SLICE):
-            rows = head[first : first + HEAD_SLICE].float()
+            rows = head[first : first + HEAD_SLICE].to(device=device, dtype=torch.float32)
             for t in range(0, h.shape[0], TOKEN_CHUNK):
                 logits = h[t : t + TOKEN_CHUNK] @ rows.T
                 chunk = slice(t, t + TOKEN_CHUNK)
@@ -43,30 +47,48 @@ def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, 
                 local = targets[chunk] - first
                 inside = (local >= 0) & (local < rows.shape[0])
                 picked[chunk][inside] = logits[inside, local[inside]].double()
-    return (log_sum - picked).mean().item()
+    return (log_sum - picked).sum().item(), h.shape[0]
+
+
+def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, head: torch.Tensor) -> float:
+    """Mean next-token loss (``streamed_loss_sum`` over its token count)."""
+    total, tokens = streamed_loss_sum(hidden, windows, norm, head)
+    return total / tokens
 
 
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
-                        writer: WeightSink | None, progress: Progress,
+                        writer: WeightSink | None, progress: Progress, workers: Workers,
                         scored: torch.Tensor | None = None) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
     model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
-    windows (default: the calibration windows themselves)."""
+    windows (default: the calibration windows themselves).
+
+    With several workers each pushes its own share of the windows, the statistics are summed over
+    the workers before any is read, each unit is factored by one worker and its factors broadcast,
+    and the loss is summed over every worker's tokens (compress/distributed.py)."""
+    device = workers.device
     model = skeleton_model(ckpt)
+    model.model.rotary_emb.to(device)
     layers = model.model.layers
-    embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"]
+    windows = workers.local_windows(windows).to(device)
+    scored = None if scored is None else workers.local_windows(scored).to(device)
+    embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"].to(device)
     hidden = F.embedding(windows, embed).float()
     scored_hidden = None if scored is None else F.embedding(scored, embed).float()
     del embed
     release_free_memory()
     for index, layer in enumerate(layers):
-        start = time.perf_counter()
+        start, reduced, broadcast = time.perf_counter(), workers.reduced_bytes, workers.broadcast_bytes
         prefix = f"model.layers.{index}."
         weights = read_tensors(ckpt, prefix, torch.float32)
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
+        layer.to(device)
         del weights
-        stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0] if spec.needs_data else None
+        stats = None
+        if spec.needs_data:
+            stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0]
+            workers.sum_stats(stats)
         # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
         # other units' decompositions allocate their own working memory.
         todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
@@ -77,8 +99,11 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
             for member in unit.members:
                 layer.get_submodule(member).to("meta")
         release_free_memory()  # the forward pass's activations and those weights
-        for position, (unit, rank) in enumerate(todo):
-            last_of_site = all(u.site != unit.site for u, _ in todo[position + 1 :])
+        mine = [(position, unit, rank) for position, (unit, rank) in enumerate(todo)
+                if workers.owner(position) == workers.rank]
+        built: dict[int, Factors] = {}
+        for i, (position, unit, rank) in enumerate(mine):
+            last_of_site = all(u.site != unit.site for _, u, _ in mine[i + 1 :])
             stored: dict[str, torch.Tensor] = {}
             for member in unit.members:
                 stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
@@ -86,29 +111,37 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
             # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
             decomposition = decompose_unit(spec, layer, unit, None if stats is None else
                                            (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                           f"model.layers.{index}", stored)
+                                           f"model.layers.{index}", stored, device)
             del stored
-            set_unit(layer, unit, factor_modules(decomposition, unit, rank, torch.float32))
+            built[position] = unit_factors(decomposition, rank, torch.float32)
             del decomposition
         del stats
+        for position, (unit, _) in enumerate(todo):
+            factors = share_factors(workers, built.pop(position, None), unit, workers.owner(position), torch.float32)
+            set_unit(layer, unit, modules_from_factors(unit, factors))
         hidden = run_layer(model, layer, hidden, BATCH)
         if scored_hidden is not None:
             scored_hidden = run_layer(model, layer, scored_hidden, BATCH)
         if writer is not None:
-            writer.add({prefix + k: v for k, v in layer.state_dict().items()})
+            writer.add({prefix + k: v.to("cpu") for k, v in layer.state_dict().items()})
         layer.to("meta")
         release_free_memory()
+        shared = "" if workers.world_size == 1 else (
+            f"; {(workers.reduced_bytes - reduced) / 2**20:.1f} MiB all-reduced, "
+            f"{(workers.broadcast_bytes - broadcast) / 2**20:.1f} MiB broadcast by worker 0")
         progress(f"layer {index + 1}/{len(layers)} compressed in {time.perf_counter() - start:.1f} s "
-                 f"(RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB)")
+                 f"(RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB{shared})")
     rest = read_tensors(ckpt, "model.norm.") | read_tensors(ckpt, "model.embed_tokens.") | read_tensors(ckpt, "lm_head.")
     head = rest.get("lm_head.weight", rest["model.embed_tokens.weight"])
     norm = model.model.norm
     norm.load_state_dict({"weight": rest["model.norm.weight"].float()}, assign=True)
+    norm.to(device)
     if scored is None or scored_hidden is None:
-        loss = streamed_loss(hidden, windows, norm, head)
+        total, tokens = streamed_loss_sum(hidden, windows, norm, head)
     else:
-        loss = streamed_loss(scored_hidden, scored, norm, head)
+        total, tokens = streamed_loss_sum(scored_hidden, scored, norm, head)
+    summed = workers.sum_(torch.tensor([total, tokens], dtype=torch.float64, device=device))
     if writer is not None:
         writer.add(rest)
     del rest, head
-    return model, loss
+    return model, float(summed[0] / summed[1])

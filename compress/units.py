@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from rankdown.compress.decomposition import Decomposition, UnitWeights
+from rankdown.compress.decomposition import Decomposition, Factors, UnitWeights
 from rankdown.compress.methods import MethodSpec
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear, shared_down_group
@@ -102,15 +102,17 @@ def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool
     return units
 
 
-def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, torch.Tensor] | None = None) -> UnitWeights:
-    """The unit's dense weights in float64: from the layer's modules, or from ``stored`` tensors
-    (layer-relative names, e.g. "mlp.down_proj.weight") when the modules were already freed."""
+def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, torch.Tensor] | None = None,
+                 device: torch.device | None = None) -> UnitWeights:
+    """The unit's dense weights in float64 on ``device`` (None: where they are): from the layer's
+    modules, or from ``stored`` tensors (layer-relative names, e.g. "mlp.down_proj.weight") when
+    the modules were already freed."""
     def tensor(member: str, kind: str) -> torch.Tensor | None:
         if stored is not None:
             found = stored.get(f"{member}.{kind}")
         else:
             found = getattr(layer.get_submodule(member), kind)
-        return None if found is None else found.detach().to(torch.float64)
+        return None if found is None else found.detach().to(device=device, dtype=torch.float64)
 
     return UnitWeights(
         names=list(unit.members),
@@ -121,10 +123,10 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, tor
 
 
 def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
-                   stored: dict[str, torch.Tensor] | None = None) -> Decomposition:
+                   stored: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Decomposition:
     """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if
-    data-free); ``stored`` as for ``unit_weights``."""
-    weights = unit_weights(layer, unit, site_stats, stored)
+    data-free); ``stored`` and ``device`` as for ``unit_weights``."""
+    weights = unit_weights(layer, unit, site_stats, stored, device)
     del site_stats, stored  # only ``weights`` holds them now, so the method may release them
     try:
         return spec.decompose(weights)
@@ -132,14 +134,24 @@ def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, p
         raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
 
 
+def unit_factors(decomposition: Decomposition, rank: int, dtype: torch.dtype) -> Factors:
+    """A, one B per member and one bias per member at ``rank``, in ``dtype``."""
+    a, bs, biases = decomposition.factors(rank)
+    return a.to(dtype), [b.to(dtype) for b in bs], [None if b is None else b.to(dtype) for b in biases]
+
+
+def modules_from_factors(unit: Unit, factors: Factors) -> list[FactorizedLinear] | list[SharedDownLinear]:
+    """Factor pairs for one unit (a shared-``down`` group for joint units), on the factors' device."""
+    a, bs, biases = factors
+    if len(unit.members) == 1:
+        return [FactorizedLinear.from_factors(a, bs[0], biases[0])]
+    return shared_down_group(a, bs, biases)
+
+
 def factor_modules(decomposition: Decomposition, unit: Unit, rank: int,
                    dtype: torch.dtype) -> list[FactorizedLinear] | list[SharedDownLinear]:
     """Factor pairs for one unit at ``rank`` (a shared-``down`` group for joint units)."""
-    a, bs, biases = decomposition.factors(rank)
-    cast = [None if b is None else b.to(dtype) for b in biases]
-    if len(unit.members) == 1:
-        return [FactorizedLinear.from_factors(a.to(dtype), bs[0].to(dtype), cast[0])]
-    return shared_down_group(a.to(dtype), [b.to(dtype) for b in bs], cast)
+    return modules_from_factors(unit, unit_factors(decomposition, rank, dtype))
 
 
 def set_unit(layer: nn.Module, unit: Unit, modules: list[nn.Module]) -> None:

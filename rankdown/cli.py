@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.library_logs import quiet_library_logs
 from rankdown.shipped import SHIPPED_MODEL
 
 
@@ -66,13 +66,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from rankdown.atomic import write_text_atomic
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.compute_device import resolve_device
     from rankdown.evaluate import EvalConfig, evaluate
 
+    cfg = EvalConfig(max_examples=args.max_examples, threads=args.threads, device=args.device)
+    resolve_device(cfg.device)  # --device cuda without a GPU is refused before the model loads
     data = _task_data(args, "eval")
     ckpt = open_checkpoint(args.model)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt.folder)
-    result = evaluate(model, tokenizer, data, EvalConfig(max_examples=args.max_examples, threads=args.threads))
+    result = evaluate(model, tokenizer, data, cfg)
     em = "n/a" if result.exact_match is None else f"{result.exact_match:.1%} of {result.examples}"
     ppl = "n/a" if result.perplexity is None else f"{result.perplexity:.3f} over {result.tokens} tokens"
     print(f"{data.name}: exact match {em}; perplexity {ppl} ({result.seconds:.1f} s)")
@@ -82,6 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from rankdown.compress.config import BasisTuning, CompressConfig, Healing
+    from rankdown.compress.distributed import leads_output
     from rankdown.compress.pipeline import compress
     from rankdown.schema import default_of
 
@@ -91,9 +95,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
         healing=Healing(steps=args.heal_steps), seed=args.seed,
-        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite,
+        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers,
+        device=args.device,
     )
     report = compress(args.model, args.out, cfg)
+    if not leads_output():
+        return  # under torchrun: worker 0 prints
     print(f"{args.out}: {report.method} ({report.allocate}) removed {report.achieved_ratio:.2%} of decoder-linear "
           f"parameters ({report.params_before:,} -> {report.params_after:,}) in {report.wall_seconds:.1f} s")
     if report.healing is not None:
@@ -219,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
 
+    from rankdown.compute_device import Device
+    from rankdown.evaluate import EvalConfig
+    from rankdown.schema import choices, default_of, help_with_default
+
     ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
     _model_arg(ev)
     ev.add_argument("--task", choices=TASKS)
@@ -226,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, help="write the result as JSON here")
     ev.add_argument("--max-examples", type=int, default=400)
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--device", choices=choices(Device), default=default_of(EvalConfig, "device").value,
+                    help=help_with_default("where the model runs (auto: cuda when torch sees a GPU)", EvalConfig, "device"))
     ev.set_defaults(func=cmd_eval)
 
     # compress: choices, defaults and their help come from the config's enums and dataclasses.
     from rankdown.compress.config import Allocation, BasisMode, Method
-    from rankdown.schema import choices, default_of, help_with_default
 
     def option(flag: str, text: str, cls: type = CompressConfig, field: str | None = None, **kwargs) -> None:
         field = field or flag.removeprefix("--").replace("-", "_")
@@ -253,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
            f"the --calib file), {default_of(Healing, 'batch')} windows of {default_of(Healing, 'seq_len')} tokens "
            "each, every factor pair trained; 0 turns it off", Healing, "steps", type=int)
     option("--seed", "random seed", type=int)
+    option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
+           "uniform ranks only", type=int)
+    option("--device", "where statistics and decompositions run (auto: cuda when torch sees a GPU)",
+           choices=choices(Device))
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
@@ -324,16 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_library_noise() -> None:
-    """torchao (pulled in by executorch) logs at import that its CUDA kernels cannot load on a
-    CPU machine, and torch's pytree logs a deprecation for torchao's enums: not the user's business."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_library_noise()
+    quiet_library_logs()
     try:
         if getattr(args, "model", None) is not None:
             from rankdown.model_source import resolve_model

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rankdown.compute_device import Device, resolve_device
+from rankdown.schema import coerce_enums
 from rankdown.tasks import QAExample, TaskData
+
+if TYPE_CHECKING:  # the CLI's parser reads EvalConfig's defaults without loading transformers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,10 @@ class EvalConfig:
     max_examples: int = 400
     batch_size: int = 16
     threads: int | None = None
+    device: Device = Device.AUTO
+
+    def __post_init__(self):
+        coerce_enums(self)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ def perplexity(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, text
         for row, piece in enumerate(batch):
             ids[row, : len(piece)] = torch.tensor(piece)
             mask[row, : len(piece)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         targets = ids[:, 1:]
         valid = mask[:, 1:].bool()
@@ -88,7 +98,8 @@ def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     tokenizer.padding_side = "left"
     for i in range(0, len(qa), batch_size):
         batch = qa[i : i + batch_size]
-        enc = tokenizer([ex.prompt for ex in batch], return_tensors="pt", padding=True, return_token_type_ids=False)
+        enc = tokenizer([ex.prompt for ex in batch], return_tensors="pt", padding=True,
+                        return_token_type_ids=False).to(model.device)
         budget = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in batch) + 2
         out = model.generate(
             **enc, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -105,6 +116,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
+    torch.nn.Module.to(model, resolve_device(cfg.device))  # transformers' typing of .to() takes no device
     model.eval()
     em = None
     qa = data.qa[: cfg.max_examples]

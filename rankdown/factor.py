@@ -31,8 +31,8 @@ class FactorizedLinear(nn.Module):
         """Build from A (r x n) and B (m x r) so that W ~ B A."""
         rank, n = a.shape
         m = b.shape[0]
-        down = nn.Linear(n, rank, bias=False, dtype=a.dtype)
-        up = nn.Linear(rank, m, bias=bias is not None, dtype=b.dtype)
+        down = nn.Linear(n, rank, bias=False, dtype=a.dtype, device=a.device)
+        up = nn.Linear(rank, m, bias=bias is not None, dtype=b.dtype, device=b.device)
         with torch.no_grad():
             down.weight.copy_(a)
             up.weight.copy_(b)
@@ -102,12 +102,12 @@ class SharedDownLinear(nn.Module):
 def shared_down_group(a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor | None]) -> list[SharedDownLinear]:
     """Members for W_j ~ B_j A with one shared A (k x n): the first member owns ``down``."""
     rank, n = a.shape
-    down = nn.Linear(n, rank, bias=False, dtype=a.dtype)
+    down = nn.Linear(n, rank, bias=False, dtype=a.dtype, device=a.device)
     with torch.no_grad():
         down.weight.copy_(a)
     members = []
     for i, (b, bias) in enumerate(zip(bs, biases)):
-        up = nn.Linear(rank, b.shape[0], bias=bias is not None, dtype=b.dtype)
+        up = nn.Linear(rank, b.shape[0], bias=bias is not None, dtype=b.dtype, device=b.device)
         with torch.no_grad():
             up.weight.copy_(b)
             if bias is not None:

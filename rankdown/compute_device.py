@@ -1,0 +1,33 @@
+"""Where a stage computes: ``--device auto|cpu|cuda`` for compress and eval.
+
+``auto`` is CUDA when torch sees a GPU, else the CPU; asking for CUDA without one is a
+one-line error before any work. Weights are always read and written from the CPU.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from rankdown.errors import RankdownError
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def resolve_device(device: Device, local_rank: int = 0) -> torch.device:
+    """The torch device for ``device``; with CUDA, the process's own GPU (``local_rank``)."""
+    if device is Device.AUTO:
+        device = Device.CUDA if torch.cuda.is_available() else Device.CPU
+    if device is Device.CPU:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RankdownError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RankdownError(f"--device cuda: this process is local rank {local_rank} but there are {count} GPUs")
+    return torch.device("cuda", local_rank)

@@ -1,0 +1,198 @@
+"""Compression over several worker processes (torch.distributed, gloo on loopback) and --device."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import checkpoint_tensors
+from helpers import quiet
+
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.calibration import InputStats
+from rankdown.compress.config import CompressConfig, CompressionReport
+from rankdown.compress.distributed import Workers
+from rankdown.compress.pipeline import compress
+from rankdown.compress.units import BATCH
+from rankdown.errors import RankdownError
+from rankdown.evaluate import EvalConfig, evaluate
+from rankdown.tasks import Split, load_task
+
+# prose: more distinct tokens than the tiny model's width, so no input covariance is singular and
+# each truncation is unique (on math text the first layer's inputs span a few dozen embeddings,
+# and factors past that rank are any basis of the null space).
+SMALL = dict(task="prose", ratio=0.4, calib_tokens=2048, seq_len=64)
+# error ranks with the default method (feature): both distributed passes (the dense profile that
+# prices every rank, then the streaming pass that uniform ranks use too), the pooled covariance
+# summed over workers, and ranks that move if any statistic does.
+CHOSEN = SMALL | dict(allocate="error")
+RANKDOWN = [sys.executable, "-m", "rankdown.cli"]
+
+
+def _effective(tensors: dict, name: str) -> torch.Tensor:
+    """A decoder linear's weight as the checkpoint computes it: up @ down, or the dense weight."""
+    if f"{name}.weight" in tensors:
+        return tensors[f"{name}.weight"].double()
+    return tensors[f"{name}.up.weight"].double() @ tensors[f"{name}.down.weight"].double()
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers")
+    one = compress(tiny_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
+    two = compress(tiny_model_dir, root / "two", CompressConfig(workers=2, **CHOSEN), progress=quiet)
+    return root, one, two
+
+
+def test_two_workers_give_the_one_process_ranks_factors_and_loss(one_and_two):
+    root, one, two = one_and_two
+    assert (one.workers, two.workers, two.device) == (1, 2, "cpu")
+    assert {k: m.rank for k, m in one.modules.items()} == {k: m.rank for k, m in two.modules.items()}
+    assert two.calibration_loss == pytest.approx(one.calibration_loss, rel=1e-9)
+    assert two.allocation_check.keys() == one.allocation_check.keys()
+    for key, value in one.allocation_check.items():
+        assert two.allocation_check[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6))
+    a, b = checkpoint_tensors(root / "one"), checkpoint_tensors(root / "two")
+    assert a.keys() == b.keys()
+    for name in one.modules:  # factor signs may differ between runs; their product may not
+        torch.testing.assert_close(_effective(b, name), _effective(a, name), rtol=1e-5, atol=1e-6)
+    for key in (k for k in a if k.endswith(".bias") or "norm" in k or "embed" in k or "lm_head" in k):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_workers_keep_the_one_process_held_out_score(one_and_two):
+    root, _, _ = one_and_two
+    data = load_task("prose", Split.EVALUATION)
+    scores = [evaluate(load_model(open_checkpoint(root / name)), load_tokenizer(root / name), data,
+                       EvalConfig(max_tokens=2048, device="cpu")).perplexity for name in ("one", "two")]
+    assert scores[1] == pytest.approx(scores[0], rel=1e-5)
+
+
+def test_compression_json_records_workers_and_device(one_and_two):
+    root, _, two = one_and_two
+    read = CompressionReport.read(root / "two")
+    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 4
+
+
+def test_window_shares_are_whole_batches_that_sum_to_the_one_process_statistics():
+    windows = torch.arange(11 * BATCH + 3).unsqueeze(1)  # 12 batches, the last one short
+    shares = [Workers(rank, 5).local_windows(windows) for rank in range(5)]
+    assert torch.equal(torch.cat(shares), windows)
+    assert all(s.shape[0] % BATCH == 0 for s in shares[:-1]) and all(s.shape[0] for s in shares)
+    x = torch.randn(windows.shape[0], 4, 6, dtype=torch.float64) * torch.logspace(0, -2, 6)
+    whole, summed = InputStats(6, pooled=True), InputStats(6, pooled=True)
+    for first in range(0, x.shape[0], BATCH):
+        whole.add_group(x[first : first + BATCH])
+    parts = []
+    for share in shares:
+        part = InputStats(6, pooled=True)
+        rows = x[share[:, 0]]
+        for first in range(0, rows.shape[0], BATCH):
+            part.add_group(rows[first : first + BATCH])
+        parts.append(part)
+    for field in ("xxt", "x_sum", "abs_sum", "pooled_cov_sum"):
+        setattr(summed, field, sum(getattr(p, field) for p in parts))
+    summed.count, summed.groups = sum(p.count for p in parts), sum(p.groups for p in parts)
+    assert (summed.count, summed.groups) == (whole.count, whole.groups)
+    torch.testing.assert_close(summed.pooled_covariance, whole.pooled_covariance, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(summed.second_moment, whole.second_moment, rtol=1e-12, atol=1e-14)
+
+
+def test_more_workers_than_batches_is_refused_in_one_line():
+    with pytest.raises(RankdownError, match=r"^--workers 3: 16 calibration windows make only 2 batches"):
+        Workers(0, 3).local_windows(torch.zeros(16, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(allocate="bayes"), r"^--workers 2: bayes ranks run in one process only \(distributed: uniform"),
+    (dict(method="basis", basis_mode="tuned"), r"^--workers 2: tuned-basis ranks run in one process only"),
+    (dict(healing={"steps": 2}), r"^--workers 2: --heal-steps runs in one process only$"),
+])
+def test_strategies_that_run_in_one_process_refuse_workers_before_any_work(tiny_model_dir, tmp_path, settings,
+                                                                          message):
+    from rankdown.compress.config import Healing
+
+    if "healing" in settings:
+        settings = dict(healing=Healing(**settings["healing"]))
+    with pytest.raises(RankdownError, match=message):
+        compress(tiny_model_dir, tmp_path / "out", CompressConfig(workers=2, **(SMALL | settings)), progress=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_refuses_workers_with_bayes_in_one_line(tiny_model_dir, tmp_path):
+    result = subprocess.run([*RANKDOWN, "compress", tiny_model_dir, "-o", tmp_path / "out", "--ratio", "0.4",
+                             "--workers", "2", "--allocate", "bayes"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rankdown compress: error: --workers 2: bayes ranks run in one process only (distributed: uniform, error)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_workers_must_be_a_whole_number_of_at_least_one(value):
+    with pytest.raises(RankdownError, match=r"^--workers must be a whole number of at least 1"):
+        CompressConfig(workers=value)
+
+
+def test_unknown_device_names_the_choices():
+    with pytest.raises(RankdownError, match=r"^unknown --device 'gpu': choose one of auto, cpu, cuda$"):
+        CompressConfig(device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusal is for machines without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(RankdownError, match=r"^--device cuda: torch sees no CUDA GPU here"):
+        compress(tiny_model_dir, tmp_path / "out", CompressConfig(device="cuda", **SMALL), progress=quiet)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RankdownError, match=r"^--device cuda: "):
+        evaluate(load_model(open_checkpoint(tiny_model_dir)), load_tokenizer(tiny_model_dir),
+                 load_task("prose", Split.EVALUATION), EvalConfig(device="cuda", max_tokens=64))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return "spawn_main" in command and "resource_tracker" not in command
+
+
+def test_a_killed_worker_fails_the_run_in_one_line_and_leaves_nothing(shipped_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*RANKDOWN, "compress", shipped_model_dir, "-o", out, "--ratio", "0.4",
+                             "--calib-tokens", "4096", "--workers", "2"],
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.stderr is not None
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("layer 1/"):  # worker 0 has begun writing its temporary folder
+                workers = sorted(p for p in _children(proc.pid) if _is_worker(p))
+                assert len(workers) == 2, workers
+                os.kill(workers[-1], signal.SIGKILL)
+                break
+        lines += proc.stderr.read().splitlines()
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+    assert lines[-1].startswith("rankdown compress: error: worker "), lines[-3:]
+    assert "killed by SIGKILL; the other workers were stopped and nothing was written" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder, no lock
