@@ -78,7 +78,10 @@ def launch(target: Callable[..., Any], args: tuple, size: int) -> None:
     """Run ``target(*args)`` in ``size`` new processes on loopback, as torchrun would start them, and
     wait for all; when one fails, stop the others and raise its error."""
     port = _free_port()
-    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // size)
+    # The cores (or the caller's thread budget) are shared out: N workers each spinning on every core
+    # would slow all of them far below one process (OpenMP waits by spinning).
+    budget = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    threads = max(1, budget // size)
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rankdown-workers-") as folder:
         errors = Path(folder)
