@@ -181,11 +181,50 @@ def factor_stage(model_dir: Path, windows_file: Path, variant: str, ratio: float
                 ranks[name] = down.shape[0]
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "factors.safetensors"), metadata={"peer": f"SVD-LLM {SVDLLM_COMMIT}"})
+    write_check(model, windows, out)
     info = {"variant": variant, "function": VARIANTS[variant], "ratio_removed": ratio, "keep_ratio_passed": keep,
             "seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "transformers": transformers.__version__, "torch": torch.__version__, "ranks": ranks}
     (out / "factors.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"{variant} {ratio}: factors of {len(ranks)} linears in {seconds:.0f} s -> {out}")
+
+
+def write_check(model, windows, out: Path) -> None:
+    """The peer's compressed model's own logits on one window, which the rankdown checkpoint must reproduce."""
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        logits = model(windows[:1]).logits[0].float().contiguous()
+    save_file({"window": windows[:1].contiguous(), "logits": logits}, str(out / "check.safetensors"))
+
+
+def check_stage(model_dir: Path, windows_file: Path, factors: Path) -> None:
+    """check.safetensors for factors saved before the factor stage wrote it: the peer's compressed
+    model rebuilt in its venv from the saved factors (their tensors, float32 as their function made
+    them) in the stand-ins, as ``whitening`` leaves it."""
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(SRC.resolve()))
+    import SVDLLM  # their module, unmodified
+    from transformers import LlamaForCausalLM
+
+    attention_cls, mlp_cls = _shims(SVDLLM)
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    tensors = load_file(str(factors / "factors.safetensors"))
+    config = model.config
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn = attention_cls(config=config, ratio=None)
+        layer.mlp = mlp_cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                            hidden_act=config.hidden_act, ratio=None)
+        for parent, kinds in PROJECTIONS.items():
+            for kind in kinds:
+                name = f"model.layers.{i}.{parent}.{kind}_proj"
+                getattr(getattr(layer, parent), f"{kind}_u_proj").weight.data = tensors[f"{name}.up.weight"]
+                getattr(getattr(layer, parent), f"{kind}_v_proj").weight.data = tensors[f"{name}.down.weight"]
+    write_check(model, load_file(str(windows_file))["windows"], factors)
+    log(f"{factors}: check.safetensors from the saved factors")
 
 
 # ---- stage 3: project venv -------------------------------------------------------------------
@@ -213,10 +252,31 @@ def checkpoint_stage(model_dir: Path, factors: Path, out: Path) -> dict:
     info = json.loads((factors / "factors.json").read_text())
     save_checkpoint(model, model_dir, out, torch.float32, overwrite=True,
                     extra_files={"peer.json": json.dumps({"peer": f"SVD-LLM {SVDLLM_COMMIT}"} | info, indent=2)})
+    del model
     dense_params = model_info(open_checkpoint(model_dir)).decoder_linear_params
     params = model_info(open_checkpoint(out)).decoder_linear_params
     return {"params": params, "achieved_ratio": round(1 - params / dense_params, 4),
-            "compress_seconds": info["seconds"], "peak_rss_mb": info["peak_rss_mb"]}
+            "compress_seconds": info["seconds"], "peak_rss_mb": info["peak_rss_mb"],
+            "parity_max_abs_logit_diff": parity(out, factors / "check.safetensors")}
+
+
+def parity(checkpoint: Path, check: Path) -> float:
+    """The rankdown checkpoint's logits against the peer's own compressed model's (its venv, its
+    transformers, the stand-ins' forward) on one calibration window: the conversion changes nothing."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+
+    expected = load_file(str(check))
+    with torch.no_grad():
+        logits = load_model(open_checkpoint(checkpoint))(expected["window"]).logits[0]
+    diff = float((logits - expected["logits"]).abs().max())
+    scale = float(expected["logits"].abs().max())
+    if not diff <= 1e-3 * scale:
+        raise SystemExit(f"{checkpoint}: logits differ from the peer's own model by {diff:.3g} (largest logit {scale:.3g})")
+    log(f"{checkpoint}: max |logit diff| against the peer's own model {diff:.2e} (largest logit {scale:.1f})")
+    return diff
 
 
 def setup_of(model: Path, examples: int, ppl_tokens: int) -> dict:
@@ -237,9 +297,15 @@ def run(command: list[str], prefix: str) -> None:
         raise SystemExit(f"{prefix}: failed with exit status {proc.returncode}")
 
 
+def ensure_check(model: Path, windows: Path, factors: Path, prefix: str) -> None:
+    if not (factors / "check.safetensors").is_file():
+        run([str(PEER_PYTHON), "-m", "bench.svdllm_peer", "check", "--model", str(model), "--windows", str(windows),
+             "--out", str(factors)], prefix)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", nargs="?", default="all", choices=("all", "windows", "factor"))
+    parser.add_argument("stage", nargs="?", default="all", choices=("all", "windows", "factor", "check"))
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--task", default="compare")
     parser.add_argument("--ratios", default="0.2,0.4", help="fractions of decoder-linear parameters removed")
@@ -249,12 +315,14 @@ def main() -> None:
     parser.add_argument("--windows", type=Path, help="(factor stage) the windows file")
     parser.add_argument("--variant", choices=tuple(VARIANTS), help="(factor stage)")
     parser.add_argument("--ratio", type=float, help="(factor stage) fraction removed")
-    parser.add_argument("--out", type=Path, help="(windows and factor stages) output path")
+    parser.add_argument("--out", type=Path, help="(windows, factor, check stages) output file or folder")
     args = parser.parse_args()
     if args.stage == "windows":
         return windows_stage(args.model, args.task, args.out)
     if args.stage == "factor":
         return factor_stage(args.model, args.windows, args.variant, args.ratio, args.out)
+    if args.stage == "check":
+        return check_stage(args.model, args.windows, args.out)
 
     from bench.real import ensure_model, score
     from rankdown.atomic import write_text_atomic
@@ -271,6 +339,12 @@ def main() -> None:
     if not windows.is_file():
         run([sys.executable, "-m", "bench.svdllm_peer", "windows", "--model", str(args.model), "--task", args.task,
              "--out", str(windows)], "windows")
+    for row in results["rows"]:  # rows scored before the parity check existed get it, on their checkpoint
+        name = f"{row['task']}-{row['method']}-{row['ratio']}"
+        if "parity_max_abs_logit_diff" not in row and (WORK / name / "peer.json").is_file():
+            ensure_check(args.model, windows, WORK / f"factors-{name}", name)
+            row["parity_max_abs_logit_diff"] = parity(WORK / name, WORK / f"factors-{name}" / "check.safetensors")
+            write_text_atomic(RESULTS, json.dumps(results, indent=2) + "\n")
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for variant in args.variants.split(","):
             if (args.task, variant, ratio) in done:
@@ -280,6 +354,7 @@ def main() -> None:
             if not (factors / "factors.json").is_file():  # written last: a finished factor run is reused
                 run([str(PEER_PYTHON), "-m", "bench.svdllm_peer", "factor", "--model", str(args.model), "--windows",
                      str(windows), "--variant", variant, "--ratio", str(ratio), "--out", str(factors)], name)
+            ensure_check(args.model, windows, factors, name)
             row = {"task": args.task, "method": variant, "allocate": "uniform", "ratio": ratio,
                    "peer": f"SVD-LLM {SVDLLM_COMMIT[:7]}"}
             row |= checkpoint_stage(args.model, factors, checkpoint)
