@@ -13,9 +13,11 @@ Three stages, each its own process:
    ``whitening`` (method ``svd-llm``: SVD of W S, truncation, u = U sqrt(S), v = sqrt(S) V^T S^-1)
    or ``whitening_local_update`` (``svd-llm-u``: the same truncation, then u refitted by least
    squares on the outputs, layer by layer through the already-compressed layers). Their factors
-   are written as ``<module>.down.weight`` (their v) and ``<module>.up.weight`` (their u).
+   are written as ``<module>.down.weight`` (their v) and ``<module>.up.weight`` (their u), with
+   their compressed model's logits on one window (``check``: the same, rebuilt from saved factors).
 3. ``score`` (project venv): the factors become a rankdown compressed checkpoint (FactorizedLinear
-   pairs, save_checkpoint: safetensors and factorization.json), scored by ``bench.real.score``;
+   pairs, save_checkpoint: safetensors and factorization.json) whose logits must match the peer's
+   within 1e-3 of the largest, scored by ``bench.real.score``;
    the row goes to bench/results/svdllm.json, which bench/real.py's table merges.
 
 Shimmed, at the boundary only (none of SVD-LLM's functions is edited):
