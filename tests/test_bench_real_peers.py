@@ -1,0 +1,40 @@
+"""bench/real.py's table takes a peer's rows (bench/results/svdllm.json) beside rankdown's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.real import write
+
+SETUP = {"model": "bench/models/smollm2-135m-instruct", "source_sha256": "ab" * 32, "examples": 200, "ppl_tokens": 8192}
+
+
+def _row(method: str, ratio: float, em: float, code: float, **extra) -> dict:
+    return {"task": "compare", "method": method, "allocate": "uniform", "ratio": ratio, "params": 1000,
+            "achieved_ratio": ratio, "task_em": em, "code_ppl": code, "prose_ppl": 2 * code,
+            "compress_seconds": 10.0, "peak_rss_mb": 500} | extra
+
+
+def _results() -> dict:
+    return {"setup": SETUP, "rows": [_row("dense", 0.0, 0.655, 10.0, peak_rss_mb=None), _row("whiten", 0.4, 0.68, 2748.0)]}
+
+
+def test_peer_rows_share_the_table_after_rankdowns_methods(tmp_path: Path):
+    peer = {"setup": SETUP, "rows": [_row("svd-llm", 0.4, 0.5, 9000.0, peer="SVD-LLM 1c1009a"),
+                                     _row("svd-llm", 0.2, 0.6, 900.0, peer="SVD-LLM 1c1009a")]}
+    (tmp_path / "svdllm.json").write_text(json.dumps(peer))
+    write(_results(), tmp_path)
+    lines = (tmp_path / "real.md").read_text().splitlines()
+    methods = [line.split(" | ")[0].removeprefix("| ") for line in lines if line.startswith("| ") and " | 0." in line]
+    assert methods == ["dense", "svd-llm", "whiten", "svd-llm"]  # by ratio, then rankdown's methods before peers
+    assert any("SVD-LLM 1c1009a" in line for line in lines)
+    assert (tmp_path / "real.png").is_file()
+
+
+def test_peer_rows_scored_another_way_are_refused(tmp_path: Path):
+    (tmp_path / "svdllm.json").write_text(json.dumps({"setup": SETUP | {"examples": 20}, "rows": []}))
+    with pytest.raises(SystemExit, match="cannot share the table"):
+        write(_results(), tmp_path)
