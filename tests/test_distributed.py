@@ -21,7 +21,7 @@ from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
 from rankdown.tasks import Split, load_task
 
-# prose: more distinct tokens than the tiny model's width, so no input covariance is singular and
+# prose: more distinct tokens than the model's width, so no input covariance is singular and
 # each truncation is unique (on math text the first layer's inputs span a few dozen embeddings,
 # and factors past that rank are any basis of the null space).
 SMALL = dict(task="prose", ratio=0.4, calib_tokens=2048, seq_len=64)
@@ -40,10 +40,11 @@ def _effective(tensors: dict, name: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(tiny_model_dir, tmp_path_factory):
+def one_and_two(shipped_model_dir, tmp_path_factory):
+    """The shipped model, compressed by one process and by two workers."""
     root = tmp_path_factory.mktemp("workers")
-    one = compress(tiny_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
-    two = compress(tiny_model_dir, root / "two", CompressConfig(workers=2, **CHOSEN), progress=quiet)
+    one = compress(shipped_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
+    two = compress(shipped_model_dir, root / "two", CompressConfig(workers=2, **CHOSEN), progress=quiet)
     return root, one, two
 
 
@@ -51,16 +52,21 @@ def test_two_workers_give_the_one_process_ranks_factors_and_loss(one_and_two):
     root, one, two = one_and_two
     assert (one.workers, two.workers, two.device) == (1, 2, "cpu")
     assert {k: m.rank for k, m in one.modules.items()} == {k: m.rank for k, m in two.modules.items()}
-    assert two.calibration_loss == pytest.approx(one.calibration_loss, rel=1e-9)
+    assert two.calibration_loss == pytest.approx(one.calibration_loss, rel=1e-6)  # summation order only
     assert two.allocation_check.keys() == one.allocation_check.keys()
     for key, value in one.allocation_check.items():
         assert two.allocation_check[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6))
     a, b = checkpoint_tensors(root / "one"), checkpoint_tensors(root / "two")
     assert a.keys() == b.keys()
     for name in one.modules:  # factor signs may differ between runs; their product may not
-        torch.testing.assert_close(_effective(b, name), _effective(a, name), rtol=1e-5, atol=1e-6)
-    for key in (k for k in a if k.endswith(".bias") or "norm" in k or "embed" in k or "lm_head" in k):
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+        # Summation order moves float32 statistics by ~1e-8 relative; a decomposition carries that
+        # into single entries and the next layers, so the bound is on the whole matrix.
+        difference = (_effective(b, name) - _effective(a, name)).norm() / _effective(a, name).norm()
+        assert difference < 1e-4, (name, difference.item())
+    for key in (k for k in a if k.endswith(".bias")):  # feature's bias comes from the summed means
+        assert (b[key].double() - a[key].double()).norm() < 1e-4 * a[key].double().norm(), key
+    for key in (k for k in a if "norm" in k or "embed" in k or "lm_head" in k):  # copied, not computed
+        assert torch.equal(b[key], a[key]), key
 
 
 def test_two_workers_keep_the_one_process_held_out_score(one_and_two):
