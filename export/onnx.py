@@ -57,10 +57,14 @@ def _check_genai_tokenizer(folder: Path) -> None:
 
     from rankdown.export.bundle_tokenizer import check_texts
 
-    model_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model_tokenizer = Tokenizer.from_file(str(folder.parent / "tokenizer.json"))
+    copy = Tokenizer.from_file(str(folder / "tokenizer.json"))  # genai_readable's rewrite, if any
     texts = check_texts()
     for text, got in zip(texts, genai_encodings(folder, texts)):
         want = model_tokenizer.encode(text, add_special_tokens=False).ids
+        if copy.encode(text, add_special_tokens=False).ids != want or copy.decode(want) != model_tokenizer.decode(want):
+            raise RankdownError(f"{folder / 'tokenizer.json'}: the copy for onnxruntime-genai encodes or decodes "
+                                f"{text[:30]!r}... differently from the bundle's tokenizer.json")
         if got != want:
             at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
             raise RankdownError(f"{folder}: onnxruntime-genai's tokenizer encodes {text[:30]!r}... differently from "

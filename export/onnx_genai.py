@@ -90,7 +90,33 @@ def write_genai_files(folder: Path, bundle: Path, model_file: str) -> list[str]:
         if (bundle / name).is_file():
             shutil.copy2(bundle / name, folder / name)
             written.append(name)
+    spec, changes = genai_readable(json.loads((bundle / "tokenizer.json").read_text(encoding="utf-8")))
+    if changes:
+        write_text_atomic(folder / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2) + "\n")
+        written[written.index("tokenizer.json")] += f" ({'; '.join(changes)})"
     return written
+
+
+def genai_readable(spec: dict) -> tuple[dict, list[str]]:
+    """The tokenizer spec as onnxruntime-extensions (genai's tokenizer) reads it, and the changes in words.
+
+    transformers' GGUF conversion gives a byte-level BPE (SmolLM2, Llama 3) the decoder of a
+    SentencePiece one: ``Sequence[ByteFallback, Fuse, Replace('▁', ' '), ByteLevel]``. The library
+    then takes it for SentencePiece and encodes every word after a space as -1. Over a byte-level
+    vocabulary the first three are identities, so the decoder becomes the ``ByteLevel`` alone;
+    export/onnx.py proves it decodes and encodes the check texts as the original does."""
+    decoder = spec.get("decoder")
+    if not isinstance(decoder, dict) or decoder.get("type") != "Sequence":
+        return spec, []
+    members = decoder.get("decoders")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        return spec, []
+    last = members[-1]
+    if last.get("type") != "ByteLevel" or not all(m.get("type") in ("ByteFallback", "Fuse", "Replace")
+                                                   for m in members[:-1]) or len(members) == 1:
+        return spec, []
+    dropped = ", ".join(m["type"] for m in members[:-1])
+    return {**spec, "decoder": last}, [f"decoder: {dropped} dropped before ByteLevel"]
 
 
 def genai_encodings(folder: Path, texts: list[str]) -> list[list[int]]:

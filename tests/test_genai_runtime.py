@@ -20,7 +20,7 @@ from rankdown.export.bundle_tokenizer import check_texts
 from rankdown.export.config import ExportConfig
 from rankdown.export.decoding import OnnxDecoder
 from rankdown.export.manifest import MANIFEST_FILE, Manifest, sha256_file
-from rankdown.export.onnx_genai import GenaiDecoder
+from rankdown.export.onnx_genai import GenaiDecoder, genai_encodings, genai_readable
 from rankdown.export.parity import parity_prompts, torch_greedy
 from rankdown.export.pipeline import export
 from rankdown.validate.config import LatencyPlan, ValidateConfig
@@ -128,3 +128,30 @@ def test_a_bundle_without_genai_config_refuses_the_runtime_in_one_line(genai_bun
     with pytest.raises(RankdownError, match=r"onnxruntime-genai needs onnx/genai_config.json") as e:
         validate(old, ValidateConfig(runtimes="onnxruntime-genai", latency=None), progress=quiet)
     assert "\n" not in str(e.value)
+
+
+GGUF_DECODER = {"type": "Sequence", "decoders": [  # what transformers' GGUF conversion writes for SmolLM2
+    {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+
+
+def test_a_gguf_converted_byte_level_tokenizer_is_made_readable_for_genai(genai_bundles, tmp_path):
+    """With a SentencePiece-style decoder onnxruntime-extensions encodes a byte-level BPE to -1s;
+    the copy in onnx/ keeps only the ByteLevel decoder, and then encodes and decodes as the original."""
+    _, bundle, _ = genai_bundles
+    folder = tmp_path / "onnx"
+    shutil.copytree(bundle / "onnx", folder)
+    spec = json.loads((bundle / "tokenizer.json").read_text())
+    spec["decoder"], spec["model"]["byte_fallback"] = GGUF_DECODER, True
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    original = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = check_texts()
+    want = [original.encode(t, add_special_tokens=False).ids for t in texts]
+    assert -1 in genai_encodings(folder, texts)[1]  # the library's failure this works around
+    fixed, changes = genai_readable(spec)
+    assert fixed["decoder"] == GGUF_DECODER["decoders"][-1] and changes == ["decoder: ByteFallback, Fuse, Replace dropped before ByteLevel"]
+    (folder / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False))
+    assert genai_encodings(folder, texts) == want
+    copy = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert all(copy.decode(ids) == original.decode(ids) for ids in want)
+    assert genai_readable(json.loads((bundle / "tokenizer.json").read_text()))[1] == []  # a plain ByteLevel decoder stays
