@@ -26,15 +26,14 @@ from types import ModuleType
 from rankdown.devices.native_runner import BINARY, HOST_ARCH, build_runner
 from rankdown.devices.profile import DeviceProfile, ExecuTorchRunner, Transport, TransportSpec
 from rankdown.errors import RankdownError
-from rankdown.export.formats import FORMATS
+from rankdown.export.formats import decoder_modules
 from rankdown.validate.local_runner import LocalRunner, read_outputs
 
 
 def _device_modules() -> tuple[ModuleType, ...]:
     """Everything the device needs besides python3, numpy and the runtime: the harness's device
-    half, the format table, every registered format's decoder module, and their packages."""
-    wanted = ["rankdown.validate.on_device", "rankdown.export.formats",
-              *(spec.decoder.partition(":")[0] for spec in FORMATS)]
+    half, the format table, every registered runtime's decoder module, and their packages."""
+    wanted = ["rankdown.validate.on_device", "rankdown.export.formats", *decoder_modules()]
     names = dict.fromkeys(".".join(n.split(".")[:i]) for n in wanted for i in range(1, n.count(".") + 2))
     return tuple(importlib.import_module(n) for n in names)
 

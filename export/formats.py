@@ -14,10 +14,15 @@ plus a decoder opener ``open(artifact, threads, native_runner) -> Decoder`` that
 neither torch nor transformers at module level, because it runs on devices. The table names
 them as ``"module:function"`` so that this file imports nothing heavy and ships to devices as
 it is (``devices/runners.py`` sends it, and every decoder module, with the harness).
+
+A format's artifact may run in more runtimes than its own: each ``OtherRuntime`` names its
+module, its decoder opener and the files of the bundle it reads beside the artifact. ``validate``
+runs those only when asked (``--runtime``); ``by_runtime`` gives the format as that runtime sees it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +43,16 @@ class MemoryModel:
 
 
 @dataclass(frozen=True)
+class OtherRuntime:
+    """Another runtime for a format's artifact (onnxruntime-genai for the ONNX graph)."""
+
+    name: str  # --runtime value and report key
+    runtime_module: str
+    decoder: str  # "module:function", torch-free import, as FormatSpec.decoder
+    needs: tuple[str, ...] = ()  # bundle files it reads besides the artifact; a bundle without them is refused
+
+
+@dataclass(frozen=True)
 class FormatSpec:
     name: str  # --format value and manifest key
     runtime: str  # --runtime value and report key: what runs the artifact
@@ -47,6 +62,8 @@ class FormatSpec:
     decoder: str  # "module:function": open(artifact, threads, native_runner) -> Decoder, torch-free import
     memory: MemoryModel
     takes_backend: bool = False  # lowered to an ExecuTorch delegate (--backend)
+    other_runtimes: tuple[OtherRuntime, ...] = ()  # run only when asked for by name
+    needs: tuple[str, ...] = ()  # bundle files the runtime reads besides the artifact (set by by_runtime)
 
     @property
     def folder(self) -> str:
@@ -66,7 +83,11 @@ class FormatSpec:
 FORMATS: tuple[FormatSpec, ...] = (
     FormatSpec("onnx", runtime="onnxruntime", runtime_module="onnxruntime", artifact="onnx/model.onnx",
                implementation="rankdown.export.onnx", decoder="rankdown.export.decoding:open_onnx",
-               memory=MemoryModel(4, 260_000_000)),
+               memory=MemoryModel(4, 260_000_000),
+               # the app runtime for LLMs on Android, iOS and Windows: genai_config.json names the graph's I/O
+               other_runtimes=(OtherRuntime("onnxruntime-genai", runtime_module="onnxruntime_genai",
+                                            decoder="rankdown.export.onnx_genai:open_genai",
+                                            needs=("onnx/genai_config.json",)),)),
     FormatSpec("executorch", runtime="executorch", runtime_module="executorch.runtime",
                artifact="executorch/model.pte", implementation="rankdown.export.executorch",
                decoder="rankdown.export.decoding:open_executorch", memory=MemoryModel(8, 210_000_000),
@@ -79,7 +100,18 @@ def format_names() -> list[str]:
 
 
 def runtime_names() -> list[str]:
+    """Every runtime: each format's own, then the other runtimes of its artifact."""
+    return [spec.runtime for spec in FORMATS] + [o.name for spec in FORMATS for o in spec.other_runtimes]
+
+
+def default_runtime_names() -> list[str]:
+    """The runtimes ``validate`` runs when none is named: each format's own."""
     return [spec.runtime for spec in FORMATS]
+
+
+def decoder_modules() -> list[str]:
+    """Every runtime's decoder module (what a device needs besides the harness)."""
+    return list(dict.fromkeys(by_runtime(name).decoder.partition(":")[0] for name in runtime_names()))
 
 
 def by_format(name: Any) -> FormatSpec:
@@ -88,8 +120,15 @@ def by_format(name: Any) -> FormatSpec:
 
 
 def by_runtime(name: Any) -> FormatSpec:
-    """The format the runtime ``name`` runs (an enum member or its text)."""
-    return _find("runtime", getattr(name, "value", name))
+    """The format the runtime ``name`` runs (an enum member or its text), as that runtime sees it:
+    for another runtime of the artifact, its module, decoder and needed files in place of the format's own."""
+    value = getattr(name, "value", name)
+    for spec in FORMATS:
+        for other in spec.other_runtimes:
+            if other.name == value:
+                return dataclasses.replace(spec, runtime=other.name, runtime_module=other.runtime_module,
+                                           decoder=other.decoder, needs=other.needs)
+    return _find("runtime", value)
 
 
 def _find(key: str, value: str) -> FormatSpec:

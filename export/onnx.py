@@ -1,5 +1,6 @@
 """ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer
-(``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py).
+(``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py), and the
+files onnxruntime-genai opens the folder with (export/onnx_genai.py).
 
 The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``.
 """
@@ -16,6 +17,7 @@ from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_files import check_onnx_model, external_data_files
+from rankdown.export.onnx_genai import genai_encodings, write_genai_files
 from rankdown.export.onnx_int4 import quantize_int4
 from rankdown.factor_record import FactorRecord
 
@@ -42,7 +44,31 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                  f"not a multiple of the block); head {quantization['head']}; embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
     check_onnx_model(bundle / SUBDIR / MODEL_FILE, bundle)
+    written = write_genai_files(bundle / SUBDIR, bundle, MODEL_FILE)
+    _check_genai_tokenizer(bundle / SUBDIR)
+    progress(f"  onnx: {', '.join(written)} for onnxruntime-genai; its tokenizer encodes the check texts as the model's")
     return seconds, nodes, None, quantization
+
+
+def _check_genai_tokenizer(folder: Path) -> None:
+    """onnxruntime-genai's own tokenizer (onnxruntime-extensions) must encode real prompts as the
+    model's tokenizer does (both without BOS: genai's ``encode`` adds none)."""
+    from tokenizers import Tokenizer
+
+    from rankdown.export.bundle_tokenizer import check_texts
+
+    model_tokenizer = Tokenizer.from_file(str(folder.parent / "tokenizer.json"))
+    copy = Tokenizer.from_file(str(folder / "tokenizer.json"))  # genai_readable's rewrite, if any
+    texts = check_texts()
+    for text, got in zip(texts, genai_encodings(folder, texts)):
+        want = model_tokenizer.encode(text, add_special_tokens=False).ids
+        if copy.encode(text, add_special_tokens=False).ids != want or copy.decode(want) != model_tokenizer.decode(want):
+            raise RankdownError(f"{folder / 'tokenizer.json'}: the copy for onnxruntime-genai encodes or decodes "
+                                f"{text[:30]!r}... differently from the bundle's tokenizer.json")
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise RankdownError(f"{folder}: onnxruntime-genai's tokenizer encodes {text[:30]!r}... differently from "
+                                f"the model's (first difference at token {at}: {got[at:at + 3]} vs {want[at:at + 3]})")
 
 
 def check_file(path: Path, bundle: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 Bundle layout (its manifest is the authority on what is inside):
     manifest.json            written last; sizes and sha256 of every file below
     tokenizer.json, ...      the source's tokenizer files
-    onnx/model.onnx          + config.json, generation_config.json (ORTModelForCausalLM loads onnx/)
+    onnx/model.onnx          + config.json, generation_config.json (ORTModelForCausalLM loads onnx/),
+                             genai_config.json + tokenizer copies (onnxruntime_genai.Model loads onnx/)
     executorch/model.pte     XNNPACK-lowered, static KV cache, LLM-runner metadata methods
 """
 
@@ -43,8 +44,8 @@ from rankdown.output_lock import exclusive_output
 from rankdown.versions import package_versions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "executorch",
-              "torchao")
+_VERSIONED = ("rankdown", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-genai",
+              "executorch", "torchao")
 
 
 def _versions() -> dict[str, str]:
@@ -131,6 +132,11 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         # First: a tokenizer the app runtimes cannot read fails the export before minutes of lowering.
         for change in write_bundle_tokenizer(ckpt.folder, tmp, tokenizer, check_texts()):
             progress(f"tokenizer.json: {change}")
+        copied = [tmp / TOKENIZER_FILE]  # before the formats: a format may ship copies (onnxruntime-genai's folder)
+        for name in TOKENIZER_FILES:
+            if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():
+                shutil.copy2(ckpt.folder / name, tmp / name)
+                copied.append(tmp / name)
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{'' if cfg.quantize is Quantize.NONE else f' ({cfg.quantize.value})'}")
             spec = by_format(fmt)
@@ -155,11 +161,6 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization)
-        copied = [tmp / TOKENIZER_FILE]
-        for name in TOKENIZER_FILES:
-            if name != TOKENIZER_FILE and (ckpt.folder / name).is_file():
-                shutil.copy2(ckpt.folder / name, tmp / name)
-                copied.append(tmp / name)
         manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compress)
 
     from rankdown.export.config import Backend, ExportConfig, Format, Quantize
-    from rankdown.export.formats import format_names, runtime_names
+    from rankdown.export.formats import default_runtime_names, format_names, runtime_names
     from rankdown.validate.config import Runtime
 
     exp = sub.add_parser("export", help=f"{' and '.join(format_names())} with KV cache, factor pairs kept, self-checked")
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help=f"run a bundle in {' / '.join(runtime_names())}: parity, quality, latency")
     val.add_argument("bundle", type=Path)
     val.add_argument("--reference", type=Path, help="PyTorch reference checkpoint (default: the bundle's source)")
-    val.add_argument("--runtime", help=f"comma-separated: {', '.join(choices(Runtime))} (default: all in the bundle)")
+    val.add_argument("--runtime", help=f"comma-separated: {', '.join(choices(Runtime))} (default: each format's own "
+                     f"runtime, {', '.join(default_runtime_names())}, for the formats in the bundle)")
     val.add_argument("--task", choices=TASKS)
     val.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
     val.add_argument("--threads", type=int)

@@ -8,7 +8,7 @@ import platform
 from rankdown.validate.report import DeviceEnvironment, Environment, HostEnvironment
 from rankdown.versions import package_versions
 
-_VERSIONED = ("rankdown", "torch", "onnxruntime", "executorch", "numpy")
+_VERSIONED = ("rankdown", "torch", "onnxruntime", "onnxruntime-genai", "executorch", "numpy")
 
 
 def host_environment() -> HostEnvironment:

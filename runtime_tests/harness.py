@@ -19,7 +19,7 @@ from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
 from rankdown.export.config import ParityThresholds, Quantize
-from rankdown.export.formats import by_runtime
+from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
 from rankdown.tasks import Split, load_task
@@ -41,12 +41,16 @@ from rankdown.validate.report import (
 
 
 def _runtimes(bundle: Path, manifest: Manifest, cfg: ValidateConfig) -> tuple[Runtime, ...]:
-    held = [r for r in Runtime if by_runtime(r).name in manifest.formats]
+    held = [r for r in Runtime if r.value in default_runtime_names() and by_runtime(r).name in manifest.formats]
     chosen = cfg.runtimes or tuple(held)
     for runtime in chosen:
         if by_runtime(runtime).name not in manifest.formats:
             raise RankdownError(f"{bundle}: holds no {by_runtime(runtime).name} artifact for {runtime.value} "
                                 f"(it has {', '.join(manifest.formats) or 'none'})")
+        for need in by_runtime(runtime).needs:
+            if need not in manifest.formats[by_runtime(runtime).name].files:
+                raise RankdownError(f"{bundle}: {runtime.value} needs {need}, which this bundle does not have "
+                                    f"(exported before rankdown wrote it; export again)")
     return chosen
 
 

@@ -11,7 +11,7 @@ from rankdown.devices.runners import HARNESS_MODULES, harness_files
 from rankdown.errors import RankdownError
 from rankdown.export.config import Backend, ExportConfig, Format
 from rankdown.export.et_backends import BACKENDS, check_backend
-from rankdown.export.formats import FORMATS, by_format, by_runtime
+from rankdown.export.formats import FORMATS, by_format, by_runtime, decoder_modules, default_runtime_names, runtime_names
 from rankdown.validate.config import Runtime, ValidateConfig
 from rankdown.validate.environment import device_environment
 from rankdown.validate.local_runner import LocalRunner
@@ -20,10 +20,14 @@ from rankdown.validate.report import DeviceEnvironment, Environment, HostEnviron
 
 def test_enums_and_choices_are_the_registrations():
     assert [f.value for f in Format] == [s.name for s in FORMATS] == ["onnx", "executorch"]
-    assert [r.value for r in Runtime] == [s.runtime for s in FORMATS] == ["onnxruntime", "executorch"]
+    assert [r.value for r in Runtime] == runtime_names() == ["onnxruntime", "executorch", "onnxruntime-genai"]
+    assert default_runtime_names() == [s.runtime for s in FORMATS] == ["onnxruntime", "executorch"]
     assert [b.value for b in Backend] == [b.name for b in BACKENDS] == ["xnnpack", "coreml", "qnn", "vulkan"]
     assert ExportConfig().formats == tuple(Format)
     assert by_runtime(Runtime.ONNXRUNTIME) is by_format("onnx") and by_format(Format.EXECUTORCH).takes_backend
+    genai = by_runtime(Runtime.ONNXRUNTIME_GENAI)  # another runtime of the ONNX artifact
+    assert (genai.name, genai.artifact, genai.runtime_module) == ("onnx", "onnx/model.onnx", "onnxruntime_genai")
+    assert genai.needs == ("onnx/genai_config.json",) and by_format("onnx").needs == ()
 
 
 @pytest.mark.parametrize("spec", FORMATS, ids=lambda s: s.name)
@@ -70,14 +74,14 @@ def test_a_backend_carries_its_own_requirement(monkeypatch):
 def test_the_device_half_ships_the_table_and_every_decoder_without_torch(tmp_path):
     names = {m.__name__ for m in HARNESS_MODULES}
     assert {"rankdown.export.formats", "rankdown.validate.on_device"} <= names
-    assert {s.decoder.split(":")[0] for s in FORMATS} <= names
+    assert set(decoder_modules()) <= names and "rankdown.export.onnx_genai" in names
     # As a device sees it: only the shipped files on the path, and no torch imported by them.
     for name, path in harness_files().items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(path.read_bytes())
     probe = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import importlib; "
-             "import rankdown.validate.on_device; from rankdown.export.formats import FORMATS; "
-             "[importlib.import_module(s.decoder.split(':')[0]) for s in FORMATS]; "
+             "import rankdown.validate.on_device; from rankdown.export.formats import decoder_modules; "
+             "[importlib.import_module(m) for m in decoder_modules()]; "
              "outside = [n for n, m in sys.modules.items() if n.startswith('rankdown') "
              f"and not m.__file__.startswith({str(tmp_path)!r})]; "
              "print('torch' in sys.modules, outside)")

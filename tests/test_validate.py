@@ -130,7 +130,7 @@ def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path):
 @pytest.mark.parametrize("case,pattern", [
     ("no-manifest", "not a rankdown bundle (no manifest.json)"),
     ("missing-artifact", "holds no executorch artifact for executorch (it has onnx)"),
-    ("unknown-runtime", "unknown --runtime 'tflite': choose one of onnxruntime, executorch"),
+    ("unknown-runtime", "unknown --runtime 'tflite': choose one of onnxruntime, executorch, onnxruntime-genai"),
     ("source-gone", "pass --reference MODEL"),
 ])
 def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, case, pattern):
