@@ -41,7 +41,7 @@ def test_shipped_profiles_load():
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\ncolour='red'\n[transport]\nkind='local'\n",
      "unknown keys ['colour']"),
     ("name='x'\narch='a'\nruntimes=['tflite']\nthreads=1\nmemory_mb=1\n[transport]\nkind='local'\n",
-     "runtimes: 'tflite' is not one of ['onnxruntime', 'executorch']"),
+     "runtimes: 'tflite' is not one of ['onnxruntime', 'executorch', 'onnxruntime-genai']"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads='2'\nmemory_mb=1\n[transport]\nkind='local'\n",
      "threads: expected int, got str"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='pigeon'\n",
