@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -289,14 +288,11 @@ def setup_of(model: Path, examples: int, ppl_tokens: int) -> dict:
 
 
 def run(command: list[str], prefix: str) -> None:
-    log("$ " + " ".join(command))
-    env = os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print(f"  {prefix}: {line}", end="", flush=True)
-    if proc.wait() != 0:
-        raise SystemExit(f"{prefix}: failed with exit status {proc.returncode}")
+    """bench-real's relay (a step in its own process, its output prefixed); imported here, not at the
+    top, because this module's peer stages run in the peer's venv, where rankdown is not installed."""
+    from bench.real import run as relay
+
+    relay(command, prefix)
 
 
 def ensure_check(model: Path, windows: Path, factors: Path, prefix: str) -> None:
