@@ -34,6 +34,15 @@ class Quantize(str, Enum):
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
+class OnnxGraph(str, Enum):
+    # onnxruntime-genai's model builder (export/onnx_builder.py): GroupQueryAttention with the KV
+    # cache and rotary inside, SkipSimplifiedLayerNormalization; each factor pair two MatMuls.
+    FUSED = "fused"
+    # optimum's text-generation-with-past export: one ONNX op per PyTorch op (Llama attention
+    # unfused), the graph ORTModelForCausalLM loads.
+    OPTIMUM = "optimum"
+
+
 @dataclass(frozen=True)
 class ParityThresholds:
     """When an exported artifact counts as the same model as its PyTorch source."""
@@ -60,6 +69,7 @@ class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
     group_size: int = 32  # int4: input columns that share one scale
+    onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
     parity_new_tokens: int = 32
