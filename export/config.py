@@ -27,7 +27,7 @@ class Quantize(str, Enum):
     INT8 = "int8"
     # 4-bit weights in groups of --group-size input columns, int8 activations per call (8da4w);
     # ExecuTorch: 8da4w, head and embedding 8-bit (export/et_int4.py); ONNX: MatMulNBits, head 8-bit,
-    # embedding fp32 (export/onnx_int4.py).
+    # embedding 4-bit, or a tied table 8-bit shared with the head (export/onnx_int4.py).
     INT4 = "int4"
 
 

@@ -14,10 +14,13 @@ positions, one thread; README has the table):
 - a K (input width: the rank, for an ``up``) that is not a multiple of the block is handled by the
   library and the kernel: the last block of each column is zero-padded inside the packed weight
   (``k_blocks = ceil(K / block)``), so no rank is padded in the graph and nothing falls back;
-- the head: 8-bit MatMulNBits (the same quantizer, ``bits=8``), as the head decides the token. A tied
-  head reads the embedding table through a Transpose, which the quantizer cannot see as a constant
-  weight; the transposed table is given to the head as its own initializer first;
-- the token embedding: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
+- the head: 8-bit MatMulNBits (the same quantizer, ``bits=8``), as the head decides the token. In
+  optimum's graph a tied head reads the embedding table through a Transpose, which the quantizer
+  cannot see as a constant weight; the transposed table is given to the head as its own initializer
+  first. In the fused graph (the model builder's) the head holds the table and the lookup reads it
+  through a Transpose; once the head is 8-bit, the lookup becomes a ``GatherBlockQuantized`` over the
+  head's own 8-bit blocks, as the builder does for a quantized tied head: one 8-bit table for both;
+- the token embedding of an untied model: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
   axis), the only Gather quantization the library has (no 8-bit); it halves the shipped model's
   int4 file (7.6 -> 4.0 MB) with no loss of agreement. The library moves the graph from opset 18 to
   21 for the int4 tensor type; the export's checker, shape inference and parity run on the result.
