@@ -27,11 +27,20 @@ class Quantize(str, Enum):
     INT8 = "int8"
     # 4-bit weights in groups of --group-size input columns, int8 activations per call (8da4w);
     # ExecuTorch: 8da4w, head and embedding 8-bit (export/et_int4.py); ONNX: MatMulNBits, head 8-bit,
-    # embedding fp32 (export/onnx_int4.py).
+    # embedding 4-bit, or a tied table 8-bit shared with the head (export/onnx_int4.py).
     INT4 = "int4"
 
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+class OnnxGraph(str, Enum):
+    # onnxruntime-genai's model builder (export/onnx_builder.py): GroupQueryAttention with the KV
+    # cache and rotary inside, SkipSimplifiedLayerNormalization; each factor pair two MatMuls.
+    FUSED = "fused"
+    # optimum's text-generation-with-past export: one ONNX op per PyTorch op (Llama attention
+    # unfused), the graph ORTModelForCausalLM loads.
+    OPTIMUM = "optimum"
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
     group_size: int = 32  # int4: input columns that share one scale
+    onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
     parity_new_tokens: int = 32

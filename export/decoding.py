@@ -64,8 +64,13 @@ def check_positions(ids: list[int], start: int, max_positions: int | None, max_c
 
 
 class OnnxDecoder:
-    """An optimum-layout decoder graph (``input_ids``, ``attention_mask``, ``position_ids``,
-    ``past_key_values.*`` -> ``logits``, ``present.*``) in a plain InferenceSession."""
+    """A decoder graph with a KV cache in a plain InferenceSession: ``input_ids``, ``attention_mask``,
+    ``past_key_values.*`` (and ``position_ids`` in optimum's layout) -> ``logits``, ``present.*``.
+
+    The model builder's graph (GroupQueryAttention) derives positions from the mask and takes a
+    past of ``[batch, kv_heads, past, head_size]`` whose last dimension is symbolic; the head size
+    then comes from config.json beside the graph. The cache grows by one call's tokens per call
+    (GroupQueryAttention appends when past and present are distinct buffers)."""
 
     def __init__(self, model_path: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -86,7 +91,8 @@ class OnnxDecoder:
         self._past_shapes = {}
         for name in self._past_names:
             shape = inputs[name].shape  # [batch, kv_heads, past, head_dim]
-            self._past_shapes[name] = (1, int(shape[1]), 0, int(shape[3]))
+            head_size = shape[3] if isinstance(shape[3], int) else _head_size(Path(model_path).parent / "config.json")
+            self._past_shapes[name] = (1, int(shape[1]), 0, int(head_size))
         self._dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
         self.max_positions = trained_positions(Path(model_path).parent / "config.json")
         self._cache: dict[str, np.ndarray] = {}
@@ -253,6 +259,12 @@ def trained_positions(config: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
+
+
+def _head_size(config: Path) -> int:
+    """head_dim from config.json (or hidden_size / num_attention_heads)."""
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    return int(settings.get("head_dim") or settings["hidden_size"] // settings["num_attention_heads"])
 
 
 def _constant(program, name: str) -> int | None:

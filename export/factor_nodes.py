@@ -88,8 +88,14 @@ def _locate(record: FactorRecord, dotted: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+# onnxruntime-genai's model builder names a layer's attention ``attn`` where transformers says ``self_attn``.
+_BUILDER_SCOPES = (("/attn/", "/self_attn/"),)
+
+
 def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
-    """Nodes of an optimum/torch.onnx export: scopes are ``/model/layers.0/self_attn/q_proj/down/MatMul``."""
+    """Nodes of an optimum/torch.onnx export (scopes such as ``/model/layers.0/self_attn/q_proj/down/MatMul``)
+    or of the model builder's fused graph (a factor ``/model.layers.0.self_attn.q_proj/down/MatMul``,
+    export/onnx_builder.py; a dense linear ``/model/layers.0/attn/o_proj/MatMul``)."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
@@ -105,7 +111,10 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
             weight = (int(attributes["K"]), int(attributes["N"]))
         if weight is None or len(weight) < 2:
             continue  # activation x activation (attention scores), not a layer
-        scope = node.name.strip("/").split("/")[:-1]
+        name = node.name
+        for builder, transformers in _BUILDER_SCOPES:
+            name = name.replace(builder, transformers)
+        scope = name.strip("/").split("/")[:-1]
         weights.append((*_locate(record, ".".join(scope)), weight))
     return _tally(record, weights, f"{model_path}")
 

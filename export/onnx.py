@@ -1,6 +1,7 @@
-"""ONNX: optimum's text-generation-with-past export, then onnxruntime's int8 quantizer
-(``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py), and the
-files onnxruntime-genai opens the folder with (export/onnx_genai.py).
+"""ONNX: the fused graph of onnxruntime-genai's model builder (export/onnx_builder.py; by default) or
+optimum's text-generation-with-past export (``--onnx-graph optimum``), then onnxruntime's int8
+quantizer (``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py),
+and the files onnxruntime-genai opens the folder with (export/onnx_genai.py).
 
 The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``.
 """
@@ -12,11 +13,11 @@ import time
 from pathlib import Path
 
 from rankdown.errors import RankdownError
-from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.config import ExportConfig, OnnxGraph, Quantize
 from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
-from rankdown.export.onnx_files import check_onnx_model, external_data_files
+from rankdown.export.onnx_files import check_onnx_model, external_data_files, register_onnxruntime_schemas
 from rankdown.export.onnx_genai import genai_encodings, write_genai_files
 from rankdown.export.onnx_int4 import quantize_int4
 from rankdown.factor_record import FactorRecord
@@ -44,7 +45,8 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                  f"not a multiple of the block); head {quantization['head']}; embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
     check_onnx_model(bundle / SUBDIR / MODEL_FILE, bundle)
-    written = write_genai_files(bundle / SUBDIR, bundle, MODEL_FILE)
+    written = write_genai_files(bundle / SUBDIR, bundle, MODEL_FILE,
+                               keep_config=cfg.onnx_graph is OnnxGraph.FUSED)
     _check_genai_tokenizer(bundle / SUBDIR)
     progress(f"  onnx: {', '.join(written)} for onnxruntime-genai; its tokenizer encodes the check texts as the model's")
     return seconds, nodes, None, quantization
@@ -86,18 +88,23 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
     """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds, node counts
     and, for int4, what the quantizer did."""
     import onnx
-    from optimum.exporters.onnx import onnx_export_from_model
 
     out = bundle / SUBDIR
     start = time.perf_counter()
-    # optimum picks the graph's I/O names (input_ids, attention_mask, position_ids,
-    # past_key_values.*, logits, present.*) that ORTModelForCausalLM and ORT GenAI expect,
-    # and switches to external data on its own above 2 GB.
     quantized = cfg.quantize is not Quantize.NONE
     stage = bundle / ".onnx-fp32" if quantized else out
-    onnx_export_from_model(model, output=stage, task="text-generation-with-past", do_validation=False,
-                           no_post_process=False)
+    if cfg.onnx_graph is OnnxGraph.FUSED:
+        _export_fused(model, stage)
+    else:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        # optimum picks the graph's I/O names (input_ids, attention_mask, position_ids,
+        # past_key_values.*, logits, present.*) that ORTModelForCausalLM and ORT GenAI expect,
+        # and switches to external data on its own above 2 GB.
+        onnx_export_from_model(model, output=stage, task="text-generation-with-past", do_validation=False,
+                               no_post_process=False)
     fp32_path = stage / MODEL_FILE
+    register_onnxruntime_schemas()  # the fused graph's first RMSNorm
     onnx.checker.check_model(str(fp32_path))  # path form: handles external data and > 2 GB
     nodes = count_onnx(record, fp32_path)
     summary = None
@@ -117,6 +124,19 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
                                 f"({nodes.found} -> {requantized.found})")
         nodes = requantized
     return time.perf_counter() - start, nodes, summary
+
+
+def _export_fused(model, stage: Path) -> None:
+    """The builder's graph and genai_config.json, with the model's config.json and
+    generation_config.json beside them (the decoder reads the trained context from config.json;
+    the builder reads generation_config.json for genai_config.json's search settings)."""
+    from rankdown.export.onnx_builder import build_fused_onnx
+
+    stage.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(stage / "config.json"))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.to_json_file(str(stage / "generation_config.json"))
+    build_fused_onnx(model, stage, generation_source=stage)
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:

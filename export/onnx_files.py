@@ -121,12 +121,38 @@ def external_data_files(model_path: Path, root: Path) -> list[Path]:
     return sorted(files)
 
 
+def register_onnxruntime_schemas() -> None:
+    """Teach onnx's checker the one onnxruntime op that lives in the default domain:
+    ``SimplifiedLayerNormalization`` (RMSNorm, registered by onnxruntime under ai.onnx since
+    version 1, and written by onnxruntime-genai's model builder for the first RMSNorm). Without
+    it the checker refuses the fused graph ("No Op registered"). The schema follows onnxruntime's:
+    X and scale in, Y and an optional inv_std_var out; no shape inference function."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("SimplifiedLayerNormalization"):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    schema = OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[OpSchema.FormalParameter("X", "T"), OpSchema.FormalParameter("scale", "V")],
+        outputs=[OpSchema.FormalParameter("Y", "V"),
+                 OpSchema.FormalParameter("inv_std_var", "U", param_option=OpSchema.FormalParameterOption.Optional)],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[OpSchema.Attribute("axis", OpSchema.AttrType.INT, "", required=False),
+                    OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+                    OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False)],
+    )
+    onnx.defs.register_schema(schema)
+
+
 def check_onnx_model(model_path: Path, root: Path) -> list[Path]:
     """Containment, then onnx's checker and shape inference, both by path: the in-memory forms
     refuse models over 2 GiB. Returns the external-data files."""
     import onnx
 
     files = external_data_files(model_path, root)
+    register_onnxruntime_schemas()
     try:
         onnx.checker.check_model(str(model_path))
         with tempfile.TemporaryDirectory(prefix="rankdown-shapes-") as scratch:

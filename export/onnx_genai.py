@@ -2,9 +2,12 @@
 ``onnxruntime_genai``'s ``Generator`` the way an app does.
 
 onnxruntime-genai (the LLM runtime of ONNX apps on Android, iOS and Windows) opens a folder that
-holds ``genai_config.json``, the graph and the tokenizer files. The config names optimum's I/O
-(``past_key_values.%d.key`` in, ``present.%d.key`` out), so the graph runs as exported; the cache
-grows by concatenation (``past_present_share_buffer`` false), as the graph computes it.
+holds ``genai_config.json``, the graph and the tokenizer files. For the fused graph (the default)
+the model builder writes the config itself (export/onnx_builder.py): ``past_key_values.%d.key`` in,
+``present.%d.key`` out, one cache buffer of ``max_length`` positions that GroupQueryAttention writes
+in place (``past_present_share_buffer`` true). For optimum's graph (``--onnx-graph optimum``)
+``genai_config`` below names optimum's I/O and the cache grows by concatenation
+(``past_present_share_buffer`` false), as that graph computes it.
 
 The decoder half (``open_genai``, ``GenaiDecoder``) imports only numpy and the runtime: it ships to
 devices with the harness. Writing the config reads the graph with ``onnx``, imported inside.
@@ -70,21 +73,25 @@ def genai_config(model_config: dict, generation_config: dict, graph_inputs: set[
     }
 
 
-def write_genai_files(folder: Path, bundle: Path, model_file: str) -> list[str]:
-    """Write ``folder/genai_config.json`` for the graph ``folder/model_file`` and copy the bundle's
-    tokenizer files beside it (onnxruntime-genai reads them from the config's folder). Returns the
-    names written."""
+def write_genai_files(folder: Path, bundle: Path, model_file: str, keep_config: bool = False) -> list[str]:
+    """Write ``folder/genai_config.json`` for the graph ``folder/model_file`` (``keep_config``: the
+    model builder already wrote it for its own graph) and copy the bundle's tokenizer files beside it
+    (onnxruntime-genai reads them from the config's folder). Returns the names written."""
     import onnx
 
     from rankdown.atomic import write_text_atomic
 
-    graph = onnx.load(str(folder / model_file), load_external_data=False).graph
-    model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    gen_path = folder / "generation_config.json"
-    generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-    config = genai_config(model_config, generation, {i.name for i in graph.input}, {o.name for o in graph.output},
-                          model_file)
-    write_text_atomic(folder / GENAI_CONFIG, json.dumps(config, indent=2) + "\n")
+    if keep_config:
+        if not (folder / GENAI_CONFIG).is_file():
+            raise FileNotFoundError(f"{folder / GENAI_CONFIG}: the model builder wrote none")
+    else:
+        graph = onnx.load(str(folder / model_file), load_external_data=False).graph
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        gen_path = folder / "generation_config.json"
+        generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+        config = genai_config(model_config, generation, {i.name for i in graph.input},
+                              {o.name for o in graph.output}, model_file)
+        write_text_atomic(folder / GENAI_CONFIG, json.dumps(config, indent=2) + "\n")
     written = [GENAI_CONFIG]
     for name in GENAI_TOKENIZER_FILES:
         if (bundle / name).is_file():

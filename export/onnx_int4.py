@@ -14,10 +14,13 @@ positions, one thread; README has the table):
 - a K (input width: the rank, for an ``up``) that is not a multiple of the block is handled by the
   library and the kernel: the last block of each column is zero-padded inside the packed weight
   (``k_blocks = ceil(K / block)``), so no rank is padded in the graph and nothing falls back;
-- the head: 8-bit MatMulNBits (the same quantizer, ``bits=8``), as the head decides the token. A tied
-  head reads the embedding table through a Transpose, which the quantizer cannot see as a constant
-  weight; the transposed table is given to the head as its own initializer first;
-- the token embedding: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
+- the head: 8-bit MatMulNBits (the same quantizer, ``bits=8``), as the head decides the token. In
+  optimum's graph a tied head reads the embedding table through a Transpose, which the quantizer
+  cannot see as a constant weight; the transposed table is given to the head as its own initializer
+  first. In the fused graph (the model builder's) the head holds the table and the lookup reads it
+  through a Transpose; once the head is 8-bit, the lookup becomes a ``GatherBlockQuantized`` over the
+  head's own 8-bit blocks, as the builder does for a quantized tied head: one 8-bit table for both;
+- the token embedding of an untied model: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
   axis), the only Gather quantization the library has (no 8-bit); it halves the shipped model's
   int4 file (7.6 -> 4.0 MB) with no loss of agreement. The library moves the graph from opset 18 to
   21 for the int4 tensor type; the export's checker, shape inference and parity run on the result.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rankdown.errors import RankdownError
 
@@ -89,6 +93,54 @@ def _untie_head(graph, head) -> bool:
     return True
 
 
+def _tied_lookup(graph, table: str) -> tuple[Any, Any] | None:
+    """The fused graph's tied lookup: ``Gather(Transpose(table), input_ids)``; (transpose, gather) or None."""
+    transpose = next((n for n in graph.node if n.op_type == "Transpose" and list(n.input) == [table]), None)
+    if transpose is None:
+        return None
+    users = [n for n in graph.node if transpose.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != transpose.output[0]:
+        return None
+    return transpose, users[0]
+
+
+def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, block_size: int) -> None:
+    """Point the tied lookup at the head's 8-bit weight, as onnxruntime-genai's builder does for a
+    quantized tied head: MatMulNBits stores the head (N = vocab) row by row in blocks along the hidden
+    axis, which is the layout ``GatherBlockQuantized`` (gather axis 0, quantize axis 1) reads. The fp32
+    table is then dropped: the table is stored once, in 8 bits."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    weight, scales = head.input[1], head.input[2]
+    zero_points = head.input[3] if len(head.input) > 3 and head.input[3] else ""
+    vocab, blocks, blob = initializers[weight].dims
+    hidden = int(initializers[table].dims[0])  # the head's weight is (hidden, vocab)
+    base = gather.name.rsplit("/", 1)[0]
+    shape = f"{base}/quantized_table_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([vocab, blocks * blob], "int64"), shape))
+    flat = f"{base}/Reshape/output_0"
+    nodes = [helper.make_node("Reshape", [weight, shape], [flat], name=f"{base}/Reshape")]
+    padded = blocks * block_size != hidden
+    lookup_out = f"{base}/GatherBlockQuantized/output_0" if padded else gather.output[0]
+    nodes.append(helper.make_node("GatherBlockQuantized", [flat, gather.input[1], scales] + ([zero_points] if zero_points else []),
+                                  [lookup_out], name=f"{base}/GatherBlockQuantized", domain="com.microsoft",
+                                  bits=HEAD_BITS, block_size=block_size, gather_axis=0, quantize_axis=1))
+    if padded:  # the last block of each row is zero-padded: cut the lookup back to the hidden size
+        bounds = [(f"{base}/slice_{k}", np.array([v], "int64")) for k, v in (("start", 0), ("end", hidden), ("axis", -1))]
+        graph.initializer.extend(numpy_helper.from_array(v, n) for n, v in bounds)
+        nodes.append(helper.make_node("Slice", [lookup_out] + [n for n, _ in bounds], [gather.output[0]],
+                                      name=f"{base}/Slice"))
+    at = min(list(graph.node).index(gather), list(graph.node).index(transpose))
+    graph.node.remove(gather)
+    graph.node.remove(transpose)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    if not any(table in n.input for n in graph.node):
+        graph.initializer.remove(initializers[table])
+
+
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
                   accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and an 8-bit head (the
@@ -104,7 +156,9 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     head = _head_node(graph)
     if head is None:
         raise RankdownError(f"{src}: no MatMul writes {LOGITS!r}; cannot tell the head from the decoder linears")
-    tied = _untie_head(graph, head)
+    tied_table = head.input[1]
+    tied_lookup = _tied_lookup(graph, tied_table)  # the fused graph: the lookup reads the head's weight
+    tied = tied_lookup is None and _untie_head(graph, head)
     constants = {init.name: tuple(init.dims) for init in graph.initializer}
     weighted = [n for n in graph.node if n.op_type == "MatMul" and len(constants.get(n.input[1], ())) == 2]
     decoder = [n for n in weighted if n is not head]
@@ -124,6 +178,10 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                                  op_types_to_quantize=("MatMul",))
     eight.process()
     quantized = eight.model
+    if tied_lookup is not None:
+        graph = quantized.model.graph
+        head = next(n for n in graph.node if LOGITS in n.output)
+        _lookup_from_quantized_head(graph, head, tied_table, *tied_lookup, group_size)
     if embedding_4bit:
         # Only the token lookup: a Gather from a 2-D table (others read shapes, not weights).
         tables = {i.name for i in quantized.model.graph.initializer if len(i.dims) == 2}
@@ -141,7 +199,12 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(len(i.raw_data) for i in quantized.model.graph.initializer) > 1_800_000_000
     quantized.save_model_to_file(str(dst), use_external_data_format=large)
+    lookups = [n for n in quantized.model.graph.node if n.op_type == "GatherBlockQuantized"]
+    if tied_lookup is not None:
+        embedding = f"GatherBlockQuantized {HEAD_BITS}-bit, the head's weight (the tied table stored once)"
+    else:
+        embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
     return Int4Summary(int4_matmuls=len(decoder), partial_blocks=int(partial),
                        head=f"MatMulNBits {HEAD_BITS}-bit" + (" (own copy of the tied table)" if tied else ""),
-                       embedding="GatherBlockQuantized 4-bit" if embedding_4bit else "fp32 Gather",
+                       embedding=embedding,
                        block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level)

@@ -114,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.pipeline import export, format_manifest
 
     cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, backend=args.backend,
-                       max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
+                       onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
     manifest = export(args.model, args.out, cfg)
     print(f"{args.out}: bundle written")
     print(format_manifest(manifest))
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
 
-    from rankdown.export.config import Backend, ExportConfig, Format, Quantize
+    from rankdown.export.config import Backend, ExportConfig, Format, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
     from rankdown.validate.config import Runtime
 
@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))
+    exp.add_argument("--onnx-graph", default=default_of(ExportConfig, "onnx_graph").value,
+                     help=help_with_default(f"{' or '.join(choices(OnnxGraph))} (fused: onnxruntime-genai's model builder, "
+                                            "GroupQueryAttention + SkipSimplifiedLayerNorm; optimum: one op per PyTorch op, "
+                                            "the graph optimum's ORTModelForCausalLM loads)", ExportConfig, "onnx_graph"))
     exp.add_argument("--max-seq-len", type=int, default=default_of(ExportConfig, "max_seq_len"),
                      help=help_with_default("positions the ExecuTorch KV cache holds", ExportConfig, "max_seq_len"))
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")

@@ -52,6 +52,11 @@ class FactorizedLinear(nn.Module):
     def rank(self) -> int:
         return self.down.out_features
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The pair's bias is ``up``'s (what an exporter reads as the linear's bias)."""
+        return self.up.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
@@ -94,6 +99,11 @@ class SharedDownLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.shared_down.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The member's bias is its ``up``'s."""
+        return self.up.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.shared_down(x))

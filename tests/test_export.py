@@ -64,10 +64,38 @@ def test_bundle_layout_manifest_and_counts(joint_bundle):
     assert read.options["formats"] == ["onnx", "executorch"] and read.options["quantize"] == "none"
 
 
-def test_onnx_loads_in_optimum_and_generates_like_torch(joint_bundle):
+def test_the_fused_graph_has_the_peers_ops_and_every_pair_as_two_matmuls(joint_bundle):
+    """onnxruntime-genai's builder graph: attention with its KV cache and rotary in one
+    GroupQueryAttention per layer, RMSNorm + residual in SkipSimplifiedLayerNormalization, and each
+    factor pair as two MatMuls (a shared down once per group), none multiplied back into a dense weight."""
+    import onnx
+
+    folder, bundle, manifest = joint_bundle
+    record = FactorRecord.read(folder)
+    config = open_checkpoint(folder).config
+    graph = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == config.num_hidden_layers
+    assert not {"RotaryEmbedding", "Softmax"} & set(ops)  # rotary inside the attention op
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * config.num_hidden_layers
+    factors = [n for n in graph.node if n.op_type == "MatMul" and n.name.split("/")[-2] in ("down", "up")]
+    assert len(factors) == _expected_nodes(folder) == manifest.formats["onnx"].factor_nodes.found
+    assert len(factors) == 2 * len(record.modules) - sum(1 for s in record.modules.values() if s.shares_down_with)
+    weights = {i.name: tuple(i.dims) for i in graph.initializer}
+    dense = {(s.in_features, s.out_features) for s in record.modules.values()}
+    assert not any(shape in dense or shape[::-1] in dense for shape in weights.values() if len(shape) == 2)
+    assert {i.name for i in graph.input} == {"input_ids", "attention_mask"} | \
+        {f"past_key_values.{i}.{kv}" for i in range(config.num_hidden_layers) for kv in ("key", "value")}
+
+
+def test_the_optimum_graph_stays_an_option_and_loads_in_optimum(compressed_tiny, tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    folder, bundle, _ = joint_bundle
+    folder, _ = compressed_tiny["joint"]
+    bundle = tmp_path / "optimum"
+    manifest = export(folder, bundle, ExportConfig(formats="onnx", onnx_graph="optimum"), progress=quiet)
+    assert manifest.formats["onnx"].parity.passed and manifest.options["onnx_graph"] == "optimum"
+    assert manifest.formats["onnx"].factor_nodes.found == _expected_nodes(folder)
     ort_model = ORTModelForCausalLM.from_pretrained(bundle / "onnx")
     model = load_model(open_checkpoint(folder)).eval()
     ids = load_tokenizer(folder)("12+7=", return_tensors="pt", return_token_type_ids=False)
@@ -152,10 +180,12 @@ def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
     """Llama-3.2-style tied embeddings: a dense checkpoint goes through both formats."""
     folder = write_tiny_model(tmp_path / "tied", tiny_tokenizer, seed=3, tie_word_embeddings=True)
     manifest = export(folder, tmp_path / "b", ExportConfig(max_seq_len=64), progress=quiet)
-    for entry in manifest.formats.values():
+    for name, entry in manifest.formats.items():
         assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found == 0
-        # 7 per layer; the tied head reads the embedding through a transpose, not a stored weight
-        assert entry.factor_nodes.dense_linears in (2 * 7, 2 * 7 + 1)
+        # ONNX (fused): q/k/v packed into one MatMul, 5 per layer, and the head (it holds the table; the
+        # lookup reads it through a Transpose); ExecuTorch: 7 per layer, the head maybe through a transpose
+        assert entry.factor_nodes.dense_linears in ((2 * 5 + 1,) if name == "onnx" else (2 * 7, 2 * 7 + 1))
+        assert entry.embedding_tables == 1
     assert not manifest.source.factorized and manifest.source.compression is None
 
 
@@ -195,10 +225,13 @@ def _fake_record(module: str, in_features: int, out_features: int) -> FactorReco
     return FactorRecord({module: ModuleFactor(rank=4, in_features=in_features, out_features=out_features, bias=False)})
 
 
-def test_a_folded_pair_is_caught_in_the_onnx_graph(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("module", "out_features"), [("model.layers.1.mlp.up_proj", 128),
+                                                      ("model.layers.0.self_attn.o_proj", 64)])
+def test_a_folded_pair_is_caught_in_the_onnx_graph(tiny_model_dir, tmp_path, module, out_features):
+    """The builder names attention ``attn`` (``/model/layers.0/attn/o_proj/MatMul``): still found."""
     export(tiny_model_dir, tmp_path / "dense", ExportConfig(formats="onnx", check=False), progress=quiet)
-    record = _fake_record("model.layers.1.mlp.up_proj", 64, 128)
-    with pytest.raises(RankdownError, match="up_proj was folded into one dense 128x64 matmul"):
+    record = _fake_record(module, 64, out_features)
+    with pytest.raises(RankdownError, match=f"{module.rsplit('.', 1)[1]} was folded into one dense {out_features}x64 matmul"):
         count_onnx(record, tmp_path / "dense" / "onnx" / "model.onnx")
 
 

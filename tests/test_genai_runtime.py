@@ -55,14 +55,17 @@ def test_export_writes_a_genai_config_naming_the_graphs_io_and_the_manifest_list
     graph = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
     layers = decoder["num_hidden_layers"]
-    assert {decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")} | \
+    # The model builder's graph: positions come from the mask inside GroupQueryAttention (no position_ids).
+    assert {decoder["inputs"][k] for k in ("input_ids", "attention_mask")} | \
         {decoder["inputs"][k] % i for k in ("past_key_names", "past_value_names") for i in range(layers)} == inputs
     assert {decoder["outputs"]["logits"]} | \
         {decoder["outputs"][k] % i for k in ("present_key_names", "present_value_names") for i in range(layers)} == outputs
     model_config = json.loads((bundle / "onnx" / "config.json").read_text())
     assert config["model"]["context_length"] == model_config["max_position_embeddings"] == 256
+    # GroupQueryAttention writes the step into a cache of max_length positions that past and present share.
     assert (decoder["filename"], config["model"]["type"], config["search"]["past_present_share_buffer"]) == \
-        ("model.onnx", "llama", False)
+        ("model.onnx", "llama", True)
+    assert {n.op_type for n in graph.node} >= {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
 
 
 def test_genai_tokenizer_encodes_real_prompts_as_the_model_tokenizer_without_bos(genai_bundles):

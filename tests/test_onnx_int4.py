@@ -88,7 +88,34 @@ def test_validate_runs_the_int4_onnx_bundle(onnx_int4_bundles):
     assert QualityBounds.for_quantize(Quantize.INT4).max_perplexity_increase > QualityBounds().max_perplexity_increase
 
 
-def test_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
+def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer, tmp_path):
+    """The fused graph's tied lookup reads the head's weight through a Transpose; after the head is
+    quantized to 8 bits the lookup becomes a GatherBlockQuantized over the head's own 8-bit blocks
+    (as onnxruntime-genai's builder does): one 8-bit table, no fp32 copy. Block size 64 = hidden;
+    256 pads each row's block, and a Slice cuts the lookup back."""
+    from conftest import write_tiny_model
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.tied_embeddings import table_copies, tied_table
+
+    dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
+    table = tied_table(load_model(open_checkpoint(dense)))
+    for group in (64, 256):
+        bundle = tmp_path / f"b{group}"
+        manifest = export(dense, bundle, ExportConfig(formats="onnx", quantize="int4", group_size=group), progress=quiet)
+        entry = manifest.formats["onnx"]
+        assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit"
+        assert entry.quantization["embedding"].startswith("GatherBlockQuantized 8-bit, the head's weight")
+        graph = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
+        head = next(n for n in graph.node if n.output[0] == "logits")
+        lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+        assert {a.name: a.i for a in lookup.attribute}["bits"] == 8 and set(lookup.input[2:]) <= set(head.input)
+        assert ("Slice" in {n.op_type for n in graph.node}) == (group == 256)
+        assert entry.embedding_tables == 0 and table_copies(list((bundle / "onnx").iterdir()), table) == 0
+
+
+def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     """optimum's tied head reads the table through a Transpose, which the quantizer cannot see as a
     constant weight: it is given the transposed table first, then quantized to 8 bits; the lookup is
     4-bit, so no fp32 copy of the table is left."""
@@ -102,7 +129,8 @@ def test_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
     compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64),
              progress=quiet)
-    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4", onnx_graph="optimum"),
+                      progress=quiet)
     entry = manifest.formats["onnx"]
     assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit (own copy of the tied table)"
     graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph

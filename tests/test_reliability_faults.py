@@ -73,7 +73,7 @@ def test_a_kill_at_any_byte_leaves_the_previous_output(kill_run, stage):
 
 def test_after_the_kills_the_run_completes_and_leaves_nothing_behind(kill_run):
     assert kill_run["checkpoint_after"] == "new" and kill_run["bundle_after"] == "new"
-    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= set(kill_run["external_data"])
+    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= set(kill_run["external_data"])  # optimum's graph (kill_harness.py)
     assert kill_run["leftovers"] == []
 
 
@@ -215,10 +215,14 @@ def test_disk_full_while_writing_weights_is_one_clean_error(tiny_model_dir, tmp_
     assert tree_digest(tiny_model_dir) == before
 
 
-def test_disk_full_while_writing_onnx_is_one_clean_error(compressed_tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_disk_full_while_writing_onnx_is_one_clean_error(compressed_tiny, tmp_path, monkeypatch, graph):
+    """The fused graph is written by onnx_ir.save (the model builder), optimum's by onnx.save."""
     import onnx
+    import onnx_ir
 
-    real_save = onnx.save
+    writer = onnx_ir if graph == "fused" else onnx
+    real_save = writer.save
 
     def fills_the_disk(model, path, *args, **kwargs):
         if str(path).endswith("model.onnx"):
@@ -228,11 +232,11 @@ def test_disk_full_while_writing_onnx_is_one_clean_error(compressed_tiny, tmp_pa
 
     folder, _ = compressed_tiny["svd"]
     before = tree_digest(folder)
-    monkeypatch.setattr(onnx, "save", fills_the_disk)
+    monkeypatch.setattr(writer, "save", fills_the_disk)
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's onnx.save path, as for a large model
     out = tmp_path / "b"
     with pytest.raises(RankdownError, match=r"b: out of space writing .*b/onnx/model.onnx"):
-        export(folder, out, ExportConfig(formats="onnx", check=False), progress=quiet)
+        export(folder, out, ExportConfig(formats="onnx", check=False, onnx_graph=graph), progress=quiet)
     assert not out.exists() and _debris(out) == []
     assert tree_digest(folder) == before
 
@@ -285,13 +289,12 @@ def test_validate_report_inside_the_bundle_is_refused(joint_bundle, tmp_path):
 # re-runs -----------------------------------------------------------------------------------
 
 def test_rerun_export_is_byte_identical_with_no_stale_files(compressed_tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # external data: the file that could grow by appends
     folder, _ = compressed_tiny["svd"]
     bundle = tmp_path / "b"
     cfg = ExportConfig(formats="onnx", check=False)
     first = export(folder, bundle, cfg, progress=quiet)
     files = {rel: (bundle / rel).read_bytes() for rel in first.all_files()}
-    assert "onnx/model.onnx_data" in files
+    assert "onnx/model.onnx.data" in files  # the builder's external data: the file that could grow by appends
     with pytest.raises(RankdownError, match="already exists"):
         export(folder, bundle, cfg, progress=quiet)
     (bundle / "onnx" / "stale.onnx_data").write_bytes(b"old shard")

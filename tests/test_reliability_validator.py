@@ -69,16 +69,16 @@ def _replace(tensor, array):
 
 
 def _scale_one_factor(model):
-    tensor, array = _initializer(model, "/model/layers.1/mlp/down_proj/up/MatMul")
+    tensor, array = _initializer(model, "/model.layers.1.mlp.down_proj/up/MatMul")
     _replace(tensor, array * 1.01)
 
 
 def _swap_two_heads(model):
     """Query heads 0 and 1 (head_dim 16, both read KV head 0) trade places in q_proj's up factor."""
-    tensor, array = _initializer(model, "/model/layers.0/self_attn/q_proj/up/MatMul")  # [rank, out]
+    tensor, array = _initializer(model, "/model.layers.0.self_attn.q_proj/up/MatMul")  # [rank, out]
     array[:, 0:16], array[:, 16:32] = array[:, 16:32].copy(), array[:, 0:16].copy()
     _replace(tensor, array)
-    add = next(n for n in model.graph.node if n.name == "/model/layers.0/self_attn/q_proj/up/Add")
+    add = next(n for n in model.graph.node if n.name == "/model/layers.0/attn/q_proj/Add")
     bias_name = next(i for i in add.input if i in {t.name for t in model.graph.initializer})
     bias = next(t for t in model.graph.initializer if t.name == bias_name)
     values = numpy_helper.to_array(bias).copy()
@@ -87,7 +87,7 @@ def _swap_two_heads(model):
 
 
 def _drop_a_bias(model):
-    add = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/up/Add")
+    add = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/Add")
     bias_name = next(i for i in add.input if i in {t.name for t in model.graph.initializer})
     bias = next(t for t in model.graph.initializer if t.name == bias_name)
     _replace(bias, np.zeros_like(numpy_helper.to_array(bias)))

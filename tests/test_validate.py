@@ -67,13 +67,19 @@ def _corrupt_onnx_weights(bundle, out):
     bundle a broken export would produce. Only parity can tell."""
     shutil.copytree(bundle, out)
     path = out / "onnx" / "model.onnx"
+    data = path.with_name("model.onnx.data")  # the fused graph's weights; kept external, so sizes compare
     model = onnx.load(str(path))
     target = next(t for t in model.graph.initializer if len(t.dims) == 2 and 0 < t.dims[1] < 128)
     flipped = -numpy_helper.to_array(target)
     target.CopyFrom(numpy_helper.from_array(flipped, target.name))
-    onnx.save(model, str(path))
+    external = data.is_file()
+    if external:
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=0)
     raw = json.loads((out / MANIFEST_FILE).read_text())
-    raw["formats"]["onnx"]["files"]["onnx/model.onnx"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    for file in [path] + ([data] if external else []):
+        raw["formats"]["onnx"]["files"][f"onnx/{file.name}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     (out / MANIFEST_FILE).write_text(json.dumps(raw))
     Manifest.read(out)
 
