@@ -83,7 +83,9 @@ def write_genai_files(folder: Path, bundle: Path, model_file: str, keep_config: 
 
     if keep_config:
         if not (folder / GENAI_CONFIG).is_file():
-            raise FileNotFoundError(f"{folder / GENAI_CONFIG}: the model builder wrote none")
+            from rankdown.errors import RankdownError
+
+            raise RankdownError(f"{folder / GENAI_CONFIG}: the model builder wrote none")
     else:
         graph = onnx.load(str(folder / model_file), load_external_data=False).graph
         model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
