@@ -11,7 +11,11 @@ for every RMSNorm + residual, a tied head read through one Transpose, and ``gena
   ``/<module>/<down|up>/MatMul`` so export/factor_nodes.py finds them; a shared ``down``
   (``joint``) runs once per input;
 - Q/K/V are not packed into one MatMul when any of them is a factor pair (a pair has no weight
-  to concatenate); dense layers keep the builder's packing.
+  to concatenate); dense layers keep the builder's packing;
+- a bias on o_proj or down_proj (``feature``'s ``up`` carries one) is not an Add node: it becomes
+  the ``bias`` input of the SkipSimplifiedLayerNormalization that adds that output to the residual
+  (the op computes input + skip + bias, and its output 3, the next residual, includes it). At
+  decode a node costs more in dispatch than its 576 additions.
 
 The builder targets transformers 5.2x; the project is pinned to 4.57 (optimum-onnx needs < 4.58).
 Two shims make it run on 4.57, both without touching the library (see ``_import_builder`` and
@@ -31,6 +35,8 @@ from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
 
 GRAPH_FILE = "model.onnx"
+# The builder's names for the bias Adds whose sums go straight into the residual stream.
+_RESIDUAL_BIAS_ADDS = ("/attn/o_proj/Add", "/mlp/down_proj/Add")
 # transformers classes the builder imports at module level (builders/base.py) and that 4.57
 # lacks. The builder only uses them for model types rankdown never builds (vision, MoE).
 _MISSING_IN_TRANSFORMERS_457 = (
@@ -72,6 +78,8 @@ def _factor_class(base: Any) -> Any:
             self._source_model = model
             self._names = {id(m): n for n, m in model.named_modules()}
             self._shared_downs: dict[tuple[int, str], str] = {}
+            self._residual_biases: dict[str, tuple[str, str]] = {}  # Add output it replaces -> (its input, bias)
+            self._norm_bias: str | None = None
             super().__init__(copy.deepcopy(model.config), io_dtype, onnx_dtype, "cpu", cache_dir, extra_options)
 
         def make_config_init(self, config):
@@ -104,6 +112,28 @@ def _factor_class(base: Any) -> Any:
                 return super().make_matmul(matmul, basename, root_input, **kwargs)
             up_name = f"/{self._names[id(matmul)]}/up/MatMul"
             return super().make_matmul(_Weight(matmul.up), up_name, f"{down}/output_0", **kwargs)
+
+        def make_add_bias(self, add, name, root_input, **kwargs):
+            if not name.endswith(_RESIDUAL_BIAS_ADDS):
+                return super().make_add_bias(add, name, root_input, **kwargs)
+            bias = name[1:].replace("/", ".") + ".bias"
+            self.make_initializer(add, bias, to=self.io_dtype)
+            self._residual_biases[f"{name}/output_0"] = (root_input, bias)
+
+        def make_layernorm(self, layer_id, layernorm, skip, simple, location):
+            folded = self._residual_biases.pop(self.layernorm_attrs["skip_input"], None) if skip else None
+            if folded is not None:
+                if not simple:
+                    raise RankdownError("a residual bias can only be folded into SkipSimplifiedLayerNormalization")
+                self.layernorm_attrs["skip_input"], self._norm_bias = folded
+            super().make_layernorm(layer_id, layernorm, skip, simple, location)
+            if self._norm_bias is not None:
+                raise RankdownError(f"the builder made no SkipSimplifiedLayerNormalization for {self._norm_bias}")
+
+        def make_layernorm_op(self, name, op_type, inputs, outputs, skip, new_io_dtype, **kwargs):
+            if self._norm_bias is not None and op_type == "SkipSimplifiedLayerNormalization":
+                inputs, self._norm_bias = [*inputs, self._norm_bias], None
+            super().make_layernorm_op(name, op_type, inputs, outputs, skip, new_io_dtype, **kwargs)
 
         def _factor(self, pair, child: str, linear, root_input: str) -> str:
             # Named by the module (dots kept): export/factor_nodes.py locates ``model.layers.0.self_attn.q_proj.down``.
@@ -147,6 +177,8 @@ def build_fused_onnx(model, out: Path, generation_source: Path | None = None) ->
             if generation_source is not None:
                 builder.model_name_or_path = str(generation_source)
             builder.make_model(str(generation_source or ""))
+            if builder._residual_biases:  # an Add output no norm consumed: its bias would be lost
+                raise RankdownError(f"fused ONNX graph: residual bias(es) not folded: {sorted(builder._residual_biases)}")
             builder.save_model(str(out))
             builder.make_genai_config(copy.deepcopy(config), {}, str(out))
     finally:

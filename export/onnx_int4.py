@@ -14,6 +14,8 @@ positions, one thread; README has the table):
 - a K (input width: the rank, for an ``up``) that is not a multiple of the block is handled by the
   library and the kernel: the last block of each column is zero-padded inside the packed weight
   (``k_blocks = ceil(K / block)``), so no rank is padded in the graph and nothing falls back;
+- a bias Add after a MatMulNBits (``feature``'s q/k/v and gate/up pairs; o/down's are already in the
+  norms in the fused graph) becomes the node's own ``bias`` input: one node fewer per bias at decode;
 - the head: 8-bit MatMulNBits (the same quantizer, ``bits=8``), as the head decides the token. In
   optimum's graph a tied head reads the embedding table through a Transpose, which the quantizer
   cannot see as a constant weight; the transposed table is given to the head as its own initializer
@@ -46,6 +48,7 @@ class Int4Summary:
     """What the quantizer did, for the manifest."""
 
     int4_matmuls: int  # MatMuls now 4-bit MatMulNBits
+    folded_biases: int  # bias Adds now the MatMulNBits' own bias input
     partial_blocks: int  # of those, with an input width K that is not a multiple of the block (zero-padded last block)
     head: str  # how the head is stored
     embedding: str  # how the token lookup is stored
@@ -55,6 +58,7 @@ class Int4Summary:
 
     def as_dict(self) -> dict:
         return {"scheme": "onnxruntime MatMulNBitsQuantizer", "int4_matmuls": self.int4_matmuls,
+                "folded_biases": self.folded_biases,
                 "partial_last_block": self.partial_blocks, "head": self.head, "embedding": self.embedding,
                 "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level}
 
@@ -141,6 +145,36 @@ def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, bloc
         graph.initializer.remove(initializers[table])
 
 
+def _fold_biases(graph) -> int:
+    """A bias Add right after a MatMulNBits becomes the node's own ``bias`` input (its sixth); at decode
+    a separate Add costs more in dispatch than its additions. Returns how many were folded."""
+    initializers = {i.name: tuple(i.dims) for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    producers = {o: n for n in graph.node if n.op_type == "MatMulNBits" for o in n.output}
+    folded = []
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for i, j in ((0, 1), (1, 0)):
+            matmul, bias = producers.get(add.input[i]), add.input[j]
+            if matmul is None or consumers[add.input[i]] != 1 or add.input[i] in outputs or len(matmul.input) > 5:
+                continue
+            width = next(a.i for a in matmul.attribute if a.name == "N")
+            if initializers.get(bias) != (width,):
+                continue
+            matmul.input.extend([""] * (5 - len(matmul.input)) + [bias])
+            matmul.output[0] = add.output[0]
+            folded.append(add)
+            break
+    for add in folded:
+        graph.node.remove(add)
+    return len(folded)
+
+
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
                   accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and an 8-bit head (the
@@ -192,6 +226,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
         with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): scale 0, handled
             gather.process()
         quantized = gather.model
+    biases = _fold_biases(quantized.model.graph)
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul"
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:
@@ -204,7 +239,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
         embedding = f"GatherBlockQuantized {HEAD_BITS}-bit, the head's weight (the tied table stored once)"
     else:
         embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
-    return Int4Summary(int4_matmuls=len(decoder), partial_blocks=int(partial),
+    return Int4Summary(int4_matmuls=len(decoder), folded_biases=biases, partial_blocks=int(partial),
                        head=f"MatMulNBits {HEAD_BITS}-bit" + (" (own copy of the tied table)" if tied else ""),
                        embedding=embedding,
                        block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level)

@@ -176,6 +176,28 @@ def test_feature_pairs_with_bias_export_to_executorch(compressed_tiny, tmp_path)
     assert entry.parity.passed and entry.factor_nodes.found == _expected_nodes(folder)
 
 
+def test_feature_residual_biases_fold_into_the_norms(compressed_tiny, tmp_path):
+    """A bias on o_proj / down_proj is the SkipSimplifiedLayerNormalization's bias input, not an Add
+    node (the other pairs' biases stay Adds), and the graph still matches PyTorch."""
+    import onnx
+
+    folder, _ = compressed_tiny["feature"]
+    modules = FactorRecord.read(folder).modules
+    residual = {n for n, s in modules.items() if s.bias and n.endswith(("o_proj", "down_proj"))}
+    other = {n for n, s in modules.items() if s.bias} - residual
+    assert residual and other
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
+    assert manifest.formats["onnx"].parity.passed
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph
+    adds = [n.name for n in graph.node if n.op_type == "Add"]
+    assert not [a for a in adds if a.endswith(("o_proj/Add", "down_proj/Add"))]
+    assert len([a for a in adds if a.endswith("_proj/Add")]) == len(other)
+    biased_norms = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization" and len(n.input) == 4]
+    assert len(biased_norms) == len(residual)
+    initializers = {i.name for i in graph.initializer}
+    assert all(n.input[3] in initializers for n in biased_norms)
+
+
 def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
     """Llama-3.2-style tied embeddings: a dense checkpoint goes through both formats."""
     folder = write_tiny_model(tmp_path / "tied", tiny_tokenizer, seed=3, tie_word_embeddings=True)

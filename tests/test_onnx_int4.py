@@ -138,3 +138,19 @@ def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert entry.embedding_tables == 0
     assert table_copies([tmp_path / "b" / "onnx" / "model.onnx"], tied_table(load_model(open_checkpoint(dense)))) == 0
+
+
+def test_feature_biases_leave_no_add_after_a_factor(compressed_tiny, tmp_path):
+    """feature's up biases: o/down's in the norms, the rest the MatMulNBits' own bias input, so no
+    Add follows a factor; the graph still passes its int4 self-check."""
+    folder, _ = compressed_tiny["feature"]
+    biased = [n for n, s in FactorRecord.read(folder).modules.items() if s.bias]
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    entry = manifest.formats["onnx"]
+    assert entry.parity.passed
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert not [n.name for n in graph.node if n.op_type == "Add" and n.name.endswith("_proj/Add")]
+    with_bias = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6]
+    assert all(n.name.split("/")[-2] == "up" and n.input[5] in _weights(graph) for n in with_bias)
+    residual = sum(1 for n in biased if n.endswith(("o_proj", "down_proj")))
+    assert entry.quantization["folded_biases"] == len(with_bias) == len(biased) - residual > 0
