@@ -4,7 +4,8 @@
 
 Run by tests/test_reliability_faults.py in a fresh interpreter. Each stage runs for real
 (compress, then export to ONNX and ExecuTorch); at the call that writes an artifact (the
-safetensors writer, onnx.save, the .pte writer, the manifest writer) this process forks
+safetensors writer, onnx.save for optimum's graph, onnx_ir.save for the fused graph, the .pte
+writer, the manifest writer) this process forks
 POINTS children. Each child sets RLIMIT_FSIZE to a seeded random N below the size that
 call writes, restores SIGXFSZ's default action (Python ignores it) and re-enters the real
 write: the kernel kills it at byte N, like a SIGKILL, with no handler or ``finally`` run.
@@ -29,6 +30,7 @@ from pathlib import Path
 os.environ["FORCE_ONNX_EXTERNAL_DATA"] = "1"  # optimum writes .onnx + .onnx_data, as for a model over 2 GB
 
 import onnx
+import onnx_ir
 import torch
 
 torch.set_num_threads(1)  # no thread pool alive across fork
@@ -145,13 +147,18 @@ def main(model_dir: Path, work: Path, points: int, seed: int) -> dict:
     et_format.write_program = forking(et_format.write_program, 1, "pte", points, rng, state, results)
     export_pipeline.write_text_atomic = forking(export_pipeline.write_text_atomic, 0, "manifest", points, rng, state,
                                                 results, wanted=lambda p: p.name == MANIFEST_FILE)
-    # optimum's graph: its writer is onnx.save, where the kill points are (the fused graph's is onnx_ir.save).
+    # optimum's graph: its writer is onnx.save, where these kill points are.
     manifest = export(ckpt, bundle, ExportConfig(max_seq_len=32, parity_new_tokens=8, check=False, overwrite=True,
                                                  onnx_graph="optimum"), progress=quiet)
+    # The fused graph (the model builder's) is written by onnx_ir.save: killed over the bundle just written.
+    state = functools.partial(_state_of_bundle, bundle, (bundle / MANIFEST_FILE).read_bytes())
+    onnx_ir.save = forking(onnx_ir.save, 1, "onnx-fused", points, rng, state, results,
+                           wanted=lambda p: p.name == "model.onnx")
+    fused = export(ckpt, bundle, ExportConfig(formats="onnx", check=False, overwrite=True), progress=quiet)
     return {"results": results, "checkpoint_after": checkpoint_after, "bundle_after": state(),
             "external_data": sorted(manifest.formats["onnx"].files),
+            "fused_files": sorted(fused.formats["onnx"].files),
             "leftovers": sorted(p.name for p in work.iterdir() if p.name.startswith("."))}
-
 
 if __name__ == "__main__":
     model, work, count, seed = sys.argv[1:5]

@@ -61,7 +61,7 @@ def kill_run(tiny_model_dir, tmp_path_factory):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("stage", ["checkpoint", "onnx", "pte", "manifest"])
+@pytest.mark.parametrize("stage", ["checkpoint", "onnx", "onnx-fused", "pte", "manifest"])
 def test_a_kill_at_any_byte_leaves_the_previous_output(kill_run, stage):
     points = [r for r in kill_run["results"] if r["stage"] == stage]
     assert len(points) >= 20
@@ -74,6 +74,7 @@ def test_a_kill_at_any_byte_leaves_the_previous_output(kill_run, stage):
 def test_after_the_kills_the_run_completes_and_leaves_nothing_behind(kill_run):
     assert kill_run["checkpoint_after"] == "new" and kill_run["bundle_after"] == "new"
     assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= set(kill_run["external_data"])  # optimum's graph (kill_harness.py)
+    assert {"onnx/model.onnx", "onnx/model.onnx.data", "onnx/genai_config.json"} <= set(kill_run["fused_files"])
     assert kill_run["leftovers"] == []
 
 
