@@ -32,6 +32,7 @@ class Quantize(str, Enum):
 
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
+HEAD_BITS = (4, 8)
 
 
 class OnnxGraph(str, Enum):
@@ -69,6 +70,7 @@ class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
     group_size: int = 32  # int4: input columns that share one scale
+    head_bits: int = 8  # int4: the head's (and a tied lookup's) weight bits; the decoder linears are 4-bit
     onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
@@ -82,6 +84,10 @@ class ExportConfig:
             raise RankdownError(f"--format needs at least one of {', '.join(format_names())}")
         if not isinstance(self.max_seq_len, int) or not 16 <= self.max_seq_len <= 32768:
             raise RankdownError(f"--max-seq-len must be an integer in 16..32768, got {self.max_seq_len!r}")
+        if self.head_bits not in HEAD_BITS:
+            raise RankdownError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {self.head_bits!r}")
+        if self.head_bits != 8 and self.quantize is not Quantize.INT4:
+            raise RankdownError("--head-bits applies to --quantize int4 only")
         if self.group_size not in GROUP_SIZES:
             raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:

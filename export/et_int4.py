@@ -1,7 +1,7 @@
 """4-bit ExecuTorch weights (8da4w): every decoder linear, factor pairs included, as 4-bit weights in
 groups of ``group_size`` input columns with one scale each, activations quantized to int8 per token
-at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w) and the
-token embedding 8-bit per row (weight-only). Through torchao's ``quantize_``, as ExecuTorch's
+at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w; 4-bit groups
+with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). Through torchao's ``quantize_``, as ExecuTorch's
 Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
 
 A group must divide the linear's input width. A factor pair's ``up`` reads the rank, which need not
@@ -107,7 +107,7 @@ class ByteEmbedding(nn.Module):
         return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scales, None, -128, 127, ids)
 
 
-def quantize_int4(model: Any, record: FactorRecord, group_size: int) -> tuple[nn.Module, Int4Plan]:
+def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8) -> tuple[nn.Module, Int4Plan]:
     """A quantized copy of ``model`` (the caller's model is left as it is) and what was done."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -127,8 +127,12 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int) -> tuple[nn
                   Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
                                                         weight_granularity=PerGroup(group)))
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
-    # The head is as wide as the vocabulary and decides the token: 8 bits per output channel.
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=lambda m, fqn: m is head)
+    # The head is as wide as the vocabulary and decides the token: 8 bits per output channel by
+    # default; 4-bit groups (as the decoder) with head_bits=4.
+    head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+                   if head_bits == 8 or group_for(head.in_features, group_size) is None else
+                   Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                         weight_granularity=PerGroup(group_for(head.in_features, group_size))))
+    quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
     model.set_input_embeddings(ByteEmbedding(embedding))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

@@ -129,9 +129,9 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
     length = cfg.max_seq_len
     quantization = None
     if cfg.quantize is Quantize.INT4:
-        model, plan = quantize_int4(model, record, cfg.group_size)
+        model, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits)
         record = plan.record
-        quantization = {"scheme": "torchao 8da4w", "padded_ranks": len(plan.padded),
+        quantization = {"scheme": "torchao 8da4w", "head_bits": cfg.head_bits, "padded_ranks": len(plan.padded),
                         "int8_linears": len(plan.int8_linears)}
         progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
                  f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")

@@ -112,7 +112,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
         if cfg.quantize is Quantize.INT8:
             _quantize_int8(fp32_path, out / MODEL_FILE)
         else:
-            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group_size).as_dict()
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group_size, head_bits=cfg.head_bits).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)

@@ -40,7 +40,6 @@ from rankdown.errors import RankdownError
 LOGITS = "logits"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block (MLAS's CompInt8 kernels on CPU)
 SYMMETRIC = False
-HEAD_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,8 @@ def _tied_lookup(graph, table: str) -> tuple[Any, Any] | None:
     return transpose, users[0]
 
 
-def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, block_size: int) -> None:
-    """Point the tied lookup at the head's 8-bit weight, as onnxruntime-genai's builder does for a
+def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, block_size: int, bits: int) -> None:
+    """Point the tied lookup at the head's quantized weight (``bits``), as onnxruntime-genai's builder does for a
     quantized tied head: MatMulNBits stores the head (N = vocab) row by row in blocks along the hidden
     axis, which is the layout ``GatherBlockQuantized`` (gather axis 0, quantize axis 1) reads. The fp32
     table is then dropped: the table is stored once, in 8 bits."""
@@ -130,7 +129,7 @@ def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, bloc
     lookup_out = f"{base}/GatherBlockQuantized/output_0" if padded else gather.output[0]
     nodes.append(helper.make_node("GatherBlockQuantized", [flat, gather.input[1], scales] + ([zero_points] if zero_points else []),
                                   [lookup_out], name=f"{base}/GatherBlockQuantized", domain="com.microsoft",
-                                  bits=HEAD_BITS, block_size=block_size, gather_axis=0, quantize_axis=1))
+                                  bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))
     if padded:  # the last block of each row is zero-padded: cut the lookup back to the hidden size
         bounds = [(f"{base}/slice_{k}", np.array([v], "int64")) for k, v in (("start", 0), ("end", hidden), ("axis", -1))]
         graph.initializer.extend(numpy_helper.from_array(v, n) for n, v in bounds)
@@ -176,8 +175,8 @@ def _fold_biases(graph) -> int:
 
 
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
-                  accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True) -> Int4Summary:
-    """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and an 8-bit head (the
+                  accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8) -> Int4Summary:
+    """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and a ``head_bits`` head (the
     keyword arguments are the alternatives measured above)."""
     import numpy as np
     import onnx
@@ -199,15 +198,15 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     partial = sum(constants[n.input[1]][0] % group_size != 0 for n in decoder)
     head_name = head.name
     if not head_name or any(n.name == head_name for n in weighted if n is not head):
-        raise RankdownError(f"{src}: the head's MatMul has no unique name; cannot keep it at 8 bits")
+        raise RankdownError(f"{src}: the head's MatMul has no unique name; cannot quantize it apart")
     others = [n.name for n in graph.node if n.op_type == "MatMul" and n is not head]
 
-    # 4 bits for every MatMul with a constant weight but the head, then 8 bits for the head.
+    # 4 bits for every MatMul with a constant weight but the head, then ``head_bits`` for the head.
     four = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=symmetric,
                                 accuracy_level=accuracy_level, nodes_to_exclude=[head_name],
                                 op_types_to_quantize=("MatMul",))
     four.process()
-    eight = MatMulNBitsQuantizer(four.model.model, bits=HEAD_BITS, block_size=group_size, is_symmetric=symmetric,
+    eight = MatMulNBitsQuantizer(four.model.model, bits=head_bits, block_size=group_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, nodes_to_exclude=others,
                                  op_types_to_quantize=("MatMul",))
     eight.process()
@@ -215,7 +214,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     if tied_lookup is not None:
         graph = quantized.model.graph
         head = next(n for n in graph.node if LOGITS in n.output)
-        _lookup_from_quantized_head(graph, head, tied_table, *tied_lookup, group_size)
+        _lookup_from_quantized_head(graph, head, tied_table, *tied_lookup, group_size, head_bits)
     if embedding_4bit:
         # Only the token lookup: a Gather from a 2-D table (others read shapes, not weights).
         tables = {i.name for i in quantized.model.graph.initializer if len(i.dims) == 2}
@@ -236,10 +235,10 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     quantized.save_model_to_file(str(dst), use_external_data_format=large)
     lookups = [n for n in quantized.model.graph.node if n.op_type == "GatherBlockQuantized"]
     if tied_lookup is not None:
-        embedding = f"GatherBlockQuantized {HEAD_BITS}-bit, the head's weight (the tied table stored once)"
+        embedding = f"GatherBlockQuantized {head_bits}-bit, the head's weight (the tied table stored once)"
     else:
         embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
     return Int4Summary(int4_matmuls=len(decoder), folded_biases=biases, partial_blocks=int(partial),
-                       head=f"MatMulNBits {HEAD_BITS}-bit" + (" (own copy of the tied table)" if tied else ""),
+                       head=f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else ""),
                        embedding=embedding,
                        block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level)

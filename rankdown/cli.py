@@ -113,7 +113,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export, format_manifest
 
-    cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, backend=args.backend,
+    cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, head_bits=args.head_bits,
+                       backend=args.backend,
                        onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
     manifest = export(args.model, args.out, cfg)
     print(f"{args.out}: bundle written")
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
     exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
                      help=help_with_default("int4: input columns sharing one scale", ExportConfig, "group_size"))
+    exp.add_argument("--head-bits", type=int, default=default_of(ExportConfig, "head_bits"),
+                     help=help_with_default("int4: bits of the head (4 or 8; a tied lookup shares them in ONNX)",
+                                            ExportConfig, "head_bits"))
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

@@ -9,7 +9,7 @@ from helpers import quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.export.config import ExportConfig
-from rankdown.export.et_int4 import group_for, pad_ranks, padded_rank
+from rankdown.export.et_int4 import group_for, pad_ranks, padded_rank, quantize_int4
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 
@@ -53,6 +53,20 @@ def test_padded_ranks_compute_the_same_model(compressed_tiny):
     assert padded and all(r % 32 for r, _ in padded.values())
     assert all(spec.rank % 32 == 0 for spec in padded_record.modules.values())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_a_4bit_head_moves_the_logits_more_than_an_8bit_one(compressed_tiny):
+    """head_bits=4 quantizes the head to 4-bit groups (8da4w), 8 per channel otherwise: the decoder is
+    the same in both, so the 4-bit head's logits are the further from the unquantized model's."""
+    folder, _ = compressed_tiny["joint"]
+    record = FactorRecord.read(folder)
+    model = load_model(open_checkpoint(folder)).eval()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        reference = model(ids).logits
+        error = {bits: (quantize_int4(model, record, 32, head_bits=bits)[0](ids).logits - reference).abs().mean()
+                 for bits in (8, 4)}
+    assert error[4] > 1.2 * error[8] > 0
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from helpers import quiet
 
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.manifest import Manifest
+from rankdown.errors import RankdownError
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 from rankdown.validate.config import Checks, QualityBounds, ValidateConfig
@@ -154,3 +155,36 @@ def test_feature_biases_leave_no_add_after_a_factor(compressed_tiny, tmp_path):
     assert all(n.name.split("/")[-2] == "up" and n.input[5] in _weights(graph) for n in with_bias)
     residual = sum(1 for n in biased if n.endswith(("o_proj", "down_proj")))
     assert entry.quantization["folded_biases"] == len(with_bias) == len(biased) - residual > 0
+
+
+def test_a_4bit_head_shares_its_blocks_with_the_tied_lookup(tiny_tokenizer, tmp_path):
+    """--head-bits 4: the head is 4-bit MatMulNBits and the tied lookup a 4-bit GatherBlockQuantized
+    over the same blocks (the table stored once), smaller than the 8-bit head, and within int4 bounds."""
+    from conftest import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tied", tiny_tokenizer, seed=3, tie_word_embeddings=True)
+    sizes = {}
+    for bits in (8, 4):
+        manifest = export(folder, tmp_path / f"b{bits}", ExportConfig(formats="onnx", quantize="int4", head_bits=bits),
+                          progress=quiet)
+        entry = manifest.formats["onnx"]
+        assert entry.parity.passed and entry.quantization["head"] == f"MatMulNBits {bits}-bit"
+        graph = onnx.load(str(tmp_path / f"b{bits}" / "onnx" / "model.onnx"), load_external_data=False).graph
+        head = next(n for n in graph.node if "logits" in n.output)
+        lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lookup.attribute}
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}["bits"] == attrs["bits"] == bits
+        reshape = next(n for n in graph.node if lookup.input[0] in n.output)
+        assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1]  # the head's own blocks
+        head_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+        table = {(head_attrs["N"], head_attrs["K"]), (head_attrs["K"], head_attrs["N"])}
+        assert not [i.name for i in graph.initializer if tuple(i.dims) in table]  # no fp32 table left
+        sizes[bits] = sum(f.bytes for name, f in entry.files.items() if not name.endswith(".json"))
+    assert sizes[4] < sizes[8]
+
+
+def test_head_bits_is_refused_without_int4():
+    with pytest.raises(RankdownError, match="--head-bits applies to --quantize int4"):
+        ExportConfig(formats="onnx", quantize="int8", head_bits=4)
+    with pytest.raises(RankdownError, match="--head-bits must be one of 4, 8"):
+        ExportConfig(formats="onnx", quantize="int4", head_bits=2)
