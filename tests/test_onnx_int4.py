@@ -8,9 +8,9 @@ import onnx
 import pytest
 from helpers import quiet
 
+from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.manifest import Manifest
-from rankdown.errors import RankdownError
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 from rankdown.validate.config import Checks, QualityBounds, ValidateConfig
