@@ -81,7 +81,8 @@ class Healing:
     lr: float = 5e-5  # AdamW, decayed linearly to 0 over the steps
     distill: float = 1.0
     top_k: int = 32  # the dense model's log-probs kept per token; they are computed before compressing
-    held_back: int = 16  # training windows never trained on: the report's loss before and after
+    # the first training windows (the same whatever the steps), never trained on: the report's loss before and after
+    held_back: int = 16
 
     def __post_init__(self):
         for name in ("steps", "batch", "seq_len", "top_k", "held_back"):

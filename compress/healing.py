@@ -66,6 +66,9 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     if held < 1:
         raise RankdownError(f"{cfg.source}: healing needs at least 4 training windows of {healing.seq_len} tokens, "
                             f"the data gives {windows.shape[0]}")
+    # The held-back windows are the text's first ones, moved last: the windows read grow with the
+    # steps, so holding back the last ones would judge runs of different lengths on different text.
+    windows = torch.cat([windows[held:], windows[:held]])
     dense = load_model(ckpt)
     log_probs, indices = [], []
     with torch.no_grad():

@@ -94,7 +94,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
-        healing=Healing(steps=args.heal_steps), seed=args.seed,
+        healing=Healing(steps=args.heal_steps, lr=args.heal_lr), seed=args.seed,
         calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers,
         device=args.device,
     )
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--heal-steps", "healing after factorization: distillation steps on the task's training split (or "
            f"the --calib file), {default_of(Healing, 'batch')} windows of {default_of(Healing, 'seq_len')} tokens "
            "each, every factor pair trained; 0 turns it off", Healing, "steps", type=int)
+    option("--heal-lr", "healing: AdamW learning rate, decayed linearly to 0 over the steps", Healing, "lr",
+           type=float)
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform ranks only", type=int)

@@ -10,7 +10,7 @@ from rankdown.compress import healing
 from rankdown.compress.calibration import calibration_windows
 from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport, Healing, HealingReport
 from rankdown.compress.pipeline import compress
-from rankdown.compress.training_data import mean_loss
+from rankdown.compress.training_data import mean_loss, training_windows
 from rankdown.errors import RankdownError
 from rankdown.tasks import Split, load_task
 
@@ -111,3 +111,30 @@ def test_negative_heal_steps_is_a_one_line_error_on_the_command_line(tiny_model_
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "--heal-steps must be at least 0, got -1" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_heal_lr_reaches_the_report_and_a_bad_one_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    from rankdown.cli import main
+
+    out = tmp_path / "lr"
+    assert main(["compress", str(tiny_model_dir), "-o", str(out), "--ratio", "0.3", "--method", "svd", "--task", "math",
+                 "--calib-tokens", "2048", "--heal-steps", "1", "--heal-lr", "2e-4"]) == 0
+    assert CompressionReport.read(out).healing.lr == 2e-4
+    status = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--ratio", "0.3", "--heal-steps", "1",
+                   "--heal-lr", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "healing lr must be positive" in lines[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_held_back_windows_do_not_depend_on_the_steps(tiny_model_dir, tiny_tokenizer):
+    """Runs of different lengths are judged on the same text: the first windows, never trained on."""
+    ckpt = open_checkpoint(tiny_model_dir)
+
+    def config(steps: int) -> CompressConfig:
+        return CompressConfig(ratio=0.3, healing=Healing(steps=steps, batch=2, seq_len=32, held_back=2), **SMALL)
+
+    short, long = (healing.teacher_targets(ckpt, tiny_tokenizer, config(steps), quiet) for steps in (4, 8))
+    assert short.held_back == long.held_back == 2 and long.windows.shape[0] > short.windows.shape[0]
+    assert torch.equal(short.windows[-2:], long.windows[-2:]) and torch.equal(short.log_probs[-2:], long.log_probs[-2:])
+    assert torch.equal(long.windows[-2:], training_windows(tiny_tokenizer, config(1), 32, 2 * 32))
