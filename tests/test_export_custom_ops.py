@@ -39,13 +39,16 @@ def test_group_and_padding_rules():
     assert padded_rank(37, 32) == 64 and padded_rank(40, 32) == 64 and padded_rank(20, 16) == 32
 
 
+def _joint_model(compressed_tiny):
+    """The joint checkpoint (odd ranks, shared downs): its record, its model and a prompt."""
+    folder, _ = compressed_tiny["joint"]
+    return FactorRecord.read(folder), load_model(open_checkpoint(folder)).eval(), torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
 def test_padded_ranks_compute_the_same_model(compressed_tiny):
     """Zero rows in down and zero columns in up (shared downs once): the same logits, bit for bit
     up to float summation order, and every pair's rank a multiple of the smallest group."""
-    folder, _ = compressed_tiny["joint"]
-    record = FactorRecord.read(folder)
-    model = load_model(open_checkpoint(folder)).eval()
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    record, model, ids = _joint_model(compressed_tiny)
     with torch.no_grad():
         before = model(ids).logits
         padded_record, padded = pad_ranks(model, record, 32)
@@ -58,10 +61,7 @@ def test_padded_ranks_compute_the_same_model(compressed_tiny):
 def test_a_4bit_head_moves_the_logits_more_than_an_8bit_one(compressed_tiny):
     """head_bits=4 quantizes the head to 4-bit groups (8da4w), 8 per channel otherwise: the decoder is
     the same in both, so the 4-bit head's logits are the further from the unquantized model's."""
-    folder, _ = compressed_tiny["joint"]
-    record = FactorRecord.read(folder)
-    model = load_model(open_checkpoint(folder)).eval()
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    record, model, ids = _joint_model(compressed_tiny)
     with torch.no_grad():
         reference = model(ids).logits
         error = {bits: (quantize_int4(model, record, 32, head_bits=bits)[0](ids).logits - reference).abs().mean()
