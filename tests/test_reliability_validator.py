@@ -87,9 +87,10 @@ def _swap_two_heads(model):
 
 
 def _drop_a_bias(model):
-    add = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/Add")
-    bias_name = next(i for i in add.input if i in {t.name for t in model.graph.initializer})
-    bias = next(t for t in model.graph.initializer if t.name == bias_name)
+    """Layer 1's down_proj bias: in the fused graph, the bias input of the norm that adds it to the residual."""
+    norm = next(n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"
+                and len(n.input) == 4 and "layers.1.mlp.down_proj" in n.input[3])
+    bias = next(t for t in model.graph.initializer if t.name == norm.input[3])
     _replace(bias, np.zeros_like(numpy_helper.to_array(bias)))
 
 
