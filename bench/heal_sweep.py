@@ -28,11 +28,9 @@ from transformers import LlamaForCausalLM
 
 from rankdown.atomic import atomic_folder, write_text_atomic
 from rankdown.checkpoint import ShardedWriter, load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import REPORT_SCHEMA_VERSION, CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.config import REPORT_FILE, REPORT_SCHEMA_VERSION, CompressConfig, CompressionReport, Healing, HealingReport
 from rankdown.compress.healing import heal, teacher_targets, write_model
 from rankdown.memory import peak_rss_mb
-
-REPORT_FILE = "compression.json"
 
 
 def progress(message: str) -> None:

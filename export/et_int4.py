@@ -1,8 +1,8 @@
 """4-bit ExecuTorch weights (8da4w): every decoder linear, factor pairs included, as 4-bit weights in
 groups of ``group_size`` input columns with one scale each, activations quantized to int8 per token
 at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w; 4-bit groups
-with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). Through torchao's ``quantize_``, as ExecuTorch's
-Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
+with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). Through torchao's
+``quantize_``, as ExecuTorch's Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
 
 A group must divide the linear's input width. A factor pair's ``up`` reads the rank, which need not
 be a multiple of the group: such a pair's rank is padded with zeros (zero rows in ``down``, zero
@@ -129,10 +129,11 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel by
     # default; 4-bit groups (as the decoder) with head_bits=4.
+    head_group = group_for(head.in_features, group_size) if head_bits == 4 else None
     head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-                   if head_bits == 8 or group_for(head.in_features, group_size) is None else
+                   if head_group is None else
                    Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                         weight_granularity=PerGroup(group_for(head.in_features, group_size))))
+                                                         weight_granularity=PerGroup(head_group)))
     quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
     model.set_input_embeddings(ByteEmbedding(embedding))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

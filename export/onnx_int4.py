@@ -110,8 +110,8 @@ def _tied_lookup(graph, table: str) -> tuple[Any, Any] | None:
 def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, block_size: int, bits: int) -> None:
     """Point the tied lookup at the head's quantized weight (``bits``), as onnxruntime-genai's builder does for a
     quantized tied head: MatMulNBits stores the head (N = vocab) row by row in blocks along the hidden
-    axis, which is the layout ``GatherBlockQuantized`` (gather axis 0, quantize axis 1) reads. The fp32
-    table is then dropped: the table is stored once, in 8 bits."""
+    axis, which is the layout ``GatherBlockQuantized`` (gather axis 0, quantize axis 1) reads, 4-bit
+    values two to a byte as MatMulNBits packs them. The fp32 table is then dropped: it is stored once."""
     import numpy as np
     from onnx import helper, numpy_helper
 
