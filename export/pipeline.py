@@ -25,6 +25,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
     MANIFEST_FILE,
@@ -126,6 +127,9 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     if cfg.check:
         prompts = parity_prompts(tokenizer, room=cfg.max_seq_len - cfg.parity_new_tokens - 1)
         reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in prompts]
+    if cfg.balance and cfg.quantize is Quantize.INT4:
+        # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
+        progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:

@@ -114,6 +114,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.pipeline import export, format_manifest
 
     cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, head_bits=args.head_bits,
+                       balance=not args.no_balance,
                        backend=args.backend,
                        onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
     manifest = export(args.model, args.out, cfg)
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--head-bits", type=int, default=default_of(ExportConfig, "head_bits"),
                      help=help_with_default("int4: bits of the head (4 or 8; a tied lookup shares them in ONNX)",
                                             ExportConfig, "head_bits"))
+    exp.add_argument("--no-balance", action="store_true",
+                     help="int4: quantize the factors as compressed, without first equalizing each rank "
+                          "direction's down-row and up-column norms (for measuring what balancing gives)")
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

@@ -1,0 +1,56 @@
+"""Balance every factor pair before its weights are quantized.
+
+``up(down(x))`` is unchanged when row j of ``down`` is divided by s_j and column j of ``up`` is
+multiplied by it, so the split of each rank direction's scale between the two factors is free in
+fp32 and decides the error once both are quantized. ``feature`` and ``basis`` keep ``up``
+orthonormal and put the whole singular value in ``down``: along an ``up`` row (the axis that
+group-wise 4-bit and per-channel 8-bit weights share a scale over) the leading directions, which
+carry most of the output, get the same step as the weak ones. Balancing makes
+||down_j|| = ||up_j|| for every j (s_j = sqrt(||down_j|| / ||up_j||), the split plain SVD already
+has), so the step follows each direction's weight.
+
+Measured on SmolLM2-135M at 40% removed (``feature``), fused ONNX graph, int4 blocks of 32, head
+8-bit: KL to the fp32 graph over 116 positions of 3 prompts 0.52 -> 0.22, top-1 81.9% -> 88.8%,
+same file size. Scaling by a power of the norm ratio other than 1/2 (0.3, 0.7, 1.0) and a random
+orthogonal mix of the rank axis (the incoherence rotation of QuaRot-style methods) were worse
+(KL 0.34-0.64; rotation 0.54); README has the table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rankdown.factor import FactorizedLinear, SharedDownLinear
+
+_FLOOR = 1e-12  # a rank direction with an all-zero factor row or column is left as it is
+
+
+def _pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Linear, list[torch.nn.Linear]]]:
+    """(down, the ups that read it) once per down: a shared-down group is one entry."""
+    groups: dict[int, tuple[torch.nn.Linear, list[torch.nn.Linear]]] = {}
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            groups.setdefault(id(module.down), (module.down, []))[1].append(module.up)
+        elif isinstance(module, SharedDownLinear):
+            down = module.shared_down
+            groups.setdefault(id(down), (down, []))[1].append(module.up)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def balance_factors(model: torch.nn.Module) -> int:
+    """Rescale every factor pair of ``model`` in place so that each rank direction's ``down`` row and
+    ``up`` column (the column of all the ups of a shared-down group, stacked) have equal norms.
+    Returns the number of downs rescaled."""
+    count = 0
+    for down, ups in _pairs(model):
+        d = down.weight.double()
+        down_norms = d.norm(dim=1)
+        up_norms = torch.cat([u.weight.double() for u in ups], dim=0).norm(dim=0)
+        ok = (down_norms > _FLOOR) & (up_norms > _FLOOR)
+        scale = torch.where(ok, (down_norms / up_norms.clamp_min(_FLOOR)).sqrt(), torch.ones_like(down_norms))
+        down.weight.copy_((d / scale[:, None]).to(down.weight.dtype))
+        for up in ups:
+            up.weight.copy_((up.weight.double() * scale[None, :]).to(up.weight.dtype))
+        count += 1
+    return count
