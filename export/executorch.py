@@ -11,7 +11,6 @@ its delegates are registered in export/et_backends.py.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.manifest import FactorNodes
-from rankdown.export.packing import packed_first_halves
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
 from rankdown.factor_record import FactorRecord
@@ -137,15 +135,9 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
                         "int8_linears": len(plan.int8_linears)}
         progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
                  f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
-    # Not under int4: torchao has already swapped the linears, and packing did not pay in 4 bits (export/packing.py).
-    pack = contextlib.nullcontext(0) if cfg.quantize is Quantize.INT4 else packed_first_halves(model)
     with torch.no_grad():
-        with pack as groups:
-            program, example, dynamic = trace(model, length)
-        merged = _run_shared_down_once(program)
-        if groups:
-            progress(f"  executorch: {groups} group(s) of linears reading one input packed into one linear each "
-                     f"({merged} repeated call(s) of a shared or packed linear merged)")
+        program, example, dynamic = trace(model, length)
+        _run_shared_down_once(program)
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)

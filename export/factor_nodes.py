@@ -100,17 +100,6 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
 
     model = onnx.load(str(model_path), load_external_data=False)
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    users: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-
-    def locate(node) -> tuple[str | None, str | None]:
-        name = node.name
-        for builder, transformers in _BUILDER_SCOPES:
-            name = name.replace(builder, transformers)
-        return _locate(record, ".".join(name.strip("/").split("/")[:-1]))
-
     weights = []
     for node in model.graph.node:
         if node.op_type not in _ONNX_MATMULS:
@@ -122,29 +111,12 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
             weight = (int(attributes["K"]), int(attributes["N"]))
         if weight is None or len(weight) < 2:
             continue  # activation x activation (attention scores), not a layer
-        readers = users.get(node.output[0], [])
-        if len(readers) == 1 and readers[0].op_type == "Split":
-            weights.extend(_packed_members(model_path, model.graph, readers[0], weight[0], users, locate))
-        else:
-            weights.append((*locate(node), weight))
+        name = node.name
+        for builder, transformers in _BUILDER_SCOPES:
+            name = name.replace(builder, transformers)
+        scope = name.strip("/").split("/")[:-1]
+        weights.append((*_locate(record, ".".join(scope)), weight))
     return _tally(record, weights, f"{model_path}")
-
-
-def _packed_members(model_path: Path, graph, split, width: int, users: dict, locate) -> list:
-    """One entry per slice of a packed first-half MatMul (export/onnx_builder.py): the ``down`` of the
-    pair whose ``up`` reads the slice, or a dense linear when no ``up`` does."""
-    from onnx import helper, numpy_helper
-
-    source = next((n for n in graph.node if len(split.input) > 1 and split.input[1] in n.output), None)
-    if source is None or source.op_type != "Constant":
-        raise RankdownError(f"{model_path}: {split.name} splits a weight-carrying matmul without constant sizes")
-    sizes = helper.get_attribute_value(next(a for a in source.attribute if a.name == "value"))
-    members = []
-    for out, size in zip(split.output, numpy_helper.to_array(sizes).tolist()):
-        ups = [locate(n) for n in users.get(out, []) if n.op_type in _ONNX_MATMULS]
-        module, child = ups[0] if len(ups) == 1 else (None, None)
-        members.append((module, "down", (width, int(size))) if child == "up" else (None, None, (width, int(size))))
-    return members
 
 
 def count_exported_program(record: FactorRecord, program, where: str) -> FactorNodes:
@@ -153,31 +125,15 @@ def count_exported_program(record: FactorRecord, program, where: str) -> FactorN
     import torch
 
     params = dict(program.graph_signature.inputs_to_parameters)
-
-    def located_weight(linear) -> tuple[tuple[str | None, str | None], tuple[int, ...]]:
-        weight = linear.args[1]
+    weights = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        weight = node.args[1]
         while weight.op == "call_function" and weight.args:  # a quantized weight: dequantize(parts of it)
             weight = weight.args[0]
         fqn = params.get(weight.name, weight.name)
         dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
-        return _locate(record, dotted), tuple(weight.meta["val"].shape)
-
-    def is_linear(node) -> bool:
-        return node.op == "call_function" and node.target is torch.ops.aten.linear.default
-
-    weights = []
-    for node in program.graph.nodes:
-        if not is_linear(node):
-            continue
-        (module, child), shape = located_weight(node)
-        slices = list(node.users)
-        if slices and all(u.op == "call_function" and u.target is torch.ops.aten.slice.Tensor for u in slices):
-            # A packed first half (export/packing.py): one entry per slice, the down of the up that reads it.
-            for piece in slices:
-                width = (piece.args[3] if len(piece.args) > 3 else shape[0]) - (piece.args[2] if len(piece.args) > 2 else 0)
-                ups = [located_weight(u)[0] for u in piece.users if is_linear(u)]
-                owner, part = ups[0] if len(ups) == 1 else (None, None)
-                weights.append((owner, "down", (int(width), shape[-1])) if part == "up" else (None, None, (int(width), shape[-1])))
-            continue
-        weights.append((module, child, shape))
+        shape = tuple(weight.meta["val"].shape)
+        weights.append((*_locate(record, dotted), shape))
     return _tally(record, weights, where)

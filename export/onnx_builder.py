@@ -10,10 +10,8 @@ for every RMSNorm + residual, a tied head read through one Transpose, and ``gena
 - ``make_matmul`` emits a factor pair as two MatMuls, ``down`` then ``up``, named
   ``/<module>/<down|up>/MatMul`` so export/factor_nodes.py finds them; a shared ``down``
   (``joint``) runs once per input;
-- linears that read one input (Q/K/V; gate/up) and include a factor pair run their first half as
-  one MatMul: the ``down`` of each pair and the whole weight of each dense member, concatenated,
-  then a Split, each pair's ``up`` reading its slice (``/<scope>/packed_down/MatMul``, see
-  export/packing.py). Dense layers keep the builder's own QKV packing;
+- Q/K/V are not packed into one MatMul when any of them is a factor pair (a pair has no weight
+  to concatenate); dense layers keep the builder's packing;
 - a bias on o_proj or down_proj (``feature``'s ``up`` carries one) is not an Add node: it becomes
   the ``bias`` input of the SkipSimplifiedLayerNormalization that adds that output to the residual
   (the op computes input + skip + bias, and its output 3, the next residual, includes it). At
@@ -30,14 +28,10 @@ import contextlib
 import copy
 import io
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rankdown.errors import RankdownError
-from rankdown.export.packing import first_half, packable_groups
 from rankdown.factor import FactorizedLinear, SharedDownLinear
 
 GRAPH_FILE = "model.onnx"
@@ -84,10 +78,6 @@ def _factor_class(base: Any) -> Any:
             self._source_model = model
             self._names = {id(m): n for n, m in model.named_modules()}
             self._shared_downs: dict[tuple[int, str], str] = {}
-            # id(linear) -> the linears that read its input, in order (export/packing.py)
-            self._packs = {id(getattr(parent, n)): tuple(getattr(parent, n) for n in names)
-                           for parent, names in packable_groups(model) for n in names}
-            self._packed: dict[tuple[int, str], str] = {}  # (id(linear), input) -> its slice of a packed MatMul
             self._residual_biases: dict[str, tuple[str, str]] = {}  # Add output it replaces -> (its input, bias)
             self._norm_bias: str | None = None
             super().__init__(copy.deepcopy(model.config), io_dtype, onnx_dtype, "cpu", cache_dir, extra_options)
@@ -114,13 +104,6 @@ def _factor_class(base: Any) -> Any:
             return super().is_qkv_projection_packable(layer_id, attention)
 
         def make_matmul(self, matmul, basename, root_input, **kwargs):
-            if id(matmul) in self._packs and not kwargs:
-                self._pack(self._packs[id(matmul)], root_input)
-                sliced = self._packed.pop((id(matmul), root_input))
-                if not isinstance(matmul, FactorizedLinear):
-                    return sliced  # a dense member: its slice is its output
-                up_name = f"/{self._names[id(matmul)]}/up/MatMul"
-                return super().make_matmul(_Weight(matmul.up), up_name, f"{sliced}/output_0")
             if isinstance(matmul, FactorizedLinear):
                 down = self._factor(matmul, "down", matmul.down, root_input)
             elif isinstance(matmul, SharedDownLinear):
@@ -151,31 +134,6 @@ def _factor_class(base: Any) -> Any:
             if self._norm_bias is not None and op_type == "SkipSimplifiedLayerNormalization":
                 inputs, self._norm_bias = [*inputs, self._norm_bias], None
             super().make_layernorm_op(name, op_type, inputs, outputs, skip, new_io_dtype, **kwargs)
-
-        def _pack(self, members: tuple, root_input: str) -> None:
-            """Once per input: one MatMul over the members' first halves, split into one slice each."""
-            import onnx_ir as ir
-
-            if (id(members[0]), root_input) in self._packed or any((id(m), root_input) in self._packed for m in members):
-                return
-            halves = [first_half(m) for m in members]
-            widths = [int(h.shape[0]) for h in halves]
-            scope = self._names[id(members[0])].rpartition(".")[0]
-            name = f"/{scope}/packed_down/MatMul"
-            packed = _Weight(types.SimpleNamespace(weight=torch.cat(halves, dim=0)))
-            super().make_matmul(packed, name, root_input)
-            # A Constant node, not an initializer: the builder stores every initializer as external data,
-            # and onnxruntime's shape inference cannot read a Split's sizes from there.
-            sizes = f"/{scope}/packed_down/sizes"
-            self.make_node("Constant", inputs=[], outputs=[sizes], name=f"{sizes}/Constant",
-                           value=ir.tensor(widths, dtype=ir.DataType.INT64, name=sizes))
-            self.make_value(sizes, ir.DataType.INT64, shape=[len(widths)])
-            slices = [f"/{scope}/packed_down/{self._names[id(m)].rpartition('.')[2]}" for m in members]
-            self.make_split(f"/{scope}/packed_down/Split", [f"{name}/output_0", sizes],
-                            [f"{s}/output_0" for s in slices], [self.io_dtype] * len(members),
-                            [self.make_hidden_state_shape(last_dim=w) for w in widths])
-            for member, sliced in zip(members, slices):
-                self._packed[(id(member), root_input)] = sliced
 
         def _factor(self, pair, child: str, linear, root_input: str) -> str:
             # Named by the module (dots kept): export/factor_nodes.py locates ``model.layers.0.self_attn.q_proj.down``.

@@ -19,7 +19,6 @@ from rankdown.export.config import ExportConfig
 from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder, greedy
 from rankdown.export.factor_nodes import count_exported_program, count_onnx
 from rankdown.export.manifest import Manifest, verify_files
-from rankdown.export.packing import packable_groups
 from rankdown.export.parity import torch_greedy
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord, ModuleFactor
@@ -87,44 +86,6 @@ def test_the_fused_graph_has_the_peers_ops_and_every_pair_as_two_matmuls(joint_b
     assert not any(shape in dense or shape[::-1] in dense for shape in weights.values() if len(shape) == 2)
     assert {i.name for i in graph.input} == {"input_ids", "attention_mask"} | \
         {f"past_key_values.{i}.{kv}" for i in range(config.num_hidden_layers) for kv in ("key", "value")}
-
-
-def test_the_fused_graph_packs_the_first_halves_that_read_one_input(compressed_tiny, tmp_path):
-    """feature's Q/K/V and gate/up: one MatMul over the downs (and any dense member's weight), then a
-    Split whose slices the ups read; each pair still two matmuls, counted and checked as such."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    folder, _ = compressed_tiny["feature"]
-    record = FactorRecord.read(folder)
-    manifest = export(folder, tmp_path / "b", ExportConfig(formats="onnx"), progress=quiet)
-    assert manifest.formats["onnx"].parity.passed
-    assert manifest.formats["onnx"].factor_nodes.found == manifest.formats["onnx"].factor_nodes.expected
-    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx"), load_external_data=False).graph
-    weights = {i.name: tuple(i.dims) for i in graph.initializer}
-    constants = {n.output[0]: numpy_helper.to_array(helper.get_attribute_value(n.attribute[0])).tolist()
-                 for n in graph.node if n.op_type == "Constant"}
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    layers = open_checkpoint(folder).config.num_hidden_layers
-    groups = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-    packed = [n for n in graph.node if n.name.endswith("/packed_down/MatMul")]
-    assert len(packed) == 2 * layers
-    for node in packed:
-        scope = node.name.strip("/").split("/")[0]  # model.layers.0.self_attn
-        (split,) = readers[node.output[0]]
-        assert split.op_type == "Split"
-        members = [f"{scope}.{m}" for m in groups[scope.rpartition(".")[2]]]
-        widths = [record.modules[m].rank if m in record.modules else None for m in members]
-        assert constants[split.input[1]][:len(members)] == [w if w is not None else c for w, c in
-                                                            zip(widths, constants[split.input[1]])]
-        assert weights[node.input[1]] == (record.modules[members[0]].in_features, sum(constants[split.input[1]]))
-        for member, out in zip(members, split.output):
-            if member in record.modules:  # a pair: its up reads the slice
-                assert [r.name for r in readers[out]] == [f"/{member}/up/MatMul"]
-    assert not [n.name for n in graph.node if n.name.endswith(("q_proj/down/MatMul", "gate_proj/down/MatMul"))]
 
 
 def test_the_optimum_graph_stays_an_option_and_loads_in_optimum(compressed_tiny, tmp_path):
@@ -210,14 +171,9 @@ def test_every_method_shape_exports_to_onnx(compressed_tiny, tmp_path, method):
 def test_feature_pairs_with_bias_export_to_executorch(compressed_tiny, tmp_path):
     folder, _ = compressed_tiny["feature"]
     assert any(s.bias for s in FactorRecord.read(folder).modules.values())
-    said = []
-    manifest = export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64), progress=said.append)
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64), progress=quiet)
     entry = manifest.formats["executorch"]
     assert entry.parity.passed and entry.factor_nodes.found == _expected_nodes(folder)
-    # Q/K/V and gate/up packed (export/packing.py): one linear per group, its repeated calls merged.
-    groups = packable_groups(load_model(open_checkpoint(folder)))
-    assert groups and any(f"{len(groups)} group(s) of linears reading one input packed into one linear each "
-                          f"({sum(len(names) - 1 for _, names in groups)} repeated call(s)" in m for m in said)
 
 
 def test_feature_residual_biases_fold_into_the_norms(compressed_tiny, tmp_path):
