@@ -12,7 +12,9 @@ numpy and the runtime only.
 Protocol, the same for every row, each row in its own process: THREADS threads, the same
 32-token prose prompt in one call, then 128 greedy tokens one call each (argmax of the
 logits; onnxruntime-genai's own greedy search, which is its API); one warm-up and the median
-of 5 runs. Time to first token is the prompt call plus the first token's choice, also at a
+of 5 runs, each row timed in 3 rounds round-robin over the rows, and the median of the rounds'
+medians reported (the machine's speed drifts between minutes; a round gives every row the same
+minutes). Time to first token is the prompt call plus the first token's choice, also at a
 128-token prompt; decode tok/s is 128 over the 128 calls that follow; peak RSS is the
 process's (VmHWM, imports included, so the import's own RSS is reported too); size is the
 bytes of the weights the runtime reads. The greedy tokens of each row are compared with
@@ -39,6 +41,10 @@ MODEL = Path("bench/models/smollm2-135m-instruct")
 WORK = Path("bench/models/peers")
 VENVS = {"et": Path("bench/.venv-et"), "genai": Path("bench/.venv-genai"), "llama": Path("bench/.venv-llama")}
 THREADS, PROMPT_TOKENS, LONG_PROMPT_TOKENS, NEW_TOKENS, WARMUP, RUNS = 2, 32, 128, 128, 1, 5
+# Rows are timed round-robin, ROUNDS times each: this machine's speed drifts by 30% and more from one
+# minute to the next (the same artifact, minutes apart, on an otherwise idle machine), so a row timed
+# once is compared with its neighbours' luck. Each round puts every row in the same minutes.
+ROUNDS = 3
 MAX_SEQ_LEN = 256  # the static caches the ExecuTorch exports hold; the longest run needs 128 + 128
 
 
@@ -269,6 +275,29 @@ def time_half(job_path: Path, out_path: Path) -> None:
     out_path.write_text(json.dumps(result) + "\n")
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row's timings over its rounds: each measure the median of the rounds' medians, with the
+    extremes of all runs and every round's median kept; memory the largest round's."""
+    merged = {key: {"median": statistics.median(r[key]["median"] for r in rounds),
+                    "min": min(r[key]["min"] for r in rounds), "max": max(r[key]["max"] for r in rounds),
+                    "runs": sum(r[key]["runs"] for r in rounds), "round_medians": [r[key]["median"] for r in rounds]}
+              for key in ("ttft_ms", "ttft_long_ms", "decode_tokens_per_s")}
+    return merged | {"load_s": statistics.median(r["load_s"] for r in rounds),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+                     "import_rss_mb": max(r["import_rss_mb"] for r in rounds),
+                     "load_average": max((r["load_average"] for r in rounds), key=lambda a: a[0]),
+                     "greedy": rounds[0]["greedy"], "rounds": len(rounds)}
+
+
+def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: list[int], args: argparse.Namespace) -> dict:
+    result = merge_rounds(rounds)
+    greedy = result.pop("greedy")
+    agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
+    return asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
+                          "greedy_agree_with_transformers": agree, "threads": args.threads,
+                          "runs": args.runs, "uptime": _uptime()} | result
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
@@ -374,7 +403,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="times each row is timed, round-robin over the rows")
     args = parser.parse_args()
+    if args.rounds < 1 or args.runs < 1:
+        raise SystemExit("--rounds and --runs must be at least 1")
 
     from bench.real import ensure_model, packaged_gguf
 
@@ -397,24 +429,26 @@ def main() -> None:
     reference = reference_greedy(args.model, prompt)
     results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
-                         "runs": args.runs, "cores": os.cpu_count(), "uptime": _uptime(), "versions": versions()},
+                         "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "uptime": _uptime(),
+                         "versions": versions()},
                "rows": []}
     # Rows not rerun now are kept from the last file (each carries its own threads, runs and load),
     # so one artifact can be re-timed without redoing the rest.
     path = args.out / "peers.json"
     kept = json.loads(path.read_text())["rows"] if path.is_file() else []
     rerun = {(r.name, r.precision) for r in rows}
-    results["rows"] = [r for r in kept if (r["name"], r["precision"]) not in rerun]
-    for row in rows:
-        seconds = export(row)
-        result = time_row(row, prompt, long_prompt, args)
-        greedy = result.pop("greedy")
-        agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
-        results["rows"].append(asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
-                                              "greedy_agree_with_transformers": agree, "threads": args.threads,
-                                              "runs": args.runs, "uptime": _uptime()} | result)
-        log(json.dumps(results["rows"][-1]))
+    kept = [r for r in kept if (r["name"], r["precision"]) not in rerun]
+    seconds = [export(row) for row in rows]
+    samples: list[list[dict]] = [[] for _ in rows]
+    for round_no in range(1, args.rounds + 1):
+        for row, timed in zip(rows, samples):
+            log(f"round {round_no}/{args.rounds}")
+            timed.append(time_row(row, prompt, long_prompt, args))
+        results["rows"] = kept + [row_result(row, secs, timed, reference, args)
+                                  for row, secs, timed in zip(rows, seconds, samples)]
         write(results, args.out)
+        log(f"round {round_no}: " + ", ".join(f"{r['name']} {r['precision']} {r['decode_tokens_per_s']['median']:.1f}"
+                                             for r in results["rows"][len(kept):]))
     results["setup"]["uptime_end"] = _uptime()
     write(results, args.out)
     print((args.out / "peers.md").read_text())
@@ -429,12 +463,13 @@ def write(results: dict, out: Path) -> None:
     (out / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
     s = results["setup"]
     lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads, each row in its own process: a {s['prompt_tokens']}-token "
-             f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; median of {s['runs']} runs "
-             f"after {s['warmup']} warm-up (min-max in brackets); rows kept from an earlier run say their own "
-             f"threads and runs. Load at start of the last run: `{s['uptime']}`"
+             f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; {s.get('rounds', 1)} round(s) "
+             f"round-robin over the rows, each {s['runs']} runs after {s['warmup']} warm-up; the median of the rounds' "
+             f"medians (min-max of all runs in brackets); rows kept from an earlier run say their own "
+             f"threads, rounds and runs; the load column is the highest at a row's start. Load at start of the last run: `{s['uptime']}`"
              + (f"; at end: `{s['uptime_end']}`" if "uptime_end" in s else "") + ".", "",
              f"| export | precision | decode tok/s | TTFT {s['prompt_tokens']} ms | TTFT {s['long_prompt_tokens']} ms | "
-             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | threads, runs | load avg |",
+             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | threads, rounds x runs | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
@@ -442,7 +477,7 @@ def write(results: dict, out: Path) -> None:
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
                      f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "
-                     f"{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
+                     f"{r.get('rounds', 1)}x{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
 
 

@@ -38,3 +38,20 @@ def test_peer_rows_scored_another_way_are_refused(tmp_path: Path):
     (tmp_path / "svdllm.json").write_text(json.dumps({"setup": SETUP | {"examples": 20}, "rows": []}))
     with pytest.raises(SystemExit, match="cannot share the table"):
         write(_results(), tmp_path)
+
+
+def test_peer_rounds_merge_into_the_median_of_round_medians():
+    """bench.peers times every row in rounds round-robin; a row's figure is the median of its rounds'
+    medians, its extremes those of all runs, and no round is dropped."""
+    from bench.peers import merge_rounds
+
+    def timed(decode: float, low: float, high: float, rss: float, load: float) -> dict:
+        spread = {"median": decode, "min": low, "max": high, "runs": 5}
+        return {"ttft_ms": spread, "ttft_long_ms": spread, "decode_tokens_per_s": spread, "load_s": 1.0,
+                "peak_rss_mb": rss, "import_rss_mb": 50.0, "load_average": [load, 1.0, 1.0, 1.0], "greedy": [1, 2]}
+
+    merged = merge_rounds([timed(40, 38, 44, 600, 1.2), timed(60, 55, 70, 640, 1.9), timed(45, 41, 47, 610, 1.5)])
+    decode = merged["decode_tokens_per_s"]
+    assert decode["median"] == 45 and (decode["min"], decode["max"]) == (38, 70)
+    assert decode["runs"] == 15 and decode["round_medians"] == [40, 60, 45]
+    assert merged["peak_rss_mb"] == 640 and merged["load_average"][0] == 1.9 and merged["rounds"] == 3
