@@ -1,11 +1,10 @@
 """Balancing factor pairs before int4 quantization: the fp32 function is kept, each rank direction's
 down row and up column(s) end with equal norms, a shared down is balanced against all its ups
-once, and an int4 export of ``feature`` factors moves the logits less with it than without."""
+once, and an int4 export does it by default and records it."""
 
 from __future__ import annotations
 
 import torch
-from helpers import quiet
 
 from rankdown.export.config import ExportConfig
 from rankdown.export.factor_balance import balance_factors
@@ -59,17 +58,18 @@ def test_a_zero_direction_is_left_alone():
     torch.testing.assert_close(pair[0].up.weight[:, 3], b[:, 3], rtol=0, atol=0)
 
 
-def test_balanced_factors_quantize_closer_on_the_shipped_model(shipped_math_bundle, tmp_path):
-    """The default against ``balance=False``: the shipped model compressed for math (feature, 0.4),
-    int4 ONNX, the same quantizer and runtime; both pass the int4 self-check, the balanced one
-    with the smaller logit error (3.8 against 6.7 when this was written; top-1 agreement, 66-68%
-    either way, moves with the thread count and is not compared)."""
+def test_an_int4_export_balances_every_pair_unless_told_not_to(shipped_math_bundle, tmp_path):
+    """On by default for int4 (said, and recorded in the manifest's options), off with ``balance=False``;
+    both exports pass the int4 self-check. Whether balancing helps is a benchmark, not a test: on
+    SmolLM2 at 40% it cuts the int4 perplexity excess from 12% to 8% (ONNX) and 38% to 17%
+    (ExecuTorch); on the 6.6M shipped model it is mixed (README)."""
+    from rankdown.factor_record import FactorRecord
+
     ckpt, _ = shipped_math_bundle
-    parity = {}
+    pairs = len(FactorRecord.read(ckpt).modules)
     for balance in (True, False):
+        said = []
         manifest = export(ckpt, tmp_path / str(balance), ExportConfig(formats="onnx", quantize="int4", balance=balance),
-                          progress=quiet)
-        assert manifest.options["balance"] is balance
-        parity[balance] = manifest.formats["onnx"].parity
-        assert parity[balance].passed
-    assert parity[True].max_abs_logit_diff < 0.8 * parity[False].max_abs_logit_diff
+                          progress=said.append)
+        assert manifest.options["balance"] is balance and manifest.formats["onnx"].parity.passed
+        assert (f"balanced {pairs} factor pair(s) for int4 weights" in said) is balance
