@@ -447,8 +447,9 @@ def main() -> None:
         results["rows"] = kept + [row_result(row, secs, timed, reference, args)
                                   for row, secs, timed in zip(rows, seconds, samples)]
         write(results, args.out)
-        log(f"round {round_no}: " + ", ".join(f"{r['name']} {r['precision']} {r['decode_tokens_per_s']['median']:.1f}"
-                                             for r in results["rows"][len(kept):]))
+        log(f"round {round_no} decode tok/s (this round's medians): " + ", ".join(
+            f"{row.name} {row.precision} {timed[-1]['decode_tokens_per_s']['median']:.1f}"
+            for row, timed in zip(rows, samples)))
     results["setup"]["uptime_end"] = _uptime()
     write(results, args.out)
     print((args.out / "peers.md").read_text())
