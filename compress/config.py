@@ -75,7 +75,9 @@ class Healing:
     the task's training split, next-token loss + ``distill`` x KL(dense || compressed) over the dense
     model's top ``top_k`` tokens (the rest of its mass as one more outcome). 0 steps: no healing."""
 
-    steps: int = 0
+    # On by default: measured on SmolLM2-135M at 40% removed, 32 steps took compare exact match from
+    # 76.0% to 97.0% (compressed for compare) and code perplexity from 9.6x to 2.63x dense (for code).
+    steps: int = 32
     batch: int = 8  # training windows per step
     seq_len: int = 128  # tokens per training window, BOS included
     lr: float = 5e-5  # AdamW, decayed linearly to 0 over the steps

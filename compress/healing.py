@@ -15,21 +15,24 @@ linears left dense stay as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from rankdown.checkpoint import Checkpoint, load_model
-from rankdown.compress.config import CompressConfig, Healing, HealingReport
+from rankdown.atomic import atomic_folder
+from rankdown.checkpoint import Checkpoint, ShardedWriter, load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, HealingReport
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
-from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
+from rankdown.memory import peak_rss_mb, release_free_memory, require_memory, rss_mb
 
 MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
 MIN_RESIDUAL = 1e-8  # floor of the mass outside the top k, so its log stays finite
@@ -65,7 +68,7 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     held = min(healing.held_back, windows.shape[0] // 4)
     if held < 1:
         raise RankdownError(f"{cfg.source}: healing needs at least 4 training windows of {healing.seq_len} tokens, "
-                            f"the data gives {windows.shape[0]}")
+                            f"the data gives {windows.shape[0]} (--heal-steps 0 skips healing)")
     # The held-back windows are the text's first ones, moved last: the windows read grow with the
     # steps, so holding back the last ones would judge runs of different lengths on different text.
     windows = torch.cat([windows[held:], windows[:held]])
@@ -236,3 +239,26 @@ def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> i
                                         + c.num_attention_heads * healing.seq_len) + 4 * c.vocab_size)
     activations = 4 * MICRO_BATCH * healing.seq_len * per_token
     return int(3 * 4 * trainable) + targets + activations
+
+
+def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
+    """Heal the factor pairs of ``unhealed`` (a checkpoint `compress` made of ``model_dir`` without
+    healing) as ``cfg.healing`` says and write the result to ``out``. For factors made elsewhere (worker
+    processes): healing trains the whole model, so it runs in one process after them. The report is
+    the unhealed one plus healing; its seconds add the dense targets' and the training's."""
+    before = CompressionReport.read(unhealed)
+    ckpt = open_checkpoint(unhealed)
+    dense = open_checkpoint(model_dir)
+    require_memory(4 * sum(m.params for m in before.modules.values()) + healing_memory(dense, cfg, before.params_after),
+                   f"healing ({cfg.healing.steps} steps; --heal-steps 0 skips it)", unhealed)
+    targets = teacher_targets(dense, load_tokenizer(model_dir), cfg, progress)
+    torch.manual_seed(cfg.seed)
+    model = load_model(ckpt)  # float32, as compress holds the factors it heals
+    report = heal(model, targets, cfg.healing, cfg.seed, progress)
+    healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
+                                 wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2))
+    with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
+        writer = ShardedWriter(tmp, ckpt.stored_dtype)
+        write_model(writer, model)
+        writer.finish(model, unhealed, extra_files={REPORT_FILE: healed.to_json()})
+    return healed

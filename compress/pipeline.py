@@ -8,12 +8,15 @@ first decompose every layer once from the dense model's activations, then each t
 re-truncates the cached factors. With --heal-steps, the dense model's targets are computed
 first, the strategy's factors are held in memory, healed (compress/healing.py), then written.
 With ``workers`` > 1 (or under torchrun) the same code runs in every worker on its share of the
-calibration windows (compress/distributed.py); worker 0 alone writes the checkpoint.
+calibration windows (compress/distributed.py); worker 0 alone writes the checkpoint (with healing:
+an unhealed one beside the output, which worker 0 then heals alone and writes as the output).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,8 +27,8 @@ from rankdown.atomic import atomic_folder, check_free_space, check_output_path, 
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress import distributed
 from rankdown.compress.calibration import calibration_windows
-from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, ModuleReport
-from rankdown.compress.healing import Healer, healing_memory
+from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, ModuleReport
+from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
 from rankdown.compress.rank_job import Discard, Progress, RankJob
@@ -65,7 +68,7 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
         raise RankdownError(f"--workers {size}: {cfg.strategy.value} ranks run in one process only "
                             f"(distributed: {', '.join(s.value for s, spec in STRATEGIES.items() if spec.distributed)})")
     if size > 1 and cfg.healing.steps > 0:
-        raise RankdownError(f"--workers {size}: --heal-steps runs in one process only")
+        return _factor_then_heal(model_dir, out, cfg, progress)
     if size > 1 and not distributed.launched():
         check_output_path(out, [model_dir], cfg.overwrite)
         with exclusive_output(out, "compressing"):
@@ -75,6 +78,25 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
                 remove_stale_temporaries(out)  # worker 0's, if it was killed while writing
         return CompressionReport.read(out)  # worker 0 reported its progress
     return compress_worker(model_dir, out, cfg, True, progress)
+
+
+def _factor_then_heal(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
+    """Several workers: they factor the model into a staging folder beside ``out``, then worker 0
+    (or this process, which started them) heals it alone, since healing trains the whole model."""
+    check_output_path(out, [model_dir], cfg.overwrite)  # before the factorization, not after it
+    staging = out.with_name(f".{out.name}.unhealed")
+    factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True)
+    if not distributed.leads_output():
+        return compress(model_dir, staging, factor_cfg, progress)
+    with exclusive_output(out, "compressing"):
+        try:
+            compress(model_dir, staging, factor_cfg, progress)
+            report = heal_written(model_dir, staging, out, cfg, progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    progress(f"wrote {out}: healed {report.healing.steps} steps, held-back loss {report.healing.loss_before:.4f} -> "
+             f"{report.healing.loss_after:.4f}, {report.wall_seconds:.1f} s, peak RSS {report.peak_memory_mb:.0f} MB")
+    return report
 
 
 def compress_worker(model_dir: Path, out: Path, cfg: CompressConfig, hold_output: bool,
@@ -124,7 +146,8 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     if ckpt.record.modules:
         raise RankdownError(f"{model_dir}: already compressed; compress the dense model instead")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else ckpt.stored_dtype
-    require_memory(memory_estimate(ckpt, cfg), "compress", model_dir)
+    stage = "compress" if cfg.healing.steps == 0 else f"compress with {cfg.healing.steps} healing steps (--heal-steps 0 skips healing)"
+    require_memory(memory_estimate(ckpt, cfg), stage, model_dir)
     check_free_space(out, _disk_estimate(ckpt, cfg, dtype), "the compressed checkpoint")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_dir)

@@ -95,5 +95,10 @@ class ExportConfig:
             raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
 
     @property
+    def balances(self) -> bool:
+        """Whether the factor pairs are balanced before quantizing: int4 only (int8 was better without)."""
+        return self.balance and self.quantize is Quantize.INT4
+
+    @property
     def thresholds(self) -> ParityThresholds:
         return ParityThresholds.for_quantize(self.quantize)

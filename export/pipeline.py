@@ -83,7 +83,7 @@ def _summary(ckpt) -> ModelSummary:
 
 
 def _options(cfg: ExportConfig) -> dict:
-    raw = dataclasses.asdict(cfg)
+    raw = dataclasses.asdict(cfg) | {"balance": cfg.balances}  # what was done, not the switch
     return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
 
 
@@ -127,7 +127,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     if cfg.check:
         prompts = parity_prompts(tokenizer, room=cfg.max_seq_len - cfg.parity_new_tokens - 1)
         reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in prompts]
-    if cfg.balance and cfg.quantize is Quantize.INT4:
+    if cfg.balances:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
         progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
 

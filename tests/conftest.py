@@ -54,7 +54,7 @@ def shipped_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def compressed_tiny(tiny_model_dir, tmp_path_factory):
     """Each method once at ratio 0.3 on the tiny model: method -> (folder, report)."""
-    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.methods import METHODS
     from rankdown.compress.pipeline import compress
 
@@ -63,7 +63,7 @@ def compressed_tiny(tiny_model_dir, tmp_path_factory):
     for method in METHODS:
         folder = root / method.value
         report = compress(tiny_model_dir, folder,
-                          CompressConfig(method=method, ratio=0.3, calib_tokens=2048, seq_len=64),
+                          CompressConfig(method=method, ratio=0.3, calib_tokens=2048, seq_len=64, healing=Healing(steps=0)),
                           progress=lambda _m: None)
         out[method.value] = (folder, report)
     return out
@@ -73,13 +73,13 @@ def compressed_tiny(tiny_model_dir, tmp_path_factory):
 def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
     """The shipped model compressed for math (feature, 0.4) and exported to both formats:
     the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder)."""
-    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.pipeline import compress
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export
 
     root = tmp_path_factory.mktemp("shipped")
-    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math"),
+    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math", healing=Healing(steps=0)),
              progress=lambda _m: None)
     export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
     return root / "ckpt", root / "bundle"

@@ -39,7 +39,7 @@ import rankdown.checkpoint as checkpoint
 import rankdown.export.executorch as et_format
 import rankdown.export.pipeline as export_pipeline
 from rankdown.checkpoint import open_checkpoint
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
@@ -119,7 +119,7 @@ def forking(real, path_index: int, stage: str, points: int, rng: random.Random, 
 def main(model_dir: Path, work: Path, points: int, seed: int) -> dict:
     rng = random.Random(seed)
     results: list[dict] = []
-    small = dict(calib_tokens=1024, seq_len=32)
+    small = dict(calib_tokens=1024, seq_len=32, healing=Healing(steps=0))
     def quiet(_message: str) -> None:
         pass
 

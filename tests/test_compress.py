@@ -5,7 +5,7 @@ import torch
 from helpers import input_stats, quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
-from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport
+from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport, Healing
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.methods import METHODS
 from rankdown.compress.pipeline import compress
@@ -15,7 +15,7 @@ from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 from rankdown.info import model_info
 
-SMALL = dict(calib_tokens=2048, seq_len=64)
+SMALL = dict(calib_tokens=2048, seq_len=64, healing=Healing(steps=0))  # healing has its own tests
 
 
 

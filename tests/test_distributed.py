@@ -13,7 +13,7 @@ from helpers import quiet
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.compress.calibration import InputStats
-from rankdown.compress.config import CompressConfig, CompressionReport
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing
 from rankdown.compress.distributed import Workers
 from rankdown.compress.pipeline import compress
 from rankdown.compress.units import BATCH
@@ -24,7 +24,7 @@ from rankdown.tasks import Split, load_task
 # prose: more distinct tokens than the model's width, so no input covariance is singular and
 # each truncation is unique (on math text the first layer's inputs span a few dozen embeddings,
 # and factors past that rank are any basis of the null space).
-SMALL = dict(task="prose", ratio=0.4, calib_tokens=2048, seq_len=64)
+SMALL = dict(task="prose", ratio=0.4, calib_tokens=2048, seq_len=64, healing=Healing(steps=0))
 # error ranks with the default method (feature): both distributed passes (the dense profile that
 # prices every rank, then the streaming pass that uniform ranks use too), the pooled covariance
 # summed over workers, and ranks that move if any statistic does.
@@ -115,17 +115,32 @@ def test_more_workers_than_batches_is_refused_in_one_line():
 @pytest.mark.parametrize("settings, message", [
     (dict(allocate="bayes"), r"^--workers 2: bayes ranks run in one process only \(distributed: uniform"),
     (dict(method="basis", basis_mode="tuned"), r"^--workers 2: tuned-basis ranks run in one process only"),
-    (dict(healing={"steps": 2}), r"^--workers 2: --heal-steps runs in one process only$"),
 ])
 def test_strategies_that_run_in_one_process_refuse_workers_before_any_work(tiny_model_dir, tmp_path, settings,
                                                                           message):
-    from rankdown.compress.config import Healing
-
-    if "healing" in settings:
-        settings = dict(healing=Healing(**settings["healing"]))
     with pytest.raises(RankdownError, match=message):
         compress(tiny_model_dir, tmp_path / "out", CompressConfig(workers=2, **(SMALL | settings)), progress=quiet)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_factor_and_one_process_heals_what_they_wrote(tiny_model_dir, tmp_path):
+    """Healing trains the whole model, so with workers it runs once, in the process that started them,
+    on the checkpoint they wrote beside the output; nothing of that staging folder is left."""
+    base = SMALL | dict(workers=2)
+    plain = compress(tiny_model_dir, tmp_path / "plain", CompressConfig(**base), progress=quiet)
+    said: list[str] = []
+    healed = compress(tiny_model_dir, tmp_path / "healed",
+                      CompressConfig(**(base | dict(healing=Healing(steps=4, batch=2, seq_len=32, held_back=2)))),
+                      progress=said.append)
+    assert plain.healing is None and healed.healing is not None and healed.healing.steps == 4
+    assert healed.workers == 2 and healed.modules == plain.modules
+    assert healed.healing.loss_after < healed.healing.loss_before
+    assert CompressionReport.read(tmp_path / "healed") == healed
+    a, b = checkpoint_tensors(tmp_path / "plain"), checkpoint_tensors(tmp_path / "healed")
+    factors = [k for k in a if k.endswith((".down.weight", ".up.weight"))]
+    assert factors and all(not torch.equal(a[k], b[k]) for k in factors)
+    assert any(m.startswith("healing step 4/4") for m in said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "plain"]
 
 
 def test_the_command_refuses_workers_with_bayes_in_one_line(tiny_model_dir, tmp_path):

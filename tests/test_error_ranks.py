@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import input_stats, quiet
 
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.error_ranks import ErrorScale, allocate_by_error, predicted_error
 from rankdown.compress.methods import METHODS
@@ -111,7 +111,7 @@ def test_a_unit_whose_error_never_falls_enough_is_kept_dense_not_past_break_even
 
 
 def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path):
-    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64)
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64, healing=Healing(steps=0))
     report = compress(tiny_model_dir, tmp_path / "e", cfg, progress=quiet)
     assert abs(report.achieved_ratio - 0.4) <= 0.004
     assert report.allocate == "error" and set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}

@@ -63,9 +63,12 @@ def test_an_int4_export_balances_every_pair_unless_told_not_to(shipped_math_bund
     both exports pass the int4 self-check. Whether balancing helps is a benchmark, not a test: on
     SmolLM2 at 40% it cuts the int4 perplexity excess from 12% to 8% (ONNX) and 38% to 17%
     (ExecuTorch); on the 6.6M shipped model it is mixed (README)."""
+    from rankdown.export.manifest import Manifest
     from rankdown.factor_record import FactorRecord
 
-    ckpt, _ = shipped_math_bundle
+    ckpt, fp32_bundle = shipped_math_bundle
+    # The switch is on by default, but an fp32 bundle was not balanced, and its manifest says so.
+    assert Manifest.read(fp32_bundle).options["balance"] is False
     pairs = len(FactorRecord.read(ckpt).modules)
     for balance in (True, False):
         said = []

@@ -33,12 +33,12 @@ FAST = dict(max_examples=10, max_tokens=256, latency=LatencyPlan(prompt_lengths=
 def genai_bundles(tiny_model_dir, tmp_path_factory):
     """The tiny model with shared-down factor pairs (joint, data-free) to ONNX, fp32 and int4:
     (checkpoint, fp32 bundle, int4 bundle)."""
-    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.pipeline import compress
 
     root = tmp_path_factory.mktemp("genai")
-    compress(tiny_model_dir, root / "ckpt", CompressConfig(method="joint", ratio=0.3, calib_tokens=1024, seq_len=64),
-             progress=quiet)
+    compress(tiny_model_dir, root / "ckpt", CompressConfig(method="joint", ratio=0.3, calib_tokens=1024, seq_len=64,
+                                                           healing=Healing(steps=0)), progress=quiet)
     export(root / "ckpt", root / "fp32", ExportConfig(formats="onnx"), progress=quiet)
     export(root / "ckpt", root / "int4", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
     return root / "ckpt", root / "fp32", root / "int4"

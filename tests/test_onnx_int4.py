@@ -123,12 +123,12 @@ def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     from conftest import write_tiny_model
 
     from rankdown.checkpoint import load_model, open_checkpoint
-    from rankdown.compress.config import CompressConfig
+    from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.pipeline import compress
     from rankdown.export.tied_embeddings import table_copies, tied_table
 
     dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
-    compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64),
+    compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64, healing=Healing(steps=0)),
              progress=quiet)
     manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4", onnx_graph="optimum"),
                       progress=quiet)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 import rankdown.atomic as atomic
 import rankdown.checkpoint as checkpoint
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
@@ -30,7 +30,7 @@ from rankdown.output_lock import lock_path, output_lock
 from rankdown.validate.config import ValidateConfig
 from rankdown.validate.harness import validate
 
-SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
+SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32, healing=Healing(steps=0))  # healing has its own tests
 
 HERE = Path(__file__).parent
 
@@ -334,7 +334,8 @@ def test_a_second_run_into_a_locked_output_fails_fast(tiny_model_dir, tmp_path, 
 
 def test_two_cli_runs_into_one_output_never_mix(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "rankdown.cli", "compress", str(tiny_model_dir), "--ratio", "0.3", "-o", str(out)]
+    command = [sys.executable, "-m", "rankdown.cli", "compress", str(tiny_model_dir), "--ratio", "0.3", "-o", str(out),
+               "--heal-steps", "0"]
     with output_lock(out):  # a run in progress, in this process: the CLI must give up at once
         start = time.monotonic()
         blocked = subprocess.run(command + ["--method", "svd"], capture_output=True, text=True, timeout=300)

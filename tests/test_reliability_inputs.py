@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from test_safetensors_check import CASES as MALFORMED
 
 from rankdown.checkpoint import MAX_TOKENIZER_BYTES, load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
 from rankdown.export.manifest import MANIFEST_FILE, sha256_file
@@ -31,7 +31,7 @@ from rankdown.validate.config import ValidateConfig
 from rankdown.validate.harness import validate
 from rankdown.validate.local_runner import LocalRunner
 
-SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
+SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32, healing=Healing(steps=0))  # healing has its own tests
 
 
 

@@ -18,7 +18,7 @@ from helpers import quiet
 from onnx import TensorProto, helper
 
 from rankdown.checkpoint import load_model, open_checkpoint, save_checkpoint
-from rankdown.compress.config import CompressConfig, CompressionReport, Method
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing, Method
 from rankdown.compress.methods import METHODS, MethodSpec
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
@@ -28,7 +28,7 @@ from rankdown.info import format_info, model_info
 from rankdown.safetensors_check import read_header
 from rankdown.validate.local_runner import LocalRunner
 
-SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32)
+SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32, healing=Healing(steps=0))  # healing has its own tests
 
 
 
@@ -112,9 +112,9 @@ cap(100)
 codes = [main(["compress", shipped, "--method", "feature", "--ratio", "0.4", "-o", out + "/shipped"]),
          main(["export", compressed, "--format", "onnx", "-o", out + "/bundle"])]
 cap(1500)
-from rankdown.compress.config import CompressConfig
-rankdown.compress.pipeline.compress(tiny, out + "/tiny", CompressConfig(method="svd", ratio=0.3, calib_tokens=512, seq_len=32),
-                                    progress=lambda _m: None)
+from rankdown.compress.config import CompressConfig, Healing
+rankdown.compress.pipeline.compress(tiny, out + "/tiny", CompressConfig(method="svd", ratio=0.3, calib_tokens=512, seq_len=32,
+                                                                  healing=Healing(steps=0)), progress=lambda _m: None)
 print(codes)
 """
 
@@ -127,7 +127,7 @@ def test_under_a_memory_cap_runs_fail_early_or_finish(shipped_model_dir, tiny_mo
     assert result.stdout.strip().splitlines()[-1] == "[2, 2]"
     errors = [line for line in result.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 2, result.stderr[-3000:]
-    assert "rankdown compress: error:" in errors[0] and "compress needs about 0." in errors[0]
+    assert "rankdown compress: error:" in errors[0] and "compress with 32 healing steps (--heal-steps 0 skips healing) needs about 0." in errors[0]
     assert "the ulimit -v limit" in errors[0]
     assert "rankdown export: error:" in errors[1] and "export needs about 0." in errors[1]
     assert "Traceback" not in result.stderr
