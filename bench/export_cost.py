@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.export.config import ExportConfig
 from rankdown.export.pipeline import export
@@ -33,7 +33,7 @@ def main() -> None:
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        compress(SHIPPED_MODEL, root / "feature", CompressConfig(method="feature", ratio=args.ratio, task="math"),
+        compress(SHIPPED_MODEL, root / "feature", CompressConfig(method="feature", ratio=args.ratio, task="math", healing=Healing(steps=0)),
                  progress=lambda _m: None)
         for label, source in (("dense", SHIPPED_MODEL), (f"feature {args.ratio}", root / "feature")):
             for quantize in ("none", "int8"):

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from rankdown.checkpoint import load_tokenizer
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.export.config import ExportConfig
 from rankdown.export.manifest import Manifest
@@ -52,7 +52,7 @@ def main() -> None:
             source = SHIPPED_MODEL
             if ratio:
                 source = root / f"ckpt-{ratio}"
-                compress(SHIPPED_MODEL, source, CompressConfig(method="feature", ratio=ratio, task="math"),
+                compress(SHIPPED_MODEL, source, CompressConfig(method="feature", ratio=ratio, task="math", healing=Healing(steps=0)),
                          progress=lambda _m: None)
             bundles[label] = root / f"bundle-{ratio}"
             export(source, bundles[label], ExportConfig(), progress=lambda m, lb=label: print(f"[{lb}] {m}", flush=True))

@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rankdown.checkpoint import load_tokenizer
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.export.config import ExportConfig
 from rankdown.export.manifest import Manifest
@@ -48,7 +48,7 @@ def main() -> None:
                              tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
         LlamaForCausalLM(config).save_pretrained(root / "dense", safe_serialization=True)
         tokenizer.save_pretrained(root / "dense")
-        compress(root / "dense", root / "svd", CompressConfig(method="svd", ratio=args.ratio), progress=print)
+        compress(root / "dense", root / "svd", CompressConfig(method="svd", ratio=args.ratio, healing=Healing(steps=0)), progress=print)
         bundles = {}
         for label in ("dense", "svd"):
             bundles[label] = root / f"bundle-{label}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
 from rankdown.evaluate import EvalConfig, evaluate
 from rankdown.info import model_info
@@ -65,7 +65,7 @@ def main() -> None:
                 allocations = ("pruned",) if variant.get("basis_mode") == "tuned" else args.allocations.split(",")
                 for allocation in allocations:
                     out = work / f"{method}-{allocation}-{ratio}"
-                    cfg = CompressConfig(**variant, ratio=ratio, task="math", trials=args.trials,
+                    cfg = CompressConfig(**variant, ratio=ratio, task="math", trials=args.trials, healing=Healing(steps=0),
                                          allocate="uniform" if allocation == "pruned" else allocation)
                     start = time.perf_counter()
                     report = compress(SHIPPED_MODEL, out, cfg, progress=quiet)
@@ -79,7 +79,8 @@ def main() -> None:
         for mode in filter(None, args.cross_modes.split(",")):
             for calib_task in ("math", "code"):
                 out = work / f"basis-{mode}-for-{calib_task}"
-                compress(SHIPPED_MODEL, out, CompressConfig(method="basis", basis_mode=mode, ratio=0.4, task=calib_task),
+                compress(SHIPPED_MODEL, out, CompressConfig(method="basis", basis_mode=mode, ratio=0.4, task=calib_task,
+                                                        healing=Healing(steps=0)),
                          progress=quiet)
                 cross.append({"mode": mode, "compressed_for": calib_task} | score(out, ("math", "code")))
                 print(json.dumps(cross[-1]), flush=True)
