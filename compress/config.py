@@ -9,7 +9,7 @@ from pathlib import Path
 from rankdown.compute_device import Device
 from rankdown.errors import RankdownError
 from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_file, to_jsonable
-from rankdown.tasks import TASKS
+from rankdown.tasks import TASKS, task_names
 
 REPORT_FILE = "compression.json"
 REPORT_SCHEMA_VERSION = 4  # 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device
@@ -129,6 +129,8 @@ class CompressConfig:
         coerce_enums(self)
         if (self.task is None) == (self.calib is None):
             raise RankdownError(f"give a task ({', '.join(TASKS)}) or a calibration file, not both")
+        if self.task is not None:
+            task_names(self.task)  # an unknown task or a bad mix is refused here, before any work
         if self.basis_mode is BasisMode.TUNED and self.method is not Method.BASIS:
             raise RankdownError("--basis-mode tuned applies to --method basis only")
         if self.basis_mode is BasisMode.TUNED and self.allocate is not Allocation.UNIFORM:

@@ -26,13 +26,13 @@ import torch
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress import distributed
-from rankdown.compress.calibration import calibration_windows
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, ModuleReport
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
 from rankdown.compress.rank_job import Discard, Progress, RankJob
 from rankdown.compress.strategies import STRATEGIES
+from rankdown.compress.training_data import data_windows
 from rankdown.compress.units import BATCH, layer_shapes, plan_units
 from rankdown.compute_device import resolve_device
 from rankdown.datafiles import load_data
@@ -152,9 +152,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_dir)
     spec = METHODS[cfg.method]
-    data = calibration_data(cfg)
-    windows = calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
-                                  cfg.seq_len, cfg.calib_tokens, cfg.source)
+    windows = data_windows(tokenizer, cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"

@@ -1,6 +1,9 @@
-"""What the steps that train read (tuned basis selection, healing): windows of the task's training
-split, or of the --calib file when the user gave one (never the evaluation split), and the
-whole model's mean next-token loss over windows."""
+"""What compression reads: windows of the task's calibration split (statistics) or training split
+(the steps that train: tuned basis selection, healing), or of the --calib file when the user gave
+one (never the evaluation split); and the whole model's mean next-token loss over windows.
+
+A task mix (``--task compare+code``) gives every task an equal share of the windows, interleaved,
+so any prefix (the held-back windows are the first ones) holds all of them alike."""
 
 from __future__ import annotations
 
@@ -10,15 +13,28 @@ from rankdown.compress.calibration import calibration_windows
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.units import BATCH
 from rankdown.datafiles import load_data
-from rankdown.tasks import Split, load_task
+from rankdown.tasks import Split, TaskData, load_task, task_names
+
+
+def _texts(data: TaskData) -> tuple[str, ...]:
+    return data.texts or tuple(q.prompt + q.answer for q in data.qa)
+
+
+def data_windows(tokenizer, cfg: CompressConfig, split: Split, seq_len: int, tokens: int) -> torch.Tensor:
+    """Up to ``tokens`` tokens of ``split`` (or of the --calib file) as windows of ``seq_len`` (fewer
+    if the text is shorter; a mix takes as many from each task as its shortest gives)."""
+    if cfg.calib is not None:
+        return calibration_windows(tokenizer, _texts(load_data(cfg.calib)), seq_len, tokens, str(cfg.calib))
+    parts = task_names(cfg.task)
+    each = [calibration_windows(tokenizer, _texts(load_task(name, split)), seq_len, -(-tokens // len(parts)),
+                                f"task {name} ({split.value} split)") for name in parts]
+    count = min(w.shape[0] for w in each)
+    return torch.stack([w[i] for i in range(count) for w in each])
 
 
 def training_windows(tokenizer, cfg: CompressConfig, seq_len: int, tokens: int) -> torch.Tensor:
     """Up to ``tokens`` tokens of training text as windows of ``seq_len`` (fewer if the text is shorter)."""
-    data = load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.TRAIN)
-    where = str(cfg.calib) if cfg.calib is not None else f"task {cfg.task} (train split)"
-    return calibration_windows(tokenizer, data.texts or tuple(q.prompt + q.answer for q in data.qa),
-                               seq_len, tokens, where)
+    return data_windows(tokenizer, cfg, Split.TRAIN, seq_len, tokens)
 
 
 @torch.no_grad()

@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="replace decoder linears by factor pairs chosen with task data")
     _model_arg(comp)
     comp.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
-    comp.add_argument("--task", choices=TASKS, help=help_with_default("built-in calibration data", CompressConfig, "task"))
+    comp.add_argument("--task", metavar="{" + ",".join(TASKS) + "}[+...]",
+                      help=help_with_default("built-in calibration and healing data; several joined by + (compare+code) "
+                                             "share the windows equally", CompressConfig, "task"))
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
     option("--calib-tokens", "calibration tokens read", type=int)
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")

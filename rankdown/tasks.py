@@ -49,6 +49,7 @@ class TaskData:
 
 
 TASKS = ("math", "code", "prose", "compare", "identifiers")
+MIX = "+"  # joins the tasks of a calibration and training mix (compress only)
 EXACT_MATCH_TASKS = ("math", "compare", "identifiers")
 
 # Percent buckets of the identity hash: [0, 80) train, [80, 90) calibration, [90, 100) evaluation.
@@ -165,6 +166,15 @@ def _few_shot_task(name: str, split: Split) -> TaskData:
     shots = "".join(f"{p.prompt} {p.answer}\n" for p in _FEW_SHOT_TASKS[name](Split.TRAIN)[:FEW_SHOT_EXAMPLES])
     qa = tuple(QAExample(shots + p.prompt, p.answer) for p in problems[:FEW_SHOT_EVAL_PROBLEMS])
     return TaskData(name, texts, qa)
+
+
+def task_names(name: str) -> tuple[str, ...]:
+    """The tasks of ``name``: one built-in task, or a mix of several joined by ``+`` (``compare+code``)."""
+    parts = tuple(name.split(MIX))
+    if any(p not in TASKS for p in parts) or len(set(parts)) < len(parts):
+        raise RankdownError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or several joined by {MIX} "
+                            f"(compare{MIX}code)")
+    return parts
 
 
 def load_task(name: str, split: Split) -> TaskData:
