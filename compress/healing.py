@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from rankdown.atomic import atomic_folder
-from rankdown.checkpoint import Checkpoint, ShardedWriter, load_model, load_tokenizer, open_checkpoint
+from rankdown.checkpoint import DTYPES, Checkpoint, ShardedWriter, load_model, load_tokenizer, open_checkpoint
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, HealingReport
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, release_free_memory, require_memory, rss_mb
 
 MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
@@ -249,7 +250,7 @@ def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig
     before = CompressionReport.read(unhealed)
     ckpt = open_checkpoint(unhealed)
     dense = open_checkpoint(model_dir)
-    require_memory(4 * sum(m.params for m in before.modules.values()) + healing_memory(dense, cfg, before.params_after),
+    require_memory(4 * model_info(dense).total_params + healing_memory(dense, cfg, before.params_after),
                    f"healing ({cfg.healing.steps} steps; --heal-steps 0 skips it)", unhealed)
     targets = teacher_targets(dense, load_tokenizer(model_dir), cfg, progress)
     torch.manual_seed(cfg.seed)
@@ -258,7 +259,7 @@ def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig
     healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
                                  wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2))
     with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
-        writer = ShardedWriter(tmp, ckpt.stored_dtype)
+        writer = ShardedWriter(tmp, DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype)
         write_model(writer, model)
         writer.finish(model, unhealed, extra_files={REPORT_FILE: healed.to_json()})
     return healed

@@ -83,11 +83,17 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
 def _factor_then_heal(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
     """Several workers: they factor the model into a staging folder beside ``out``, then worker 0
     (or this process, which started them) heals it alone, since healing trains the whole model."""
-    check_output_path(out, [model_dir], cfg.overwrite)  # before the factorization, not after it
-    staging = out.with_name(f".{out.name}.unhealed")
-    factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True)
-    if not distributed.leads_output():
+    # A name the output's stale-temporary sweep matches: a run killed mid-way leaves nothing for long.
+    staging = out.with_name(f".{out.name}.tmp-unhealed")
+    # float32 factors, so healing starts from what a one-process run heals; the output takes the dtype.
+    factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True, dtype="float32")
+    if distributed.launched() and not distributed.leads_output():
         return compress(model_dir, staging, factor_cfg, progress)
+    check_output_path(out, [model_dir], cfg.overwrite)  # before the factorization, not after it
+    dense = open_checkpoint(model_dir)
+    trainable = (1 - cfg.ratio) * model_info(dense).dense_decoder_linear_params
+    require_memory(4 * model_info(dense).total_params + healing_memory(dense, cfg, trainable),
+                   f"healing after the workers ({cfg.healing.steps} steps; --heal-steps 0 skips it)", model_dir)
     with exclusive_output(out, "compressing"):
         try:
             compress(model_dir, staging, factor_cfg, progress)

@@ -23,7 +23,7 @@ from torch import nn
 
 from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig, Method
+from rankdown.compress.config import CompressConfig, Healing, Method
 from rankdown.compress.pipeline import compress
 from rankdown.devices.profile import DeviceProfile
 from rankdown.devices.runners import runner_for
@@ -52,9 +52,11 @@ class FitConfig:
     min_score: float | None = None  # exact match, 0..1
     max_examples: int = 200
     max_seq_len: int = 256
+    heal_steps: int = Healing.steps  # each compressed candidate is healed as `compress` heals by default
     overwrite: bool = False
 
     def __post_init__(self):
+        Healing(steps=self.heal_steps)  # a bad count is refused here, before any work
         if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
             raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
         coerce_enums(self)
@@ -137,7 +139,8 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
             else:
                 progress(f"fit: compressing with {cfg.method.value} at ratio {ratio}")
                 checkpoints[ratio] = work / f"ratio-{ratio}"
-                compress(model_dir, checkpoints[ratio], CompressConfig(method=cfg.method, ratio=ratio, task=cfg.task),
+                compress(model_dir, checkpoints[ratio], CompressConfig(method=cfg.method, ratio=ratio, task=cfg.task,
+                                                                  healing=Healing(steps=cfg.heal_steps)),
                          progress=lambda _m: None)
             model = load_model(open_checkpoint(checkpoints[ratio])).eval()
             score = evaluate(model, tokenizer, data, EvalConfig(max_examples=cfg.max_examples, max_tokens=0)).exact_match

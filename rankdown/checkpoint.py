@@ -295,6 +295,8 @@ def _write_folder_files(folder: Path, model: LlamaForCausalLM, source: Path, dty
     """Everything but the weights: config, factor record, the source's tokenizer files, extras."""
     config = model.config.to_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if "dtype" in config:  # load_model sets float32 on the config it shares; transformers reads ``dtype`` first
+        config["dtype"] = config["torch_dtype"]
     config.pop("auto_map", None)
     record = record_of(model)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

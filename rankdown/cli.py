@@ -187,7 +187,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise RankdownError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
     cfg = FitConfig(task=args.task, method=args.method, ratios=ratios,
                     quantize=("none",) if args.no_int8 else ("none", "int8"), max_memory_mb=args.max_memory,
-                    min_score=args.min_score, max_examples=args.max_examples, overwrite=args.overwrite)
+                    min_score=args.min_score, max_examples=args.max_examples, heal_steps=args.heal_steps,
+                    overwrite=args.overwrite)
     report = fit(args.model, args.out, profile, cfg)
     print(f"{'ratio':>5}  {'weights':<5} {'params':>10}  {'needs MB':>8}  {'exact match':>11}  fits")
     for c in report.candidates:
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     fitp.add_argument("--ratios", default="0,0.2,0.4,0.6", help="ratios to try; 0 is the dense model")
     fitp.add_argument("--no-int8", action="store_true", help="fp32 weights only")
     fitp.add_argument("--max-examples", type=int, default=200)
+    fitp.add_argument("--heal-steps", type=int, default=default_of(Healing, "steps"),
+                      help="healing steps of each compressed candidate, as compress's (default: %(default)s)")
     fitp.add_argument("--overwrite", action="store_true")
     fitp.set_defaults(func=cmd_fit)
 

@@ -171,7 +171,9 @@ def _few_shot_task(name: str, split: Split) -> TaskData:
 def task_names(name: str) -> tuple[str, ...]:
     """The tasks of ``name``: one built-in task, or a mix of several joined by ``+`` (``compare+code``)."""
     parts = tuple(name.split(MIX))
-    if any(p not in TASKS for p in parts) or len(set(parts)) < len(parts):
+    if all(p in TASKS for p in parts) and len(set(parts)) < len(parts):
+        raise RankdownError(f"task mix {name!r} names a task twice")
+    if any(p not in TASKS for p in parts):
         raise RankdownError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or several joined by {MIX} "
                             f"(compare{MIX}code)")
     return parts

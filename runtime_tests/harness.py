@@ -22,7 +22,7 @@ from rankdown.export.config import ParityThresholds, Quantize
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
-from rankdown.tasks import MIX, Split, load_task
+from rankdown.tasks import MIX, TASKS, Split, load_task
 from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
 from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
 from rankdown.validate.environment import environment
@@ -137,7 +137,8 @@ def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
         return load_data(cfg.eval_file), str(cfg.eval_file)
     task = cfg.task or (manifest.source.compression or {}).get("task") or "math"
-    task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
+    if all(part in TASKS for part in task.split(MIX)):
+        task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
     return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
 
 

@@ -142,3 +142,18 @@ def test_held_back_windows_do_not_depend_on_the_steps(tiny_model_dir, tiny_token
     assert short.held_back == long.held_back == 2 and long.windows.shape[0] > short.windows.shape[0]
     assert torch.equal(short.windows[-2:], long.windows[-2:]) and torch.equal(short.log_probs[-2:], long.log_probs[-2:])
     assert torch.equal(long.windows[-2:], training_windows(tiny_tokenizer, config(1), 32, 2 * 32))
+
+
+def test_a_healed_half_precision_checkpoint_says_its_own_dtype(tiny_tokenizer, tmp_path):
+    """Healing loads the dense model in float32 first; the written config.json must still name the
+    stored dtype in both of transformers' keys (it reads ``dtype`` before ``torch_dtype``)."""
+    import json
+
+    from conftest import write_tiny_model
+
+    dense = write_tiny_model(tmp_path / "bf16", tiny_tokenizer, dtype=torch.bfloat16)
+    compress(dense, tmp_path / "out", CompressConfig(ratio=0.4, healing=Healing(steps=2, batch=2, seq_len=32, held_back=2),
+                                                     **SMALL), progress=quiet)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config.get("dtype", "bfloat16") == "bfloat16"
+    assert {t.dtype for t in tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.bfloat16}

@@ -12,9 +12,11 @@ from rankdown.tasks import Split, load_task, task_names
 
 def test_a_mix_names_known_tasks_once():
     assert task_names("math") == ("math",) and task_names("compare+code") == ("compare", "code")
-    for bad in ("nope", "math+nope", "math+math", "math+", ""):
+    for bad in ("nope", "math+nope", "math+", ""):
         with pytest.raises(RankdownError, match="unknown task"):
             task_names(bad)
+    with pytest.raises(RankdownError, match="task mix 'math\\+math' names a task twice"):
+        task_names("math+math")
     with pytest.raises(RankdownError, match="unknown task 'math\\+nope'"):
         CompressConfig(ratio=0.4, task="math+nope")
 
