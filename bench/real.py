@@ -79,20 +79,20 @@ def ensure_model(model: Path) -> None:
 
 
 def score(folder: Path, task: str, examples: int, ppl_tokens: int) -> dict:
-    """Task exact match (first ``examples`` evaluation problems; None for a perplexity task);
-    code and prose perplexity."""
+    """Task exact match (first ``examples`` evaluation problems; None for a perplexity task; a task
+    mix's first task); code and prose perplexity."""
     import torch
 
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
     from rankdown.evaluate import EvalConfig, evaluate
-    from rankdown.tasks import Split, load_task
+    from rankdown.tasks import Split, load_task, task_names
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.perf_counter()
     model = load_model(open_checkpoint(folder))
     tokenizer = load_tokenizer(folder)
     cfg = EvalConfig(max_examples=examples, max_tokens=ppl_tokens)
-    data = load_task(task, Split.EVALUATION)
+    data = load_task(task_names(task)[0], Split.EVALUATION)
     row = {"task_em": evaluate(model, tokenizer, data, cfg).exact_match if data.qa else None,
            "examples": min(examples, len(data.qa))}
     for name in ("code", "prose"):
