@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from rankdown.atomic import atomic_folder, write_text_atomic
-from rankdown.checkpoint import ShardedWriter, load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import REPORT_FILE, REPORT_SCHEMA_VERSION, CompressConfig, CompressionReport, Healing, HealingReport
-from rankdown.compress.healing import heal, teacher_targets, write_model
-from rankdown.memory import peak_rss_mb
+from rankdown.atomic import write_text_atomic
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.healing import heal, teacher_targets, write_healed
 
 
 def progress(message: str) -> None:
@@ -60,15 +59,7 @@ def heal_checkpoint(dense: Path, unhealed: Path, out: Path, steps: int, lrs: lis
     if best is None:
         raise SystemExit("no learning rate given")
     model, report = best
-    # The seconds a single `compress --heal-steps` run would take: the compression, the targets, one healing.
-    healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
-                                 wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2),
-                                 schema_version=REPORT_SCHEMA_VERSION)  # written now, in today's format
-    with atomic_folder(out, overwrite=True) as tmp:
-        writer = ShardedWriter(tmp, ckpt.stored_dtype)
-        write_model(writer, model)
-        writer.finish(model, unhealed, extra_files={REPORT_FILE: healed.to_json()})
-    return healed, tried
+    return write_healed(model, unhealed, out, targets, report, ckpt.stored_dtype, overwrite=True), tried
 
 
 def main() -> None:

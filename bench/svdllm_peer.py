@@ -70,14 +70,12 @@ def windows_stage(model: Path, task: str, out: Path) -> None:
     from safetensors.torch import save_file
 
     from rankdown.checkpoint import load_tokenizer
-    from rankdown.compress.calibration import calibration_windows
     from rankdown.compress.config import CompressConfig
-    from rankdown.compress.pipeline import calibration_data
+    from rankdown.compress.training_data import data_windows
+    from rankdown.tasks import Split
 
     cfg = CompressConfig(task=task)
-    data = calibration_data(cfg)
-    windows = calibration_windows(load_tokenizer(model), data.texts or tuple(q.prompt + q.answer for q in data.qa),
-                                  cfg.seq_len, cfg.calib_tokens, cfg.source)
+    windows = data_windows(load_tokenizer(model), cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"windows": windows.to(torch.int64).contiguous()}, str(out),
               metadata={"task": task, "calib_tokens": str(cfg.calib_tokens), "seq_len": str(cfg.seq_len)})

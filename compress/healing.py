@@ -26,14 +26,13 @@ from transformers import LlamaForCausalLM
 
 from rankdown.atomic import atomic_folder
 from rankdown.checkpoint import DTYPES, Checkpoint, ShardedWriter, load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.config import REPORT_FILE, REPORT_SCHEMA_VERSION, CompressConfig, CompressionReport, Healing, HealingReport
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
-from rankdown.info import model_info
-from rankdown.memory import peak_rss_mb, release_free_memory, require_memory, rss_mb
+from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
 MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
 MIN_RESIDUAL = 1e-8  # floor of the mass outside the top k, so its log stays finite
@@ -247,19 +246,26 @@ def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig
     healing) as ``cfg.healing`` says and write the result to ``out``. For factors made elsewhere (worker
     processes): healing trains the whole model, so it runs in one process after them. The report is
     the unhealed one plus healing; its seconds add the dense targets' and the training's."""
-    before = CompressionReport.read(unhealed)
-    ckpt = open_checkpoint(unhealed)
     dense = open_checkpoint(model_dir)
-    require_memory(4 * model_info(dense).total_params + healing_memory(dense, cfg, before.params_after),
-                   f"healing ({cfg.healing.steps} steps; --heal-steps 0 skips it)", unhealed)
     targets = teacher_targets(dense, load_tokenizer(model_dir), cfg, progress)
     torch.manual_seed(cfg.seed)
-    model = load_model(ckpt)  # float32, as compress holds the factors it heals
+    model = load_model(open_checkpoint(unhealed))  # float32, as compress holds the factors it heals
     report = heal(model, targets, cfg.healing, cfg.seed, progress)
+    return write_healed(model, unhealed, out, targets, report, DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype,
+                        cfg.overwrite)
+
+
+def write_healed(model: LlamaForCausalLM, unhealed: Path, out: Path, targets: TeacherTargets, report: HealingReport,
+                 dtype: torch.dtype, overwrite: bool) -> CompressionReport:
+    """Write ``model``, healed from the checkpoint ``unhealed``, to ``out`` with that checkpoint's report
+    plus ``report``: the seconds a one-process `compress` would take (its own, the dense targets', the
+    training's) and the larger peak RSS."""
+    before = CompressionReport.read(unhealed)
     healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
-                                 wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2))
-    with atomic_folder(out, overwrite=cfg.overwrite) as tmp:
-        writer = ShardedWriter(tmp, DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype)
+                                 wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2),
+                                 schema_version=REPORT_SCHEMA_VERSION)  # written now, in today's format
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, dtype)
         write_model(writer, model)
         writer.finish(model, unhealed, extra_files={REPORT_FILE: healed.to_json()})
     return healed

@@ -35,21 +35,16 @@ from rankdown.compress.strategies import STRATEGIES
 from rankdown.compress.training_data import data_windows
 from rankdown.compress.units import BATCH, layer_shapes, plan_units
 from rankdown.compute_device import resolve_device
-from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.factor import linear_params
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory, rss_mb
 from rankdown.output_lock import exclusive_output
-from rankdown.tasks import Split, TaskData, load_task
+from rankdown.tasks import Split
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def calibration_data(cfg: CompressConfig) -> TaskData:
-    return load_data(cfg.calib) if cfg.calib is not None else load_task(cfg.task, Split.CALIBRATION)
 
 
 def _quiet(_message: str) -> None:
