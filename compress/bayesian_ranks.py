@@ -143,5 +143,6 @@ def choose(job: RankJob) -> RankOutcome:
     ranks, keep_ratios = compress_with_bayes(dense, job.method, job.units, search, job.cfg, job.progress)
     del dense  # never the dense model and a compressed one at once: the final pass streams
     ranks, check = _check_against_uniform(job, ranks, search, unseen)
-    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
+                                     correct_carried=job.cfg.correct_carried)
     return RankOutcome(model, ranks, loss, keep_ratios, check)

@@ -13,9 +13,13 @@ from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.compress.units import SITES
+from rankdown.compress.whitening import cholesky_factor
 from rankdown.errors import RankdownError
 
 ROW_SLICE = 256  # rows of a batch upcast to float64 at once
+# Relative to the mean diagonal of E[x x^T]: damps the carried-error correction along directions
+# the calibration inputs barely visit (their regression coefficients are noise).
+CORRECTION_RIDGE = 1e-3
 
 
 def calibration_windows(tokenizer: PreTrainedTokenizerFast, texts: tuple[str, ...], seq_len: int,
@@ -56,13 +60,16 @@ class InputStats:
     dim: int
     pooled: bool = False
     device: torch.device = torch.device("cpu")
+    paired: bool = False  # also E[x_dense x^T], with the dense model's inputs at the same positions
     count: int = 0
     xxt: torch.Tensor | None = field(init=False)
+    cross_sum: torch.Tensor | None = field(init=False)
     x_sum: torch.Tensor = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
     pooled_cov_sum: torch.Tensor | None = field(init=False)
     groups: int = 0
     _second_moment: torch.Tensor | None = field(init=False, default=None, repr=False)
+    _correction: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         def zeros(*shape: int) -> torch.Tensor:
@@ -72,18 +79,25 @@ class InputStats:
         self.x_sum = zeros(self.dim)
         self.abs_sum = zeros(self.dim)
         self.pooled_cov_sum = zeros(self.dim, self.dim) if self.pooled else None
+        self.cross_sum = zeros(self.dim, self.dim) if self.paired else None
 
-    def add_group(self, x: torch.Tensor) -> None:
-        """One group of sequences (seed 002 pools covariance over such groups with equal weight)."""
+    def add_group(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """One group of sequences (seed 002 pools covariance over such groups with equal weight);
+        ``dense``: the dense model's inputs at the same positions (``paired`` statistics only)."""
         if self.xxt is None:
             raise RuntimeError("statistics were already read; accumulate before reading")
+        if (dense is None) != (self.cross_sum is None):
+            raise RuntimeError("paired statistics take the dense inputs with every group, and only they do")
         x = x.reshape(-1, self.dim)
         rows = x.shape[0]
+        dense_parts = [None] * -(-rows // ROW_SLICE) if dense is None else dense.reshape(-1, self.dim).split(ROW_SLICE)
         group_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         # float64 in row slices: a whole batch upcast is 64 MiB at n = 8192.
-        for part in x.split(ROW_SLICE):
+        for part, dense_part in zip(x.split(ROW_SLICE), dense_parts, strict=True):
             part = part.to(torch.float64)
             self.xxt.addmm_(part.T, part)
+            if self.cross_sum is not None:
+                self.cross_sum.addmm_(dense_part.to(torch.float64).T, part)
             if self.pooled_cov_sum is not None:
                 self.pooled_cov_sum.addmm_(part.T, part, alpha=1 / rows)
             group_sum += part.sum(0)
@@ -102,6 +116,24 @@ class InputStats:
             self._second_moment = self.xxt.div_(self.count)
             self.xxt = None
         return self._second_moment
+
+    @property
+    def carried_correction(self) -> torch.Tensor:
+        """M (n x n) such that W M is the best linear map from these inputs to the dense model's
+        output W x_dense: min E||W x_dense - W' x||^2 over W' is W' = W E[x_dense x^T] E[x x^T]^-1.
+        Written M = I + (E[x_dense x^T] - E[x x^T]) (E[x x^T] + ridge)^-1, so that the ridge only
+        damps the correction (identical streams give M = I exactly)."""
+        if self._correction is None:
+            if self.cross_sum is None:
+                raise RuntimeError("the dense inputs were not collected (InputStats(paired=True))")
+            c = self.second_moment
+            lower = cholesky_factor(c, CORRECTION_RIDGE)
+            difference = self.cross_sum.div_(self.count).sub_(c)
+            self.cross_sum = None
+            # (C_dx - C) (C + ridge)^-1 = ((C + ridge)^-1 (C_dx - C)^T)^T, C symmetric
+            self._correction = torch.cholesky_solve(difference.T.contiguous(), lower).T
+            self._correction.diagonal().add_(1.0)
+        return self._correction
 
     @property
     def mean(self) -> torch.Tensor:
@@ -129,27 +161,62 @@ def layer_inputs(model: LlamaForCausalLM, windows: torch.Tensor) -> torch.Tensor
     return model.model.embed_tokens(windows)
 
 
+def _site_hooks(layer: nn.Module, take) -> list:
+    """A forward pre-hook on each site's first linear calling ``take(site, its input)``."""
+    return [layer.get_submodule(members[0]).register_forward_pre_hook(lambda _m, args, s=site: take(s, args[0]))
+            for site, members in SITES.items()]
+
+
+def _forward(model: LlamaForCausalLM, layer: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    cos, sin = _position_embeddings(model, chunk[:1])
+    out = layer(chunk, position_embeddings=(cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1)))
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def run_layer(model: LlamaForCausalLM, layer: nn.Module, hidden: torch.Tensor, batch: int,
               stats: dict[str, InputStats] | None = None) -> torch.Tensor:
     """The layer's outputs for ``hidden``, in batches; each batch is one statistics group."""
-    handles = []
-    if stats is not None:
-        for site, members in SITES.items():
-            module = layer.get_submodule(members[0])
-            handles.append(module.register_forward_pre_hook(lambda _m, args, s=site: stats[s].add_group(args[0])))
+    handles = [] if stats is None else _site_hooks(layer, lambda site, x: stats[site].add_group(x))
     try:
-        outputs = []
-        rope = _position_embeddings(model, hidden[:1])
-        for i in range(0, hidden.shape[0], batch):
-            chunk = hidden[i : i + batch]
-            cos, sin = rope
-            out = layer(chunk, position_embeddings=(cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1)))
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs)
+        return torch.cat([_forward(model, layer, hidden[i : i + batch]) for i in range(0, hidden.shape[0], batch)])
     finally:
         for h in handles:
             h.remove()
+
+
+class _SiteReached(Exception):
+    """Stops a forward pass once the site's input is taken: nothing after it is needed."""
+
+
+def _site_input(model: LlamaForCausalLM, layer: nn.Module, chunk: torch.Tensor, site: str) -> torch.Tensor:
+    taken: list[torch.Tensor] = []
+
+    def take(_module, args):
+        taken.append(args[0])
+        raise _SiteReached
+
+    handle = layer.get_submodule(SITES[site][0]).register_forward_pre_hook(take)
+    try:
+        _forward(model, layer, chunk)
+    except _SiteReached:
+        pass
+    finally:
+        handle.remove()
+    return taken[0]
+
+
+@torch.no_grad()
+def collect_paired_stats(model: LlamaForCausalLM, layer: nn.Module, dense_layer: nn.Module, hidden: torch.Tensor,
+                         dense_hidden: torch.Tensor, site: str, batch: int, pooled: bool = False) -> dict[str, InputStats]:
+    """Statistics of one input site of ``layer`` (as it stands: the sites before it already
+    factored) on ``hidden`` (the compressed model's stream), each batch paired with the same
+    site's input in ``dense_layer`` on ``dense_hidden`` (the dense model's stream, same windows)."""
+    stats = InputStats(_in_features(dense_layer, SITES[site][0]), pooled, hidden.device, paired=True)
+    for i in range(0, hidden.shape[0], batch):
+        dense = _site_input(model, dense_layer, dense_hidden[i : i + batch], site)
+        stats.add_group(_site_input(model, layer, hidden[i : i + batch], site), dense)
+    return {site: stats}
 
 
 def _in_features(layer: nn.Module, member: str) -> int:

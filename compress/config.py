@@ -117,6 +117,8 @@ class CompressConfig:
     healing: Healing = field(default_factory=Healing)  # after any strategy, tuned basis included
     seed: int = 0
     calib_tokens: int = 16384  # calibration budget: windows of seq_len tokens, BOS included
+    # Fit each layer to the dense model's outputs from the compressed model's inputs (issue 14, item 2)
+    correct_carried: bool = False
     seq_len: int = 128
     dtype: str | None = None  # stored dtype of the factors; None keeps the source's
     overwrite: bool = False
@@ -201,6 +203,7 @@ class CompressionReport:
     seed: int = 0
     workers: int = 1  # processes that shared the calibration windows
     device: str = "cpu"  # where statistics and decompositions ran ("cuda:0", ...)
+    correct_carried: bool = False  # each layer fitted to the dense outputs from the compressed inputs
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

@@ -82,7 +82,7 @@ class Workers:
         """Every sum of every site's statistics added up over the workers, before any is read."""
         for site in sorted(stats):
             s = stats[site]
-            for tensor in (s.xxt, s.x_sum, s.abs_sum, s.pooled_cov_sum):
+            for tensor in (s.xxt, s.x_sum, s.abs_sum, s.pooled_cov_sum, s.cross_sum):
                 if tensor is not None:
                     self.sum_(tensor)
             counts = self.sum_(torch.tensor([s.count, s.groups], dtype=torch.int64, device=self.device))

@@ -182,7 +182,8 @@ def choose(job: RankJob) -> RankOutcome:
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
                  f"(uniform ranks: {flat:.4g})")
-    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers)
+    model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
+                                     correct_carried=job.cfg.correct_carried)
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
                                            "uniform_predicted_error": float(f"{flat:.6g}")}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

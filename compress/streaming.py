@@ -6,6 +6,7 @@ compressed copy are never in memory together.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -14,12 +15,12 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from rankdown.checkpoint import read_tensors, skeleton_model
-from rankdown.compress.calibration import collect_layer_stats, run_layer
+from rankdown.compress.calibration import collect_layer_stats, collect_paired_stats, run_layer
 from rankdown.compress.decomposition import Factors
 from rankdown.compress.distributed import Workers, share_factors
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_job import Progress, WeightSink
-from rankdown.compress.units import BATCH, Unit, decompose_unit, modules_from_factors, set_unit, unit_factors
+from rankdown.compress.units import BATCH, SITES, Unit, decompose_unit, modules_from_factors, set_unit, unit_factors
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
 HEAD_SLICE = 16384  # vocabulary rows of the head upcast at once for the calibration loss
@@ -56,9 +57,45 @@ def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, 
     return total / tokens
 
 
+def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: list[tuple[Unit, int]],
+                  stats: dict | None, workers: Workers, device: torch.device) -> None:
+    """Factor ``units`` (of decoder layer ``index``) from ``stats`` and put their pairs in ``layer``;
+    with several workers each factors its share and the factors are broadcast."""
+    prefix = f"model.layers.{index}."
+    # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
+    # other units' decompositions allocate their own working memory.
+    todo = sorted(units, key=lambda pair: -pair[0].in_features)
+    # No forward pass runs until these units are factored, so the dense weights to be replaced
+    # are dropped now and each unit re-reads its own from the checkpoint when its turn comes.
+    for unit, _ in todo:
+        for member in unit.members:
+            layer.get_submodule(member).to("meta")
+    release_free_memory()  # the forward pass's activations and those weights
+    mine = [(position, unit, rank) for position, (unit, rank) in enumerate(todo)
+            if workers.owner(position) == workers.rank]
+    built: dict[int, Factors] = {}
+    for i, (position, unit, rank) in enumerate(mine):
+        last_of_site = all(u.site != unit.site for _, u, _ in mine[i + 1 :])
+        stored: dict[str, torch.Tensor] = {}
+        for member in unit.members:
+            stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
+        # The site's last unit takes its statistics along (no name here holds them), so a
+        # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
+        decomposition = decompose_unit(spec, layer, unit, None if stats is None else
+                                       (stats.pop(unit.site) if last_of_site else stats[unit.site]),
+                                       f"model.layers.{index}", stored, device)
+        del stored
+        built[position] = unit_factors(decomposition, rank, torch.float32)
+        del decomposition
+    del stats
+    for position, (unit, _) in enumerate(todo):
+        factors = share_factors(workers, built.pop(position, None), unit, workers.owner(position), torch.float32)
+        set_unit(layer, unit, modules_from_factors(unit, factors))
+
+
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
                         writer: WeightSink | None, progress: Progress, workers: Workers,
-                        scored: torch.Tensor | None = None) -> tuple[LlamaForCausalLM, float]:
+                        scored: torch.Tensor | None = None, correct_carried: bool = False) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
     model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
@@ -66,7 +103,12 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
 
     With several workers each pushes its own share of the windows, the statistics are summed over
     the workers before any is read, each unit is factored by one worker and its factors broadcast,
-    and the loss is summed over every worker's tokens (compress/distributed.py)."""
+    and the loss is summed over every worker's tokens (compress/distributed.py).
+
+    ``correct_carried``: the dense model's hidden states are carried beside the compressed ones
+    (one more activation stream, never a second copy of the weights), and each site's statistics
+    pair its compressed inputs with its dense ones, so that each unit is fitted to the dense
+    outputs (calibration.InputStats.carried_correction)."""
     device = workers.device
     model = skeleton_model(ckpt)
     model.model.rotary_emb.to(device)
@@ -76,6 +118,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
     embed = read_tensors(ckpt, "model.embed_tokens.weight")["model.embed_tokens.weight"].to(device)
     hidden = F.embedding(windows, embed).float()
     scored_hidden = None if scored is None else F.embedding(scored, embed).float()
+    dense_hidden = hidden.clone() if correct_carried and spec.needs_data else None
     del embed
     release_free_memory()
     for index, layer in enumerate(layers):
@@ -85,40 +128,26 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
         layer.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()}, assign=True)
         layer.to(device)
         del weights
-        stats = None
-        if spec.needs_data:
-            stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0]
-            workers.sum_stats(stats)
-        # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
-        # other units' decompositions allocate their own working memory.
-        todo = sorted(((unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None),
-                      key=lambda pair: -pair[0].in_features)
-        # No forward pass runs until every unit is factored, so the dense weights to be replaced
-        # are dropped now and each unit re-reads its own from the checkpoint when its turn comes.
-        for unit, _ in todo:
-            for member in unit.members:
-                layer.get_submodule(member).to("meta")
-        release_free_memory()  # the forward pass's activations and those weights
-        mine = [(position, unit, rank) for position, (unit, rank) in enumerate(todo)
-                if workers.owner(position) == workers.rank]
-        built: dict[int, Factors] = {}
-        for i, (position, unit, rank) in enumerate(mine):
-            last_of_site = all(u.site != unit.site for _, u, _ in mine[i + 1 :])
-            stored: dict[str, torch.Tensor] = {}
-            for member in unit.members:
-                stored |= {k.removeprefix(prefix): v for k, v in read_tensors(ckpt, f"{prefix}{member}.").items()}
-            # The site's last unit takes its statistics along (no name here holds them), so a
-            # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
-            decomposition = decompose_unit(spec, layer, unit, None if stats is None else
-                                           (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                           f"model.layers.{index}", stored, device)
-            del stored
-            built[position] = unit_factors(decomposition, rank, torch.float32)
-            del decomposition
-        del stats
-        for position, (unit, _) in enumerate(todo):
-            factors = share_factors(workers, built.pop(position, None), unit, workers.owner(position), torch.float32)
-            set_unit(layer, unit, modules_from_factors(unit, factors))
+        todo = [(unit, rank) for unit, rank in zip(units, ranks) if unit.layer == index and rank is not None]
+        if dense_hidden is None:
+            stats = None
+            if spec.needs_data:
+                stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0]
+                workers.sum_stats(stats)
+            _factor_units(spec, ckpt, layer, index, todo, stats, workers, device)
+        else:
+            # Site by site in forward order, each fitted to the inputs the sites before it (already
+            # factored) give it; the dense copy of this one layer computes the dense stream.
+            dense_layer = copy.deepcopy(layer)
+            for site in SITES:
+                site_todo = [(unit, rank) for unit, rank in todo if unit.site == site]
+                if site_todo:
+                    stats = collect_paired_stats(model, layer, dense_layer, hidden, dense_hidden, site, BATCH,
+                                                 spec.pooled_stats)
+                    workers.sum_stats(stats)
+                    _factor_units(spec, ckpt, layer, index, site_todo, stats, workers, device)
+            dense_hidden = run_layer(model, dense_layer, dense_hidden, BATCH)
+            del dense_layer
         hidden = run_layer(model, layer, hidden, BATCH)
         if scored_hidden is not None:
             scored_hidden = run_layer(model, layer, scored_hidden, BATCH)

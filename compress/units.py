@@ -106,7 +106,8 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, tor
                  device: torch.device | None = None) -> UnitWeights:
     """The unit's dense weights in float64 on ``device`` (None: where they are): from the layer's
     modules, or from ``stored`` tensors (layer-relative names, e.g. "mlp.down_proj.weight") when
-    the modules were already freed."""
+    the modules were already freed. With paired statistics (the carried-error correction), the
+    weights that map the compressed model's inputs to the dense outputs best."""
     def tensor(member: str, kind: str) -> torch.Tensor | None:
         if stored is not None:
             found = stored.get(f"{member}.{kind}")
@@ -114,9 +115,15 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, tor
             found = getattr(layer.get_submodule(member), kind)
         return None if found is None else found.detach().to(device=device, dtype=torch.float64)
 
+    weights = [tensor(m, "weight") for m in unit.members]
+    if site_stats is not None and site_stats.paired:
+        # Fit the dense model's outputs from the compressed model's inputs: factor W M, not W
+        # (InputStats.carried_correction).
+        correction = site_stats.carried_correction.to(device=device)
+        weights = [None if w is None else w @ correction for w in weights]
     return UnitWeights(
         names=list(unit.members),
-        weights=[tensor(m, "weight") for m in unit.members],
+        weights=weights,
         biases=[tensor(m, "bias") for m in unit.members],
         stats=site_stats,
     )

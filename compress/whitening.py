@@ -20,8 +20,9 @@ RIDGE = 1e-6  # relative to the mean diagonal of C
 GRAM_BLOCK = 1024  # columns of C per step when forming W C W^T
 
 
-def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular L with L L^T = C + ridge, the ridge growing until C is positive definite.
+def cholesky_factor(second_moment: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """Lower-triangular L with L L^T = C + ridge (relative to C's mean diagonal), the ridge growing
+    until C is positive definite.
 
     The ridge goes onto C's diagonal in place and comes off again: no n x n identity and no
     copy of C, which at n = 8192 would be 512 MiB each.
@@ -30,7 +31,6 @@ def cholesky_factor(second_moment: torch.Tensor) -> torch.Tensor:
     diagonal = c.diagonal()
     original = diagonal.clone()
     scale = original.mean().clamp_min(1e-12)
-    ridge = RIDGE
     try:
         for _ in range(8):
             diagonal.copy_(original + ridge * scale)

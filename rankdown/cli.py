@@ -95,7 +95,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
         healing=Healing(steps=args.heal_steps, lr=args.heal_lr), seed=args.seed,
-        calib_tokens=args.calib_tokens, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers,
+        calib_tokens=args.calib_tokens, correct_carried=args.correct_carried, dtype=args.dtype,
+        overwrite=args.overwrite, workers=args.workers,
         device=args.device,
     )
     report = compress(args.model, args.out, cfg)
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--calib-tokens", "calibration tokens read", type=int)
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
     option("--method", "factorization method", choices=choices(Method))
+    option("--correct-carried", "fit each layer to the dense model's outputs from the compressed layers' inputs "
+           "(the error carried from earlier layers corrected; data-aware methods)", action=argparse.BooleanOptionalAction)
     option("--allocate", "how ranks are spread over the layers", choices=choices(Allocation))
     option("--trials", "Bayesian-optimization trials", type=int)
     option("--basis-mode", "basis method only: closed-form (no training) or tuned (trained coefficients, pruned to "

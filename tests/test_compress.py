@@ -5,6 +5,7 @@ import torch
 from helpers import input_stats, quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.compress.calibration import InputStats
 from rankdown.compress.config import BasisTuning, CompressConfig, CompressionReport, Healing
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.methods import METHODS
@@ -344,3 +345,59 @@ def test_the_compress_command_defaults_are_the_configs(monkeypatch):
     with pytest.raises(RuntimeError, match="stopped before compressing"):
         args.func(args)
     assert seen == [CompressConfig(ratio=0.25)]
+
+
+def _paired_stats(dense: torch.Tensor, compressed_inputs: torch.Tensor, group_rows: int = 64) -> InputStats:
+    stats = InputStats(dense.shape[1], paired=True)
+    for x, d in zip(compressed_inputs.split(group_rows), dense.split(group_rows)):
+        stats.add_group(x, d)
+    return stats
+
+
+def test_carried_correction_is_the_identity_when_the_streams_agree():
+    x = _skewed_inputs(16)
+    assert torch.allclose(_paired_stats(x, x).carried_correction, torch.eye(16, dtype=torch.float64), atol=1e-12)
+
+
+def test_carried_correction_fits_the_dense_outputs_from_the_compressed_inputs():
+    # The compressed stream is the dense one seen through an error (a mixing of its features plus
+    # noise): W M must reproduce W x_dense from x far better than W itself, and as well as the
+    # least-squares map does, up to the ridge that damps the least-visited directions.
+    dense = _skewed_inputs(16, count=4096)
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    seen = dense @ mixing.T + 0.01 * torch.randn(dense.shape, generator=generator, dtype=torch.float64)
+    w = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    corrected = w @ _paired_stats(dense, seen).carried_correction
+    target = dense @ w.T
+    least_squares = torch.linalg.lstsq(seen, target).solution.T
+
+    def error(weight):
+        return float((seen @ weight.T - target).norm() / target.norm())
+
+    assert error(corrected) < 0.1 * error(w)
+    assert error(corrected) < 3 * error(least_squares)
+
+
+def test_paired_statistics_need_the_dense_inputs_and_plain_ones_refuse_them():
+    x = _skewed_inputs(8, count=64)
+    with pytest.raises(RuntimeError, match="paired"):
+        InputStats(8, paired=True).add_group(x)
+    with pytest.raises(RuntimeError, match="paired"):
+        InputStats(8).add_group(x, x)
+    with pytest.raises(RuntimeError, match="dense inputs were not collected"):
+        _ = input_stats(x).carried_correction
+
+
+def test_correct_carried_keeps_the_first_site_and_refits_the_later_ones(tiny_model_dir, tmp_path):
+    # The first layer's q/k/v read the embeddings in both streams, so their factors cannot change;
+    # every later site reads inputs that factored sites before it have changed, and is refitted.
+    plain = compress(tiny_model_dir, tmp_path / "plain", CompressConfig(ratio=0.4, **SMALL), progress=quiet)
+    fitted = compress(tiny_model_dir, tmp_path / "fitted", CompressConfig(ratio=0.4, correct_carried=True, **SMALL),
+                      progress=quiet)
+    assert fitted.correct_carried and not plain.correct_carried
+    a = load_model(open_checkpoint(tmp_path / "plain")).model.layers
+    b = load_model(open_checkpoint(tmp_path / "fitted")).model.layers
+    assert torch.allclose(a[0].self_attn.q_proj.up.weight, b[0].self_attn.q_proj.up.weight, atol=1e-5)
+    for later in (a[0].mlp.down_proj, b[0].mlp.down_proj), (a[1].self_attn.q_proj, b[1].self_attn.q_proj):
+        assert not torch.allclose(later[0].up.weight, later[1].up.weight, atol=1e-3)

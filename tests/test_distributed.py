@@ -84,26 +84,29 @@ def test_compression_json_records_workers_and_device(one_and_two):
 
 
 def test_window_shares_are_whole_batches_that_sum_to_the_one_process_statistics():
+    # Workers.sum_stats adds these same sums (the paired cross moment included) over the workers.
     windows = torch.arange(11 * BATCH + 3).unsqueeze(1)  # 12 batches, the last one short
     shares = [Workers(rank, 5).local_windows(windows) for rank in range(5)]
     assert torch.equal(torch.cat(shares), windows)
     assert all(s.shape[0] % BATCH == 0 for s in shares[:-1]) and all(s.shape[0] for s in shares)
     x = torch.randn(windows.shape[0], 4, 6, dtype=torch.float64) * torch.logspace(0, -2, 6)
-    whole, summed = InputStats(6, pooled=True), InputStats(6, pooled=True)
+    dense = x + 0.1 * x.flip(-1)  # the dense stream's inputs at the same positions (--correct-carried)
+    whole, summed = InputStats(6, pooled=True, paired=True), InputStats(6, pooled=True, paired=True)
     for first in range(0, x.shape[0], BATCH):
-        whole.add_group(x[first : first + BATCH])
+        whole.add_group(x[first : first + BATCH], dense[first : first + BATCH])
     parts = []
     for share in shares:
-        part = InputStats(6, pooled=True)
-        rows = x[share[:, 0]]
+        part = InputStats(6, pooled=True, paired=True)
+        rows, dense_rows = x[share[:, 0]], dense[share[:, 0]]
         for first in range(0, rows.shape[0], BATCH):
-            part.add_group(rows[first : first + BATCH])
+            part.add_group(rows[first : first + BATCH], dense_rows[first : first + BATCH])
         parts.append(part)
-    for field in ("xxt", "x_sum", "abs_sum", "pooled_cov_sum"):
+    for field in ("xxt", "x_sum", "abs_sum", "pooled_cov_sum", "cross_sum"):
         setattr(summed, field, sum(getattr(p, field) for p in parts))
     summed.count, summed.groups = sum(p.count for p in parts), sum(p.groups for p in parts)
     assert (summed.count, summed.groups) == (whole.count, whole.groups)
     torch.testing.assert_close(summed.pooled_covariance, whole.pooled_covariance, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(summed.carried_correction, whole.carried_correction, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(summed.second_moment, whole.second_moment, rtol=1e-12, atol=1e-14)
 
 
