@@ -36,6 +36,13 @@ class BasisMode(str, Enum):
     TUNED = "tuned"
 
 
+class HealQuantize(str, Enum):
+    """The weights healing trains for: float, or the ExecuTorch int4 export's (compress/fake_quant.py)."""
+
+    NONE = "none"
+    INT4 = "int4"
+
+
 class Strategy(str, Enum):
     """How ranks are chosen (compress/strategies.py); picked from --allocate and --basis-mode."""
 
@@ -85,14 +92,20 @@ class Healing:
     top_k: int = 32  # the dense model's log-probs kept per token; they are computed before compressing
     # the first training windows (the same whatever the steps), never trained on: the report's loss before and after
     held_back: int = 16
+    # int4: the forward pass sees 4-bit weights (quantization-aware training)
+    quantize: HealQuantize = field(default=HealQuantize.NONE, metadata={"option": "--heal-quantize"})
+    group_size: int = 32  # int4: input columns per scale, as the export's --group-size
 
     def __post_init__(self):
-        for name in ("steps", "batch", "seq_len", "top_k", "held_back"):
+        coerce_enums(self)
+        for name in ("steps", "batch", "seq_len", "top_k", "held_back", "group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RankdownError(f"healing {name} must be a whole number, got {value!r}")
         if self.steps < 0:
             raise RankdownError(f"--heal-steps must be at least 0, got {self.steps}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise RankdownError(f"--heal-group-size must be 32, 64, 128 or 256, got {self.group_size}")
         if self.batch < 1 or self.seq_len < 2 or self.top_k < 1 or self.held_back < 1:
             raise RankdownError("healing batch, top_k and held-back windows must be at least 1, seq_len at least 2")
         if not self.lr > 0 or not self.distill >= 0:
@@ -179,6 +192,8 @@ class HealingReport:
     kl_after: float
     teacher_seconds: float  # the dense model's top-k log-probs, computed before compressing
     seconds: float  # the training steps and the judging
+    quantize: str = "none"  # int4: trained (and judged) with 4-bit weights in groups of group_size
+    group_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ linears left dense stay as they are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -26,12 +27,22 @@ from transformers import LlamaForCausalLM
 
 from rankdown.atomic import atomic_folder
 from rankdown.checkpoint import DTYPES, Checkpoint, ShardedWriter, load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import REPORT_FILE, REPORT_SCHEMA_VERSION, CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.config import (
+    REPORT_FILE,
+    REPORT_SCHEMA_VERSION,
+    CompressConfig,
+    CompressionReport,
+    Healing,
+    HealingReport,
+    HealQuantize,
+)
+from rankdown.compress.fake_quant import fake_quantized
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.factor_balance import balance_factors
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
 MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
@@ -138,8 +149,24 @@ def _materialize(model: LlamaForCausalLM, held: HeldWeights) -> None:
 
 def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
          progress: Progress) -> HealingReport:
-    """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay)."""
+    """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay).
+    For int4 (``healing.quantize``) the pairs are balanced first, as the int4 export balances them,
+    and every decoder linear is fake-quantized while training and judging (compress/fake_quant.py)."""
     start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if healing.quantize is HealQuantize.INT4:
+            balanced = balance_factors(model)
+            linears = stack.enter_context(fake_quantized(model, healing.group_size))
+            progress(f"healing for int4: {balanced} factor pair(s) balanced, {linears} decoder linears "
+                     f"trained through 4-bit weights in groups of {healing.group_size}")
+        report = _train(model, targets, healing, seed, progress, start)
+    if healing.quantize is HealQuantize.INT4:
+        report = dataclasses.replace(report, quantize=healing.quantize.value, group_size=healing.group_size)
+    return report
+
+
+def _train(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
+           progress: Progress, start: float) -> HealingReport:
     trainable = factor_parameters(model)
     if not trainable:
         raise RankdownError("healing: the compressed model has no factor pairs to train")

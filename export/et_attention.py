@@ -66,7 +66,8 @@ def custom_attention(model, max_len: int) -> Iterator[None]:
     AttentionInterface.register(ATTENTION, custom_sdpa_attention)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = next(model.parameters()).dtype
+    # The activations' dtype: a 4-bit model's first parameters are integer weights.
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = [layer.self_attn for layer in model.model.layers]
     before = config._attn_implementation
     try:

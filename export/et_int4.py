@@ -10,6 +10,10 @@ columns in ``up``: the same product) up to the next multiple of the smallest gro
 ``group_size`` if smaller), and the group used for ``up`` is the largest power of two that divides
 the padded rank, at most ``group_size``. A dense linear whose input width no group divides falls
 back to 8-bit per channel.
+
+torchao's quantized linears are then rewritten as the ``quantized_decomposed`` ops XNNPACK lowers
+to the same kernels (``DecomposedQuantLinear``: same integers, same scales): lowering them is
+faster, because torchao's ops re-run their Python bodies at every retrace of the lowering.
 """
 
 from __future__ import annotations
@@ -90,6 +94,62 @@ def pad_ranks(model: nn.Module, record: FactorRecord, group_size: int) -> tuple[
     return dataclasses.replace(record, modules=modules), padded
 
 
+class DecomposedQuantLinear(nn.Module):
+    """A torchao-quantized linear (int8 dynamic per-token activations, intx weights) rewritten as the
+    ``quantized_decomposed`` ops XNNPACK also lowers to its qd8-f32-qb4w / qd8-f32-qc8w kernels: the
+    same integer weights and scales. Those ops have Meta kernels, where torchao's ``*_affine`` ops
+    are CompositeImplicitAutograd and re-run their Python body under symbolic shapes at every retrace
+    in ``to_edge_transform_and_lower`` (about half of its time). The weight stays a parameter named
+    ``weight`` so the exported graph's linears still resolve to the module's parameter."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+        weight: Any = linear.weight  # torchao's IntxUnpackedToInt8Tensor
+        rows, columns = weight.qdata.shape
+        self.group = int(weight.block_size[-1])
+        self.per_channel = self.group == columns
+        self.quant_range = {torch.int4: (-8, 7), torch.int8: (-128, 127)}[weight.target_dtype]  # type: ignore[attr-defined]
+        if weight.zero_point.any():
+            raise ValueError("XNNPACK's dynamically quantized linears need symmetric weights")
+        self.weight = nn.Parameter(weight.qdata.detach().clone(), requires_grad=False)
+        scales = weight.scale.detach().to(torch.float32).reshape(rows, -1)
+        self.register_buffer("scales", scales.reshape(-1) if self.per_channel else scales.clone())
+        self.register_buffer("zeros", torch.zeros(rows, dtype=torch.int64) if self.per_channel
+                             else torch.zeros_like(scales))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+        x = ops.dequantize_per_token(ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8),
+                                     scale, zero, -128, 127, torch.int8, torch.float32)
+        if self.per_channel:
+            weight = ops.dequantize_per_channel(self.weight, self.scales, self.zeros, 0, *self.quant_range, torch.int8)
+        else:
+            weight = ops.dequantize_per_channel_group(self.weight, self.scales, self.zeros, *self.quant_range,
+                                                      torch.int8, self.group, torch.float32)
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+
+def decompose_quantized_linears(model: nn.Module) -> int:
+    """Replace, in place, every torchao-quantized nn.Linear by a DecomposedQuantLinear; how many."""
+    from torchao.quantization.quantize_.workflows import IntxUnpackedToInt8Tensor
+
+    swapped: dict[int, DecomposedQuantLinear] = {}
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and isinstance(child.weight, IntxUnpackedToInt8Tensor):
+                swapped[id(child)] = DecomposedQuantLinear(child)
+                setattr(module, child_name, swapped[id(child)])
+    # A shared ``down`` is registered on its owner only; the other members' references follow it.
+    for module in model.modules():
+        if isinstance(module, SharedDownLinear) and not module.owns_down and id(module.shared_down) in swapped:
+            object.__setattr__(module, "_shared_down", swapped[id(module.shared_down)])
+    return len(swapped)
+
+
 class ByteEmbedding(nn.Module):
     """The token lookup with int8 rows and one scale per row, as ExecuTorch's quantized
     ``embedding_byte`` kernel takes them (ExecuTorch's Llama export does the same)."""
@@ -135,5 +195,6 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
                    Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
                                                          weight_granularity=PerGroup(head_group)))
     quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
+    decompose_quantized_linears(model)
     model.set_input_embeddings(ByteEmbedding(embedding))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

@@ -123,7 +123,7 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
     """Write ``bundle/executorch/model.pte``, and ``model.ptd`` beside it for a tied fp32 model.
     Returns seconds, node counts, the delegation summary and, for int4, what was padded."""
     from executorch.devtools.backend_debug import get_delegation_info
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     start = time.perf_counter()
     length = cfg.max_seq_len
@@ -144,8 +144,12 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         # int8/int4: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
         external = cfg.quantize is Quantize.NONE and tag_tied_table(program, Path(DATA_FILE).stem)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
+        # As ExecuTorch's Llama export (LLMEdgeManager._get_edge_config) and optimum-executorch's
+        # XNNPACK recipe: no dim-order ops (XNNPACK reverts them anyway), no IR re-verification.
+        compile_config = (EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+                          if backend_spec(cfg.backend).name == "xnnpack" else None)
         edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is not Quantize.NONE),
-                                           constant_methods=_metadata(model, cfg))
+                                           constant_methods=_metadata(model, cfg), compile_config=compile_config)
         info = get_delegation_info(edge.exported_program().graph_module)
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
                       "non_delegated_nodes": int(info.num_non_delegated_nodes),

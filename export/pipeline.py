@@ -25,7 +25,6 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
-from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
     MANIFEST_FILE,
@@ -38,6 +37,7 @@ from rankdown.export.manifest import (
 )
 from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
+from rankdown.factor_balance import balance_factors
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory
@@ -68,6 +68,20 @@ def _source(ckpt) -> SourceModel:
                        factorized=bool(ckpt.record.modules), compression=compression)
 
 
+def healed_for_int4(folder: Path) -> bool:
+    """Whether ``compress --heal-quantize int4`` trained this checkpoint: its factors were balanced
+    and then trained through the 4-bit weights of their current scales, which balancing again would
+    move (compression.json says; a dense or older checkpoint was not)."""
+    import json
+
+    report = folder / "compression.json"
+    if not report.is_file():
+        return False
+    raw = json.loads(report.read_text(encoding="utf-8"))
+    healing = raw.get("healing") if isinstance(raw, dict) else None
+    return isinstance(healing, dict) and healing.get("quantize") == "int4"
+
+
 def _summary(ckpt) -> ModelSummary:
     info = model_info(ckpt)
     config = ckpt.config
@@ -82,8 +96,8 @@ def _summary(ckpt) -> ModelSummary:
     )
 
 
-def _options(cfg: ExportConfig) -> dict:
-    raw = dataclasses.asdict(cfg) | {"balance": cfg.balances}  # what was done, not the switch
+def _options(cfg: ExportConfig, balanced: bool) -> dict:
+    raw = dataclasses.asdict(cfg) | {"balance": balanced}  # what was done, not the switch
     return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
 
 
@@ -127,9 +141,12 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     if cfg.check:
         prompts = parity_prompts(tokenizer, room=cfg.max_seq_len - cfg.parity_new_tokens - 1)
         reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in prompts]
-    if cfg.balances:
+    balanced = cfg.balances and not healed_for_int4(ckpt.folder)
+    if balanced:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
         progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
+    elif cfg.balances:
+        progress("not balanced: the checkpoint was healed through int4 weights at the scales it has")
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
@@ -165,7 +182,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization)
-        manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg),
+        manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg, balanced),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())

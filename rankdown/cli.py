@@ -94,7 +94,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
-        healing=Healing(steps=args.heal_steps, lr=args.heal_lr), seed=args.seed,
+        healing=Healing(steps=args.heal_steps, lr=args.heal_lr, quantize=args.heal_quantize,
+                        group_size=args.heal_group_size), seed=args.seed,
         calib_tokens=args.calib_tokens, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
         device=args.device,
@@ -274,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
            "each, every factor pair trained; 0 turns it off", Healing, "steps", type=int)
     option("--heal-lr", "healing: AdamW learning rate, decayed linearly to 0 over the steps", Healing, "lr",
            type=float)
+    from rankdown.compress.config import HealQuantize
+
+    option("--heal-quantize", "healing: int4 trains through the 4-bit weights `export --quantize int4` gives "
+           "ExecuTorch (quantization-aware); export then keeps the trained scales (no balancing)", Healing, "quantize",
+           choices=choices(HealQuantize))
+    option("--heal-group-size", "healing for int4: input columns per scale (the export's --group-size)", Healing,
+           "group_size", type=int)
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform ranks only", type=int)

@@ -1,0 +1,79 @@
+"""4-bit fake quantization of the decoder linears while healing (``--heal-quantize int4``).
+
+The ExecuTorch int4 export (export/et_int4.py, torchao's 8da4w) stores each linear's weight as
+4-bit integers in groups of ``group`` input columns with one symmetric scale each (max |w| / 7.5,
+codes round(w * (1 / scale)) clamped to [-8, 7]). Healing with those numerics in the forward
+pass (the straight-through estimator: the gradient reaches the float weight as if unrounded)
+trains the factors for the weights the phone will run, not for their float values.
+
+A factor pair's ``up`` reads the rank, which the export pads with zero columns to a multiple of
+the group; a zero column changes no group's scale, so here the last group of a row is simply
+shorter. torchao's own QAT linear (``FakeQuantizedLinear``) needs the group to divide the width,
+which ranks do not, hence this small hand-written quantizer; the test checks it against torchao's
+quantization. Activations are not fake-quantized (the export quantizes them per token to 8 bits
+at run time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from rankdown.factor import SharedDownLinear
+
+QMIN, QMAX = -8, 7
+_FLOOR = 1e-12  # scale of an all-zero group
+
+
+def fake_int4(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """``weight`` (out x in) quantized to 4 bits in groups of ``group`` input columns and back,
+    exactly as the export's int4 (a last, shorter group where ``group`` does not divide the width)."""
+    rows, columns = weight.shape
+    pad = -columns % group
+    grouped = F.pad(weight, (0, pad)).view(rows, -1, group)
+    scale = (grouped.abs().amax(-1, keepdim=True) / ((QMAX - QMIN) / 2)).clamp_min(_FLOOR)
+    codes = torch.clamp(torch.round(grouped * (1.0 / scale)), QMIN, QMAX)
+    return (codes * scale).view(rows, -1)[:, :columns]
+
+
+class FakeInt4(nn.Module):
+    """A weight parametrization: the 4-bit weight forward, the identity backward."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (fake_int4(weight.detach(), self.group) - weight).detach()
+
+
+def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """Every linear the int4 export quantizes to 4 bits: the factors (a shared ``down`` once) and
+    the linears left dense, in every decoder layer."""
+    found: dict[int, nn.Linear] = {}
+    for layer in model.model.layers:  # type: ignore[union-attr]
+        for module in layer.modules():
+            if isinstance(module, SharedDownLinear):
+                found.setdefault(id(module.shared_down), module.shared_down)
+            elif isinstance(module, nn.Linear):
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def fake_quantized(model: nn.Module, group: int) -> Iterator[int]:
+    """Every decoder linear of ``model`` sees its 4-bit weight while the block runs; after it, the
+    modules hold their (trained) float weights as plain parameters again. Yields how many."""
+    linears = _decoder_linears(model)
+    for linear in linears:
+        parametrize.register_parametrization(linear, "weight", FakeInt4(group))
+    try:
+        yield len(linears)
+    finally:
+        for linear in linears:
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)

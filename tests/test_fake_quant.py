@@ -1,0 +1,84 @@
+"""Healing for int4 (--heal-quantize int4): the 4-bit weights of the ExecuTorch export in the forward
+pass, the float weights trained and saved."""
+
+import pytest
+import torch
+from helpers import quiet
+from torch import nn
+
+from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing
+from rankdown.compress.fake_quant import fake_int4, fake_quantized
+from rankdown.compress.pipeline import compress
+from rankdown.errors import RankdownError
+from rankdown.export.pipeline import healed_for_int4
+from rankdown.factor import FactorizedLinear
+
+SMALL = dict(calib_tokens=2048, seq_len=64)
+HEAL = dict(steps=4, batch=2, seq_len=32, held_back=2, lr=1e-3)
+
+
+def test_fake_int4_is_torchaos_int4_quantization():
+    # The export's quantization (export/et_int4.py: torchao's 8da4w weights), integers and scales.
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 8, bias=False)
+    weight = linear.weight.detach().clone()
+    quantize_(linear, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    q = linear.weight
+    exported = q.qdata.float().view(8, 3, 32) * q.scale.float().view(8, 3, 1)
+    torch.testing.assert_close(fake_int4(weight, 32), exported.view(8, 96), rtol=0, atol=0)
+
+
+def test_a_width_no_group_divides_quantizes_as_the_zero_padded_rank_the_export_writes():
+    torch.manual_seed(1)
+    weight = torch.randn(6, 40)
+    padded = torch.cat([weight, torch.zeros(6, 24)], dim=1)  # export/et_int4.py pads a rank of 40 to 64
+    torch.testing.assert_close(fake_int4(weight, 32), fake_int4(padded, 32)[:, :40], rtol=0, atol=0)
+    assert fake_int4(weight, 32)[:, 32:].unique().numel() <= 6 * 16  # 4-bit codes per row and group
+
+
+def test_fake_quantized_linears_run_4_bit_pass_gradients_and_come_back_plain(tiny_model_dir):
+    model = load_model(open_checkpoint(tiny_model_dir))
+    model.model.layers[0].mlp.up_proj = FactorizedLinear.from_factors(torch.randn(24, 64), torch.randn(128, 24))
+    pair = model.model.layers[0].mlp.up_proj
+    down = pair.down.weight
+    ids = torch.tensor([[1, 5, 9, 17, 3]])
+    before = model(ids).logits.detach()
+    with fake_quantized(model, 32) as count:
+        assert count == 7 * len(model.model.layers) + 1  # the pair's two factors instead of one linear
+        torch.testing.assert_close(pair.down.weight, fake_int4(down.detach(), 32))
+        quantized = model(ids).logits
+        quantized.sum().backward()
+    assert not torch.allclose(quantized.detach(), before)
+    assert pair.down.weight is down and down.grad is not None and down.grad.abs().sum() > 0
+    assert type(pair.down) is nn.Linear and not hasattr(pair.down, "parametrizations")
+    assert set(model.state_dict()) == set(load_model(open_checkpoint(tiny_model_dir)).state_dict()) - {
+        "model.layers.0.mlp.up_proj.weight"} | {"model.layers.0.mlp.up_proj.down.weight", "model.layers.0.mlp.up_proj.up.weight"}
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_scales(tiny_model_dir, tmp_path):
+    plain = compress(tiny_model_dir, tmp_path / "plain", CompressConfig(ratio=0.4, healing=Healing(**HEAL), **SMALL),
+                     progress=quiet)
+    said: list[str] = []
+    int4 = compress(tiny_model_dir, tmp_path / "int4",
+                    CompressConfig(ratio=0.4, healing=Healing(quantize="int4", **HEAL), **SMALL), progress=said.append)
+    assert (int4.healing.quantize, int4.healing.group_size, plain.healing.quantize) == ("int4", 32, "none")
+    assert any(m.startswith("healing for int4:") for m in said)
+    assert int4.healing.loss_after < int4.healing.loss_before  # judged through the 4-bit weights
+    assert CompressionReport.read(tmp_path / "int4") == int4
+    assert healed_for_int4(tmp_path / "int4") and not healed_for_int4(tmp_path / "plain")
+    assert not healed_for_int4(tiny_model_dir)
+    # Float factors of the same shapes, not 4-bit codes: a layer's down has more than 16 values per group.
+    down = load_model(open_checkpoint(tmp_path / "int4")).model.layers[1].mlp.down_proj.down.weight
+    assert down[:, :32].unique().numel() > 16 * down.shape[0]
+
+
+def test_heal_quantize_and_group_size_are_checked():
+    with pytest.raises(RankdownError, match="--heal-quantize"):
+        Healing(quantize="int3")
+    with pytest.raises(RankdownError, match="--heal-group-size must be 32, 64, 128 or 256"):
+        Healing(group_size=48)
