@@ -71,7 +71,7 @@ class ExportConfig:
     quantize: Quantize = Quantize.NONE
     group_size: int = 32  # int4: input columns that share one scale
     head_bits: int = 8  # int4: the head's (and a tied lookup's) weight bits; the decoder linears are 4-bit
-    balance: bool = True  # int4: equal down-row and up-column norms per rank direction first (rankdown/factor_balance.py)
+    balance: bool = True  # int4: equal down-row and up-column norms per rank direction first (export/factor_balance.py)
     onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds

@@ -25,6 +25,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
     MANIFEST_FILE,
@@ -37,7 +38,6 @@ from rankdown.export.manifest import (
 )
 from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
-from rankdown.factor_balance import balance_factors
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from rankdown.export.config import ExportConfig
+from rankdown.export.factor_balance import balance_factors
 from rankdown.export.pipeline import export
 from rankdown.factor import FactorizedLinear, shared_down_group
-from rankdown.factor_balance import balance_factors
 
 
 def _feature_like(m: int = 48, n: int = 40, rank: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
