@@ -148,6 +148,9 @@ class CompressConfig:
             task_names(self.task)  # an unknown task or a bad mix is refused here, before any work
         if self.basis_mode is BasisMode.TUNED and self.method is not Method.BASIS:
             raise RankdownError("--basis-mode tuned applies to --method basis only")
+        if self.correct_carried and (self.method in (Method.SVD, Method.JOINT) or self.basis_mode is BasisMode.TUNED):
+            raise RankdownError("--correct-carried applies to the methods fitted on calibration statistics "
+                                "(asvd, whiten, feature, closed-form basis)")
         if self.basis_mode is BasisMode.TUNED and self.allocate is not Allocation.UNIFORM:
             raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate at uniform")
         if self.trials < 1:

@@ -389,6 +389,12 @@ def test_paired_statistics_need_the_dense_inputs_and_plain_ones_refuse_them():
         _ = input_stats(x).carried_correction
 
 
+@pytest.mark.parametrize("kwargs", [dict(method="svd"), dict(method="joint"), dict(method="basis", basis_mode="tuned")])
+def test_correct_carried_is_refused_where_nothing_is_fitted_on_statistics(kwargs):
+    with pytest.raises(RankdownError, match="--correct-carried applies to"):
+        CompressConfig(correct_carried=True, **kwargs)
+
+
 def test_correct_carried_keeps_the_first_site_and_refits_the_later_ones(tiny_model_dir, tmp_path):
     # The first layer's q/k/v read the embeddings in both streams, so their factors cannot change;
     # every later site reads inputs that factored sites before it have changed, and is refitted.
