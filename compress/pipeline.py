@@ -183,7 +183,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             allocation_check=outcome.allocation_check,
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
             workers=workers.world_size, device=str(workers.device),
-            correct_carried=cfg.correct_carried and spec.needs_data,
+            correct_carried=cfg.correct_carried,
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})

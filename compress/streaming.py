@@ -106,7 +106,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
     and the loss is summed over every worker's tokens (compress/distributed.py).
 
     ``correct_carried``: the dense model's hidden states are carried beside the compressed ones
-    (one more activation stream, never a second copy of the weights), and each site's statistics
+    (one more activation stream, and a dense copy of the one layer in hand), and each site's statistics
     pair its compressed inputs with its dense ones, so that each unit is fitted to the dense
     outputs (calibration.InputStats.carried_correction)."""
     device = workers.device
