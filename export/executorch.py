@@ -5,7 +5,7 @@ The stock transformers model attends through ExecuTorch's LLM kernels (``llama::
 exports do; ``forward(tokens[1, n], input_pos[1])`` takes a prompt in one call. We add the
 metadata methods ExecuTorch's LLM runner reads, int8 via the XNNPACK quantizer and int4 (8da4w)
 via torchao (export/et_int4.py).
-The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``;
+The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``, ``quantize``;
 its delegates are registered in export/et_backends.py.
 """
 
@@ -23,6 +23,7 @@ from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.factor_nodes import count_exported_program
+from rankdown.export.formats import Quantized
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
@@ -37,9 +38,22 @@ def preflight(cfg: ExportConfig) -> None:
     check_backend(cfg.backend, will_run=cfg.check)
 
 
-def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
-           progress=print) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
-    return export_executorch(model, record, bundle, cfg, progress)
+def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progress=print,
+           quantized: Quantized | None = None) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
+    return export_executorch(model, record, bundle, cfg, progress, quantized)
+
+
+def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> Quantized | None:
+    """int4: the torchao-quantized copy of ``model`` that the export lowers (``model`` is left as it
+    is), so the self-check can also run it in PyTorch; None for fp32 and int8 (int8 is quantized on
+    the traced graph)."""
+    if cfg.quantize is not Quantize.INT4:
+        return None
+    quantized, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits)
+    progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
+             f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+    return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "head_bits": cfg.head_bits,
+                                              "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears)})
 
 
 def check_file(path: Path, bundle: Path) -> list[Path]:
@@ -118,23 +132,21 @@ def _metadata(model, cfg: ExportConfig) -> dict:
     }
 
 
-def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
-                      progress=print) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
+def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progress=print,
+                      quantized: Quantized | None = None) -> tuple[float, FactorNodes, dict[str, int], dict | None]:
     """Write ``bundle/executorch/model.pte``, and ``model.ptd`` beside it for a tied fp32 model.
-    Returns seconds, node counts, the delegation summary and, for int4, what was padded."""
+    Returns seconds, node counts, the delegation summary and, for int4, what was padded. ``quantized``:
+    ``quantize``'s result for ``model`` when the caller already has it (int4)."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     start = time.perf_counter()
     length = cfg.max_seq_len
     quantization = None
-    if cfg.quantize is Quantize.INT4:
-        model, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits)
-        record = plan.record
-        quantization = {"scheme": "torchao 8da4w", "head_bits": cfg.head_bits, "padded_ranks": len(plan.padded),
-                        "int8_linears": len(plan.int8_linears)}
-        progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
-                 f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+    if quantized is None:
+        quantized = quantize(model, record, cfg, progress)
+    if quantized is not None:
+        model, record, quantization = quantized.model, quantized.record, quantized.summary
     with torch.no_grad():
         program, example, dynamic = trace(model, length)
         _run_shared_down_once(program)

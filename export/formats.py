@@ -10,6 +10,12 @@ A format is one module (``export/onnx.py``, ``export/executorch.py``) with four 
                                                     opens it; -> the other files it reads
     positions(path, options)                        positions the artifact holds (None: no limit)
 
+and, where the format quantizes the PyTorch model before lowering it (ExecuTorch int4), a fifth:
+
+    quantize(model, record, cfg, progress)          -> Quantized | None: the quantized model it will
+                                                    lower; the self-check also holds the artifact
+                                                    against it, and ``export`` takes it (``quantized=``)
+
 plus a decoder opener ``open(artifact, threads, native_runner) -> Decoder`` that imports
 neither torch nor transformers at module level, because it runs on devices. The table names
 them as ``"module:function"`` so that this file imports nothing heavy and ships to devices as
@@ -40,6 +46,15 @@ class MemoryModel:
 
     def bytes_for(self, weight_bytes: int) -> int:
         return self.per_weight_byte * weight_bytes + self.fixed_bytes
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A format's quantized PyTorch model: what its artifact computes, in PyTorch."""
+
+    model: Any
+    record: Any  # its FactorRecord (int4 pads ranks)
+    summary: dict  # the manifest's ``quantization`` entry
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,9 @@ class FormatEntry:
     embedding_tables: int | None = None
     # what a quantizer did beyond --quantize/--group-size (ONNX int4: blocks, partial blocks, head, embedding)
     quantization: dict | None = None
+    # the artifact against the PyTorch model with the same quantized weights it lowered (ExecuTorch int4):
+    # what the lowering changed, apart from what quantizing changed; None where there is no such model
+    lowering: Parity | None = None
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,22 @@ def largest_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int,
 
 def compare(reference: list[Generation], decoder: Decoder, prompts: list[list[int]], new_tokens: int,
             thresholds: ParityThresholds) -> Parity:
-    runs = [greedy(decoder, prompt, new_tokens) for prompt in prompts]
+    return judge(reference, run(decoder, prompts, new_tokens), thresholds)
+
+
+def run(decoder: Decoder, prompts: list[list[int]], new_tokens: int) -> list[Generation]:
+    return [greedy(decoder, prompt, new_tokens) for prompt in prompts]
+
+
+def judge(reference: list[Generation], runs: list[Generation], thresholds: ParityThresholds) -> Parity:
+    """The artifact's generations ``runs`` against the reference's, on the same prompts."""
     max_diff, scale, top1, positions = logit_agreement([(g.prompt_logits, r.prompt_logits)
                                                          for g, r in zip(runs, reference)])
     greedy_ok = all(g.tokens == r.tokens for g, r in zip(runs, reference))
     passed = (max_diff <= thresholds.max_rel_logit_diff * scale and top1 >= thresholds.min_top1_agreement
               and (greedy_ok or not thresholds.greedy_must_match))
-    return Parity(prompts=len(prompts), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
-                  top1_agreement=top1, new_tokens=new_tokens, greedy_match=greedy_ok, passed=passed)
+    return Parity(prompts=len(reference), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
+                  top1_agreement=top1, new_tokens=len(reference[0].tokens), greedy_match=greedy_ok, passed=passed)
 
 
 def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:

@@ -24,7 +24,7 @@ from rankdown.atomic import (
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
-from rankdown.export.config import ExportConfig, Format, Quantize
+from rankdown.export.config import ExportConfig, Format, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
@@ -36,7 +36,7 @@ from rankdown.export.manifest import (
     file_entries,
     sha256_file,
 )
-from rankdown.export.parity import compare, describe_failure, parity_prompts, torch_greedy
+from rankdown.export.parity import describe_failure, judge, parity_prompts, run, torch_greedy
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
@@ -161,7 +161,16 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         for fmt in sorted(cfg.formats, key=list(Format).index):
             progress(f"{fmt.value}: exporting{'' if cfg.quantize is Quantize.NONE else f' ({cfg.quantize.value})'}")
             spec = by_format(fmt)
-            seconds, nodes, delegation, quantization = spec.module().export(model, ckpt.record, tmp, cfg, progress)
+            module = spec.module()
+            # A format that quantizes the PyTorch model before lowering it hands that model over, so
+            # the self-check can tell what the lowering changed from what quantizing changed.
+            quantize = getattr(module, "quantize", None)
+            quantized = None if quantize is None else quantize(model, ckpt.record, cfg, progress)
+            lowered_reference = ([torch_greedy(quantized.model, p, cfg.parity_new_tokens) for p in prompts]
+                                 if cfg.check and quantized is not None else None)
+            seconds, nodes, delegation, quantization = module.export(
+                model, ckpt.record, tmp, cfg, progress, **({} if quantize is None else {"quantized": quantized}))
+            del quantized
             spec.module().check_file(tmp / spec.artifact, tmp)
             files = _format_files(tmp, spec)
             tables = check_stored_once(files, tied_table(model), tmp / spec.folder)
@@ -169,19 +178,29 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
                      f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "
                      f"{nodes.dense_linears} dense linears")
-            parity = None
+            parity = lowering = None
             if cfg.check:
-                parity = compare(reference, spec.open_decoder(tmp / spec.artifact), prompts, cfg.parity_new_tokens, thresholds)
-                progress(f"{fmt.value}: parity max |logit diff| {parity.max_abs_logit_diff:.2e} "
-                         f"(logit scale {parity.logit_scale:.1f}), top-1 {parity.top1_agreement:.1%}, greedy "
-                         f"{'identical' if parity.greedy_match else 'differs'} over {parity.new_tokens} tokens")
-                if not parity.passed:
-                    raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check: "
-                                        f"{describe_failure(parity, thresholds)}")
+                runs = run(spec.open_decoder(tmp / spec.artifact), prompts, cfg.parity_new_tokens)
+                # The lowering first: a runtime that disagrees with the quantized PyTorch model is a
+                # broken export, whatever quantizing cost.
+                checks = [] if lowered_reference is None else [("lowering", lowered_reference, ParityThresholds.lowering())]
+                checks.append(("parity", reference, thresholds if lowered_reference is None
+                               else ParityThresholds.beside_lowering(cfg.quantize)))
+                for name, ref, bounds in checks:
+                    result = judge(ref, runs, bounds)
+                    against = "the float model" if name == "parity" else f"PyTorch with its {cfg.quantize.value} weights"
+                    progress(f"{fmt.value}: against {against}: max |logit diff| {result.max_abs_logit_diff:.2e} "
+                             f"(logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}, greedy "
+                             f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
+                    if not result.passed:
+                        raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "
+                                            f"{against}: {describe_failure(result, bounds)}")
+                    parity, lowering = (result, lowering) if name == "parity" else (parity, result)
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
-                delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization)
+                delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization,
+                lowering=lowering)
         manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg, balanced),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)

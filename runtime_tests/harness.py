@@ -7,6 +7,7 @@ needs only numpy and the runtime; references, tokenizers and comparisons stay he
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
-from rankdown.export.config import ParityThresholds, Quantize
+from rankdown.export.config import ExportConfig, ParityThresholds, Quantize
+from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
@@ -133,6 +135,24 @@ def _check_installed(runtime: Runtime) -> None:
         raise RankdownError(f"runtime {runtime.value} is not installed here (no module {module})")
 
 
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime):
+    """The quantized PyTorch model ``runtime``'s artifact was lowered from, rebuilt from the source as
+    the export built it (balanced first if it was), or None where the format quantizes no PyTorch
+    model (fp32, int8, ONNX's graph-level int4)."""
+    spec = by_runtime(runtime)
+    options = manifest.options
+    quantize = getattr(spec.module(), "quantize", None)
+    if quantize is None or Quantize(options["quantize"]) is Quantize.NONE:
+        return None
+    cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
+                       head_bits=options.get("head_bits", 8))
+    source = copy.deepcopy(model)
+    if options.get("balance"):
+        balance_factors(source)
+    quantized = quantize(source, record, cfg, progress=lambda _: None)
+    return None if quantized is None else quantized.model
+
+
 def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
         return load_data(cfg.eval_file), str(cfg.eval_file)
@@ -200,9 +220,15 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     room = positions - greedy_tokens - 1
     prompts = parity_prompts(tokenizer, room=room)
     reference = [torch_greedy(model, p, greedy_tokens) for p in prompts]
-    # The same sequences again as one prompt each (prompt + PyTorch's greedy tokens): the runtime's
-    # logits without its KV cache, to hold against its cached decode.
-    uncached = [(p + list(ref.tokens[:-1]))[:room] for p, ref in zip(prompts, reference)]
+    # A runtime whose artifact was lowered from a quantized PyTorch model (ExecuTorch int4) is held
+    # against that model; the float model then sets only a top-1 floor, and quality judges the rest.
+    references = {runtime: reference for runtime in runtimes}
+    for runtime in runtimes:
+        lowered = _lowered_model(model, ckpt.record, manifest, runtime)
+        if lowered is not None:
+            progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights")
+            references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
+            del lowered
     tokenizer_ok = _tokenizer_matches(tokenizer, reference_dir, [tokenizer.decode(p) for p in prompts])
     qa = data.qa[: cfg.max_examples]
     eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)
@@ -216,7 +242,6 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
              f"{'n/a' if ref_ppl is None else f'{ref_ppl:.3f}'} on {data_name}")
 
     job_base = {"schema_version": JOB_SCHEMA, "threads": cfg.threads,
-                "parity": {"prompts": prompts + uncached, "new_tokens": greedy_tokens},
                 "quality": {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
                             "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
                             "stop_ids": _stop_ids(tokenizer), "windows": windows}}
@@ -235,10 +260,23 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     for runtime in runtimes:
         artifact = by_runtime(runtime).artifact
         progress(f"{runtime.value}: running {artifact} via {runner.name}")
-        result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact), bundle)
+        ref = references[runtime]
+        # The same sequences again as one prompt each (prompt + the reference's greedy tokens): the
+        # runtime's logits without its cache, to hold against its cached decode.
+        uncached = [(p + list(r.tokens[:-1]))[:room] for p, r in zip(prompts, ref)]
+        parity_job = {"prompts": prompts + uncached, "new_tokens": greedy_tokens}
+        result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact, parity=parity_job), bundle)
         results.append(result)
-        reports[runtime.value] = _judge(runtime, result, arrays, reference, [len(p) for p in prompts], tokenizer,
-                                        qa, ref_em, ref_ppl, max_rel, min_top1, base.greedy_must_match, bounds, cfg, runner,
+        checks: tuple
+        if ref is reference:
+            checks = (max_rel, min_top1, base.greedy_must_match, None)
+        else:
+            lowering = ParityThresholds.lowering()
+            checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
+                      lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
+                      lowering.greedy_must_match, (reference, base.min_top1_agreement))
+        reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
+                                        qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
         if other is not None and other_manifest is not None and timing is not None and cfg.latency is not None:
             reports[runtime.value], comparisons[runtime.value] = _compare(
@@ -299,8 +337,11 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
     return pairs
 
 
-def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, max_rel, min_top1,
-           greedy_must, bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
+def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: tuple,
+           bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
+    """``checks``: (max relative logit diff, min top-1, greedy must match, (float reference, its top-1
+    floor) or None when ``reference`` is the float model itself)."""
+    max_rel, min_top1, greedy_must, float_check = checks
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
@@ -317,9 +358,14 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     cache_ok = all([int(t) for t in got.argmax(-1)] == list(cached[: len(got)])
                    for (got, _), cached in zip(continuations, result["parity_tokens"]))
     greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
+    float_top1 = None
+    if float_check is not None:
+        float_top1 = logit_agreement([(arrays[f"prompt_{i}"], ref.prompt_logits)
+                                      for i, ref in enumerate(float_check[0])])[2]
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
                           logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
-                          cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok)
+                          cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
+                          reference="float" if float_check is None else "quantized", float_top1_agreement=float_top1)
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
@@ -338,6 +384,8 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
         failures.append(f"{name}.parity.max_abs_logit_diff")
     if parity.top1_agreement < min_top1:
         failures.append(f"{name}.parity.top1_agreement")
+    if float_check is not None and float_top1 is not None and float_top1 < float_check[1]:
+        failures.append(f"{name}.parity.float_top1_agreement")
     # int8 quantizes activations per call, so a prompt and a token-by-token decode may round to
     # different top-1s; there the logit bound above is the cache check.
     if greedy_must and not cache_ok:

@@ -15,7 +15,7 @@ from rankdown.atomic import write_text_atomic
 # 2: ``environment`` says where the runtimes ran (``device``) with the host beside it (``host``);
 # in 1 it was one dict whose ``machine`` named the host wherever the runtimes ran.
 # 3: ``comparisons`` (validate --compare); ``size_bytes`` counts the artifact's data files too (.ptd).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class ParityReport:
     # cached decode, and whether its top-1 there equals the tokens it produced with its cache.
     cache_max_abs_logit_diff: float | None = None
     cache_consistent: bool | None = None
+    # what the figures above are against: the float model, or (ExecuTorch int4) PyTorch with the
+    # artifact's quantized weights, and then the float model's top-1 agreement on the prompts
+    reference: str = "float"
+    float_top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def to_markdown(report: Report) -> str:
             timing = (f"| {ttft} | {lat.decode_tokens_per_s.median:.1f} | {lat.load_s:.2f} | {lat.peak_rss_mb:.0f} "
                       f"| {lat.size_bytes / 2**20:.2f} ")
         lines.append(f"| {name} | {'identical' if p.greedy_match else 'differs'} ({p.greedy_tokens}) | "
-                     f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%} | {em} | {ppl} {timing}| "
+                     f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%}{_against(p)} | {em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
     if report.comparisons:
@@ -252,3 +256,9 @@ def _plot_comparison(report: Report, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _against(parity: ParityReport) -> str:
+    if parity.reference == "float" or parity.float_top1_agreement is None:
+        return ""
+    return f" (against the quantized PyTorch model; float model {parity.float_top1_agreement:.1%})"

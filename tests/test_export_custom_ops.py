@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import quiet
@@ -79,15 +81,60 @@ def joint_int4_bundle(compressed_tiny, tmp_path_factory):
 
 def test_int4_quantizes_odd_rank_pairs_and_keeps_top1(joint_int4_bundle, joint_bundle):
     """Ranks that are not multiples of the group are padded, not refused; shared downs still run
-    once; the int4 self-check bounds (top-1 >= 60%, |logit diff| <= 0.5 x scale) hold."""
+    once; the int4 self-check holds the .pte against the quantized PyTorch model it lowered (top-1
+    >= 90%, |logit diff| <= 0.25 x scale), far closer than against the float model (top-1 >= 60%)."""
     folder, bundle, manifest = joint_int4_bundle
     record = FactorRecord.read(folder)
     assert any(spec.rank % 32 for spec in record.modules.values())
     entry = manifest.formats["executorch"]
     assert entry.quantize == "int4" and entry.parity.passed and entry.parity.top1_agreement >= 0.6
+    lowering = entry.lowering
+    assert lowering is not None and lowering.passed and lowering.top1_agreement >= 0.9
+    assert lowering.max_abs_logit_diff < 0.5 * entry.parity.max_abs_logit_diff
     assert entry.factor_nodes.found == entry.factor_nodes.expected == _expected_nodes(record)
     pte = (bundle / "executorch" / "model.pte").read_bytes()
     for op in CUSTOM_OPS:
         assert op in pte, op
     fp32 = sum(f.bytes for f in joint_bundle[2].formats["executorch"].files.values())
     assert sum(f.bytes for f in entry.files.values()) < 0.5 * fp32
+
+
+def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(compressed_tiny, tmp_path, monkeypatch):
+    """The lowering check can fail: a .pte lowered from other int4 weights than the self-check's
+    PyTorch reference (here every row of the 8-bit lookup at twice its scale) is refused in one
+    line, and no bundle is left."""
+    from rankdown.errors import RankdownError
+    from rankdown.export import executorch
+    from rankdown.export.formats import Quantized
+
+    real = executorch.export_executorch
+
+    def skewed(model, record, bundle, cfg, progress=print, quantized=None):
+        other = copy.deepcopy(quantized.model)
+        other.get_input_embeddings().scales.mul_(2.0)
+        return real(model, record, bundle, cfg, progress, Quantized(other, quantized.record, quantized.summary))
+
+    monkeypatch.setattr(executorch, "export_executorch", skewed)
+    folder, _ = compressed_tiny["joint"]
+    with pytest.raises(RankdownError, match="executorch export failed its parity self-check against PyTorch "
+                                            "with its int4 weights: "):
+        export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64, quantize="int4"),
+               progress=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_holds_an_int4_pte_against_its_quantized_pytorch_model(joint_int4_bundle):
+    """validate rebuilds the int4 model the .pte was lowered from (balanced as the export balanced it)
+    and holds the runtime to it with the lowering bounds; the float model's top-1 is reported beside."""
+    from rankdown.validate.config import ValidateConfig
+    from rankdown.validate.harness import validate
+
+    _, bundle, manifest = joint_int4_bundle
+    report = validate(bundle, ValidateConfig(runtimes="executorch", latency=None, max_examples=3, max_tokens=128),
+                      progress=quiet)
+    parity = report.runtimes["executorch"].parity
+    assert parity.reference == "quantized" and parity.float_top1_agreement is not None
+    assert parity.top1_agreement >= 0.9 and parity.max_abs_logit_diff <= 0.25 * parity.logit_scale
+    assert not [f for f in report.failures if ".parity." in f]
+    # the prompts' logits against the quantized model are closer than the export's against the float one
+    assert parity.max_abs_logit_diff < manifest.formats["executorch"].parity.max_abs_logit_diff
