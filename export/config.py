@@ -80,9 +80,9 @@ class ParityThresholds:
     def lowering(cls) -> ParityThresholds:
         """The artifact against the PyTorch model with its quantized weights: only the runtime's kernels
         differ (its 8-bit rounding of the activations, the attention kernel), so the same token wins
-        nearly everywhere. Measured on SmolLM2 at 40%, ExecuTorch int4: max |logit diff| 0.09 x scale,
-        top-1 95.7%."""
-        return cls(max_rel_logit_diff=0.25, min_top1_agreement=0.9, greedy_must_match=False)
+        nearly everywhere. Measured in ExecuTorch int4: SmolLM2 at 40%, max |logit diff| 0.09 x scale,
+        top-1 95.7%; the 6.6M shipped model at 40% (flatter logits, closer calls), 0.04 x, top-1 91.7%."""
+        return cls(max_rel_logit_diff=0.25, min_top1_agreement=0.85, greedy_must_match=False)
 
 
 @dataclass(frozen=True)

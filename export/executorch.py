@@ -80,6 +80,10 @@ def _is_mergeable(node) -> bool:
     return not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
 
 
+def _has_shared_downs(record: FactorRecord) -> bool:
+    return any(spec.shares_down_with is not None for spec in record.modules.values())
+
+
 def _run_shared_down_once(program) -> int:
     """Merge linears that apply the same weight to the same input (a shared-``down`` group's
     members each call the owner's ``down`` in eager mode), with their (de)quantization ops when
@@ -149,7 +153,12 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         model, record, quantization = quantized.model, quantized.record, quantized.summary
     with torch.no_grad():
         program, example, dynamic = trace(model, length)
-        _run_shared_down_once(program)
+        # Merging also shares one activation quantization among the linears that read one input
+        # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
+        # graph is merged only where a shared down needs it, and is then partitioned in two passes.
+        merge = cfg.quantize is not Quantize.INT4 or _has_shared_downs(record)
+        if merge:
+            _run_shared_down_once(program)
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
@@ -160,7 +169,8 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         # XNNPACK recipe: no dim-order ops (XNNPACK reverts them anyway), no IR re-verification.
         compile_config = (EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
                           if backend_spec(cfg.backend).name == "xnnpack" else None)
-        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(cfg.quantize is not Quantize.NONE),
+        separate = cfg.quantize is Quantize.INT8 or (cfg.quantize is Quantize.INT4 and merge)
+        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(separate),
                                            constant_methods=_metadata(model, cfg), compile_config=compile_config)
         info = get_delegation_info(edge.exported_program().graph_module)
         delegation = {"delegated_nodes": int(info.num_delegated_nodes),
