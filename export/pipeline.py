@@ -225,9 +225,16 @@ def format_manifest(manifest: Manifest) -> str:
     for name, entry in manifest.formats.items():
         size = sum(f.bytes for f in entry.files.values())
         parity = entry.parity
-        check = ("not checked" if parity is None else
-                 f"parity {'passed' if parity.passed else 'FAILED'}: max |Δlogit| {parity.max_abs_logit_diff:.1e}, "
-                 f"top-1 {parity.top1_agreement:.1%}, greedy {'identical' if parity.greedy_match else 'differs'}")
+        lowering = entry.lowering
+        if parity is None:
+            check = "not checked"
+        elif lowering is None:
+            check = (f"parity {'passed' if parity.passed else 'FAILED'}: max |Δlogit| {parity.max_abs_logit_diff:.1e}, "
+                     f"top-1 {parity.top1_agreement:.1%}, greedy {'identical' if parity.greedy_match else 'differs'}")
+        else:
+            check = (f"parity {'passed' if parity.passed and lowering.passed else 'FAILED'}: against its "
+                     f"{entry.quantize} PyTorch model max |Δlogit| {lowering.max_abs_logit_diff:.1e}, top-1 "
+                     f"{lowering.top1_agreement:.1%}; float model top-1 {parity.top1_agreement:.1%}")
         nodes = entry.factor_nodes
         lines.append(f"{name:<10} {size / 2**20:7.2f} MiB  {entry.quantize:<4}  {entry.export_seconds:6.1f} s  "
                      f"factor nodes {nodes.found}/{nodes.expected}  {check}")
