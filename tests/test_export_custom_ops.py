@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import copy
+import shutil
 
 import pytest
 import torch
@@ -99,27 +99,33 @@ def test_int4_quantizes_odd_rank_pairs_and_keeps_top1(joint_int4_bundle, joint_b
     assert sum(f.bytes for f in entry.files.values()) < 0.5 * fp32
 
 
-def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(compressed_tiny, tmp_path, monkeypatch):
-    """The lowering check can fail: a .pte lowered from other int4 weights than the self-check's
-    PyTorch reference (here every row of the 8-bit lookup at twice its scale) is refused in one
-    line, and no bundle is left."""
+def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(feature_int4_bundle, tmp_path,
+                                                                                monkeypatch):
+    """The lowering check can fail: held against other int4 weights than the ones it was lowered from
+    (here the reference's 8-bit lookup negated; the .pte is the good one, copied instead of
+    lowered again), the export is refused in one line and leaves no bundle."""
     from rankdown.errors import RankdownError
     from rankdown.export import executorch
-    from rankdown.export.formats import Quantized
 
-    real = executorch.export_executorch
+    folder, bundle, manifest = feature_int4_bundle
+    entry = manifest.formats["executorch"]
+    real_quantize = executorch.quantize
 
-    def skewed(model, record, bundle, cfg, progress=print, quantized=None):
-        other = copy.deepcopy(quantized.model)
-        other.get_input_embeddings().scales.mul_(2.0)
-        return real(model, record, bundle, cfg, progress, Quantized(other, quantized.record, quantized.summary))
+    def skewed(model, record, cfg, progress=print):
+        quantized = real_quantize(model, record, cfg, progress)
+        quantized.model.get_input_embeddings().scales.neg_()
+        return quantized
 
-    monkeypatch.setattr(executorch, "export_executorch", skewed)
-    folder, _ = compressed_tiny["joint"]
+    def copied(model, record, out, cfg, progress=print, quantized=None):
+        (out / "executorch").mkdir(parents=True)
+        shutil.copy2(bundle / "executorch" / "model.pte", out / "executorch" / "model.pte")
+        return 0.0, entry.factor_nodes, entry.delegation, entry.quantization
+
+    monkeypatch.setattr(executorch, "quantize", skewed)
+    monkeypatch.setattr(executorch, "export", copied)
     with pytest.raises(RankdownError, match="executorch export failed its parity self-check against PyTorch "
                                             "with its int4 weights: "):
-        export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64, quantize="int4"),
-               progress=quiet)
+        export(folder, tmp_path / "b", ExportConfig(formats="executorch", quantize="int4"), progress=quiet)
     assert list(tmp_path.iterdir()) == []
 
 
