@@ -142,12 +142,13 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime):
     spec = by_runtime(runtime)
     options = manifest.options
     quantize = getattr(spec.module(), "quantize", None)
-    if quantize is None or Quantize(options["quantize"]) is Quantize.NONE:
+    if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
     cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
                        head_bits=options.get("head_bits", 8))
-    source = copy.deepcopy(model)
+    source = model  # the quantizer works on its own copy; only balancing needs one first
     if options.get("balance"):
+        source = copy.deepcopy(model)
         balance_factors(source)
     quantized = quantize(source, record, cfg, progress=lambda _: None)
     return None if quantized is None else quantized.model
@@ -274,7 +275,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
             lowering = ParityThresholds.lowering()
             checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
                       lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
-                      lowering.greedy_must_match, (reference, base.min_top1_agreement))
+                      lowering.greedy_must_match,
+                      (reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
+                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement)))
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))

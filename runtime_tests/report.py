@@ -15,6 +15,8 @@ from rankdown.atomic import write_text_atomic
 # 2: ``environment`` says where the runtimes ran (``device``) with the host beside it (``host``);
 # in 1 it was one dict whose ``machine`` named the host wherever the runtimes ran.
 # 3: ``comparisons`` (validate --compare); ``size_bytes`` counts the artifact's data files too (.ptd).
+# 4: ``parity.reference`` (an ExecuTorch int4 artifact is held against its quantized PyTorch model)
+# and ``parity.float_top1_agreement``.
 SCHEMA_VERSION = 4
 
 
