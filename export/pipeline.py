@@ -32,6 +32,7 @@ from rankdown.export.manifest import (
     FormatEntry,
     Manifest,
     ModelSummary,
+    Parity,
     SourceModel,
     file_entries,
     sha256_file,
@@ -178,7 +179,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             progress(f"{fmt.value}: {seconds:.1f} s; factor nodes {nodes.found}/{nodes.expected} "
                      f"({nodes.pairs} pairs, {nodes.shared_groups} shared-down groups), "
                      f"{nodes.dense_linears} dense linears")
-            parity = lowering = None
+            results: dict[str, Parity] = {}
             if cfg.check:
                 runs = run(spec.open_decoder(tmp / spec.artifact), prompts, cfg.parity_new_tokens)
                 # The lowering first: a runtime that disagrees with the quantized PyTorch model is a
@@ -195,12 +196,12 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                     if not result.passed:
                         raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "
                                             f"{against}: {describe_failure(result, bounds)}")
-                    parity, lowering = (result, lowering) if name == "parity" else (parity, result)
+                    results[name] = result
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
-                delegation=delegation, parity=parity, embedding_tables=tables, quantization=quantization,
-                lowering=lowering)
+                delegation=delegation, parity=results.get("parity"), embedding_tables=tables,
+                quantization=quantization, lowering=results.get("lowering"))
         manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg, balanced),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)
