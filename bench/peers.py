@@ -108,6 +108,12 @@ def bundle_rows(name: str, bundle: Path) -> list[Row]:
             files = [p for p in artifact.parent.iterdir() if p.is_file() and p.suffix not in (".json", ".txt")]
             rows.append(Row(f"rankdown {name}", f"rankdown:{spec.runtime}", _bundle_precision(bundle), "project",
                             str(artifact), weights=[str(p) for p in files]))
+            # The runtime apps ship (onnxruntime-genai for the ONNX folder), driven as the peers' own
+            # exports are: its Generator, greedy search and in-place KV cache, not our decode loop.
+            for other in spec.other_runtimes:
+                if other.name == "onnxruntime-genai" and all((bundle / need).is_file() for need in other.needs):
+                    rows.append(Row(f"rankdown {name} ({other.name})", "genai", _bundle_precision(bundle),
+                                    "project", str(artifact.parent), weights=[str(p) for p in files]))
     if not rows:
         raise SystemExit(f"{bundle}: no artifact of a known format")
     return rows

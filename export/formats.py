@@ -16,6 +16,11 @@ and, where the format quantizes the PyTorch model before lowering it (ExecuTorch
                                                     lower; the self-check also holds the artifact
                                                     against it, and ``export`` takes it (``quantized=``)
 
+or, where it quantizes the exported graph (ONNX int4), one that reads that model back from it:
+
+    lowered_model(model, artifact, quantize)        -> a module computing what the artifact holds, in
+                                                    PyTorch, or None; held against as ``quantize``'s is
+
 plus a decoder opener ``open(artifact, threads, native_runner) -> Decoder`` that imports
 neither torch nor transformers at module level, because it runs on devices. The table names
 them as ``"module:function"`` so that this file imports nothing heavy and ships to devices as

@@ -3,7 +3,8 @@ optimum's text-generation-with-past export (``--onnx-graph optimum``), then onnx
 quantizer (``quantize_dynamic``) or its 4-bit one (``MatMulNBitsQuantizer``, export/onnx_int4.py),
 and the files onnxruntime-genai opens the folder with (export/onnx_genai.py).
 
-The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``.
+The format's hooks (export/formats.py): ``preflight``, ``export``, ``check_file``, ``positions``, and
+``lowered_model`` (int4: PyTorch with the graph's own 4-bit weights, export/onnx_int4_reference.py).
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def _check_genai_tokenizer(folder: Path) -> None:
 def check_file(path: Path, bundle: Path) -> list[Path]:
     """The external-data files the graph reads, each proven to lie inside the bundle."""
     return external_data_files(path, bundle)
+
+
+def lowered_model(model, artifact: Path, quantize: Quantize):
+    """int4: ``model`` with the weights the graph at ``artifact`` holds, read back from its
+    MatMulNBits nodes (export/onnx_int4_reference.py); None for fp32 and int8, whose self-check
+    holds the graph to the float model."""
+    if quantize is not Quantize.INT4:
+        return None
+    from rankdown.export.onnx_int4_reference import int4_reference
+
+    return int4_reference(model, artifact)
 
 
 def positions(path: Path, options: dict) -> int | None:

@@ -173,6 +173,13 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 model, ckpt.record, tmp, cfg, progress, **({} if quantize is None else {"quantized": quantized}))
             del quantized
             spec.module().check_file(tmp / spec.artifact, tmp)
+            read_back = getattr(module, "lowered_model", None)
+            if cfg.check and lowered_reference is None and read_back is not None:
+                # A format quantized on its graph: the model with the graph's own weights, read back.
+                lowered = read_back(model, tmp / spec.artifact, cfg.quantize)
+                if lowered is not None:
+                    lowered_reference = [torch_greedy(lowered, p, cfg.parity_new_tokens) for p in prompts]
+                    del lowered
             files = _format_files(tmp, spec)
             tables = check_stored_once(files, tied_table(model), tmp / spec.folder)
             peaks[fmt.value] = round(peak_rss_mb(), 1)

@@ -135,12 +135,16 @@ def _check_installed(runtime: Runtime) -> None:
         raise RankdownError(f"runtime {runtime.value} is not installed here (no module {module})")
 
 
-def _lowered_model(model, record, manifest: Manifest, runtime: Runtime):
-    """The quantized PyTorch model ``runtime``'s artifact was lowered from, rebuilt from the source as
-    the export built it (balanced first if it was), or None where the format quantizes no PyTorch
-    model (fp32, int8, ONNX's graph-level int4)."""
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path):
+    """The quantized PyTorch model ``runtime``'s artifact computes: for a format that quantizes the
+    PyTorch model (ExecuTorch int4), rebuilt from the source as the export built it (balanced first
+    if it was); for one that quantizes its graph (ONNX int4), the source with the graph's own
+    weights read back; None for fp32 and int8."""
     spec = by_runtime(runtime)
     options = manifest.options
+    read_back = getattr(spec.module(), "lowered_model", None)
+    if read_back is not None:
+        return read_back(model, bundle / spec.artifact, Quantize(options["quantize"]))
     quantize = getattr(spec.module(), "quantize", None)
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
@@ -225,7 +229,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # against that model; the float model then sets only a top-1 floor, and quality judges the rest.
     references = {runtime: reference for runtime in runtimes}
     for runtime in runtimes:
-        lowered = _lowered_model(model, ckpt.record, manifest, runtime)
+        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle)
         if lowered is not None:
             progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights")
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]

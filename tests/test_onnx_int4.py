@@ -62,6 +62,9 @@ def test_int4_parity_size_and_manifest(onnx_int4_bundles):
     _, (fp32_bundle, fp32), (bundle, manifest) = onnx_int4_bundles
     entry = manifest.formats["onnx"]
     assert entry.quantize == "int4" and entry.parity.passed
+    # held first to PyTorch with the graph's own weights, shared downs read back once for their group
+    assert entry.lowering is not None and entry.lowering.passed
+    assert entry.lowering.max_abs_logit_diff < entry.parity.max_abs_logit_diff
     assert entry.parity.top1_agreement >= 0.6 and entry.parity.max_abs_logit_diff <= 0.5 * entry.parity.logit_scale
     assert entry.quantization["embedding"] == "GatherBlockQuantized 4-bit" and entry.quantization["block_size"] == 32
     # Every file of the format is in the manifest (model.onnx and any external data), and nothing else is there.

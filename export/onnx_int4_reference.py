@@ -1,0 +1,203 @@
+"""PyTorch with the weights an ONNX int4 graph holds: the reference its export self-check and
+`validate` hold onnxruntime to, so a lowering bug is told apart from what 4 bits cost.
+
+ExecuTorch's int4 is quantized in PyTorch before it is lowered, so that PyTorch model exists
+(export/et_int4.py). ONNX's is quantized on the exported graph by onnxruntime's own
+``MatMulNBitsQuantizer`` (export/onnx_int4.py), and no PyTorch module does MatMulNBits' arithmetic.
+So the reference is read back from the graph: every ``MatMulNBits`` node's codes, scales and zero
+points, dequantized as the operator defines it (``(code - zero_point) * scale`` per block of K, codes
+packed low-first, zero point 2^(bits-1) when absent), and laid over the loaded model's linears by
+``torch.func.functional_call`` (the model's own parameters are not touched). A tied head overrides
+the embedding too where the graph's ``GatherBlockQuantized`` reads the head's blocks; where the graph
+keeps its own 4-bit lookup table (optimum's graph), lookup and head each get their own.
+
+Names: the fused graph (the model builder's) calls a factor ``/<module>/<down|up>/MatMul``, a dense
+linear ``/model/layers.N/attn/<proj>/MatMul`` (``attn`` for ``self_attn``), Q/K/V packed into
+``qkv_proj`` (split back by rows), the head ``/lm_head/MatMul``; optimum's graph uses the module path
+as its scope. A ``MatMulNBits`` that maps to no linear of the model fails the reference: a check
+that silently kept a float weight would pass a broken export.
+
+What it leaves out: accuracy level 4 quantizes activations to int8 per block at run time; the
+reference keeps them in fp32, so its bounds (``ParityThresholds.lowering``) leave room for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rankdown.errors import RankdownError
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+# the model builder's scope names -> transformers' module names
+_BUILDER_NAMES = (("attn", "self_attn"),)
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """One ``MatMulNBits`` weight as stored: codes ``(N, k_blocks, blob)``, scales ``(N, k_blocks)``,
+    zero points packed ``(N, ceil(k_blocks * bits / 8))`` or None."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block_size: int
+    k: int
+    n: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight, ``(N, K)`` (a linear's ``out x in``)."""
+        per_byte = 8 // self.bits
+        mask = (1 << self.bits) - 1
+        shifts = np.arange(per_byte, dtype=np.uint8) * self.bits
+        codes = (self.codes[..., None] >> shifts) & mask  # (N, k_blocks, blob, per_byte): low bits first
+        blocks = self.codes.shape[1]
+        codes = codes.reshape(self.n, blocks, self.block_size).astype(np.float32)
+        if self.zero_points is None:
+            zeros = np.full((self.n, blocks), float(1 << (self.bits - 1)), np.float32)
+        else:
+            packed = self.zero_points.reshape(self.n, -1)
+            zeros = ((packed[..., None] >> shifts) & mask).reshape(self.n, -1)[:, :blocks].astype(np.float32)
+        scales = self.scales.reshape(self.n, blocks).astype(np.float32)
+        weight = (codes - zeros[..., None]) * scales[..., None]
+        return np.ascontiguousarray(weight.reshape(self.n, blocks * self.block_size)[:, : self.k])
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A ``GatherBlockQuantized`` table of its own (an untied embedding): codes ``(rows, columns)``
+    as onnx reads a 4-bit tensor (one code per element), scales and zero points per block of a row."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    block_size: int
+    signed: bool
+
+    def dequantize(self) -> np.ndarray:
+        rows, columns = self.codes.shape
+        codes = self.codes.astype(np.float32).reshape(rows, -1, self.block_size)
+        zeros = (np.zeros(self.scales.shape, np.float32) if self.signed else np.full(self.scales.shape, 8.0, np.float32)) \
+            if self.zero_points is None else self.zero_points.astype(np.float32)
+        weight = (codes - zeros[..., None]) * self.scales.astype(np.float32)[..., None]
+        return np.ascontiguousarray(weight.reshape(rows, columns))
+
+
+def graph_weights(model_path: Path) -> dict[str, BlockWeight | LookupTable]:
+    """Every ``MatMulNBits`` node's weight, and every ``GatherBlockQuantized`` table that is not one
+    of those (a tied lookup reads the head's blocks), by node name."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    initializers = {init.name: init for init in graph.initializer}
+    matmul_weights = {node.input[1] for node in graph.node if node.op_type == "MatMulNBits"}
+    weights: dict[str, BlockWeight | LookupTable] = {}
+    for node in graph.node:
+        if node.op_type == "GatherBlockQuantized" and node.input[0] in initializers \
+                and node.input[0] not in matmul_weights:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attributes.get("gather_axis", 0) != 0 or attributes.get("quantize_axis", 1) != 1:
+                raise RankdownError(f"{model_path}: GatherBlockQuantized node {node.name} has a layout "
+                                    f"other than rows gathered, blocks along a row")
+            table = initializers[node.input[0]]
+            zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else None
+            weights[node.name] = LookupTable(
+                codes=numpy_helper.to_array(table), scales=numpy_helper.to_array(initializers[node.input[2]]),
+                zero_points=None if zero_points is None else numpy_helper.to_array(initializers[zero_points]),
+                block_size=int(attributes["block_size"]), signed=table.data_type == TensorProto.INT4)
+            continue
+        if node.op_type != "MatMulNBits":
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        inputs = list(node.input) + [""] * 4
+
+        def constant(name: str) -> np.ndarray | None:
+            return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+        codes, scales = constant(inputs[1]), constant(inputs[2])
+        if codes is None or scales is None:
+            raise RankdownError(f"{model_path}: MatMulNBits node {node.name} has a weight that is not a constant")
+        weights[node.name] = BlockWeight(codes=codes, scales=scales, zero_points=constant(inputs[3]),
+                                         bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
+                                         k=int(attributes["K"]), n=int(attributes["N"]))
+    return weights
+
+
+def _module_path(node_name: str, names: set[str]) -> str | None:
+    """The linear a node belongs to: its scope (``/a/b.c/d/MatMul`` -> ``a.b.c.d``), builder names
+    translated, with as many leading parts dropped as it takes to name a module of the model."""
+    parts = [p for p in node_name.strip("/").replace("/", ".").split(".") if p][:-1]  # drop ``MatMul``
+    parts = [dict(_BUILDER_NAMES).get(p, p) for p in parts]
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in names:
+            return candidate
+    return None
+
+
+def weight_overrides(model, model_path: Path) -> dict[str, Any]:
+    """``{parameter name: dequantized weight tensor}`` for every linear (and lookup table) the graph
+    holds in 4 or 8 bits."""
+    import torch
+    from torch import nn
+
+    linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
+    overrides: dict[str, Any] = {}
+    for node, weight in graph_weights(model_path).items():
+        matrix = torch.from_numpy(weight.dequantize())
+        path = _module_path(node, linears)
+        if path is not None:
+            overrides[f"{path}.weight"] = matrix
+            continue
+        packed = _module_path(node.replace("qkv_proj", "q_proj"), linears)
+        if packed is None or "qkv_proj" not in node:
+            raise RankdownError(f"{model_path}: MatMulNBits node {node} matches no linear of the model")
+        start = 0
+        for proj in _QKV:
+            linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
+            rows = linear.out_features
+            overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = matrix[start:start + rows]
+            start += rows
+        if start != matrix.shape[0]:
+            raise RankdownError(f"{model_path}: packed {node} has {matrix.shape[0]} rows, q/k/v {start}")
+    # A tied table the graph stores once (the fused graph's lookup reads the head's blocks) is the
+    # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps both.
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    for names in tied.values():
+        given = [overrides[n] for n in names if n in overrides]
+        for name in names:
+            if given and name not in overrides:
+                overrides[name] = given[0]
+    for name, tensor in overrides.items():
+        expected = model.get_parameter(name).shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise RankdownError(f"{model_path}: the 4-bit weight for {name} is {tuple(tensor.shape)}, "
+                                f"the model's {tuple(expected)}")
+    return overrides
+
+
+def int4_reference(model, model_path: Path):
+    """``model`` as the ONNX int4 graph at ``model_path`` computes it (its weights dequantized), for
+    ``torch_greedy``; ``model`` itself is left as it is."""
+    import torch
+    from torch import nn
+
+    overrides = weight_overrides(model, model_path)
+
+    class WithGraphWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *args, **kwargs):
+            # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
+            return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
+
+    return WithGraphWeights().eval()
