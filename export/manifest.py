@@ -50,6 +50,7 @@ class Parity:
     new_tokens: int
     greedy_match: bool
     passed: bool
+    p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
 
 
 @dataclass(frozen=True)

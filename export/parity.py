@@ -55,6 +55,13 @@ def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, 
     return max_diff, scale, agree / positions, positions
 
 
+def position_percentile(pairs: list[tuple[np.ndarray, np.ndarray]], percent: float = 95.0) -> float:
+    """Over (got, reference) pairs: the ``percent`` percentile over positions of each position's
+    max |logit diff|."""
+    per_position = np.concatenate([np.abs(got - ref).max(-1) for got, ref in pairs])
+    return float(np.percentile(per_position, percent))
+
+
 def largest_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, int, int, float]:
     """Where the largest |logit diff| is over (got, reference) pairs: pair index, position,
     vocabulary index and the difference, so a failure says where to look."""
@@ -78,13 +85,16 @@ def run(decoder: Decoder, prompts: list[list[int]], new_tokens: int) -> list[Gen
 
 def judge(reference: list[Generation], runs: list[Generation], thresholds: ParityThresholds) -> Parity:
     """The artifact's generations ``runs`` against the reference's, on the same prompts."""
-    max_diff, scale, top1, positions = logit_agreement([(g.prompt_logits, r.prompt_logits)
-                                                         for g, r in zip(runs, reference)])
+    pairs = [(g.prompt_logits, r.prompt_logits) for g, r in zip(runs, reference)]
+    max_diff, scale, top1, positions = logit_agreement(pairs)
+    p95 = position_percentile(pairs)
     greedy_ok = all(g.tokens == r.tokens for g, r in zip(runs, reference))
     passed = (max_diff <= thresholds.max_rel_logit_diff * scale and top1 >= thresholds.min_top1_agreement
+              and p95 <= thresholds.max_rel_p95_logit_diff * scale
               and (greedy_ok or not thresholds.greedy_must_match))
     return Parity(prompts=len(reference), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
-                  top1_agreement=top1, new_tokens=len(reference[0].tokens), greedy_match=greedy_ok, passed=passed)
+                  top1_agreement=top1, new_tokens=len(reference[0].tokens), greedy_match=greedy_ok, passed=passed,
+                  p95_abs_logit_diff=p95)
 
 
 def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
@@ -92,6 +102,10 @@ def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
     if parity.max_abs_logit_diff > thresholds.max_rel_logit_diff * parity.logit_scale:
         reasons.append(f"max |logit diff| {parity.max_abs_logit_diff:.3g} > "
                        f"{thresholds.max_rel_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
+    if parity.p95_abs_logit_diff is not None and \
+            parity.p95_abs_logit_diff > thresholds.max_rel_p95_logit_diff * parity.logit_scale:
+        reasons.append(f"95th-percentile position's |logit diff| {parity.p95_abs_logit_diff:.3g} > "
+                       f"{thresholds.max_rel_p95_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
     if parity.top1_agreement < thresholds.min_top1_agreement:
         reasons.append(f"top-1 agreement {parity.top1_agreement:.1%} < {thresholds.min_top1_agreement:.1%}")
     if thresholds.greedy_must_match and not parity.greedy_match:

@@ -198,7 +198,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                     result = judge(ref, runs, bounds)
                     against = "the float model" if name == "parity" else f"PyTorch with its {cfg.quantize.value} weights"
                     progress(f"{fmt.value}: against {against}: max |logit diff| {result.max_abs_logit_diff:.2e} "
-                             f"(logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}, greedy "
+                             f"(95th-percentile position {result.p95_abs_logit_diff:.2e}; "
+                             f"logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
                         raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "

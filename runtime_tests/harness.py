@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rankdown.export.config import ExportConfig, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
-from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, torch_greedy
+from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, position_percentile, torch_greedy
 from rankdown.tasks import MIX, TASKS, Split, load_task
 from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
 from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
@@ -274,14 +275,15 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         results.append(result)
         checks: tuple
         if ref is reference:
-            checks = (max_rel, min_top1, base.greedy_must_match, None)
+            checks = (max_rel, min_top1, base.greedy_must_match, None, base.max_rel_p95_logit_diff)
         else:
             lowering = ParityThresholds.lowering()
             checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
                       lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
                       lowering.greedy_must_match,
                       (reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
-                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement)))
+                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement)),
+                      lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf)
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
@@ -347,14 +349,16 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: tuple,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
     """``checks``: (max relative logit diff, min top-1, greedy must match, (float reference, its top-1
-    floor) or None when ``reference`` is the float model itself)."""
-    max_rel, min_top1, greedy_must, float_check = checks
+    floor) or None when ``reference`` is the float model itself, the 95th-percentile position's
+    relative logit diff)."""
+    max_rel, min_top1, greedy_must, float_check, max_rel_p95 = checks
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
     # Prompt positions and continuation positions alike: a small error anywhere counts.
     pairs = [(arrays[f"prompt_{i}"], ref.prompt_logits) for i, ref in enumerate(reference)] + continuations
     max_diff, scale, top1, count = logit_agreement(pairs)
+    p95 = position_percentile(pairs)
     at_pair, at_position, at_token, _ = largest_difference(pairs)
     if at_pair >= n:
         at_pair, at_position = at_pair - n, at_position + prompt_lengths[at_pair - n] - 1
@@ -372,7 +376,8 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
                           logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
-                          reference="float" if float_check is None else "quantized", float_top1_agreement=float_top1)
+                          reference="float" if float_check is None else "quantized", float_top1_agreement=float_top1,
+                          p95_abs_logit_diff=p95)
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
@@ -389,6 +394,8 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
         failures.append(f"{name}.parity.greedy_match")
     if max_diff > max_rel * scale:
         failures.append(f"{name}.parity.max_abs_logit_diff")
+    if p95 > max_rel_p95 * scale:
+        failures.append(f"{name}.parity.p95_abs_logit_diff")
     if parity.top1_agreement < min_top1:
         failures.append(f"{name}.parity.top1_agreement")
     if float_check is not None and float_top1 is not None and float_top1 < float_check[1]:

@@ -17,7 +17,7 @@ from rankdown.atomic import write_text_atomic
 # 3: ``comparisons`` (validate --compare); ``size_bytes`` counts the artifact's data files too (.ptd).
 # 4: ``parity.reference`` (an ExecuTorch int4 artifact is held against its quantized PyTorch model)
 # and ``parity.float_top1_agreement``.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class ParityReport:
     # artifact's quantized weights, and then the float model's top-1 agreement on the prompts
     reference: str = "float"
     float_top1_agreement: float | None = None
+    p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
 
 
 @dataclass(frozen=True)

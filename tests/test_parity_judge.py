@@ -1,0 +1,52 @@
+"""The self-check's judgement on logits alone: the lowering bound is on the 95th-percentile
+position, so one chaotic position passes and a shift everywhere fails; the float bounds keep
+their single largest difference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rankdown.export.config import ParityThresholds, Quantize
+from rankdown.export.decoding import Generation
+from rankdown.export.parity import describe_failure, judge, position_percentile
+
+
+def _generation(logits: np.ndarray) -> Generation:
+    return Generation(prompt_logits=logits, tokens=(0,), step_logits=logits[-1:])
+
+
+def _pair(shift_rows: list[int], by: float, positions: int = 40):
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((positions, 50)).astype(np.float32) * 2
+    reference[:, 0] = 20.0  # one clear winner everywhere: top-1 is not what these cases move
+    got = reference.copy()
+    got[shift_rows, 1:] += by
+    return [_generation(got)], [_generation(reference)]
+
+
+def test_one_chaotic_position_passes_the_lowering_bound_but_not_the_float_one():
+    runs, reference = _pair([3], by=9.0)  # 0.45 x the scale (20) at 1 of 40 positions
+    lowering = judge(reference, runs, ParityThresholds.lowering())
+    assert lowering.passed and lowering.max_abs_logit_diff == 9.0 and lowering.p95_abs_logit_diff < 1e-6
+    assert not judge(reference, runs, ParityThresholds.for_quantize(Quantize.INT8)).passed  # its max bound is 0.25 x
+
+
+def test_a_shift_at_many_positions_fails_the_lowering_bound():
+    runs, reference = _pair(list(range(0, 40, 4)), by=9.0)  # a tenth of the positions
+    result = judge(reference, runs, ParityThresholds.lowering())
+    assert not result.passed and result.top1_agreement == 1.0
+    assert describe_failure(result, ParityThresholds.lowering()).startswith("95th-percentile position's |logit diff| 9 > 0.25")
+
+
+def test_a_nan_fails_every_bound():
+    runs, reference = _pair([], by=0.0)
+    runs[0].prompt_logits[5, 7] = math.nan
+    assert not judge(reference, runs, ParityThresholds.lowering()).passed
+
+
+def test_position_percentile_is_over_each_positions_largest_difference():
+    got = np.zeros((20, 3), np.float32)
+    got[:, 1] = np.arange(20)
+    assert position_percentile([(got, np.zeros_like(got))], 50.0) == 9.5
