@@ -74,19 +74,26 @@ def test_read_back_lookup_table_is_what_onnxruntime_gathers(tmp_path):
 
 def test_int4_export_is_held_to_its_read_back_weights(shipped_math_bundle, tmp_path):
     """The self-check holds the int4 graph to PyTorch with the graph's own weights first: much
-    closer than to the float model, and recorded in the manifest; validate does the same."""
+    closer than to the float model, and recorded in the manifest. One bundle with both formats in
+    int4: validate holds each runtime to its own quantized model (ONNX's read back from the graph,
+    ExecuTorch's rebuilt from the source) in one run."""
     from rankdown.validate.config import ValidateConfig
     from rankdown.validate.harness import validate
 
     folder, _ = shipped_math_bundle
-    manifest = export(folder, tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
+    manifest = export(folder, tmp_path / "b", ExportConfig(quantize="int4"), progress=quiet)
     entry = manifest.formats["onnx"]
     assert entry.lowering is not None and entry.lowering.passed and entry.parity.passed
     assert entry.lowering.max_abs_logit_diff < 0.5 * entry.parity.max_abs_logit_diff
     assert entry.lowering.top1_agreement > entry.parity.top1_agreement
+    assert entry.lowering.p95_abs_logit_diff is not None and entry.lowering.p95_abs_logit_diff <= entry.lowering.max_abs_logit_diff
+    assert manifest.formats["executorch"].lowering is not None
     report = validate(tmp_path / "b", ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=quiet)
-    parity = report.runtimes["onnxruntime"].parity
-    assert parity.reference == "quantized" and parity.top1_agreement > parity.float_top1_agreement
+    assert set(report.runtimes) == {"onnxruntime", "executorch"}
+    for name, result in report.runtimes.items():
+        parity = result.parity
+        assert parity.reference == "quantized" and parity.top1_agreement > parity.float_top1_agreement, name
+        assert not [f for f in result.failures if ".parity." in f], (name, result.failures)
 
 
 def test_a_graph_that_departs_from_its_weights_fails_the_check(shipped_math_bundle, tmp_path, monkeypatch):
