@@ -152,12 +152,23 @@ def decompose_quantized_linears(model: nn.Module) -> int:
 
 class ByteEmbedding(nn.Module):
     """The token lookup with int8 rows and one scale per row, as ExecuTorch's quantized
-    ``embedding_byte`` kernel takes them (ExecuTorch's Llama export does the same)."""
+    ``embedding_byte`` kernel takes them (ExecuTorch's Llama export does the same).
 
-    def __init__(self, embedding: nn.Embedding):
+    ``from_head``: a tied table whose head is 8-bit per output channel already holds exactly that
+    (one int8 row and one scale per token), so the lookup reads the head's own tensors: one
+    parameter for both, which the export then stores once (export/tied_embeddings.py)."""
+
+    def __init__(self, embedding: nn.Embedding | None = None, from_head: DecomposedQuantLinear | None = None):
         super().__init__()
         from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (registers the op)
 
+        if from_head is not None:
+            self.weight = from_head.weight  # the same Parameter: torch.export sees one tied tensor
+            scales = from_head.scales
+            assert isinstance(scales, torch.Tensor)
+            self.register_buffer("scales", scales)
+            return
+        assert embedding is not None
         weight = embedding.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
@@ -194,7 +205,10 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
                    if head_group is None else
                    Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
                                                          weight_granularity=PerGroup(head_group)))
+    tied = head.weight is embedding.weight
     quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
     decompose_quantized_linears(model)
-    model.set_input_embeddings(ByteEmbedding(embedding))
+    head = model.get_output_embeddings()
+    shares = tied and isinstance(head, DecomposedQuantLinear) and head.per_channel and head.quant_range == (-128, 127)
+    model.set_input_embeddings(ByteEmbedding(from_head=head) if shares else ByteEmbedding(embedding))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

@@ -162,8 +162,9 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
-        # int8/int4: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway.
-        external = cfg.quantize is Quantize.NONE and tag_tied_table(program, Path(DATA_FILE).stem)
+        # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway;
+        # int4 with an 8-bit head: the lookup reads the head's int8 table, stored once the same way.
+        external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
         progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
         # As ExecuTorch's Llama export (LLMEdgeManager._get_edge_config) and optimum-executorch's
         # XNNPACK recipe: no dim-order ops (XNNPACK reverts them anyway), no IR re-verification.

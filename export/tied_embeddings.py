@@ -61,9 +61,11 @@ def _count_in_file(path: Path, needle: bytes) -> int:
 
 
 def table_copies(files: list[Path], table: np.ndarray) -> int:
-    """How many times ``table`` is stored in ``files``, as is or transposed, in fp32."""
-    needles = [np.ascontiguousarray(table, dtype="<f4").tobytes(),
-               np.ascontiguousarray(table.T, dtype="<f4").tobytes()]
+    """How many times ``table`` is stored in ``files``, as is or transposed: in fp32 for a float
+    table, as its own integers for a quantized one."""
+    dtype = "<f4" if table.dtype.kind == "f" else table.dtype
+    needles = [np.ascontiguousarray(table, dtype=dtype).tobytes(),
+               np.ascontiguousarray(table.T, dtype=dtype).tobytes()]
     return sum(_count_in_file(Path(p), needle) for p in files for needle in needles)
 
 
@@ -86,10 +88,15 @@ def tag_tied_table(program, data_tag: str) -> bool:
     """Mark the parameter that both a token lookup and a linear read (a tied table) for the
     program data file ``data_tag``: XNNPACK's node visitor reads ``delegate_constant_tag`` from
     the weight's node, and ``external_table_tag`` moves the lookup's constant. Returns whether
-    a tied table was found."""
+    a tied table was found.
+
+    The same for an int4 export's 8-bit tied table (export/et_int4.py ``ByteEmbedding.from_head``):
+    the int8 parameter read by the ``embedding_byte`` lookup and by the head's per-channel dequantize,
+    which is the node XNNPACK's visitor reads the tag from for a quantized weight."""
     import torch
 
     params = program.graph_signature.inputs_to_parameters
+    decomposed = getattr(torch.ops, "quantized_decomposed", None)
     found = False
     for node in program.graph.nodes:
         if node.op != "placeholder" or node.name not in params:
@@ -97,6 +104,13 @@ def tag_tied_table(program, data_tag: str) -> bool:
         targets = {user.target for user in node.users}
         if {torch.ops.aten.embedding.default, torch.ops.aten.linear.default} <= targets:
             node.meta.setdefault("custom", {})[_TAG_KEY] = data_tag
+            found = True
+        elif decomposed is not None and {decomposed.embedding_byte.default,
+                                         decomposed.dequantize_per_channel.default} <= targets:
+            node.meta.setdefault("custom", {})[_TAG_KEY] = data_tag
+            for user in node.users:
+                if user.target == decomposed.dequantize_per_channel.default:
+                    user.meta.setdefault("custom", {})[_TAG_KEY] = data_tag
             found = True
     return found
 
