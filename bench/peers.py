@@ -480,7 +480,10 @@ def write(results: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
-        lines.append(f"| {r['name']} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
+        runtime = r.get("runtime", "")
+        # a bundle's rows share its name: say which runtime ran the artifact
+        name = f"{r['name']} ({runtime.split(':', 1)[1]})" if runtime.startswith("rankdown:") else r["name"]
+        lines.append(f"| {name} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
                      f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "

@@ -55,3 +55,22 @@ def test_peer_rounds_merge_into_the_median_of_round_medians():
     assert decode["median"] == 45 and (decode["min"], decode["max"]) == (38, 70)
     assert decode["runs"] == 15 and decode["round_medians"] == [40, 60, 45]
     assert merged["peak_rss_mb"] == 640 and merged["load_average"][0] == 1.9 and merged["rounds"] == 3
+
+
+def test_a_bundles_onnx_folder_is_also_timed_in_onnxruntime_genai(tmp_path: Path):
+    """bench/peers.py: an ONNX folder that onnxruntime-genai can open (genai_config.json) gets a
+    second row run by the peers' own Generator opener; a .pte gets one row; the table names the runtime."""
+    from bench.peers import bundle_rows
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "executorch").mkdir()
+    for name in ("onnx/model.onnx", "onnx/model.onnx.data", "onnx/genai_config.json", "executorch/model.pte"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps({"options": {"quantize": "int4"}}))
+    rows = bundle_rows("b", tmp_path)
+    assert [(r.name, r.runtime, r.precision) for r in rows] == [
+        ("rankdown b", "rankdown:onnxruntime", "int4"), ("rankdown b (onnxruntime-genai)", "genai", "int4"),
+        ("rankdown b", "rankdown:executorch", "int4")]
+    assert rows[1].artifact == str(tmp_path / "onnx") and rows[1].venv == "project"
+    (tmp_path / "onnx/genai_config.json").unlink()
+    assert [r.runtime for r in bundle_rows("b", tmp_path)] == ["rankdown:onnxruntime", "rankdown:executorch"]
