@@ -76,12 +76,12 @@ class LookupTable:
     scales: np.ndarray
     zero_points: np.ndarray | None
     block_size: int
-    signed: bool
+    default_zero_point: float  # the operator's, by the codes' type: 8 for uint4, 128 for uint8, 0 signed
 
     def dequantize(self) -> np.ndarray:
         rows, columns = self.codes.shape
         codes = self.codes.astype(np.float32).reshape(rows, -1, self.block_size)
-        zeros = (np.zeros(self.scales.shape, np.float32) if self.signed else np.full(self.scales.shape, 8.0, np.float32)) \
+        zeros = np.full(self.scales.shape, self.default_zero_point, np.float32) \
             if self.zero_points is None else self.zero_points.astype(np.float32)
         weight = (codes - zeros[..., None]) * self.scales.astype(np.float32)[..., None]
         return np.ascontiguousarray(weight.reshape(rows, columns))
@@ -106,10 +106,11 @@ def graph_weights(model_path: Path) -> dict[str, BlockWeight | LookupTable]:
                                     f"other than rows gathered, blocks along a row")
             table = initializers[node.input[0]]
             zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else None
+            default_zero = {TensorProto.UINT4: 8.0, TensorProto.UINT8: 128.0}.get(table.data_type, 0.0)
             weights[node.name] = LookupTable(
                 codes=numpy_helper.to_array(table), scales=numpy_helper.to_array(initializers[node.input[2]]),
                 zero_points=None if zero_points is None else numpy_helper.to_array(initializers[zero_points]),
-                block_size=int(attributes["block_size"]), signed=table.data_type == TensorProto.INT4)
+                block_size=int(attributes.get("block_size", 128)), default_zero_point=default_zero)
             continue
         if node.op_type != "MatMulNBits":
             continue
@@ -126,6 +127,25 @@ def graph_weights(model_path: Path) -> dict[str, BlockWeight | LookupTable]:
                                          bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
                                          k=int(attributes["K"]), n=int(attributes["N"]))
     return weights
+
+
+def lookup_reads_a_matmul_weight(model_path: Path) -> bool:
+    """Whether a ``GatherBlockQuantized`` lookup reads a ``MatMulNBits`` node's weight (directly or
+    through a Reshape / Transpose): the fused graph's tied table, stored once as the head's blocks."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {node.input[1] for node in graph.node if node.op_type == "MatMulNBits"}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        source = node.input[0]
+        while source in producers and producers[source].op_type in ("Reshape", "Transpose"):
+            source = producers[source].input[0]
+        if source in weights:
+            return True
+    return False
 
 
 def _module_path(node_name: str, names: set[str]) -> str | None:
@@ -152,6 +172,8 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
         matrix = torch.from_numpy(weight.dequantize())
         path = _module_path(node, linears)
         if path is not None:
+            if f"{path}.weight" in overrides:
+                raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
             overrides[f"{path}.weight"] = matrix
             continue
         packed = _module_path(node.replace("qkv_proj", "q_proj"), linears)
@@ -166,15 +188,17 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
         if start != matrix.shape[0]:
             raise RankdownError(f"{model_path}: packed {node} has {matrix.shape[0]} rows, q/k/v {start}")
     # A tied table the graph stores once (the fused graph's lookup reads the head's blocks) is the
-    # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps both.
-    tied: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(parameter), []).append(name)
-    for names in tied.values():
-        given = [overrides[n] for n in names if n in overrides]
-        for name in names:
-            if given and name not in overrides:
-                overrides[name] = given[0]
+    # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps
+    # both, and a lookup the graph keeps in fp32 keeps the model's own table.
+    if lookup_reads_a_matmul_weight(model_path):
+        tied: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(parameter), []).append(name)
+        for names in tied.values():
+            given = [overrides[n] for n in names if n in overrides]
+            for name in names:
+                if given and name not in overrides:
+                    overrides[name] = given[0]
     for name, tensor in overrides.items():
         expected = model.get_parameter(name).shape
         if tuple(tensor.shape) != tuple(expected):

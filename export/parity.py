@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rankdown.export.config import ParityThresholds
@@ -48,11 +50,20 @@ def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, 
     top-1 agreement and the number of positions."""
     max_diff, scale, agree, positions = 0.0, 0.0, 0, 0
     for got, ref in pairs:
-        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        # np.fmax would drop a NaN, and so would Python's max when it comes second: keep it, so it fails
+        max_diff = float(np.max([max_diff, float(np.abs(got - ref).max())]))
         scale = max(scale, float(np.abs(ref).max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         positions += len(ref)
     return max_diff, scale, agree / positions, positions
+
+
+def within(value: float, relative_bound: float, scale: float) -> bool:
+    """``value <= relative_bound x scale``, False for a NaN; an infinite bound holds for any number
+    (even at a zero scale, where the product is NaN)."""
+    if np.isnan(value):
+        return False
+    return relative_bound == math.inf or value <= relative_bound * scale
 
 
 def position_percentile(pairs: list[tuple[np.ndarray, np.ndarray]], percent: float = 95.0) -> float:
@@ -89,8 +100,8 @@ def judge(reference: list[Generation], runs: list[Generation], thresholds: Parit
     max_diff, scale, top1, positions = logit_agreement(pairs)
     p95 = position_percentile(pairs)
     greedy_ok = all(g.tokens == r.tokens for g, r in zip(runs, reference))
-    passed = (max_diff <= thresholds.max_rel_logit_diff * scale and top1 >= thresholds.min_top1_agreement
-              and p95 <= thresholds.max_rel_p95_logit_diff * scale
+    passed = (within(max_diff, thresholds.max_rel_logit_diff, scale) and top1 >= thresholds.min_top1_agreement
+              and within(p95, thresholds.max_rel_p95_logit_diff, scale)
               and (greedy_ok or not thresholds.greedy_must_match))
     return Parity(prompts=len(reference), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
                   top1_agreement=top1, new_tokens=len(reference[0].tokens), greedy_match=greedy_ok, passed=passed,
@@ -99,11 +110,11 @@ def judge(reference: list[Generation], runs: list[Generation], thresholds: Parit
 
 def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
     reasons = []
-    if parity.max_abs_logit_diff > thresholds.max_rel_logit_diff * parity.logit_scale:
+    if not within(parity.max_abs_logit_diff, thresholds.max_rel_logit_diff, parity.logit_scale):
         reasons.append(f"max |logit diff| {parity.max_abs_logit_diff:.3g} > "
                        f"{thresholds.max_rel_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
     if parity.p95_abs_logit_diff is not None and \
-            parity.p95_abs_logit_diff > thresholds.max_rel_p95_logit_diff * parity.logit_scale:
+            not within(parity.p95_abs_logit_diff, thresholds.max_rel_p95_logit_diff, parity.logit_scale):
         reasons.append(f"95th-percentile position's |logit diff| {parity.p95_abs_logit_diff:.3g} > "
                        f"{thresholds.max_rel_p95_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
     if parity.top1_agreement < thresholds.min_top1_agreement:

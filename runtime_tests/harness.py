@@ -24,7 +24,14 @@ from rankdown.export.config import ExportConfig, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
-from rankdown.export.parity import largest_difference, logit_agreement, parity_prompts, position_percentile, torch_greedy
+from rankdown.export.parity import (
+    largest_difference,
+    logit_agreement,
+    parity_prompts,
+    position_percentile,
+    torch_greedy,
+    within,
+)
 from rankdown.tasks import MIX, TASKS, Split, load_task
 from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
 from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
@@ -392,9 +399,9 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     failures = []
     if greedy_must and not greedy_ok:
         failures.append(f"{name}.parity.greedy_match")
-    if max_diff > max_rel * scale:
+    if not within(max_diff, max_rel, scale):
         failures.append(f"{name}.parity.max_abs_logit_diff")
-    if p95 > max_rel_p95 * scale:
+    if not within(p95, max_rel_p95, scale):
         failures.append(f"{name}.parity.p95_abs_logit_diff")
     if parity.top1_agreement < min_top1:
         failures.append(f"{name}.parity.top1_agreement")

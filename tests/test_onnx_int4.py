@@ -11,6 +11,7 @@ from helpers import quiet
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.manifest import Manifest
+from rankdown.export.onnx_int4_reference import weight_overrides
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 from rankdown.validate.config import Checks, QualityBounds, ValidateConfig
@@ -117,6 +118,9 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
         assert {a.name: a.i for a in lookup.attribute}["bits"] == 8 and set(lookup.input[2:]) <= set(head.input)
         assert ("Slice" in {n.op_type for n in graph.node}) == (group == 256)
         assert entry.embedding_tables == 0 and table_copies(list((bundle / "onnx").iterdir()), table) == 0
+        # the self-check's reference reads that one table back for both (export/onnx_int4_reference.py)
+        overrides = weight_overrides(load_model(open_checkpoint(dense)), bundle / "onnx" / "model.onnx")
+        assert overrides["lm_head.weight"] is overrides["model.embed_tokens.weight"]
 
 
 def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
@@ -142,6 +146,10 @@ def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert entry.embedding_tables == 0
     assert table_copies([tmp_path / "b" / "onnx" / "model.onnx"], tied_table(load_model(open_checkpoint(dense)))) == 0
+    # the self-check's reference: the 8-bit head copy for the head, the 4-bit table for the lookup
+    overrides = weight_overrides(load_model(open_checkpoint(tmp_path / "svd")), tmp_path / "b" / "onnx" / "model.onnx")
+    head, lookup = overrides["lm_head.weight"], overrides["model.embed_tokens.weight"]
+    assert head.shape == lookup.shape and 0 < (head - lookup).abs().max() < 0.5 * head.abs().max()
 
 
 def test_feature_biases_leave_no_add_after_a_factor(compressed_tiny, tmp_path):

@@ -86,7 +86,8 @@ def test_int4_export_is_held_to_its_read_back_weights(shipped_math_bundle, tmp_p
     assert entry.lowering is not None and entry.lowering.passed and entry.parity.passed
     assert entry.lowering.max_abs_logit_diff < 0.5 * entry.parity.max_abs_logit_diff
     assert entry.lowering.top1_agreement > entry.parity.top1_agreement
-    assert entry.lowering.p95_abs_logit_diff is not None and entry.lowering.p95_abs_logit_diff <= entry.lowering.max_abs_logit_diff
+    assert entry.lowering.p95_abs_logit_diff is not None
+    assert entry.lowering.p95_abs_logit_diff <= 0.25 * entry.lowering.logit_scale  # the bound it was held to
     assert manifest.formats["executorch"].lowering is not None
     report = validate(tmp_path / "b", ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=quiet)
     assert set(report.runtimes) == {"onnxruntime", "executorch"}

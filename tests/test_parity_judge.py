@@ -10,7 +10,7 @@ import numpy as np
 
 from rankdown.export.config import ParityThresholds, Quantize
 from rankdown.export.decoding import Generation
-from rankdown.export.parity import describe_failure, judge, position_percentile
+from rankdown.export.parity import describe_failure, judge, logit_agreement, position_percentile, within
 
 
 def _generation(logits: np.ndarray) -> Generation:
@@ -43,7 +43,15 @@ def test_a_shift_at_many_positions_fails_the_lowering_bound():
 def test_a_nan_fails_every_bound():
     runs, reference = _pair([], by=0.0)
     runs[0].prompt_logits[5, 7] = math.nan
-    assert not judge(reference, runs, ParityThresholds.lowering()).passed
+    for bounds in (ParityThresholds(), ParityThresholds.for_quantize(Quantize.INT8), ParityThresholds.lowering(),
+                   ParityThresholds.beside_lowering(Quantize.INT4)):
+        # even beside_lowering's, which bounds no logit: a NaN is no number to bound
+        assert not judge(reference, runs, bounds).passed, bounds
+    # wherever it sits among the pairs, the largest difference is NaN, not the largest number
+    clean, _ = _pair([], by=0.0)
+    assert math.isnan(logit_agreement([(clean[0].prompt_logits, reference[0].prompt_logits),
+                                       (runs[0].prompt_logits, reference[0].prompt_logits)])[0])
+    assert not within(math.nan, math.inf, 20.0) and within(5.0, math.inf, 0.0) and not within(5.0, 0.2, 20.0)
 
 
 def test_position_percentile_is_over_each_positions_largest_difference():
