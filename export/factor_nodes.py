@@ -92,6 +92,15 @@ def _locate(record: FactorRecord, dotted: str) -> tuple[str | None, str | None]:
 _BUILDER_SCOPES = (("/attn/", "/self_attn/"),)
 
 
+def onnx_node_scope(node_name: str) -> str:
+    """A graph node's scope as a dotted module path, the builder's names translated:
+    ``/model/layers.0/attn/o_proj/MatMul`` -> ``model.layers.0.self_attn.o_proj``,
+    ``/model.layers.0.self_attn.q_proj/down/MatMul`` -> ``model.layers.0.self_attn.q_proj.down``."""
+    for builder, transformers in _BUILDER_SCOPES:
+        node_name = node_name.replace(builder, transformers)
+    return ".".join(node_name.strip("/").split("/")[:-1])
+
+
 def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
     """Nodes of an optimum/torch.onnx export (scopes such as ``/model/layers.0/self_attn/q_proj/down/MatMul``)
     or of the model builder's fused graph (a factor ``/model.layers.0.self_attn.q_proj/down/MatMul``,
@@ -111,11 +120,7 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
             weight = (int(attributes["K"]), int(attributes["N"]))
         if weight is None or len(weight) < 2:
             continue  # activation x activation (attention scores), not a layer
-        name = node.name
-        for builder, transformers in _BUILDER_SCOPES:
-            name = name.replace(builder, transformers)
-        scope = name.strip("/").split("/")[:-1]
-        weights.append((*_locate(record, ".".join(scope)), weight))
+        weights.append((*_locate(record, onnx_node_scope(node.name)), weight))
     return _tally(record, weights, f"{model_path}")
 
 

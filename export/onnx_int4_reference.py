@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 
 from rankdown.errors import RankdownError
+from rankdown.export.factor_nodes import onnx_node_scope
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-# the model builder's scope names -> transformers' module names
-_BUILDER_NAMES = (("attn", "self_attn"),)
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,14 @@ class LookupTable:
         return np.ascontiguousarray(weight.reshape(rows, columns))
 
 
-def graph_weights(model_path: Path) -> dict[str, BlockWeight | LookupTable]:
+def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | LookupTable]:
     """Every ``MatMulNBits`` node's weight, and every ``GatherBlockQuantized`` table that is not one
-    of those (a tied lookup reads the head's blocks), by node name."""
+    of those (a tied lookup reads the head's blocks), by node name. ``graph``: the graph at
+    ``model_path`` already loaded with its data."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    graph = onnx.load(str(model_path)).graph
+    graph = onnx.load(str(model_path)).graph if graph is None else graph
     initializers = {init.name: init for init in graph.initializer}
     matmul_weights = {node.input[1] for node in graph.node if node.op_type == "MatMulNBits"}
     weights: dict[str, BlockWeight | LookupTable] = {}
@@ -129,12 +129,9 @@ def graph_weights(model_path: Path) -> dict[str, BlockWeight | LookupTable]:
     return weights
 
 
-def lookup_reads_a_matmul_weight(model_path: Path) -> bool:
+def lookup_reads_a_matmul_weight(graph) -> bool:
     """Whether a ``GatherBlockQuantized`` lookup reads a ``MatMulNBits`` node's weight (directly or
     through a Reshape / Transpose): the fused graph's tied table, stored once as the head's blocks."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     weights = {node.input[1] for node in graph.node if node.op_type == "MatMulNBits"}
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
@@ -149,10 +146,9 @@ def lookup_reads_a_matmul_weight(model_path: Path) -> bool:
 
 
 def _module_path(node_name: str, names: set[str]) -> str | None:
-    """The linear a node belongs to: its scope (``/a/b.c/d/MatMul`` -> ``a.b.c.d``), builder names
-    translated, with as many leading parts dropped as it takes to name a module of the model."""
-    parts = [p for p in node_name.strip("/").replace("/", ".").split(".") if p][:-1]  # drop ``MatMul``
-    parts = [dict(_BUILDER_NAMES).get(p, p) for p in parts]
+    """The linear a node belongs to: its scope as export/factor_nodes.py reads it, with as many
+    leading parts dropped as it takes to name a module of the model."""
+    parts = onnx_node_scope(node_name).split(".")
     for start in range(len(parts)):
         candidate = ".".join(parts[start:])
         if candidate in names:
@@ -163,12 +159,14 @@ def _module_path(node_name: str, names: set[str]) -> str | None:
 def weight_overrides(model, model_path: Path) -> dict[str, Any]:
     """``{parameter name: dequantized weight tensor}`` for every linear (and lookup table) the graph
     holds in 4 or 8 bits."""
+    import onnx
     import torch
     from torch import nn
 
+    graph = onnx.load(str(model_path)).graph
     linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
     overrides: dict[str, Any] = {}
-    for node, weight in graph_weights(model_path).items():
+    for node, weight in graph_weights(model_path, graph).items():
         matrix = torch.from_numpy(weight.dequantize())
         path = _module_path(node, linears)
         if path is not None:
@@ -178,7 +176,8 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
             continue
         packed = _module_path(node.replace("qkv_proj", "q_proj"), linears)
         if packed is None or "qkv_proj" not in node:
-            raise RankdownError(f"{model_path}: MatMulNBits node {node} matches no linear of the model")
+            raise RankdownError(f"{model_path}: MatMulNBits node {node} matches no linear of the model "
+                                f"(is the model the checkpoint this graph was exported from?)")
         start = 0
         for proj in _QKV:
             linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
@@ -190,7 +189,7 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
     # A tied table the graph stores once (the fused graph's lookup reads the head's blocks) is the
     # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps
     # both, and a lookup the graph keeps in fp32 keeps the model's own table.
-    if lookup_reads_a_matmul_weight(model_path):
+    if lookup_reads_a_matmul_weight(graph):
         tied: dict[int, list[str]] = {}
         for name, parameter in model.named_parameters(remove_duplicate=False):
             tied.setdefault(id(parameter), []).append(name)
