@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM
 
 from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport, HealPrecision
 from rankdown.compress.healing import heal, teacher_targets, write_healed
 
 
@@ -37,13 +37,13 @@ def progress(message: str) -> None:
 
 
 def heal_checkpoint(dense: Path, unhealed: Path, out: Path, steps: int, lrs: list[float],
-                    seed: int = 0) -> tuple[CompressionReport, list[HealingReport]]:
+                    seed: int = 0, precision: HealPrecision = HealPrecision.AUTO) -> tuple[CompressionReport, list[HealingReport]]:
     """Heal the unhealed factors once per learning rate (the dense model's targets computed once) and
     write the one with the lowest held-back next-token loss; its report, and every rate's healing."""
     before = CompressionReport.read(unhealed)
     if before.healing is not None:
         raise SystemExit(f"{unhealed} is already healed")
-    cfg = CompressConfig(method=before.method, ratio=before.ratio, task=before.task, healing=Healing(steps=steps),
+    cfg = CompressConfig(method=before.method, ratio=before.ratio, task=before.task, healing=Healing(steps=steps, precision=precision),
                          seed=seed)
     targets = teacher_targets(open_checkpoint(dense), load_tokenizer(dense), cfg, progress)
     ckpt = open_checkpoint(unhealed)
@@ -52,7 +52,7 @@ def heal_checkpoint(dense: Path, unhealed: Path, out: Path, steps: int, lrs: lis
     for lr in lrs:
         torch.manual_seed(seed)
         model = load_model(ckpt)  # float32, as compress holds the factors it heals
-        tried.append(heal(model, targets, Healing(steps=steps, lr=lr), seed, progress))
+        tried.append(heal(model, targets, Healing(steps=steps, lr=lr, precision=precision), seed, progress))
         if best is None or tried[-1].loss_after < best[1].loss_after:
             best = (model, tried[-1])
         del model
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--lr", default=str(Healing.lr), help="comma-separated learning rates: each heals the "
                         "unhealed factors, the one with the lowest held-back loss is written and scored")
+    parser.add_argument("--precision", default=HealPrecision.AUTO.value, choices=[p.value for p in HealPrecision],
+                        help="healing's arithmetic, as compress --heal-precision")
     parser.add_argument("--score-task", default="compare", help="exact-match task scored beside code and prose")
     parser.add_argument("--results", type=Path, default=Path("bench/results/healing.json"),
                         help="the row is added here (a row of the same checkpoint replaced)")
@@ -79,7 +81,7 @@ def main() -> None:
     if CompressionReport.read(args.unhealed).task != args.task:
         raise SystemExit(f"{args.unhealed} was not compressed for {args.task}")
     report, tried = heal_checkpoint(args.dense, args.unhealed, args.out, args.steps,
-                                    [float(x) for x in args.lr.split(",")])
+                                    [float(x) for x in args.lr.split(",")], precision=HealPrecision(args.precision))
     from bench.real import score
 
     row = {"healing": dataclasses.asdict(report.healing), "tried": [dataclasses.asdict(h) for h in tried],

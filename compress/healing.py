@@ -34,6 +34,7 @@ from rankdown.compress.config import (
     CompressionReport,
     Healing,
     HealingReport,
+    HealPrecision,
     HealQuantize,
 )
 from rankdown.compress.fake_quant import fake_quantized
@@ -83,10 +84,20 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     # steps, so holding back the last ones would judge runs of different lengths on different text.
     windows = torch.cat([windows[held:], windows[:held]])
     dense = load_model(ckpt)
+    # In bf16 where healing trains in bf16: 2.4x faster, and as good a target (SmolLM2 20% for code, 32
+    # steps: code perplexity 16.25 against 16.23 with float32 targets; their top-32 log-probs differ by
+    # 0.024 nats, probability-weighted). The held-back windows, which the report's KL is judged on,
+    # always in float32.
+    device = next(dense.parameters()).device
+    bf16 = training_precision(healing, device) is HealPrecision.BF16
+    first_held, count = windows.shape[0] - held, windows.shape[0]
+    chunks = [(i, min(i + BATCH, first_held), bf16) for i in range(0, first_held, BATCH)]
+    chunks += [(i, min(i + BATCH, count), False) for i in range(first_held, count, BATCH)]
     log_probs, indices = [], []
     with torch.no_grad():
-        for i in range(0, windows.shape[0], BATCH):
-            logits = dense(input_ids=windows[i : i + BATCH]).logits[:, :-1].float()
+        for begin, end, autocast in chunks:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = dense(input_ids=windows[begin:end]).logits[:, :-1].float()
             top = F.log_softmax(logits, -1).topk(healing.top_k, dim=-1)
             log_probs.append(top.values)
             indices.append(top.indices.to(torch.int32))
@@ -94,7 +105,7 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     del dense
     release_free_memory()
     seconds = time.perf_counter() - start
-    progress(f"healing: dense top-{healing.top_k} log-probs on {windows.shape[0]} training windows of "
+    progress(f"healing: dense top-{healing.top_k} log-probs ({'bf16' if bf16 else 'fp32'}) on {windows.shape[0]} training windows of "
              f"{healing.seq_len} tokens ({held} held back) in {seconds:.1f} s (RSS {rss_mb():.0f} MB)")
     return TeacherTargets(windows, torch.cat(log_probs), torch.cat(indices), held, seconds)
 
@@ -146,6 +157,25 @@ def _materialize(model: LlamaForCausalLM, held: HeldWeights) -> None:
         raise RuntimeError(f"healing: tensors the strategy did not hand over: {left[:3]}")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively here: about 4.5x float32's rate on a 2-core
+    AVX512-BF16 CPU (a 1024 x 576 by 576 x 1536 product: 902 against 193 GFLOP/s), where a CPU
+    without it would emulate them."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def training_precision(healing: Healing, device: torch.device) -> HealPrecision:
+    """The precision ``auto`` stands for on ``device``; an explicit one as given. Healing for int4
+    stays float32 under auto, so that it sees exactly the 4-bit weights the export stores."""
+    if healing.precision is not HealPrecision.AUTO:
+        return healing.precision
+    if healing.quantize is HealQuantize.INT4:
+        return HealPrecision.FP32
+    return HealPrecision.BF16 if bf16_native(device) else HealPrecision.FP32
+
+
 def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
          progress: Progress) -> HealingReport:
     """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay).
@@ -154,6 +184,8 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
     does) was measured worse (SmolLM2 40%, `compare` exact match through 4-bit weights 78.0% against
     93.0% unbalanced), and the export does not balance a checkpoint healed this way."""
     start = time.perf_counter()
+    precision = training_precision(healing, next(model.parameters()).device)
+    healing = dataclasses.replace(healing, precision=precision)
     with contextlib.ExitStack() as stack:
         if healing.quantize is HealQuantize.INT4:
             linears = stack.enter_context(fake_quantized(model, healing.group_size))
@@ -162,7 +194,7 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
         report = _train(model, targets, healing, seed, progress, start)
     if healing.quantize is HealQuantize.INT4:
         report = dataclasses.replace(report, quantize=healing.quantize.value, group_size=healing.group_size)
-    return report
+    return dataclasses.replace(report, precision=precision.value)
 
 
 def _train(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
@@ -177,11 +209,17 @@ def _train(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, s
     count = targets.windows.shape[0] - targets.held_back
     held_rows = torch.arange(count, targets.windows.shape[0])
     loss_before, kl_before = _judge(model, targets, held_rows)
+    device = trainable[0].device
+    # bf16 autocast: the products in bfloat16, the float32 weights, gradients and AdamW state kept;
+    # the logits' log-softmax runs in float32 (autocast's rule, and distillation_terms casts them).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=healing.precision is HealPrecision.BF16)
     progress(f"healing {sum(p.numel() for p in trainable):,} factor parameters on {count} training windows: "
-             f"{healing.steps} steps of {healing.batch} x {healing.seq_len} tokens; held-back loss "
+             f"{healing.steps} steps of {healing.batch} x {healing.seq_len} tokens in {healing.precision.value}; "
+             f"held-back loss "
              f"{loss_before:.4f}, KL {kl_before:.4f}")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(trainable, lr=healing.lr, weight_decay=0.0)
+    # fused: one kernel over all factors (measured 0.11 -> 0.07 s a step on SmolLM2's 82 M factor parameters)
+    optimizer = torch.optim.AdamW(trainable, lr=healing.lr, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / healing.steps)
     order = torch.empty(0, dtype=torch.long)
     report_every = max(1, healing.steps // 12)
@@ -195,8 +233,10 @@ def _train(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, s
         nll_step, kl_step = 0.0, 0.0
         for chunk in rows.split(MICRO_BATCH):
             ids = targets.windows[chunk]
-            nll, kl = distillation_terms(model(input_ids=ids).logits, ids, targets.log_probs[chunk],
-                                         targets.tokens[chunk])
+            with autocast:
+                logits = model(input_ids=ids).logits
+            nll, kl = distillation_terms(logits, ids, targets.log_probs[chunk], targets.tokens[chunk])
+            del logits
             share = len(chunk) / len(rows)
             ((nll + healing.distill * kl) * share).backward()
             nll_step += nll.item() * share
@@ -265,7 +305,9 @@ def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> i
     per_token = (c.num_hidden_layers * (10 * c.hidden_size + 5 * c.intermediate_size
                                         + c.num_attention_heads * healing.seq_len) + 4 * c.vocab_size)
     activations = 4 * MICRO_BATCH * healing.seq_len * per_token
-    return int(3 * 4 * trainable) + targets + activations
+    # bf16 autocast keeps a bfloat16 copy of every weight a forward pass multiplies by
+    casts = 2 * (trainable + c.vocab_size * c.hidden_size) if healing.precision is not HealPrecision.FP32 else 0
+    return int(3 * 4 * trainable + casts) + targets + activations
 
 
 def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:

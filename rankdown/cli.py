@@ -95,7 +95,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
         healing=Healing(steps=args.heal_steps, lr=args.heal_lr, quantize=args.heal_quantize,
-                        group_size=args.heal_group_size), seed=args.seed,
+                        group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
         calib_tokens=args.calib_tokens, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
         device=args.device,
@@ -282,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(HealQuantize))
     option("--heal-group-size", "healing for int4: input columns per scale (the export's --group-size)", Healing,
            "group_size", type=int)
+    from rankdown.compress.config import HealPrecision
+
+    option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
+           "auto is bf16 on a CPU with AVX512-BF16 or AMX (fp32 for --heal-quantize int4), else fp32", Healing, "precision",
+           choices=choices(HealPrecision))
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform ranks only", type=int)

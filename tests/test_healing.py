@@ -61,12 +61,12 @@ def test_healing_trains_both_factors_and_keeps_ranks_and_everything_else(shipped
 
 
 def test_healing_is_on_by_default_and_heal_steps_zero_turns_it_off(tiny_model_dir, tmp_path):
-    """The default is the measured best (32 steps at 5e-5: SmolLM2 at 40% removed, README); the
+    """The default is the measured best (256 steps at 1e-4: SmolLM2 at 20% removed, README); the
     ranks are the same either way, only the factors are trained."""
     default = compress(tiny_model_dir, tmp_path / "default", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
     zero = compress(tiny_model_dir, tmp_path / "zero", CompressConfig(ratio=0.3, healing=Healing(steps=0), **SMALL),
                     progress=quiet)
-    assert default.healing is not None and (default.healing.steps, default.healing.lr) == (32, 5e-5)
+    assert default.healing is not None and (default.healing.steps, default.healing.lr) == (256, 1e-4)
     assert default.healing.loss_after < default.healing.loss_before
     assert zero.healing is None and default.modules == zero.modules
     healed, plain = tensors(tmp_path / "default"), tensors(tmp_path / "zero")
@@ -157,3 +157,85 @@ def test_a_healed_half_precision_checkpoint_says_its_own_dtype(tiny_tokenizer, t
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config.get("dtype", "bfloat16") == "bfloat16"
     assert {t.dtype for t in tensors(tmp_path / "out").values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch, native, expected):
+    monkeypatch.setattr(healing, "bf16_native", lambda device: native)
+    cpu = torch.device("cpu")
+    assert healing.training_precision(Healing(), cpu).value == expected
+    assert healing.training_precision(Healing(precision="fp32"), cpu).value == "fp32"
+    assert healing.training_precision(Healing(precision="bf16"), cpu).value == "bf16"
+    # healing for int4 sees exactly the export's 4-bit weights unless bf16 is asked for
+    assert healing.training_precision(Healing(quantize="int4"), cpu).value == "fp32"
+    assert healing.training_precision(Healing(quantize="int4", precision="bf16"), cpu).value == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_healing_runs_its_products_in_the_precision_it_reports(tiny_model_dir, tmp_path, monkeypatch, precision):
+    """bf16: the training passes' products and the dense teacher's (but for the held-back windows,
+    which the report's KL is judged on) run in bfloat16 under autocast, while judging runs in float32
+    and the trained weights and AdamW's state stay float32; fp32: everything in float32."""
+    seen: dict[str, list] = {"teacher": [], "student": []}
+    real_heal, real_step = healing.heal, torch.optim.AdamW.step
+
+    def hooked(model, role):
+        def record(module, args, output):
+            seen[role].append((torch.is_grad_enabled(), args[0].shape[0], output.dtype))  # judging: no grad
+        return [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def step(optimizer, *args, **kwargs):
+        out = real_step(optimizer, *args, **kwargs)
+        state = [t for p in optimizer.param_groups[0]["params"] for t in (p, *optimizer.state[p].values())
+                 if t.is_floating_point() and t.dim() > 0]
+        assert state and {t.dtype for t in state} == {torch.float32}
+        return out
+
+    def heal(model, *args, **kwargs):
+        handles = hooked(model, "student")
+        try:
+            return real_heal(model, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def load_dense(ckpt):
+        model = load_model(ckpt)
+        hooked(model, "teacher")
+        return model
+
+    monkeypatch.setattr(healing, "heal", heal)
+    monkeypatch.setattr(healing, "load_model", load_dense)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    report = compress(tiny_model_dir, tmp_path / "out", CompressConfig(
+        ratio=0.4, method="svd", healing=Healing(steps=4, batch=2, seq_len=32, held_back=2, lr=5e-4, precision=precision),
+        **SMALL), progress=quiet)
+    assert report.healing.precision == precision and report.healing.loss_after < report.healing.loss_before
+    low = torch.bfloat16 if precision == "bf16" else torch.float32
+    training = {dtype for grad, _, dtype in seen["student"] if grad}
+    judging = {dtype for grad, _, dtype in seen["student"] if not grad}
+    assert training == {low} and judging == {torch.float32}
+    # the teacher's batches: the training windows' in the healing precision, the two held-back ones in float32
+    held = [dtype for _, batch, dtype in seen["teacher"] if batch == 2]
+    assert {dtype for _, batch, dtype in seen["teacher"] if batch != 2} == {low} and set(held) == {torch.float32}
+
+
+def test_heal_precision_reaches_the_report_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    from rankdown.cli import main
+
+    out = tmp_path / "p"
+    assert main(["compress", str(tiny_model_dir), "-o", str(out), "--ratio", "0.3", "--method", "svd", "--task", "math",
+                 "--calib-tokens", "2048", "--heal-steps", "1", "--heal-precision", "fp32"]) == 0
+    assert CompressionReport.read(out).healing.precision == "fp32"
+    import json
+
+    raw = json.loads((out / "compression.json").read_text())
+    assert raw["schema_version"] == 5
+    raw["schema_version"] = 4
+    del raw["healing"]["precision"]  # a version-4 report: healed in float32, the only arithmetic it had
+    (out / "compression.json").write_text(json.dumps(raw))
+    assert CompressionReport.read(out).healing.precision == "fp32"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--ratio", "0.3", "--heal-precision", "fp8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -128,7 +128,9 @@ def test_under_a_memory_cap_runs_fail_early_or_finish(shipped_model_dir, tiny_mo
     errors = [line for line in result.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 2, result.stderr[-3000:]
     assert "rankdown compress: error:" in errors[0]
-    assert "compress with 32 healing steps (--heal-steps 0 skips healing) needs about 0." in errors[0]
+    from rankdown.compress.config import Healing
+
+    assert f"compress with {Healing.steps} healing steps (--heal-steps 0 skips healing) needs about 0." in errors[0]
     assert "the ulimit -v limit" in errors[0]
     assert "rankdown export: error:" in errors[1] and "export needs about 0." in errors[1]
     assert "Traceback" not in result.stderr
