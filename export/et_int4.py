@@ -1,5 +1,6 @@
 """4-bit ExecuTorch weights (8da4w): every decoder linear, factor pairs included, as 4-bit weights in
-groups of ``group_size`` input columns with one scale each, activations quantized to int8 per token
+groups of ``group_size`` input columns with one scale each (chosen by torchao's HQQ scale search
+by default: ``Int4Scales`` in export/config.py), activations quantized to int8 per token
 at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w; 4-bit groups
 with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). Through torchao's
 ``quantize_``, as ExecuTorch's Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
@@ -178,10 +179,18 @@ class ByteEmbedding(nn.Module):
         return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scales, None, -128, 127, ids)
 
 
-def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8) -> tuple[nn.Module, Int4Plan]:
-    """A quantized copy of ``model`` (the caller's model is left as it is) and what was done."""
+def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8,
+                  hqq: bool = True) -> tuple[nn.Module, Int4Plan]:
+    """A quantized copy of ``model`` (the caller's model is left as it is) and what was done.
+    ``hqq``: the 4-bit groups' scales by torchao's half-quadratic search (HQQ, scale only), else
+    max |w| / 7.5; symmetric either way, as XNNPACK's kernels take them."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if hqq else IntxChooseQParamsAlgorithm.AFFINE
 
     model = copy.deepcopy(model)
     record, padded = pad_ranks(model, record, group_size)
@@ -196,7 +205,8 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
         config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
                   if group is None else
                   Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                        weight_granularity=PerGroup(group)))
+                                                        weight_granularity=PerGroup(group),
+                                                        intx_choose_qparams_algorithm=algorithm))
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel by
     # default; 4-bit groups (as the decoder) with head_bits=4.
@@ -204,7 +214,8 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
     head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
                    if head_group is None else
                    Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                         weight_granularity=PerGroup(head_group)))
+                                                         weight_granularity=PerGroup(head_group),
+                                                         intx_choose_qparams_algorithm=algorithm))
     tied = head.weight is embedding.weight
     quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
     decompose_quantized_linears(model)

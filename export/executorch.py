@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, Quantize
 from rankdown.export.decoding import program_data_file
 from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
@@ -49,10 +49,11 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> 
     the traced graph)."""
     if cfg.quantize is not Quantize.INT4:
         return None
-    quantized, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits)
-    progress(f"  executorch: int4 groups of {cfg.group_size}; {len(plan.padded)} factor rank(s) padded to a "
-             f"multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
-    return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "head_bits": cfg.head_bits,
+    quantized, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits, hqq=cfg.int4_scales is Int4Scales.HQQ)
+    progress(f"  executorch: int4 groups of {cfg.group_size}, {cfg.int4_scales.value} scales; {len(plan.padded)} factor "
+             f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+    return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "scales": cfg.int4_scales.value,
+                                              "head_bits": cfg.head_bits,
                                               "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears)})
 
 

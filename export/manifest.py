@@ -51,6 +51,8 @@ class Parity:
     greedy_match: bool
     passed: bool
     p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
+    # the tasks whose text the prompts are (parity_tasks); None: an older bundle, checked on math, code, prose
+    tasks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from rankdown.atomic import (
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
-from rankdown.export.config import ExportConfig, Format, ParityThresholds, Quantize
+from rankdown.export.config import ExportConfig, Format, Int4Scales, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
@@ -37,12 +37,13 @@ from rankdown.export.manifest import (
     file_entries,
     sha256_file,
 )
-from rankdown.export.parity import describe_failure, judge, parity_prompts, run, torch_greedy
+from rankdown.export.parity import GENERIC_TASKS, describe_failure, judge, parity_prompts, parity_tasks, run, torch_greedy
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory
 from rankdown.output_lock import exclusive_output
+from rankdown.schema import read_json_file
 from rankdown.versions import package_versions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -56,30 +57,28 @@ def _versions() -> dict[str, str]:
 
 def _source(ckpt) -> SourceModel:
     import hashlib
-    import json
 
     names = [p for p in ckpt.weight_files] + [ckpt.folder / "config.json"]
     if (ckpt.folder / RECORD_FILE).exists():
         names.append(ckpt.folder / RECORD_FILE)
     files = {p.name: sha256_file(p) for p in sorted(names)}
     combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
-    report = ckpt.folder / "compression.json"
-    compression = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
     return SourceModel(path=str(ckpt.folder.resolve()), sha256=combined, files=files,
-                       factorized=bool(ckpt.record.modules), compression=compression)
+                       factorized=bool(ckpt.record.modules), compression=_compression(ckpt.folder))
+
+
+def _compression(folder: Path) -> dict | None:
+    """The checkpoint's compression.json as read, or None for a dense (or hand-made) checkpoint."""
+    report = folder / "compression.json"
+    raw = read_json_file(report, "compression report") if report.is_file() else None
+    return raw if isinstance(raw, dict) else None
 
 
 def healed_for_int4(folder: Path) -> bool:
     """Whether ``compress --heal-quantize int4`` trained this checkpoint: its factors were balanced
     and then trained through the 4-bit weights of their current scales, which balancing again would
     move (compression.json says; a dense or older checkpoint was not)."""
-    import json
-
-    report = folder / "compression.json"
-    if not report.is_file():
-        return False
-    raw = json.loads(report.read_text(encoding="utf-8"))
-    healing = raw.get("healing") if isinstance(raw, dict) else None
+    healing = (_compression(folder) or {}).get("healing")
     return isinstance(healing, dict) and healing.get("quantize") == "int4"
 
 
@@ -139,15 +138,30 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     tokenizer = load_tokenizer(ckpt.folder)
     thresholds = cfg.thresholds
     prompts, reference = [], []
+    # The float model's floor beside a lowering check (quantized formats) is judged on the text of the
+    # tasks the checkpoint was compressed for; the kernel checks keep the same generic text for every model.
+    floor_tasks = parity_tasks(_compression(ckpt.folder)) if cfg.quantize is not Quantize.NONE else GENERIC_TASKS
+    floor_prompts, floor_reference = [], []
     if cfg.check:
-        prompts = parity_prompts(tokenizer, room=cfg.max_seq_len - cfg.parity_new_tokens - 1)
+        room = cfg.max_seq_len - cfg.parity_new_tokens - 1
+        prompts = parity_prompts(tokenizer, room=room)
         reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in prompts]
+        floor_prompts, floor_reference = prompts, reference
+        if floor_tasks != GENERIC_TASKS:
+            progress(f"the float model's top-1 floor: judged on {', '.join(floor_tasks)} text "
+                     "(the tasks the checkpoint was compressed for)")
+            floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
+            floor_reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in floor_prompts]
     balanced = cfg.balances and not healed_for_int4(ckpt.folder)
     if balanced:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
         progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
     elif cfg.balances:
         progress("not balanced: the checkpoint was healed through int4 weights at the scales it has")
+    if healed_for_int4(ckpt.folder) and cfg.quantize is Quantize.INT4 and cfg.int4_scales is not Int4Scales.ABSMAX:
+        # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
+        cfg = dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX)
+        progress("int4 scales: absmax, the ones the checkpoint was healed through")
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
@@ -188,15 +202,23 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                      f"{nodes.dense_linears} dense linears")
             results: dict[str, Parity] = {}
             if cfg.check:
-                runs = run(spec.open_decoder(tmp / spec.artifact), prompts, cfg.parity_new_tokens)
+                decoder = spec.open_decoder(tmp / spec.artifact)
+                runs = run(decoder, prompts, cfg.parity_new_tokens)
                 # The lowering first: a runtime that disagrees with the quantized PyTorch model is a
                 # broken export, whatever quantizing cost.
-                checks = [] if lowered_reference is None else [("lowering", lowered_reference, ParityThresholds.lowering())]
-                checks.append(("parity", reference, thresholds if lowered_reference is None
-                               else ParityThresholds.beside_lowering(cfg.quantize)))
-                for name, ref, bounds in checks:
-                    result = judge(ref, runs, bounds)
-                    against = "the float model" if name == "parity" else f"PyTorch with its {cfg.quantize.value} weights"
+                checks: list[tuple[str, list, list, ParityThresholds, tuple[str, ...]]] = []
+                if lowered_reference is None:
+                    checks.append(("parity", reference, runs, thresholds, GENERIC_TASKS))
+                else:
+                    floor_runs = runs if floor_prompts is prompts else run(decoder, floor_prompts, cfg.parity_new_tokens)
+                    checks += [("lowering", lowered_reference, runs, ParityThresholds.lowering(), GENERIC_TASKS),
+                               ("parity", floor_reference, floor_runs, ParityThresholds.beside_lowering(cfg.quantize),
+                                floor_tasks)]
+                del decoder
+                for name, ref, got, bounds, tasks in checks:
+                    result = dataclasses.replace(judge(ref, got, bounds), tasks=tasks)
+                    against = ("the float model" + ("" if tasks == GENERIC_TASKS else f" on {', '.join(tasks)} text")
+                               if name == "parity" else f"PyTorch with its {cfg.quantize.value} weights")
                     progress(f"{fmt.value}: against {against}: max |logit diff| {result.max_abs_logit_diff:.2e} "
                              f"(95th-percentile position {result.p95_abs_logit_diff:.2e}; "
                              f"logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}, greedy "

@@ -116,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.pipeline import export, format_manifest
 
     cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, head_bits=args.head_bits,
-                       balance=not args.no_balance,
+                       balance=not args.no_balance, int4_scales=args.int4_scales,
                        backend=args.backend,
                        onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
     manifest = export(args.model, args.out, cfg)
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
 
-    from rankdown.export.config import Backend, ExportConfig, Format, OnnxGraph, Quantize
+    from rankdown.export.config import Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
     from rankdown.validate.config import Runtime
 
@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-balance", action="store_true",
                      help="int4: quantize the factors as compressed, without first equalizing each rank "
                           "direction's down-row and up-column norms (for measuring what balancing gives)")
+    exp.add_argument("--int4-scales", default=default_of(ExportConfig, "int4_scales").value,
+                     help=help_with_default(f"ExecuTorch int4: {' or '.join(choices(Int4Scales))} (hqq: torchao's "
+                                            "half-quadratic scale search; absmax: max |w| / 7.5); symmetric either way, "
+                                            "as XNNPACK's kernels take them", ExportConfig, "int4_scales"))
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

@@ -20,14 +20,16 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
-from rankdown.export.config import ExportConfig, ParityThresholds, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import (
+    GENERIC_TASKS,
     largest_difference,
     logit_agreement,
     parity_prompts,
+    parity_tasks,
     position_percentile,
     torch_greedy,
     within,
@@ -157,7 +159,8 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
     cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
-                       head_bits=options.get("head_bits", 8))
+                       head_bits=options.get("head_bits", 8),
+                       int4_scales=options.get("int4_scales", Int4Scales.ABSMAX))  # absmax: bundles made before HQQ
     source = model  # the quantizer works on its own copy; only balancing needs one first
     if options.get("balance"):
         source = copy.deepcopy(model)
@@ -236,12 +239,18 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # A runtime whose artifact was lowered from a quantized PyTorch model (ExecuTorch int4) is held
     # against that model; the float model then sets only a top-1 floor, and quality judges the rest.
     references = {runtime: reference for runtime in runtimes}
+    # That floor is judged on the text of the tasks the checkpoint was compressed for (export does the same).
+    floor_tasks = parity_tasks(manifest.source.compression)
+    floor_prompts, floor_reference = prompts, reference
     for runtime in runtimes:
         lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle)
         if lowered is not None:
             progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights")
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
             del lowered
+            if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:
+                floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
+                floor_reference = [torch_greedy(model, p, greedy_tokens) for p in floor_prompts]
     tokenizer_ok = _tokenizer_matches(tokenizer, reference_dir, [tokenizer.decode(p) for p in prompts])
     qa = data.qa[: cfg.max_examples]
     eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)
@@ -277,7 +286,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         # The same sequences again as one prompt each (prompt + the reference's greedy tokens): the
         # runtime's logits without its cache, to hold against its cached decode.
         uncached = [(p + list(r.tokens[:-1]))[:room] for p, r in zip(prompts, ref)]
-        parity_job = {"prompts": prompts + uncached, "new_tokens": greedy_tokens}
+        # then, against a lowering reference, the float floor's own prompts when they are other text
+        floor = [] if ref is reference or floor_prompts is prompts else floor_prompts
+        parity_job = {"prompts": prompts + uncached + floor, "new_tokens": greedy_tokens}
         result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact, parity=parity_job), bundle)
         results.append(result)
         checks: tuple
@@ -288,8 +299,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
             checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
                       lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
                       lowering.greedy_must_match,
-                      (reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
-                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement)),
+                      (floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
+                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
+                       2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS),
                       lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf)
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
@@ -356,8 +368,8 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: tuple,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
     """``checks``: (max relative logit diff, min top-1, greedy must match, (float reference, its top-1
-    floor) or None when ``reference`` is the float model itself, the 95th-percentile position's
-    relative logit diff)."""
+    floor, the index of its first prompt in the job, the tasks whose text those prompts are) or None
+    when ``reference`` is the float model itself, the 95th-percentile position's relative logit diff)."""
     max_rel, min_top1, greedy_must, float_check, max_rel_p95 = checks
     name = runtime.value
     n = len(reference)
@@ -378,13 +390,14 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
     float_top1 = None
     if float_check is not None:
-        float_top1 = logit_agreement([(arrays[f"prompt_{i}"], ref.prompt_logits)
-                                      for i, ref in enumerate(float_check[0])])[2]
+        float_reference, _, first, _ = float_check
+        float_top1 = logit_agreement([(arrays[f"prompt_{first + i}"], ref.prompt_logits)
+                                      for i, ref in enumerate(float_reference)])[2]
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
                           logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
                           reference="float" if float_check is None else "quantized", float_top1_agreement=float_top1,
-                          p95_abs_logit_diff=p95)
+                          p95_abs_logit_diff=p95, float_prompt_tasks=() if float_check is None else float_check[3])
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,

@@ -17,7 +17,10 @@ from rankdown.atomic import write_text_atomic
 # 3: ``comparisons`` (validate --compare); ``size_bytes`` counts the artifact's data files too (.ptd).
 # 4: ``parity.reference`` (an ExecuTorch int4 artifact is held against its quantized PyTorch model)
 # and ``parity.float_top1_agreement``.
-SCHEMA_VERSION = 5
+# 5: ``parity.p95_abs_logit_diff``.
+# 6: ``parity.float_prompt_tasks``: whose text ``float_top1_agreement`` was measured on (the tasks the
+# checkpoint was compressed for, else math, code, prose).
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class ParityReport:
     reference: str = "float"
     float_top1_agreement: float | None = None
     p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
+    float_prompt_tasks: tuple[str, ...] = ()  # whose evaluation text float_top1_agreement is on; () without it
 
 
 @dataclass(frozen=True)
@@ -264,4 +268,5 @@ def _plot_comparison(report: Report, path: Path) -> None:
 def _against(parity: ParityReport) -> str:
     if parity.reference == "float" or parity.float_top1_agreement is None:
         return ""
-    return f" (against the quantized PyTorch model; float model {parity.float_top1_agreement:.1%})"
+    return (f" (against the quantized PyTorch model; float model {parity.float_top1_agreement:.1%} on "
+            f"{', '.join(parity.float_prompt_tasks)} text)")

@@ -55,7 +55,7 @@ def test_bundle_layout_manifest_and_counts(joint_bundle):
         parity = entry.parity
         assert parity.passed and parity.greedy_match and parity.top1_agreement == 1.0
         assert parity.max_abs_logit_diff <= 1e-3 * parity.logit_scale
-        assert parity.prompts == 3 and parity.new_tokens == 32
+        assert parity.prompts == 3 and parity.new_tokens == 32 and parity.tasks == ("math", "code", "prose")  # fp32: generic
     assert read.formats["executorch"].delegation["delegated_nodes"] > 0
     assert set(read.formats["executorch"].files) == {"executorch/model.pte"}  # untied: no .ptd
     assert read.source.factorized and read.source.compression["method"] == "joint"
@@ -204,6 +204,7 @@ def test_dense_model_with_tied_embeddings_exports(tiny_tokenizer, tmp_path):
     manifest = export(folder, tmp_path / "b", ExportConfig(max_seq_len=64), progress=quiet)
     for name, entry in manifest.formats.items():
         assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found == 0
+        assert entry.parity.tasks == ("math", "code", "prose")  # dense: no task of its own
         # ONNX (fused): q/k/v packed into one MatMul, 5 per layer, and the head (it holds the table; the
         # lookup reads it through a Transpose); ExecuTorch: 7 per layer, the head maybe through a transpose
         assert entry.factor_nodes.dense_linears in ((2 * 5 + 1,) if name == "onnx" else (2 * 7, 2 * 7 + 1))

@@ -10,8 +10,8 @@ import torch
 from helpers import quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
-from rankdown.export.config import ExportConfig
-from rankdown.export.et_int4 import group_for, pad_ranks, padded_rank, quantize_int4
+from rankdown.export.config import ExportConfig, Int4Scales
+from rankdown.export.et_int4 import DecomposedQuantLinear, group_for, pad_ranks, padded_rank, quantize_int4
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 
@@ -165,3 +165,31 @@ def test_validate_holds_an_int4_pte_against_its_quantized_pytorch_model(feature_
     assert parity.top1_agreement >= 0.85 and parity.max_abs_logit_diff <= 0.25 * parity.logit_scale
     assert not [f for f in report.failures if ".parity." in f]
     assert parity.top1_agreement > parity.float_top1_agreement
+
+
+def _group_linears(model) -> dict[str, DecomposedQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DecomposedQuantLinear) and not m.per_channel}
+
+
+def test_int4_scales_are_hqq_by_default_symmetric_either_way_and_validate_rebuilds_the_same(compressed_tiny):
+    """torchao's HQQ scale search by default, max |w| / 7.5 on request: both symmetric with codes in
+    [-8, 7] (XNNPACK's kernels take no zero point), with different scales; validate rebuilds the
+    model the .pte was lowered from with the scales the manifest records (absmax for a bundle made
+    before the option)."""
+    from types import SimpleNamespace
+
+    from rankdown.validate.config import Runtime
+    from rankdown.validate.harness import _lowered_model
+
+    record, model, _ = _joint_model(compressed_tiny)
+    assert ExportConfig().int4_scales is Int4Scales.HQQ
+    built = {hqq: _group_linears(quantize_int4(model, record, 32, hqq=hqq)[0]) for hqq in (True, False)}
+    assert built[True].keys() == built[False].keys() and built[True]
+    for linears in built.values():
+        for layer in linears.values():
+            assert not layer.zeros.any() and layer.weight.min() >= -8 and layer.weight.max() <= 7
+    assert any(not torch.equal(built[True][n].scales, built[False][n].scales) for n in built[True])
+    for options, hqq in (({"int4_scales": "hqq"}, True), ({"int4_scales": "absmax"}, False), ({}, False)):
+        manifest = SimpleNamespace(options={"quantize": "int4", "group_size": 32, "balance": False} | options)
+        rebuilt = _group_linears(_lowered_model(model, record, manifest, Runtime("executorch"), None))
+        assert all(torch.equal(rebuilt[n].scales, built[hqq][n].scales) for n in built[hqq]), options

@@ -11,7 +11,8 @@ from rankdown.compress.config import CompressConfig, CompressionReport, Healing
 from rankdown.compress.fake_quant import fake_int4, fake_quantized
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
-from rankdown.export.pipeline import healed_for_int4
+from rankdown.export.config import ExportConfig
+from rankdown.export.pipeline import export, healed_for_int4
 from rankdown.factor import FactorizedLinear
 
 SMALL = dict(calib_tokens=2048, seq_len=64)
@@ -72,6 +73,12 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     assert CompressionReport.read(tmp_path / "int4") == int4
     assert healed_for_int4(tmp_path / "int4") and not healed_for_int4(tmp_path / "plain")
     assert not healed_for_int4(tiny_model_dir)
+    # Its export keeps the scales it was healed through, whatever the default.
+    said = []
+    manifest = export(tmp_path / "int4", tmp_path / "bundle",
+                      ExportConfig(formats="executorch", quantize="int4", max_seq_len=64), progress=said.append)
+    assert manifest.options["int4_scales"] == "absmax" and manifest.formats["executorch"].quantization["scales"] == "absmax"
+    assert "int4 scales: absmax, the ones the checkpoint was healed through" in said
     # Float factors of the same shapes, not 4-bit codes: a layer's down has more than 16 values per group.
     down = load_model(open_checkpoint(tmp_path / "int4")).model.layers[1].mlp.down_proj.down.weight
     assert down[:, :32].unique().numel() > 16 * down.shape[0]

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
 from rankdown.export.onnx_int4_reference import graph_weights, weight_overrides
+from rankdown.export.parity import GENERIC_TASKS
 from rankdown.export.pipeline import export
 
 
@@ -89,11 +90,15 @@ def test_int4_export_is_held_to_its_read_back_weights(shipped_math_bundle, tmp_p
     assert entry.lowering.p95_abs_logit_diff is not None
     assert entry.lowering.p95_abs_logit_diff <= 0.25 * entry.lowering.logit_scale  # the bound it was held to
     assert manifest.formats["executorch"].lowering is not None
+    # the kernels are checked on the generic text, the float floor on the task the checkpoint was compressed for
+    for entry in manifest.formats.values():
+        assert entry.lowering is not None and entry.lowering.tasks == GENERIC_TASKS and entry.parity.tasks == ("math",)
     report = validate(tmp_path / "b", ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=quiet)
     assert set(report.runtimes) == {"onnxruntime", "executorch"}
     for name, result in report.runtimes.items():
         parity = result.parity
         assert parity.reference == "quantized" and parity.top1_agreement > parity.float_top1_agreement, name
+        assert parity.float_prompt_tasks == ("math",), name
         assert not [f for f in result.failures if ".parity." in f], (name, result.failures)
 
 

@@ -10,7 +10,17 @@ import numpy as np
 
 from rankdown.export.config import ParityThresholds, Quantize
 from rankdown.export.decoding import Generation
-from rankdown.export.parity import describe_failure, judge, logit_agreement, position_percentile, within
+from rankdown.export.parity import (
+    GENERIC_TASKS,
+    describe_failure,
+    judge,
+    logit_agreement,
+    parity_prompts,
+    parity_tasks,
+    position_percentile,
+    within,
+)
+from rankdown.tasks import Split, load_task
 
 
 def _generation(logits: np.ndarray) -> Generation:
@@ -58,3 +68,24 @@ def test_position_percentile_is_over_each_positions_largest_difference():
     got = np.zeros((20, 3), np.float32)
     got[:, 1] = np.arange(20)
     assert position_percentile([(got, np.zeros_like(got))], 50.0) == 9.5
+
+
+def test_the_self_check_prompts_follow_the_tasks_the_checkpoint_was_compressed_for():
+    assert parity_tasks(None) == parity_tasks({"method": "svd"}) == GENERIC_TASKS  # dense, or no task recorded
+    assert parity_tasks({"task": "compare+code"}) == ("compare", "code")
+    assert parity_tasks({"task": "code"}) == ("code",)
+    assert parity_tasks({"task": "/data/calib.txt"}) == GENERIC_TASKS  # calibrated on a file
+    assert parity_tasks({"task": 7}) == GENERIC_TASKS
+
+
+def test_task_prompts_take_turns_and_fit_the_room(tiny_tokenizer):
+    texts = {t: load_task(t, Split.EVALUATION).texts for t in ("compare", "code")}
+    prompts = parity_prompts(tiny_tokenizer, room=30, tasks=("compare", "code"))
+    assert [len(p) for p in prompts] == [5, 23, 30]
+    expected = [texts["compare"][0], texts["code"][0], texts["compare"][1]]
+    for prompt, text, length in zip(prompts, expected, (5, 23, 41)):
+        assert prompt == tiny_tokenizer(text[: 16 * length], return_token_type_ids=False)["input_ids"][: len(prompt)]
+    one = parity_prompts(tiny_tokenizer, room=200, tasks=("code",))
+    assert [len(p) for p in one] == [5, 23, 41] and len({tuple(p[:5]) for p in one}) == 3  # three different texts
+    generic = parity_prompts(tiny_tokenizer, room=200)
+    assert generic[0] == tiny_tokenizer(load_task("math", Split.EVALUATION).qa[0].prompt)["input_ids"][:5]
