@@ -55,7 +55,7 @@ def _versions() -> dict[str, str]:
     return package_versions(_VERSIONED)
 
 
-def _source(ckpt) -> SourceModel:
+def _source(ckpt, compression: dict | None) -> SourceModel:
     import hashlib
 
     names = [p for p in ckpt.weight_files] + [ckpt.folder / "config.json"]
@@ -64,7 +64,7 @@ def _source(ckpt) -> SourceModel:
     files = {p.name: sha256_file(p) for p in sorted(names)}
     combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
     return SourceModel(path=str(ckpt.folder.resolve()), sha256=combined, files=files,
-                       factorized=bool(ckpt.record.modules), compression=_compression(ckpt.folder))
+                       factorized=bool(ckpt.record.modules), compression=compression)
 
 
 def _compression(folder: Path) -> dict | None:
@@ -74,11 +74,13 @@ def _compression(folder: Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
-def healed_for_int4(folder: Path) -> bool:
-    """Whether ``compress --heal-quantize int4`` trained this checkpoint: its factors were balanced
-    and then trained through the 4-bit weights of their current scales, which balancing again would
-    move (compression.json says; a dense or older checkpoint was not)."""
-    healing = (_compression(folder) or {}).get("healing")
+def healed_for_int4(compression: Path | dict | None) -> bool:
+    """Whether ``compress --heal-quantize int4`` trained this checkpoint (its folder, or its
+    compression.json as read): its factors were balanced and then trained through the 4-bit weights
+    of their current scales, which balancing again would move (a dense or older checkpoint was not)."""
+    if isinstance(compression, Path):
+        compression = _compression(compression)
+    healing = (compression or {}).get("healing")
     return isinstance(healing, dict) and healing.get("quantize") == "int4"
 
 
@@ -138,9 +140,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     tokenizer = load_tokenizer(ckpt.folder)
     thresholds = cfg.thresholds
     prompts, reference = [], []
-    # The float model's floor beside a lowering check (quantized formats) is judged on the text of the
-    # tasks the checkpoint was compressed for; the kernel checks keep the same generic text for every model.
-    floor_tasks = parity_tasks(_compression(ckpt.folder)) if cfg.quantize is not Quantize.NONE else GENERIC_TASKS
+    compression = _compression(ckpt.folder)
+    # int4's float floor (beside its lowering check) is judged on the text of the tasks the checkpoint was
+    # compressed for; the kernel checks keep the same generic text for every model.
+    floor_tasks = parity_tasks(compression) if cfg.quantize is Quantize.INT4 else GENERIC_TASKS
     floor_prompts, floor_reference = [], []
     if cfg.check:
         room = cfg.max_seq_len - cfg.parity_new_tokens - 1
@@ -151,17 +154,20 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             progress(f"the float model's top-1 floor: judged on {', '.join(floor_tasks)} text "
                      "(the tasks the checkpoint was compressed for)")
             floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
-            floor_reference = [torch_greedy(model, p, cfg.parity_new_tokens) for p in floor_prompts]
-    balanced = cfg.balances and not healed_for_int4(ckpt.folder)
+            # only the prompt logits are judged there (top-1), so one new token is enough
+            floor_reference = [torch_greedy(model, p, 1) for p in floor_prompts]
+    healed_int4 = healed_for_int4(compression)
+    balanced = cfg.balances and not healed_int4
     if balanced:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
         progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
     elif cfg.balances:
         progress("not balanced: the checkpoint was healed through int4 weights at the scales it has")
-    if healed_for_int4(ckpt.folder) and cfg.quantize is Quantize.INT4 and cfg.int4_scales is not Int4Scales.ABSMAX:
+    if (healed_int4 and cfg.quantize is Quantize.INT4 and Format("executorch") in cfg.formats
+            and cfg.int4_scales is not Int4Scales.ABSMAX):
         # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
         cfg = dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX)
-        progress("int4 scales: absmax, the ones the checkpoint was healed through")
+        progress("executorch int4 scales: absmax, the ones the checkpoint was healed through")
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
@@ -210,7 +216,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 if lowered_reference is None:
                     checks.append(("parity", reference, runs, thresholds, GENERIC_TASKS))
                 else:
-                    floor_runs = runs if floor_prompts is prompts else run(decoder, floor_prompts, cfg.parity_new_tokens)
+                    floor_runs = runs if floor_prompts is prompts else run(decoder, floor_prompts, 1)
                     checks += [("lowering", lowered_reference, runs, ParityThresholds.lowering(), GENERIC_TASKS),
                                ("parity", floor_reference, floor_runs, ParityThresholds.beside_lowering(cfg.quantize),
                                 floor_tasks)]
@@ -232,7 +238,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=results.get("parity"), embedding_tables=tables,
                 quantization=quantization, lowering=results.get("lowering"))
-        manifest = Manifest(source=_source(ckpt), model=_summary(ckpt), options=_options(cfg, balanced),
+        manifest = Manifest(source=_source(ckpt, compression), model=_summary(ckpt), options=_options(cfg, balanced),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())

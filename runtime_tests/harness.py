@@ -13,6 +13,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -299,9 +300,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
             checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
                       lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
                       lowering.greedy_must_match,
-                      (floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
-                       else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
-                       2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS),
+                      FloatFloor(floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
+                                 else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
+                                 2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS),
                       lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf)
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
@@ -365,11 +366,26 @@ def _continuations(arrays, reference, prompt_lengths) -> list[tuple[np.ndarray, 
     return pairs
 
 
+class FloatFloor(NamedTuple):
+    """The float model's top-1 floor for a runtime held against a quantized reference."""
+
+    reference: list  # the float model's generations on the floor's prompts
+    min_top1: float
+    first: int  # the index in the runtime's job of the first of those prompts
+    tasks: tuple[str, ...]  # whose text the prompts are
+
+
+def float_top1(arrays: dict, floor: FloatFloor) -> float:
+    """The runtime's top-1 agreement with the float model on the floor's prompts (its job's
+    ``prompt_{first + i}`` logits)."""
+    return logit_agreement([(arrays[f"prompt_{floor.first + i}"], ref.prompt_logits)
+                            for i, ref in enumerate(floor.reference)])[2]
+
+
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: tuple,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
-    """``checks``: (max relative logit diff, min top-1, greedy must match, (float reference, its top-1
-    floor, the index of its first prompt in the job, the tasks whose text those prompts are) or None
-    when ``reference`` is the float model itself, the 95th-percentile position's relative logit diff)."""
+    """``checks``: (max relative logit diff, min top-1, greedy must match, a FloatFloor or None when
+    ``reference`` is the float model itself, the 95th-percentile position's relative logit diff)."""
     max_rel, min_top1, greedy_must, float_check, max_rel_p95 = checks
     name = runtime.value
     n = len(reference)
@@ -388,16 +404,12 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     cache_ok = all([int(t) for t in got.argmax(-1)] == list(cached[: len(got)])
                    for (got, _), cached in zip(continuations, result["parity_tokens"]))
     greedy_ok = all(list(ref.tokens) == got for ref, got in zip(reference, result["parity_tokens"]))
-    float_top1 = None
-    if float_check is not None:
-        float_reference, _, first, _ = float_check
-        float_top1 = logit_agreement([(arrays[f"prompt_{first + i}"], ref.prompt_logits)
-                                      for i, ref in enumerate(float_reference)])[2]
+    floor_top1 = None if float_check is None else float_top1(arrays, float_check)
     parity = ParityReport(greedy_match=greedy_ok, greedy_tokens=len(reference[0].tokens), max_abs_logit_diff=max_diff,
                           logit_scale=scale, top1_agreement=top1, positions=count, max_diff_at=where,
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
-                          reference="float" if float_check is None else "quantized", float_top1_agreement=float_top1,
-                          p95_abs_logit_diff=p95, float_prompt_tasks=() if float_check is None else float_check[3])
+                          reference="float" if float_check is None else "quantized", float_top1_agreement=floor_top1,
+                          p95_abs_logit_diff=p95, float_prompt_tasks=() if float_check is None else float_check.tasks)
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
@@ -418,7 +430,7 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
         failures.append(f"{name}.parity.p95_abs_logit_diff")
     if parity.top1_agreement < min_top1:
         failures.append(f"{name}.parity.top1_agreement")
-    if float_check is not None and float_top1 is not None and float_top1 < float_check[1]:
+    if float_check is not None and floor_top1 is not None and floor_top1 < float_check.min_top1:
         failures.append(f"{name}.parity.float_top1_agreement")
     # int8 quantizes activations per call, so a prompt and a token-by-token decode may round to
     # different top-1s; there the logit bound above is the cache check.

@@ -78,7 +78,7 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     manifest = export(tmp_path / "int4", tmp_path / "bundle",
                       ExportConfig(formats="executorch", quantize="int4", max_seq_len=64), progress=said.append)
     assert manifest.options["int4_scales"] == "absmax" and manifest.formats["executorch"].quantization["scales"] == "absmax"
-    assert "int4 scales: absmax, the ones the checkpoint was healed through" in said
+    assert "executorch int4 scales: absmax, the ones the checkpoint was healed through" in said
     # Float factors of the same shapes, not 4-bit codes: a layer's down has more than 16 values per group.
     down = load_model(open_checkpoint(tmp_path / "int4")).model.layers[1].mlp.down_proj.down.weight
     assert down[:, :32].unique().numel() > 16 * down.shape[0]

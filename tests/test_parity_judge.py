@@ -76,6 +76,8 @@ def test_the_self_check_prompts_follow_the_tasks_the_checkpoint_was_compressed_f
     assert parity_tasks({"task": "code"}) == ("code",)
     assert parity_tasks({"task": "/data/calib.txt"}) == GENERIC_TASKS  # calibrated on a file
     assert parity_tasks({"task": 7}) == GENERIC_TASKS
+    assert parity_tasks({"task": "code+code"}) == GENERIC_TASKS  # not a mix compress accepts
+    assert parity_tasks({"task": "prose+math+code"}) == ("prose", "math", "code")  # a mix keeps its order
 
 
 def test_task_prompts_take_turns_and_fit_the_room(tiny_tokenizer):
@@ -89,3 +91,16 @@ def test_task_prompts_take_turns_and_fit_the_room(tiny_tokenizer):
     assert [len(p) for p in one] == [5, 23, 41] and len({tuple(p[:5]) for p in one}) == 3  # three different texts
     generic = parity_prompts(tiny_tokenizer, room=200)
     assert generic[0] == tiny_tokenizer(load_task("math", Split.EVALUATION).qa[0].prompt)["input_ids"][:5]
+
+
+def test_the_float_floor_reads_its_own_prompts_at_their_offset_in_the_job():
+    """validate appends the floor's prompts after the parity and uncached prompts: top-1 is read there."""
+    from rankdown.validate.harness import FloatFloor, float_top1
+
+    rng = np.random.default_rng(1)
+    floor_logits = [rng.standard_normal((n, 30)).astype(np.float32) for n in (5, 23, 41)]
+    arrays = {f"prompt_{i}": rng.standard_normal((len(floor_logits[i % 3]), 30)).astype(np.float32) for i in range(6)}
+    arrays |= {f"prompt_{6 + i}": logits for i, logits in enumerate(floor_logits)}
+    floor = FloatFloor([_generation(logits) for logits in floor_logits], 0.6, 6, ("compare",))
+    assert float_top1(arrays, floor) == 1.0
+    assert float_top1(arrays, floor._replace(first=0)) < 0.3  # the parity prompts' logits agree by chance only
