@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import HealPrecision
 
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
-           "auto is bf16 on a CPU with AVX512-BF16 or AMX (fp32 for --heal-quantize int4), else fp32", Healing, "precision",
+           "auto is bf16 on a CPU with AVX512-BF16 or AMX, else fp32", Healing, "precision",
            choices=choices(HealPrecision))
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "

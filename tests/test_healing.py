@@ -166,8 +166,9 @@ def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_it(monkeypatc
     assert healing.training_precision(Healing(), cpu).value == expected
     assert healing.training_precision(Healing(precision="fp32"), cpu).value == "fp32"
     assert healing.training_precision(Healing(precision="bf16"), cpu).value == "bf16"
-    # healing for int4 sees exactly the export's 4-bit weights unless bf16 is asked for
-    assert healing.training_precision(Healing(quantize="int4"), cpu).value == "fp32"
+    # healing for int4 follows the hardware too, and an explicit precision wins
+    assert healing.training_precision(Healing(quantize="int4"), cpu) is healing.training_precision(Healing(), cpu)
+    assert healing.training_precision(Healing(quantize="int4", precision="fp32"), cpu).value == "fp32"
     assert healing.training_precision(Healing(quantize="int4", precision="bf16"), cpu).value == "bf16"
 
 
