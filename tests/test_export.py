@@ -344,3 +344,12 @@ def test_cli_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, case, pattern
     errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown export: error:")]
     assert len(errors) == 1 and pattern in errors[0], result.stderr
     assert not (tmp_path / "b").exists() and not (tiny_model_dir / "bundle").exists()
+
+
+def test_a_corrupt_compression_report_is_one_line_and_leaves_no_bundle(tiny_tokenizer, tmp_path):
+    """compression.json decides the int4 float floor's prompts and scales: a broken one is named, not a traceback."""
+    folder = write_tiny_model(tmp_path / "m", tiny_tokenizer)
+    (folder / "compression.json").write_text("{not json")
+    with pytest.raises(RankdownError, match=r"compression\.json: invalid compression report"):
+        export(folder, tmp_path / "b", ExportConfig(formats="onnx", max_seq_len=64), progress=quiet)
+    assert not (tmp_path / "b").exists()
