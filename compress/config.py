@@ -184,6 +184,12 @@ class CompressConfig:
         """The calibration data as messages name it."""
         return str(self.calib) if self.calib is not None else f"task {self.task}"
 
+    @property
+    def recorded_task(self) -> str:
+        """compression.json's ``task``: the task, or the calibration file's absolute path, which no
+        task name can equal (a file named ``code`` must not be read back as the task)."""
+        return str(self.calib.resolve()) if self.calib is not None else str(self.task)
+
 
 @dataclass(frozen=True)
 class ModuleReport:

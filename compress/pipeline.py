@@ -176,7 +176,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
                 modules[name] = ModuleReport(rank, m_out, unit.in_features, linear_params(model.get_submodule(name)),
                                              note)
         report = CompressionReport(
-            method=cfg.method.value, task=cfg.task or str(cfg.calib), ratio=cfg.ratio, allocate=cfg.allocate.value,
+            method=cfg.method.value, task=cfg.recorded_task, ratio=cfg.ratio, allocate=cfg.allocate.value,
             params_before=before, params_after=sum(m.params for m in modules.values()), modules=modules,
             calibration_loss=loss, wall_seconds=round(time.perf_counter() - start, 2),
             peak_memory_mb=round(workers.max(peak_rss_mb()), 1), keep_ratios=outcome.keep_ratios,

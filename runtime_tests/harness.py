@@ -173,7 +173,11 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
 def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
         return load_data(cfg.eval_file), str(cfg.eval_file)
-    task = cfg.task or (manifest.source.compression or {}).get("task") or "math"
+    recorded = (manifest.source.compression or {}).get("task")
+    task = cfg.task or recorded or "math"
+    if cfg.task is None and not all(part in TASKS for part in task.split(MIX)):
+        raise RankdownError(f"{manifest.source.path} was compressed on the calibration file {task}, not a "
+                            f"built-in task: give --task or --eval to say what to judge it on")
     if all(part in TASKS for part in task.split(MIX)):
         task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
     return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
@@ -289,7 +293,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         uncached = [(p + list(r.tokens[:-1]))[:room] for p, r in zip(prompts, ref)]
         # then, against a lowering reference, the float floor's own prompts when they are other text
         floor = [] if ref is reference or floor_prompts is prompts else floor_prompts
-        parity_job = {"prompts": prompts + uncached + floor, "new_tokens": greedy_tokens}
+        # Only the first prompts' continuations are judged; the rest give their prompt logits.
+        parity_job = {"prompts": prompts + uncached + floor,
+                      "new_tokens": [greedy_tokens] * len(prompts) + [1] * (len(uncached) + len(floor))}
         result, arrays = runner.run(dict(job_base, runtime=runtime.value, artifact=artifact, parity=parity_job), bundle)
         results.append(result)
         checks: tuple

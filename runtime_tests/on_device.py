@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-JOB_SCHEMA = 1
+JOB_SCHEMA = 2  # 2: parity new_tokens per prompt
 
 
 def _import_runtime(runtime: str, native: bool) -> None:
@@ -55,12 +55,16 @@ def _decoder(runtime: str, artifact: Path, threads: int | None, native_runner: l
     return by_runtime(runtime).open_decoder(artifact, threads, native_runner)
 
 
-def _parity(decoder, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], dict]:
+def _parity(decoder, prompts: list[list[int]], new_tokens: list[int]) -> tuple[list[list[int]], dict]:
+    """Each prompt's logits and greedy tokens; ``new_tokens`` per prompt (1 where only the prompt's
+    logits are judged)."""
     from rankdown.export.decoding import greedy
 
+    if len(new_tokens) != len(prompts):
+        raise ValueError(f"parity job: {len(new_tokens)} token counts for {len(prompts)} prompts")
     tokens, arrays = [], {}
-    for i, prompt in enumerate(prompts):
-        got = greedy(decoder, prompt, new_tokens)
+    for i, (prompt, count) in enumerate(zip(prompts, new_tokens)):
+        got = greedy(decoder, prompt, count)
         tokens.append(list(got.tokens))
         arrays[f"prompt_{i}"] = got.prompt_logits.astype(np.float32)
     return tokens, arrays

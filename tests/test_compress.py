@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -407,3 +408,19 @@ def test_correct_carried_keeps_the_first_site_and_refits_the_later_ones(tiny_mod
     assert torch.allclose(a[0].self_attn.q_proj.up.weight, b[0].self_attn.q_proj.up.weight, atol=1e-5)
     for later in (a[0].mlp.down_proj, b[0].mlp.down_proj), (a[1].self_attn.q_proj, b[1].self_attn.q_proj):
         assert not torch.allclose(later[0].up.weight, later[1].up.weight, atol=1e-3)
+
+
+def test_a_calibration_folder_named_like_a_task_is_recorded_by_its_path(tiny_model_dir, tmp_path, monkeypatch):
+    """compression.json's task is what the export's int4 floor and `validate` read back as a task:
+    a calibration folder called `code`, given relative, must not come back as the task code."""
+    from rankdown.export.parity import GENERIC_TASKS, parity_tasks
+    from rankdown.tasks import Split, load_task
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "notes.txt").write_text("\n\n".join(load_task("prose", Split.TRAIN).texts[:40]))
+    monkeypatch.chdir(tmp_path)
+    report = compress(tiny_model_dir, tmp_path / "out", CompressConfig(method="svd", ratio=0.3, task=None, calib=Path("code"), **SMALL),
+                      progress=quiet)
+    assert report.task == str(tmp_path / "code")
+    recorded = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert recorded["task"] == str(tmp_path / "code") and parity_tasks(recorded) == GENERIC_TASKS

@@ -30,6 +30,7 @@ from rankdown.safetensors_check import read_header
 from rankdown.validate.config import ValidateConfig
 from rankdown.validate.harness import validate
 from rankdown.validate.local_runner import LocalRunner
+from rankdown.validate.on_device import JOB_SCHEMA
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32, healing=Healing(steps=0))  # healing has its own tests
 
@@ -489,8 +490,8 @@ def test_damaged_pte_is_a_clean_error_in_the_runtime_child(joint_bundle, tmp_pat
     """Past (or without) the host's header check, the runtime itself loads the file with full
     verification in a child process: a one-line error naming the artifact, never a crash here."""
     bundle = _tampered_pte(joint_bundle, tmp_path, case)
-    job = {"schema_version": 1, "runtime": "executorch", "artifact": "executorch/model.pte",
-           "parity": {"prompts": [[0, 5, 9]], "new_tokens": 2}}
+    job = {"schema_version": JOB_SCHEMA, "runtime": "executorch", "artifact": "executorch/model.pte",
+           "parity": {"prompts": [[0, 5, 9]], "new_tokens": [2]}}
     with pytest.raises(RankdownError, match=r"executorch/model.pte: executorch failed \((exit status|killed by)") as info:
         LocalRunner(timeout_s=120).run(job, bundle)
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)

@@ -27,6 +27,7 @@ from rankdown.export.onnx_files import check_onnx_model
 from rankdown.info import format_info, model_info
 from rankdown.safetensors_check import read_header
 from rankdown.validate.local_runner import LocalRunner
+from rankdown.validate.on_device import JOB_SCHEMA
 
 SMALL = dict(ratio=0.3, calib_tokens=512, seq_len=32, healing=Healing(steps=0))  # healing has its own tests
 
@@ -264,8 +265,8 @@ def test_prefill_and_decode_at_the_boundaries_match_torch(joint_model, runtime):
 
 def test_a_job_past_the_limit_is_a_clean_error_from_the_runtime_child(joint_bundle):
     _, bundle, _ = joint_bundle
-    job = {"schema_version": 1, "runtime": "onnxruntime", "artifact": "onnx/model.onnx",
-           "parity": {"prompts": [list(range(3, 203))], "new_tokens": 100}}
+    job = {"schema_version": JOB_SCHEMA, "runtime": "onnxruntime", "artifact": "onnx/model.onnx",
+           "parity": {"prompts": [list(range(3, 203))], "new_tokens": [100]}}
     with pytest.raises(RankdownError, match=r"onnx/model.onnx: onnxruntime failed \(exit status 1\): on_device: error: "
                                             r"ValueError: prompt of 200 \+ 100 new tokens exceeds the artifact's 256"):
         LocalRunner(timeout_s=120).run(job, bundle)

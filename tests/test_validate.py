@@ -250,3 +250,20 @@ def test_compare_refuses_itself_and_no_latency(joint_bundle):
     with pytest.raises(RankdownError, match="leave out --no-latency"):
         validate(bundle, ValidateConfig(runtimes="onnxruntime", compare=bundle, **(FAST | {"latency": None})),
                  progress=quiet)
+
+
+def test_a_model_calibrated_on_a_file_needs_a_task_or_eval_file(joint_bundle, tmp_path):
+    """Its compression.json names the calibration file, which is not a task: `validate` says what to
+    give instead of failing on an unknown task or judging it on math."""
+    _, bundle, _ = joint_bundle
+    moved = tmp_path / "bundle"
+    shutil.copytree(bundle, moved)
+    raw = json.loads((moved / MANIFEST_FILE).read_text())
+    raw["source"]["compression"]["task"] = "/data/calib"
+    (moved / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(RankdownError, match=r"compressed on the calibration file /data/calib, not a built-in task: "
+                                            r"give --task or --eval"):
+        validate(moved, ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=2), progress=quiet)
+    report = validate(moved, ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=2, task="math"),
+                      progress=quiet)
+    assert report.runtimes["onnxruntime"].quality is not None
