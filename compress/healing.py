@@ -39,6 +39,7 @@ from rankdown.compress.config import (
 )
 from rankdown.compress.fake_quant import fake_quantized
 from rankdown.compress.rank_job import Progress, WeightSink
+from rankdown.compress.training_attention import float32_attention
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
@@ -94,7 +95,7 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     chunks = [(i, min(i + BATCH, first_held), bf16) for i in range(0, first_held, BATCH)]
     chunks += [(i, min(i + BATCH, count), False) for i in range(first_held, count, BATCH)]
     log_probs, indices = [], []
-    with torch.no_grad():
+    with torch.no_grad(), float32_attention(dense, enabled=bf16 and device.type == "cpu"):
         for begin, end, autocast in chunks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = dense(input_ids=windows[begin:end]).logits[:, :-1].float()
@@ -176,6 +177,11 @@ def training_precision(healing: Healing, device: torch.device) -> HealPrecision:
     return HealPrecision.BF16 if bf16_native(device) else HealPrecision.FP32
 
 
+def _attention_in_float32(precision: HealPrecision, model: torch.nn.Module) -> bool:
+    """bf16 autocast on a CPU: attention in float32 is the faster (compress/training_attention.py)."""
+    return precision is HealPrecision.BF16 and next(model.parameters()).device.type == "cpu"
+
+
 def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
          progress: Progress) -> HealingReport:
     """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay).
@@ -187,6 +193,7 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
     precision = training_precision(healing, next(model.parameters()).device)
     healing = dataclasses.replace(healing, precision=precision)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(float32_attention(model, enabled=_attention_in_float32(precision, model)))
         if healing.quantize is HealQuantize.INT4:
             linears = stack.enter_context(fake_quantized(model, healing.group_size))
             progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights in groups of "

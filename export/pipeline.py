@@ -157,6 +157,12 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             # only the prompt logits are judged there (top-1), so one new token is enough
             floor_reference = [torch_greedy(model, p, 1) for p in floor_prompts]
     healed_int4 = healed_for_int4(compression)
+    if (cfg.quantize is Quantize.INT4 and Format("executorch") in cfg.formats and not healed_int4
+            and isinstance(compression, dict) and compression.get("healing")):
+        # measured: SmolLM2 compare+code 40%, ExecuTorch int4: compare 92.0% and perplexity +22% (fails
+        # validate) when healed in float, 100.0% and -5% when healed through the 4-bit weights
+        progress("note: this checkpoint was healed with float weights; for ExecuTorch int4, healing through "
+                 "the 4-bit weights (`rankdown compress ... --heal-quantize int4`) keeps more of the task")
     balanced = cfg.balances and not healed_int4
     if balanced:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.

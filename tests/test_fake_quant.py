@@ -79,6 +79,12 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
                       ExportConfig(formats="executorch", quantize="int4", max_seq_len=64), progress=said.append)
     assert manifest.options["int4_scales"] == "absmax" and manifest.formats["executorch"].quantization["scales"] == "absmax"
     assert "executorch int4 scales: absmax, the ones the checkpoint was healed through" in said
+    assert not any("healed with float weights" in m for m in said)
+    # A checkpoint healed in float is exported as asked, with a note on what heals for int4.
+    said = []
+    export(tmp_path / "plain", tmp_path / "plain-bundle",
+           ExportConfig(formats="executorch", quantize="int4", max_seq_len=64, check=False), progress=said.append)
+    assert any("healed with float weights" in m and "--heal-quantize int4" in m for m in said)
     # Float factors of the same shapes, not 4-bit codes: a layer's down has more than 16 values per group.
     down = load_model(open_checkpoint(tmp_path / "int4")).model.layers[1].mlp.down_proj.down.weight
     assert down[:, :32].unique().numel() > 16 * down.shape[0]

@@ -1,0 +1,48 @@
+"""Attention in float32 while healing runs its passes under bfloat16 autocast on a CPU.
+
+Autocast sends ``scaled_dot_product_attention`` to bfloat16, and PyTorch's CPU flash kernel is
+slower there than in float32 at healing's shapes (SmolLM2, 4 windows x 9 heads x 128 tokens x 64:
+forward and backward about 3x float32's time), so the attention of a healing step cost as much
+as a fifth of it. Attention is a small share of the FLOPs, so its float32 products cost little and
+are the more exact ones. The function is registered in transformers' ``AttentionInterface`` and
+set on the model for the duration only, as the ExecuTorch export's attention is (no copied code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+NAME = "rankdown_sdpa_fp32"  # the name registered in transformers' AttentionInterface
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    with torch.autocast(query.device.type, enabled=False):
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                 **kwargs)
+    return output.to(dtype), weights
+
+
+@contextmanager
+def float32_attention(model, enabled: bool = True) -> Iterator[None]:
+    """While inside: ``model`` attends with sdpa in float32 (masks as sdpa's); restored on exit."""
+    if not enabled:
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, _sdpa_float32)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
