@@ -38,7 +38,7 @@ from rankdown.compute_device import resolve_device
 from rankdown.errors import RankdownError
 from rankdown.factor import linear_params
 from rankdown.info import model_info
-from rankdown.memory import peak_rss_mb, require_memory, rss_mb
+from rankdown.memory import peak_rss_mb, require_memory, require_shared_memory, rss_mb
 from rankdown.output_lock import exclusive_output
 from rankdown.tasks import Split
 
@@ -66,6 +66,8 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
         return _factor_then_heal(model_dir, out, cfg, progress)
     if size > 1 and not distributed.launched():
         check_output_path(out, [model_dir], cfg.overwrite)
+        # Workers started here share this machine's memory; each one checks only its own share.
+        require_shared_memory(memory_estimate(open_checkpoint(model_dir), cfg), size, "compress", model_dir)
         with exclusive_output(out, "compressing"):
             try:
                 launch(compress_worker, (model_dir, out, cfg, False), size)

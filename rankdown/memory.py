@@ -80,6 +80,18 @@ def require_memory(needed_bytes: int, stage: str, where: object) -> None:
                             f"{room[1]} leaves {max(room[0], 0) / _GB:.2f} GB")
 
 
+def require_shared_memory(needed_bytes: int, processes: int, stage: str, where: object) -> None:
+    """Refuse to start ``processes`` workers of ``stage`` on this machine when their estimates together
+    do not fit under the cgroup limit they share (a ulimit binds each process alone: each worker
+    checks that one itself)."""
+    room = _cgroup_room()
+    total = processes * needed_bytes
+    if room is not None and total > room[0]:
+        raise RankdownError(f"{where}: {stage} with {processes} workers on this machine needs about "
+                            f"{total / _GB:.2f} GB of memory together ({needed_bytes / _GB:.2f} GB each); "
+                            f"{room[1]} leaves {max(room[0], 0) / _GB:.2f} GB (fewer --workers use less)")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """An allocation failure, as Python or torch's CPU allocator reports it."""
     return isinstance(error, MemoryError) or (

@@ -220,3 +220,21 @@ def test_a_killed_worker_fails_the_run_in_one_line_and_leaves_nothing(shipped_mo
     assert "killed by SIGKILL; the other workers were stopped and nothing was written" in lines[-1]
     assert not any("Traceback" in line for line in lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder, no lock
+
+
+def test_local_workers_are_refused_when_together_they_exceed_the_shared_memory_limit(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Each worker checks its own estimate; workers started on one machine share its cgroup limit,
+    so the launcher checks their sum before starting any."""
+    import rankdown.compress.pipeline as pipeline
+    import rankdown.memory as memory
+    from rankdown.compress.pipeline import memory_estimate
+
+    each = memory_estimate(open_checkpoint(tiny_model_dir), CompressConfig(workers=2, **SMALL))
+    room = (int(1.5 * each), "the cgroup memory limit (test)")  # one worker fits, two do not
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: room)
+    monkeypatch.setattr(pipeline, "launch", lambda *a: pytest.fail("workers were started"))
+    with pytest.raises(RankdownError, match=r"compress with 2 workers on this machine needs about [\d.]+ GB of memory "
+                                            r"together \([\d.]+ GB each\); the cgroup memory limit \(test\) leaves"):
+        compress(tiny_model_dir, tmp_path / "out", CompressConfig(workers=2, **SMALL), progress=quiet)
+    assert not (tmp_path / "out").exists()
