@@ -95,14 +95,11 @@ class InputStats:
         # float64 in row slices: a whole batch upcast is 64 MiB at n = 8192.
         for part, dense_part in zip(x.split(ROW_SLICE), dense_parts, strict=True):
             part = part.to(torch.float64)
-            # one float64 product for both sums: it is most of a layer's calibration time
-            product = part.T @ part
-            self.xxt += product
+            self.xxt.addmm_(part.T, part)
+            if self.cross_sum is not None:
+                self.cross_sum.addmm_(dense_part.to(torch.float64).T, part)
             if self.pooled_cov_sum is not None:
-                self.pooled_cov_sum.add_(product, alpha=1 / rows)
-            del product
-            if self.cross_sum is not None:  # summed as xxt is: identical streams give identical sums
-                self.cross_sum += dense_part.to(torch.float64).T @ part
+                self.pooled_cov_sum.addmm_(part.T, part, alpha=1 / rows)
             group_sum += part.sum(0)
             self.abs_sum += part.abs().sum(0)
         self.x_sum += group_sum
