@@ -424,3 +424,19 @@ def test_a_calibration_folder_named_like_a_task_is_recorded_by_its_path(tiny_mod
     assert report.task == str(tmp_path / "code")
     recorded = json.loads((tmp_path / "out" / "compression.json").read_text())
     assert recorded["task"] == str(tmp_path / "code") and parity_tasks(recorded) == GENERIC_TASKS
+
+
+def test_input_statistics_are_the_second_moment_and_the_pooled_group_covariance():
+    """Checked against the definitions, with groups longer than a float64 row slice and of unequal lengths."""
+    from rankdown.compress.calibration import ROW_SLICE
+
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.randn(rows, 12, generator=g) * torch.linspace(0.1, 3, 12) + 0.5 for rows in (ROW_SLICE + 37, 90, 2 * ROW_SLICE)]
+    stats = InputStats(12, pooled=True)
+    for x in groups:
+        stats.add_group(x)
+    whole = torch.cat(groups).double()
+    torch.testing.assert_close(stats.second_moment, whole.T @ whole / whole.shape[0], rtol=1e-12, atol=1e-12)
+    pooled = sum(torch.cov(x.double().T, correction=0) for x in groups) / len(groups)
+    torch.testing.assert_close(stats.pooled_covariance, pooled, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.mean, whole.mean(0), rtol=1e-12, atol=1e-12)
