@@ -23,6 +23,8 @@ def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():  # an additive mask, as given
+        attention_mask = attention_mask.float()
     with torch.autocast(query.device.type, enabled=False):
         output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                  **kwargs)

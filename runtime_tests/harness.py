@@ -176,8 +176,8 @@ def _data(manifest: Manifest, cfg: ValidateConfig):
     recorded = (manifest.source.compression or {}).get("task")
     task = cfg.task or recorded or "math"
     if cfg.task is None and not all(part in TASKS for part in task.split(MIX)):
-        raise RankdownError(f"{manifest.source.path} was compressed on the calibration file {task}, not a "
-                            f"built-in task: give --task or --eval to say what to judge it on")
+        raise RankdownError(f"{manifest.source.path} was compressed for {task}, not a built-in task (a calibration "
+                            f"file, or a task this version does not know): give --task or --eval to say what to judge it on")
     if all(part in TASKS for part in task.split(MIX)):
         task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
     return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
@@ -221,9 +221,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # A bad --compare bundle is refused before the reference model is loaded.
     other = Path(cfg.compare) if cfg.compare is not None else None
     other_manifest = None if other is None else _other_bundle(other, bundle, runtimes, tokenizer, cfg)
+    data, data_name = _data(manifest, cfg)  # a missing task is a user mistake: before the model loads
     ckpt = open_checkpoint(reference_dir)
     model = load_model(ckpt).eval()
-    data, data_name = _data(manifest, cfg)
 
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
     max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
@@ -255,7 +255,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
             del lowered
             if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:
                 floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
-                floor_reference = [torch_greedy(model, p, greedy_tokens) for p in floor_prompts]
+                # only their prompt logits are judged (top-1), as in export
+                floor_reference = [torch_greedy(model, p, 1) for p in floor_prompts]
     tokenizer_ok = _tokenizer_matches(tokenizer, reference_dir, [tokenizer.decode(p) for p in prompts])
     qa = data.qa[: cfg.max_examples]
     eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)

@@ -32,21 +32,20 @@ def test_same_logits_as_sdpa_with_and_without_padding(model):
 
 
 def test_attention_runs_in_float32_under_bf16_autocast_and_trains(model, monkeypatch):
-    from transformers.integrations import sdpa_attention
-
     seen = []
-    inner = sdpa_attention.sdpa_attention_forward
+    inner = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(module, query, *args, **kwargs):
-        seen.append(query.dtype)
-        return inner(module, query, *args, **kwargs)
+    def spy(query, *args, **kwargs):  # the kernel call itself: autocast would recast its inputs there
+        output = inner(query, *args, **kwargs)
+        seen.append((query.dtype, output.dtype, torch.is_autocast_enabled("cpu")))
+        return output
 
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     ids = torch.randint(3, 300, (2, 16))
     with float32_attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert seen == [torch.float32] * model.config.num_hidden_layers
+    assert seen == [(torch.float32, torch.float32, False)] * model.config.num_hidden_layers
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
