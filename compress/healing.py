@@ -95,7 +95,7 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     chunks = [(i, min(i + BATCH, first_held), bf16) for i in range(0, first_held, BATCH)]
     chunks += [(i, min(i + BATCH, count), False) for i in range(first_held, count, BATCH)]
     log_probs, indices = [], []
-    with torch.no_grad(), float32_attention(dense, enabled=bf16 and device.type == "cpu"):
+    with torch.no_grad(), float32_attention(dense, enabled=_attention_in_float32(training_precision(healing, device), device)):
         for begin, end, autocast in chunks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = dense(input_ids=windows[begin:end]).logits[:, :-1].float()
@@ -177,9 +177,10 @@ def training_precision(healing: Healing, device: torch.device) -> HealPrecision:
     return HealPrecision.BF16 if bf16_native(device) else HealPrecision.FP32
 
 
-def _attention_in_float32(precision: HealPrecision, model: torch.nn.Module) -> bool:
-    """bf16 autocast on a CPU: attention in float32 is the faster (compress/training_attention.py)."""
-    return precision is HealPrecision.BF16 and next(model.parameters()).device.type == "cpu"
+def _attention_in_float32(precision: HealPrecision, device: torch.device) -> bool:
+    """bf16 autocast on a CPU: attention in float32, the more exact and not slower there
+    (compress/training_attention.py)."""
+    return precision is HealPrecision.BF16 and device.type == "cpu"
 
 
 def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
@@ -193,7 +194,7 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
     precision = training_precision(healing, next(model.parameters()).device)
     healing = dataclasses.replace(healing, precision=precision)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(float32_attention(model, enabled=_attention_in_float32(precision, model)))
+        stack.enter_context(float32_attention(model, enabled=_attention_in_float32(precision, next(model.parameters()).device)))
         if healing.quantize is HealQuantize.INT4:
             linears = stack.enter_context(fake_quantized(model, healing.group_size))
             progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights in groups of "

@@ -173,12 +173,12 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
 def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
         return load_data(cfg.eval_file), str(cfg.eval_file)
-    recorded = (manifest.source.compression or {}).get("task")
-    task = cfg.task or recorded or "math"
-    if cfg.task is None and not all(part in TASKS for part in task.split(MIX)):
+    task = cfg.task or (manifest.source.compression or {}).get("task") or "math"
+    known = all(part in TASKS for part in task.split(MIX))
+    if cfg.task is None and not known:
         raise RankdownError(f"{manifest.source.path} was compressed for {task}, not a built-in task (a calibration "
                             f"file, or a task this version does not know): give --task or --eval to say what to judge it on")
-    if all(part in TASKS for part in task.split(MIX)):
+    if known:
         task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
     return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
 
