@@ -91,22 +91,28 @@ class InputStats:
         x = x.reshape(-1, self.dim)
         rows = x.shape[0]
         dense_parts = [None] * -(-rows // ROW_SLICE) if dense is None else dense.reshape(-1, self.dim).split(ROW_SLICE)
+        # The pooled covariance and E[x x^T] take the same group product X^T X (the costliest part of
+        # calibration): computed once into a group buffer and added to both. The paired cross sum goes
+        # through a buffer of its own, so that identical streams still give bit-identical sums.
+        product = self.xxt if self.pooled_cov_sum is None else torch.zeros_like(self.xxt)
+        cross = self.cross_sum if self.pooled_cov_sum is None or self.cross_sum is None else torch.zeros_like(self.xxt)
         group_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         # float64 in row slices: a whole batch upcast is 64 MiB at n = 8192.
         for part, dense_part in zip(x.split(ROW_SLICE), dense_parts, strict=True):
             part = part.to(torch.float64)
-            self.xxt.addmm_(part.T, part)
-            if self.cross_sum is not None:
-                self.cross_sum.addmm_(dense_part.to(torch.float64).T, part)
-            if self.pooled_cov_sum is not None:
-                self.pooled_cov_sum.addmm_(part.T, part, alpha=1 / rows)
+            product.addmm_(part.T, part)
+            if cross is not None:
+                cross.addmm_(dense_part.to(torch.float64).T, part)
             group_sum += part.sum(0)
             self.abs_sum += part.abs().sum(0)
         self.x_sum += group_sum
         self.count += rows
         if self.pooled_cov_sum is not None:
+            self.xxt += product
+            if self.cross_sum is not None and cross is not None:
+                self.cross_sum += cross
             mean = group_sum / rows
-            self.pooled_cov_sum.sub_(torch.outer(mean, mean))
+            self.pooled_cov_sum.add_(product, alpha=1 / rows).sub_(torch.outer(mean, mean))
         self.groups += 1
 
     @property

@@ -131,7 +131,8 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     decomposition = 8 * 4 * widest_unit
     activations = 4 * 3 * cfg.calib_tokens * c.hidden_size if METHODS[cfg.method].needs_data else 0
     batch = 4 * BATCH * cfg.seq_len * (3 * c.intermediate_size + 4 * c.vocab_size)
-    stats = 8 * 2 * (3 * c.hidden_size**2 + c.intermediate_size**2)
+    # two n x n sums per site, and the group buffers (product and paired cross sum) of the widest
+    stats = 8 * (2 * (3 * c.hidden_size**2 + c.intermediate_size**2) + 2 * max(c.hidden_size, c.intermediate_size)**2)
     trainable = (1 - cfg.ratio) * model_info(ckpt).dense_decoder_linear_params
     return 2 * model + decomposition + activations + batch + stats + healing_memory(ckpt, cfg, trainable)
 
