@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM
 
 from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport, HealPrecision
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport, Precision
 from rankdown.compress.healing import heal, teacher_targets, write_healed
 
 
@@ -37,7 +37,7 @@ def progress(message: str) -> None:
 
 
 def heal_checkpoint(dense: Path, unhealed: Path, out: Path, steps: int, lrs: list[float],
-                    seed: int = 0, precision: HealPrecision = HealPrecision.AUTO) -> tuple[CompressionReport, list[HealingReport]]:
+                    seed: int = 0, precision: Precision = Precision.AUTO) -> tuple[CompressionReport, list[HealingReport]]:
     """Heal the unhealed factors once per learning rate (the dense model's targets computed once) and
     write the one with the lowest held-back next-token loss; its report, and every rate's healing."""
     before = CompressionReport.read(unhealed)
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--lr", default=str(Healing.lr), help="comma-separated learning rates: each heals the "
                         "unhealed factors, the one with the lowest held-back loss is written and scored")
-    parser.add_argument("--precision", default=HealPrecision.AUTO.value, choices=[p.value for p in HealPrecision],
+    parser.add_argument("--precision", default=Precision.AUTO.value, choices=[p.value for p in Precision],
                         help="healing's arithmetic, as compress --heal-precision")
     parser.add_argument("--score-task", default="compare", help="exact-match task scored beside code and prose")
     parser.add_argument("--results", type=Path, default=Path("bench/results/healing.json"),
@@ -81,7 +81,7 @@ def main() -> None:
     if CompressionReport.read(args.unhealed).task != args.task:
         raise SystemExit(f"{args.unhealed} was not compressed for {args.task}")
     report, tried = heal_checkpoint(args.dense, args.unhealed, args.out, args.steps,
-                                    [float(x) for x in args.lr.split(",")], precision=HealPrecision(args.precision))
+                                    [float(x) for x in args.lr.split(",")], precision=Precision(args.precision))
     from bench.real import score
 
     row = {"healing": dataclasses.asdict(report.healing), "tried": [dataclasses.asdict(h) for h in tried],

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rankdown.checkpoint import load_model
-from rankdown.compress.calibration import collect_layer_stats, held_back, layer_inputs
+from rankdown.compress.calibration import collect_layer_stats, forward_bf16, held_back, layer_inputs
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_allocation import allocate
@@ -60,11 +60,12 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
     dense = {(u.layer, m): layers[u.layer].get_submodule(m) for u in units for m in u.members}
     cache = {}
     hidden = layer_inputs(model, fit_windows) if spec.needs_data else None
+    bf16 = forward_bf16(cfg.calib_precision, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         stats = None
         if spec.needs_data:
-            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)
+            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats, bf16)
         for i, unit in enumerate(units):
             if unit.layer == index and unit.compressible:
                 cache[i] = decompose_unit(spec, layer, unit, None if stats is None else stats[unit.site],
@@ -121,7 +122,8 @@ def _check_against_uniform(job: RankJob, ranks: list[int | None], windows: torch
         return ranks, {"kept": "uniform", "note": "the search chose the uniform ranks"}
     def quiet(_message: str) -> None:
         pass
-    losses = {name: compress_streaming(job.ckpt, job.method, job.units, r, windows, None, quiet, job.workers, scored=check)[1]
+    losses = {name: compress_streaming(job.ckpt, job.method, job.units, r, windows, None, quiet, job.workers, scored=check,
+                                       bf16=job.bf16_forwards)[1]
               for name, r in (("bayes", ranks), ("uniform", uniform))}
     kept = "bayes" if losses["bayes"] < losses["uniform"] else "uniform"
     job.progress(f"check of the final factors on {check.shape[0]} unseen windows: loss bayes {losses['bayes']:.4f}, "
@@ -144,5 +146,5 @@ def choose(job: RankJob) -> RankOutcome:
     del dense  # never the dense model and a compressed one at once: the final pass streams
     ranks, check = _check_against_uniform(job, ranks, search, unseen)
     model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
-                                     correct_carried=job.cfg.correct_carried)
+                                     correct_carried=job.cfg.correct_carried, bf16=job.bf16_forwards)
     return RankOutcome(model, ranks, loss, keep_ratios, check)

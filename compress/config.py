@@ -45,9 +45,10 @@ class HealQuantize(str, Enum):
     INT4 = "int4"
 
 
-class HealPrecision(str, Enum):
-    """The arithmetic of healing's forward and backward passes; the weights and AdamW stay float32.
-    auto: bfloat16 where the hardware multiplies it natively (compress/healing.py), else float32."""
+class Precision(str, Enum):
+    """The arithmetic of a stage's passes: healing's forward and backward (its weights and AdamW stay
+    float32), calibration's forward (its statistics are summed in float64). auto: bfloat16 where the
+    hardware multiplies it natively (rankdown/compute_device.py), else float32."""
 
     AUTO = "auto"
     FP32 = "fp32"
@@ -110,7 +111,7 @@ class Healing:
     # int4: the forward pass sees 4-bit weights (quantization-aware training)
     quantize: HealQuantize = field(default=HealQuantize.NONE, metadata={"option": "--heal-quantize"})
     group_size: int = 32  # int4: input columns per scale, as the export's --group-size
-    precision: HealPrecision = field(default=HealPrecision.AUTO, metadata={"option": "--heal-precision"})
+    precision: Precision = field(default=Precision.AUTO, metadata={"option": "--heal-precision"})
 
     def __post_init__(self):
         coerce_enums(self)
@@ -150,6 +151,9 @@ class CompressConfig:
     # healed 256 steps, code perplexity 1.21x -> 1.18x dense at 20% removed, 1.75x -> 1.52x at 40%, for
     # about 270 s more factorizing (README, "Healing levers").
     calib_tokens: int = 65536
+    # The calibration forward passes: bf16 autocast (attention float32) where native, 2.2x faster on SmolLM2
+    # (8.9 -> 4 s a layer at 65,536 tokens) with the same factors' held-back loss (README, "Calibration speed").
+    calib_precision: Precision = field(default=Precision.AUTO, metadata={"option": "--calib-precision"})
     # Fit each layer to the dense model's outputs from the compressed model's inputs (issue 14, item 2)
     correct_carried: bool = False
     seq_len: int = 128
@@ -249,6 +253,7 @@ class CompressionReport:
     workers: int = 1  # processes that shared the calibration windows
     device: str = "cpu"  # where statistics and decompositions ran ("cuda:0", ...)
     correct_carried: bool = False  # each layer fitted to the dense outputs from the compressed inputs
+    calib_precision: str = "fp32"  # of the calibration forward passes (bf16: autocast); earlier reports: fp32
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

@@ -50,7 +50,7 @@ def error_scale(spec: MethodSpec) -> ErrorScale:
 
 
 def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Tensor,
-                   progress: Progress, workers: Workers) -> list[torch.Tensor | None]:
+                   progress: Progress, workers: Workers, bf16: bool = False) -> list[torch.Tensor | None]:
     """Each compressible unit's energies, from the dense model's activations, one layer at a time.
 
     The layer's dense outputs come from the same forward pass that collects its statistics, and
@@ -74,7 +74,7 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
         del weights
         stats = None
         if hidden is not None:
-            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)
+            stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats, bf16)
             workers.sum_stats(stats)
         todo = sorted((i for i, u in enumerate(units) if u.layer == index and u.compressible),
                       key=lambda i: -units[i].in_features)
@@ -176,14 +176,14 @@ def keep_shares(units: list[Unit], ranks: list[int | None]) -> dict[str, float]:
 
 def choose(job: RankJob) -> RankOutcome:
     scale = error_scale(job.method)
-    energies = dense_energies(job.ckpt, job.method, job.units, job.windows, job.progress, job.workers)
+    energies = dense_energies(job.ckpt, job.method, job.units, job.windows, job.progress, job.workers, job.bf16_forwards)
     ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale)
     uniform = allocate(job.units, job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
                  f"(uniform ranks: {flat:.4g})")
     model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
-                                     correct_carried=job.cfg.correct_carried)
+                                     correct_carried=job.cfg.correct_carried, bf16=job.bf16_forwards)
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
                                            "uniform_predicted_error": float(f"{flat:.6g}")}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

@@ -34,14 +34,15 @@ from rankdown.compress.config import (
     CompressionReport,
     Healing,
     HealingReport,
-    HealPrecision,
     HealQuantize,
+    Precision,
 )
 from rankdown.compress.fake_quant import fake_quantized
 from rankdown.compress.rank_job import Progress, WeightSink
 from rankdown.compress.training_attention import float32_attention
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import BATCH
+from rankdown.compute_device import bf16_native
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
@@ -90,7 +91,7 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     # 0.024 nats, probability-weighted). The held-back windows, which the report's KL is judged on,
     # always in float32.
     device = next(dense.parameters()).device
-    bf16 = training_precision(healing, device) is HealPrecision.BF16
+    bf16 = training_precision(healing, device) is Precision.BF16
     first_held, count = windows.shape[0] - held, windows.shape[0]
     chunks = [(i, min(i + BATCH, first_held), bf16) for i in range(0, first_held, BATCH)]
     chunks += [(i, min(i + BATCH, count), False) for i in range(first_held, count, BATCH)]
@@ -158,29 +159,20 @@ def _materialize(model: LlamaForCausalLM, held: HeldWeights) -> None:
         raise RuntimeError(f"healing: tensors the strategy did not hand over: {left[:3]}")
 
 
-def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products run natively here: about 4.5x float32's rate on a 2-core
-    AVX512-BF16 CPU (a 1024 x 576 by 576 x 1536 product: 902 against 193 GFLOP/s), where a CPU
-    without it would emulate them."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def training_precision(healing: Healing, device: torch.device) -> HealPrecision:
+def training_precision(healing: Healing, device: torch.device) -> Precision:
     """The precision ``auto`` stands for on ``device``; an explicit one as given. Healing for int4
     takes bf16 too: a 4-bit weight (code x group scale) cast to bfloat16 moves by at most 2^-9 of
     its scale, far inside the 4-bit step, and SmolLM2 healed so for compare+code at 40% (256 steps,
     14 min 38 s) keeps compare at 100% in ExecuTorch int4 (README, "healed through 4-bit weights")."""
-    if healing.precision is not HealPrecision.AUTO:
+    if healing.precision is not Precision.AUTO:
         return healing.precision
-    return HealPrecision.BF16 if bf16_native(device) else HealPrecision.FP32
+    return Precision.BF16 if bf16_native(device) else Precision.FP32
 
 
-def _attention_in_float32(precision: HealPrecision, device: torch.device) -> bool:
+def _attention_in_float32(precision: Precision, device: torch.device) -> bool:
     """bf16 autocast on a CPU: attention in float32, the more exact and not slower there
     (compress/training_attention.py)."""
-    return precision is HealPrecision.BF16 and device.type == "cpu"
+    return precision is Precision.BF16 and device.type == "cpu"
 
 
 def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, seed: int,
@@ -220,7 +212,7 @@ def _train(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, s
     device = trainable[0].device
     # bf16 autocast: the products in bfloat16, the float32 weights, gradients and AdamW state kept;
     # the logits' log-softmax runs in float32 (autocast's rule, and distillation_terms casts them).
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=healing.precision is HealPrecision.BF16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=healing.precision is Precision.BF16)
     progress(f"healing {sum(p.numel() for p in trainable):,} factor parameters on {count} training windows: "
              f"{healing.steps} steps of {healing.batch} x {healing.seq_len} tokens in {healing.precision.value}; "
              f"held-back loss "
@@ -314,7 +306,7 @@ def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> i
                                         + c.num_attention_heads * healing.seq_len) + 4 * c.vocab_size)
     activations = 4 * MICRO_BATCH * healing.seq_len * per_token
     # bf16 autocast keeps a bfloat16 copy of every weight a forward pass multiplies by
-    casts = 2 * (trainable + c.vocab_size * c.hidden_size) if healing.precision is not HealPrecision.FP32 else 0
+    casts = 2 * (trainable + c.vocab_size * c.hidden_size) if healing.precision is not Precision.FP32 else 0
     return int(3 * 4 * trainable + casts) + targets + activations
 
 

@@ -26,6 +26,7 @@ import torch
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress import distributed
+from rankdown.compress.calibration import forward_bf16
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, ModuleReport
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
@@ -160,9 +161,10 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
+    bf16 = spec.needs_data and forward_bf16(cfg.calib_precision, workers.device)
     progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
              f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens{where} "
-             f"on {workers.device} (RSS {rss_mb():.0f} MB)")
+             f"on {workers.device}{', forward passes in bf16' if bf16 else ''} (RSS {rss_mb():.0f} MB)")
     healer = Healer(ckpt, tokenizer, cfg, progress) if cfg.healing.steps > 0 else None
     with atomic_folder(out, overwrite=cfg.overwrite) if workers.leader else contextlib.nullcontext(out) as tmp:
         writer = ShardedWriter(tmp, dtype) if workers.leader else None
@@ -187,6 +189,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
             workers=workers.world_size, device=str(workers.device),
             correct_carried=cfg.correct_carried,
+            calib_precision="bf16" if bf16 else "fp32",
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})

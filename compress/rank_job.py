@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.checkpoint import Checkpoint
+from rankdown.compress.calibration import forward_bf16
 from rankdown.compress.config import CompressConfig
 from rankdown.compress.distributed import Workers
 from rankdown.compress.methods import MethodSpec
@@ -47,6 +48,11 @@ class RankJob:
     writer: WeightSink  # receives every tensor of the compressed checkpoint
     progress: Progress
     workers: Workers  # this process among the workers (one, alone, by default) and its device
+
+    @property
+    def bf16_forwards(self) -> bool:
+        """Whether calibration's forward passes run under bfloat16 autocast (``--calib-precision``)."""
+        return forward_bf16(self.cfg.calib_precision, self.workers.device)
 
 
 @dataclass

@@ -95,7 +95,8 @@ def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: l
 
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
                         writer: WeightSink | None, progress: Progress, workers: Workers,
-                        scored: torch.Tensor | None = None, correct_carried: bool = False) -> tuple[LlamaForCausalLM, float]:
+                        scored: torch.Tensor | None = None, correct_carried: bool = False,
+                        bf16: bool = False) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
     model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
@@ -108,7 +109,9 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
     ``correct_carried``: the dense model's hidden states are carried beside the compressed ones
     (one more activation stream, and a dense copy of the one layer in hand), and each site's statistics
     pair its compressed inputs with its dense ones, so that each unit is fitted to the dense
-    outputs (calibration.InputStats.carried_correction)."""
+    outputs (calibration.InputStats.carried_correction).
+
+    ``bf16``: the layers' forward passes under bfloat16 autocast (calibration.forward_bf16)."""
     device = workers.device
     model = skeleton_model(ckpt)
     model.model.rotary_emb.to(device)
@@ -132,7 +135,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
         if dense_hidden is None:
             stats = None
             if spec.needs_data:
-                stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats)[0]
+                stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats, bf16)[0]
                 workers.sum_stats(stats)
             _factor_units(spec, ckpt, layer, index, todo, stats, workers, device)
         else:
@@ -143,14 +146,14 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
                 site_todo = [(unit, rank) for unit, rank in todo if unit.site == site]
                 if site_todo:
                     stats = collect_paired_stats(model, layer, dense_layer, hidden, dense_hidden, site, BATCH,
-                                                 spec.pooled_stats)
+                                                 spec.pooled_stats, bf16)
                     workers.sum_stats(stats)
                     _factor_units(spec, ckpt, layer, index, site_todo, stats, workers, device)
-            dense_hidden = run_layer(model, dense_layer, dense_hidden, BATCH)
+            dense_hidden = run_layer(model, dense_layer, dense_hidden, BATCH, bf16=bf16)
             del dense_layer
-        hidden = run_layer(model, layer, hidden, BATCH)
+        hidden = run_layer(model, layer, hidden, BATCH, bf16=bf16)
         if scored_hidden is not None:
-            scored_hidden = run_layer(model, layer, scored_hidden, BATCH)
+            scored_hidden = run_layer(model, layer, scored_hidden, BATCH, bf16=bf16)
         if writer is not None:
             writer.add({prefix + k: v.to("cpu") for k, v in layer.state_dict().items()})
         layer.to("meta")

@@ -11,5 +11,5 @@ from rankdown.compress.streaming import compress_streaming
 def choose(job: RankJob) -> RankOutcome:
     ranks = allocate(job.units, job.cfg.ratio)
     model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
-                                     correct_carried=job.cfg.correct_carried)
+                                     correct_carried=job.cfg.correct_carried, bf16=job.bf16_forwards)
     return RankOutcome(model, ranks, loss)

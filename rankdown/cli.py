@@ -96,7 +96,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
         healing=Healing(steps=args.heal_steps, lr=args.heal_lr, quantize=args.heal_quantize,
                         group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
-        calib_tokens=args.calib_tokens, correct_carried=args.correct_carried, dtype=args.dtype,
+        calib_tokens=args.calib_tokens, calib_precision=args.calib_precision, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
         device=args.device,
     )
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "share the windows equally", CompressConfig, "task"))
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
     option("--calib-tokens", "calibration tokens read", type=int)
+    from rankdown.compress.config import Precision
+
+    option("--calib-precision", "arithmetic of the calibration forward passes (statistics are summed in float64); "
+           "auto is bf16 (attention fp32) on a CPU with AVX512-BF16 or AMX or a GPU with bf16, else fp32",
+           choices=choices(Precision))
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
     option("--method", "factorization method", choices=choices(Method))
     option("--correct-carried", "fit each layer to the dense model's outputs from the compressed layers' inputs "
@@ -282,11 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(HealQuantize))
     option("--heal-group-size", "healing for int4: input columns per scale (the export's --group-size)", Healing,
            "group_size", type=int)
-    from rankdown.compress.config import HealPrecision
-
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
            "auto is bf16 on a CPU with AVX512-BF16 or AMX, else fp32", Healing, "precision",
-           choices=choices(HealPrecision))
+           choices=choices(Precision))
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform ranks only", type=int)
