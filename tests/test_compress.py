@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import input_stats, quiet
+from safetensors.torch import load_file
 
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.compress.calibration import InputStats
