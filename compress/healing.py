@@ -95,21 +95,25 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     first_held, count = windows.shape[0] - held, windows.shape[0]
     chunks = [(i, min(i + BATCH, first_held), bf16) for i in range(0, first_held, BATCH)]
     chunks += [(i, min(i + BATCH, count), False) for i in range(first_held, count, BATCH)]
-    log_probs, indices = [], []
+    # Filled in place: small tensors kept between each chunk's large transient logits fragmented the
+    # heap (the shipped model's 861 windows: peak RSS 3.7 GB for a 12 MB model), and a final cat copied them.
+    shape = (count, windows.shape[1] - 1, healing.top_k)
+    log_probs = torch.empty(shape, device=device)
+    indices = torch.empty(shape, dtype=torch.int32, device=device)
     with torch.no_grad(), float32_attention(dense, enabled=_attention_in_float32(training_precision(healing, device), device)):
         for begin, end, autocast in chunks:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = dense(input_ids=windows[begin:end]).logits[:, :-1].float()
             top = F.log_softmax(logits, -1).topk(healing.top_k, dim=-1)
-            log_probs.append(top.values)
-            indices.append(top.indices.to(torch.int32))
+            log_probs[begin:end] = top.values
+            indices[begin:end] = top.indices
             del logits, top
     del dense
     release_free_memory()
     seconds = time.perf_counter() - start
     progress(f"healing: dense top-{healing.top_k} log-probs ({'bf16' if bf16 else 'fp32'}) on {windows.shape[0]} training windows of "
              f"{healing.seq_len} tokens ({held} held back) in {seconds:.1f} s (RSS {rss_mb():.0f} MB)")
-    return TeacherTargets(windows, torch.cat(log_probs), torch.cat(indices), held, seconds)
+    return TeacherTargets(windows, log_probs, indices, held, seconds)
 
 
 def distillation_terms(logits: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
