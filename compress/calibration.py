@@ -92,25 +92,32 @@ class InputStats:
             raise RuntimeError("statistics were already read; accumulate before reading")
         if (dense is None) != (self.cross_sum is None):
             raise RuntimeError("paired statistics take the dense inputs with every group, and only they do")
-        # float32 products of one group (1,024 rows at the default batch): within about 2e-7 of the
-        # largest entry of float64's (measured), at 2.8x its speed on a 2-core CPU, where they were
-        # most of calibration's time; the groups are summed in float64. Autocast (the hooks run inside
-        # the forward pass) must not take them to bfloat16.
+        # float32 products of one group (1,024 rows at the default batch), each stream centred on its
+        # group mean first, so that the pooled covariance does not come from a float32 cancellation
+        # (channels whose mean dwarfs their spread are common in LLMs); the mean's share is added back
+        # in float64. Within about 2e-7 of float64's products (measured), at 2.8x their speed on a
+        # 2-core CPU, where they were most of calibration's time. Autocast (the hooks run inside the
+        # forward pass) must not take them to bfloat16.
         with torch.autocast(x.device.type, enabled=False):
             x = x.reshape(-1, self.dim).float()
             rows = x.shape[0]
-            product = x.T @ x
-            self.xxt += product
-            if self.cross_sum is not None and dense is not None:
-                # the same product as xxt's, so identical streams give bit-identical sums
-                self.cross_sum += dense.reshape(-1, self.dim).float().T @ x
             group_sum = x.sum(0, dtype=torch.float64)
+            mean = group_sum / rows
+            centred = x - mean.float()
+            product = centred.T @ centred
+            self.xxt += product
+            self.xxt.add_(torch.outer(mean, mean), alpha=rows)
+            if self.cross_sum is not None and dense is not None:
+                # the same operations as xxt's, so identical streams give bit-identical sums
+                dense = dense.reshape(-1, self.dim).float()
+                dense_mean = dense.sum(0, dtype=torch.float64) / rows
+                self.cross_sum += (dense - dense_mean.float()).T @ centred
+                self.cross_sum.add_(torch.outer(dense_mean, mean), alpha=rows)
             self.abs_sum += x.abs().sum(0, dtype=torch.float64)
             self.x_sum += group_sum
             self.count += rows
             if self.pooled_cov_sum is not None:
-                mean = group_sum / rows
-                self.pooled_cov_sum.add_(product, alpha=1 / rows).sub_(torch.outer(mean, mean))
+                self.pooled_cov_sum.add_(product, alpha=1 / rows)
         self.groups += 1
 
     @property
@@ -180,8 +187,9 @@ def forward_bf16(precision: Precision, device: torch.device) -> bool:
 
 def _forward(model: LlamaForCausalLM, layer: nn.Module, chunk: torch.Tensor, bf16: bool) -> torch.Tensor:
     cos, sin = _position_embeddings(model, chunk[:1])
-    # bf16 on a CPU: attention in float32, whose bfloat16 kernel is the slower one there (as in healing)
-    with float32_attention(model, enabled=bf16 and chunk.device.type == "cpu"), \
+    # bf16 on a CPU: attention in float32, whose bfloat16 kernel is the slower one there (as in healing).
+    # Set on the layer's own attention config: a layer deep-copied for --correct-carried has its own.
+    with float32_attention(layer.self_attn, enabled=bf16 and chunk.device.type == "cpu"), \
             torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = layer(chunk, position_embeddings=(cos.expand(chunk.shape[0], -1, -1), sin.expand(chunk.shape[0], -1, -1)))
     out = out[0] if isinstance(out, tuple) else out

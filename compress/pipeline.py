@@ -26,12 +26,11 @@ import torch
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress import distributed
-from rankdown.compress.calibration import forward_bf16
 from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, ModuleReport
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
-from rankdown.compress.rank_job import Discard, Progress, RankJob
+from rankdown.compress.rank_job import Discard, Progress, RankJob, calibration_bf16
 from rankdown.compress.strategies import STRATEGIES
 from rankdown.compress.training_data import data_windows
 from rankdown.compress.units import BATCH, layer_shapes, plan_units
@@ -161,7 +160,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
-    bf16 = spec.needs_data and forward_bf16(cfg.calib_precision, workers.device)
+    bf16 = calibration_bf16(spec, cfg, workers.device)
     progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
              f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens{where} "
              f"on {workers.device}{', forward passes in bf16' if bf16 else ''} (RSS {rss_mb():.0f} MB)")

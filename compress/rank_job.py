@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankdown.checkpoint import Checkpoint
 from rankdown.compress.calibration import forward_bf16
-from rankdown.compress.config import CompressConfig
+from rankdown.compress.config import CompressConfig, Strategy
 from rankdown.compress.distributed import Workers
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.units import Unit
@@ -51,8 +51,15 @@ class RankJob:
 
     @property
     def bf16_forwards(self) -> bool:
-        """Whether calibration's forward passes run under bfloat16 autocast (``--calib-precision``)."""
-        return forward_bf16(self.cfg.calib_precision, self.workers.device)
+        """Whether calibration's forward passes run under bfloat16 autocast (calibration_bf16)."""
+        return calibration_bf16(self.method, self.cfg, self.workers.device)
+
+
+def calibration_bf16(spec: MethodSpec, cfg: CompressConfig, device: torch.device) -> bool:
+    """Whether the streamed calibration passes run under bfloat16 autocast (``--calib-precision``):
+    for the methods fitted on statistics only (the data-free ones' passes give just the loss), and not
+    for tuned basis selection, whose own statistics pass and training stay float32."""
+    return spec.needs_data and cfg.strategy is not Strategy.TUNED_BASIS and forward_bf16(cfg.calib_precision, device)
 
 
 @dataclass

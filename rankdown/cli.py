@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import Precision
 
     option("--calib-precision", "arithmetic of the calibration forward passes (statistics are summed in float64); "
-           "auto is bf16 (attention fp32) on a CPU with AVX512-BF16 or AMX or a GPU with bf16, else fp32",
+           "auto is bf16 on a CPU with AVX512-BF16 or AMX (attention kept fp32 there) or a GPU with bf16, else fp32",
            choices=choices(Precision))
     comp.add_argument("--ratio", type=float, required=True, help="fraction of decoder-linear parameters removed, 0 < R < 1")
     option("--method", "factorization method", choices=choices(Method))

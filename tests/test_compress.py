@@ -443,6 +443,20 @@ def test_input_statistics_are_the_second_moment_and_the_pooled_group_covariance(
     assert stats.second_moment.dtype == stats.pooled_covariance.dtype == torch.float64
 
 
+def test_pooled_covariance_keeps_its_precision_where_channel_means_dwarf_their_spread():
+    """LLM activations have channels whose mean is 100x their spread: the float32 products are taken
+    on centred inputs, so the covariance does not come from a float32 cancellation of mean^2."""
+    g = torch.Generator().manual_seed(2)
+    groups = [torch.randn(1024, 16, generator=g) + torch.linspace(0, 100, 16) for _ in range(3)]
+    stats = InputStats(16, pooled=True)
+    for x in groups:
+        stats.add_group(x)
+    pooled = sum(torch.cov(x.double().T, correction=0) for x in groups) / len(groups)
+    assert (stats.pooled_covariance - pooled).abs().max() < 1e-5  # uncentred float32 products: about 1e-3
+    whole = torch.cat(groups).double()
+    torch.testing.assert_close(stats.second_moment, whole.T @ whole / whole.shape[0], rtol=1e-6, atol=1e-6)
+
+
 def test_input_statistics_keep_float32_products_inside_a_bf16_autocast_forward():
     """Calibration's hooks run inside the forward pass, under bf16 autocast where that is on: the
     statistics' products must not follow it to bfloat16 (they would lose 3 decimal digits)."""
