@@ -46,4 +46,5 @@ def decompose(unit: UnitWeights) -> Decomposition:
         return a_sel, [b_sel], unit.biases
 
     # The scores sum to trace(W C W^T), the output energy: a score's share is what dropping its basis costs.
-    return Decomposition(a=v.T, bs=[u], biases=unit.biases, custom=factors, energies=score[order])
+    return Decomposition(a=v.T, bs=[u], biases=unit.biases, custom=factors, energies=score[order],
+                         directions=u[:, order])

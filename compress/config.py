@@ -100,7 +100,9 @@ class Healing:
     # 128 steps 1.34x, 256 steps 1.21x in 14 minutes for the whole command (README, Healing on the real model).
     # 300 since calibration runs in bf16: with 65,536 calibration tokens, 1.17x -> 1.12x at 20% and 1.52x ->
     # 1.45x at 40%, in 18 min 49 s and 18 min 22 s (README, "Calibration in bfloat16, 300 healing steps").
-    steps: int = 300
+    # 256 again since error ranks are the default: their sensitivity and profile passes cost about 100 s, and
+    # 300 steps then ran 21 min 48 s (README, "Error ranks weighed by the loss").
+    steps: int = 256
     batch: int = 8  # training windows per step
     seq_len: int = 128  # tokens per training window, BOS included (256 measured no better)
     # AdamW, decayed linearly to 0 over the steps; chosen on the held-back windows at 128 steps (SmolLM2
@@ -142,7 +144,10 @@ class CompressConfig:
     ratio: float = 0.4
     task: str | None = "math"
     calib: Path | None = None
-    allocate: Allocation = Allocation.UNIFORM
+    # None: error ranks weighed by the loss's sensitivities, or, for tuned basis, its pruning. SmolLM2
+    # compressed for code at 20% removed, healed: code perplexity 1.12x dense with uniform ranks, 1.01x
+    # (README, "Error ranks weighed by the loss").
+    allocate: Allocation | None = None
     trials: int = 30
     basis_mode: BasisMode = BasisMode.CLOSED_FORM
     tuning: BasisTuning = field(default_factory=BasisTuning)  # used by --basis-mode tuned only
@@ -177,17 +182,24 @@ class CompressConfig:
         if self.correct_carried and (self.method in (Method.SVD, Method.JOINT) or self.basis_mode is BasisMode.TUNED):
             raise RankdownError("--correct-carried applies to the methods fitted on calibration statistics "
                                 "(asvd, whiten, feature, closed-form basis)")
-        if self.basis_mode is BasisMode.TUNED and self.allocate is not Allocation.UNIFORM:
-            raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate at uniform")
+        if self.basis_mode is BasisMode.TUNED and self.allocate not in (None, Allocation.UNIFORM):
+            raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate unset")
         if self.trials < 1:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise RankdownError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
 
     @property
+    def allocation(self) -> Allocation:
+        """--allocate, or its default: error ranks (uniform for tuned basis, whose pruning sets the ranks)."""
+        if self.allocate is not None:
+            return self.allocate
+        return Allocation.UNIFORM if self.basis_mode is BasisMode.TUNED else Allocation.ERROR
+
+    @property
     def strategy(self) -> Strategy:
         """Tuned basis selection chooses its ranks by pruning; otherwise --allocate says how."""
-        return Strategy.TUNED_BASIS if self.basis_mode is BasisMode.TUNED else Strategy(self.allocate.value)
+        return Strategy.TUNED_BASIS if self.basis_mode is BasisMode.TUNED else Strategy(self.allocation.value)
 
     @property
     def source(self) -> str:

@@ -52,6 +52,12 @@ class Decomposition:
     energies: torch.Tensor
     bias_for_rank: Callable[[int], list[torch.Tensor | None]] | None = None
     custom: Callable[[int], Factors] | None = None
+    # Column i: the output direction (stacked over members) along which dropping direction i loses
+    # energies[i]; None where that is column i of the stacked bs.
+    directions: torch.Tensor | None = None
+
+    def output_directions(self) -> torch.Tensor:
+        return self.directions if self.directions is not None else torch.cat(self.bs, dim=0)
 
     def factors(self, rank: int) -> Factors:
         if self.custom is not None:

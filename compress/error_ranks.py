@@ -25,10 +25,14 @@ from rankdown.compress.distributed import Workers, share_vector
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
 from rankdown.compress.rank_job import Progress, RankJob, RankOutcome
+from rankdown.compress.sensitivity import output_fisher, weighted_energies
 from rankdown.compress.streaming import compress_streaming
 from rankdown.compress.units import BATCH, Unit, decompose_unit
 from rankdown.errors import RankdownError
 from rankdown.memory import release_free_memory
+
+SENSITIVITY_WINDOWS = 128  # calibration windows whose gradients weigh each linear's output error
+PROFILE_WINDOWS = 128  # calibration windows whose statistics price the ranks (the factors use them all)
 
 
 class ErrorScale(str, Enum):
@@ -50,7 +54,8 @@ def error_scale(spec: MethodSpec) -> ErrorScale:
 
 
 def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Tensor,
-                   progress: Progress, workers: Workers, bf16: bool = False) -> list[torch.Tensor | None]:
+                   progress: Progress, workers: Workers, bf16: bool = False,
+                   fisher: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """Each compressible unit's energies, from the dense model's activations, one layer at a time.
 
     The layer's dense outputs come from the same forward pass that collects its statistics, and
@@ -87,6 +92,9 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
                                            device=workers.device)
             del site_stats
             energies[i] = decomposition.energies.detach().to(torch.float64).clone()
+            if fisher is not None:
+                channel_weights = torch.cat([fisher[f"{prefix}{member}"] for member in unit.members]).to(decomposition.a.device)
+                energies[i] = weighted_energies(energies[i], decomposition.output_directions().detach(), channel_weights).cpu()
             del decomposition
         del stats
         for position, i in enumerate(todo):
@@ -176,7 +184,12 @@ def keep_shares(units: list[Unit], ranks: list[int | None]) -> dict[str, float]:
 
 def choose(job: RankJob) -> RankOutcome:
     scale = error_scale(job.method)
-    energies = dense_energies(job.ckpt, job.method, job.units, job.windows, job.progress, job.workers, job.bf16_forwards)
+    fisher = None
+    if scale is ErrorScale.ABSOLUTE:
+        fisher = output_fisher(job.ckpt, job.units, job.windows[:SENSITIVITY_WINDOWS], job.bf16_forwards,
+                               job.progress)
+    energies = dense_energies(job.ckpt, job.method, job.units, job.windows[:PROFILE_WINDOWS], job.progress, job.workers, job.bf16_forwards,
+                              fisher)
     ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale)
     uniform = allocate(job.units, job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))

@@ -26,11 +26,12 @@ import torch
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
 from rankdown.compress import distributed
-from rankdown.compress.config import REPORT_FILE, CompressConfig, CompressionReport, Healing, ModuleReport
+from rankdown.compress.config import REPORT_FILE, Allocation, CompressConfig, CompressionReport, Healing, ModuleReport
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
 from rankdown.compress.rank_job import Discard, Progress, RankJob, calibration_bf16
+from rankdown.compress.sensitivity import sensitivity_memory
 from rankdown.compress.strategies import STRATEGIES
 from rankdown.compress.training_data import data_windows
 from rankdown.compress.units import BATCH, layer_shapes, plan_units
@@ -134,7 +135,9 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     # two n x n sums per site, and the group buffers (product and paired cross sum) of the widest
     stats = 8 * (2 * (3 * c.hidden_size**2 + c.intermediate_size**2) + 2 * max(c.hidden_size, c.intermediate_size)**2)
     trainable = (1 - cfg.ratio) * model_info(ckpt).dense_decoder_linear_params
-    return 2 * model + decomposition + activations + batch + stats + healing_memory(ckpt, cfg, trainable)
+    # --allocate error's sensitivities: the whole dense model (one of the two counted) and a backward pass
+    sensitivity = sensitivity_memory(c, cfg.seq_len) if cfg.allocation is Allocation.ERROR and METHODS[cfg.method].needs_data else 0
+    return 2 * model + decomposition + activations + batch + stats + sensitivity + healing_memory(ckpt, cfg, trainable)
 
 
 def _disk_estimate(ckpt, cfg: CompressConfig, dtype: torch.dtype) -> int:
@@ -161,7 +164,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
     bf16 = calibration_bf16(spec, cfg, workers.device)
-    progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocate.value} ranks) to ratio {cfg.ratio}: "
+    progress(f"compressing {model_dir} with {cfg.method.value} ({cfg.allocation.value} ranks) to ratio {cfg.ratio}: "
              f"{len(units)} units, {windows.shape[0]} calibration windows of {cfg.seq_len} tokens{where} "
              f"on {workers.device}{', forward passes in bf16' if bf16 else ''} (RSS {rss_mb():.0f} MB)")
     healer = Healer(ckpt, tokenizer, cfg, progress) if cfg.healing.steps > 0 else None
@@ -180,7 +183,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
                 modules[name] = ModuleReport(rank, m_out, unit.in_features, linear_params(model.get_submodule(name)),
                                              note)
         report = CompressionReport(
-            method=cfg.method.value, task=cfg.recorded_task, ratio=cfg.ratio, allocate=cfg.allocate.value,
+            method=cfg.method.value, task=cfg.recorded_task, ratio=cfg.ratio, allocate=cfg.allocation.value,
             params_before=before, params_after=sum(m.params for m in modules.values()), modules=modules,
             calibration_loss=loss, wall_seconds=round(time.perf_counter() - start, 2),
             peak_memory_mb=round(workers.max(peak_rss_mb()), 1), keep_ratios=outcome.keep_ratios,

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--method", "factorization method", choices=choices(Method))
     option("--correct-carried", "fit each layer to the dense model's outputs from the compressed layers' inputs "
            "(the error carried from earlier layers corrected; data-aware methods)", action=argparse.BooleanOptionalAction)
-    option("--allocate", "how ranks are spread over the layers", choices=choices(Allocation))
+    comp.add_argument("--allocate", choices=choices(Allocation),
+                      help="how ranks are spread over the layers (default: error; tuned basis prunes instead)")
     option("--trials", "Bayesian-optimization trials", type=int)
     option("--basis-mode", "basis method only: closed-form (no training) or tuned (trained coefficients, pruned to "
            "the budget)", choices=choices(BasisMode))

@@ -72,7 +72,7 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
     assert "layer 2/2 compressed" in result.stderr and (out / "factorization.json").is_file()
     report = json.loads((out / "compression.json").read_text())
     assert report["method"] == "joint" and abs(report["achieved_ratio"] - 0.3) < 0.003
-    assert report["healing"]["steps"] == 300 and "healed 300 steps" in result.stdout  # the default heals
+    assert report["healing"]["steps"] == 256 and "healed 256 steps" in result.stdout  # the default heals
     bad = run("compress", tiny_model_dir, "--ratio", "1.2", "-o", tmp_path / "d")
     assert bad.returncode == 2 and "strictly between 0 and 1" in bad.stderr and not (tmp_path / "d").exists()
     unknown = run("compress", tiny_model_dir, "--ratio", "0.3", "--method", "magic", "-o", tmp_path / "e")

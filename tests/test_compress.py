@@ -131,7 +131,7 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
     (dict(basis_mode="trained"), "unknown --basis-mode 'trained'"),
     (dict(task=None), "give a task \\(math, code, prose, compare, identifiers\\) or a calibration file"),
     (dict(method="whiten", basis_mode="tuned"), "applies to --method basis only"),
-    (dict(method="basis", basis_mode="tuned", allocate="bayes"), "leave --allocate at uniform"),
+    (dict(method="basis", basis_mode="tuned", allocate="bayes"), "leave --allocate unset"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(RankdownError, match=message):
@@ -311,9 +311,14 @@ def test_every_rank_strategy_is_registered_and_the_config_picks_it():
     from rankdown.compress.strategies import STRATEGIES
 
     assert set(STRATEGIES) == set(Strategy)
-    assert CompressConfig(ratio=0.4).strategy is Strategy.UNIFORM
+    assert CompressConfig(ratio=0.4).strategy is Strategy.ERROR  # the default: error ranks
+    assert CompressConfig(ratio=0.4, allocate="uniform").strategy is Strategy.UNIFORM
     assert CompressConfig(ratio=0.4, allocate="bayes").strategy is Strategy.BAYES
-    assert CompressConfig(ratio=0.4, method="basis", basis_mode="tuned").strategy is Strategy.TUNED_BASIS
+    tuned = CompressConfig(ratio=0.4, method="basis", basis_mode="tuned")
+    assert tuned.strategy is Strategy.TUNED_BASIS and tuned.allocation.value == "uniform"  # what the report says
+    assert CompressConfig(ratio=0.4, method="basis", basis_mode="tuned", allocate="uniform").strategy is Strategy.TUNED_BASIS
+    with pytest.raises(RankdownError, match="leave --allocate unset"):
+        CompressConfig(ratio=0.4, method="basis", basis_mode="tuned", allocate="error")
 
 
 def test_the_pipeline_runs_the_strategy_from_the_registry(tiny_model_dir, tmp_path, monkeypatch):
