@@ -68,7 +68,7 @@ def _run(model: Path, out: Path, method: str, calib_tokens: int, workers: int) -
     start = time.perf_counter()
     command = [sys.executable, "-m", "rankdown.cli", "compress", str(model), "-o", str(out), "--method", method,
                "--ratio", "0.4", "--task", "prose", "--calib-tokens", str(calib_tokens), "--workers", str(workers),
-               "--device", "cpu", "--heal-steps", "0", "--overwrite"]
+               "--device", "cpu", "--heal-steps", "0", "--allocate", "uniform", "--overwrite"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
     assert proc.stderr is not None  # stderr=PIPE
     for message in proc.stderr:

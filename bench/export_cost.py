@@ -33,7 +33,8 @@ def main() -> None:
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        compress(SHIPPED_MODEL, root / "feature", CompressConfig(method="feature", ratio=args.ratio, task="math", healing=Healing(steps=0)),
+        compress(SHIPPED_MODEL, root / "feature", CompressConfig(method="feature", ratio=args.ratio, task="math", allocate="uniform",
+                                                                  healing=Healing(steps=0)),
                  progress=lambda _m: None)
         for label, source in (("dense", SHIPPED_MODEL), (f"feature {args.ratio}", root / "feature")):
             for quantize in ("none", "int8"):

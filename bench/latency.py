@@ -52,7 +52,8 @@ def main() -> None:
             source = SHIPPED_MODEL
             if ratio:
                 source = root / f"ckpt-{ratio}"
-                compress(SHIPPED_MODEL, source, CompressConfig(method="feature", ratio=ratio, task="math", healing=Healing(steps=0)),
+                compress(SHIPPED_MODEL, source, CompressConfig(method="feature", ratio=ratio, task="math", allocate="uniform",
+                                                                      healing=Healing(steps=0)),
                          progress=lambda _m: None)
             bundles[label] = root / f"bundle-{ratio}"
             export(source, bundles[label], ExportConfig(), progress=lambda m, lb=label: print(f"[{lb}] {m}", flush=True))

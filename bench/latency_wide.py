@@ -48,7 +48,8 @@ def main() -> None:
                              tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
         LlamaForCausalLM(config).save_pretrained(root / "dense", safe_serialization=True)
         tokenizer.save_pretrained(root / "dense")
-        compress(root / "dense", root / "svd", CompressConfig(method="svd", ratio=args.ratio, healing=Healing(steps=0)), progress=print)
+        compress(root / "dense", root / "svd", CompressConfig(method="svd", ratio=args.ratio, allocate="uniform", healing=Healing(steps=0)),
+                 progress=print)
         bundles = {}
         for label in ("dense", "svd"):
             bundles[label] = root / f"bundle-{label}"

@@ -80,7 +80,7 @@ def main() -> None:
             for calib_task in ("math", "code"):
                 out = work / f"basis-{mode}-for-{calib_task}"
                 compress(SHIPPED_MODEL, out, CompressConfig(method="basis", basis_mode=mode, ratio=0.4, task=calib_task,
-                                                        healing=Healing(steps=0)),
+                                                        allocate="uniform", healing=Healing(steps=0)),
                          progress=quiet)
                 cross.append({"mode": mode, "compressed_for": calib_task} | score(out, ("math", "code")))
                 print(json.dumps(cross[-1]), flush=True)

@@ -5,9 +5,11 @@ the calibration output error, so each unit's error-versus-rank curve is known on
 decomposition exists (``Decomposition.energies``, in each method's own metric). The budget
 is then spread over all units of all layers by marginal error per parameter, greedily (the
 curves are convex, energies descending, so greedy solves the knapsack that ROCKET solves by
-DP, up to the last step). Two passes, one layer in memory at a time: the first streams the
-dense model and keeps only each unit's vector of energies; the second is the usual streaming
-pass at the ranks chosen.
+DP, up to the last step). For the data-aware methods the energies are first weighed by the
+loss's sensitivity to each output (compress/sensitivity.py: one backward pass of the whole dense
+model per micro-batch of a few calibration windows). Then two passes, one layer in memory at a
+time: the first streams the dense model over a few calibration windows and keeps only each
+unit's vector of energies; the second is the usual streaming pass at the ranks chosen.
 """
 
 from __future__ import annotations
@@ -184,12 +186,14 @@ def keep_shares(units: list[Unit], ranks: list[int | None]) -> dict[str, float]:
 
 def choose(job: RankJob) -> RankOutcome:
     scale = error_scale(job.method)
+    # At least a batch per worker (local_windows refuses fewer)
+    least = BATCH * job.workers.world_size
     fisher = None
     if scale is ErrorScale.ABSOLUTE:
-        fisher = output_fisher(job.ckpt, job.units, job.windows[:SENSITIVITY_WINDOWS], job.bf16_forwards,
-                               job.progress)
-    energies = dense_energies(job.ckpt, job.method, job.units, job.windows[:PROFILE_WINDOWS], job.progress, job.workers, job.bf16_forwards,
-                              fisher)
+        fisher = output_fisher(job.ckpt, job.units, job.windows[:max(SENSITIVITY_WINDOWS, least)], job.cfg.calib_precision,
+                               job.workers, job.progress)
+    energies = dense_energies(job.ckpt, job.method, job.units, job.windows[:max(PROFILE_WINDOWS, least)], job.progress,
+                              job.workers, job.bf16_forwards, fisher)
     ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale)
     uniform = allocate(job.units, job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))

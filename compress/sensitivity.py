@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from rankdown.checkpoint import Checkpoint, load_model
+from rankdown.compress.calibration import forward_bf16
+from rankdown.compress.config import Precision
+from rankdown.compress.distributed import Workers
 from rankdown.compress.rank_job import Progress
 from rankdown.compress.training_attention import float32_attention
 from rankdown.compress.units import Unit
@@ -25,14 +28,18 @@ from rankdown.memory import release_free_memory, rss_mb
 MICRO_BATCH = 4  # windows per backward pass: its activations are the pass's memory (healing's micro-batch)
 
 
-def output_fisher(ckpt: Checkpoint, units: list[Unit], windows: torch.Tensor, bf16: bool,
-                  progress: Progress) -> dict[str, torch.Tensor]:
+def output_fisher(ckpt: Checkpoint, units: list[Unit], windows: torch.Tensor, precision: Precision,
+                  workers: Workers, progress: Progress) -> dict[str, torch.Tensor]:
     """Per compressible linear (full name), the mean over calibration tokens of the squared gradient
     of the summed next-token loss with respect to each of its outputs (float64, one per channel).
-    The whole dense model is held, where the dense model's healing targets are computed (the CPU)."""
+    The whole dense model is held, where the dense model's healing targets are computed (the CPU),
+    under bf16 autocast where ``precision`` says so for that device. Several workers share the
+    windows and sum what they measured, so every worker gets the same sensitivities."""
     start = time.perf_counter()
     model = load_model(ckpt)
     device = next(model.parameters()).device
+    bf16 = forward_bf16(precision, device)
+    windows = workers.local_windows(windows)
     model.requires_grad_(False)
     wanted = {f"model.layers.{u.layer}.{m}" for u in units if u.compressible for m in u.members}
     sums: dict[str, torch.Tensor] = {}
@@ -53,20 +60,26 @@ def output_fisher(ckpt: Checkpoint, units: list[Unit], windows: torch.Tensor, bf
                 chunk = chunk.to(device)
                 embeds = model.model.embed_tokens(chunk).detach().requires_grad_()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(inputs_embeds=embeds).logits[:, :-1]
+                    logits = model(inputs_embeds=embeds, use_cache=False).logits[:, :-1]
                 # Summed, not averaged: each token's gradient is then that of its own loss's share.
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum")
                 loss.backward()
-                tokens += chunk.numel()
+                tokens += chunk[:, 1:].numel()  # the positions whose next token is scored
                 del logits, loss, embeds
     finally:
         for handle in handles:
             handle.remove()
+    widths = {name: module.out_features for name, module in model.named_modules() if name in wanted}
     del model
     release_free_memory()
-    progress(f"error allocation: output sensitivities of {len(sums)} linears from {windows.shape[0]} windows "
+    fisher = {}
+    count = float(workers.sum_(torch.tensor([tokens], dtype=torch.float64, device=workers.device)).item())
+    for name in sorted(wanted):  # every worker reduces the same tensors in the same order
+        total = sums.get(name, torch.zeros(widths[name], dtype=torch.float64))
+        fisher[name] = workers.sum_(total.to(workers.device)).cpu() / count
+    progress(f"error allocation: output sensitivities of {len(fisher)} linears from {windows.shape[0]} windows "
              f"in {time.perf_counter() - start:.1f} s (RSS {rss_mb():.0f} MB)")
-    return {name: total.cpu() / tokens for name, total in sums.items()}
+    return fisher
 
 
 def sensitivity_memory(config, seq_len: int) -> int:

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(Precision))
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
-           "uniform ranks only", type=int)
+           "uniform and error ranks", type=int)
     option("--device", "where statistics and decompositions run (auto: cuda when torch sees a GPU)",
            choices=choices(Device))
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")

@@ -63,7 +63,8 @@ def compressed_tiny(tiny_model_dir, tmp_path_factory):
     for method in METHODS:
         folder = root / method.value
         report = compress(tiny_model_dir, folder,
-                          CompressConfig(method=method, ratio=0.3, calib_tokens=2048, seq_len=64, healing=Healing(steps=0)),
+                          CompressConfig(method=method, ratio=0.3, allocate="uniform", calib_tokens=2048, seq_len=64,
+                                         healing=Healing(steps=0)),
                           progress=lambda _m: None)
         out[method.value] = (folder, report)
     return out

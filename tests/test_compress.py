@@ -184,7 +184,7 @@ def test_tuned_basis_meets_the_budget_with_factor_pairs_and_beats_closed_form(ti
     tuning = BasisTuning(steps=30, batch=4, prune_steps=3, coefficient_lr=1e-2, new_bases_lr=2e-3, distill=1.0)
     tuned = compress(tiny_model_dir, tmp_path / "tuned",
                      CompressConfig(method="basis", basis_mode="tuned", ratio=0.4, tuning=tuning, **SMALL), progress=quiet)
-    closed = compress(tiny_model_dir, tmp_path / "closed", CompressConfig(method="basis", ratio=0.4, **SMALL),
+    closed = compress(tiny_model_dir, tmp_path / "closed", CompressConfig(method="basis", ratio=0.4, allocate="uniform", **SMALL),
                       progress=quiet)
     assert abs(tuned.achieved_ratio - 0.4) <= 0.004
     assert json.loads((tmp_path / "tuned" / "compression.json").read_text())["basis_mode"] == "tuned"

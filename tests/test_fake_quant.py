@@ -15,7 +15,7 @@ from rankdown.export.config import ExportConfig
 from rankdown.export.pipeline import export, healed_for_int4
 from rankdown.factor import FactorizedLinear
 
-SMALL = dict(calib_tokens=2048, seq_len=64)
+SMALL = dict(calib_tokens=2048, seq_len=64, allocate="uniform")  # every linear a factor pair
 HEAL = dict(steps=4, batch=2, seq_len=32, held_back=2, lr=1e-3)
 
 

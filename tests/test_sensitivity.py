@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 from helpers import quiet
 
-from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig
+from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint, skeleton_model
+from rankdown.compress.config import CompressConfig, Precision
+from rankdown.compress.distributed import Workers
 from rankdown.compress.sensitivity import nonincreasing, output_fisher, weighted_energies
 from rankdown.compress.training_data import training_windows
-from rankdown.compress.units import plan_units
+from rankdown.compress.units import layer_shapes, plan_units
 
 
 def test_nonincreasing_pools_each_rise_into_its_mean_and_keeps_every_sum():
@@ -43,18 +44,14 @@ def test_output_fisher_is_the_mean_squared_gradient_of_each_linear_output(shippe
     ckpt = open_checkpoint(shipped_model_dir)
     cfg = CompressConfig(ratio=0.4, task="math")
     windows = training_windows(load_tokenizer(shipped_model_dir), cfg, 64, 12 * 64)[:12]
-    shapes = [{"self_attn.q_proj": (256, 256, False), "self_attn.k_proj": (64, 256, False),
-               "self_attn.v_proj": (64, 256, False), "self_attn.o_proj": (256, 256, False),
-               "mlp.gate_proj": (1024, 256, False), "mlp.up_proj": (1024, 256, False),
-               "mlp.down_proj": (256, 1024, False)}] * 6
-    units = plan_units(shapes, joint=False, dense_kinds=frozenset({"v"}))
-    fisher = output_fisher(ckpt, units, windows, bf16=False, progress=quiet)
+    units = plan_units(layer_shapes(skeleton_model(ckpt)), joint=False, dense_kinds=frozenset({"v"}))
+    fisher = output_fisher(ckpt, units, windows, Precision.FP32, Workers(), quiet)
     assert len(fisher) == 36 and "model.layers.0.self_attn.v_proj" not in fisher  # v is the method's dense kind
     assert all((f >= 0).all() and f.dtype == torch.float64 for f in fisher.values())
 
     model = load_model(ckpt)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj"]
-    expected = {name: torch.zeros(256, dtype=torch.float64) for name in names}
+    expected = {name: torch.zeros(fisher[name].shape, dtype=torch.float64) for name in names}
     outputs: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in names]
     for chunk in windows.split(8):
@@ -66,7 +63,7 @@ def test_output_fisher_is_the_mean_squared_gradient_of_each_linear_output(shippe
     for hook in hooks:
         hook.remove()
     for name in names:
-        torch.testing.assert_close(fisher[name], expected[name] / windows.numel(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(fisher[name], expected[name] / windows[:, 1:].numel(), rtol=1e-4, atol=0)
     # Not a flat weight: the loss cares about some outputs several times more than others.
     down = fisher["model.layers.5.mlp.down_proj"]
     assert down.max() > 3 * down.median()
