@@ -97,6 +97,13 @@ def _factor_class(base: Any) -> Any:
         def load_weights(self, input_path):
             return self._source_model
 
+        def make_attention(self, layer_id, attention, root_input, **kwargs):
+            # The builder sets k_path / v_path only where it does not pack Q/K/V, and never clears
+            # them: a packed (all dense) layer after an unpacked one fed the earlier layer's keys and
+            # values to its GroupQueryAttention beside the packed input (error ranks leave such layers).
+            self.attention_attrs["k_path"] = self.attention_attrs["v_path"] = ""
+            return super().make_attention(layer_id, attention, root_input, **kwargs)
+
         def is_qkv_projection_packable(self, layer_id, attention):
             projections = (attention.q_proj, attention.k_proj, attention.v_proj)
             if any(isinstance(p, (FactorizedLinear, SharedDownLinear)) for p in projections):

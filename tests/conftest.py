@@ -80,7 +80,9 @@ def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
     from rankdown.export.pipeline import export
 
     root = tmp_path_factory.mktemp("shipped")
-    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math", healing=Healing(steps=0)),
+    # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
+    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform",
+                                                              healing=Healing(steps=0)),
              progress=lambda _m: None)
     export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
     return root / "ckpt", root / "bundle"

@@ -333,7 +333,8 @@ def test_the_pipeline_runs_the_strategy_from_the_registry(tiny_model_dir, tmp_pa
         return uniform_ranks.choose(job)
 
     monkeypatch.setitem(strategies.STRATEGIES, Strategy.UNIFORM, strategies.StrategySpec(spy))
-    report = compress(tiny_model_dir, tmp_path / "s", CompressConfig(method="svd", ratio=0.3, **SMALL), progress=quiet)
+    report = compress(tiny_model_dir, tmp_path / "s", CompressConfig(method="svd", ratio=0.3, allocate="uniform", **SMALL),
+                      progress=quiet)
     assert seen == [14] and abs(report.achieved_ratio - 0.3) <= 0.003  # 2 layers x 7 linears
 
 

@@ -353,3 +353,24 @@ def test_a_corrupt_compression_report_is_one_line_and_leaves_no_bundle(tiny_toke
     with pytest.raises(RankdownError, match=r"compression\.json: invalid compression report"):
         export(folder, tmp_path / "b", ExportConfig(formats="onnx", max_seq_len=64), progress=quiet)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_dense_layer_after_one_with_factor_pairs_reads_only_its_own_packed_qkv(tiny_model_dir, tmp_path):
+    """The builder packs Q/K/V where all three are dense and used to keep the previous layer's K and V
+    paths: the dense layer's attention then read the earlier layer's keys (error ranks leave such layers)."""
+    import onnx
+    import onnxruntime as ort
+
+    from rankdown.export.onnx_builder import build_fused_onnx
+    from rankdown.factor import FactorizedLinear
+
+    model = load_model(open_checkpoint(tiny_model_dir))
+    q = model.model.layers[0].self_attn.q_proj
+    u, s, vh = torch.linalg.svd(q.weight.detach(), full_matrices=False)
+    model.model.layers[0].self_attn.q_proj = FactorizedLinear.from_factors(vh[:8], u[:, :8] * s[:8], None)
+    build_fused_onnx(model, tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention[0].input[1] and attention[0].input[2]  # layer 0: separate Q, K, V
+    assert attention[1].input[0].endswith("qkv_proj/MatMul/output_0") and attention[1].input[1:3] == ["", ""]
+    ort.InferenceSession(str(tmp_path / "model.onnx"))  # shape inference failed on the stale inputs
