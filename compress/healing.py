@@ -296,6 +296,15 @@ class Healer:
         return report
 
 
+def backward_memory(config, seq_len: int, windows: int) -> int:
+    """Bytes one forward/backward pass of ``windows`` windows keeps for the backward (an estimate: about
+    10 hidden-wide and 5 MLP-wide float32 values per token and layer, the attention weights, and a few
+    vocabulary-wide copies of the logits)."""
+    per_token = (config.num_hidden_layers * (10 * config.hidden_size + 5 * config.intermediate_size
+                                             + config.num_attention_heads * seq_len) + 4 * config.vocab_size)
+    return 4 * windows * seq_len * per_token
+
+
 def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> int:
     """Bytes healing adds beyond the compressed model: gradients and AdamW's two moments of the
     ``trainable`` factor parameters, the dense model's targets, and one micro-batch's activations
@@ -306,9 +315,7 @@ def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> i
         return 0
     windows = healing.steps * healing.batch + healing.held_back
     targets = windows * healing.seq_len * healing.top_k * 8 + windows * healing.seq_len * 8
-    per_token = (c.num_hidden_layers * (10 * c.hidden_size + 5 * c.intermediate_size
-                                        + c.num_attention_heads * healing.seq_len) + 4 * c.vocab_size)
-    activations = 4 * MICRO_BATCH * healing.seq_len * per_token
+    activations = backward_memory(c, healing.seq_len, MICRO_BATCH)
     # bf16 autocast keeps a bfloat16 copy of every weight a forward pass multiplies by
     casts = 2 * (trainable + c.vocab_size * c.hidden_size) if healing.precision is not Precision.FP32 else 0
     return int(3 * 4 * trainable + casts) + targets + activations

@@ -20,6 +20,7 @@ from rankdown.checkpoint import Checkpoint, load_model
 from rankdown.compress.calibration import forward_bf16
 from rankdown.compress.config import Precision
 from rankdown.compress.distributed import Workers
+from rankdown.compress.healing import backward_memory
 from rankdown.compress.rank_job import Progress
 from rankdown.compress.training_attention import float32_attention
 from rankdown.compress.units import Unit
@@ -83,11 +84,8 @@ def output_fisher(ckpt: Checkpoint, units: list[Unit], windows: torch.Tensor, pr
 
 
 def sensitivity_memory(config, seq_len: int) -> int:
-    """Bytes one backward pass keeps beyond the dense model (about 10 hidden-wide and 5 MLP-wide
-    float32 values per token and layer, the attention weights, a few vocabulary-wide logits)."""
-    per_token = (config.num_hidden_layers * (10 * config.hidden_size + 5 * config.intermediate_size
-                                             + config.num_attention_heads * seq_len) + 4 * config.vocab_size)
-    return 4 * MICRO_BATCH * seq_len * per_token
+    """Bytes one backward pass keeps beyond the dense model."""
+    return backward_memory(config, seq_len, MICRO_BATCH)
 
 
 def weighted_energies(energies: torch.Tensor, directions: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
