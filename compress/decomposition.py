@@ -25,6 +25,10 @@ class UnitWeights:
     weights: list[torch.Tensor]  # m_j x n each
     biases: list[torch.Tensor | None]
     stats: object | None  # calibration.InputStats
+    # Per output channel (stacked over members), the weight of its squared error: the loss's
+    # diagonal Fisher (compress/sensitivity.py). None weighs every channel alike. Only the
+    # methods registered with ``output_weighted`` read it.
+    output_weights: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -81,3 +85,14 @@ def balanced_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def split_rows(b: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """Cut a stacked B back into one block per member."""
     return list(torch.split(b, [w.shape[0] for w in weights], dim=0))
+
+
+def balanced_pair(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B' = U S^1/2 and A' = S^1/2 V^T with U S V^T the SVD of B A: the product unchanged, each
+    direction's norm split evenly between the factors (as the SVD methods give them). Two thin QRs
+    and an SVD of rank x rank, never the m x n product."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = balanced_svd(rb @ ra.T)
+    root = s.sqrt()
+    return qb @ (u * root), (root[:, None] * vh) @ qa.T

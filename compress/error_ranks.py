@@ -7,7 +7,9 @@ is then spread over all units of all layers by marginal error per parameter, gre
 curves are convex, energies descending, so greedy solves the knapsack that ROCKET solves by
 DP, up to the last step). For the data-aware methods the energies are first weighed by the
 loss's sensitivity to each output (compress/sensitivity.py: one backward pass of the whole dense
-model per micro-batch of a few calibration windows). Then two passes, one layer in memory at a
+model per micro-batch of a few calibration windows); the methods that can (``output_weighted``:
+feature, whiten) then minimize that weighted error itself, in the profile and in the factors, so
+the ranks are priced in the metric the factors are fitted in. Then two passes, one layer in memory at a
 time: the first streams the dense model over a few calibration windows and keeps only each
 unit's vector of energies; the second is the usual streaming pass at the ranks chosen.
 """
@@ -27,7 +29,7 @@ from rankdown.compress.distributed import Workers, share_vector
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
 from rankdown.compress.rank_job import Progress, RankJob, RankOutcome
-from rankdown.compress.sensitivity import output_fisher, weighted_energies
+from rankdown.compress.sensitivity import output_fisher, unit_output_weights, weighted_energies
 from rankdown.compress.streaming import compress_streaming
 from rankdown.compress.units import BATCH, Unit, decompose_unit
 from rankdown.errors import RankdownError
@@ -90,11 +92,13 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
             unit = units[i]
             last_of_site = all(units[j].site != unit.site for _, j in mine[k + 1 :])
             site_stats = None if stats is None else (stats.pop(unit.site) if last_of_site else stats[unit.site])
-            decomposition = decompose_unit(spec, layer, unit, site_stats, f"model.layers.{index}",
-                                           device=workers.device)
+            weighted = fisher is not None and spec.output_weighted
+            decomposition = decompose_unit(spec, layer, unit, site_stats, f"model.layers.{index}", device=workers.device,
+                                           output_weights=unit_output_weights(fisher, prefix, unit.members) if weighted else None)
             del site_stats
             energies[i] = decomposition.energies.detach().to(torch.float64).clone()
-            if fisher is not None:
+            if fisher is not None and not weighted:
+                # The method's own directions, each energy weighed by the loss along it
                 channel_weights = torch.cat([fisher[f"{prefix}{member}"] for member in unit.members]).to(decomposition.a.device)
                 energies[i] = weighted_energies(energies[i], decomposition.output_directions().detach(), channel_weights).cpu()
             del decomposition
@@ -200,7 +204,9 @@ def choose(job: RankJob) -> RankOutcome:
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
                  f"(uniform ranks: {flat:.4g})")
     model, loss = compress_streaming(job.ckpt, job.method, job.units, ranks, job.windows, job.writer, job.progress, job.workers,
-                                     correct_carried=job.cfg.correct_carried, bf16=job.bf16_forwards)
+                                     correct_carried=job.cfg.correct_carried, bf16=job.bf16_forwards,
+                                     fisher=fisher if job.method.output_weighted else None)
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
-                                           "uniform_predicted_error": float(f"{flat:.6g}")}
+                                           "uniform_predicted_error": float(f"{flat:.6g}"),
+                                           "loss_weighted_factors": int(fisher is not None and job.method.output_weighted)}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

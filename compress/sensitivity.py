@@ -26,6 +26,9 @@ from rankdown.compress.training_attention import float32_attention
 from rankdown.compress.units import Unit
 from rankdown.memory import release_free_memory, rss_mb
 
+# Each channel's weight lifted by this share of its unit's mean. Measured on SmolLM2, code, 20%
+# removed, unhealed, loss on held-back training windows: 0.01 gives 3.2869, 1 gives 3.3005.
+FLOOR = 0.01
 MICRO_BATCH = 4  # windows per backward pass: its activations are the pass's memory (healing's micro-batch)
 
 
@@ -81,6 +84,16 @@ def output_fisher(ckpt: Checkpoint, units: list[Unit], windows: torch.Tensor, pr
     progress(f"error allocation: output sensitivities of {len(fisher)} linears from {windows.shape[0]} windows "
              f"in {time.perf_counter() - start:.1f} s (RSS {rss_mb():.0f} MB)")
     return fisher
+
+
+def unit_output_weights(fisher: dict[str, torch.Tensor], prefix: str, members: tuple[str, ...] | list[str],
+                        floor: float = FLOOR) -> torch.Tensor:
+    """The output weights of one unit (its members' Fisher, stacked) for a method that weighs its
+    output error, each channel lifted by ``floor`` x the unit's mean: a channel whose gradient was
+    zero on the calibration windows is not certain to be free, and a zero weight would leave its
+    up factor unbounded (B = D^-1/2 P)."""
+    stacked = torch.cat([fisher[f"{prefix}{member}"] for member in members]).to(torch.float64)
+    return stacked + floor * stacked.mean().clamp_min(1e-30)
 
 
 def sensitivity_memory(config, seq_len: int) -> int:

@@ -20,6 +20,7 @@ from rankdown.compress.decomposition import Factors
 from rankdown.compress.distributed import Workers, share_factors
 from rankdown.compress.methods import MethodSpec
 from rankdown.compress.rank_job import Progress, WeightSink
+from rankdown.compress.sensitivity import unit_output_weights
 from rankdown.compress.units import BATCH, SITES, Unit, decompose_unit, modules_from_factors, set_unit, unit_factors
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
@@ -58,9 +59,11 @@ def streamed_loss(hidden: torch.Tensor, windows: torch.Tensor, norm: nn.Module, 
 
 
 def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: list[tuple[Unit, int]],
-                  stats: dict | None, workers: Workers, device: torch.device) -> None:
+                  stats: dict | None, workers: Workers, device: torch.device,
+                  fisher: dict[str, torch.Tensor] | None = None) -> None:
     """Factor ``units`` (of decoder layer ``index``) from ``stats`` and put their pairs in ``layer``;
-    with several workers each factors its share and the factors are broadcast."""
+    with several workers each factors its share and the factors are broadcast. ``fisher``: each
+    linear's output sensitivities, weighing the error the method minimizes."""
     prefix = f"model.layers.{index}."
     # Widest input first: its n x n statistics (512 MiB at n = 8192) are freed before the
     # other units' decompositions allocate their own working memory.
@@ -83,7 +86,8 @@ def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: l
         # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
         decomposition = decompose_unit(spec, layer, unit, None if stats is None else
                                        (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                       f"model.layers.{index}", stored, device)
+                                       f"model.layers.{index}", stored, device,
+                                       None if fisher is None else unit_output_weights(fisher, prefix, unit.members))
         del stored
         built[position] = unit_factors(decomposition, rank, torch.float32)
         del decomposition
@@ -96,7 +100,7 @@ def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: l
 def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[int | None], windows: torch.Tensor,
                         writer: WeightSink | None, progress: Progress, workers: Workers,
                         scored: torch.Tensor | None = None, correct_carried: bool = False,
-                        bf16: bool = False) -> tuple[LlamaForCausalLM, float]:
+                        bf16: bool = False, fisher: dict[str, torch.Tensor] | None = None) -> tuple[LlamaForCausalLM, float]:
     """Layer by layer from the checkpoint: read one layer's weights, collect its statistics from the
     compressed layers' outputs, factor it, write it (unless ``writer`` is None), free it. Returns the
     model's skeleton (factor pairs in place, weights on meta) and the next-token loss on ``scored``
@@ -111,7 +115,10 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
     pair its compressed inputs with its dense ones, so that each unit is fitted to the dense
     outputs (calibration.InputStats.carried_correction).
 
-    ``bf16``: the layers' forward passes under bfloat16 autocast (calibration.forward_bf16)."""
+    ``bf16``: the layers' forward passes under bfloat16 autocast (calibration.forward_bf16).
+
+    ``fisher``: per linear (full name), the loss's sensitivity to each output channel
+    (compress/sensitivity.py); the method then minimizes the output error weighted by it."""
     device = workers.device
     model = skeleton_model(ckpt)
     model.model.rotary_emb.to(device)
@@ -137,7 +144,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
             if spec.needs_data:
                 stats = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats, bf16)[0]
                 workers.sum_stats(stats)
-            _factor_units(spec, ckpt, layer, index, todo, stats, workers, device)
+            _factor_units(spec, ckpt, layer, index, todo, stats, workers, device, fisher)
         else:
             # Site by site in forward order, each fitted to the inputs the sites before it (already
             # factored) give it; the dense copy of this one layer computes the dense stream.
@@ -148,7 +155,7 @@ def compress_streaming(ckpt, spec: MethodSpec, units: list[Unit], ranks: list[in
                     stats = collect_paired_stats(model, layer, dense_layer, hidden, dense_hidden, site, BATCH,
                                                  spec.pooled_stats, bf16)
                     workers.sum_stats(stats)
-                    _factor_units(spec, ckpt, layer, index, site_todo, stats, workers, device)
+                    _factor_units(spec, ckpt, layer, index, site_todo, stats, workers, device, fisher)
             dense_hidden = run_layer(model, dense_layer, dense_hidden, BATCH, bf16=bf16)
             del dense_layer
         hidden = run_layer(model, layer, hidden, BATCH, bf16=bf16)

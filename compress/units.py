@@ -103,7 +103,7 @@ def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool
 
 
 def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, torch.Tensor] | None = None,
-                 device: torch.device | None = None) -> UnitWeights:
+                 device: torch.device | None = None, output_weights: torch.Tensor | None = None) -> UnitWeights:
     """The unit's dense weights in float64 on ``device`` (None: where they are): from the layer's
     modules, or from ``stored`` tensors (layer-relative names, e.g. "mlp.down_proj.weight") when
     the modules were already freed. With paired statistics (the carried-error correction), the
@@ -126,14 +126,19 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, tor
         weights=weights,
         biases=[tensor(m, "bias") for m in unit.members],
         stats=site_stats,
+        output_weights=None if output_weights is None else output_weights.to(device=device, dtype=torch.float64),
     )
 
 
 def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
-                   stored: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Decomposition:
+                   stored: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
+                   output_weights: torch.Tensor | None = None) -> Decomposition:
     """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if
-    data-free); ``stored`` and ``device`` as for ``unit_weights``."""
-    weights = unit_weights(layer, unit, site_stats, stored, device)
+    data-free); ``stored`` and ``device`` as for ``unit_weights``; ``output_weights`` (per output
+    channel, stacked over members) for the methods that weigh their output error."""
+    if output_weights is not None and not spec.output_weighted:
+        raise ValueError("this method does not weigh its output error")
+    weights = unit_weights(layer, unit, site_stats, stored, device, output_weights)
     del site_stats, stored  # only ``weights`` holds them now, so the method may release them
     try:
         return spec.decompose(weights)

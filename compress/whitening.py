@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from rankdown.compress.decomposition import Decomposition, UnitWeights, balanced_svd, split_rows
+from rankdown.compress.decomposition import Decomposition, Factors, UnitWeights, balanced_pair, balanced_svd, split_rows
 
 RIDGE = 1e-6  # relative to the mean diagonal of C
 GRAM_BLOCK = 1024  # columns of C per step when forming W C W^T
@@ -105,6 +105,12 @@ def projected_factors(unit: UnitWeights) -> tuple[torch.Tensor, list[torch.Tenso
 
 
 def decompose(unit: UnitWeights) -> Decomposition:
+    """With output weights D the factors are those of D^1/2 W, B then unscaled by D^-1/2: the
+    rank-r optimum of ||D^1/2 (W - BA) X||_F, whose energies are the loss's second-order cost."""
+    roots = None
+    if unit.output_weights is not None:
+        roots = split_rows(unit.output_weights.sqrt()[:, None], unit.weights)
+        unit.weights = [w * root for w, root in zip(unit.weights, roots)]
     if unit.out_features <= unit.in_features:
         a, bs = projected_factors(unit)
     else:
@@ -114,4 +120,15 @@ def decompose(unit: UnitWeights) -> Decomposition:
     # B = U S^1/2 with U orthonormal: column i's squared norm is s_i, and s_i^2 is the output error
     # that dropping it adds (SVD-LLM's truncation loss).
     singular_values = sum((b * b).sum(0) for b in bs)
-    return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2)
+    if roots is None:
+        return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2)
+    bs = [b / root for b, root in zip(bs, roots)]
+    weights = unit.weights
+
+    def balanced(rank: int) -> Factors:
+        # D^-1/2 U S^1/2 has its rows scaled by the Fisher: the same product rebalanced, so that
+        # healing's Adam steps meet factors shaped as the unweighted method's (feature.py says why).
+        b, a_r = balanced_pair(torch.cat([b[:, :rank] for b in bs]), a[:rank])
+        return a_r, split_rows(b, weights), unit.biases
+
+    return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2, custom=balanced)

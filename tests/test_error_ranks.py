@@ -4,13 +4,14 @@ import pytest
 import torch
 from helpers import input_stats, quiet
 
+from rankdown.compress import streaming
 from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.error_ranks import ErrorScale, allocate_by_error, predicted_error
 from rankdown.compress.methods import METHODS
 from rankdown.compress.pipeline import compress
 from rankdown.compress.rank_allocation import TOLERANCE, allocate, total_params
-from rankdown.compress.units import Unit, plan_units
+from rankdown.compress.units import Unit, decompose_unit, plan_units
 from rankdown.errors import RankdownError
 
 
@@ -110,9 +111,20 @@ def test_a_unit_whose_error_never_falls_enough_is_kept_dense_not_past_break_even
         allocate_by_error(units, profiles, 0.999, ErrorScale.RELATIVE)
 
 
-def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path):
+def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path, monkeypatch):
     cfg = CompressConfig(method="whiten", ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64, healing=Healing(steps=0))
+    given = []
+
+    def recording(*args, **kwargs):
+        given.append(kwargs.get("output_weights", args[7] if len(args) > 7 else None))
+        return decompose_unit(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "decompose_unit", recording)
     report = compress(tiny_model_dir, tmp_path / "e", cfg, progress=quiet)
+    # The factor pass minimizes the loss-weighted error the ranks were priced in: every unit it
+    # factored was handed its outputs' sensitivities.
+    assert given and all(w is not None and (w > 0).all() for w in given)
+    assert report.allocation_check["loss_weighted_factors"] == 1
     assert abs(report.achieved_ratio - 0.4) <= 0.004
     assert report.allocate == "error" and set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
     check = report.allocation_check

@@ -3,12 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet
+from helpers import input_stats, quiet
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint, skeleton_model
+from rankdown.compress import feature, whitening
 from rankdown.compress.config import CompressConfig, Precision
+from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.distributed import Workers
-from rankdown.compress.sensitivity import nonincreasing, output_fisher, weighted_energies
+from rankdown.compress.sensitivity import FLOOR, nonincreasing, output_fisher, unit_output_weights, weighted_energies
 from rankdown.compress.training_data import training_windows
 from rankdown.compress.units import layer_shapes, plan_units
 
@@ -67,3 +69,57 @@ def test_output_fisher_is_the_mean_squared_gradient_of_each_linear_output(shippe
     # Not a flat weight: the loss cares about some outputs several times more than others.
     down = fisher["model.layers.5.mlp.down_proj"]
     assert down.max() > 3 * down.median()
+
+
+def _weighted_error(decomposition, rank: int, x: torch.Tensor, weights: list[torch.Tensor], d: torch.Tensor) -> float:
+    a, bs, biases = decomposition.factors(rank)
+    w, b = torch.cat(weights), torch.cat(bs)
+    bias = 0 if all(v is None for v in biases) else torch.cat([v for v in biases])
+    error = x @ w.T - (x @ a.T @ b.T + bias)
+    return float((error.pow(2) * d).sum(1).mean())
+
+
+@pytest.mark.parametrize("module", [feature, whitening])
+def test_a_method_given_output_weights_minimizes_the_weighted_error_and_prices_it_exactly(module):
+    """With the loss's diagonal Fisher D on the outputs, the factors are the rank-r optimum of
+    E||D^1/2 (W x - B A x)||^2 (B unscaled by D^-1/2 after factoring D^1/2 W): no worse than the
+    unweighted factors at every rank, usually far better, and energies[r:] is that error exactly
+    (one group of inputs, so that the pooled covariance is the data's own)."""
+    g = torch.Generator().manual_seed(0)
+    n, members = 16, ([12] if module is feature else [10, 6])  # whitening also factors a stack (joint)
+    x = torch.randn(4096, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64) + 0.5
+    weights = [torch.randn(m, n, generator=g, dtype=torch.float64) for m in members]
+    d = torch.rand(sum(members), generator=g, dtype=torch.float64).pow(3) * 10 + 1e-3
+
+    def decomposed(output_weights):
+        return module.decompose(UnitWeights([f"m{i}" for i in range(len(weights))], [w.clone() for w in weights],
+                                            [None] * len(weights), input_stats(x, x.shape[0]), output_weights))
+
+    weighted, plain = decomposed(d), decomposed(None)
+    gains = []
+    for rank in (2, 5, 9):
+        mine, other = (_weighted_error(dec, rank, x, weights, d) for dec in (weighted, plain))
+        assert mine <= other * (1 + 1e-9)
+        assert weighted.tail_error(rank) == pytest.approx(mine, rel=1e-4)  # whitening's ridge
+        gains.append(other / mine)
+    assert max(gains) > 1.3
+    # Shaped as the unweighted method's factors (healing's Adam steps wreck D^-1/2-scaled rows):
+    # feature's B orthonormal, whitening's pair balanced.
+    a, bs, _ = weighted.factors(5)
+    b = torch.cat(bs)
+    if module is feature:
+        torch.testing.assert_close(b.T @ b, torch.eye(5, dtype=torch.float64))
+    else:
+        torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1))
+    flat = decomposed(torch.full((sum(members),), 4.0, dtype=torch.float64))  # a flat weight only rescales
+    torch.testing.assert_close(flat.energies, 4 * plain.energies)
+    a, bs, _ = flat.factors(5)
+    pa, pbs, _ = plain.factors(5)
+    torch.testing.assert_close(torch.cat(bs) @ a, torch.cat(pbs) @ pa)
+
+
+def test_unit_output_weights_stack_the_members_and_lift_every_channel_off_zero():
+    fisher = {"model.layers.3.mlp.gate_proj": torch.tensor([0.0, 2.0], dtype=torch.float64),
+              "model.layers.3.mlp.up_proj": torch.tensor([4.0, 6.0], dtype=torch.float64)}
+    lifted = unit_output_weights(fisher, "model.layers.3.", ["mlp.gate_proj", "mlp.up_proj"])
+    assert lifted.tolist() == pytest.approx([0 + 3 * FLOOR, 2 + 3 * FLOOR, 4 + 3 * FLOOR, 6 + 3 * FLOOR])
