@@ -52,7 +52,8 @@ class Decomposition:
     biases: list[torch.Tensor | None]
     # Per rank direction, descending: the squared singular value in the method's metric, so that
     # energies[r:].sum() is the error of rank r (SVD-LLM's truncation loss: for whitening the
-    # calibration output error ||W X - B A X||^2 / T exactly; for plain SVD ||W - B A||_F^2).
+    # calibration output error ||W X - B A X||^2 / T exactly, ||D^1/2 (W X - B A X)||^2 / T with
+    # output weights D; for plain SVD ||W - B A||_F^2).
     energies: torch.Tensor
     bias_for_rank: Callable[[int], list[torch.Tensor | None]] | None = None
     custom: Callable[[int], Factors] | None = None

@@ -50,7 +50,8 @@ class ErrorScale(str, Enum):
 
 def error_scale(spec: MethodSpec) -> ErrorScale:
     """Absolute where the energies are output errors on calibration data (whitened: SVD-LLM's loss
-    itself); shares where they are data-free weight norms, which say nothing about what a unit's
+    itself; weighed by the loss's sensitivities before they are compared); shares where they are
+    data-free weight norms, which say nothing about what a unit's
     outputs weigh against another's. Measured on the shipped model, math, loss on held-back
     calibration windows: whiten 0.6 uniform 1.2297, relative 1.2282, absolute 1.2253; svd 0.6
     uniform 1.9501, relative 1.2385, absolute 1.7924 (both scales helped at 0.4 by less)."""
@@ -65,6 +66,10 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
     The layer's dense outputs come from the same forward pass that collects its statistics, and
     only the energies (a vector per unit) outlive the layer. With several workers, as in the
     streaming pass: statistics summed over the workers, units spread over them, energies broadcast.
+
+    ``fisher`` (per linear, the loss's sensitivity to each output channel) puts the energies in the
+    loss's units: the ``output_weighted`` methods decompose in that metric, the others' energies
+    are weighed along their own directions (sensitivity.weighted_energies).
     """
     model = skeleton_model(ckpt)
     model.model.rotary_emb.to(workers.device)

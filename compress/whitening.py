@@ -123,12 +123,12 @@ def decompose(unit: UnitWeights) -> Decomposition:
     if roots is None:
         return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2)
     bs = [b / root for b, root in zip(bs, roots)]
-    weights = unit.weights
+    sizes = [b.shape[0] for b in bs]  # not the weights: the decomposition outlives them
 
     def balanced(rank: int) -> Factors:
         # D^-1/2 U S^1/2 has its rows scaled by the Fisher: the same product rebalanced, so that
         # healing's Adam steps meet factors shaped as the unweighted method's (feature.py says why).
         b, a_r = balanced_pair(torch.cat([b[:, :rank] for b in bs]), a[:rank])
-        return a_r, split_rows(b, weights), unit.biases
+        return a_r, list(torch.split(b, sizes)), unit.biases
 
     return Decomposition(a=a, bs=bs, biases=unit.biases, energies=singular_values**2, custom=balanced)

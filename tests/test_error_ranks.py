@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import input_stats, quiet
 
-from rankdown.compress import streaming
+from rankdown.compress import error_ranks, streaming
 from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.decomposition import UnitWeights
 from rankdown.compress.error_ranks import ErrorScale, allocate_by_error, predicted_error
@@ -111,22 +111,33 @@ def test_a_unit_whose_error_never_falls_enough_is_kept_dense_not_past_break_even
         allocate_by_error(units, profiles, 0.999, ErrorScale.RELATIVE)
 
 
-def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path, monkeypatch):
-    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64, healing=Healing(steps=0))
-    given = []
+@pytest.mark.parametrize("method", ["whiten", "feature"])
+def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, tmp_path, monkeypatch, method):
+    cfg = CompressConfig(method=method, ratio=0.4, allocate="error", calib_tokens=2048, seq_len=64, healing=Healing(steps=0))
+    given: dict[str, list] = {"profile": [], "factors": []}
 
-    def recording(*args, **kwargs):
-        given.append(kwargs.get("output_weights", args[7] if len(args) > 7 else None))
-        return decompose_unit(*args, **kwargs)
+    def recording(stage):
+        def decompose(*args, **kwargs):
+            given[stage].append(kwargs.get("output_weights", args[7] if len(args) > 7 else None))
+            return decompose_unit(*args, **kwargs)
+        return decompose
 
-    monkeypatch.setattr(streaming, "decompose_unit", recording)
+    def weighed_twice(*args, **kwargs):
+        raise AssertionError("energies already in the loss's metric were weighed again")
+
+    monkeypatch.setattr(error_ranks, "decompose_unit", recording("profile"))
+    monkeypatch.setattr(streaming, "decompose_unit", recording("factors"))
+    monkeypatch.setattr(error_ranks, "weighted_energies", weighed_twice)
     report = compress(tiny_model_dir, tmp_path / "e", cfg, progress=quiet)
-    # The factor pass minimizes the loss-weighted error the ranks were priced in: every unit it
-    # factored was handed its outputs' sensitivities.
-    assert given and all(w is not None and (w > 0).all() for w in given)
+    # The ranks are priced, and the factors fitted, in the loss-weighted metric: every unit of
+    # both passes was handed its outputs' sensitivities, each factored unit the ones it was priced by.
+    for stage in ("profile", "factors"):
+        assert given[stage] and all(w is not None and (w > 0).all() for w in given[stage])
+    priced = [w.cpu() for w in given["profile"]]
+    assert all(any(p.shape == w.shape and torch.allclose(p, w.cpu()) for p in priced) for w in given["factors"])
     assert report.allocation_check["loss_weighted_factors"] == 1
     assert abs(report.achieved_ratio - 0.4) <= 0.004
-    assert report.allocate == "error" and set(report.keep_ratios) == {"qk", "v", "o", "gate", "up", "down"}
+    assert report.allocate == "error" and set(report.keep_ratios) == {"qk", "o", "gate", "up", "down"} | ({"v"} if method == "whiten" else set())
     check = report.allocation_check
     assert check["error_scale"] in {s.value for s in ErrorScale}
     assert isinstance(check["predicted_error"], float) and isinstance(check["uniform_predicted_error"], float)

@@ -71,34 +71,39 @@ def test_output_fisher_is_the_mean_squared_gradient_of_each_linear_output(shippe
     assert down.max() > 3 * down.median()
 
 
-def _weighted_error(decomposition, rank: int, x: torch.Tensor, weights: list[torch.Tensor], d: torch.Tensor) -> float:
-    a, bs, biases = decomposition.factors(rank)
+def _weighted_error(decomposition, rank: int, x: torch.Tensor, weights: list[torch.Tensor],
+                    biases: list[torch.Tensor | None], d: torch.Tensor) -> float:
+    a, bs, fitted = decomposition.factors(rank)
     w, b = torch.cat(weights), torch.cat(bs)
-    bias = 0 if all(v is None for v in biases) else torch.cat([v for v in biases])
-    error = x @ w.T - (x @ a.T @ b.T + bias)
+    dense = x @ w.T + (0 if biases[0] is None else torch.cat(biases))
+    error = dense - (x @ a.T @ b.T + (0 if fitted[0] is None else torch.cat(fitted)))
     return float((error.pow(2) * d).sum(1).mean())
 
 
-@pytest.mark.parametrize("module", [feature, whitening])
-def test_a_method_given_output_weights_minimizes_the_weighted_error_and_prices_it_exactly(module):
+@pytest.mark.parametrize(("module", "n", "members", "bias"), [
+    (feature, 16, [12], True),  # the restored mean goes into the bias
+    (whitening, 16, [10, 6], False),  # wide: factors from W C W^T (a stack, as joint units would be)
+    (whitening, 8, [12, 9], False),  # tall: factors from L^T W^T W L
+])
+def test_a_method_given_output_weights_minimizes_the_weighted_error_and_prices_it_exactly(module, n, members, bias):
     """With the loss's diagonal Fisher D on the outputs, the factors are the rank-r optimum of
     E||D^1/2 (W x - B A x)||^2 (B unscaled by D^-1/2 after factoring D^1/2 W): no worse than the
     unweighted factors at every rank, usually far better, and energies[r:] is that error exactly
     (one group of inputs, so that the pooled covariance is the data's own)."""
     g = torch.Generator().manual_seed(0)
-    n, members = 16, ([12] if module is feature else [10, 6])  # whitening also factors a stack (joint)
     x = torch.randn(4096, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64) + 0.5
     weights = [torch.randn(m, n, generator=g, dtype=torch.float64) for m in members]
+    biases = [torch.randn(m, generator=g, dtype=torch.float64) if bias else None for m in members]
     d = torch.rand(sum(members), generator=g, dtype=torch.float64).pow(3) * 10 + 1e-3
 
     def decomposed(output_weights):
         return module.decompose(UnitWeights([f"m{i}" for i in range(len(weights))], [w.clone() for w in weights],
-                                            [None] * len(weights), input_stats(x, x.shape[0]), output_weights))
+                                            list(biases), input_stats(x, x.shape[0]), output_weights))
 
     weighted, plain = decomposed(d), decomposed(None)
     gains = []
-    for rank in (2, 5, 9):
-        mine, other = (_weighted_error(dec, rank, x, weights, d) for dec in (weighted, plain))
+    for rank in (2, 5, 7):
+        mine, other = (_weighted_error(dec, rank, x, weights, biases, d) for dec in (weighted, plain))
         assert mine <= other * (1 + 1e-9)
         assert weighted.tail_error(rank) == pytest.approx(mine, rel=1e-4)  # whitening's ridge
         gains.append(other / mine)
