@@ -30,7 +30,7 @@ from torch import nn
 from rankdown.checkpoint import load_model
 from rankdown.compress.calibration import collect_layer_stats, layer_inputs
 from rankdown.compress.config import BasisTuning
-from rankdown.compress.decomposition import balanced_svd
+from rankdown.compress.decomposition import balanced_pair, balanced_svd
 from rankdown.compress.rank_allocation import total_params
 from rankdown.compress.rank_job import RankJob, RankOutcome
 from rankdown.compress.training_data import mean_loss, training_windows
@@ -105,12 +105,7 @@ class TunableBasisLinear(nn.Module):
             c = self.coefficients.double()
             b = torch.cat([self.u.double() * c, self.b_new.double()], dim=1)  # m x r
             a = torch.cat([self.v.double().T, self.a_new.double()], dim=0)  # r x n
-            qb, rb = torch.linalg.qr(b)
-            qa, ra = torch.linalg.qr(a.T)
-            u, s, vh = balanced_svd(rb @ ra.T)
-            root = s.sqrt()
-            up = qb @ (u * root)
-            down = (root[:, None] * vh) @ qa.T
+            up, down = balanced_pair(b, a)
             bias = None if self.bias is None else self.bias.to(dtype)
             return FactorizedLinear.from_factors(down.to(dtype), up.to(dtype), bias)
 

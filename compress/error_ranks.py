@@ -104,7 +104,7 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
             energies[i] = decomposition.energies.detach().to(torch.float64).clone()
             if fisher is not None and not weighted:
                 # The method's own directions, each energy weighed by the loss along it
-                channel_weights = torch.cat([fisher[f"{prefix}{member}"] for member in unit.members]).to(decomposition.a.device)
+                channel_weights = unit_output_weights(fisher, prefix, unit.members, floor=0).to(decomposition.a.device)
                 energies[i] = weighted_energies(energies[i], decomposition.output_directions().detach(), channel_weights).cpu()
             del decomposition
         del stats
