@@ -480,15 +480,53 @@ def write(results: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
-        runtime = r.get("runtime", "")
-        # a bundle's rows share its name: say which runtime ran the artifact
-        name = f"{r['name']} ({runtime.split(':', 1)[1]})" if runtime.startswith("rankdown:") else r["name"]
+        name = _label(r)
         lines.append(f"| {name} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
                      f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "
                      f"{r.get('rounds', 1)}x{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
+    plot(results["rows"], out / "peers.png")
+
+
+def _label(row: dict) -> str:
+    runtime = row.get("runtime", "")
+    # as the table names it: a bundle's rows share its name, so say which runtime ran the artifact
+    return f"{row['name']} ({runtime.split(':', 1)[1]})" if runtime.startswith("rankdown:") else row["name"]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """The user's question as a picture: decode speed against file size, float rows and 4-bit rows
+    apart (each compared with its own precision), peers as circles, rankdown as stars, whiskers the
+    min-max of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("fp32", [r for r in rows if r["precision"] == "fp32"]),
+              ("4-bit", [r for r in rows if r["precision"] != "fp32"])]
+    panels = [(title, chosen) for title, chosen in panels if chosen]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 5), squeeze=False)
+    for ax, (title, chosen) in zip(axes[0], panels):
+        for r in chosen:
+            d = r["decode_tokens_per_s"]
+            ours = r["name"].startswith("rankdown")
+            size = r["size_bytes"] / 2**20
+            ax.errorbar(size, d["median"], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]],
+                        fmt="*" if ours else "o", markersize=12 if ours else 8, capsize=3,
+                        color="tab:red" if ours else "tab:blue")
+            precision = "" if title == "fp32" else f" ({r['precision']})"
+            ax.annotate(_label(r) + precision, (size, d["median"]), fontsize=6.5,
+                        xytext=(5, 3), textcoords="offset points")
+        ax.set_title(f"{title}: decode tokens/s against size (stars: rankdown, circles: peers)", fontsize=9)
+        ax.set_xlabel("weights on disk, MiB")
+        ax.set_ylabel("decode tokens/s (median; whiskers: min-max)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

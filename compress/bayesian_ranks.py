@@ -78,7 +78,8 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
             if rank is None:
                 set_unit(layer, unit, [dense[(unit.layer, m)] for m in unit.members])
             else:
-                set_unit(layer, unit, factor_modules(cache[i], unit, rank, torch.float32))
+                set_unit(layer, unit, factor_modules(cache[i], unit, rank, torch.float32,
+                                                     f"model.layers.{unit.layer}.{unit.members[0]}"))
 
     kinds = sorted({u.kind for u in units if u.compressible})
 

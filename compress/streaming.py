@@ -89,7 +89,7 @@ def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: l
                                        f"model.layers.{index}", stored, device,
                                        None if fisher is None else unit_output_weights(fisher, prefix, unit.members))
         del stored
-        built[position] = unit_factors(decomposition, rank, torch.float32)
+        built[position] = unit_factors(decomposition, rank, torch.float32, f"{prefix}{unit.members[0]}")
         del decomposition
     del stats
     for position, (unit, _) in enumerate(todo):

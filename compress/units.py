@@ -146,9 +146,13 @@ def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, p
         raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
 
 
-def unit_factors(decomposition: Decomposition, rank: int, dtype: torch.dtype) -> Factors:
-    """A, one B per member and one bias per member at ``rank``, in ``dtype``."""
-    a, bs, biases = decomposition.factors(rank)
+def unit_factors(decomposition: Decomposition, rank: int, dtype: torch.dtype, name: str) -> Factors:
+    """A, one B per member and one bias per member at ``rank``, in ``dtype``. ``name`` (the unit's
+    first member) names a failure: a method's re-shaping of the truncated factors runs an SVD."""
+    try:
+        a, bs, biases = decomposition.factors(rank)
+    except ValueError as e:
+        raise RankdownError(f"{name}: factors at rank {rank} failed: {e}") from None
     return a.to(dtype), [b.to(dtype) for b in bs], [None if b is None else b.to(dtype) for b in biases]
 
 
@@ -160,10 +164,10 @@ def modules_from_factors(unit: Unit, factors: Factors) -> list[FactorizedLinear]
     return shared_down_group(a, bs, biases)
 
 
-def factor_modules(decomposition: Decomposition, unit: Unit, rank: int,
-                   dtype: torch.dtype) -> list[FactorizedLinear] | list[SharedDownLinear]:
+def factor_modules(decomposition: Decomposition, unit: Unit, rank: int, dtype: torch.dtype,
+                   name: str) -> list[FactorizedLinear] | list[SharedDownLinear]:
     """Factor pairs for one unit at ``rank`` (a shared-``down`` group for joint units)."""
-    return modules_from_factors(unit, unit_factors(decomposition, rank, dtype))
+    return modules_from_factors(unit, unit_factors(decomposition, rank, dtype, name))
 
 
 def set_unit(layer: nn.Module, unit: Unit, modules: list[nn.Module]) -> None:

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import logging
+import warnings
+
+# Python warnings the libraries raise on every export, none of them about the user's input:
+# (category, start of the message).
+LIBRARY_WARNINGS = (
+    # torch 2.13 deprecates _check_is_size; executorch 1.5's custom ops and torch's own tracer still call it
+    (FutureWarning, "_check_is_size will be removed"),
+    # torch's pytree deprecation, raised while ExecuTorch copies the exported program
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # the KV cache is a mutated buffer by design; the emitter says so once per program
+    (UserWarning, "Mutation on a buffer in the model is detected"),
+)
 
 
 def quiet_library_logs() -> None:
     """torchao (pulled in by executorch) logs at import that its CUDA kernels cannot load on a
-    CPU machine, and torch's pytree logs a deprecation for torchao's enums."""
+    CPU machine, and torch's pytree logs a deprecation for torchao's enums.
+
+    onnxruntime's MatMulNBits quantizer calls ``logging.basicConfig(level=INFO)`` when imported,
+    which turned every library's root-logger INFO line (executorch's custom-ops loader among them)
+    into output: the root logger is configured first, at WARNING, so that later ``basicConfig``
+    calls do nothing."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

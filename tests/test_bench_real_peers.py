@@ -74,3 +74,26 @@ def test_a_bundles_onnx_folder_is_also_timed_in_onnxruntime_genai(tmp_path: Path
     assert rows[1].artifact == str(tmp_path / "onnx") and rows[1].venv == "project"
     (tmp_path / "onnx/genai_config.json").unlink()
     assert [r.runtime for r in bundle_rows("b", tmp_path)] == ["rankdown:onnxruntime", "rankdown:executorch"]
+
+
+def test_peers_table_and_plot_name_each_rows_runtime(tmp_path: Path):
+    """bench/peers.py writes peers.md and peers.png (decode speed against size, fp32 and 4-bit apart)."""
+    from bench.peers import write
+
+    def row(name: str, runtime: str, precision: str, decode: float, size_mib: float) -> dict:
+        spread = {"median": decode, "min": decode - 5, "max": decode + 5, "runs": 5}
+        return {"name": name, "runtime": runtime, "precision": precision, "decode_tokens_per_s": spread,
+                "ttft_ms": spread, "ttft_long_ms": spread, "load_s": 1.0, "peak_rss_mb": 600.0, "import_rss_mb": 50.0,
+                "size_bytes": int(size_mib * 2**20), "greedy_agree_with_transformers": 128, "threads": 2,
+                "rounds": 3, "runs": 5, "load_average": [0.5, 0.5, 0.5, 1.0]}
+
+    setup = {"threads": 2, "prompt_tokens": 32, "long_prompt_tokens": 128, "new_tokens": 128, "warmup": 1,
+             "runs": 5, "rounds": 3, "uptime": "up"}
+    rows = [row("optimum-executorch", "et-hf", "fp32", 107.1, 621.6),
+            row("rankdown 40%", "rankdown:executorch", "fp32", 137.4, 351.7),
+            row("rankdown 40%", "rankdown:onnxruntime", "int4", 214.0, 74.5)]
+    write({"setup": setup, "rows": rows}, tmp_path)
+    table = (tmp_path / "peers.md").read_text()
+    assert "| rankdown 40% (executorch) | fp32 | 137.4 (132.4-142.4)" in table
+    assert "| rankdown 40% (onnxruntime) | int4 |" in table and "| optimum-executorch | fp32 |" in table
+    assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

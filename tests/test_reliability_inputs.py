@@ -271,6 +271,21 @@ def test_svd_that_does_not_converge_names_the_module(tiny_model_dir, tmp_path, m
     assert message.startswith("model.layers.0.mlp.down_proj")  # the widest input is decomposed first
 
 
+def test_factors_reshaped_after_the_decomposition_name_the_module(tiny_model_dir, tmp_path, monkeypatch):
+    """Under error ranks (the default), whiten's factors are re-balanced at the chosen rank (an SVD after the
+    decomposition): its failure names the unit too, and nothing is written."""
+    import rankdown.compress.whitening as whitening
+
+    def no_convergence(*_a, **_k):
+        raise ValueError("SVD did not converge: linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(whitening, "balanced_pair", no_convergence)
+    out = tmp_path / "out"
+    with pytest.raises(RankdownError, match=r"^model\.layers\.\d+\.\S+: factors at rank \d+ failed: SVD did not converge"):
+        compress(tiny_model_dir, out, CompressConfig(method="whiten", **SMALL), progress=quiet)
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
 def test_non_finite_factors_are_never_written(tiny_model_dir, tmp_path, monkeypatch):
     from rankdown.compress.config import Method
     from rankdown.compress.decomposition import Decomposition

@@ -1,0 +1,37 @@
+"""Library noise stays out of the user's terminal: checked in a fresh interpreter, since both the
+root logger's configuration and the warning filters are per process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+_SCRIPT = """
+import logging, sys, warnings
+if sys.argv[1] == "quiet":
+    from rankdown.library_logs import quiet_library_logs
+    quiet_library_logs()
+import onnxruntime.quantization.matmul_nbits_quantizer  # configures the root logger at INFO when first
+logging.info("a library's info line")
+warnings.warn("_check_is_size will be removed in a future PyTorch release", FutureWarning)
+warnings.warn("Mutation on a buffer in the model is detected.", UserWarning)
+logging.getLogger("some.library").warning("a library's warning")
+warnings.warn("a warning rankdown did not list", UserWarning)
+"""
+
+
+def _stderr(mode: str) -> str:
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_library_info_lines_and_listed_warnings_are_quiet():
+    loud, quiet = _stderr("loud"), _stderr("quiet")
+    # the control: without the call, the libraries' lines reach the terminal
+    assert "a library's info line" in loud and "_check_is_size" in loud and "Mutation on a buffer" in loud
+    assert "a library's info line" not in quiet
+    assert "_check_is_size" not in quiet and "Mutation on a buffer" not in quiet
+    # what is not listed still shows: a warning, and a library's WARNING log line
+    assert "a warning rankdown did not list" in quiet
+    assert "a library's warning" in quiet
