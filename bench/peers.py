@@ -19,7 +19,14 @@ minutes). Time to first token is the prompt call plus the first token's choice, 
 process's (VmHWM, imports included, so the import's own RSS is reported too); size is the
 bytes of the weights the runtime reads. The greedy tokens of each row are compared with
 transformers' fp32 greedy on the same prompt. The load average is recorded with each row:
-on a shared machine the figures are indicative only. Writes bench/results/peers.{md,json}.
+on a shared machine the figures are indicative only.
+
+Task quality, once per row after its first round's timing (not timed): the first
+``--quality-examples`` problems of ``--task``'s evaluation split (default `compare`, 200), each
+prompt in one call and greedy tokens one call each until the end-of-sequence token or the
+answer's length + 2 (as `rankdown eval`), the first line of the text compared with the answer;
+transformers' fp32 dense model on the same problems is the reference.
+Writes bench/results/peers.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -243,6 +251,18 @@ def _import_runtime(runtime: str) -> None:
         importlib.import_module(module)
 
 
+def greedy_answer(decoder, ids: list[int], budget: int, eos: int | None) -> list[int]:
+    """Greedy tokens after ``ids`` until ``eos`` (not kept) or ``budget`` tokens."""
+    out: list[int] = []
+    token = decoder.first(ids)
+    while token != eos:
+        out.append(token)
+        if len(out) == budget:
+            break
+        token = decoder.next(token)
+    return out
+
+
 def time_half(job_path: Path, out_path: Path) -> None:
     job = json.loads(job_path.read_text())
     runtime, threads = job["runtime"], job["threads"]
@@ -278,6 +298,8 @@ def time_half(job_path: Path, out_path: Path) -> None:
     result = {"load_s": load_s, "ttft_ms": _spread(ttft), "ttft_long_ms": _spread(ttft_long),
               "decode_tokens_per_s": _spread(rates), "peak_rss_mb": _vm_kb("VmHWM"), "import_rss_mb": rss_import,
               "greedy": tokens[: job["new_tokens"]]}
+    if job.get("problems"):  # after the timing, so that it times nothing
+        result["answers"] = [greedy_answer(decoder, p["ids"], p["budget"], job["eos"]) for p in job["problems"]]
     out_path.write_text(json.dumps(result) + "\n")
 
 
@@ -292,12 +314,22 @@ def merge_rounds(rounds: list[dict]) -> dict:
                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
                      "import_rss_mb": max(r["import_rss_mb"] for r in rounds),
                      "load_average": max((r["load_average"] for r in rounds), key=lambda a: a[0]),
-                     "greedy": rounds[0]["greedy"], "rounds": len(rounds)}
+                     "greedy": rounds[0]["greedy"], "answers": rounds[0].get("answers"), "rounds": len(rounds)}
 
 
-def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: list[int], args: argparse.Namespace) -> dict:
+def exact_match(texts: list[str], answers: list[str]) -> float:
+    """`rankdown eval`'s rule: the first line of the continuation equals the answer."""
+    from rankdown.evaluate import first_line
+
+    return sum(first_line(t) == a for t, a in zip(texts, answers, strict=True)) / len(answers)
+
+
+def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: list[int], args: argparse.Namespace,
+               quality: Quality | None = None) -> dict:
     result = merge_rounds(rounds)
-    greedy = result.pop("greedy")
+    greedy, answers = result.pop("greedy"), result.pop("answers")
+    if quality is not None and answers is not None:
+        result["task_exact_match"] = exact_match(quality.decode(answers), quality.answers)
     agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
     return asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
                           "greedy_agree_with_transformers": agree, "threads": args.threads,
@@ -345,9 +377,44 @@ def weight_bytes(row: Row) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse.Namespace) -> dict:
+@dataclass
+class Quality:
+    """The task's problems as token ids for the timing half, and what judges its answers."""
+
+    task: str
+    problems: list[dict]  # {"ids": prompt tokens, "budget": new tokens at most}
+    answers: list[str]
+    eos: int | None
+    decode: Callable[[list[list[int]]], list[str]]
+    reference_exact_match: float  # transformers, fp32, the dense model, the same problems
+
+
+def task_quality(model: Path, task: str, examples: int) -> Quality:
+    import torch
+
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.evaluate import greedy_answers
+    from rankdown.tasks import Split, load_task
+
+    tokenizer = load_tokenizer(model)
+    qa = load_task(task, Split.EVALUATION).qa[:examples]
+    if not qa:
+        raise SystemExit(f"--task {task}: no exact-match problems")
+    torch.set_num_threads(THREADS)
+    reference = exact_match(greedy_answers(load_model(open_checkpoint(model)).eval(), tokenizer, qa, 64),
+                            [ex.answer for ex in qa])
+    problems = [{"ids": tokenizer(ex.prompt)["input_ids"],
+                 "budget": len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2} for ex in qa]
+    return Quality(task, problems, [ex.answer for ex in qa], tokenizer.eos_token_id,
+                   lambda outs: tokenizer.batch_decode(outs, skip_special_tokens=True), reference)
+
+
+def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse.Namespace,
+             quality: Quality | None = None) -> dict:
     job = {"runtime": row.runtime, "artifact": row.artifact, "threads": args.threads, "prompt": prompt,
            "long_prompt": long_prompt, "new_tokens": NEW_TOKENS, "warmup": args.warmup, "runs": args.runs}
+    if quality is not None:
+        job |= {"problems": quality.problems, "eos": quality.eos}
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
@@ -410,6 +477,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="times each row is timed, round-robin over the rows")
+    parser.add_argument("--task", default="compare", help="the exact-match task of the quality column")
+    parser.add_argument("--quality-examples", type=int, default=200, help="its problems per row (0: no quality column)")
     args = parser.parse_args()
     if args.rounds < 1 or args.runs < 1:
         raise SystemExit("--rounds and --runs must be at least 1")
@@ -433,9 +502,16 @@ def main() -> None:
     prompt, long_prompt = prompts(args.model)
     log("transformers fp32 greedy reference")
     reference = reference_greedy(args.model, prompt)
+    quality = None
+    if args.quality_examples > 0:
+        log(f"transformers fp32 exact match on {args.quality_examples} {args.task} problems")
+        quality = task_quality(args.model, args.task, args.quality_examples)
     results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
                          "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "uptime": _uptime(),
+                         "quality": None if quality is None else {
+                             "task": quality.task, "examples": len(quality.answers),
+                             "reference_exact_match": quality.reference_exact_match},
                          "versions": versions()},
                "rows": []}
     # Rows not rerun now are kept from the last file (each carries its own threads, runs and load),
@@ -449,8 +525,8 @@ def main() -> None:
     for round_no in range(1, args.rounds + 1):
         for row, timed in zip(rows, samples):
             log(f"round {round_no}/{args.rounds}")
-            timed.append(time_row(row, prompt, long_prompt, args))
-        results["rows"] = kept + [row_result(row, secs, timed, reference, args)
+            timed.append(time_row(row, prompt, long_prompt, args, quality if round_no == 1 else None))
+        results["rows"] = kept + [row_result(row, secs, timed, reference, args, quality)
                                   for row, secs, timed in zip(rows, seconds, samples)]
         write(results, args.out)
         log(f"round {round_no} decode tok/s (this round's medians): " + ", ".join(
@@ -469,22 +545,30 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
     s = results["setup"]
+    q = s.get("quality")
+    quality_column = f"{q['task']} exact match ({q['examples']})" if q else "task exact match"
+    quality_line = (f" Exact match: the first {q['examples']} {q['task']} evaluation problems in the row's runtime, greedy; "
+                    f"transformers fp32 on the dense model: {q['reference_exact_match']:.1%}." if q else "")
     lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads, each row in its own process: a {s['prompt_tokens']}-token "
              f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; {s.get('rounds', 1)} round(s) "
              f"round-robin over the rows, each {s['runs']} runs after {s['warmup']} warm-up; the median of the rounds' "
              f"medians (min-max of all runs in brackets); rows kept from an earlier run say their own "
              f"threads, rounds and runs; the load column is the highest at a row's start. Load at start of the last run: `{s['uptime']}`"
-             + (f"; at end: `{s['uptime_end']}`" if "uptime_end" in s else "") + ".", "",
+             + (f"; at end: `{s['uptime_end']}`" if "uptime_end" in s else "") + "."
+             + quality_line, "",
              f"| export | precision | decode tok/s | TTFT {s['prompt_tokens']} ms | TTFT {s['long_prompt_tokens']} ms | "
-             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | threads, rounds x runs | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"load s | peak RSS MB (after import) | size MiB | greedy = transformers | {quality_column} | "
+             f"threads, rounds x runs | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
         name = _label(r)
         lines.append(f"| {name} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
-                     f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | {r.get('threads', '?')}, "
+                     f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | "
+                     f"{'-' if r.get('task_exact_match') is None else format(r['task_exact_match'], '.1%')} | "
+                     f"{r.get('threads', '?')}, "
                      f"{r.get('rounds', 1)}x{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     plot(results["rows"], out / "peers.png")
@@ -518,7 +602,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         fmt="*" if ours else "o", markersize=12 if ours else 8, capsize=3,
                         color="tab:red" if ours else "tab:blue")
             precision = "" if title == "fp32" else f" ({r['precision']})"
-            ax.annotate(_label(r) + precision, (size, d["median"]), fontsize=6.5,
+            em = "" if r.get("task_exact_match") is None else f", EM {r['task_exact_match']:.0%}"
+            ax.annotate(_label(r) + precision + em, (size, d["median"]), fontsize=6.5,
                         xytext=(5, 3), textcoords="offset points")
         ax.set_title(f"{title}: decode tokens/s against size (stars: rankdown, circles: peers)", fontsize=9)
         ax.set_xlabel("weights on disk, MiB")
