@@ -70,6 +70,9 @@ class ParityThresholds:
     # the same for the 95th percentile over positions of each position's max |logit diff|: a bound
     # one chaotic position cannot fail, where 4-bit weights meet 8-bit activations
     max_rel_p95_logit_diff: float = math.inf
+    # top-1: the runtime's token also agrees where the reference scores it within this x logit scale
+    # of its best (export/parity.py ``logit_agreement``); 0: the same top token
+    top1_tie: float = 0.0
 
     @classmethod
     def for_quantize(cls, quantize: Quantize) -> ParityThresholds:
@@ -101,9 +104,19 @@ class ParityThresholds:
         token, whose logits are flat: scale 12.5 there; the same checkpoint compressed again the day
         before had 0.09 x everywhere); the 6.6M shipped model at 40%, 0.04 x, top-1 91.7%. So the bound
         is on the 95th percentile position, and the largest difference only has to stay below the
-        logit scale (a broken kernel or a NaN fails that too)."""
+        logit scale (a broken kernel or a NaN fails that too).
+
+        Top-1 counts near-ties (``top1_tie``): where the reference's own top two are closer than the
+        kernels' rounding moves a logit, which token wins says nothing about the lowering. Measured:
+        SmolLM2 compressed for ``compare`` at 40% with error ranks (2026-12-02), ExecuTorch int4, head
+        8-bit: the runtime against its PyTorch model moves each position's largest logit by 0.052 x scale
+        (median; 0.076 at the 90th percentile), the reference's top-two margin is 0.022 x scale (median)
+        on the generic text, where that model's logits are flat (it was healed for one task), and the
+        runtime picked another token at 14 of 69 positions (top-1 79.7%), each one the reference ranked
+        within 0.044 x scale of its best. Within 0.05 x scale they are ties; a broken kernel moves logits
+        by the scale itself."""
         return cls(max_rel_logit_diff=1.0, min_top1_agreement=0.85, greedy_must_match=False,
-                   max_rel_p95_logit_diff=0.25)
+                   max_rel_p95_logit_diff=0.25, top1_tie=0.05)
 
 
 @dataclass(frozen=True)

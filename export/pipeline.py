@@ -233,7 +233,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                                if name == "parity" else f"PyTorch with its {cfg.quantize.value} weights")
                     progress(f"{fmt.value}: against {against}: max |logit diff| {result.max_abs_logit_diff:.2e} "
                              f"(95th-percentile position {result.p95_abs_logit_diff:.2e}; "
-                             f"logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}, greedy "
+                             f"logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}"
+                             f"{f' (near-ties within {bounds.top1_tie:g} x scale count)' if bounds.top1_tie else ''}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
                         raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "

@@ -301,7 +301,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         results.append(result)
         checks: tuple
         if ref is reference:
-            checks = (max_rel, min_top1, base.greedy_must_match, None, base.max_rel_p95_logit_diff)
+            checks = (max_rel, min_top1, base.greedy_must_match, None, base.max_rel_p95_logit_diff, base.top1_tie)
         else:
             lowering = ParityThresholds.lowering()
             checks = (lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
@@ -310,7 +310,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                       FloatFloor(floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
                                  else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
                                  2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS),
-                      lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf)
+                      lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf,
+                      lowering.top1_tie)
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
@@ -392,14 +393,15 @@ def float_top1(arrays: dict, floor: FloatFloor) -> float:
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: tuple,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
     """``checks``: (max relative logit diff, min top-1, greedy must match, a FloatFloor or None when
-    ``reference`` is the float model itself, the 95th-percentile position's relative logit diff)."""
-    max_rel, min_top1, greedy_must, float_check, max_rel_p95 = checks
+    ``reference`` is the float model itself, the 95th-percentile position's relative logit diff, the
+    near-tie that top-1 counts as agreement, relative to the logit scale)."""
+    max_rel, min_top1, greedy_must, float_check, max_rel_p95, top1_tie = checks
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
     # Prompt positions and continuation positions alike: a small error anywhere counts.
     pairs = [(arrays[f"prompt_{i}"], ref.prompt_logits) for i, ref in enumerate(reference)] + continuations
-    max_diff, scale, top1, count = logit_agreement(pairs)
+    max_diff, scale, top1, count = logit_agreement(pairs, top1_tie)
     p95 = position_percentile(pairs)
     at_pair, at_position, at_token, _ = largest_difference(pairs)
     if at_pair >= n:

@@ -50,6 +50,31 @@ def test_a_shift_at_many_positions_fails_the_lowering_bound():
     assert describe_failure(result, ParityThresholds.lowering()).startswith("95th-percentile position's |logit diff| 9 > 0.25")
 
 
+def test_the_lowering_counts_near_ties_as_agreement_and_nothing_wider():
+    """Where the reference's top two are within 0.05 x scale, the runtime may pick either; a token the
+    reference ranks further down is a disagreement, and the float bounds still ask for the same token."""
+    positions = 40
+    reference = np.zeros((positions, 50), np.float32)
+    reference[:, 0] = 20.0  # the scale
+    reference[:, 1] = 19.5  # a near-tie: 0.025 x scale below the best
+    reference[:, 2] = 17.0  # 0.15 x scale below
+    got = reference.copy()
+    got[:12, 1] = 20.5  # the runtime picks the near-tied token at 12 positions (top-1 70% strictly)
+    lowering = ParityThresholds.lowering()
+    result = judge([_generation(reference)], [_generation(got)], lowering)
+    assert result.top1_agreement == 1.0 and result.passed
+    assert judge([_generation(reference)], [_generation(got)], ParityThresholds.for_quantize(Quantize.INT4)) \
+        .top1_agreement == 0.7
+    got = reference.copy()
+    got[:12, 2] = 20.5  # the runtime picks a token the reference ranks 3 logits (0.15 x scale) down
+    result = judge([_generation(reference)], [_generation(got)], lowering)
+    assert result.top1_agreement == 0.7 and not result.passed
+    assert "top-1 agreement 70.0% < 85.0% (near-ties within 0.05 x logit scale counted)" in describe_failure(result, lowering)
+    # a NaN in the reference is never a tie
+    reference[20, :] = math.nan
+    assert logit_agreement([(got, reference)], tie=0.05)[2] < 0.7
+
+
 def test_a_nan_fails_every_bound():
     runs, reference = _pair([], by=0.0)
     runs[0].prompt_logits[5, 7] = math.nan
