@@ -24,8 +24,9 @@ on a shared machine the figures are indicative only.
 Task quality, once per row after its first round's timing (not timed): the first
 ``--quality-examples`` problems of ``--task``'s evaluation split (default `compare`, 200), each
 prompt in one call and greedy tokens one call each until the end-of-sequence token or the
-answer's length + 2 (as `rankdown eval`), the first line of the text compared with the answer;
-transformers' fp32 dense model on the same problems is the reference.
+answer's length + 2 (as `rankdown validate` runs a bundle), the first line of the text compared
+with the answer (`rankdown eval`'s rule); transformers' fp32 dense model on the same problems
+(`rankdown eval`'s batched greedy) is the reference.
 Writes bench/results/peers.{md,json,png}.
 """
 
@@ -255,11 +256,10 @@ def greedy_answer(decoder, ids: list[int], budget: int, eos: int | None) -> list
     """Greedy tokens after ``ids`` until ``eos`` (not kept) or ``budget`` tokens."""
     out: list[int] = []
     token = decoder.first(ids)
-    while token != eos:
+    while token != eos and len(out) < budget:
         out.append(token)
-        if len(out) == budget:
-            break
-        token = decoder.next(token)
+        if len(out) < budget:
+            token = decoder.next(token)
     return out
 
 
@@ -329,7 +329,9 @@ def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: l
     result = merge_rounds(rounds)
     greedy, answers = result.pop("greedy"), result.pop("answers")
     if quality is not None and answers is not None:
-        result["task_exact_match"] = exact_match(quality.decode(answers), quality.answers)
+        # with its task and problem count: a row kept into a later run's table may have had others
+        result["task_quality"] = {"task": quality.task, "examples": len(quality.answers),
+                                  "exact_match": exact_match(quality.decode(answers), quality.answers)}
     agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
     return asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
                           "greedy_agree_with_transformers": agree, "threads": args.threads,
@@ -389,10 +391,9 @@ class Quality:
     reference_exact_match: float  # transformers, fp32, the dense model, the same problems
 
 
-def task_quality(model: Path, task: str, examples: int) -> Quality:
-    import torch
-
-    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+def task_quality(model: Path, dense, task: str, examples: int) -> Quality:
+    """``dense``: the model's transformers module, already loaded (``reference_model``)."""
+    from rankdown.checkpoint import load_tokenizer
     from rankdown.evaluate import greedy_answers
     from rankdown.tasks import Split, load_task
 
@@ -400,9 +401,7 @@ def task_quality(model: Path, task: str, examples: int) -> Quality:
     qa = load_task(task, Split.EVALUATION).qa[:examples]
     if not qa:
         raise SystemExit(f"--task {task}: no exact-match problems")
-    torch.set_num_threads(THREADS)
-    reference = exact_match(greedy_answers(load_model(open_checkpoint(model)).eval(), tokenizer, qa, 64),
-                            [ex.answer for ex in qa])
+    reference = exact_match(greedy_answers(dense, tokenizer, qa, 64), [ex.answer for ex in qa])
     problems = [{"ids": tokenizer(ex.prompt)["input_ids"],
                  "budget": len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2} for ex in qa]
     return Quality(task, problems, [ex.answer for ex in qa], tokenizer.eos_token_id,
@@ -428,14 +427,20 @@ def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse
     return result
 
 
-def reference_greedy(model: Path, prompt: list[int]) -> list[int]:
+def reference_model(model: Path):
+    """transformers' fp32 model, for the references (greedy tokens and exact match)."""
     import torch
 
     from rankdown.checkpoint import load_model, open_checkpoint
-    from rankdown.export.parity import torch_greedy
 
     torch.set_num_threads(1)  # a reference, not a timing: one thread is the fastest on a shared machine
-    return list(torch_greedy(load_model(open_checkpoint(model)).eval(), prompt, NEW_TOKENS).tokens)
+    return load_model(open_checkpoint(model)).eval()
+
+
+def reference_greedy(dense, prompt: list[int]) -> list[int]:
+    from rankdown.export.parity import torch_greedy
+
+    return list(torch_greedy(dense, prompt, NEW_TOKENS).tokens)
 
 
 def prompts(model: Path) -> tuple[list[int], list[int]]:
@@ -501,11 +506,13 @@ def main() -> None:
             raise SystemExit(f"{row.name}: no venv at {VENVS[row.venv]}; `make bench-peers` builds it")
     prompt, long_prompt = prompts(args.model)
     log("transformers fp32 greedy reference")
-    reference = reference_greedy(args.model, prompt)
+    dense = reference_model(args.model)
+    reference = reference_greedy(dense, prompt)
     quality = None
     if args.quality_examples > 0:
         log(f"transformers fp32 exact match on {args.quality_examples} {args.task} problems")
-        quality = task_quality(args.model, args.task, args.quality_examples)
+        quality = task_quality(args.model, dense, args.task, args.quality_examples)
+    del dense
     results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
                          "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "uptime": _uptime(),
@@ -563,15 +570,26 @@ def write(results: dict, out: Path) -> None:
     for r in results["rows"]:
         d, t, tl = r["decode_tokens_per_s"], r["ttft_ms"], r["ttft_long_ms"]
         name = _label(r)
+        em = _row_exact_match(r, q)
         lines.append(f"| {name} | {r['precision']} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
                      f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {tl['median']:.1f} | {r['load_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['import_rss_mb']:.0f}) | {r['size_bytes'] / 2**20:.1f} | "
                      f"{r['greedy_agree_with_transformers']}/{s['new_tokens']} | "
-                     f"{'-' if r.get('task_exact_match') is None else format(r['task_exact_match'], '.1%')} | "
+                     f"{em} | "
                      f"{r.get('threads', '?')}, "
                      f"{r.get('rounds', 1)}x{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     plot(results["rows"], out / "peers.png")
+
+
+def _row_exact_match(row: dict, quality: dict | None) -> str:
+    """The row's exact match for the table: as is when measured on this run's task and problem count,
+    with its own task and count when a kept row had others, '-' when not measured."""
+    q = row.get("task_quality")
+    if q is None:
+        return "-"
+    same = quality is not None and (q["task"], q["examples"]) == (quality["task"], quality["examples"])
+    return f"{q['exact_match']:.1%}" + ("" if same else f" ({q['task']}, {q['examples']})")
 
 
 def _label(row: dict) -> str:
@@ -581,16 +599,16 @@ def _label(row: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """The user's question as a picture: decode speed against file size, float rows and 4-bit rows
+    """The user's question as a picture: decode speed against file size, fp32 rows and quantized rows
     apart (each compared with its own precision), peers as circles, rankdown as stars, whiskers the
-    min-max of every run."""
+    min-max of every run, each quantized point labelled with its exact match."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("fp32", [r for r in rows if r["precision"] == "fp32"]),
-              ("4-bit", [r for r in rows if r["precision"] != "fp32"])]
+              ("quantized", [r for r in rows if r["precision"] != "fp32"])]
     panels = [(title, chosen) for title, chosen in panels if chosen]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 5), squeeze=False)
     for ax, (title, chosen) in zip(axes[0], panels):
@@ -602,7 +620,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         fmt="*" if ours else "o", markersize=12 if ours else 8, capsize=3,
                         color="tab:red" if ours else "tab:blue")
             precision = "" if title == "fp32" else f" ({r['precision']})"
-            em = "" if r.get("task_exact_match") is None else f", EM {r['task_exact_match']:.0%}"
+            em = "" if title == "fp32" or r.get("task_quality") is None else \
+                f", EM {r['task_quality']['exact_match']:.0%}"
             ax.annotate(_label(r) + precision + em, (size, d["median"]), fontsize=6.5,
                         xytext=(5, 3), textcoords="offset points")
         ax.set_title(f"{title}: decode tokens/s against size (stars: rankdown, circles: peers)", fontsize=9)

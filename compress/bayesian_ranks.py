@@ -68,8 +68,7 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
             stats, hidden = collect_layer_stats(model, layer, hidden, BATCH, spec.pooled_stats, bf16)
         for i, unit in enumerate(units):
             if unit.layer == index and unit.compressible:
-                cache[i] = decompose_unit(spec, layer, unit, None if stats is None else stats[unit.site],
-                                         f"model.layers.{index}")
+                cache[i] = decompose_unit(spec, layer, unit, None if stats is None else stats[unit.site])
         progress(f"layer {index + 1}/{len(layers)} decomposed in {time.perf_counter() - start:.1f} s")
 
     def apply(ranks: list[int | None]) -> None:
@@ -78,8 +77,7 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
             if rank is None:
                 set_unit(layer, unit, [dense[(unit.layer, m)] for m in unit.members])
             else:
-                set_unit(layer, unit, factor_modules(cache[i], unit, rank, torch.float32,
-                                                     f"model.layers.{unit.layer}.{unit.members[0]}"))
+                set_unit(layer, unit, factor_modules(cache[i], unit, rank, torch.float32))
 
     kinds = sorted({u.kind for u in units if u.compressible})
 

@@ -98,7 +98,7 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
             last_of_site = all(units[j].site != unit.site for _, j in mine[k + 1 :])
             site_stats = None if stats is None else (stats.pop(unit.site) if last_of_site else stats[unit.site])
             weighted = fisher is not None and spec.output_weighted
-            decomposition = decompose_unit(spec, layer, unit, site_stats, f"model.layers.{index}", device=workers.device,
+            decomposition = decompose_unit(spec, layer, unit, site_stats, device=workers.device,
                                            output_weights=unit_output_weights(fisher, prefix, unit.members) if weighted else None)
             del site_stats
             energies[i] = decomposition.energies.detach().to(torch.float64).clone()

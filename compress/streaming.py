@@ -86,10 +86,10 @@ def _factor_units(spec: MethodSpec, ckpt, layer: nn.Module, index: int, units: l
         # method can free them mid-way: C (512 MiB at n = 8192) before the SVD of W L.
         decomposition = decompose_unit(spec, layer, unit, None if stats is None else
                                        (stats.pop(unit.site) if last_of_site else stats[unit.site]),
-                                       f"model.layers.{index}", stored, device,
+                                       stored, device,
                                        None if fisher is None else unit_output_weights(fisher, prefix, unit.members))
         del stored
-        built[position] = unit_factors(decomposition, rank, torch.float32, f"{prefix}{unit.members[0]}")
+        built[position] = unit_factors(decomposition, unit, rank, torch.float32)
         del decomposition
     del stats
     for position, (unit, _) in enumerate(todo):

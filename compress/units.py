@@ -51,6 +51,11 @@ class Unit:
         return SITE_OF[self.members[0]]
 
     @property
+    def name(self) -> str:
+        """The first member's module name, which names the unit in messages."""
+        return f"model.layers.{self.layer}.{self.members[0]}"
+
+    @property
     def dense_params(self) -> int:
         return self.in_features * sum(self.out_features) + self.biases
 
@@ -130,7 +135,7 @@ def unit_weights(layer: nn.Module, unit: Unit, site_stats, stored: dict[str, tor
     )
 
 
-def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, prefix: str,
+def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats,
                    stored: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
                    output_weights: torch.Tensor | None = None) -> Decomposition:
     """One unit's decomposition; ``site_stats`` is the InputStats of the unit's input site (None if
@@ -143,16 +148,16 @@ def decompose_unit(spec: MethodSpec, layer: nn.Module, unit: Unit, site_stats, p
     try:
         return spec.decompose(weights)
     except ValueError as e:
-        raise RankdownError(f"{prefix}.{unit.members[0]}: decomposition failed: {e}") from None
+        raise RankdownError(f"{unit.name}: decomposition failed: {e}") from None
 
 
-def unit_factors(decomposition: Decomposition, rank: int, dtype: torch.dtype, name: str) -> Factors:
-    """A, one B per member and one bias per member at ``rank``, in ``dtype``. ``name`` (the unit's
-    first member) names a failure: a method's re-shaping of the truncated factors runs an SVD."""
+def unit_factors(decomposition: Decomposition, unit: Unit, rank: int, dtype: torch.dtype) -> Factors:
+    """A, one B per member and one bias per member of ``unit`` at ``rank``, in ``dtype``. A method's
+    re-shaping of the truncated factors runs an SVD, whose failure names the unit."""
     try:
         a, bs, biases = decomposition.factors(rank)
     except ValueError as e:
-        raise RankdownError(f"{name}: factors at rank {rank} failed: {e}") from None
+        raise RankdownError(f"{unit.name}: factors at rank {rank} failed: {e}") from None
     return a.to(dtype), [b.to(dtype) for b in bs], [None if b is None else b.to(dtype) for b in biases]
 
 
@@ -164,10 +169,10 @@ def modules_from_factors(unit: Unit, factors: Factors) -> list[FactorizedLinear]
     return shared_down_group(a, bs, biases)
 
 
-def factor_modules(decomposition: Decomposition, unit: Unit, rank: int, dtype: torch.dtype,
-                   name: str) -> list[FactorizedLinear] | list[SharedDownLinear]:
+def factor_modules(decomposition: Decomposition, unit: Unit, rank: int,
+                   dtype: torch.dtype) -> list[FactorizedLinear] | list[SharedDownLinear]:
     """Factor pairs for one unit at ``rank`` (a shared-``down`` group for joint units)."""
-    return modules_from_factors(unit, unit_factors(decomposition, rank, dtype, name))
+    return modules_from_factors(unit, unit_factors(decomposition, unit, rank, dtype))
 
 
 def set_unit(layer: nn.Module, unit: Unit, modules: list[nn.Module]) -> None:

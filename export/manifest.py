@@ -15,8 +15,10 @@ from rankdown.errors import RankdownError
 from rankdown.schema import build
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # 1: before tied_embeddings and embedding_tables (read as None)
+SCHEMA_VERSION = 3
+# 1: before tied_embeddings and embedding_tables (read as None); 2: before a parity's top1_tie and
+# strict_top1_agreement (read as 0.0 and None: top-1 then asked for the same token)
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class Parity:
     p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
     # the tasks whose text the prompts are (parity_tasks); None: an older bundle, checked on math, code, prose
     tasks: tuple[str, ...] | None = None
+    # top1_agreement counted near-ties within this x logit_scale (the lowering check), and then the
+    # agreement on the same top token; 0.0 and None: top-1 asked for the same token
+    top1_tie: float = 0.0
+    strict_top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)

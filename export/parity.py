@@ -77,23 +77,21 @@ def torch_greedy(model, prompt: list[int], new_tokens: int) -> Generation:
 
 
 def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]], tie: float = 0.0) -> tuple[float, float, float, int]:
-    """Over (got, reference) prompt-logit pairs: max |diff|, the largest |reference logit|,
-    top-1 agreement and the number of positions. ``tie`` (relative to that scale): the runtime's
-    top token also agrees where the reference scores it within ``tie x scale`` of its own best (a
-    near-tie, decided by rounding noise); 0 asks for the same top token."""
+    """Over (got, reference) prompt-logit pairs: max |diff|, the largest |reference logit| over all
+    pairs, top-1 agreement and the number of positions. Top-1: the reference scores the runtime's
+    top token at its own best, or, with ``tie`` (relative to that scale), within ``tie x scale`` of it
+    (a near-tie, decided by rounding noise)."""
     max_diff, scale, agree, positions = 0.0, 0.0, 0, 0
     for got, ref in pairs:
         # np.fmax would drop a NaN, and so would Python's max when it comes second: keep it, so it fails
         max_diff = float(np.max([max_diff, float(np.abs(got - ref).max())]))
-        scale = max(scale, float(np.abs(ref).max()))
+        scale = float(np.max([scale, float(np.abs(ref).max())]))
         positions += len(ref)
+    if not math.isfinite(scale):  # an infinite logit would make every relative bound hold: none does
+        scale = math.nan
     for got, ref in pairs:
-        picked = got.argmax(-1)
-        if tie > 0:
-            chosen = np.take_along_axis(ref, picked[..., None], -1)[..., 0]
-            agree += int((chosen >= ref.max(-1) - tie * scale).sum())  # a NaN in ref never agrees
-        else:
-            agree += int((picked == ref.argmax(-1)).sum())
+        chosen = np.take_along_axis(ref, got.argmax(-1)[..., None], -1)[..., 0]
+        agree += int((chosen >= ref.max(-1) - tie * scale).sum())  # NaN anywhere never agrees
     return max_diff, scale, agree / positions, positions
 
 
@@ -137,14 +135,21 @@ def judge(reference: list[Generation], runs: list[Generation], thresholds: Parit
     """The artifact's generations ``runs`` against the reference's, on the same prompts."""
     pairs = [(g.prompt_logits, r.prompt_logits) for g, r in zip(runs, reference)]
     max_diff, scale, top1, positions = logit_agreement(pairs, thresholds.top1_tie)
+    strict = logit_agreement(pairs)[2] if thresholds.top1_tie else top1
     p95 = position_percentile(pairs)
     greedy_ok = all(g.tokens == r.tokens for g, r in zip(runs, reference))
     passed = (within(max_diff, thresholds.max_rel_logit_diff, scale) and top1 >= thresholds.min_top1_agreement
-              and within(p95, thresholds.max_rel_p95_logit_diff, scale)
+              and strict >= thresholds.min_strict_top1 and within(p95, thresholds.max_rel_p95_logit_diff, scale)
               and (greedy_ok or not thresholds.greedy_must_match))
     return Parity(prompts=len(reference), positions=positions, max_abs_logit_diff=max_diff, logit_scale=scale,
                   top1_agreement=top1, new_tokens=len(reference[0].tokens), greedy_match=greedy_ok, passed=passed,
-                  p95_abs_logit_diff=p95)
+                  p95_abs_logit_diff=p95, top1_tie=thresholds.top1_tie,
+                  strict_top1_agreement=strict if thresholds.top1_tie else None)
+
+
+def top1_note(tie: float) -> str:
+    """How a top-1 figure counts near-ties, for the lines that print it."""
+    return f" (near-ties within {tie:g} x logit scale count)" if tie else ""
 
 
 def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
@@ -157,8 +162,11 @@ def describe_failure(parity: Parity, thresholds: ParityThresholds) -> str:
         reasons.append(f"95th-percentile position's |logit diff| {parity.p95_abs_logit_diff:.3g} > "
                        f"{thresholds.max_rel_p95_logit_diff:g} x logit scale {parity.logit_scale:.3g}")
     if parity.top1_agreement < thresholds.min_top1_agreement:
-        ties = f" (near-ties within {thresholds.top1_tie:g} x logit scale counted)" if thresholds.top1_tie else ""
-        reasons.append(f"top-1 agreement {parity.top1_agreement:.1%} < {thresholds.min_top1_agreement:.1%}{ties}")
+        reasons.append(f"top-1 agreement {parity.top1_agreement:.1%}{top1_note(thresholds.top1_tie)} < "
+                       f"{thresholds.min_top1_agreement:.1%}")
+    strict = parity.strict_top1_agreement
+    if strict is not None and strict < thresholds.min_strict_top1:
+        reasons.append(f"top-1 agreement without near-ties {strict:.1%} < {thresholds.min_strict_top1:.1%}")
     if thresholds.greedy_must_match and not parity.greedy_match:
         reasons.append(f"greedy tokens differ within {parity.new_tokens} new tokens")
     return "; ".join(reasons)

@@ -37,7 +37,16 @@ from rankdown.export.manifest import (
     file_entries,
     sha256_file,
 )
-from rankdown.export.parity import GENERIC_TASKS, describe_failure, judge, parity_prompts, parity_tasks, run, torch_greedy
+from rankdown.export.parity import (
+    GENERIC_TASKS,
+    describe_failure,
+    judge,
+    parity_prompts,
+    parity_tasks,
+    run,
+    top1_note,
+    torch_greedy,
+)
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import RECORD_FILE
 from rankdown.info import model_info
@@ -234,7 +243,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                     progress(f"{fmt.value}: against {against}: max |logit diff| {result.max_abs_logit_diff:.2e} "
                              f"(95th-percentile position {result.p95_abs_logit_diff:.2e}; "
                              f"logit scale {result.logit_scale:.1f}), top-1 {result.top1_agreement:.1%}"
-                             f"{f' (near-ties within {bounds.top1_tie:g} x scale count)' if bounds.top1_tie else ''}, greedy "
+                             f"{top1_note(result.top1_tie)}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
                         raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "
@@ -278,7 +287,8 @@ def format_manifest(manifest: Manifest) -> str:
         else:
             check = (f"parity {'passed' if parity.passed and lowering.passed else 'FAILED'}: against its "
                      f"{entry.quantize} PyTorch model max |Δlogit| {lowering.max_abs_logit_diff:.1e}, top-1 "
-                     f"{lowering.top1_agreement:.1%}; float model top-1 {parity.top1_agreement:.1%}")
+                     f"{lowering.top1_agreement:.1%}{top1_note(lowering.top1_tie)}; float model top-1 "
+                     f"{parity.top1_agreement:.1%}")
         nodes = entry.factor_nodes
         lines.append(f"{name:<10} {size / 2**20:7.2f} MiB  {entry.quantize:<4}  {entry.export_seconds:6.1f} s  "
                      f"factor nodes {nodes.found}/{nodes.expected}  {check}")

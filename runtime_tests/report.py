@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rankdown.atomic import write_text_atomic
+from rankdown.export.parity import top1_note
 
 # 2: ``environment`` says where the runtimes ran (``device``) with the host beside it (``host``);
 # in 1 it was one dict whose ``machine`` named the host wherever the runtimes ran.
@@ -20,7 +21,9 @@ from rankdown.atomic import write_text_atomic
 # 5: ``parity.p95_abs_logit_diff``.
 # 6: ``parity.float_prompt_tasks``: whose text ``float_top1_agreement`` was measured on (the tasks the
 # checkpoint was compressed for, else math, code, prose).
-SCHEMA_VERSION = 6
+# 7: ``parity.top1_tie`` and ``parity.strict_top1_agreement``: against a quantized reference, top-1 counts
+# near-ties within top1_tie x logit_scale, and the same-token agreement is kept beside it.
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class ParityReport:
     float_top1_agreement: float | None = None
     p95_abs_logit_diff: float | None = None  # 95th percentile over positions of each one's max |logit diff|
     float_prompt_tasks: tuple[str, ...] = ()  # whose evaluation text float_top1_agreement is on; () without it
+    top1_tie: float = 0.0  # top1_agreement counted near-ties within this x logit_scale; 0: the same token
+    strict_top1_agreement: float | None = None  # with a tie: the agreement on the same token
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,8 @@ def to_markdown(report: Report) -> str:
             timing = (f"| {ttft} | {lat.decode_tokens_per_s.median:.1f} | {lat.load_s:.2f} | {lat.peak_rss_mb:.0f} "
                       f"| {lat.size_bytes / 2**20:.2f} ")
         lines.append(f"| {name} | {'identical' if p.greedy_match else 'differs'} ({p.greedy_tokens}) | "
-                     f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%}{_against(p)} | {em} | {ppl} {timing}| "
+                     f"{p.max_abs_logit_diff:.2e} | {p.top1_agreement:.1%}{top1_note(p.top1_tie)}{_against(p)} | "
+                     f"{em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
     if report.comparisons:

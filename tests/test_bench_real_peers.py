@@ -91,7 +91,10 @@ def test_peers_table_and_plot_name_each_rows_runtime(tmp_path: Path):
              "runs": 5, "rounds": 3, "uptime": "up"}
     rows = [row("optimum-executorch", "et-hf", "fp32", 107.1, 621.6),
             row("rankdown 40%", "rankdown:executorch", "fp32", 137.4, 351.7),
-            row("rankdown 40%", "rankdown:onnxruntime", "int4", 214.0, 74.5) | {"task_exact_match": 0.975}]
+            row("rankdown 40%", "rankdown:onnxruntime", "int4", 214.0, 74.5)
+            | {"task_quality": {"task": "compare", "examples": 200, "exact_match": 0.975}},
+            row("rankdown 40%", "rankdown:executorch", "int4", 259.2, 65.2)  # kept from a run on other problems
+            | {"task_quality": {"task": "compare", "examples": 50, "exact_match": 0.96}}]
     quality = {"task": "compare", "examples": 200, "reference_exact_match": 0.655}
     write({"setup": setup | {"quality": quality}, "rows": rows}, tmp_path)
     table = (tmp_path / "peers.md").read_text()
@@ -99,6 +102,7 @@ def test_peers_table_and_plot_name_each_rows_runtime(tmp_path: Path):
     assert "| rankdown 40% (onnxruntime) | int4 |" in table and "| optimum-executorch | fp32 |" in table
     assert "compare exact match (200) |" in table and "transformers fp32 on the dense model: 65.5%" in table
     assert "| 128/128 | 97.5% | 2, 3x5 |" in table and "| 128/128 | - | 2, 3x5 |" in table
+    assert "| 128/128 | 96.0% (compare, 50) | 2, 3x5 |" in table
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -116,4 +120,5 @@ def test_peer_answers_are_greedy_until_the_end_token_or_the_budget():
     assert greedy_answer(Counting(), [7, 7, 7], budget=4, eos=None) == [3, 4, 5, 6]
     assert greedy_answer(Counting(), [7, 7, 7], budget=4, eos=5) == [3, 4]  # the end token is not kept
     assert greedy_answer(Counting(), [7], budget=4, eos=1) == []
+    assert greedy_answer(Counting(), [7, 7], budget=0, eos=None) == []  # no budget: no token, and it stops
     assert exact_match([" 58\nmax(1, 2) =", "59", "4 7"], ["58", "59", "4"]) == 2 / 3

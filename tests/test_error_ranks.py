@@ -118,7 +118,7 @@ def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, t
 
     def recording(stage):
         def decompose(*args, **kwargs):
-            given[stage].append(kwargs.get("output_weights", args[7] if len(args) > 7 else None))
+            given[stage].append(kwargs.get("output_weights", args[6] if len(args) > 6 else None))
             return decompose_unit(*args, **kwargs)
         return decompose
 

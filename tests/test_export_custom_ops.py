@@ -90,6 +90,9 @@ def test_int4_quantizes_odd_rank_pairs_and_keeps_top1(joint_int4_bundle, joint_b
     assert entry.quantize == "int4" and entry.parity.passed and entry.parity.top1_agreement >= 0.6
     lowering = entry.lowering
     assert lowering is not None and lowering.passed and lowering.top1_agreement >= 0.85
+    # top-1 there counts near-ties; the same-token agreement is kept beside it, the float floor is strict
+    assert lowering.top1_tie == 0.05 and 0.6 <= lowering.strict_top1_agreement <= lowering.top1_agreement
+    assert entry.parity.top1_tie == 0.0 and entry.parity.strict_top1_agreement is None
     assert lowering.max_abs_logit_diff < 0.5 * entry.parity.max_abs_logit_diff
     assert entry.factor_nodes.found == entry.factor_nodes.expected == _expected_nodes(record)
     pte = (bundle / "executorch" / "model.pte").read_bytes()
@@ -163,6 +166,7 @@ def test_validate_holds_an_int4_pte_against_its_quantized_pytorch_model(feature_
     parity = report.runtimes["executorch"].parity
     assert parity.reference == "quantized" and parity.float_top1_agreement is not None
     assert parity.top1_agreement >= 0.85 and parity.max_abs_logit_diff <= 0.25 * parity.logit_scale
+    assert parity.top1_tie == 0.05 and 0.6 <= parity.strict_top1_agreement <= parity.top1_agreement
     assert not [f for f in report.failures if ".parity." in f]
     assert parity.top1_agreement > parity.float_top1_agreement
 

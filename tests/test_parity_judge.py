@@ -51,28 +51,47 @@ def test_a_shift_at_many_positions_fails_the_lowering_bound():
 
 
 def test_the_lowering_counts_near_ties_as_agreement_and_nothing_wider():
-    """Where the reference's top two are within 0.05 x scale, the runtime may pick either; a token the
-    reference ranks further down is a disagreement, and the float bounds still ask for the same token."""
+    """Where the reference scores the runtime's pick within 0.05 x scale of its best, the two agree; a
+    token 0.06 x scale down is a disagreement; the float bounds still ask for the same token; and the
+    same token must still win at 60% of positions."""
     positions = 40
     reference = np.zeros((positions, 50), np.float32)
     reference[:, 0] = 20.0  # the scale
-    reference[:, 1] = 19.5  # a near-tie: 0.025 x scale below the best
-    reference[:, 2] = 17.0  # 0.15 x scale below
-    got = reference.copy()
-    got[:12, 1] = 20.5  # the runtime picks the near-tied token at 12 positions (top-1 70% strictly)
+    reference[:, 1] = 19.2  # 0.04 x scale below the best: a near-tie
+    reference[:, 2] = 18.8  # 0.06 x scale below: not one
     lowering = ParityThresholds.lowering()
-    result = judge([_generation(reference)], [_generation(got)], lowering)
-    assert result.top1_agreement == 1.0 and result.passed
-    assert judge([_generation(reference)], [_generation(got)], ParityThresholds.for_quantize(Quantize.INT4)) \
-        .top1_agreement == 0.7
-    got = reference.copy()
-    got[:12, 2] = 20.5  # the runtime picks a token the reference ranks 3 logits (0.15 x scale) down
-    result = judge([_generation(reference)], [_generation(got)], lowering)
+
+    def picking(token: int, rows: int) -> list[Generation]:
+        got = reference.copy()
+        got[:rows, token] = 21.0
+        return [_generation(got)]
+
+    result = judge([_generation(reference)], picking(1, 12), lowering)
+    assert result.top1_agreement == 1.0 and result.strict_top1_agreement == 0.7 and result.passed
+    assert result.top1_tie == 0.05
+    strict = judge([_generation(reference)], picking(1, 12), ParityThresholds.for_quantize(Quantize.INT4))
+    assert strict.top1_agreement == 0.7 and strict.strict_top1_agreement is None and strict.top1_tie == 0.0
+    result = judge([_generation(reference)], picking(2, 12), lowering)
     assert result.top1_agreement == 0.7 and not result.passed
-    assert "top-1 agreement 70.0% < 85.0% (near-ties within 0.05 x logit scale counted)" in describe_failure(result, lowering)
-    # a NaN in the reference is never a tie
-    reference[20, :] = math.nan
-    assert logit_agreement([(got, reference)], tie=0.05)[2] < 0.7
+    assert "top-1 agreement 70.0% (near-ties within 0.05 x logit scale count) < 85.0%" in describe_failure(result, lowering)
+    # near-ties everywhere: the same token nowhere, which the strict floor refuses
+    result = judge([_generation(reference)], picking(1, positions), lowering)
+    assert result.top1_agreement == 1.0 and result.strict_top1_agreement == 0.0 and not result.passed
+    assert "top-1 agreement without near-ties 0.0% < 60.0%" in describe_failure(result, lowering)
+
+
+def test_a_nan_or_an_infinite_reference_logit_is_never_a_tie():
+    reference = np.zeros((10, 5), np.float32)
+    reference[:, 0] = 20.0
+    clean = (reference.copy(), reference)
+    broken = reference.copy()
+    broken[3, :] = math.nan  # in a second pair: the scale is NaN over all pairs, so nothing agrees or passes
+    max_diff, scale, top1, _ = logit_agreement([clean, (broken.copy(), broken)], tie=0.05)
+    assert math.isnan(scale) and math.isnan(max_diff) and top1 == 0.0
+    infinite = reference.copy()
+    infinite[0, 4] = -math.inf  # would make the scale, and every bound relative to it, infinite
+    max_diff, scale, top1, _ = logit_agreement([(infinite.copy(), infinite)], tie=0.05)
+    assert math.isnan(scale) and top1 == 0.0 and not within(0.0, 1.0, scale)
 
 
 def test_a_nan_fails_every_bound():

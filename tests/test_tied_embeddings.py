@@ -117,13 +117,13 @@ def test_schema_1_manifest_is_read_with_tied_fields_unknown(tmp_path):
     summary = ModelSummary(10, 4, 4, 5, 1, 0, [1], {}, tied_embeddings=True)
     entry = FormatEntry({}, 1.0, "none", None, FactorNodes(0, 0, 0, 0, 1), None, None, embedding_tables=1)
     raw = json.loads(Manifest(SourceModel("x", "0", {}, False, None), summary, {}, {}, {"onnx": entry}, {}).to_json())
-    assert raw["schema_version"] == 2
+    assert raw["schema_version"] == 3
     del raw["model"]["tied_embeddings"], raw["formats"]["onnx"]["embedding_tables"]
     (tmp_path / "manifest.json").write_text(json.dumps(raw | {"schema_version": 1}))
     old = Manifest.read(tmp_path)
     assert old.model.tied_embeddings is None and old.formats["onnx"].embedding_tables is None
-    (tmp_path / "manifest.json").write_text(json.dumps(raw | {"schema_version": 3}))
-    with pytest.raises(RankdownError, match="invalid manifest: schema_version 3 is not one of 1, 2"):
+    (tmp_path / "manifest.json").write_text(json.dumps(raw | {"schema_version": 4}))
+    with pytest.raises(RankdownError, match="invalid manifest: schema_version 4 is not one of 1, 2, 3"):
         Manifest.read(tmp_path)
 
 
