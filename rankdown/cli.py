@@ -125,6 +125,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from rankdown.export.parity import top1_note
     from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
     from rankdown.validate.harness import validate
 
@@ -154,7 +155,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         ppl = "n/a" if q.perplexity is None else f"{q.perplexity:.3f} (PyTorch {q.reference_perplexity:.3f})"
         line = (f"{name:<12} greedy {'identical' if p.greedy_match else 'DIFFERS'} over {p.greedy_tokens}, "
                 f"max |dlogit| {p.max_abs_logit_diff:.1e}{'' if r.passed else ' at ' + p.max_diff_at}, "
-                f"top-1 {p.top1_agreement:.1%}; exact match {em}; "
+                f"top-1 {p.top1_agreement:.1%}{top1_note(p.top1_tie)}"
+                f"{'' if p.strict_top1_agreement is None else f' ({p.strict_top1_agreement:.1%} the same token)'}"
+                f"{'' if p.reference == 'float' else ' against its quantized PyTorch model'}; exact match {em}; "
                 f"perplexity {ppl}")
         if r.executed_on:
             line += f"\n{'':<12} ran on {r.executed_on}"
@@ -352,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: 1e-3 (fp32), 0.25 (int8), 0.5 (int4); 0.25 for an ExecuTorch int4 artifact, "
                           "which is held against its quantized PyTorch model")
     val.add_argument("--min-top1", type=float,
-                     help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4); 0.85 against an ExecuTorch int4 "
-                          "artifact's quantized PyTorch model, with 0.6 (or this, if lower) against the float one")
+                     help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4); 0.85 against an int4 artifact's "
+                          "quantized PyTorch model, where a token it scores within 0.05 x the logit scale of its "
+                          "best counts as a near-tie, with 0.6 (or this, if lower) against the float one")
     val.add_argument("--greedy-tokens", type=int, default=64)
     val.add_argument("--max-em-drop", type=float, default=None,
                      help="allowed exact-match drop vs PyTorch (default 0.02; int4 bundles 0.10)")
