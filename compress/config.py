@@ -167,6 +167,8 @@ class CompressConfig:
     dtype: str | None = None  # stored dtype of the factors; None keeps the source's
     overwrite: bool = False
     workers: int = 1  # processes sharing the calibration windows (compress/distributed.py); torchrun's under torchrun
+    # error ranks only: every factored rank a multiple of this (32, the int4 group: no rank padded at export)
+    rank_multiple: int = 1
     device: Device = Device.AUTO  # where statistics and decompositions are computed
 
     def __post_init__(self):
@@ -188,6 +190,11 @@ class CompressConfig:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise RankdownError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or \
+                not 1 <= self.rank_multiple <= 256:
+            raise RankdownError(f"--rank-multiple must be a whole number from 1 to 256, got {self.rank_multiple!r}")
+        if self.rank_multiple > 1 and self.allocation is not Allocation.ERROR:
+            raise RankdownError(f"--rank-multiple applies to error ranks (--allocate error), not {self.allocation.value}")
 
     @property
     def allocation(self) -> Allocation:

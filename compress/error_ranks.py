@@ -118,15 +118,18 @@ def dense_energies(ckpt, spec: MethodSpec, units: list[Unit], windows: torch.Ten
 
 
 def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ratio: float,
-                      scale: ErrorScale) -> list[int | None]:
+                      scale: ErrorScale, multiple: int = 1) -> list[int | None]:
     """Ranks meeting the budget (1 - ratio) x dense within 1%, by greedy marginal error per parameter.
 
-    Every compressible unit starts at rank 1; each step buys the rank (or, at the break-even rank,
-    the rest of the unit as dense) whose error removed per parameter is largest, while it fits.
+    Every compressible unit starts at rank ``multiple``; each step buys the next ``multiple`` ranks (or,
+    where they would pass the break-even rank, the rest of the unit as dense) whose error removed per
+    parameter is largest, while it fits. So every factored rank is a multiple of ``multiple``: with the
+    int4 group (32), no rank is padded with zeros at export (each padded rank costs its 4-bit weights).
+    A unit whose break-even rank is below ``multiple`` stays dense.
     """
     dense = sum(u.dense_params for u in units)
     target = (1 - ratio) * dense
-    ranks: list[int | None] = [1 if u.compressible and u.max_saving_rank >= 1 else None for u in units]
+    ranks: list[int | None] = [multiple if u.compressible and u.max_saving_rank >= multiple else None for u in units]
     kept = total_params(units, ranks)
     if kept > target:
         raise RankdownError(f"ratio {ratio} is out of reach: even rank 1 everywhere keeps {1 - kept / dense:.1%} removed at most")
@@ -147,8 +150,9 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
         rank = ranks[i]
         assert rank is not None
         unit = units[i]
-        if rank < unit.max_saving_rank:
-            gain, cost = float(profiles[i][rank]), unit.params(rank + 1) - unit.params(rank)
+        if rank + multiple <= unit.max_saving_rank:
+            gain = float(profiles[i][rank:rank + multiple].sum())
+            cost = unit.params(rank + multiple) - unit.params(rank)
         else:  # past break-even a factor pair costs more than the dense linear: the next step is dense
             gain, cost = float(profiles[i][rank:].sum()), unit.dense_params - unit.params(rank)
         heapq.heappush(heap, (-gain / cost, i, cost))
@@ -162,13 +166,13 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
         kept += cost
         rank = ranks[i]
         assert rank is not None
-        if rank < units[i].max_saving_rank:
-            ranks[i] = rank + 1
+        if rank + multiple <= units[i].max_saving_rank:
+            ranks[i] = rank + multiple
             offer(i)
         else:
             ranks[i] = None
     if target - kept > TOLERANCE * target:
-        raise RankdownError(f"ratio {ratio}: could only reach {1 - kept / dense:.4f} with whole ranks")
+        raise RankdownError(f"ratio {ratio}: could only reach {1 - kept / dense:.4f} with ranks in steps of {multiple}")
     return ranks
 
 
@@ -203,7 +207,7 @@ def choose(job: RankJob) -> RankOutcome:
                                job.workers, job.progress)
     energies = dense_energies(job.ckpt, job.method, job.units, job.windows[:max(PROFILE_WINDOWS, least)], job.progress,
                               job.workers, job.bf16_forwards, fisher)
-    ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale)
+    ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale, job.cfg.rank_multiple)
     uniform = allocate(job.units, job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
@@ -213,5 +217,6 @@ def choose(job: RankJob) -> RankOutcome:
                                      fisher=fisher if job.method.output_weighted else None)
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
                                            "uniform_predicted_error": float(f"{flat:.6g}"),
-                                           "loss_weighted_factors": int(fisher is not None and job.method.output_weighted)}
+                                           "loss_weighted_factors": int(fisher is not None and job.method.output_weighted),
+                                           "rank_multiple": job.cfg.rank_multiple}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

@@ -98,7 +98,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
         calib_tokens=args.calib_tokens, calib_precision=args.calib_precision, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
-        device=args.device,
+        device=args.device, rank_multiple=args.rank_multiple,
     )
     report = compress(args.model, args.out, cfg)
     if not leads_output():
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
            "auto is bf16 on a CPU with AVX512-BF16 or AMX, else fp32", Healing, "precision",
            choices=choices(Precision))
+    option("--rank-multiple", "error ranks: every factored rank a multiple of this; 32 (the int4 group) for a "
+           "model exported with --quantize int4, whose ranks are otherwise padded with zeros to the group", type=int)
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform and error ranks", type=int)

@@ -97,6 +97,31 @@ def test_budget_is_met_within_one_percent_and_ranks_stay_below_break_even(ratio)
         assert predicted_error(profiles, ranks, scale) <= predicted_error(profiles, uniform, scale)
 
 
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_rank_multiple_gives_ranks_in_steps_and_still_meets_the_budget(ratio):
+    """--rank-multiple 16: every factored rank a multiple of 16 (at export to int4 nothing is padded),
+    the budget met within 1%, and still below uniform ranks' error by its own measure."""
+    units = plan_units(_shipped_shapes(), joint=False, dense_kinds=frozenset())
+    profiles = _random_profiles(units)
+    target = (1 - ratio) * sum(u.dense_params for u in units)
+    fine = allocate_by_error(units, profiles, ratio, ErrorScale.ABSOLUTE)
+    assert any(r is not None and r % 16 for r in fine)  # the control: one-rank steps land anywhere
+    stepped = allocate_by_error(units, profiles, ratio, ErrorScale.ABSOLUTE, multiple=16)
+    assert all(r is None or (r % 16 == 0 and 16 <= r <= u.max_saving_rank) for u, r in zip(units, stepped))
+    assert abs(total_params(units, stepped) - target) <= TOLERANCE * target
+    assert predicted_error(profiles, stepped, ErrorScale.ABSOLUTE) < predicted_error(profiles, allocate(units, ratio),
+                                                                                      ErrorScale.ABSOLUTE)
+
+
+def test_rank_multiple_is_refused_outside_error_ranks_and_out_of_range():
+    assert CompressConfig(rank_multiple=32).rank_multiple == 32  # error ranks are the default
+    with pytest.raises(RankdownError, match="--rank-multiple applies to error ranks"):
+        CompressConfig(rank_multiple=32, allocate="uniform")
+    for bad in (0, 257, 2.5, True):
+        with pytest.raises(RankdownError, match="--rank-multiple must be a whole number from 1 to 256"):
+            CompressConfig(rank_multiple=bad)
+
+
 def test_a_unit_whose_error_never_falls_enough_is_kept_dense_not_past_break_even():
     """At break-even a factor pair costs the dense linear's parameters: the next step is dense."""
     units = plan_units(_shipped_shapes(1), joint=True, dense_kinds=frozenset({"v"}))
@@ -143,3 +168,14 @@ def test_error_allocation_compresses_and_records_what_it_chose(tiny_model_dir, t
     assert check["error_scale"] in {s.value for s in ErrorScale}
     assert isinstance(check["predicted_error"], float) and isinstance(check["uniform_predicted_error"], float)
     assert check["predicted_error"] <= check["uniform_predicted_error"]
+
+
+def test_compress_with_a_rank_multiple_writes_ranks_in_steps(tiny_model_dir, tmp_path):
+    from rankdown.factor_record import FactorRecord
+
+    cfg = CompressConfig(method="whiten", ratio=0.4, calib_tokens=2048, seq_len=64, healing=Healing(steps=0),
+                         rank_multiple=16)
+    report = compress(tiny_model_dir, tmp_path / "out", cfg, progress=lambda _m: None)
+    ranks = [spec.rank for spec in FactorRecord.read(tmp_path / "out").modules.values() if spec.rank is not None]
+    assert ranks and all(r % 16 == 0 for r in ranks)
+    assert report.allocation_check["rank_multiple"] == 16 and abs(report.achieved_ratio - 0.4) <= 0.004
