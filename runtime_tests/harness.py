@@ -301,18 +301,17 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         results.append(result)
         checks: ParityChecks
         if ref is reference:
-            checks = ParityChecks(max_rel, min_top1, base.greedy_must_match, None, base.max_rel_p95_logit_diff)
+            checks = ParityChecks(dataclasses.replace(base, max_rel_logit_diff=max_rel, min_top1_agreement=min_top1), None)
         else:
             lowering = ParityThresholds.lowering()
-            checks = ParityChecks(
-                lowering.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is None else max_rel,
-                lowering.min_top1_agreement if cfg.checks.min_top1_agreement is None else min_top1,
-                lowering.greedy_must_match,
-                FloatFloor(floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
-                           else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
-                           2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS),
-                lowering.max_rel_p95_logit_diff if cfg.checks.max_rel_logit_diff is None else math.inf,
-                lowering.top1_tie, lowering.min_strict_top1)
+            if cfg.checks.max_rel_logit_diff is not None:  # the user's bound replaces both logit bounds
+                lowering = dataclasses.replace(lowering, max_rel_logit_diff=max_rel, max_rel_p95_logit_diff=math.inf)
+            if cfg.checks.min_top1_agreement is not None:
+                lowering = dataclasses.replace(lowering, min_top1_agreement=min_top1)
+            checks = ParityChecks(lowering, FloatFloor(
+                floor_reference, base.min_top1_agreement if cfg.checks.min_top1_agreement is None
+                else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
+                2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS))
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
@@ -385,15 +384,11 @@ class FloatFloor(NamedTuple):
 
 
 class ParityChecks(NamedTuple):
-    """What a runtime's logits are held to (``--max-rel-logit-diff`` and ``--min-top1`` already applied)."""
+    """What a runtime's logits are held to: the export's bounds (``--max-rel-logit-diff`` and
+    ``--min-top1`` applied), and the float model's top-1 floor when the reference is quantized."""
 
-    max_rel: float  # largest |logit diff|, relative to the logit scale
-    min_top1: float
-    greedy_must_match: bool
+    bounds: ParityThresholds
     float_floor: FloatFloor | None  # None when the reference is the float model itself
-    max_rel_p95: float  # the 95th-percentile position's largest |logit diff|, relative
-    top1_tie: float = 0.0  # near-ties top-1 counts as agreement, relative (export/parity.py logit_agreement)
-    min_strict_top1: float = 0.0  # the same top token, at this share of positions at least
 
 
 def float_top1(arrays: dict, floor: FloatFloor) -> float:
@@ -405,14 +400,14 @@ def float_top1(arrays: dict, floor: FloatFloor) -> float:
 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: ParityChecks,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
-    float_check = checks.float_floor
+    float_check, b = checks.float_floor, checks.bounds
     name = runtime.value
     n = len(reference)
     continuations = _continuations(arrays, reference, prompt_lengths)
     # Prompt positions and continuation positions alike: a small error anywhere counts.
     pairs = [(arrays[f"prompt_{i}"], ref.prompt_logits) for i, ref in enumerate(reference)] + continuations
-    max_diff, scale, top1, count = logit_agreement(pairs, checks.top1_tie)
-    strict = logit_agreement(pairs)[2] if checks.top1_tie else None
+    max_diff, scale, top1, count = logit_agreement(pairs, b.top1_tie)
+    strict = logit_agreement(pairs)[2] if b.top1_tie else None
     p95 = position_percentile(pairs)
     at_pair, at_position, at_token, _ = largest_difference(pairs)
     if at_pair >= n:
@@ -430,7 +425,7 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
                           reference="float" if float_check is None else "quantized", float_top1_agreement=floor_top1,
                           p95_abs_logit_diff=p95, float_prompt_tasks=() if float_check is None else float_check.tasks,
-                          top1_tie=checks.top1_tie, strict_top1_agreement=strict)
+                          top1_tie=b.top1_tie, strict_top1_agreement=strict)
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
@@ -443,21 +438,21 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
                                 peak_rss_mb=result["peak_rss_mb"], size_bytes=size_bytes,
                                 threads=cfg.threads, meaningful=not runner.emulated)
     failures = []
-    if checks.greedy_must_match and not greedy_ok:
+    if b.greedy_must_match and not greedy_ok:
         failures.append(f"{name}.parity.greedy_match")
-    if not within(max_diff, checks.max_rel, scale):
+    if not within(max_diff, b.max_rel_logit_diff, scale):
         failures.append(f"{name}.parity.max_abs_logit_diff")
-    if not within(p95, checks.max_rel_p95, scale):
+    if not within(p95, b.max_rel_p95_logit_diff, scale):
         failures.append(f"{name}.parity.p95_abs_logit_diff")
-    if parity.top1_agreement < checks.min_top1:
+    if parity.top1_agreement < b.min_top1_agreement:
         failures.append(f"{name}.parity.top1_agreement")
-    if strict is not None and strict < checks.min_strict_top1:
+    if strict is not None and strict < b.min_strict_top1:
         failures.append(f"{name}.parity.strict_top1_agreement")
     if float_check is not None and floor_top1 is not None and floor_top1 < float_check.min_top1:
         failures.append(f"{name}.parity.float_top1_agreement")
     # int8 quantizes activations per call, so a prompt and a token-by-token decode may round to
     # different top-1s; there the logit bound above is the cache check.
-    if checks.greedy_must_match and not cache_ok:
+    if b.greedy_must_match and not cache_ok:
         failures.append(f"{name}.parity.cache_consistency")
     if em is not None and ref_em is not None and em < ref_em - bounds.max_exact_match_drop:
         failures.append(f"{name}.quality.exact_match")
