@@ -13,9 +13,9 @@ from rankdown.tasks import TASKS, task_names
 
 REPORT_FILE = "compression.json"
 # 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device; 5: healing precision
-REPORT_SCHEMA_VERSION = 5
+REPORT_SCHEMA_VERSION = 6
 # older reports read with an empty allocation_check, no healing, 1 cpu worker, healing in fp32
-READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
 class Method(str, Enum):
@@ -169,6 +169,8 @@ class CompressConfig:
     workers: int = 1  # processes sharing the calibration windows (compress/distributed.py); torchrun's under torchrun
     # error ranks only: every factored rank a multiple of this (32, the int4 group: no rank padded at export)
     rank_multiple: int = 1
+    # the output head (a tied table: lookup and head) factored to this rank after the decoder (compress/head.py)
+    head_rank: int | None = None
     device: Device = Device.AUTO  # where statistics and decompositions are computed
 
     def __post_init__(self):
@@ -193,6 +195,9 @@ class CompressConfig:
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or \
                 not 1 <= self.rank_multiple <= 256:
             raise RankdownError(f"--rank-multiple must be a whole number from 1 to 256, got {self.rank_multiple!r}")
+        if self.head_rank is not None and (isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int)
+                                           or self.head_rank < 1):
+            raise RankdownError(f"--head-rank must be a whole number of at least 1, got {self.head_rank!r}")
         if self.rank_multiple > 1 and self.allocation is not Allocation.ERROR:
             raise RankdownError(f"--rank-multiple applies to error ranks (--allocate error), not {self.allocation.value}")
 
@@ -252,6 +257,21 @@ class HealingReport:
 
 
 @dataclass(frozen=True)
+class HeadReport:
+    """The output head factored (--head-rank): its rank and what it cost on held-back text."""
+
+    rank: int
+    params_before: int  # the V x H head (a tied table once)
+    params_after: int  # B (V x r) and A (r x H); A twice for a tied table (the head and the lookup)
+    calibration_windows: int
+    held_back_windows: int
+    distinct_tokens: int  # tokens the calibration windows hold (the rows weighted above the rest)
+    loss_before: float  # next-token loss on the held-back windows, table dense
+    loss_after: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     method: str
     task: str
@@ -275,6 +295,7 @@ class CompressionReport:
     device: str = "cpu"  # where statistics and decompositions ran ("cuda:0", ...)
     correct_carried: bool = False  # each layer fitted to the dense outputs from the compressed inputs
     calib_precision: str = "fp32"  # of the calibration forward passes (bf16: autocast); earlier reports: fp32
+    head: HeadReport | None = None  # --head-rank; params_before/after count decoder linears only
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

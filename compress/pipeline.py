@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
-from rankdown.checkpoint import DTYPES, ShardedWriter, load_tokenizer, open_checkpoint, skeleton_model
+from rankdown.checkpoint import DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, skeleton_model, write_into
 from rankdown.compress import distributed
 from rankdown.compress.config import REPORT_FILE, Allocation, CompressConfig, CompressionReport, Healing, ModuleReport
+from rankdown.compress.head import HEAD_WINDOWS, check_head_rank, factor_head
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
@@ -82,6 +83,8 @@ def _factor_then_heal(model_dir: Path, out: Path, cfg: CompressConfig, progress:
     """Several workers: they factor the model into a staging folder beside ``out``, then worker 0
     (or this process, which started them) heals it alone, since healing trains the whole model."""
     # A name the output's stale-temporary sweep matches: a run killed mid-way leaves nothing for long.
+    if cfg.head_rank is not None:
+        raise RankdownError("--head-rank runs in one process, or with several workers and --heal-steps 0")
     staging = out.with_name(f".{out.name}.tmp-unhealed")
     # float32 factors, so healing starts from what a one-process run heals; the output takes the dtype.
     factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True, dtype="float32")
@@ -140,6 +143,21 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     return 2 * model + decomposition + activations + batch + stats + sensitivity + healing_memory(ckpt, cfg, trainable)
 
 
+def _factor_head(folder: Path, model_dir: Path, windows: torch.Tensor, rank: int, report: CompressionReport,
+                 dtype: torch.dtype, progress: Progress) -> CompressionReport:
+    """The tied token table of the checkpoint just written into ``folder`` factored to ``rank``
+    (compress/head.py), the folder rewritten with it and the report."""
+    model = load_model(open_checkpoint(folder))
+    progress(f"factoring the head to rank {rank} on {min(len(windows), HEAD_WINDOWS)} calibration windows")
+    head = factor_head(model, windows[:HEAD_WINDOWS], rank)
+    report = dataclasses.replace(report, head=head, peak_memory_mb=round(max(report.peak_memory_mb, peak_rss_mb()), 1),
+                                 wall_seconds=round(report.wall_seconds + head.seconds, 2))
+    write_into(folder, model, model_dir, dtype, extra_files={REPORT_FILE: report.to_json()})
+    progress(f"head at rank {rank}: {head.params_before:,} -> {head.params_after:,} parameters, held-back "
+             f"loss {head.loss_before:.4f} -> {head.loss_after:.4f} in {head.seconds:.1f} s")
+    return report
+
+
 def _disk_estimate(ckpt, cfg: CompressConfig, dtype: torch.dtype) -> int:
     info = model_info(ckpt)
     kept = info.total_params - cfg.ratio * info.dense_decoder_linear_params
@@ -153,6 +171,8 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     if ckpt.record.modules:
         raise RankdownError(f"{model_dir}: already compressed; compress the dense model instead")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else ckpt.stored_dtype
+    if cfg.head_rank is not None:
+        check_head_rank(ckpt.config, cfg.head_rank)
     stage = "compress" if cfg.healing.steps == 0 else f"compress with {cfg.healing.steps} healing steps (--heal-steps 0 skips healing)"
     require_memory(memory_estimate(ckpt, cfg), stage, model_dir)
     check_free_space(out, _disk_estimate(ckpt, cfg, dtype), "the compressed checkpoint")
@@ -195,6 +215,9 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
+            if cfg.head_rank is not None:
+                del model, outcome  # the written checkpoint is read back instead: one copy held
+                report = _factor_head(tmp, model_dir, windows, cfg.head_rank, report, dtype, progress)
     progress(f"wrote {out}: {report.params_after:,} of {report.params_before:,} decoder-linear parameters "
              f"({report.achieved_ratio:.2%} removed), calibration loss {loss:.4f}, {report.wall_seconds:.1f} s, "
              f"peak RSS {report.peak_memory_mb:.0f} MB")

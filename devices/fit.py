@@ -101,7 +101,7 @@ def memory_mb(model, quantize: Quantize, max_seq_len: int) -> float:
     c = model.config
     weights = sum(p.numel() for p in model.parameters()) * 4  # tied and shared weights once
     if quantize is Quantize.INT8:
-        embedding = model.get_input_embeddings().weight
+        embedding = getattr(model.get_input_embeddings(), "weight", None)  # None: a factored table
         for linear in {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}.values():
             w = linear.weight
             weights += w.shape[0] * 4 + (w.numel() if w is embedding else -3 * w.numel())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rankdown.errors import RankdownError
 from rankdown.export.manifest import FactorNodes
-from rankdown.factor_record import FactorRecord
+from rankdown.factor_record import FACTORED_TABLE, HEAD, FactorRecord
 
 # The factor pair's child names are part of the checkpoint format (see rankdown.factor);
 # the exported graphs keep them in node scopes and parameter names.
@@ -139,6 +139,10 @@ def count_exported_program(record: FactorRecord, program, where: str) -> FactorN
             weight = weight.args[0]
         fqn = params.get(weight.name, weight.name)
         dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+        if dotted.endswith(FACTORED_TABLE):
+            # A factored tied table is one Parameter, named for the lookup that registered it first:
+            # the linear that reads it is the head's ``up``.
+            dotted = f"{HEAD}.up"
         shape = tuple(weight.meta["val"].shape)
         weights.append((*_locate(record, dotted), shape))
     return _tally(record, weights, where)

@@ -4,7 +4,7 @@ The builder (``onnxruntime_genai.models.builder``, the peers' exporter) writes t
 onnxruntime runs fastest on CPU: ``com.microsoft::GroupQueryAttention`` with the KV cache and the
 rotary embedding inside the op (cos/sin caches as initializers), ``SkipSimplifiedLayerNormalization``
 for every RMSNorm + residual, a tied head read through one Transpose, and ``genai_config.json``.
-``RankdownLlamaModel`` subclasses its ``LlamaModel`` and changes three things:
+``RankdownLlamaModel`` subclasses its ``LlamaModel`` and changes these things:
 
 - ``load_weights`` returns the model the export already holds (no hub load);
 - ``make_matmul`` emits a factor pair as two MatMuls, ``down`` then ``up``, named
@@ -12,6 +12,8 @@ for every RMSNorm + residual, a tied head read through one Transpose, and ``gena
   (``joint``) runs once per input;
 - Q/K/V are not packed into one MatMul when any of them is a factor pair (a pair has no weight
   to concatenate); dense layers keep the builder's packing;
+- a factored head (``compress --head-rank``) is the head's two MatMuls, and a factored tied
+  table's lookup reads the head's ``up`` through a Transpose, then its ``proj`` MatMul;
 - a bias on o_proj or down_proj (``feature``'s ``up`` carries one) is not an Add node: it becomes
   the ``bias`` input of the SkipSimplifiedLayerNormalization that adds that output to the residual
   (the op computes input + skip + bias, and its output 3, the next residual, includes it). At
@@ -33,6 +35,7 @@ from typing import Any
 
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.factor_record import HEAD, factored_table
 
 GRAPH_FILE = "model.onnx"
 # The builder's names for the bias Adds whose sums go straight into the residual stream.
@@ -96,6 +99,27 @@ def _factor_class(base: Any) -> Any:
 
         def load_weights(self, input_path):
             return self._source_model
+
+        def has_lm_head(self, module):
+            # The builder takes any linear with vocabulary-many outputs for the head: a factored head's
+            # ``up`` would be built a second time, from the final norm.
+            return module is self._source_model.get_submodule(HEAD)
+
+        def make_embedding_lookup(self, embedding, basename, lm_head):
+            """A factored tied table: the lookup reads the head's ``up`` (B^T, stored once) through a
+            Transpose, as the builder reads a dense tied head, then ``proj`` (A^T) as a MatMul."""
+            table = factored_table(self._source_model)
+            if table is None:
+                return super().make_embedding_lookup(embedding, basename, lm_head)
+            transpose = f"{basename}/Transpose"
+            self.make_transpose(transpose, f"{HEAD}.up.MatMul.weight", self.io_dtype,
+                                shape=[self.vocab_size, table.rank], perm=[1, 0])
+            gather = f"{basename}/Gather"
+            self.make_node("Gather", inputs=[f"{transpose}/output_0", self.input_names["input_ids"]],
+                           outputs=[f"{gather}/output_0"], name=gather)
+            self.make_value(f"{gather}/output_0", self.io_dtype, shape=self.make_hidden_state_shape(last_dim=table.rank))
+            projected = super().make_matmul(_Weight(table.proj), f"{basename}/proj/MatMul", f"{gather}/output_0")
+            return f"{projected}/output_0"
 
         def make_attention(self, layer_id, attention, root_input, **kwargs):
             # The builder sets k_path / v_path only where it does not pack Q/K/V, and never clears
@@ -171,7 +195,8 @@ def build_fused_onnx(model, out: Path, generation_source: Path | None = None) ->
     if getattr(config, "model_type", "llama") != "llama":
         raise RankdownError(f"the fused ONNX graph takes Llama models, not {config.model_type!r}; "
                             f"use --onnx-graph optimum")
-    tied = bool(config.tie_word_embeddings)
+    # A factored tied table is shared by make_embedding_lookup, not by the builder's own tying.
+    tied = bool(config.tie_word_embeddings) and factored_table(model) is None
     extra = {"hf_token": False, "filename": GRAPH_FILE, "shared_embeddings": tied}
     log = io.StringIO()
     out.mkdir(parents=True, exist_ok=True)

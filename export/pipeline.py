@@ -48,7 +48,7 @@ from rankdown.export.parity import (
     torch_greedy,
 )
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
-from rankdown.factor_record import RECORD_FILE
+from rankdown.factor_record import HEAD, RECORD_FILE
 from rankdown.info import model_info
 from rankdown.memory import peak_rss_mb, require_memory
 from rankdown.output_lock import exclusive_output
@@ -118,6 +118,10 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
     every format was written, counted and (with ``cfg.check``) matched PyTorch."""
     model_dir, bundle = Path(model_dir), Path(bundle)
     ckpt = open_checkpoint(model_dir)
+    if HEAD in ckpt.record.modules and cfg.quantize is not Quantize.NONE:
+        # The int8 and int4 paths quantize the head (and a tied table) as one dense matrix.
+        raise RankdownError(f"{ckpt.folder}: --quantize {cfg.quantize.value} does not take a factored head "
+                            "(compress --head-rank) yet; export it in fp32 or compress without --head-rank")
     check_output_path(bundle, [model_dir], cfg.overwrite)
     for fmt in cfg.formats:
         by_format(fmt).module().preflight(cfg)

@@ -27,9 +27,16 @@ _PROBE = 64  # bytes searched for before a whole candidate table is compared
 
 
 def tied_table(model) -> np.ndarray | None:
-    """The fp32 embedding table when the model's head reads it, else None."""
+    """The fp32 embedding table when the model's head reads it (a factored tied head's V x r
+    table, which its ``up`` reads), else None."""
+    from rankdown.factor_record import factored_table
+
+    factored = factored_table(model)
+    if factored is not None:
+        return factored.table.weight.detach().float().numpy()
     embedding = model.get_input_embeddings().weight
-    if model.get_output_embeddings().weight is not embedding:
+    head = model.get_output_embeddings()
+    if not hasattr(head, "weight") or head.weight is not embedding:
         return None
     return embedding.detach().float().numpy()
 

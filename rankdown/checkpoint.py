@@ -25,7 +25,7 @@ from rankdown.atomic import atomic_folder
 from rankdown.config_check import check_config_against_weights, check_config_values
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
-from rankdown.factor_record import RECORD_FILE, FactorRecord, apply_record, record_of
+from rankdown.factor_record import HEAD, RECORD_FILE, FactorRecord, apply_record, factored_table, record_of
 from rankdown.safetensors_check import TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
 SUPPORTED_MODEL_TYPES = ("llama",)
+TIED_UP = f"{HEAD}.up.weight"  # a factored tied head's table, stored as model.embed_tokens.table.weight
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -179,6 +180,7 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
     expected = {k: tuple(v.shape) for k, v in meta_model(config, record, folder).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+        expected.pop(TIED_UP, None)  # a factored tied head's ``up`` is the token table
         if "lm_head.weight" in tensors:
             _check_tied_head(tensors, folder)
             tensors.pop("lm_head.weight")
@@ -244,12 +246,23 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> LlamaFor
     # Non-persistent buffers are not in the file; rebuild the rotary table on the CPU.
     model.model.rotary_emb = LlamaRotaryEmbedding(config=ckpt.config)
     if ckpt.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        tie_head(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"{ckpt.folder}: tensors left unloaded: {left[:3]}")
     model.config.dtype = dtype
     return model.eval()
+
+
+def tie_head(model: LlamaForCausalLM) -> None:
+    """Point a tied head at the token table: the dense weight, or a factored head's ``up``."""
+    table = factored_table(model)
+    if table is None:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        head = model.get_submodule(HEAD)
+        assert isinstance(head, FactorizedLinear), "a factored table's head is a factor pair (apply_record)"
+        head.up.weight = table.table.weight
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
@@ -325,15 +338,24 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a checkpoint folder (weights, config, record, tokenizer), atomically."""
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        write_into(tmp, model, source, dtype, extra_files)
+    return out
+
+
+def write_into(folder: Path, model: LlamaForCausalLM, source: Path, dtype: torch.dtype,
+               extra_files: dict[str, str] | None = None) -> None:
+    """Write ``model`` into ``folder`` (a folder being built, e.g. an atomic one's temporary) as one
+    safetensors file, replacing any weight files and factor record already there."""
     state = {}
     for name, tensor in model.state_dict().items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
+        if model.config.tie_word_embeddings and name in ("lm_head.weight", TIED_UP):
             continue
-        state[name] = _storable(name, tensor, dtype, out)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        _write_folder_files(tmp, model, source, dtype, extra_files)
-    return out
+        state[name] = _storable(name, tensor, dtype, folder)
+    for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE, folder / RECORD_FILE]:
+        old.unlink(missing_ok=True)
+    save_file(state, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    _write_folder_files(folder, model, source, dtype, extra_files)
 
 
 class ShardedWriter:

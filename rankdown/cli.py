@@ -98,7 +98,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
         calib_tokens=args.calib_tokens, calib_precision=args.calib_precision, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
-        device=args.device, rank_multiple=args.rank_multiple,
+        device=args.device, rank_multiple=args.rank_multiple, head_rank=args.head_rank,
     )
     report = compress(args.model, args.out, cfg)
     if not leads_output():
@@ -109,6 +109,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         h = report.healing
         print(f"healed {h.steps} steps in {h.seconds:.1f} s: held-back training loss {h.loss_before:.4f} -> "
               f"{h.loss_after:.4f}, KL to the dense model {h.kl_before:.4f} -> {h.kl_after:.4f}")
+    if report.head is not None:
+        t = report.head
+        print(f"head at rank {t.rank}: {t.params_before:,} -> {t.params_after:,} parameters, held-back loss "
+              f"{t.loss_before:.4f} -> {t.loss_after:.4f}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -296,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(Precision))
     option("--rank-multiple", "error ranks: every factored rank a multiple of this; 32 (the int4 group) for a "
            "model exported with --quantize int4, whose ranks are otherwise padded with zeros to the group", type=int)
+    option("--head-rank", "also factor the output head to this rank, fitted to the task's final hidden states and "
+           "token counts; a tied table becomes one V x r table for the lookup and the head; none keeps it dense",
+           type=int)
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform and error ranks", type=int)

@@ -126,6 +126,45 @@ def shared_down_group(a: torch.Tensor, bs: list[torch.Tensor], biases: list[torc
     return members
 
 
+class FactoredEmbedding(nn.Module):
+    """A token table of rank r: ``proj(table(ids))``, ``table`` V x r and ``proj`` r -> H.
+
+    The embedding half of a factored tied head (``lm_head`` = ``up(down(h))`` with ``up`` reading
+    the same V x r table, ``down`` holding ``proj``'s transpose): W ~ B A serves both the lookup
+    (row t of B, times A) and the head (h A^T B^T), so the large V x r factor is stored once. The
+    child names are part of the checkpoint format."""
+
+    table: nn.Embedding
+    proj: nn.Linear
+
+    def __init__(self, table: nn.Embedding, proj: nn.Linear):
+        super().__init__()
+        if table.embedding_dim != proj.in_features:
+            raise ValueError(f"factor ranks disagree: table has {table.embedding_dim}, proj reads {proj.in_features}")
+        self.table = table
+        self.proj = proj
+
+    @property
+    def rank(self) -> int:
+        return self.table.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(ids))
+
+
+def factored_embedding(head: FactorizedLinear) -> FactoredEmbedding:
+    """The token lookup that shares a factored tied head's V x r table (one Parameter) and holds
+    its r x H ``down`` transposed (a copy: H x r entries, small beside the table)."""
+    down, up = head.down.weight, head.up.weight
+    table = nn.Embedding(up.shape[0], up.shape[1], dtype=up.dtype, device=up.device)
+    table.weight = up
+    proj = nn.Linear(down.shape[0], down.shape[1], bias=False, dtype=down.dtype, device=down.device)
+    if down.device.type != "meta":
+        with torch.no_grad():
+            proj.weight.copy_(down.T)
+    return FactoredEmbedding(table, proj)
+
+
 def linear_params(module: nn.Module) -> int:
     """Weight and bias entries of a dense or factorized linear (a shared down counted at its owner)."""
     if isinstance(module, nn.Linear):

@@ -13,11 +13,13 @@ from pathlib import Path
 from torch import nn
 
 from rankdown.errors import RankdownError
-from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.factor import FactoredEmbedding, FactorizedLinear, SharedDownLinear, factored_embedding
 from rankdown.schema import build, read_json_file
 
 RECORD_FILE = "factorization.json"
 SCHEMA_VERSION = 1
+HEAD = "lm_head"  # a factored head; with tied embeddings the token table shares its ``up``
+FACTORED_TABLE = "model.embed_tokens.table"  # that shared table's module (FactoredEmbedding.table)
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,21 @@ def apply_record(model: nn.Module, record: FactorRecord, where: Path) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         built[name] = replacement
+    if HEAD in built and getattr(model.config, "tie_word_embeddings", False):
+        if built[HEAD].bias is not None:
+            raise RankdownError(f"{where}: {HEAD} is tied to the token table and carries no bias")
+        tie_factored_table(model)
+
+
+def tie_factored_table(model: nn.Module) -> None:
+    """Give a tied model whose ``lm_head`` is a factor pair the token lookup that shares its table."""
+    head = model.get_submodule(HEAD)
+    if not isinstance(head, FactorizedLinear):
+        raise TypeError(f"{HEAD} is not a factor pair")
+    model.get_submodule("model").embed_tokens = factored_embedding(head)
+
+
+def factored_table(model: nn.Module) -> FactoredEmbedding | None:
+    """The model's rank-r token table when its tied head is a factor pair, else None."""
+    embedding = model.get_submodule("model.embed_tokens")
+    return embedding if isinstance(embedding, FactoredEmbedding) else None

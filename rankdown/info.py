@@ -26,6 +26,8 @@ class ModelInfo:
     dense_decoder_linear_params: int
     weights_bytes: int
     modules: tuple[ModuleInfo, ...]
+    head_rank: int | None = None  # compress --head-rank: the head (a tied table) as a factor pair
+    tied: bool = False
 
     @property
     def compression_ratio(self) -> float:
@@ -61,6 +63,8 @@ def model_info(ckpt: Checkpoint) -> ModelInfo:
         dense_decoder_linear_params=sum(m.dense_params for m in modules),
         weights_bytes=ckpt.size_bytes,
         modules=tuple(modules),
+        head_rank=model.lm_head.rank if isinstance(model.lm_head, FactorizedLinear) else None,
+        tied=bool(ckpt.config.tie_word_embeddings),
     )
 
 
@@ -71,6 +75,8 @@ def format_info(info: ModelInfo) -> str:
         f"decoder linear params: {info.decoder_linear_params:,} of {info.dense_decoder_linear_params:,} dense "
         f"({info.compression_ratio:.1%} removed)",
         f"weights on disk:       {info.weights_bytes / 2**20:.2f} MiB",
+        *([] if info.head_rank is None else
+          [f"head:                  rank {info.head_rank}" + (" (the tied token table: lookup and head)" if info.tied else "")]),
         "",
         f"{'module':<40} {'shape':>11} {'rank':>6} {'params':>9}",
     ]

@@ -279,11 +279,15 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
     assert torch.allclose(b @ a, w, atol=1e-8)
 
 
-def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compressed, tmp_path):
+def test_older_reports_still_read_and_an_unknown_version_does_not(compressed, tmp_path):
     folder, _ = compressed["svd"]
     raw = json.loads((folder / "compression.json").read_text())
-    assert raw["schema_version"] == 5 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
-    v3 = {k: v for k, v in raw.items() if k not in ("workers", "device")} | {"schema_version": 3}
+    assert raw["schema_version"] == 6 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
+    assert raw["head"] is None
+    v5 = {k: v for k, v in raw.items() if k != "head"} | {"schema_version": 5}
+    (tmp_path / "compression.json").write_text(json.dumps(v5))
+    assert CompressionReport.read(tmp_path).head is None
+    v3 = {k: v for k, v in v5.items() if k not in ("workers", "device")} | {"schema_version": 3}
     (tmp_path / "compression.json").write_text(json.dumps(v3))
     assert (CompressionReport.read(tmp_path).workers, CompressionReport.read(tmp_path).device) == (1, "cpu")
     v2 = {k: v for k, v in v3.items() if k != "healing"} | {"schema_version": 2}
@@ -292,8 +296,8 @@ def test_a_version_1_report_still_reads_and_an_unknown_version_does_not(compress
     old = {k: v for k, v in v2.items() if k != "allocation_check"} | {"schema_version": 1}
     (tmp_path / "compression.json").write_text(json.dumps(old))
     assert CompressionReport.read(tmp_path).allocation_check == {}
-    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 6}))
-    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 6"):
+    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 7}))
+    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 7"):
         CompressionReport.read(tmp_path)
 
 

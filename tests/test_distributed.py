@@ -80,7 +80,7 @@ def test_two_workers_keep_the_one_process_held_out_score(one_and_two):
 def test_compression_json_records_workers_and_device(one_and_two):
     root, _, two = one_and_two
     read = CompressionReport.read(root / "two")
-    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 5
+    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 6
 
 
 def test_window_shares_are_whole_batches_that_sum_to_the_one_process_statistics():

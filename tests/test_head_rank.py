@@ -1,0 +1,119 @@
+"""compress --head-rank (compress/head.py): the output head, and a tied token table, as one factor pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_tiny_model
+from helpers import quiet
+from safetensors import safe_open
+
+from rankdown.checkpoint import load_model, open_checkpoint
+from rankdown.compress.config import CompressConfig, CompressionReport, Healing
+from rankdown.compress.head import weighted_factors
+from rankdown.compress.pipeline import compress
+from rankdown.errors import RankdownError
+from rankdown.export.config import ExportConfig
+from rankdown.export.pipeline import export
+from rankdown.factor import FactoredEmbedding, FactorizedLinear
+from rankdown.factor_record import FactorRecord
+from rankdown.info import model_info
+
+RANK = 16
+
+
+def _compress(dense, out, **kwargs):
+    cfg = CompressConfig(method="feature", ratio=0.3, calib_tokens=4096, seq_len=64, healing=Healing(steps=0), **kwargs)
+    return compress(dense, out, cfg, progress=quiet)
+
+
+@pytest.fixture(scope="module")
+def tied_head(tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("head")
+    dense = write_tiny_model(root / "dense", tiny_tokenizer, seed=4, tie_word_embeddings=True)
+    report = _compress(dense, root / "c", head_rank=RANK)
+    return dense, root / "c", report
+
+
+def test_full_rank_weighted_factors_rebuild_the_table_and_low_rank_beats_plain_svd_where_weighted():
+    torch.manual_seed(0)
+    w = torch.randn(50, 12, dtype=torch.float64)
+    mix = torch.randn(12, 12, dtype=torch.float64)
+    second = mix @ mix.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    frequency = torch.zeros(50, dtype=torch.float64)
+    frequency[:5] = 1000.0
+    a, b = weighted_factors(w, second, frequency, 12)
+    assert torch.allclose(b @ a, w, atol=1e-8)
+
+    def weighted_error(approx):
+        rows = (frequency + 1).sqrt()[:, None]
+        return float(((rows * (w - approx)) @ torch.linalg.cholesky(second)).norm())
+
+    a, b = weighted_factors(w, second, frequency, 4)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    plain = (u[:, :4] * s[:4]) @ vh[:4]
+    assert weighted_error(b @ a) < 0.8 * weighted_error(plain)
+
+
+def test_a_tied_table_is_one_factor_pair_shared_by_lookup_and_head(tied_head):
+    dense_dir, folder, report = tied_head
+    model = load_model(open_checkpoint(folder))
+    head, lookup = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, FactorizedLinear) and isinstance(lookup, FactoredEmbedding)
+    assert head.rank == lookup.rank == RANK and head.up.weight is lookup.table.weight
+    assert torch.equal(lookup.proj.weight, head.down.weight.T)
+    assert FactorRecord.read(folder).modules["lm_head"].rank == RANK
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.table.weight" in names and "lm_head.up.weight" not in names
+    assert report.head is not None and report.head.rank == RANK
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert (report.head.params_before, report.head.params_after) == (vocab * hidden, vocab * RANK + 2 * RANK * hidden)
+    assert CompressionReport.read(folder).head == report.head
+    assert model_info(open_checkpoint(folder)).head_rank == RANK
+    # the lookup is the factored table's row: B[t] A
+    ids = torch.tensor([[3, 7, 11]])
+    assert torch.allclose(lookup(ids), head.up.weight[ids] @ head.down.weight, atol=1e-6)
+    # a random tiny model has no structure to keep at 16 of 64: the loss moves, but stays finite and near
+    assert abs(report.head.loss_after - report.head.loss_before) < 1.0
+
+
+def test_a_factored_tied_head_exports_fp32_with_the_table_stored_once(tied_head, tmp_path):
+    _, folder, _ = tied_head
+    manifest = export(folder, tmp_path / "b", ExportConfig(max_seq_len=64), progress=quiet)
+    for entry in manifest.formats.values():
+        assert entry.parity.passed and entry.parity.greedy_match and entry.parity.top1_agreement == 1.0
+        assert entry.embedding_tables == 1
+        assert entry.factor_nodes.expected == entry.factor_nodes.found  # the head's pair included
+
+
+def test_an_untied_head_is_factored_and_the_lookup_left_dense(tiny_model_dir, tmp_path):
+    report = _compress(tiny_model_dir, tmp_path / "c", head_rank=RANK)
+    model = load_model(open_checkpoint(tmp_path / "c"))
+    assert isinstance(model.lm_head, FactorizedLinear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert report.head is not None and report.head.params_after == vocab * RANK + RANK * hidden
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_export_of_a_factored_head_is_refused(tied_head, tmp_path, quantize):
+    _, folder, _ = tied_head
+    with pytest.raises(RankdownError, match="factored head"):
+        export(folder, tmp_path / "b", ExportConfig(quantize=quantize), progress=quiet)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("rank, message", [(0, "at least 1"), (True, "at least 1"), (48, "saves nothing")])
+def test_a_head_rank_that_saves_nothing_is_refused(tiny_tokenizer, tmp_path, rank, message):
+    dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, tie_word_embeddings=True)
+    with pytest.raises(RankdownError, match=message):
+        _compress(dense, tmp_path / "c", head_rank=rank)
+    assert not (tmp_path / "c").exists()
+
+
+def test_head_rank_with_workers_and_healing_is_refused_before_any_work(tiny_tokenizer, tmp_path):
+    dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, tie_word_embeddings=True)
+    cfg = CompressConfig(method="feature", ratio=0.3, calib_tokens=4096, seq_len=64, workers=2, head_rank=RANK)
+    with pytest.raises(RankdownError, match="--head-rank runs in one process"):
+        compress(dense, tmp_path / "c", cfg, progress=quiet)
+    assert not (tmp_path / "c").exists()
