@@ -10,6 +10,10 @@ dropped outright), columns by the second moment C of the final norm's output on 
 With D the row weights, the SVD of D^1/2 W C^1/2 gives the rank-r optimum of
 ||D^1/2 (W - B A) C^1/2||_F: B = D^-1/2 U_r S_r^1/2, A = S_r^1/2 V_r^T C^-1/2.
 
+The projection is oblique: a token the calibration text never holds keeps only what the task's
+directions carry of its row, so its lookup can be worse than plain SVD's (code perplexity below).
+The held-back loss the report gives is on the task's text, which cannot show that.
+
 The head becomes ``up(down(h))`` (``up`` = B, ``down`` = A). A tied table's lookup becomes
 ``proj(table(t))`` (``table`` = B, the same Parameter; ``proj`` = A^T), so B is stored once, as the
 dense table was; an untied model's lookup is left as it is (it costs no arithmetic per token).
@@ -30,8 +34,10 @@ from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear
 from rankdown.factor_record import tie_factored_table
 
+MIN_WINDOWS = 4  # two fitted, two held back
 HEAD_WINDOWS = 160  # calibration windows read (the last quarter held back): the fit is H x H and V counts
-EIGEN_FLOOR = 1e-8  # C's eigenvalues below this fraction of the largest are floored (C^-1/2 stays finite)
+EIGEN_FLOOR = 1e-8
+CHUNK = 8192  # table rows per float64 step  # C's eigenvalues below this fraction of the largest are floored (C^-1/2 stays finite)
 
 
 def check_head_rank(config, rank: int) -> None:
@@ -68,16 +74,33 @@ def _statistics(model: LlamaForCausalLM, windows: torch.Tensor) -> tuple[torch.T
 
 def weighted_factors(table: torch.Tensor, second: torch.Tensor, frequency: torch.Tensor,
                      rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A r x H, B V x r) minimizing ||D^1/2 (W - B A) C^1/2||_F (module docstring), float64."""
-    w = table.double()
+    """(A r x H, B V x r) minimizing ||D^1/2 (W - B A) C^1/2||_F (module docstring), float64.
+
+    From the H x H Gram matrix G = C^1/2 W^T D W C^1/2 = V S^2 V^T, never a V x H SVD: with
+    M = D^1/2 W C^1/2, the best rank-r M_r = M V_r V_r^T, so B A = W C^1/2 V_r V_r^T C^-1/2 with
+    A = S_r^1/2 V_r^T C^-1/2 and B = W C^1/2 V_r S_r^-1/2. W is read ``CHUNK`` rows at a time in
+    float64, so a 128k-vocabulary table costs its own size once more (B), not five float64 copies."""
+    hidden = table.shape[1]
     eigenvalues, vectors = torch.linalg.eigh((second + second.T) / 2)
     eigenvalues = eigenvalues.clamp_min(float(eigenvalues.max()) * EIGEN_FLOOR)
     root = (vectors * eigenvalues.sqrt()) @ vectors.T
     inverse_root = (vectors / eigenvalues.sqrt()) @ vectors.T
-    rows = (frequency + 1).sqrt()[:, None]
-    u, s, vh = torch.linalg.svd(rows * w @ root, full_matrices=False)
-    half = s[:rank].sqrt()
-    return (half[:, None] * vh[:rank]) @ inverse_root, (u[:, :rank] * half) / rows
+    gram = torch.zeros(hidden, hidden, dtype=torch.float64)
+    for start in range(0, table.shape[0], CHUNK):
+        rows = table[start:start + CHUNK].double() @ root
+        gram += rows.T @ ((frequency[start:start + CHUNK] + 1)[:, None] * rows)
+    squares, right = torch.linalg.eigh((gram + gram.T) / 2)
+    squares, right = squares.flip(0)[:rank], right.flip(1)[:, :rank]
+    half = squares.clamp_min(float(squares[0]) * 1e-24 if float(squares[0]) > 0 else 1.0) ** 0.25  # S_r^1/2
+    a = (half[:, None] * right.T) @ inverse_root
+    to_b = root @ right / half[None, :]
+    b = torch.cat([table[start:start + CHUNK].double() @ to_b for start in range(0, table.shape[0], CHUNK)])
+    return a, b
+
+
+def head_memory(config) -> int:
+    """Bytes the head step adds beyond the model read back: B in float64 and one float64 chunk."""
+    return 8 * config.vocab_size * config.hidden_size + 8 * 2 * CHUNK * config.hidden_size
 
 
 def factor_head(model: LlamaForCausalLM, windows: torch.Tensor, rank: int) -> HeadReport:
@@ -85,7 +108,7 @@ def factor_head(model: LlamaForCausalLM, windows: torch.Tensor, rank: int) -> He
     Fitted on all but the held-back windows, judged on those."""
     start = time.perf_counter()
     check_head_rank(model.config, rank)
-    fit, held = held_back(windows, 4, "--head-rank")
+    fit, held = held_back(windows, MIN_WINDOWS, "--head-rank")
     loss_before = mean_loss(model, held)
     second, frequency = _statistics(model, fit)
     tied = bool(model.config.tie_word_embeddings)

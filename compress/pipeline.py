@@ -27,7 +27,7 @@ from rankdown.atomic import atomic_folder, check_free_space, check_output_path, 
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, skeleton_model, write_into
 from rankdown.compress import distributed
 from rankdown.compress.config import REPORT_FILE, Allocation, CompressConfig, CompressionReport, Healing, ModuleReport
-from rankdown.compress.head import HEAD_WINDOWS, check_head_rank, factor_head
+from rankdown.compress.head import HEAD_WINDOWS, MIN_WINDOWS, check_head_rank, factor_head, head_memory
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
 from rankdown.compress.methods import METHODS
@@ -60,6 +60,8 @@ def compress(model_dir: Path | str, out: Path | str, cfg: CompressConfig, progre
     this process is one of the workers already."""
     model_dir, out = Path(model_dir), Path(out)
     size = distributed.world_size(cfg.workers)
+    if cfg.head_rank is not None:  # before any worker starts
+        check_head_rank(open_checkpoint(model_dir).config, cfg.head_rank)
     resolve_device(cfg.device)  # --device cuda without a GPU is refused here, before any work
     if size > 1 and not STRATEGIES[cfg.strategy].distributed:
         raise RankdownError(f"--workers {size}: {cfg.strategy.value} ranks run in one process only "
@@ -84,7 +86,8 @@ def _factor_then_heal(model_dir: Path, out: Path, cfg: CompressConfig, progress:
     (or this process, which started them) heals it alone, since healing trains the whole model."""
     # A name the output's stale-temporary sweep matches: a run killed mid-way leaves nothing for long.
     if cfg.head_rank is not None:
-        raise RankdownError("--head-rank runs in one process, or with several workers and --heal-steps 0")
+        raise RankdownError("--head-rank runs in one process, or with several workers and --heal-steps 0 "
+                            "(healing is on by default)")
     staging = out.with_name(f".{out.name}.tmp-unhealed")
     # float32 factors, so healing starts from what a one-process run heals; the output takes the dtype.
     factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True, dtype="float32")
@@ -140,7 +143,9 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
     trainable = (1 - cfg.ratio) * model_info(ckpt).dense_decoder_linear_params
     # --allocate error's sensitivities: the whole dense model (one of the two counted) and a backward pass
     sensitivity = sensitivity_memory(c, cfg.seq_len) if cfg.allocation is Allocation.ERROR and METHODS[cfg.method].needs_data else 0
-    return 2 * model + decomposition + activations + batch + stats + sensitivity + healing_memory(ckpt, cfg, trainable)
+    head = head_memory(c) if cfg.head_rank is not None else 0
+    return (2 * model + decomposition + activations + batch + stats + sensitivity + healing_memory(ckpt, cfg, trainable)
+            + head)
 
 
 def _factor_head(folder: Path, model_dir: Path, windows: torch.Tensor, rank: int, report: CompressionReport,
@@ -180,6 +185,9 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     tokenizer = load_tokenizer(model_dir)
     spec = METHODS[cfg.method]
     windows = data_windows(tokenizer, cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
+    if cfg.head_rank is not None and windows.shape[0] < MIN_WINDOWS:  # now, not after the decoder's minutes
+        raise RankdownError(f"{cfg.source}: --head-rank needs at least {MIN_WINDOWS} calibration windows of "
+                            f"{cfg.seq_len} tokens, got {windows.shape[0]} (give more text or --calib-tokens)")
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
@@ -216,7 +224,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})
             if cfg.head_rank is not None:
-                del model, outcome  # the written checkpoint is read back instead: one copy held
+                del model, outcome  # the written checkpoint is read back instead: one copy of the model held
                 report = _factor_head(tmp, model_dir, windows, cfg.head_rank, report, dtype, progress)
     progress(f"wrote {out}: {report.params_after:,} of {report.params_before:,} decoder-linear parameters "
              f"({report.achieved_ratio:.2%} removed), calibration loss {loss:.4f}, {report.wall_seconds:.1f} s, "

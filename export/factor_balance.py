@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.factor_record import HEAD, factored_table
 
 _FLOOR = 1e-12  # a rank direction with an all-zero factor row or column is left as it is
 
@@ -55,4 +56,8 @@ def balance_factors(model: torch.nn.Module) -> int:
         for up in ups:
             up.weight.copy_((up.weight.double() * scale[None, :]).to(up.weight.dtype))
         count += 1
+    table = factored_table(model)
+    head = model.get_submodule(HEAD) if table is not None else None
+    if table is not None and isinstance(head, FactorizedLinear):  # the head's up is the lookup's table: proj follows its down
+        table.proj.weight.copy_(head.down.weight.T)
     return count

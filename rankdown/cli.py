@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--rank-multiple", "error ranks: every factored rank a multiple of this; 32 (the int4 group) for a "
            "model exported with --quantize int4, whose ranks are otherwise padded with zeros to the group", type=int)
     option("--head-rank", "also factor the output head to this rank, fitted to the task's final hidden states and "
-           "token counts; a tied table becomes one V x r table for the lookup and the head; none keeps it dense",
+           "token counts; a tied table becomes one V x r table for the lookup and the head (fp32 exports only); "
+           "omit it to keep the head dense",
            type=int)
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
@@ -416,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rankdown {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`rankdown info ... | head`): no traceback, and none at exit either,
+        # when Python flushes stdout into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
     return status or 0
 
 

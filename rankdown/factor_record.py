@@ -63,6 +63,8 @@ class FactorRecord:
             limit = spec.in_features if spec.group else min(spec.in_features, spec.out_features)
             if not 1 <= spec.rank <= limit:  # its type (int, not bool) was checked when read
                 raise RankdownError(f"{path}: module {name} has rank {spec.rank!r} outside 1..{limit}")
+            if name == HEAD and (spec.group is not None or spec.shares_down_with is not None):
+                raise RankdownError(f"{path}: module {HEAD} must be a pair of its own (no shared down)")
             owner = spec.shares_down_with
             if owner is not None and (owner not in modules or modules[owner].shares_down_with is not None
                                       or modules[owner].group is None
@@ -147,5 +149,8 @@ def tie_factored_table(model: nn.Module) -> None:
 
 def factored_table(model: nn.Module) -> FactoredEmbedding | None:
     """The model's rank-r token table when its tied head is a factor pair, else None."""
-    embedding = model.get_submodule("model.embed_tokens")
+    try:
+        embedding = model.get_submodule("model.embed_tokens")
+    except AttributeError:  # not a causal LM (a bare stack of layers)
+        return None
     return embedding if isinstance(embedding, FactoredEmbedding) else None

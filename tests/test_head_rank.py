@@ -53,6 +53,79 @@ def test_full_rank_weighted_factors_rebuild_the_table_and_low_rank_beats_plain_s
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     plain = (u[:, :4] * s[:4]) @ vh[:4]
     assert weighted_error(b @ a) < 0.8 * weighted_error(plain)
+    # the Gram-matrix route gives the weighted SVD's optimum: SVD of D^1/2 W C^1/2, truncated, unweighted
+    rows, root = (frequency + 1).sqrt()[:, None], _sqrtm(second)
+    u, s, vh = torch.linalg.svd(rows * w @ root, full_matrices=False)
+    direct = ((u[:, :4] * s[:4]) @ vh[:4]) @ torch.linalg.inv(root) / rows
+    assert torch.allclose(b @ a, direct, atol=1e-8)
+
+
+def _sqrtm(matrix):
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.sqrt()) @ vectors.T
+
+
+def test_the_statistics_are_the_final_norm_outputs_second_moment_and_the_token_counts(tiny_model_dir):
+    from rankdown.compress.head import _statistics
+
+    model = load_model(open_checkpoint(tiny_model_dir))
+    windows = torch.randint(0, model.config.vocab_size, (3, 16))
+    second, counts = _statistics(model, windows)
+    with torch.no_grad():
+        hidden = model.model(input_ids=windows).last_hidden_state.reshape(-1, model.config.hidden_size).double()
+    assert torch.allclose(second, hidden.T @ hidden / hidden.shape[0], atol=1e-6)
+    assert torch.equal(counts, torch.bincount(windows.reshape(-1), minlength=model.config.vocab_size).double())
+
+
+def test_balancing_a_factored_tied_head_keeps_the_lookup_in_step(tied_head):
+    from rankdown.export.factor_balance import balance_factors
+
+    _, folder, _ = tied_head
+    model = load_model(open_checkpoint(folder))
+    ids = torch.tensor([[3, 7, 11, 19]])
+    with torch.no_grad():
+        before = model(ids).logits, model.model.embed_tokens(ids)
+        balance_factors(model)
+        after = model(ids).logits, model.model.embed_tokens(ids)
+    assert torch.allclose(before[1], after[1], atol=1e-5) and torch.allclose(before[0], after[0], atol=1e-4)
+    assert model.lm_head.up.weight is model.model.embed_tokens.table.weight
+
+
+def test_a_head_in_a_shared_down_group_is_a_record_error(tied_head, tmp_path):
+    import json
+    import shutil
+
+    _, folder, _ = tied_head
+    copy = shutil.copytree(folder, tmp_path / "c")
+    record = json.loads((copy / "factorization.json").read_text())
+    record["modules"]["lm_head"]["group"] = "lm_head"
+    (copy / "factorization.json").write_text(json.dumps(record))
+    with pytest.raises(RankdownError, match="lm_head must be a pair of its own"):
+        open_checkpoint(copy)
+
+
+def test_too_little_calibration_text_for_the_head_is_refused_before_the_decoder(tiny_model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("one two three four five six seven eight nine ten " * 4)  # two windows of 64 tokens
+    cfg = CompressConfig(method="feature", ratio=0.3, task=None, calib=calib, seq_len=64, healing=Healing(steps=0),
+                         head_rank=RANK)
+    messages = []
+    with pytest.raises(RankdownError, match="--head-rank needs at least 4 calibration windows"):
+        compress(tiny_model_dir, tmp_path / "c", cfg, progress=messages.append)
+    assert not any("layer" in m for m in messages)  # refused before any layer was compressed
+    assert not (tmp_path / "c").exists()
+
+
+def test_info_piped_into_a_reader_that_leaves_prints_no_traceback(shipped_model_dir):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "rankdown.cli", "info", str(shipped_model_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, err = process.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+    assert process.returncode == 141
 
 
 def test_a_tied_table_is_one_factor_pair_shared_by_lookup_and_head(tied_head):
