@@ -2,7 +2,7 @@
 
 SmolLM2's 49,152 x 576 table is a third of what a 40%-compressed model reads per token, and no
 decoder rank touches it. Plain SVD of the table destroys a task model (compare exact match 100%
--> 0% at rank 384, README "Head rank"), because the rows and directions that matter are few: the
+-> 0% at rank 384, README, `--head-rank` in the compress reference), because the rows and directions that matter are few: the
 task's text uses few tokens, and the head reads a final hidden state that lives in a narrow
 subspace. So the fit is weighted on both sides, feature-aware as ``feature`` weights a decoder
 linear: rows by how often the calibration text holds the token (plus one, so that no row is
@@ -36,8 +36,8 @@ from rankdown.factor_record import tie_factored_table
 
 MIN_WINDOWS = 4  # two fitted, two held back
 HEAD_WINDOWS = 160  # calibration windows read (the last quarter held back): the fit is H x H and V counts
-EIGEN_FLOOR = 1e-8
-CHUNK = 8192  # table rows per float64 step  # C's eigenvalues below this fraction of the largest are floored (C^-1/2 stays finite)
+EIGEN_FLOOR = 1e-8  # C's eigenvalues below this fraction of the largest are floored (C^-1/2 stays finite)
+CHUNK = 8192  # table rows per float64 step
 
 
 def check_head_rank(config, rank: int) -> None:
@@ -104,7 +104,8 @@ def head_memory(config) -> int:
 
 
 def factor_head(model: LlamaForCausalLM, windows: torch.Tensor, rank: int) -> HeadReport:
-    """Replace ``model``'s tied table by its rank-``rank`` factor pair, in place (module docstring).
+    """Replace ``model``'s head (a tied table: lookup and head) by its rank-``rank`` factor pair, in
+    place (module docstring).
     Fitted on all but the held-back windows, judged on those."""
     start = time.perf_counter()
     check_head_rank(model.config, rank)

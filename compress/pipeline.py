@@ -150,8 +150,9 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
 
 def _factor_head(folder: Path, model_dir: Path, windows: torch.Tensor, rank: int, report: CompressionReport,
                  dtype: torch.dtype, progress: Progress) -> CompressionReport:
-    """The tied token table of the checkpoint just written into ``folder`` factored to ``rank``
-    (compress/head.py), the folder rewritten with it and the report."""
+    """The head (a tied table: lookup and head) of the checkpoint just written into ``folder`` factored
+    to ``rank`` (compress/head.py), the folder rewritten with it and the report. Read back from the
+    folder because the streaming strategies leave no model in memory (their ``model`` is on meta)."""
     model = load_model(open_checkpoint(folder))
     progress(f"factoring the head to rank {rank} on {min(len(windows), HEAD_WINDOWS)} calibration windows")
     head = factor_head(model, windows[:HEAD_WINDOWS], rank)
@@ -176,8 +177,6 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     if ckpt.record.modules:
         raise RankdownError(f"{model_dir}: already compressed; compress the dense model instead")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else ckpt.stored_dtype
-    if cfg.head_rank is not None:
-        check_head_rank(ckpt.config, cfg.head_rank)
     stage = "compress" if cfg.healing.steps == 0 else f"compress with {cfg.healing.steps} healing steps (--heal-steps 0 skips healing)"
     require_memory(memory_estimate(ckpt, cfg), stage, model_dir)
     check_free_space(out, _disk_estimate(ckpt, cfg, dtype), "the compressed checkpoint")

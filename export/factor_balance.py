@@ -57,7 +57,8 @@ def balance_factors(model: torch.nn.Module) -> int:
             up.weight.copy_((up.weight.double() * scale[None, :]).to(up.weight.dtype))
         count += 1
     table = factored_table(model)
-    head = model.get_submodule(HEAD) if table is not None else None
-    if table is not None and isinstance(head, FactorizedLinear):  # the head's up is the lookup's table: proj follows its down
+    if table is not None:  # the head's up is the lookup's table, so the lookup's proj follows the head's down
+        head = model.get_submodule(HEAD)
+        assert isinstance(head, FactorizedLinear), "a factored table's head is a factor pair (apply_record)"
         table.proj.weight.copy_(head.down.weight.T)
     return count
