@@ -157,6 +157,10 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = sum(p.stat().st_size for p in src.parent.iterdir()) > 1_800_000_000
     # Only MatMuls with a constant weight are quantized (ORT leaves activation x activation
-    # attention products in float), so the factors and the head become int8, nothing else.
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+    # attention products in float), so the factors and the head become 8-bit, nothing else.
+    # Unsigned weights (U8U8): with signed ones (U8S8) an x86 CPU with AVX2 and no VNNI (AMD Zen 3,
+    # Intel before Ice Lake) runs MLAS's VPMADDUBSW kernel, whose int16 pair sums saturate; on such a
+    # CPU the shipped model's int8 exports failed their own self-check (top-1 73.9-75.4% < 80%), and
+    # pass with U8U8 (MLAS widens unsigned weights to 16 bits there; no pair sum saturates).
+    quantize_dynamic(src, dst, weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      use_external_data_format=large)

@@ -226,7 +226,7 @@ def test_int8_quantizes_every_linear_and_keeps_quality(joint_bundle, joint_int8_
     quantized = sum(n.op_type == "MatMulInteger" for n in graph.node)
     nodes = manifest.formats["onnx"].factor_nodes
     assert quantized == nodes.found + nodes.dense_linears  # every factor and the head, nothing else
-    int8_bytes = sum(len(t.raw_data) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    int8_bytes = sum(len(t.raw_data) for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8)
     head = manifest.model.vocab_size * 64
     assert int8_bytes == manifest.model.decoder_linear_params + head  # one byte per linear weight
     windows = token_windows(load_tokenizer(int8), load_task("math", Split.EVALUATION).texts,

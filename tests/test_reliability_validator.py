@@ -115,7 +115,9 @@ def test_one_factor_scaled_by_1_01_fails_in_the_cli_with_where(feature_bundle, t
                              "--no-latency", "--max-examples", "5", "--report", str(tmp_path / "report")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "rankdown validate: FAILED: onnxruntime.parity.max_abs_logit_diff" in result.stderr
+    # the scaled factor also flips a near-tie greedy token on some CPUs (AVX2 without VNNI): more may fail
+    failed = next(line for line in result.stderr.splitlines() if line.startswith("rankdown validate: FAILED: "))
+    assert "onnxruntime.parity.max_abs_logit_diff" in failed.split(": ", 2)[2].split(", ")
     line = next(line for line in result.stdout.splitlines() if line.startswith("onnxruntime") and "greedy" in line)
     assert " at prompt " in line and " position " in line
     report = json.loads((tmp_path / "report" / "report.json").read_text())
