@@ -2,7 +2,10 @@
 groups of ``group_size`` input columns with one scale each (chosen by torchao's HQQ scale search
 by default: ``Int4Scales`` in export/config.py), activations quantized to int8 per token
 at run time (XNNPACK's qd8-f32-qb4w kernels); the head 8-bit per output channel (8da8w; 4-bit groups
-with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). Through torchao's
+with ``head_bits=4``) and the token embedding 8-bit per row (weight-only). A factored head
+(``compress --head-rank``) is two such head linears; its tied V x r table is the 8-bit ``up``,
+which the lookup reads as its rows, stored once, and the lookup's small r -> H ``proj`` stays
+float. Through torchao's
 ``quantize_``, as ExecuTorch's Llama export and optimum-executorch (``--qlinear 8da4w --qembedding 8w``) do.
 
 A group must divide the linear's input width. A factor pair's ``up`` reads the rank, which need not
@@ -27,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankdown.factor import FactorizedLinear, SharedDownLinear
-from rankdown.factor_record import FactorRecord
+from rankdown.factor import FactoredEmbedding, FactorizedLinear, SharedDownLinear
+from rankdown.factor_record import FactorRecord, factored_table
 
 MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
 
@@ -179,6 +182,31 @@ class ByteEmbedding(nn.Module):
         return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scales, None, -128, 127, ids)
 
 
+class ByteFactoredLookup(nn.Module):
+    """A factored tied table's lookup (rankdown/factor.py ``FactoredEmbedding``) with 8-bit rows:
+    ``proj(table(ids))``. ``proj`` (H x r, a few hundred KB) stays float, so the lookup adds no
+    activation quantization of its own. The child names match ``FactoredEmbedding``'s, so the
+    exported table is named as the fp32 export's."""
+
+    def __init__(self, table: ByteEmbedding, proj: nn.Linear):
+        super().__init__()
+        self.table = table
+        self.proj = proj
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(ids))
+
+
+def _retie_padded_table(lookup: FactoredEmbedding, head: FactorizedLinear) -> None:
+    """After ``pad_ranks`` padded a factored tied head's rank (new ``up`` Parameter), the lookup
+    reads the padded table again, and its ``proj`` reads the padded columns as zeros."""
+    if lookup.table.weight is head.up.weight:
+        return
+    _pad_columns(lookup.proj, head.up.in_features)
+    lookup.table = nn.Embedding(head.up.out_features, head.up.in_features, _weight=head.up.weight)
+    lookup.table.weight = head.up.weight
+
+
 def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8,
                   hqq: bool = True) -> tuple[nn.Module, Int4Plan]:
     """A quantized copy of ``model`` (the caller's model is left as it is) and what was done.
@@ -196,9 +224,16 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
     record, padded = pad_ranks(model, record, group_size)
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
+    lookup = factored_table(model)
+    if lookup is not None:
+        assert isinstance(head, FactorizedLinear), "a factored table's head is a factor pair (apply_record)"
+        _retie_padded_table(lookup, head)
+    # The head's linears: the dense head, or both halves of a factored one.
+    head_linears = [head.down, head.up] if isinstance(head, FactorizedLinear) else [head]
+    keep_float = [lookup.proj] if lookup is not None else []
     groups: dict[int | None, list[str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        if isinstance(module, nn.Linear) and not any(module is m for m in head_linears + keep_float):
             groups.setdefault(group_for(module.in_features, group_size), []).append(name)
     for group, names in groups.items():
         chosen = set(names)
@@ -210,16 +245,24 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel by
     # default; 4-bit groups (as the decoder) with head_bits=4.
-    head_group = group_for(head.in_features, group_size) if head_bits == 4 else None
-    head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-                   if head_group is None else
-                   Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                         weight_granularity=PerGroup(head_group),
-                                                         intx_choose_qparams_algorithm=algorithm))
-    tied = head.weight is embedding.weight
-    quantize_(model, head_config, filter_fn=lambda m, fqn: m is head)
+    for linear in head_linears:
+        head_group = group_for(linear.in_features, group_size) if head_bits == 4 else None
+        head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+                       if head_group is None else
+                       Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                             weight_granularity=PerGroup(head_group),
+                                                             intx_choose_qparams_algorithm=algorithm))
+        quantize_(model, head_config, filter_fn=lambda m, fqn, linear=linear: m is linear)
+    # Before decomposing: a factored table's fp32 rows (the head's ``up`` holds quantized ones now).
+    float_rows = lookup.table if lookup is not None else embedding
+    tied = lookup is not None or (isinstance(head, nn.Linear) and head.weight is embedding.weight)
     decompose_quantized_linears(model)
     head = model.get_output_embeddings()
-    shares = tied and isinstance(head, DecomposedQuantLinear) and head.per_channel and head.quant_range == (-128, 127)
-    model.set_input_embeddings(ByteEmbedding(from_head=head) if shares else ByteEmbedding(embedding))
+    vocab_linear = head.up if isinstance(head, FactorizedLinear) else head  # the linear whose rows are the table
+    if (tied and isinstance(vocab_linear, DecomposedQuantLinear) and vocab_linear.per_channel
+            and vocab_linear.quant_range == (-128, 127)):
+        rows = ByteEmbedding(from_head=vocab_linear)
+    else:
+        rows = ByteEmbedding(float_rows)
+    model.set_input_embeddings(rows if lookup is None else ByteFactoredLookup(rows, lookup.proj))
     return model, Int4Plan(record, padded, tuple(groups.get(None, ())))

@@ -22,6 +22,9 @@ positions, one thread; README has the table):
   first. In the fused graph (the model builder's) the head holds the table and the lookup reads it
   through a Transpose; once the head is 8-bit, the lookup becomes a ``GatherBlockQuantized`` over the
   head's own 8-bit blocks, as the builder does for a quantized tied head: one 8-bit table for both;
+- a factored head (``compress --head-rank``): both of its MatMuls ``head_bits``; the tied V x r table
+  is the ``up``'s weight and the lookup reads its blocks as above, then the lookup's own r -> hidden
+  projection, kept fp32 (tiny, and no activation quantization of its own on any token);
 - the token embedding of an untied model: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
   axis), the only Gather quantization the library has (no 8-bit); it halves the shipped model's
   int4 file (7.6 -> 4.0 MB) with no loss of agreement. The library moves the graph from opset 18 to
@@ -144,6 +147,23 @@ def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, bloc
         graph.initializer.remove(initializers[table])
 
 
+def _factored_head_down(graph, head, weighted) -> list:
+    """A factored head's ``down`` (compress --head-rank): the MatMul with a constant weight that feeds
+    the head, which is then its ``up``; [] for a dense head (fed by the final norm)."""
+    producer = next((n for n in weighted if head.input[0] in n.output), None)
+    return [] if producer is None else [producer]
+
+
+def _lookup_projection(graph, tied_lookup, weighted) -> list:
+    """A factored tied table's lookup projection (r -> hidden), the MatMul that reads the lookup's
+    Gather: left in fp32 (a few hundred KB), as the ExecuTorch int4 export leaves it (export/et_int4.py),
+    so the lookup adds no activation quantization of its own; [] otherwise."""
+    if tied_lookup is None:
+        return []
+    gather = tied_lookup[1]
+    return [n for n in weighted if n.input[0] == gather.output[0]]
+
+
 def _fold_biases(graph) -> int:
     """A bias Add right after a MatMulNBits becomes the node's own ``bias`` input (its sixth); at decode
     a separate Add costs more in dispatch than its additions. Returns how many were folded."""
@@ -194,16 +214,19 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     tied = tied_lookup is None and _untie_head(graph, head)
     constants = {init.name: tuple(init.dims) for init in graph.initializer}
     weighted = [n for n in graph.node if n.op_type == "MatMul" and len(constants.get(n.input[1], ())) == 2]
-    decoder = [n for n in weighted if n is not head]
+    heads = [head] + _factored_head_down(graph, head, weighted)
+    keep_float = _lookup_projection(graph, tied_lookup, weighted)
+    decoder = [n for n in weighted if all(n is not h for h in heads + keep_float)]
     partial = sum(constants[n.input[1]][0] % group_size != 0 for n in decoder)
-    head_name = head.name
-    if not head_name or any(n.name == head_name for n in weighted if n is not head):
+    head_names = [n.name for n in heads]
+    if not all(head_names) or any(n.name in head_names for n in weighted if all(n is not h for h in heads)):
         raise RankdownError(f"{src}: the head's MatMul has no unique name; cannot quantize it apart")
-    others = [n.name for n in graph.node if n.op_type == "MatMul" and n is not head]
+    float_names = [n.name for n in keep_float]
+    others = [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in head_names]
 
     # 4 bits for every MatMul with a constant weight but the head, then ``head_bits`` for the head.
     four = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=symmetric,
-                                accuracy_level=accuracy_level, nodes_to_exclude=[head_name],
+                                accuracy_level=accuracy_level, nodes_to_exclude=head_names + float_names,
                                 op_types_to_quantize=("MatMul",))
     four.process()
     eight = MatMulNBitsQuantizer(four.model.model, bits=head_bits, block_size=group_size, is_symmetric=symmetric,
@@ -226,7 +249,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
             gather.process()
         quantized = gather.model
     biases = _fold_biases(quantized.model.graph)
-    left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul"
+    left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:
         raise RankdownError(f"{src}: {len(left)} MatMul(s) with a constant weight were left in fp32 ({left[0]})")
@@ -235,10 +258,12 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     quantized.save_model_to_file(str(dst), use_external_data_format=large)
     lookups = [n for n in quantized.model.graph.node if n.op_type == "GatherBlockQuantized"]
     if tied_lookup is not None:
-        embedding = f"GatherBlockQuantized {head_bits}-bit, the head's weight (the tied table stored once)"
+        embedding = f"GatherBlockQuantized {head_bits}-bit, the head's weight (the tied table stored once)" + (
+            ", then its fp32 projection" if keep_float else "")
     else:
         embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
     return Int4Summary(int4_matmuls=len(decoder), folded_biases=biases, partial_blocks=int(partial),
-                       head=f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else ""),
+                       head=(f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else "")
+                             + (", a factor pair" if len(heads) > 1 else "")),
                        embedding=embedding,
                        block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level)

@@ -118,10 +118,10 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
     every format was written, counted and (with ``cfg.check``) matched PyTorch."""
     model_dir, bundle = Path(model_dir), Path(bundle)
     ckpt = open_checkpoint(model_dir)
-    if HEAD in ckpt.record.modules and cfg.quantize is not Quantize.NONE:
-        # The int8 and int4 paths quantize the head (and a tied table) as one dense matrix.
-        raise RankdownError(f"{ckpt.folder}: --quantize {cfg.quantize.value} does not take a factored head "
-                            "(compress --head-rank) yet; export it in fp32 or compress without --head-rank")
+    if HEAD in ckpt.record.modules and cfg.quantize is Quantize.INT8:
+        # The int8 paths quantize the head (and a tied table) as one dense matrix.
+        raise RankdownError(f"{ckpt.folder}: --quantize int8 does not take a factored head (compress --head-rank) "
+                            "yet; export it in fp32 or int4")
     check_output_path(bundle, [model_dir], cfg.overwrite)
     for fmt in cfg.formats:
         by_format(fmt).module().preflight(cfg)

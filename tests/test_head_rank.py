@@ -168,12 +168,41 @@ def test_an_untied_head_is_factored_and_the_lookup_left_dense(tiny_model_dir, tm
     assert report.head is not None and report.head.params_after == vocab * RANK + RANK * hidden
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_export_of_a_factored_head_is_refused(tied_head, tmp_path, quantize):
+def test_int8_export_of_a_factored_head_is_refused(tied_head, tmp_path):
     _, folder, _ = tied_head
-    with pytest.raises(RankdownError, match="factored head"):
-        export(folder, tmp_path / "b", ExportConfig(quantize=quantize), progress=quiet)
+    with pytest.raises(RankdownError, match="--quantize int8 does not take a factored head"):
+        export(folder, tmp_path / "b", ExportConfig(quantize="int8"), progress=quiet)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_factored_tied_head_exports_int4_with_the_8bit_table_stored_once(tied_head, tmp_path):
+    """Both formats: the head's pair 8-bit, its V x r table read by the lookup (stored once), the
+    lookup's projection fp32. ExecuTorch pads rank 16 to 32 for the 4-bit groups, the lookup's table
+    with it; each self-check holds the runtime to PyTorch with the same quantized weights."""
+    import onnx
+
+    from rankdown.export.et_int4 import ByteFactoredLookup, quantize_int4
+
+    _, folder, _ = tied_head
+    manifest = export(folder, tmp_path / "b", ExportConfig(quantize="int4", max_seq_len=64), progress=quiet)
+    for entry in manifest.formats.values():
+        assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found
+    assert (tmp_path / "b" / "executorch" / "model.ptd").is_file()  # the shared 8-bit table, stored once
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx")).graph
+    nbits = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    head_nodes = {name: attrs["bits"] for name, attrs in nbits.items() if "lm_head" in name}
+    assert sorted(head_nodes.values()) == [8, 8] and len(head_nodes) == 2
+    lookups = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 1
+    assert any(n.op_type == "MatMul" and "embed_tokens" in n.name for n in graph.node)  # the fp32 projection
+    model = load_model(open_checkpoint(folder))
+    quantized, plan = quantize_int4(model, FactorRecord.read(folder), 32)
+    lookup = quantized.model.embed_tokens
+    assert isinstance(lookup, ByteFactoredLookup) and plan.padded["lm_head"] == (RANK, 32)
+    assert lookup.table.weight is quantized.lm_head.up.weight and lookup.table.weight.dtype == torch.int8
+    ids = torch.tensor([[3, 7, 11]])
+    with torch.no_grad():  # the padded lookup still gives the float model's rows, to 8-bit rounding
+        assert torch.allclose(lookup(ids), model.model.embed_tokens(ids), atol=0.05)
 
 
 @pytest.mark.parametrize("rank, message", [(0, "at least 1"), (True, "at least 1"), (48, "saves nothing")])
