@@ -243,6 +243,10 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
                                                         weight_granularity=PerGroup(group),
                                                         intx_choose_qparams_algorithm=algorithm))
         quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+    # Before the head is quantized (which gives it a new weight): whether it reads the lookup's table,
+    # and that table's float rows.
+    float_rows = lookup.table if lookup is not None else embedding
+    tied = lookup is not None or (isinstance(head, nn.Linear) and head.weight is embedding.weight)
     # The head is as wide as the vocabulary and decides the token: 8 bits per output channel by
     # default; 4-bit groups (as the decoder) with head_bits=4.
     for linear in head_linears:
@@ -253,9 +257,6 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
                                                              weight_granularity=PerGroup(head_group),
                                                              intx_choose_qparams_algorithm=algorithm))
         quantize_(model, head_config, filter_fn=lambda m, fqn, linear=linear: m is linear)
-    # Before decomposing: a factored table's fp32 rows (the head's ``up`` holds quantized ones now).
-    float_rows = lookup.table if lookup is not None else embedding
-    tied = lookup is not None or (isinstance(head, nn.Linear) and head.weight is embedding.weight)
     decompose_quantized_linears(model)
     head = model.get_output_embeddings()
     vocab_linear = head.up if isinstance(head, FactorizedLinear) else head  # the linear whose rows are the table
