@@ -220,6 +220,14 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
 
     algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if hqq else IntxChooseQParamsAlgorithm.AFFINE
 
+    def weight_config(group: int | None):
+        """8-bit per output channel without a group, else 4-bit groups of ``group``."""
+        if group is None:
+            return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                     weight_granularity=PerGroup(group),
+                                                     intx_choose_qparams_algorithm=algorithm)
+
     model = copy.deepcopy(model)
     record, padded = pad_ranks(model, record, group_size)
     head = model.get_output_embeddings()
@@ -237,12 +245,7 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
             groups.setdefault(group_for(module.in_features, group_size), []).append(name)
     for group, names in groups.items():
         chosen = set(names)
-        config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-                  if group is None else
-                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                        weight_granularity=PerGroup(group),
-                                                        intx_choose_qparams_algorithm=algorithm))
-        quantize_(model, config, filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+        quantize_(model, weight_config(group), filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
     # Before the head is quantized (which gives it a new weight): whether it reads the lookup's table,
     # and that table's float rows.
     float_rows = lookup.table if lookup is not None else embedding
@@ -251,12 +254,7 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
     # default; 4-bit groups (as the decoder) with head_bits=4.
     for linear in head_linears:
         head_group = group_for(linear.in_features, group_size) if head_bits == 4 else None
-        head_config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-                       if head_group is None else
-                       Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                             weight_granularity=PerGroup(head_group),
-                                                             intx_choose_qparams_algorithm=algorithm))
-        quantize_(model, head_config, filter_fn=lambda m, fqn, linear=linear: m is linear)
+        quantize_(model, weight_config(head_group), filter_fn=lambda m, fqn, linear=linear: m is linear)
     decompose_quantized_linears(model)
     head = model.get_output_embeddings()
     vocab_linear = head.up if isinstance(head, FactorizedLinear) else head  # the linear whose rows are the table
