@@ -203,8 +203,8 @@ def _retie_padded_table(lookup: FactoredEmbedding, head: FactorizedLinear) -> No
     if lookup.table.weight is head.up.weight:
         return
     _pad_columns(lookup.proj, head.up.in_features)
-    lookup.table = nn.Embedding(head.up.out_features, head.up.in_features, _weight=head.up.weight)
-    lookup.table.weight = head.up.weight
+    lookup.table = nn.Embedding(head.up.out_features, head.up.in_features, device="meta")
+    lookup.table.weight = head.up.weight  # the same Parameter, not a copy
 
 
 def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8,

@@ -147,14 +147,14 @@ def _lookup_from_quantized_head(graph, head, table: str, transpose, gather, bloc
         graph.initializer.remove(initializers[table])
 
 
-def _factored_head_down(graph, head, weighted) -> list:
+def _factored_head_down(head, weighted) -> list:
     """A factored head's ``down`` (compress --head-rank): the MatMul with a constant weight that feeds
     the head, which is then its ``up``; [] for a dense head (fed by the final norm)."""
     producer = next((n for n in weighted if head.input[0] in n.output), None)
     return [] if producer is None else [producer]
 
 
-def _lookup_projection(graph, tied_lookup, weighted) -> list:
+def _lookup_projection(tied_lookup, weighted) -> list:
     """A factored tied table's lookup projection (r -> hidden), the MatMul that reads the lookup's
     Gather: left in fp32 (a few hundred KB), as the ExecuTorch int4 export leaves it (export/et_int4.py),
     so the lookup adds no activation quantization of its own; [] otherwise."""
@@ -214,8 +214,8 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     tied = tied_lookup is None and _untie_head(graph, head)
     constants = {init.name: tuple(init.dims) for init in graph.initializer}
     weighted = [n for n in graph.node if n.op_type == "MatMul" and len(constants.get(n.input[1], ())) == 2]
-    heads = [head] + _factored_head_down(graph, head, weighted)
-    keep_float = _lookup_projection(graph, tied_lookup, weighted)
+    heads = [head] + _factored_head_down(head, weighted)
+    keep_float = _lookup_projection(tied_lookup, weighted)
     decoder = [n for n in weighted if all(n is not h for h in heads + keep_float)]
     partial = sum(constants[n.input[1]][0] % group_size != 0 for n in decoder)
     head_names = [n.name for n in heads]
