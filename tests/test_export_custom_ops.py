@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from helpers import quiet
@@ -100,75 +98,6 @@ def test_int4_quantizes_odd_rank_pairs_and_keeps_top1(joint_int4_bundle, joint_b
         assert op in pte, op
     fp32 = sum(f.bytes for f in joint_bundle[2].formats["executorch"].files.values())
     assert sum(f.bytes for f in entry.files.values()) < 0.5 * fp32
-
-
-def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(feature_int4_bundle, tmp_path,
-                                                                                monkeypatch):
-    """The lowering check can fail: held against other int4 weights than the ones it was lowered from
-    (here the reference's 8-bit lookup negated; the .pte is the good one, copied instead of
-    lowered again), the export is refused in one line and leaves no bundle."""
-    from rankdown.errors import RankdownError
-    from rankdown.export import executorch
-
-    folder, bundle, manifest = feature_int4_bundle
-    entry = manifest.formats["executorch"]
-    real_quantize = executorch.quantize
-
-    def skewed(model, record, cfg, progress=print):
-        quantized = real_quantize(model, record, cfg, progress)
-        quantized.model.get_input_embeddings().scales.neg_()
-        return quantized
-
-    def copied(model, record, out, cfg, progress=print, quantized=None):
-        (out / "executorch").mkdir(parents=True)
-        shutil.copy2(bundle / "executorch" / "model.pte", out / "executorch" / "model.pte")
-        return 0.0, entry.factor_nodes, entry.delegation, entry.quantization
-
-    monkeypatch.setattr(executorch, "quantize", skewed)
-    monkeypatch.setattr(executorch, "export", copied)
-    with pytest.raises(RankdownError, match="executorch export failed its parity self-check against PyTorch "
-                                            "with its int4 weights: "):
-        export(folder, tmp_path / "b", ExportConfig(formats="executorch", quantize="int4"), progress=quiet)
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="session")
-def feature_int4_bundle(shipped_math_bundle, tmp_path_factory):
-    """The shipped model's feature 40% checkpoint (no shared downs) in ExecuTorch int4."""
-    folder, _ = shipped_math_bundle
-    bundle = tmp_path_factory.mktemp("bundles") / "feature-int4"
-    return folder, bundle, export(folder, bundle, ExportConfig(formats="executorch", quantize="int4"), progress=quiet)
-
-
-def test_int4_factor_pairs_share_delegate_calls_with_the_ops_around_them(feature_int4_bundle, shipped_math_bundle):
-    """Without shared downs, an int4 graph is partitioned in one pass, as optimum-executorch lowers
-    8da4w: as many XNNPACK delegate calls as the fp32 .pte of the same checkpoint, not one more per
-    quantized linear (the two-pass partitioning gave 70 against 34 here)."""
-    from rankdown.export.manifest import Manifest
-
-    _, _, manifest = feature_int4_bundle
-    fp32 = Manifest.read(shipped_math_bundle[1]).formats["executorch"]
-    entry = manifest.formats["executorch"]
-    assert entry.quantize == "int4" and entry.lowering is not None and entry.lowering.passed
-    assert entry.delegation["delegated_subgraphs"] == fp32.delegation["delegated_subgraphs"]
-    assert entry.factor_nodes.found == entry.factor_nodes.expected
-
-
-def test_validate_holds_an_int4_pte_against_its_quantized_pytorch_model(feature_int4_bundle):
-    """validate rebuilds the int4 model the .pte was lowered from (balanced as the export balanced it)
-    and holds the runtime to it with the lowering bounds; the float model's top-1 is reported beside."""
-    from rankdown.validate.config import ValidateConfig
-    from rankdown.validate.harness import validate
-
-    _, bundle, manifest = feature_int4_bundle
-    report = validate(bundle, ValidateConfig(runtimes="executorch", latency=None, max_examples=3, max_tokens=128),
-                      progress=quiet)
-    parity = report.runtimes["executorch"].parity
-    assert parity.reference == "quantized" and parity.float_top1_agreement is not None
-    assert parity.top1_agreement >= 0.85 and parity.max_abs_logit_diff <= 0.25 * parity.logit_scale
-    assert parity.top1_tie == 0.05 and 0.6 <= parity.strict_top1_agreement <= parity.top1_agreement
-    assert not [f for f in report.failures if ".parity." in f]
-    assert parity.top1_agreement > parity.float_top1_agreement
 
 
 def _group_linears(model) -> dict[str, DecomposedQuantLinear]:

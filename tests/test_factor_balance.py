@@ -1,14 +1,12 @@
 """Balancing factor pairs before int4 quantization: the fp32 function is kept, each rank direction's
 down row and up column(s) end with equal norms, a shared down is balanced against all its ups
-once, and an int4 export does it by default and records it."""
+once. That an int4 export does it by default and records it is in test_int4_shipped.py."""
 
 from __future__ import annotations
 
 import torch
 
-from rankdown.export.config import ExportConfig
 from rankdown.export.factor_balance import balance_factors
-from rankdown.export.pipeline import export
 from rankdown.factor import FactorizedLinear, shared_down_group
 
 
@@ -58,23 +56,3 @@ def test_a_zero_direction_is_left_alone():
     torch.testing.assert_close(pair[0].up.weight[:, 3], b[:, 3], rtol=0, atol=0)
 
 
-def test_an_int4_export_balances_every_pair_unless_told_not_to(shipped_math_bundle, tmp_path):
-    """On by default for int4 (said, and recorded in the manifest's options), off with ``balance=False``;
-    the balanced export passes the int4 self-check (the unbalanced one is not checked: on an AVX2 CPU
-    without VNNI it misses the float floor, 59.4% < 60%). Whether balancing helps is a benchmark, not a test: on
-    SmolLM2 at 40% it cuts the int4 perplexity excess from 12% to 8% (ONNX) and 38% to 17%
-    (ExecuTorch); on the 6.6M shipped model it is mixed (README)."""
-    from rankdown.export.manifest import Manifest
-    from rankdown.factor_record import FactorRecord
-
-    ckpt, fp32_bundle = shipped_math_bundle
-    # The switch is on by default, but an fp32 bundle was not balanced, and its manifest says so.
-    assert Manifest.read(fp32_bundle).options["balance"] is False
-    pairs = len(FactorRecord.read(ckpt).modules)
-    for balance in (True, False):
-        said = []
-        manifest = export(ckpt, tmp_path / str(balance), ExportConfig(formats="onnx", quantize="int4", balance=balance,
-                                                                     check=balance), progress=said.append)
-        assert manifest.options["balance"] is balance
-        assert manifest.formats["onnx"].parity.passed if balance else manifest.formats["onnx"].parity is None
-        assert (f"balanced {pairs} factor pair(s) for int4 weights" in said) is balance
