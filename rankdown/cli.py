@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -403,9 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a job scheduler, a container stopping) raised where the program is, as Ctrl-C
+    is: Python's default would end the process at once, leaving the temporary output and its lock."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_logs()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if getattr(args, "model", None) is not None:
             from rankdown.model_source import resolve_model
@@ -415,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except RankdownError as e:
         print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"rankdown {args.command}: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"rankdown {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -423,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         # when Python flushes stdout into the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status or 0
 
 

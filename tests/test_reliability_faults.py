@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -357,3 +358,23 @@ def test_two_cli_runs_into_one_output_never_mix(tiny_model_dir, tmp_path):
     winner = "svd" if outcomes[0][0] == 0 else "joint"
     assert report["method"] == winner
     assert _debris(out) == []
+
+
+def test_a_terminated_run_removes_its_temporary_output_and_lock(tiny_model_dir, tmp_path):
+    """SIGTERM (a `kill`, a scheduler's stop) mid-run ends it as Ctrl-C does: one line, status 143,
+    and neither the half-written folder nor the lock left beside the output."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rankdown.cli", "compress", str(tiny_model_dir), "--ratio", "0.3", "-o", str(out),
+               "--heal-steps", "5000"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any(name.startswith(f".{out.name}.tmp-") for name in _debris(out)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing its output"
+        time.sleep(0.05)
+    assert lock_path(out).exists()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "rankdown compress: terminated; nothing was written"
+    assert "Traceback" not in stderr
+    assert not out.exists() and _debris(out) == []
