@@ -100,13 +100,15 @@ def teacher_targets(ckpt: Checkpoint, tokenizer, cfg: CompressConfig, progress: 
     shape = (count, windows.shape[1] - 1, healing.top_k)
     log_probs = torch.empty(shape, device=device)
     indices = torch.empty(shape, dtype=torch.int32, device=device)
-    # Minutes on a CPU without bf16 (SmolLM2-135M, 706 windows, fp32 on 2 cores: 504 s), so it reports.
-    report_every = max(1, len(chunks) // 8)
+    # Minutes on a CPU without bf16 (SmolLM2-135M, 706 windows, fp32 on 2 cores: 504 s), so it reports
+    # once a minute; a phase of seconds says nothing until its summary.
+    reported = start
     with torch.no_grad(), float32_attention(dense, enabled=_attention_in_float32(training_precision(healing, device), device)):
-        for done, (begin, end, autocast) in enumerate(chunks, 1):
-            if done % report_every == 0 and done < len(chunks):
+        for begin, end, autocast in chunks:
+            if time.perf_counter() - reported >= 60:
+                reported = time.perf_counter()
                 progress(f"healing: dense top-{healing.top_k} log-probs, {begin}/{count} windows in "
-                         f"{time.perf_counter() - start:.0f} s")
+                         f"{reported - start:.0f} s")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = dense(input_ids=windows[begin:end]).logits[:, :-1].float()
             top = F.log_softmax(logits, -1).topk(healing.top_k, dim=-1)
