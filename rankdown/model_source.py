@@ -51,6 +51,9 @@ def resolve_model(given: str | Path, say=_say) -> Path:
             raise RankdownError(f"{given}: the cached snapshot holds {len(ggufs)} GGUF files; give one as MODEL, "
                                 f"e.g. {ggufs[0]}")
         return imported_gguf(ggufs[0], say) if ggufs else folder
+    if not path.exists() and not path.is_symlink():
+        # Said here, before the command imports torch and transformers (seconds for a typo).
+        raise RankdownError(f"{path}: no such folder")
     return path  # the checkpoint loader names what is missing
 
 

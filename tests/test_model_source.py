@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,13 @@ def test_a_cached_gguf_repository_is_imported_once(hub, tiny_model_dir, tmp_path
     fake_hub_cache(hub, "org/two-GGUF", gguf_only)
     assert main(["info", "org/two-GGUF"]) == 2
     assert "holds 2 GGUF files; give one as MODEL" in capsys.readouterr().err
+
+
+def test_a_missing_model_path_is_refused_before_the_model_libraries_load(tmp_path):
+    """A typo in MODEL fails in the time it takes to start, not after importing transformers."""
+    script = ("import sys; from rankdown.cli import main; "
+              f"rc = main(['compress', {str(tmp_path / 'typo')!r}, '-o', {str(tmp_path / 'out')!r}, '--ratio', '0.3']); "
+              "print(rc, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"rankdown compress: error: {tmp_path / 'typo'}: no such folder"
