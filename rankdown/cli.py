@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from rankdown.errors import RankdownError
@@ -416,7 +417,9 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_logs()
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Python lets only the main thread set handlers; main() called from another thread keeps the default.
+    handles_term = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_term else None
     try:
         if getattr(args, "model", None) is not None:
             from rankdown.model_source import resolve_model
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell tool killed by it
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if handles_term:  # None: a handler set outside Python, which SIG_DFL stands for
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return status or 0
 
 

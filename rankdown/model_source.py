@@ -54,7 +54,7 @@ def resolve_model(given: str | Path, say=_say) -> Path:
     if not path.exists() and not path.is_symlink():
         # Said here, before the command imports torch and transformers (seconds for a typo).
         raise RankdownError(f"{path}: no such folder")
-    return path  # the checkpoint loader names what is missing
+    return path  # a dangling link or a special file: the checkpoint loader names what is wrong
 
 
 def imported_gguf(source: Path, say=_say) -> Path:
