@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,21 +71,37 @@ def compressed_tiny(tiny_model_dir, tmp_path_factory):
     return out
 
 
+def _shared_dir(tmp_path_factory, worker_id: str) -> Path:
+    """The folder every pytest-xdist worker of this run sees (the workers' temp folders' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
 @pytest.fixture(scope="session")
-def shipped_math_bundle(shipped_model_dir, tmp_path_factory):
+def shipped_math_bundle(shipped_model_dir, tmp_path_factory, worker_id):
     """The shipped model compressed for math (feature, 0.4) and exported to both formats:
-    the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder)."""
+    the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder).
+    Built once per run, not once per worker: the ExecuTorch lowering alone takes minutes on 2
+    cores, so a second worker waits on the lock for the first's rather than building its own."""
+    from filelock import FileLock
+
     from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.pipeline import compress
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export
 
-    root = tmp_path_factory.mktemp("shipped")
-    # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
-    compress(shipped_model_dir, root / "ckpt", CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform",
-                                                              healing=Healing(steps=0)),
-             progress=lambda _m: None)
-    export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
+    shared = _shared_dir(tmp_path_factory, worker_id)
+    root = shared / "shipped-math"
+    with FileLock(str(shared / "shipped-math.lock")):
+        if not (root / "built").is_file():  # a worker that failed half-way leaves no marker
+            shutil.rmtree(root, ignore_errors=True)
+            # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
+            compress(shipped_model_dir, root / "ckpt",
+                     CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform",
+                                    healing=Healing(steps=0)),
+                     progress=lambda _m: None)
+            export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
+            (root / "built").touch()
     return root / "ckpt", root / "bundle"
 
 
