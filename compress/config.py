@@ -39,10 +39,16 @@ class BasisMode(str, Enum):
 
 
 class HealQuantize(str, Enum):
-    """The weights healing trains for: float, or the ExecuTorch int4 export's (compress/fake_quant.py)."""
+    """The numerics healing trains for (compress/fake_quant.py): float; the int4 export's 4-bit
+    weights; or those and the int8 per-token inputs ExecuTorch's 8da4w kernels run them on."""
 
     NONE = "none"
     INT4 = "int4"
+    INT4_8DA = "8da4w"
+
+    @property
+    def four_bit(self) -> bool:
+        return self is not HealQuantize.NONE
 
 
 class Precision(str, Enum):

@@ -10,8 +10,15 @@ A factor pair's ``up`` reads the rank, which the export pads with zero columns t
 the group; a zero column changes no group's scale, so here the last group of a row is simply
 shorter. torchao's own QAT linear (``FakeQuantizedLinear``) needs the group to divide the width,
 which ranks do not, hence this small hand-written quantizer; the test checks it against torchao's
-quantization. Activations are not fake-quantized (the export quantizes them per token to 8 bits
-at run time).
+quantization.
+
+``8da4w`` also fake-quantizes what every linear the ExecuTorch export quantizes reads (the decoder's
+and the head's): XNNPACK's qd8 kernels quantize that input to int8 per token (one asymmetric scale
+and zero point per row) at run time. A rank-r bottleneck or a normed hidden state with a few outlier
+channels loses most of its other channels' resolution that way, where onnxruntime's MatMulNBits
+(accuracy level 4) quantizes per block of 32; healing through it teaches the factors the input the
+phone will feed them. torchao's per-token fake quantizer (its 8da4w QAT's) does the rounding and
+passes the gradient straight through.
 """
 
 from __future__ import annotations
@@ -52,6 +59,23 @@ class FakeInt4(nn.Module):
         return weight + (fake_int4(weight.detach(), self.group) - weight).detach()
 
 
+def _activation_quantizer() -> nn.Module:
+    """torchao's per-token asymmetric int8 fake quantizer: the numerics of XNNPACK's qd8 inputs."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    return IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False))
+
+
+def _head_linears(model: nn.Module) -> list[nn.Linear]:
+    """The head's linears, which the int4 export runs on int8 inputs too (8-bit weights)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    down, up = getattr(head, "down", None), getattr(head, "up", None)
+    if isinstance(down, nn.Linear) and isinstance(up, nn.Linear):
+        return [down, up]
+    return [head] if isinstance(head, nn.Linear) else []
+
+
 def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
     """Every linear the int4 export quantizes to 4 bits: the factors (a shared ``down`` once) and
     the linears left dense, in every decoder layer."""
@@ -66,14 +90,23 @@ def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 @contextlib.contextmanager
-def fake_quantized(model: nn.Module, group: int) -> Iterator[int]:
-    """Every decoder linear of ``model`` sees its 4-bit weight while the block runs; after it, the
-    modules hold their (trained) float weights as plain parameters again. Yields how many."""
+def fake_quantized(model: nn.Module, group: int, activations: bool = False) -> Iterator[int]:
+    """Every decoder linear of ``model`` sees its 4-bit weight while the block runs, and with
+    ``activations`` every linear the export quantizes (the head's too) its input rounded to int8 per
+    token; after it, the modules hold their (trained) float weights as plain parameters again and
+    no hook is left. Yields how many linears have 4-bit weights."""
     linears = _decoder_linears(model)
+    hooks = []
+    if activations:
+        quantizer = _activation_quantizer()  # stateless between calls: scales are chosen per input
+        hooks = [linear.register_forward_pre_hook(lambda _m, args: (quantizer(args[0]), *args[1:]))
+                 for linear in linears + _head_linears(model)]
     for linear in linears:
         parametrize.register_parametrization(linear, "weight", FakeInt4(group))
     try:
         yield len(linears)
     finally:
+        for hook in hooks:
+            hook.remove()
         for linear in linears:
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)

@@ -190,7 +190,7 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
          progress: Progress) -> HealingReport:
     """Train every factor pair of ``model`` in place for ``healing.steps`` steps (AdamW, linear decay).
     For int4 (``healing.quantize``) every decoder linear is fake-quantized while training and judging
-    (compress/fake_quant.py), at the factors' own scales: balancing them first (as the int4 export
+    (compress/fake_quant.py; 8da4w: the quantized linears' inputs too), at the factors' own scales: balancing them first (as the int4 export
     does) was measured worse (SmolLM2 40%, `compare` exact match through 4-bit weights 78.0% against
     93.0% unbalanced), and the export does not balance a checkpoint healed this way."""
     start = time.perf_counter()
@@ -198,12 +198,13 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
     healing = dataclasses.replace(healing, precision=precision)
     with contextlib.ExitStack() as stack:
         stack.enter_context(float32_attention(model, enabled=_attention_in_float32(precision, next(model.parameters()).device)))
-        if healing.quantize is HealQuantize.INT4:
-            linears = stack.enter_context(fake_quantized(model, healing.group_size))
+        if healing.quantize.four_bit:
+            activations = healing.quantize is HealQuantize.INT4_8DA
+            linears = stack.enter_context(fake_quantized(model, healing.group_size, activations))
             progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights in groups of "
-                     f"{healing.group_size}")
+                     f"{healing.group_size}" + (", every quantized linear on int8 per-token inputs" if activations else ""))
         report = _train(model, targets, healing, seed, progress, start)
-    if healing.quantize is HealQuantize.INT4:
+    if healing.quantize.four_bit:
         report = dataclasses.replace(report, quantize=healing.quantize.value, group_size=healing.group_size)
     return dataclasses.replace(report, precision=precision.value)
 

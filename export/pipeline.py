@@ -84,13 +84,13 @@ def _compression(folder: Path) -> dict | None:
 
 
 def healed_for_int4(compression: Path | dict | None) -> bool:
-    """Whether ``compress --heal-quantize int4`` trained this checkpoint (its folder, or its
+    """Whether ``compress --heal-quantize int4`` (or ``8da4w``) trained this checkpoint (its folder, or its
     compression.json as read): its factors were balanced and then trained through the 4-bit weights
     of their current scales, which balancing again would move (a dense or older checkpoint was not)."""
     if isinstance(compression, Path):
         compression = _compression(compression)
     healing = (compression or {}).get("healing")
-    return isinstance(healing, dict) and healing.get("quantize") == "int4"
+    return isinstance(healing, dict) and healing.get("quantize") in ("int4", "8da4w")
 
 
 def _summary(ckpt) -> ModelSummary:

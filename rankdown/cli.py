@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import HealQuantize
 
     option("--heal-quantize", "healing: int4 trains through the 4-bit weights `export --quantize int4` gives "
-           "ExecuTorch (quantization-aware); export then keeps the trained scales (no balancing)", Healing, "quantize",
+           "ExecuTorch (quantization-aware), 8da4w through those and the int8 per-token inputs its kernels "
+           "quantize at run time; export then keeps the trained scales (no balancing)", Healing, "quantize",
            choices=choices(HealQuantize))
     option("--heal-group-size", "healing for int4: input columns per scale (the export's --group-size)", Healing,
            "group_size", type=int)

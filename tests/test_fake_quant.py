@@ -1,5 +1,5 @@
-"""Healing for int4 (--heal-quantize int4): the 4-bit weights of the ExecuTorch export in the forward
-pass, the float weights trained and saved."""
+"""Healing for int4 (--heal-quantize int4, 8da4w): the 4-bit weights of the ExecuTorch export (and
+its int8 per-token inputs) in the forward pass, the float weights trained and saved."""
 
 import pytest
 import torch
@@ -63,6 +63,39 @@ def test_fake_quantized_linears_run_4_bit_pass_gradients_and_come_back_plain(tin
     assert set(model.state_dict()) == set(load_model(open_checkpoint(tiny_model_dir)).state_dict()) - {
         "model.layers.0.mlp.up_proj.weight"} | {"model.layers.0.mlp.up_proj.down.weight", "model.layers.0.mlp.up_proj.up.weight"}
     torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_8da4w_rounds_every_quantized_linears_input_to_int8_per_token(tiny_model_dir):
+    """With ``activations`` a decoder linear and the head read their input on a per-token 8-bit grid
+    (what XNNPACK's qd8 kernels run on), the weights stay 4-bit, the gradient passes, and nothing is
+    left behind."""
+    model = load_model(open_checkpoint(tiny_model_dir))
+    ids = torch.tensor([[1, 5, 9, 17, 3, 8]])
+    before = model(ids).logits.detach()
+    seen: dict[str, list[torch.Tensor]] = {"raw": [], "quantized": []}
+    head, q_proj = model.lm_head, model.model.layers[1].self_attn.q_proj
+    raw_hook = head.register_forward_pre_hook(lambda _m, args: seen["raw"].append(args[0].detach()))
+    with fake_quantized(model, 32) as count:
+        weights_only = model(ids).logits.detach()
+    with fake_quantized(model, 32, activations=True) as count_with:
+        seen_hook = head.register_forward_pre_hook(lambda _m, args: seen["quantized"].append(args[0].detach()))
+        assert len(q_proj._forward_pre_hooks) == 1
+        logits = model(ids).logits
+        logits.sum().backward()
+        seen_hook.remove()
+    raw_hook.remove()
+    assert count_with == count
+    raw, quantized = seen["raw"][-1], seen["quantized"][0]
+    assert not torch.equal(raw, quantized)
+    # 255 steps span each token's range (zero included): every value a whole number of steps.
+    step = (raw.amax(-1, keepdim=True).clamp_min(0) - raw.amin(-1, keepdim=True).clamp_max(0)) / 255
+    assert torch.allclose(quantized / step, torch.round(quantized / step), atol=1e-3)
+    assert (quantized - raw).abs().le(step / 2 + 1e-6).all()
+    assert not torch.allclose(logits.detach(), weights_only)
+    assert q_proj.weight.grad is not None and q_proj.weight.grad.abs().sum() > 0
+    assert not q_proj._forward_pre_hooks and not head._forward_pre_hooks
+    torch.testing.assert_close(model(ids).logits, before)
+    assert healed_for_int4({"healing": {"quantize": "8da4w"}})
 
 
 def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_scales(tiny_model_dir, tmp_path):
