@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from rankdown.library_logs import native_stderr_without
+
 
 class Decoder(Protocol):
     """One sequence at a time: ``prefill`` a prompt, then ``step`` one token at a time."""
@@ -140,11 +142,12 @@ class ExecuTorchDecoder:
 
         self._torch = torch
         runtime = Runtime.get()
-        program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency,
-                                       data_path=program_data_file(pte_path))
+        with native_stderr_without():  # the first load's threadpool logs its /sys probing
+            program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency,
+                                           data_path=program_data_file(pte_path))
+            self.method = program.load_method("forward")
         self.max_positions = _constant(program, "get_max_seq_len")
         self.program = program
-        self.method = program.load_method("forward")
         self._length = 0
 
     def _run(self, ids: list[int]) -> np.ndarray:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 
 # Python warnings the libraries raise on every export, none of them about the user's input:
 # (category, start of the message, the module the warning is attributed to).
@@ -15,6 +20,39 @@ LIBRARY_WARNINGS = (
     # the KV cache is a mutated buffer by design; ExecuTorch's emitter says so once per program
     (UserWarning, "Mutation on a buffer in the model is detected", r"executorch\.exir\.emit"),
 )
+
+
+# Lines C++ libraries write to the process's stderr that say nothing about the user's input:
+# ExecuTorch's threadpool probes /sys for an ARM core id when a program first loads, and logs each
+# file it cannot open, at Info level, on every machine that is not a phone.
+NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+
+
+@contextlib.contextmanager
+def native_stderr_without(prefixes: tuple[str, ...] = NATIVE_NOISE) -> Iterator[None]:
+    """The process's stderr (file descriptor 2, where C++ code writes) held while the block runs,
+    then passed on without the lines that start with ``prefixes``; what else was written, an
+    error included, still reaches the terminal, after the block."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to hold: nothing to filter either
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            marks = tuple(p.encode() for p in prefixes)
+            kept = [line for line in held.read().splitlines(keepends=True) if not line.lstrip().startswith(marks)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def quiet_library_logs() -> None:

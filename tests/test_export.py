@@ -152,6 +152,18 @@ def test_prompt_is_one_call_of_any_length(joint_bundle):
             assert got.tokens == ref.tokens
 
 
+def test_loading_a_pte_prints_no_threadpool_probing(joint_bundle):
+    """ExecuTorch's C++ threadpool logs the /sys files it probes for an ARM core id at a process's
+    first load; the decoder keeps those lines off the terminal (in a fresh process: once per process)."""
+    _, bundle, _ = joint_bundle
+    script = ("import sys; from rankdown.export.decoding import ExecuTorchDecoder, greedy; "
+              "print(list(greedy(ExecuTorchDecoder(sys.argv[1]), [3, 4, 5], 2).tokens))")
+    done = subprocess.run([sys.executable, "-c", script, str(bundle / "executorch" / "model.pte")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("[") and "cpuinfo_utils" not in done.stderr
+
+
 def test_decoder_refuses_more_positions_than_the_cache(joint_bundle):
     _, bundle, _ = joint_bundle
     decoder = ExecuTorchDecoder(bundle / "executorch" / "model.pte")

@@ -41,3 +41,21 @@ def test_library_info_lines_and_listed_warnings_are_quiet():
     # what is not listed still shows: a warning, and a library's WARNING log line
     assert "a warning rankdown did not list" in quiet
     assert "a library's warning" in quiet
+
+
+_NATIVE = """
+import os, sys
+from rankdown.library_logs import native_stderr_without
+with native_stderr_without():
+    os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\\n")
+    os.write(2, b"E 00:00:00 method.cpp:1] a real error from C++\\n")
+    print("a Python line", file=sys.stderr)
+    os.write(2, b" [cpuinfo_utils.cpp:125] CPU info and manual query on # of cpus dont match.\\n")
+print("after", file=sys.stderr)
+"""
+
+
+def test_native_stderr_keeps_all_but_the_listed_lines_in_order():
+    done = subprocess.run([sys.executable, "-c", _NATIVE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["E 00:00:00 method.cpp:1] a real error from C++", "a Python line", "after"]
