@@ -95,6 +95,7 @@ def shipped_math_bundle(shipped_model_dir, tmp_path_factory, worker_id):
     with FileLock(str(shared / "shipped-math.lock")):
         if not (root / "built").is_file():  # a worker that failed half-way leaves no marker
             shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
             # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
             compress(shipped_model_dir, root / "ckpt",
                      CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform",

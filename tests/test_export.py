@@ -122,6 +122,9 @@ def test_executorch_llm_runner_answers_like_torch(shipped_math_bundle):
     """The C++ runner phone apps link (TextLLMRunner) runs the .pte with the bundle's tokenizer
     and the metadata methods, and prints what PyTorch's greedy decoding prints. The runner adds
     no BOS unless asked (num_bos defaults to 0) and samples at 0.8 by default."""
+    # As the README tells an app: the attention kernels register with this import (the bundle may
+    # have been built in another process, so nothing here has imported them yet).
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     folder, bundle = shipped_math_bundle
