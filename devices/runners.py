@@ -32,8 +32,10 @@ from rankdown.validate.local_runner import LocalRunner, read_outputs
 
 def _device_modules() -> tuple[ModuleType, ...]:
     """Everything the device needs besides python3, numpy and the runtime: the harness's device
-    half, the format table, every registered runtime's decoder module, and their packages."""
-    wanted = ["rankdown.validate.on_device", "rankdown.export.formats", *decoder_modules()]
+    half, the format table, every registered runtime's decoder module and what they import of
+    rankdown, and their packages."""
+    # library_logs: the decoders keep the runtimes' native log noise off the device's stderr too
+    wanted = ["rankdown.validate.on_device", "rankdown.export.formats", "rankdown.library_logs", *decoder_modules()]
     names = dict.fromkeys(".".join(n.split(".")[:i]) for n in wanted for i in range(1, n.count(".") + 2))
     return tuple(importlib.import_module(n) for n in names)
 
