@@ -77,33 +77,50 @@ def _shared_dir(tmp_path_factory, worker_id: str) -> Path:
     return base if worker_id == "master" else base.parent
 
 
-@pytest.fixture(scope="session")
-def shipped_math_bundle(shipped_model_dir, tmp_path_factory, worker_id):
-    """The shipped model compressed for math (feature, 0.4) and exported to both formats:
-    the end-to-end artifact the slow tests share. Returns (checkpoint folder, bundle folder).
-    Built once per run, not once per worker: the ExecuTorch lowering alone takes minutes on 2
-    cores, so a second worker waits on the lock for the first's rather than building its own."""
+def _built_once(shared: Path, name: str, build) -> Path:
+    """``shared / name``, filled by ``build(folder)`` in the first worker that asks for it; the
+    others wait on its lock and reuse it. A worker that failed half-way leaves no marker."""
     from filelock import FileLock
 
+    root = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            (root / "built").touch()
+    return root
+
+
+@pytest.fixture(scope="session")
+def shipped_math_checkpoint(shipped_model_dir, tmp_path_factory, worker_id) -> Path:
+    """The shipped model compressed for math (feature, 0.4, no healing), once per run."""
     from rankdown.compress.config import CompressConfig, Healing
     from rankdown.compress.pipeline import compress
+
+    def build(root: Path) -> None:
+        # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
+        compress(shipped_model_dir, root / "ckpt",
+                 CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform", healing=Healing(steps=0)),
+                 progress=lambda _m: None)
+
+    return _built_once(_shared_dir(tmp_path_factory, worker_id), "shipped-math-ckpt", build) / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def shipped_math_bundle(shipped_math_checkpoint, tmp_path_factory, worker_id):
+    """That checkpoint exported to both formats, fp32: the end-to-end artifact the slow tests share.
+    Returns (checkpoint folder, bundle folder). Built once per run, not once per worker: the
+    ExecuTorch lowering alone takes minutes on 2 cores, so a second worker waits on the lock for the
+    first's; what needs only the checkpoint asks for ``shipped_math_checkpoint`` and does not wait."""
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export
 
+    def build(root: Path) -> None:
+        export(shipped_math_checkpoint, root / "bundle", ExportConfig(), progress=lambda _m: None)
+
     shared = _shared_dir(tmp_path_factory, worker_id)
-    root = shared / "shipped-math"
-    with FileLock(str(shared / "shipped-math.lock")):
-        if not (root / "built").is_file():  # a worker that failed half-way leaves no marker
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            # uniform ranks: every decoder linear a factor pair, which the validator's tampering tests edit
-            compress(shipped_model_dir, root / "ckpt",
-                     CompressConfig(method="feature", ratio=0.4, task="math", allocate="uniform",
-                                    healing=Healing(steps=0)),
-                     progress=lambda _m: None)
-            export(root / "ckpt", root / "bundle", ExportConfig(), progress=lambda _m: None)
-            (root / "built").touch()
-    return root / "ckpt", root / "bundle"
+    return shipped_math_checkpoint, _built_once(shared, "shipped-math-bundle", build) / "bundle"
 
 
 @pytest.fixture(scope="session")

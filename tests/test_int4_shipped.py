@@ -22,9 +22,9 @@ from rankdown.factor_record import FactorRecord
 
 
 @pytest.fixture(scope="module")
-def int4_bundle(shipped_math_bundle, tmp_path_factory):
+def int4_bundle(shipped_math_checkpoint, tmp_path_factory):
     """(checkpoint, bundle, manifest, what the export said)."""
-    folder, _ = shipped_math_bundle
+    folder = shipped_math_checkpoint
     bundle = tmp_path_factory.mktemp("bundles") / "feature-int4"
     said: list[str] = []
     return folder, bundle, export(folder, bundle, ExportConfig(quantize="int4"), progress=said.append), said
@@ -107,7 +107,7 @@ def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(in
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_graph_that_departs_from_its_weights_fails_the_check(shipped_math_bundle, tmp_path, monkeypatch):
+def test_a_graph_that_departs_from_its_weights_fails_the_check(shipped_math_checkpoint, tmp_path, monkeypatch):
     """A graph whose function is not the model's with those weights (here the final norm's weight
     doubled after quantizing, which no read-back sees) is refused in one line, and no bundle is left."""
     from rankdown.export import onnx as onnx_format
@@ -126,7 +126,7 @@ def test_a_graph_that_departs_from_its_weights_fails_the_check(shipped_math_bund
         return summary
 
     monkeypatch.setattr(onnx_format, "quantize_int4", skewed)
-    folder, _ = shipped_math_bundle
+    folder = shipped_math_checkpoint
     with pytest.raises(RankdownError, match="onnx export failed its parity self-check against PyTorch with its "
                                             "int4 weights: "):
         export(folder, tmp_path / "b", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
