@@ -1,7 +1,7 @@
 """4-bit ONNX weights (MatMulNBits) through onnxruntime's own ``MatMulNBitsQuantizer``, applied to the
 exported fp32 graph: every MatMul with a constant weight (each factor of a pair, and any dense
 linear) becomes one ``com.microsoft::MatMulNBits`` node, 4-bit in blocks of ``group_size`` input
-rows with one fp32 scale and one 4-bit zero point each, accuracy level 4 (activations quantized to
+rows with one scale (stored fp16, fp32 once loaded) and one 4-bit zero point each, accuracy level 4 (activations quantized to
 int8 per block at run time, as ExecuTorch's 8da4w does). A factor pair stays two nodes: the
 quantizer rewrites nodes one by one and never multiplies two weights together.
 
@@ -25,6 +25,9 @@ positions, one thread; README has the table):
 - a factored head (``compress --head-rank``): both of its MatMuls ``head_bits``; the tied V x r table
   is the ``up``'s weight and the lookup reads its blocks as above, then the lookup's own r -> hidden
   projection, kept fp32 (tiny, and no activation quantization of its own on any token);
+- scales: stored fp16, each tensor behind one Cast to fp32 that onnxruntime folds into a constant
+  when the session is made (before the kernels prepack), so decoding is unchanged: on SmolLM2's dense
+  int4 folder the file shrinks 103.2 -> 94.8 MB (8%) and the optimized graph has no added Cast;
 - the token embedding of an untied model: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
   axis), the only Gather quantization the library has (no 8-bit); it halves the shipped model's
   int4 file (7.6 -> 4.0 MB) with no loss of agreement. The library moves the graph from opset 18 to
@@ -43,6 +46,7 @@ from rankdown.errors import RankdownError
 LOGITS = "logits"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block (MLAS's CompInt8 kernels on CPU)
 SYMMETRIC = False
+FP16_SCALES = True
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,14 @@ class Int4Summary:
     block_size: int
     symmetric: bool
     accuracy_level: int
+    scales: str  # how the block scales are stored
 
     def as_dict(self) -> dict:
         return {"scheme": "onnxruntime MatMulNBitsQuantizer", "int4_matmuls": self.int4_matmuls,
                 "folded_biases": self.folded_biases,
                 "partial_last_block": self.partial_blocks, "head": self.head, "embedding": self.embedding,
-                "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level}
+                "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+                "scales": self.scales}
 
 
 def _head_node(graph):
@@ -194,8 +200,40 @@ def _fold_biases(graph) -> int:
     return len(folded)
 
 
+def _half_scales(graph) -> int:
+    """Store every block-scale tensor of the 4- and 8-bit nodes as fp16 behind one ``Cast`` to fp32;
+    returns how many were. The operators take scales of the activations' type (fp32 here), and a
+    Cast of a constant is folded back into an fp32 initializer by onnxruntime's constant folding when
+    the session is made, before the kernels prepack their weights, so decoding is unchanged; the
+    file loses 2 bytes per block (a quarter of the 4-bit nodes' overhead beside their codes). A
+    tensor whose nonzero scales fp16 cannot hold (outside 6e-8..65504) stays fp32."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(n.input) > 2}
+    casts = []
+    for init in list(graph.initializer):
+        if init.name not in names or init.data_type != TensorProto.FLOAT:
+            continue
+        scales = numpy_helper.to_array(init)
+        half = scales.astype(np.float16)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            held = np.isfinite(half).all() and not ((half == 0) & (scales != 0)).any()
+        if not held:
+            continue
+        stored = init.name + "_fp16"
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(half, stored))
+        casts.append(helper.make_node("Cast", [stored], [init.name], name=init.name + "/cast", to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)  # the Casts first: the graph stays in topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(casts)
+
+
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
-                  accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8) -> Int4Summary:
+                  accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8,
+                  fp16_scales: bool = FP16_SCALES) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and a ``head_bits`` head (the
     keyword arguments are the alternatives measured above)."""
     import numpy as np
@@ -249,6 +287,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
             gather.process()
         quantized = gather.model
     biases = _fold_biases(quantized.model.graph)
+    half_scales = _half_scales(quantized.model.graph) if fp16_scales else 0
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:
@@ -266,4 +305,5 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                        head=(f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else "")
                              + (", a factor pair" if len(heads) > 1 else "")),
                        embedding=embedding,
-                       block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level)
+                       block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                       scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"))

@@ -86,6 +86,16 @@ class LookupTable:
         return np.ascontiguousarray(weight.reshape(rows, columns))
 
 
+def _cast_constant(init, node):
+    """The initializer that a Cast node computes from the constant ``init``."""
+    import onnx
+    from onnx import numpy_helper
+
+    to = next(a.i for a in node.attribute if a.name == "to")
+    values = numpy_helper.to_array(init).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    return numpy_helper.from_array(values, node.output[0])
+
+
 def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | LookupTable]:
     """Every ``MatMulNBits`` node's weight, and every ``GatherBlockQuantized`` table that is not one
     of those (a tied lookup reads the head's blocks), by node name. ``graph``: the graph at
@@ -95,6 +105,9 @@ def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | Looku
 
     graph = onnx.load(str(model_path)).graph if graph is None else graph
     initializers = {init.name: init for init in graph.initializer}
+    # fp16 scales behind a Cast (onnx_int4._half_scales) read as the Cast's output: fp32 values
+    initializers |= {node.output[0]: _cast_constant(initializers[node.input[0]], node)
+                     for node in graph.node if node.op_type == "Cast" and node.input[0] in initializers}
     matmul_weights = {node.input[1] for node in graph.node if node.op_type == "MatMulNBits"}
     weights: dict[str, BlockWeight | LookupTable] = {}
     for node in graph.node:

@@ -25,7 +25,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import ExportConfig, Format, Int4Scales, ParityThresholds, Quantize
-from rankdown.export.factor_balance import balance_factors
+from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
     MANIFEST_FILE,
@@ -107,8 +107,9 @@ def _summary(ckpt) -> ModelSummary:
     )
 
 
-def _options(cfg: ExportConfig, balanced: bool) -> dict:
-    raw = dataclasses.asdict(cfg) | {"balance": balanced}  # what was done, not the switch
+def _options(cfg: ExportConfig, balanced: bool, head_equalized: bool) -> dict:
+    # what was done, not the switch
+    raw = dataclasses.asdict(cfg) | {"balance": balanced, "head_equalized": head_equalized}
     return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
 
 
@@ -182,6 +183,11 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
     elif cfg.balances:
         progress("not balanced: the checkpoint was healed through int4 weights at the scales it has")
+    # Healing never rounds the head's weights, so its rank axis is free to rescale even when the
+    # decoder's factors must keep the scales they were healed at.
+    head_equalized = cfg.balances and equalize_head(model)
+    if head_equalized:
+        progress("head: rank axis rescaled to equal column peaks for its 8-bit rows (function unchanged)")
     if (healed_int4 and cfg.quantize is Quantize.INT4 and Format("executorch") in cfg.formats
             and cfg.int4_scales is not Int4Scales.ABSMAX):
         # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
@@ -258,7 +264,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=results.get("parity"), embedding_tables=tables,
                 quantization=quantization, lowering=results.get("lowering"))
-        manifest = Manifest(source=_source(ckpt, compression), model=_summary(ckpt), options=_options(cfg, balanced),
+        manifest = Manifest(source=_source(ckpt, compression), model=_summary(ckpt), options=_options(cfg, balanced, head_equalized),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())

@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             ExportConfig, "head_bits"))
     exp.add_argument("--no-balance", action="store_true",
                      help="int4: quantize the factors as compressed, without first equalizing each rank "
-                          "direction's down-row and up-column norms (for measuring what balancing gives)")
+                          "direction's down-row and up-column norms, nor a factored head's table columns "
+                          "(for measuring what balancing gives)")
     exp.add_argument("--int4-scales", default=default_of(ExportConfig, "int4_scales").value,
                      help=help_with_default(f"ExecuTorch int4: {' or '.join(choices(Int4Scales))} (hqq: torchao's "
                                             "half-quadratic scale search; absmax: max |w| / 7.5); symmetric either way, "

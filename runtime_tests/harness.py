@@ -22,7 +22,7 @@ from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
 from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize
-from rankdown.export.factor_balance import balance_factors
+from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import (
@@ -162,10 +162,13 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
                        head_bits=options.get("head_bits", 8),
                        int4_scales=options.get("int4_scales", Int4Scales.ABSMAX))  # absmax: bundles made before HQQ
-    source = model  # the quantizer works on its own copy; only balancing needs one first
-    if options.get("balance"):
+    source = model  # the quantizer works on its own copy; only rescaling needs one first
+    if options.get("balance") or options.get("head_equalized"):
         source = copy.deepcopy(model)
+    if options.get("balance"):
         balance_factors(source)
+    if options.get("head_equalized"):
+        equalize_head(source)
     quantized = quantize(source, record, cfg, progress=lambda _: None)
     return None if quantized is None else quantized.model
 

@@ -91,6 +91,41 @@ def test_balancing_a_factored_tied_head_keeps_the_lookup_in_step(tied_head):
     assert model.lm_head.up.weight is model.model.embed_tokens.table.weight
 
 
+def test_equalizing_a_factored_tied_head_keeps_both_functions_and_evens_the_table_columns(tied_head):
+    """The lookup's proj follows by its own columns, not by copying the head's down: a checkpoint
+    healed through the lookup has a proj that is no longer down's transpose."""
+    from rankdown.export.factor_balance import equalize_head
+
+    _, folder, _ = tied_head
+    model = load_model(open_checkpoint(folder)).double()
+    table = model.model.embed_tokens
+    with torch.no_grad():
+        table.proj.weight.mul_(1.0 + 0.1 * torch.randn_like(table.proj.weight))  # proj != down.T
+        model.lm_head.up.weight[:, 2].mul_(40.0)  # an outlier column, as real tables have
+        model.lm_head.down.weight[2].div_(40.0)
+    peaks = model.lm_head.up.weight.abs().amax(dim=0)
+    assert peaks.max() / peaks.min() > 10
+    ids = torch.tensor([[3, 7, 11, 19]])
+    with torch.no_grad():
+        before = model(ids).logits, table(ids)
+        assert equalize_head(model)
+        after = model(ids).logits, table(ids)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-10, atol=1e-10)
+    peaks = model.lm_head.up.weight.abs().amax(dim=0)
+    torch.testing.assert_close(peaks, torch.full_like(peaks, float(peaks.mean())), rtol=1e-12, atol=0)
+    assert model.lm_head.up.weight is table.table.weight
+
+
+def test_equalizing_a_model_without_a_factored_head_changes_nothing(tiny_model_dir):
+    from rankdown.export.factor_balance import equalize_head
+
+    model = load_model(open_checkpoint(tiny_model_dir))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not equalize_head(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 def test_a_head_in_a_shared_down_group_is_a_record_error(tied_head, tmp_path):
     import json
     import shutil
@@ -187,6 +222,7 @@ def test_a_factored_tied_head_exports_int4_with_the_8bit_table_stored_once(tied_
     manifest = export(folder, tmp_path / "b", ExportConfig(quantize="int4", max_seq_len=64), progress=quiet)
     for entry in manifest.formats.values():
         assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found
+    assert manifest.options["head_equalized"] is True
     assert (tmp_path / "b" / "executorch" / "model.ptd").is_file()  # the shared 8-bit table, stored once
     graph = onnx.load(str(tmp_path / "b" / "onnx" / "model.onnx")).graph
     nbits = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}

@@ -77,6 +77,31 @@ def test_int4_parity_size_and_manifest(onnx_int4_bundles):
     assert Manifest.read(bundle).formats["onnx"].quantization == entry.quantization  # survives the round trip
 
 
+def test_block_scales_are_fp16_in_the_file_and_fp32_constants_once_loaded(onnx_int4_bundles, tmp_path):
+    """Every block scale is stored fp16 behind a Cast (2 bytes a block less); onnxruntime folds each
+    Cast into an fp32 constant when the session is made, so the kernels prepack constant scales and
+    decoding runs no Cast."""
+    import onnxruntime as ort
+
+    _, _, (bundle, manifest) = onnx_int4_bundles
+    graph = onnx.load(str(bundle / "onnx" / "model.onnx")).graph
+    initializers = {i.name: i for i in graph.initializer}
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.input[0] in initializers}
+    quantized = [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert quantized and all(n.input[2] in casts for n in quantized)
+    assert {initializers[c.input[0]].data_type for c in casts.values()} == {onnx.TensorProto.FLOAT16}
+    assert manifest.formats["onnx"].quantization["scales"].startswith("fp16")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(bundle / "onnx" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    constants = {i.name: i.data_type for i in optimized.initializer}
+    assert not any(n.op_type == "Cast" and n.output[0] in casts for n in optimized.node)
+    kept = [n for n in optimized.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert len(kept) == len(quantized)
+    assert all(constants.get(n.input[2]) == onnx.TensorProto.FLOAT for n in kept)
+
+
 def test_validate_runs_the_int4_onnx_bundle(onnx_int4_bundles):
     """validate applies the manifest's int4 bounds and measures task quality in onnxruntime."""
     _, _, (bundle, _) = onnx_int4_bundles
