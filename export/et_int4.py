@@ -106,23 +106,35 @@ class DecomposedQuantLinear(nn.Module):
     in ``to_edge_transform_and_lower`` (about half of its time). The weight stays a parameter named
     ``weight`` so the exported graph's linears still resolve to the module's parameter."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, group: int, quant_range: tuple[int, int],
+                 bias: nn.Parameter | None = None):
+        """``weight``: the integer codes, rows x columns (int8 storage); ``scales``: rows x groups, one
+        column for a per-channel weight (``group`` == columns)."""
         super().__init__()
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-        weight: Any = linear.weight  # torchao's IntxUnpackedToInt8Tensor
-        rows, columns = weight.qdata.shape
-        self.group = int(weight.block_size[-1])
-        self.per_channel = self.group == columns
-        self.quant_range = {torch.int4: (-8, 7), torch.int8: (-128, 127)}[weight.target_dtype]  # type: ignore[attr-defined]
-        if weight.zero_point.any():
-            raise ValueError("XNNPACK's dynamically quantized linears need symmetric weights")
-        self.weight = nn.Parameter(weight.qdata.detach().clone(), requires_grad=False)
-        scales = weight.scale.detach().to(torch.float32).reshape(rows, -1)
+        rows, columns = weight.shape
+        self.group = group
+        self.per_channel = group == columns
+        self.quant_range = quant_range
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        scales = scales.reshape(rows, -1)
         self.register_buffer("scales", scales.reshape(-1) if self.per_channel else scales.clone())
         self.register_buffer("zeros", torch.zeros(rows, dtype=torch.int64) if self.per_channel
                              else torch.zeros_like(scales))
-        self.bias = linear.bias
+        self.bias = bias
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @classmethod
+    def from_torchao(cls, linear: nn.Linear) -> DecomposedQuantLinear:
+        weight: Any = linear.weight  # torchao's IntxUnpackedToInt8Tensor
+        if weight.zero_point.any():
+            raise ValueError("XNNPACK's dynamically quantized linears need symmetric weights")
+        quant_range = {torch.int4: (-8, 7), torch.int8: (-128, 127)}[weight.target_dtype]  # type: ignore[attr-defined]
+        return cls(weight.qdata.detach().clone(), weight.scale.detach().to(torch.float32),
+                   int(weight.block_size[-1]), quant_range, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.quantized_decomposed
@@ -137,6 +149,24 @@ class DecomposedQuantLinear(nn.Module):
         return torch.nn.functional.linear(x, weight, self.bias)
 
 
+def stackable(parts: list[DecomposedQuantLinear]) -> bool:
+    """Whether ``stack_rows`` takes ``parts``: one input width, grouping and range, no bias."""
+    return (all(p.bias is None for p in parts)
+            and len({(p.group, p.quant_range, p.weight.shape[1]) for p in parts}) == 1)
+
+
+def stack_rows(parts: list[DecomposedQuantLinear]) -> DecomposedQuantLinear:
+    """One linear whose output rows are ``parts``' in order: the same integer weights and scales
+    (each row keeps its own), so ``stacked(x)[..., a:b]`` is ``part(x)`` for the rows a:b of one
+    part. The parts must share the input width, the grouping and the range, and have no bias."""
+    first = parts[0]
+    if not stackable(parts):
+        raise ValueError("stack_rows: the parts differ in input width, grouping or range, or have a bias")
+    rows = [p.weight.shape[0] for p in parts]
+    scales = torch.cat([p.scales.reshape(n, -1) for p, n in zip(parts, rows)])
+    return DecomposedQuantLinear(torch.cat([p.weight for p in parts]), scales, first.group, first.quant_range)
+
+
 def decompose_quantized_linears(model: nn.Module) -> int:
     """Replace, in place, every torchao-quantized nn.Linear by a DecomposedQuantLinear; how many."""
     from torchao.quantization.quantize_.workflows import IntxUnpackedToInt8Tensor
@@ -145,7 +175,7 @@ def decompose_quantized_linears(model: nn.Module) -> int:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and isinstance(child.weight, IntxUnpackedToInt8Tensor):
-                swapped[id(child)] = DecomposedQuantLinear(child)
+                swapped[id(child)] = DecomposedQuantLinear.from_torchao(child)
                 setattr(module, child_name, swapped[id(child)])
     # A shared ``down`` is registered on its owner only; the other members' references follow it.
     for module in model.modules():

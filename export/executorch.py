@@ -21,6 +21,7 @@ from rankdown.export.config import ExportConfig, Int4Scales, Quantize
 from rankdown.export.decoding import program_data_file
 from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
+from rankdown.export.et_fused_inputs import fuse_inputs, fused_members
 from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.factor_nodes import count_exported_program
 from rankdown.export.formats import Quantized
@@ -52,9 +53,14 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> 
     quantized, plan = quantize_int4(model, record, cfg.group_size, cfg.head_bits, hqq=cfg.int4_scales is Int4Scales.HQQ)
     progress(f"  executorch: int4 groups of {cfg.group_size}, {cfg.int4_scales.value} scales; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+    saved = fuse_inputs(quantized)
+    if saved:
+        progress(f"  executorch: the linears that read one input (q/k/v, gate/up) run as one GEMM each: "
+                 f"{saved} fewer per token")
     return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "scales": cfg.int4_scales.value,
                                               "head_bits": cfg.head_bits,
-                                              "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears)})
+                                              "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears),
+                                              "fused_input_linears": saved})
 
 
 def check_file(path: Path, bundle: Path) -> list[Path]:
@@ -85,16 +91,16 @@ def _has_shared_downs(record: FactorRecord) -> bool:
     return any(spec.shares_down_with is not None for spec in record.modules.values())
 
 
-def _run_shared_down_once(program) -> int:
+def _run_shared_down_once(program, within: set | None = None) -> int:
     """Merge linears that apply the same weight to the same input (a shared-``down`` group's
     members each call the owner's ``down`` in eager mode), with their (de)quantization ops when
-    quantized. Returns how many linears were merged."""
+    quantized. ``within``: merge only these nodes. Returns how many linears were merged."""
 
     seen: dict[tuple, torch.fx.Node] = {}
     merged = 0
     graph = program.graph_module.graph
     for node in list(graph.nodes):
-        if not _is_mergeable(node):
+        if not _is_mergeable(node) or (within is not None and node not in within):
             continue
         key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
         if key in seen:
@@ -106,6 +112,37 @@ def _run_shared_down_once(program) -> int:
     graph.lint()
     program.graph_module.recompile()
     return merged
+
+
+def _fused_chains(program, fused: dict) -> set:
+    """The linears whose weight is a fused one (export/et_fused_inputs.py), with the quantization
+    ops between them and their input and weight: each member's call of the one fused linear, which
+    ``_run_shared_down_once`` then merges into one. Nothing else, so no two different linears come
+    to share an activation quantization (the one-pass partitioner would form cyclic partitions)."""
+    params = dict(program.graph_signature.inputs_to_parameters)
+    paths = tuple(f"{path}.weight" for path in fused)
+
+    def is_fused(linear) -> bool:
+        weight = linear.args[1]
+        while weight.op == "call_function" and weight.args:
+            weight = weight.args[0]
+        fqn = params.get(weight.name, "")
+        return any(fqn == p or fqn.endswith(f".{p}") for p in paths)
+
+    def is_quant_op(node) -> bool:
+        return node.op == "call_function" and (
+            node.target is operator.getitem
+            or getattr(node.target, "namespace", None) == "quantized_decomposed")
+
+    chains: set = set()
+    stack = [n for n in program.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.aten.linear.default and is_fused(n)]
+    while stack:
+        node = stack.pop()
+        if node not in chains:
+            chains.add(node)
+            stack += [a for a in node.all_input_nodes if is_quant_op(a)]
+    return chains
 
 
 def trace(model, max_len: int):
@@ -158,9 +195,12 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
         # graph is merged only where a shared down needs it, and is then partitioned in two passes.
         merge = cfg.quantize is not Quantize.INT4 or _has_shared_downs(record)
+        fused = fused_members(model)
         if merge:
             _run_shared_down_once(program)
-        nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)")
+        elif fused:
+            _run_shared_down_once(program, within=_fused_chains(program, fused))
+        nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)", fused)
         if cfg.quantize is Quantize.INT8:
             program = _quantize_int8(program, example, dynamic)
         # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway;

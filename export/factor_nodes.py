@@ -124,13 +124,24 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
     return _tally(record, weights, f"{model_path}")
 
 
-def count_exported_program(record: FactorRecord, program, where: str) -> FactorNodes:
+def _fused_group(dotted: str, fused: dict[str, list[tuple[str, bool, int]]]) -> list[tuple[str, bool, int]] | None:
+    """The members of the fused linear at ``dotted`` (a path that may carry a wrapper's prefix)."""
+    for path, members in fused.items():
+        if dotted == path or dotted.endswith(f".{path}"):
+            return members
+    return None
+
+
+def count_exported_program(record: FactorRecord, program, where: str,
+                           fused: dict[str, list[tuple[str, bool, int]]] | None = None) -> FactorNodes:
     """``aten.linear`` nodes of a torch.export program, matched to parameters by name (a quantized
-    weight through its dequantize op, to the parameter it unpacks)."""
+    weight through its dequantize op, to the parameter it unpacks). ``fused``: linears that stack
+    several first stages (export/et_fused_inputs.py ``fused_members``); each member's rows count
+    as its ``down`` (a factor pair) or as a dense linear."""
     import torch
 
     params = dict(program.graph_signature.inputs_to_parameters)
-    weights = []
+    weights: list[tuple[str | None, str | None, tuple[int, ...]]] = []
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
@@ -139,6 +150,12 @@ def count_exported_program(record: FactorRecord, program, where: str) -> FactorN
             weight = weight.args[0]
         fqn = params.get(weight.name, weight.name)
         dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+        members = _fused_group(dotted, fused or {})
+        if members is not None:
+            columns = tuple(weight.meta["val"].shape)[-1]
+            weights += [(*_locate(record, f"{name}.down"), (rows, columns)) if is_down else (None, None, (rows, columns))
+                        for name, is_down, rows in members]
+            continue
         if dotted.endswith(FACTORED_TABLE):
             # A factored tied table is one Parameter, named for the lookup that registered it first:
             # the linear that reads it is the head's ``up``.

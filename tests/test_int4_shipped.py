@@ -4,6 +4,7 @@ that must fail or differ made beside it."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import onnx
@@ -69,14 +70,61 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
 
 def test_int4_factor_pairs_share_delegate_calls_with_the_ops_around_them(int4_bundle, shipped_math_bundle):
     """Without shared downs, an int4 graph is partitioned in one pass, as optimum-executorch lowers
-    8da4w: as many XNNPACK delegate calls as the fp32 .pte of the same checkpoint, not one more per
-    quantized linear (the two-pass partitioning gave 70 against 34 here)."""
+    8da4w: as many XNNPACK delegate calls as the fp32 .pte of the same checkpoint plus one per fused
+    input group (its rows are sliced outside XNNPACK, which slices no dynamically shaped tensor), not
+    one more per quantized linear (the two-pass partitioning gave 70 against 34 here)."""
     _, _, manifest, _ = int4_bundle
     fp32 = Manifest.read(shipped_math_bundle[1]).formats["executorch"]
     entry = manifest.formats["executorch"]
     assert entry.quantize == "int4" and entry.lowering is not None and entry.lowering.passed
-    assert entry.delegation["delegated_subgraphs"] == fp32.delegation["delegated_subgraphs"]
+    groups = 2 * len(load_model(open_checkpoint(int4_bundle[0])).model.layers)  # q/k/v and gate/up
+    assert entry.delegation["delegated_subgraphs"] <= fp32.delegation["delegated_subgraphs"] + groups
     assert entry.factor_nodes.found == entry.factor_nodes.expected
+
+
+def test_int4_linears_that_read_one_input_run_as_one_gemm_with_the_same_results(int4_bundle):
+    """q/k/v and gate/up: their first stages stacked into one 4-bit linear, each member reading its
+    rows, so 3 linear calls fewer per layer; the same logits as the members run apart, every factor
+    pair still counted as two matmuls in the exported graph."""
+    import torch
+
+    from rankdown.export.config import Int4Scales
+    from rankdown.export.et_fused_inputs import InputSlice, fuse_inputs, fused_members
+    from rankdown.export.et_int4 import quantize_int4
+
+    folder, _, manifest, said = int4_bundle
+    layers = len(load_model(open_checkpoint(folder)).model.layers)
+    entry = manifest.formats["executorch"]
+    assert entry.quantization["fused_input_linears"] == 3 * layers
+    assert any(f"{3 * layers} fewer per token" in line for line in said)
+    assert entry.factor_nodes.found == entry.factor_nodes.expected == 2 * entry.factor_nodes.pairs
+
+    ckpt = open_checkpoint(folder)
+    apart, _ = quantize_int4(load_model(ckpt).eval(), ckpt.record, 32, hqq=ExportConfig().int4_scales is Int4Scales.HQQ)
+    fused = copy.deepcopy(apart)
+    assert fuse_inputs(fused) == 3 * layers
+    attention = fused.model.layers[0].self_attn
+    assert isinstance(attention.k_proj, InputSlice) and attention.k_proj.fused_linear is attention.q_proj.fused_linear
+    members = fused_members(fused)["model.layers.0.self_attn.q_proj.fused"]
+    assert [name for name, _, _ in members] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert sum(rows for _, _, rows in members) == attention.q_proj.fused_linear.weight.shape[0]
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, apart(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_rows_of_different_grouping_are_not_stacked():
+    import torch
+
+    from rankdown.export.et_int4 import DecomposedQuantLinear, stack_rows, stackable
+
+    codes = torch.zeros(4, 64, dtype=torch.int8)
+    grouped = DecomposedQuantLinear(codes, torch.ones(4, 2), 32, (-8, 7))
+    per_channel = DecomposedQuantLinear(codes, torch.ones(4, 1), 64, (-128, 127))
+    assert stackable([grouped, grouped]) and not stackable([grouped, per_channel])
+    assert stack_rows([grouped, grouped]).weight.shape == (8, 64)
+    with pytest.raises(ValueError, match="grouping"):
+        stack_rows([grouped, per_channel])
 
 
 def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(int4_bundle, tmp_path, monkeypatch):
