@@ -12,7 +12,7 @@ default healed for 8da4w), 2 threads, `rankdown validate FUSED --compare UNFUSED
 executorch`: 90 GEMMs fewer per token, decode 1.07x, the same exact match and perplexity.
 
 In the eager model each member calls the fused linear (the results are identical); the exported
-graph keeps one call (``merge_fused_inputs``). XNNPACK does not delegate a slice of a dynamically
+graph keeps one call (export/executorch.py merges them, and only them). XNNPACK does not delegate a slice of a dynamically
 shaped tensor, so each member's slice runs in the portable kernels between two delegate calls.
 """
 

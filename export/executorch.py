@@ -23,7 +23,7 @@ from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.et_fused_inputs import fuse_inputs, fused_members
 from rankdown.export.et_int4 import quantize_int4
-from rankdown.export.factor_nodes import count_exported_program
+from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
@@ -120,14 +120,9 @@ def _fused_chains(program, fused: dict) -> set:
     ``_run_shared_down_once`` then merges into one. Nothing else, so no two different linears come
     to share an activation quantization (the one-pass partitioner would form cyclic partitions)."""
     params = dict(program.graph_signature.inputs_to_parameters)
-    paths = tuple(f"{path}.weight" for path in fused)
 
     def is_fused(linear) -> bool:
-        weight = linear.args[1]
-        while weight.op == "call_function" and weight.args:
-            weight = weight.args[0]
-        fqn = params.get(weight.name, "")
-        return any(fqn == p or fqn.endswith(f".{p}") for p in paths)
+        return fused_group(linear_weight_path(linear, params), fused) is not None
 
     def is_quant_op(node) -> bool:
         return node.op == "call_function" and (
@@ -193,7 +188,8 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         program, example, dynamic = trace(model, length)
         # Merging also shares one activation quantization among the linears that read one input
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
-        # graph is merged only where a shared down needs it, and is then partitioned in two passes.
+        # graph is merged only where a shared down needs it, and is then partitioned in two passes;
+        # elsewhere only the repeated calls of a fused linear (export/et_fused_inputs.py) are merged.
         merge = cfg.quantize is not Quantize.INT4 or _has_shared_downs(record)
         fused = fused_members(model)
         if merge:

@@ -124,7 +124,24 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
     return _tally(record, weights, f"{model_path}")
 
 
-def _fused_group(dotted: str, fused: dict[str, list[tuple[str, bool, int]]]) -> list[tuple[str, bool, int]] | None:
+def _weight_input(linear):
+    """An ``aten.linear`` node's weight input: a quantized weight through its dequantize op, to the
+    parameter it unpacks."""
+    weight = linear.args[1]
+    while weight.op == "call_function" and weight.args:
+        weight = weight.args[0]
+    return weight
+
+
+def linear_weight_path(linear, params: dict[str, str]) -> str:
+    """The dotted module path of an ``aten.linear`` node's weight; ``params``: the program's
+    inputs_to_parameters."""
+    weight = _weight_input(linear)
+    fqn = params.get(weight.name, weight.name)
+    return fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+
+
+def fused_group(dotted: str, fused: dict[str, list[tuple[str, bool, int]]]) -> list[tuple[str, bool, int]] | None:
     """The members of the fused linear at ``dotted`` (a path that may carry a wrapper's prefix)."""
     for path, members in fused.items():
         if dotted == path or dotted.endswith(f".{path}"):
@@ -145,12 +162,9 @@ def count_exported_program(record: FactorRecord, program, where: str,
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
-        weight = node.args[1]
-        while weight.op == "call_function" and weight.args:  # a quantized weight: dequantize(parts of it)
-            weight = weight.args[0]
-        fqn = params.get(weight.name, weight.name)
-        dotted = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
-        members = _fused_group(dotted, fused or {})
+        dotted = linear_weight_path(node, params)
+        weight = _weight_input(node)
+        members = fused_group(dotted, fused or {})
         if members is not None:
             columns = tuple(weight.meta["val"].shape)[-1]
             weights += [(*_locate(record, f"{name}.down"), (rows, columns)) if is_down else (None, None, (rows, columns))
