@@ -18,6 +18,9 @@ import collections
 import tempfile
 from pathlib import Path
 
+from rankdown.errors import RankdownError
+from rankdown.export.pte_file import check_pte_header
+
 
 def profile(pte: Path, steps: int, signature: str, threads: int) -> tuple[dict[str, float], dict[str, int], int]:
     """Per-event totals (ms) and counts over ``steps + 1`` calls of ``forward``."""
@@ -73,6 +76,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    for pte in args.pte:
+        try:
+            check_pte_header(pte)
+        except RankdownError as e:
+            parser.error(str(e))
     parts = []
     for pte in args.pte:
         totals, counts, calls = profile(pte, args.steps, args.signature, args.threads)

@@ -211,3 +211,15 @@ def test_an_int4_export_balances_every_pair_unless_told_not_to(int4_bundle, ship
                         progress=said.append)
     assert unbalanced.options["balance"] is False and unbalanced.formats["onnx"].parity is None
     assert message not in said
+
+
+def test_the_profiler_counts_the_delegate_calls_the_export_recorded(int4_bundle):
+    """bench/et_profile.py reads ExecuTorch's own trace of the bundle's .pte: per call of forward,
+    one delegate call per XNNPACK subgraph the lowering recorded, and time in the 4-bit GEMMs."""
+    from bench.et_profile import profile
+
+    _, bundle, manifest, _ = int4_bundle
+    totals, counts, calls = profile(bundle / "executorch" / "model.pte", steps=2, signature="rankdown", threads=1)
+    assert calls == 3
+    assert counts["DELEGATE_CALL"] == calls * manifest.formats["executorch"].delegation["delegated_subgraphs"]
+    assert any("QB4W" in name and total > 0 for name, total in totals.items())
