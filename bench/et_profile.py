@@ -18,6 +18,7 @@ import collections
 import tempfile
 from pathlib import Path
 
+from rankdown.atomic import write_text_atomic
 from rankdown.errors import RankdownError
 from rankdown.export.pte_file import check_pte_header
 
@@ -87,7 +88,7 @@ def main() -> None:
         parts.append(table(pte, totals, counts, calls, args.rows))
         print(parts[-1], "\n", flush=True)
     if args.out:
-        args.out.write_text("\n\n".join(parts) + "\n")
+        write_text_atomic(args.out, "\n\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":
