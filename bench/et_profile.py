@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rankdown.atomic import write_text_atomic
 from rankdown.errors import RankdownError
+from rankdown.export.et_attention import load_custom_ops
 from rankdown.export.pte_file import check_pte_header
 
 
@@ -27,10 +28,10 @@ def profile(pte: Path, steps: int, signature: str, threads: int) -> tuple[dict[s
     """Per-event totals (ms) and counts over ``steps + 1`` calls of ``forward``."""
     import torch
     from executorch.devtools import Inspector
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
     from executorch.extension.pybindings import portable_lib
     from executorch.kernels import quantized  # noqa: F401  (the 8-bit embedding kernels)
 
+    load_custom_ops()
     torch.set_num_threads(threads)
     data = pte.with_suffix(".ptd")
     module = portable_lib._load_for_executorch(str(pte), str(data) if data.is_file() else None, True, 0)
