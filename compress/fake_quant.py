@@ -8,9 +8,11 @@ trains the factors for the weights the phone will run, not for their float value
 
 A factor pair's ``up`` reads the rank, which the export pads with zero columns to a multiple of
 the group; a zero column changes no group's scale, so here the last group of a row is simply
-shorter. torchao's own QAT linear (``FakeQuantizedLinear``) needs the group to divide the width,
-which ranks do not, hence this small hand-written quantizer; the test checks it against torchao's
-quantization.
+shorter. Each linear takes the group the export gives it (``group_for``: the largest power of two up
+to ``group`` that divides its padded width), so ``--heal-group-size 128`` trains a 576-wide input in
+the export's groups of 64, not in one group of 128 and one of 64. torchao's own QAT linear
+(``FakeQuantizedLinear``) needs the group to divide the width, which ranks do not, hence this small
+hand-written quantizer; the test checks it against torchao's quantization.
 
 ``8da4w`` also fake-quantizes what every linear the ExecuTorch export quantizes reads (the decoder's
 and the head's): XNNPACK's qd8 kernels quantize that input to int8 per token (one asymmetric scale
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from rankdown.export.et_int4 import group_for, padded_rank
 from rankdown.factor import SharedDownLinear
 
 QMIN, QMAX = -8, 7
@@ -102,7 +105,8 @@ def fake_quantized(model: nn.Module, group: int, activations: bool = False) -> I
         hooks = [linear.register_forward_pre_hook(lambda _m, args: (quantizer(args[0]), *args[1:]))
                  for linear in linears + _head_linears(model)]
     for linear in linears:
-        parametrize.register_parametrization(linear, "weight", FakeInt4(group))
+        export_group = group_for(padded_rank(linear.in_features, group), group) or group
+        parametrize.register_parametrization(linear, "weight", FakeInt4(export_group))
     try:
         yield len(linears)
     finally:

@@ -47,6 +47,7 @@ class Int4Scales(str, Enum):
 
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_GROUP = 32  # the peers' (optimum-executorch 8da4w, onnxruntime-genai int4) and the issue's default
 HEAD_BITS = (4, 8)
 
 
@@ -126,7 +127,9 @@ class ParityThresholds:
 class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
     quantize: Quantize = Quantize.NONE
-    group_size: int = 32  # int4: input columns that share one scale
+    # int4: input columns that share one scale; None: the group a checkpoint healed through the 4-bit
+    # weights was trained in (compress --heal-group-size), else DEFAULT_GROUP
+    group_size: int | None = None
     head_bits: int = 8  # int4: the head's (and a tied lookup's) weight bits; the decoder linears are 4-bit
     balance: bool = True  # int4: equal down-row and up-column norms per rank direction first (export/factor_balance.py)
     int4_scales: Int4Scales = Int4Scales.HQQ  # ExecuTorch int4: how each group's scale is chosen
@@ -147,10 +150,16 @@ class ExportConfig:
             raise RankdownError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {self.head_bits!r}")
         if self.head_bits != 8 and self.quantize is not Quantize.INT4:
             raise RankdownError("--head-bits applies to --quantize int4 only")
-        if self.group_size not in GROUP_SIZES:
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:
             raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
+
+    @property
+    def group(self) -> int:
+        """The int4 group: ``group_size``, or DEFAULT_GROUP when unset (the export resolves a healed
+        checkpoint's group before any format reads this)."""
+        return DEFAULT_GROUP if self.group_size is None else self.group_size
 
     @property
     def balances(self) -> bool:

@@ -41,7 +41,7 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
            progress=print) -> tuple[float, FactorNodes, None, dict | None]:
     seconds, nodes, quantization = export_onnx(model, record, bundle, cfg)
     if quantization is not None:
-        progress(f"  onnx: int4 MatMulNBits in blocks of {cfg.group_size} for {quantization['int4_matmuls']} "
+        progress(f"  onnx: int4 MatMulNBits in blocks of {cfg.group} for {quantization['int4_matmuls']} "
                  f"matmul(s) ({quantization['partial_last_block']} with a zero-padded last block: input width "
                  f"not a multiple of the block); head {quantization['head']}; embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
@@ -124,7 +124,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
         if cfg.quantize is Quantize.INT8:
             _quantize_int8(fp32_path, out / MODEL_FILE)
         else:
-            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group_size, head_bits=cfg.head_bits).as_dict()
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group, head_bits=cfg.head_bits).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)

@@ -24,7 +24,15 @@ from rankdown.atomic import (
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
-from rankdown.export.config import ExportConfig, Format, Int4Scales, ParityThresholds, Quantize
+from rankdown.export.config import (
+    DEFAULT_GROUP,
+    GROUP_SIZES,
+    ExportConfig,
+    Format,
+    Int4Scales,
+    ParityThresholds,
+    Quantize,
+)
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import FormatSpec, by_format
 from rankdown.export.manifest import (
@@ -91,6 +99,28 @@ def healed_for_int4(compression: Path | dict | None) -> bool:
         compression = _compression(compression)
     healing = (compression or {}).get("healing")
     return isinstance(healing, dict) and healing.get("quantize") in ("int4", "8da4w")
+
+
+def healed_group(compression: dict | None) -> int | None:
+    """The int4 group a checkpoint was healed through (compression.json), None if not recorded."""
+    group = ((compression or {}).get("healing") or {}).get("group_size")
+    return group if isinstance(group, int) and group in GROUP_SIZES else None
+
+
+def _resolve_group(cfg: ExportConfig, healed: dict | None, progress: Callable[[str], None]) -> ExportConfig:
+    """``cfg`` with its int4 group set: the user's, else the group ``healed`` (the compression report
+    of a checkpoint healed through the 4-bit weights, or None) was trained in, else DEFAULT_GROUP."""
+    if cfg.quantize is not Quantize.INT4:
+        return cfg
+    trained = healed_group(healed)
+    if cfg.group_size is None:
+        if trained is not None and trained != DEFAULT_GROUP:
+            progress(f"int4 groups of {trained}: the group the checkpoint was healed through")
+        return dataclasses.replace(cfg, group_size=trained or DEFAULT_GROUP)
+    if trained is not None and cfg.group_size != trained:
+        progress(f"note: this checkpoint was healed through 4-bit groups of {trained}; --group-size "
+                 f"{cfg.group_size} rounds its weights differently (leave --group-size out to keep {trained})")
+    return cfg
 
 
 def _summary(ckpt) -> ModelSummary:
@@ -193,6 +223,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
         cfg = dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX)
         progress("executorch int4 scales: absmax, the ones the checkpoint was healed through")
+    cfg = _resolve_group(cfg, compression if healed_int4 else None, progress)
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:

@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     comp.set_defaults(func=cmd_compress)
 
-    from rankdown.export.config import Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
+    from rankdown.export.config import DEFAULT_GROUP, Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
     from rankdown.validate.config import Runtime
 
@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
                                             "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
     exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
-                     help=help_with_default("int4: input columns sharing one scale", ExportConfig, "group_size"))
+                     help=f"int4: input columns sharing one scale (default: the group a checkpoint healed "
+                          f"through the 4-bit weights was trained in, else {DEFAULT_GROUP})")
     exp.add_argument("--head-bits", type=int, default=default_of(ExportConfig, "head_bits"),
                      help=help_with_default("int4: bits of the head (4 or 8; a tied lookup shares them in ONNX)",
                                             ExportConfig, "head_bits"))

@@ -65,6 +65,51 @@ def test_fake_quantized_linears_run_4_bit_pass_gradients_and_come_back_plain(tin
     torch.testing.assert_close(model(ids).logits, before)
 
 
+def test_each_linear_is_rounded_in_the_group_the_export_gives_its_width(tiny_model_dir):
+    """With a group of 128, a rank of 96 is three groups of 32 in the export (et_int4.group_for: the
+    largest power of two up to the group dividing the width), not one short group of 96; a 64-wide
+    input one group of 64, a 128-wide one a group of 128."""
+    model = load_model(open_checkpoint(tiny_model_dir))
+    layer = model.model.layers[0]
+    torch.manual_seed(2)
+    layer.mlp.up_proj = FactorizedLinear.from_factors(torch.randn(96, 64), torch.randn(128, 96))
+    groups = {"self_attn.q_proj": 64, "mlp.down_proj": 128, "mlp.up_proj.down": 64, "mlp.up_proj.up": 32}
+    weights = {name: layer.get_submodule(name).weight.detach().clone() for name in groups}
+    with fake_quantized(model, 128):
+        for name, group in groups.items():
+            torch.testing.assert_close(layer.get_submodule(name).weight, fake_int4(weights[name], group), rtol=0, atol=0)
+    up = weights["mlp.up_proj.up"]
+    assert not torch.equal(fake_int4(up, 32), fake_int4(up, 128))
+
+
+def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp_path):
+    report = compress(tiny_model_dir, tmp_path / "c", CompressConfig(
+        ratio=0.4, healing=Healing(quantize="int4", group_size=64, **HEAL), **SMALL), progress=quiet)
+    assert report.healing.group_size == 64
+
+    def said_until_quantized(cfg: ExportConfig) -> list[str]:
+        said: list[str] = []
+
+        def progress(message: str) -> None:
+            said.append(message)
+            if "executorch: int4 groups of" in message:
+                raise _Stop  # the lowering is the int4 export tests' business
+
+        with pytest.raises(_Stop):
+            export(tmp_path / "c", tmp_path / "b", cfg, progress=progress)
+        assert not (tmp_path / "b").exists()
+        return said
+
+    said = said_until_quantized(ExportConfig(formats="executorch", quantize="int4", max_seq_len=64, check=False))
+    assert "int4 groups of 64: the group the checkpoint was healed through" in said
+    assert said[-1].startswith("  executorch: int4 groups of 64,")
+    # Asked for another group: exported as asked, with a note naming the group it was healed in.
+    said = said_until_quantized(ExportConfig(formats="executorch", quantize="int4", group_size=32, max_seq_len=64,
+                                             check=False))
+    assert any(m.startswith("note: this checkpoint was healed through 4-bit groups of 64; --group-size 32") for m in said)
+    assert said[-1].startswith("  executorch: int4 groups of 32,")
+
+
 def test_8da4w_rounds_every_quantized_linears_input_to_int8_per_token(tiny_model_dir):
     """With ``activations`` a decoder linear and the head read their input on a per-token 8-bit grid
     (what XNNPACK's qd8 kernels run on), the weights stay 4-bit, the gradient passes, and nothing is
