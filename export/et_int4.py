@@ -57,6 +57,19 @@ def group_for(width: int, group_size: int) -> int | None:
     return None
 
 
+def stored_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Group-wise 4-bit scales as XNNPACK runs them: rounded to bfloat16 (ExecuTorch's XNNPACK
+    lowering casts a per-group scale to bf16 for the qb4w kernels; a per-channel one stays float32),
+    back in float32."""
+    return scales.to(torch.bfloat16).float()
+
+
+def int4_codes(grouped: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of ``grouped`` (rows x groups x group) at ``scales`` (rows x groups x 1):
+    torchao's symmetric rounding, ``w * (1 / scale)`` to nearest, clamped to [-8, 7]."""
+    return torch.clamp(torch.round(grouped * (1.0 / scales)), -8, 7)
+
+
 def padded_rank(rank: int, group_size: int) -> int:
     step = min(MIN_GROUP, group_size)
     return -(-rank // step) * step
@@ -237,12 +250,32 @@ def _retie_padded_table(lookup: FactoredEmbedding, head: FactorizedLinear) -> No
     lookup.table.weight = head.up.weight  # the same Parameter, not a copy
 
 
+def _quantize_linear(model: nn.Module, linear: nn.Linear, config: Any, group: int | None) -> None:
+    """Quantize ``linear`` (in ``model``) with torchao's ``config``; with several groups per row, its
+    scales are then rounded to bfloat16, as XNNPACK will store them, and its codes chosen again from
+    the float weight at those scales (what ``--heal-quantize`` trained through), so the .pte runs
+    the integers and scales the PyTorch reference runs. One linear at a time: only its float weight
+    is held beside the quantized model."""
+    from torchao.quantization import quantize_
+
+    float_weight = linear.weight.detach()
+    quantize_(model, config, filter_fn=lambda m, fqn: m is linear)
+    if group is None or group >= linear.in_features:
+        return
+    weight: Any = linear.weight  # torchao's IntxUnpackedToInt8Tensor
+    rows, columns = float_weight.shape
+    scales = stored_scales(weight.scale.detach().float().reshape(rows, -1, 1))
+    codes = int4_codes(float_weight.float().reshape(rows, -1, group), scales)
+    weight.qdata.copy_(codes.reshape(rows, columns).to(weight.qdata.dtype))
+    weight.scale.copy_(scales.reshape(weight.scale.shape).to(weight.scale.dtype))
+
+
 def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: int = 8,
                   hqq: bool = True) -> tuple[nn.Module, Int4Plan]:
     """A quantized copy of ``model`` (the caller's model is left as it is) and what was done.
     ``hqq``: the 4-bit groups' scales by torchao's half-quadratic search (HQQ, scale only), else
     max |w| / 7.5; symmetric either way, as XNNPACK's kernels take them."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
         IntxChooseQParamsAlgorithm,
@@ -274,8 +307,8 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
         if isinstance(module, nn.Linear) and not any(module is m for m in head_linears + keep_float):
             groups.setdefault(group_for(module.in_features, group_size), []).append(name)
     for group, names in groups.items():
-        chosen = set(names)
-        quantize_(model, weight_config(group), filter_fn=lambda m, fqn, chosen=chosen: fqn in chosen)
+        for name in names:
+            _quantize_linear(model, model.get_submodule(name), weight_config(group), group)
     # Before the head is quantized (which gives it a new weight): whether it reads the lookup's table,
     # and that table's float rows.
     float_rows = lookup.table if lookup is not None else embedding
@@ -284,7 +317,7 @@ def quantize_int4(model: Any, record: FactorRecord, group_size: int, head_bits: 
     # default; 4-bit groups (as the decoder) with head_bits=4.
     for linear in head_linears:
         head_group = group_for(linear.in_features, group_size) if head_bits == 4 else None
-        quantize_(model, weight_config(head_group), filter_fn=lambda m, fqn, linear=linear: m is linear)
+        _quantize_linear(model, linear, weight_config(head_group), head_group)
     decompose_quantized_linears(model)
     head = model.get_output_embeddings()
     vocab_linear = head.up if isinstance(head, FactorizedLinear) else head  # the linear whose rows are the table

@@ -54,7 +54,8 @@ def test_fake_quantized_linears_run_4_bit_pass_gradients_and_come_back_plain(tin
     before = model(ids).logits.detach()
     with fake_quantized(model, 32) as count:
         assert count == 7 * len(model.model.layers) + 1  # the pair's two factors instead of one linear
-        torch.testing.assert_close(pair.down.weight, fake_int4(down.detach(), 32))
+        # two groups per row: the scales rounded to bf16, as XNNPACK stores them
+        torch.testing.assert_close(pair.down.weight, fake_int4(down.detach(), 32, bf16_scales=True))
         quantized = model(ids).logits
         quantized.sum().backward()
     assert not torch.allclose(quantized.detach(), before)
@@ -73,13 +74,17 @@ def test_each_linear_is_rounded_in_the_group_the_export_gives_its_width(tiny_mod
     layer = model.model.layers[0]
     torch.manual_seed(2)
     layer.mlp.up_proj = FactorizedLinear.from_factors(torch.randn(96, 64), torch.randn(128, 96))
-    groups = {"self_attn.q_proj": 64, "mlp.down_proj": 128, "mlp.up_proj.down": 64, "mlp.up_proj.up": 32}
+    # (group, bf16 scales): one group per row runs per channel, float32 scales; several, bf16 scales
+    groups = {"self_attn.q_proj": (64, False), "mlp.down_proj": (128, False), "mlp.up_proj.down": (64, False),
+              "mlp.up_proj.up": (32, True)}
     weights = {name: layer.get_submodule(name).weight.detach().clone() for name in groups}
     with fake_quantized(model, 128):
-        for name, group in groups.items():
-            torch.testing.assert_close(layer.get_submodule(name).weight, fake_int4(weights[name], group), rtol=0, atol=0)
+        for name, (group, bf16) in groups.items():
+            torch.testing.assert_close(layer.get_submodule(name).weight, fake_int4(weights[name], group, bf16),
+                                       rtol=0, atol=0)
     up = weights["mlp.up_proj.up"]
-    assert not torch.equal(fake_int4(up, 32), fake_int4(up, 128))
+    assert not torch.equal(fake_int4(up, 32, True), fake_int4(up, 128, True))
+    assert not torch.equal(fake_int4(up, 32, True), fake_int4(up, 32))
 
 
 def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp_path):
@@ -108,6 +113,36 @@ def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp
                                              check=False))
     assert any(m.startswith("note: this checkpoint was healed through 4-bit groups of 64; --group-size 32") for m in said)
     assert said[-1].startswith("  executorch: int4 groups of 32,")
+
+
+def test_the_int4_export_stores_the_weights_healing_trained_through(compressed_tiny):
+    """Every group-wise 4-bit linear of the ExecuTorch int4 model holds exactly ``fake_int4(w, group,
+    bf16_scales=True)`` of its float weight, with scales bfloat16 can hold (XNNPACK's lowering
+    casts them to bf16, so nothing is rounded after this); a linear with one group per row keeps
+    float32 scales, as the kernel it runs on does."""
+    from rankdown.export.et_int4 import DecomposedQuantLinear, quantize_int4
+    from rankdown.factor_record import FactorRecord
+
+    folder, _ = compressed_tiny["svd"]
+    model = load_model(open_checkpoint(folder)).eval()
+    floats = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    quantized, _ = quantize_int4(model, FactorRecord.read(folder), 32, hqq=False)
+    kinds = {"blockwise": 0, "per channel": 0}
+    for name, module in quantized.named_modules():
+        if not isinstance(module, DecomposedQuantLinear) or module.quant_range != (-8, 7):
+            continue
+        rows, columns = module.weight.shape
+        weight = floats[name]  # a rank the group does not divide is padded with zeros (same product)
+        weight = torch.nn.functional.pad(weight, (0, columns - weight.shape[1], 0, rows - weight.shape[0]))
+        stored = (module.weight.float().view(rows, -1, module.group) * module.scales.view(rows, -1, 1)).view_as(weight)
+        if module.per_channel:
+            kinds["per channel"] += 1
+            torch.testing.assert_close(stored, fake_int4(weight, module.group), rtol=0, atol=0)
+        else:
+            kinds["blockwise"] += 1
+            torch.testing.assert_close(stored, fake_int4(weight, module.group, bf16_scales=True), rtol=0, atol=0)
+            assert torch.equal(module.scales, module.scales.to(torch.bfloat16).float())
+    assert kinds["blockwise"] > 0 and kinds["per channel"] > 0
 
 
 def test_8da4w_rounds_every_quantized_linears_input_to_int8_per_token(tiny_model_dir):
