@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from rankdown.export.et_int4 import group_for, int4_codes, padded_rank, stored_scales
 from rankdown.factor import SharedDownLinear
+from rankdown.int4_numerics import group_for, int4_codes, padded_rank, stored_scales
 
 QMIN, QMAX = -8, 7
 _FLOOR = 1e-12  # scale of an all-zero group

@@ -32,8 +32,7 @@ from torch import nn
 
 from rankdown.factor import FactoredEmbedding, FactorizedLinear, SharedDownLinear
 from rankdown.factor_record import FactorRecord, factored_table
-
-MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
+from rankdown.int4_numerics import group_for, int4_codes, padded_rank, stored_scales
 
 
 @dataclass(frozen=True)
@@ -44,35 +43,6 @@ class Int4Plan:
     record: FactorRecord
     padded: dict[str, tuple[int, int]]
     int8_linears: tuple[str, ...]
-
-
-def group_for(width: int, group_size: int) -> int | None:
-    """The largest power-of-two group <= ``group_size`` dividing ``width`` and >= the smallest
-    allowed group; None if there is none."""
-    group = group_size
-    while group >= min(MIN_GROUP, group_size):
-        if width % group == 0:
-            return group
-        group //= 2
-    return None
-
-
-def stored_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Group-wise 4-bit scales as XNNPACK runs them: rounded to bfloat16 (ExecuTorch's XNNPACK
-    lowering casts a per-group scale to bf16 for the qb4w kernels; a per-channel one stays float32),
-    back in float32."""
-    return scales.to(torch.bfloat16).float()
-
-
-def int4_codes(grouped: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes of ``grouped`` (rows x groups x group) at ``scales`` (rows x groups x 1):
-    torchao's symmetric rounding, ``w * (1 / scale)`` to nearest, clamped to [-8, 7]."""
-    return torch.clamp(torch.round(grouped * (1.0 / scales)), -8, 7)
-
-
-def padded_rank(rank: int, group_size: int) -> int:
-    step = min(MIN_GROUP, group_size)
-    return -(-rank // step) * step
 
 
 def _pad_rows(linear: nn.Linear, rows: int) -> None:

@@ -9,9 +9,10 @@ from helpers import quiet
 
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.export.config import ExportConfig, Int4Scales
-from rankdown.export.et_int4 import DecomposedQuantLinear, group_for, pad_ranks, padded_rank, quantize_int4
+from rankdown.export.et_int4 import DecomposedQuantLinear, pad_ranks, quantize_int4
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
+from rankdown.int4_numerics import group_for, padded_rank
 
 CUSTOM_OPS = (b"llama::custom_sdpa", b"llama::update_cache")
 

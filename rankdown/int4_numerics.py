@@ -1,0 +1,38 @@
+"""4-bit group numerics that healing (compress/fake_quant.py) and the ExecuTorch int4 export
+(export/et_int4.py) must share to the bit: which group a linear of a given width gets, how a rank
+is padded, how codes are rounded, and the precision XNNPACK stores a group's scale in."""
+
+from __future__ import annotations
+
+import torch
+
+MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
+
+
+def group_for(width: int, group_size: int) -> int | None:
+    """The largest power-of-two group <= ``group_size`` dividing ``width`` and >= the smallest
+    allowed group; None if there is none."""
+    group = group_size
+    while group >= min(MIN_GROUP, group_size):
+        if width % group == 0:
+            return group
+        group //= 2
+    return None
+
+
+def stored_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Group-wise 4-bit scales as XNNPACK runs them: rounded to bfloat16 (ExecuTorch's XNNPACK
+    lowering casts a per-group scale to bf16 for the qb4w kernels; a per-channel one stays float32),
+    back in float32."""
+    return scales.to(torch.bfloat16).float()
+
+
+def int4_codes(grouped: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of ``grouped`` (rows x groups x group) at ``scales`` (rows x groups x 1):
+    torchao's symmetric rounding, ``w * (1 / scale)`` to nearest, clamped to [-8, 7]."""
+    return torch.clamp(torch.round(grouped * (1.0 / scales)), -8, 7)
+
+
+def padded_rank(rank: int, group_size: int) -> int:
+    step = min(MIN_GROUP, group_size)
+    return -(-rank // step) * step
