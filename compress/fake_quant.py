@@ -34,9 +34,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from rankdown.factor import SharedDownLinear
-from rankdown.int4_numerics import group_for, int4_codes, padded_rank, stored_scales
+from rankdown.int4_numerics import QMAX, QMIN, group_for, has_bf16_scales, int4_codes, padded_rank, stored_scales
 
-QMIN, QMAX = -8, 7
 _FLOOR = 1e-12  # scale of an all-zero group
 
 
@@ -75,7 +74,7 @@ def export_rounding(in_features: int, group: int) -> FakeInt4:
     .pte runs them (85%)."""
     width = padded_rank(in_features, group)
     export_group = group_for(width, group) or group
-    return FakeInt4(export_group, bf16_scales=export_group < width)
+    return FakeInt4(export_group, bf16_scales=has_bf16_scales(width, export_group))
 
 
 def _activation_quantizer() -> nn.Module:

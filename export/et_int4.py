@@ -32,7 +32,7 @@ from torch import nn
 
 from rankdown.factor import FactoredEmbedding, FactorizedLinear, SharedDownLinear
 from rankdown.factor_record import FactorRecord, factored_table
-from rankdown.int4_numerics import group_for, int4_codes, padded_rank, stored_scales
+from rankdown.int4_numerics import group_for, has_bf16_scales, int4_codes, padded_rank, stored_scales
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def _quantize_linear(model: nn.Module, linear: nn.Linear, config: Any, group: in
 
     float_weight = linear.weight.detach()
     quantize_(model, config, filter_fn=lambda m, fqn: m is linear)
-    if group is None or group >= linear.in_features:
+    if group is None or not has_bf16_scales(linear.in_features, group):
         return
     weight: Any = linear.weight  # torchao's IntxUnpackedToInt8Tensor
     rows, columns = float_weight.shape

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
+QMIN, QMAX = -8, 7  # symmetric int4 codes
 
 
 def group_for(width: int, group_size: int) -> int | None:
@@ -30,7 +31,14 @@ def stored_scales(scales: torch.Tensor) -> torch.Tensor:
 def int4_codes(grouped: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes of ``grouped`` (rows x groups x group) at ``scales`` (rows x groups x 1):
     torchao's symmetric rounding, ``w * (1 / scale)`` to nearest, clamped to [-8, 7]."""
-    return torch.clamp(torch.round(grouped * (1.0 / scales)), -8, 7)
+    return torch.clamp(torch.round(grouped * (1.0 / scales)), QMIN, QMAX)
+
+
+def has_bf16_scales(width: int, group: int) -> bool:
+    """Whether a 4-bit linear ``width`` wide (padded) in groups of ``group`` has several groups per
+    row, so XNNPACK runs it blockwise (qb4w) with bf16 scales; one group per row runs per channel
+    (qc4w) with float32 scales."""
+    return group < width
 
 
 def padded_rank(rank: int, group_size: int) -> int:
