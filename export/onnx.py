@@ -41,9 +41,12 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
            progress=print) -> tuple[float, FactorNodes, None, dict | None]:
     seconds, nodes, quantization = export_onnx(model, record, bundle, cfg)
     if quantization is not None:
-        progress(f"  onnx: int4 MatMulNBits in blocks of {cfg.group} for {quantization['int4_matmuls']} "
-                 f"matmul(s) ({quantization['partial_last_block']} with a zero-padded last block: input width "
-                 f"not a multiple of the block); head {quantization['head']}; embedding {quantization['embedding']}")
+        blocks = ", ".join(f"{count} in blocks of {block}" for block, count in
+                           quantization["decoder_block_sizes"].items())
+        progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), each in the largest block "
+                 f"up to {cfg.group} that divides its input width ({blocks}; {quantization['partial_last_block']} "
+                 f"with a zero-padded last block: no such block); head {quantization['head']}; "
+                 f"embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
     check_onnx_model(bundle / SUBDIR / MODEL_FILE, bundle)
     written = write_genai_files(bundle / SUBDIR, bundle, MODEL_FILE,

@@ -37,11 +37,13 @@ positions, one thread; README has the table):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rankdown.errors import RankdownError
+from rankdown.int4_numerics import group_for
 
 LOGITS = "logits"
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block (MLAS's CompInt8 kernels on CPU)
@@ -58,7 +60,8 @@ class Int4Summary:
     partial_blocks: int  # of those, with an input width K that is not a multiple of the block (zero-padded last block)
     head: str  # how the head is stored
     embedding: str  # how the token lookup is stored
-    block_size: int
+    block_size: int  # the export's group: the head's and the lookup's blocks
+    block_sizes: dict[int, int]  # the decoder MatMuls' blocks: block -> how many
     symmetric: bool
     accuracy_level: int
     scales: str  # how the block scales are stored
@@ -67,7 +70,10 @@ class Int4Summary:
         return {"scheme": "onnxruntime MatMulNBitsQuantizer", "int4_matmuls": self.int4_matmuls,
                 "folded_biases": self.folded_biases,
                 "partial_last_block": self.partial_blocks, "head": self.head, "embedding": self.embedding,
-                "block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+                "block_size": self.block_size,
+                "decoder_block_sizes": {str(b): n for b, n in self.block_sizes.items()},  # JSON keys
+                "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level,
                 "scales": self.scales}
 
 
@@ -255,19 +261,27 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     heads = [head] + _factored_head_down(head, weighted)
     keep_float = _lookup_projection(tied_lookup, weighted)
     decoder = [n for n in weighted if all(n is not h for h in heads + keep_float)]
-    partial = sum(constants[n.input[1]][0] % group_size != 0 for n in decoder)
+    # Each decoder MatMul in the block ExecuTorch gives its input width (and healing trained through,
+    # rankdown/int4_numerics.py): at group 128 a 576-wide input is 9 blocks of 64, not 5 of 128 with
+    # the last zero-padded. A width no allowed block divides keeps ``group_size``, its last block padded.
+    blocks = {n.name: group_for(constants[n.input[1]][0], group_size) or group_size for n in decoder}
+    partial = sum(constants[n.input[1]][0] % blocks[n.name] != 0 for n in decoder)
     head_names = [n.name for n in heads]
     if not all(head_names) or any(n.name in head_names for n in weighted if all(n is not h for h in heads)):
         raise RankdownError(f"{src}: the head's MatMul has no unique name; cannot quantize it apart")
     float_names = [n.name for n in keep_float]
     others = [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in head_names]
 
-    # 4 bits for every MatMul with a constant weight but the head, then ``head_bits`` for the head.
-    four = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=symmetric,
-                                accuracy_level=accuracy_level, nodes_to_exclude=head_names + float_names,
-                                op_types_to_quantize=("MatMul",))
-    four.process()
-    eight = MatMulNBitsQuantizer(four.model.model, bits=head_bits, block_size=group_size, is_symmetric=symmetric,
+    # 4 bits for every MatMul with a constant weight but the head (one pass per block size), then
+    # ``head_bits`` for the head.
+    for block in sorted(set(blocks.values()), reverse=True):
+        elsewhere = [name for name, b in blocks.items() if b != block]
+        four = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=symmetric,
+                                    accuracy_level=accuracy_level, nodes_to_exclude=head_names + float_names + elsewhere,
+                                    op_types_to_quantize=("MatMul",))
+        four.process()
+        model = four.model.model
+    eight = MatMulNBitsQuantizer(model, bits=head_bits, block_size=group_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, nodes_to_exclude=others,
                                  op_types_to_quantize=("MatMul",))
     eight.process()
@@ -305,5 +319,6 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                        head=(f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else "")
                              + (", a factor pair" if len(heads) > 1 else "")),
                        embedding=embedding,
-                       block_size=group_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                       block_size=group_size, block_sizes=dict(sorted(Counter(blocks.values()).items())),
+                       symmetric=symmetric, accuracy_level=accuracy_level,
                        scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"))

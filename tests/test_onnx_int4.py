@@ -127,6 +127,7 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
 
     from rankdown.checkpoint import load_model, open_checkpoint
     from rankdown.export.tied_embeddings import table_copies, tied_table
+    from rankdown.int4_numerics import group_for
 
     dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
     table = tied_table(load_model(open_checkpoint(dense)))
@@ -142,6 +143,13 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
         assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
         assert {a.name: a.i for a in lookup.attribute}["bits"] == 8 and set(lookup.input[2:]) <= set(head.input)
         assert ("Slice" in {n.op_type for n in graph.node}) == (group == 256)
+        # Each decoder MatMul in the block ExecuTorch and healing give its input width: at 256, a
+        # 64-wide input is one block of 64, not a block of 256 that is three quarters padding.
+        decoder = [{a.name: a.i for a in n.attribute} for n in graph.node
+                   if n.op_type == "MatMulNBits" and n is not head]
+        assert decoder and all(a["block_size"] == (group_for(a["K"], group) or group) for a in decoder)
+        assert all(a["K"] % a["block_size"] == 0 for a in decoder) and entry.quantization["partial_last_block"] == 0
+        assert sum(entry.quantization["decoder_block_sizes"].values()) == len(decoder)
         assert entry.embedding_tables == 0 and table_copies(list((bundle / "onnx").iterdir()), table) == 0
         # the self-check's reference reads that one table back for both (export/onnx_int4_reference.py)
         overrides = weight_overrides(load_model(open_checkpoint(dense)), bundle / "onnx" / "model.onnx")
