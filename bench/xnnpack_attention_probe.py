@@ -50,17 +50,11 @@ def xnnpack_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.view(1, hq, n, d).transpose(1, 2), None
 
 
-def signature_forward(self, tokens, input_pos):
-    n = tokens.shape[1]
-    start_pos = input_pos[0].item()
-    torch._check_is_size(start_pos)
-    torch._check(start_pos + n <= self.max_len)
-    positions = input_pos + torch.arange(n, dtype=torch.long)
-    cols = torch.arange(self.max_len, dtype=torch.long)
-    mask = torch.where(cols.unsqueeze(0) <= positions.unsqueeze(1), 0.0, float("-inf"))
-    out = self.model(input_ids=tokens, cache_position=positions, position_ids=positions.unsqueeze(0),
-                     use_cache=False, **{ea.START_POS: start_pos, "et_mask": mask})
-    return out.logits
+def attention_kwargs(self, start_pos, positions) -> dict:
+    """The start position, and the causal mask over the whole cache for these positions."""
+    columns = torch.arange(self.max_len, dtype=torch.long)
+    mask = torch.where(columns.unsqueeze(0) <= positions.unsqueeze(1), 0.0, float("-inf"))
+    return {ea.START_POS: start_pos, "et_mask": mask}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     # Swapped for this process only: the export reads these module attributes when it traces.
     ea.KVCache = Cache
     ea.custom_sdpa_attention = xnnpack_attention
-    ea.CustomOpsSignature.forward = signature_forward
+    ea.CustomOpsSignature.attention_kwargs = attention_kwargs
     export(args.checkpoint, args.out, ExportConfig(formats="executorch", quantize=args.quantize))
 
 

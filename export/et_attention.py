@@ -98,5 +98,9 @@ class CustomOpsSignature(torch.nn.Module):
         torch._check(start_pos + n <= self.max_len)
         positions = input_pos + torch.arange(n, dtype=torch.long)
         out = self.model(input_ids=tokens, cache_position=positions, position_ids=positions.unsqueeze(0),
-                         use_cache=False, **{START_POS: start_pos})
+                         use_cache=False, **self.attention_kwargs(start_pos, positions))
         return out.logits
+
+    def attention_kwargs(self, start_pos, positions) -> dict:
+        """What the registered attention function gets beside transformers' own arguments."""
+        return {START_POS: start_pos}
