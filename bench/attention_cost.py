@@ -133,9 +133,20 @@ def time_forward(module, position: int) -> float:
     return statistics.median(runs)
 
 
+def _positions(text: str) -> list[int]:
+    try:
+        positions = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if min(positions) < 0:
+        raise argparse.ArgumentTypeError(f"positions cannot be negative: {text!r}")
+    return positions
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--positions", default="10,50,100,200")
+    parser.add_argument("--positions", default="10,50,100,200", type=_positions,
+                        help="comma-separated positions, each below --cache")
     parser.add_argument("--cache", type=int, default=256, help="static cache length (the export's --max-seq-len)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
@@ -143,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     from rankdown.export.et_attention import load_custom_ops
 
     load_custom_ops()
-    positions = [int(p) for p in args.positions.split(",")]
+    positions = args.positions
+    if max(positions) >= args.cache:
+        parser.error(f"--positions must be below --cache {args.cache}, got {max(positions)}")
     lines = [f"{LAYERS} layers of attention ({HEADS} query heads, {KV_HEADS} key/value heads, head dim {DIM}), "
              f"a cache of {args.cache}, {args.threads} threads: microseconds per token (one call of forward). "
              "Columns in the order they ran, in one process: `custom` before any XNNPACK delegate has run, "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import rankdown.export.et_attention as ea
+from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
 from rankdown.export.pipeline import export
 
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     ea.KVCache = Cache
     ea.custom_sdpa_attention = xnnpack_attention
     ea.CustomOpsSignature.attention_kwargs = attention_kwargs
-    export(args.checkpoint, args.out, ExportConfig(formats="executorch", quantize=args.quantize))
+    try:
+        export(args.checkpoint, args.out, ExportConfig(formats="executorch", quantize=args.quantize))
+    except RankdownError as error:  # a user's mistake: one line, as the CLI says it
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":
