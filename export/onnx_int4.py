@@ -265,6 +265,8 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     # rankdown/int4_numerics.py): at group 128 a 576-wide input is 9 blocks of 64, not 5 of 128 with
     # the last zero-padded. A width no allowed block divides keeps ``group_size``, its last block padded.
     blocks = {n.name: group_for(constants[n.input[1]][0], group_size) or group_size for n in decoder}
+    if len(blocks) != len(decoder) or not all(blocks):  # the passes below tell the nodes apart by name
+        raise RankdownError(f"{src}: the decoder's MatMuls have no unique names; cannot give each its block")
     partial = sum(constants[n.input[1]][0] % blocks[n.name] != 0 for n in decoder)
     head_names = [n.name for n in heads]
     if not all(head_names) or any(n.name in head_names for n in weighted if all(n is not h for h in heads)):
