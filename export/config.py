@@ -136,6 +136,9 @@ class ExportConfig:
     onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
+    # ExecuTorch: a second method, ``decode``, for one token with static shapes, sharing forward's
+    # weights and KV cache (export/executorch.py); forward still takes any prompt
+    decode_method: bool = True
     parity_new_tokens: int = 32
     check: bool = True  # run the parity self-check after writing
     overwrite: bool = False

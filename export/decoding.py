@@ -16,6 +16,10 @@ import numpy as np
 
 from rankdown.library_logs import native_stderr_without
 
+# An ExecuTorch program's second method: one token, static shapes, the same weights and KV cache as
+# forward (export/executorch.py); decoders call it for each generated token when it is there.
+DECODE_METHOD = "decode"
+
 
 class Decoder(Protocol):
     """One sequence at a time: ``prefill`` a prompt, then ``step`` one token at a time."""
@@ -146,6 +150,8 @@ class ExecuTorchDecoder:
             program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency,
                                            data_path=program_data_file(pte_path))
             self.method = program.load_method("forward")
+            # The one-token method (export/executorch.py), when the program has it: same cache, static shapes.
+            self.decode = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None
         self.max_positions = _constant(program, "get_max_seq_len")
         self.program = program
         self._length = 0
@@ -157,7 +163,8 @@ class ExecuTorchDecoder:
         torch = self._torch
         n = len(ids)
         tokens = torch.tensor([ids], dtype=torch.long)
-        logits = self.method.execute([tokens, torch.tensor([self._length], dtype=torch.long)])[0]
+        method = self.decode if n == 1 and self.decode is not None else self.method
+        logits = method.execute([tokens, torch.tensor([self._length], dtype=torch.long)])[0]
         self._length += n
         return logits[0].float().numpy()
 
@@ -248,8 +255,12 @@ def open_executorch(artifact: Path, threads: int | None = None, native_runner: l
     if native_runner:
         return NativeExecuTorchDecoder(artifact, native_runner, threads=threads)
     if threads:
-        import torch  # the pybind runtime's threadpool follows torch's setting
+        import torch
+        from executorch.extension.pybindings import portable_lib
 
+        # ExecuTorch's kernels and delegates run on its own threadpool, which torch's setting does
+        # not reach (it stayed at one thread per core); torch's bounds the BLAS calls in its LLM kernels.
+        portable_lib._unsafe_reset_threadpool(threads)
         torch.set_num_threads(threads)
     return ExecuTorchDecoder(artifact)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from rankdown.export.config import ExportConfig, Int4Scales, Quantize
-from rankdown.export.decoding import program_data_file
+from rankdown.export.decoding import DECODE_METHOD, program_data_file
 from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.et_fused_inputs import fuse_inputs, fused_members
 from rankdown.export.et_int4 import quantize_int4
+from rankdown.export.et_norms import pooled_norms
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
 from rankdown.export.manifest import FactorNodes
@@ -140,12 +141,13 @@ def _fused_chains(program, fused: dict) -> set:
     return chains
 
 
-def trace(model, max_len: int):
+def trace(model, max_len: int, tokens: int | None = None):
     """``model`` as a torch.export program with the custom-ops attention and a static cache of
-    ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``."""
-    example = (torch.full((1, 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
-    dynamic = {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
-    with torch.no_grad(), custom_attention(model, max_len):
+    ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``,
+    or exactly ``tokens`` (static shapes: the decode method)."""
+    example = (torch.full((1, tokens or 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
+    dynamic = None if tokens else {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
+    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model):
         # strict=True: with strict=False this torch fails later, in decomposition.
         program = torch.export.export(CustomOpsSignature(model, max_len), args=example, dynamic_shapes=dynamic,
                                       strict=True)
@@ -185,46 +187,66 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
     if quantized is not None:
         model, record, quantization = quantized.model, quantized.record, quantized.summary
     with torch.no_grad():
-        program, example, dynamic = trace(model, length)
+        programs = {"forward": trace(model, length)}
+        # XNNPACK delegates a static slice (a fused linear's members, the rotary halves) but not a
+        # dynamic one, so the one-token graph runs each layer in one delegate call between the
+        # attention kernels, where forward needs several.
+        if cfg.decode_method:
+            programs[DECODE_METHOD] = trace(model, length, tokens=1)
         # Merging also shares one activation quantization among the linears that read one input
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
         # graph is merged only where a shared down needs it, and is then partitioned in two passes;
         # elsewhere only the repeated calls of a fused linear (export/et_fused_inputs.py) are merged.
         merge = cfg.quantize is not Quantize.INT4 or _has_shared_downs(record)
         fused = fused_members(model)
-        if merge:
-            _run_shared_down_once(program)
-        elif fused:
-            _run_shared_down_once(program, within=_fused_chains(program, fused))
-        nodes = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} (exported graph)", fused)
-        if cfg.quantize is Quantize.INT8:
-            program = _quantize_int8(program, example, dynamic)
-        # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway;
-        # int4 with an 8-bit head: the lookup reads the head's int8 table, stored once the same way.
-        external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
-        progress(f"  executorch: exported in {time.perf_counter() - start:.1f} s; lowering to {cfg.backend.value}")
+        lowered, counts = {}, {}
+        external = False
+        for name, (program, example, dynamic) in programs.items():
+            if merge:
+                _run_shared_down_once(program)
+            elif fused:
+                _run_shared_down_once(program, within=_fused_chains(program, fused))
+            counts[name] = count_exported_program(record, program, f"{bundle / SUBDIR / MODEL_FILE} ({name} graph)",
+                                                  fused)
+            if cfg.quantize is Quantize.INT8:
+                program = _quantize_int8(program, example, dynamic)
+            # int8: the head's weight becomes its own int8 tensor, so the fp32 table is stored once anyway;
+            # int4 with an 8-bit head: the lookup reads the head's int8 table, stored once the same way.
+            external = cfg.quantize is not Quantize.INT8 and tag_tied_table(program, Path(DATA_FILE).stem)
+            lowered[name] = program
+        progress(f"  executorch: exported {' and '.join(lowered)} in {time.perf_counter() - start:.1f} s; "
+                 f"lowering to {cfg.backend.value}")
         # As ExecuTorch's Llama export (LLMEdgeManager._get_edge_config) and optimum-executorch's
         # XNNPACK recipe: no dim-order ops (XNNPACK reverts them anyway), no IR re-verification.
         compile_config = (EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
                           if backend_spec(cfg.backend).name == "xnnpack" else None)
         separate = cfg.quantize is Quantize.INT8 or (cfg.quantize is Quantize.INT4 and merge)
-        edge = to_edge_transform_and_lower(program, partitioner=backend_spec(cfg.backend).partitioners(separate),
+        edge = to_edge_transform_and_lower(lowered, partitioner=backend_spec(cfg.backend).partitioners(separate),
                                            constant_methods=_metadata(model, cfg), compile_config=compile_config)
-        info = get_delegation_info(edge.exported_program().graph_module)
-        delegation = {"delegated_nodes": int(info.num_delegated_nodes),
-                      "non_delegated_nodes": int(info.num_non_delegated_nodes),
-                      "delegated_subgraphs": int(info.num_delegated_subgraphs)}
-        executorch_program = edge.to_executorch(_backend_config(external, cfg.quantize is Quantize.INT4))
+        nodes, delegation = counts["forward"], dict[str, int]()
+        for name in lowered:
+            info = get_delegation_info(edge.exported_program(name).graph_module)
+            suffix = "" if name == "forward" else f"_{name}"
+            delegation |= {f"delegated_nodes{suffix}": int(info.num_delegated_nodes),
+                           f"non_delegated_nodes{suffix}": int(info.num_non_delegated_nodes),
+                           f"delegated_subgraphs{suffix}": int(info.num_delegated_subgraphs)}
+        executorch_program = edge.to_executorch(_backend_config(external, cfg.quantize is Quantize.INT4,
+                                                                shared_cache=len(lowered) > 1))
     write_program(executorch_program, bundle / SUBDIR / MODEL_FILE)
     return time.perf_counter() - start, nodes, delegation, quantization
 
 
-def _backend_config(external_table: bool, int4: bool):
+def _backend_config(external_table: bool, int4: bool, shared_cache: bool):
     from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
 
     # int4: the 8-bit embedding's dequantize + lookup becomes one quantized-lookup kernel.
+    # shared_cache: forward and decode plan their KV caches into one shared arena (ExecuTorch's
+    # multi-method LLM export does the same), so a prompt prefilled by one is read by the other.
+    planning = ({"memory_planning_pass": MemoryPlanningPass(share_mutable_buffers=True),
+                 "emit_mutable_buffer_names": True} if shared_cache else {})
     return ExecutorchBackendConfig(external_constants=external_table_tag if external_table else False,
-                                   do_quant_fusion_and_const_prop=int4)
+                                   do_quant_fusion_and_const_prop=int4, **planning)
 
 
 def write_program(executorch_program, path: Path) -> None:

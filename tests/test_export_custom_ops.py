@@ -34,6 +34,49 @@ def test_attention_runs_as_executorch_custom_ops(joint_bundle):
     assert entry.parity.passed and entry.parity.greedy_match and entry.parity.max_abs_logit_diff < 1e-4
 
 
+def test_decode_method_reads_the_cache_forward_wrote(joint_bundle):
+    """The one-token method beside forward: a prompt prefilled by forward, then each new token
+    through decode, gives forward's logits; its static graph needs fewer delegate calls, and no
+    norm's mean is left outside the delegate in either graph (export/et_norms.py)."""
+    import numpy as np
+
+    from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder
+
+    _, bundle, manifest = joint_bundle
+    pte = bundle / "executorch" / "model.pte"
+    with_decode, forward_only = ExecuTorchDecoder(pte), ExecuTorchDecoder(pte)
+    assert with_decode.decode is not None and DECODE_METHOD in with_decode.program.method_names
+    forward_only.decode = None
+    prompt = [5, 9, 30, 7, 12]
+    assert np.abs(with_decode.prefill(prompt) - forward_only.prefill(prompt)).max() < 1e-4
+    token = 11
+    for _ in range(6):
+        a, b = with_decode.step(token), forward_only.step(token)
+        assert np.abs(a - b).max() < 1e-4
+        token = int(a.argmax())
+    delegation = manifest.formats["executorch"].delegation
+    assert delegation["delegated_subgraphs_decode"] < delegation["delegated_subgraphs"]
+    assert b"aten::mean" not in pte.read_bytes()
+
+
+def test_threads_reach_the_executorch_threadpool(joint_bundle):
+    """``--threads`` sizes ExecuTorch's own threadpool (torch.set_num_threads alone left it at one
+    thread per core)."""
+    from executorch.extension.pybindings import portable_lib
+
+    from rankdown.export.decoding import open_executorch
+
+    _, bundle, _ = joint_bundle
+    before, torch_before = portable_lib._threadpool_get_thread_count(), torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            open_executorch(bundle / "executorch" / "model.pte", threads=threads)
+            assert portable_lib._threadpool_get_thread_count() == threads
+    finally:
+        portable_lib._unsafe_reset_threadpool(before)
+        torch.set_num_threads(torch_before)
+
+
 def test_group_and_padding_rules():
     assert group_for(64, 32) == 32 and group_for(96, 64) == 32 and group_for(128, 128) == 128
     assert group_for(37, 32) is None and group_for(48, 16) == 16 and group_for(40, 32) is None

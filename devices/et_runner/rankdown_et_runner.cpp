@@ -113,8 +113,11 @@ int main(int argc, char** argv) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  auto owned = data.empty() ? std::make_unique<Module>(g_model, Module::LoadMode::Mmap)
-                            : std::make_unique<Module>(g_model, data, Module::LoadMode::Mmap);
+  // Shared arenas: a program with a decode method keeps its KV cache in the arena both methods
+  // share (exported with share_mutable_buffers), so a prompt prefilled by forward is what decode reads.
+  auto owned = data.empty() ? std::make_unique<Module>(g_model, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true)
+                            : std::make_unique<Module>(g_model, data, Module::LoadMode::Mmap, nullptr, nullptr,
+                                                       nullptr, true);
   Module& module = *owned;
   // Full verification: the file is untrusted input.
   Error err = module.load(Program::Verification::InternalConsistency);
@@ -124,6 +127,15 @@ int main(int argc, char** argv) {
   err = module.load_method("forward");
   if (err != Error::Ok) {
     fail("cannot load method forward (" + error_name(err) + ")");
+  }
+  // One token at a time goes to "decode" when the program has it (static shapes, fewer delegate calls).
+  const auto names = module.method_names();
+  const bool has_decode = names.ok() && names->count("decode") > 0;
+  if (has_decode) {
+    err = module.load_method("decode");
+    if (err != Error::Ok) {
+      fail("cannot load method decode (" + error_name(err) + ")");
+    }
   }
   const int64_t max_seq_len = constant(module, "get_max_seq_len");
   const int64_t vocab_size = constant(module, "get_vocab_size");
@@ -159,9 +171,10 @@ int main(int argc, char** argv) {
     }
     auto input = make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
     auto position = make_tensor_ptr({1}, std::vector<int64_t>{start_pos});
-    auto out = module.forward({EValue(*input), EValue(*position)});
+    const std::string method = (n == 1 && has_decode) ? "decode" : "forward";
+    auto out = module.execute(method, {EValue(*input), EValue(*position)});
     if (!out.ok()) {
-      fail("forward failed (" + error_name(out.error()) + ")");
+      fail(method + " failed (" + error_name(out.error()) + ")");
     }
     if (out->empty() || !(*out)[0].isTensor()) {
       fail("forward returned no logits tensor");
