@@ -34,16 +34,31 @@ def test_attention_runs_as_executorch_custom_ops(joint_bundle):
     assert entry.parity.passed and entry.parity.greedy_match and entry.parity.max_abs_logit_diff < 1e-4
 
 
-def test_decode_method_reads_the_cache_forward_wrote(joint_bundle):
-    """The one-token method beside forward: a prompt prefilled by forward, then each new token
-    through decode, gives forward's logits; its static graph needs fewer delegate calls, and no
-    norm's mean is left outside the delegate in either graph (export/et_norms.py)."""
-    import numpy as np
-
+def test_norms_stay_inside_the_delegate_and_decode_is_opt_in(joint_bundle):
+    """The default export: forward only, and no norm's mean left outside XNNPACK (export/et_norms.py)."""
     from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder
 
     _, bundle, manifest = joint_bundle
     pte = bundle / "executorch" / "model.pte"
+    assert b"aten::mean" not in pte.read_bytes()
+    assert DECODE_METHOD not in ExecuTorchDecoder(pte).program.method_names
+    assert "delegated_subgraphs_decode" not in manifest.formats["executorch"].delegation
+
+
+def test_decode_method_reads_the_cache_forward_wrote(compressed_tiny, tmp_path):
+    """``--decode-method``: a prompt prefilled by forward, then each new token through decode, gives
+    forward's logits, in the Python runtime and in rankdown-et-runner (shared arenas); the static
+    graph needs fewer delegate calls."""
+    import numpy as np
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.config import Format
+    from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
+
+    folder, _ = compressed_tiny["joint"]
+    cfg = ExportConfig(formats=(Format("executorch"),), max_seq_len=128, decode_method=True)
+    manifest = export(folder, tmp_path / "b", cfg, progress=quiet)
+    pte = tmp_path / "b" / "executorch" / "model.pte"
     with_decode, forward_only = ExecuTorchDecoder(pte), ExecuTorchDecoder(pte)
     assert with_decode.decode is not None and DECODE_METHOD in with_decode.program.method_names
     forward_only.decode = None
@@ -54,9 +69,12 @@ def test_decode_method_reads_the_cache_forward_wrote(joint_bundle):
         a, b = with_decode.step(token), forward_only.step(token)
         assert np.abs(a - b).max() < 1e-4
         token = int(a.argmax())
+    native = NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)], threads=1)
+    ours, theirs = greedy(native, prompt, 8), greedy(forward_only, prompt, 8)
+    assert ours.tokens == theirs.tokens and np.abs(ours.step_logits - theirs.step_logits).max() < 1e-4
+    native.close()
     delegation = manifest.formats["executorch"].delegation
     assert delegation["delegated_subgraphs_decode"] < delegation["delegated_subgraphs"]
-    assert b"aten::mean" not in pte.read_bytes()
 
 
 def test_threads_reach_the_executorch_threadpool(joint_bundle):
