@@ -154,6 +154,8 @@ class ExportConfig:
             raise RankdownError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {self.head_bits!r}")
         if self.head_bits != 8 and self.quantize is not Quantize.INT4:
             raise RankdownError("--head-bits applies to --quantize int4 only")
+        if self.decode_method and Format("executorch") not in self.formats:
+            raise RankdownError("--decode-method applies to --format executorch only")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:

@@ -77,6 +77,14 @@ def test_decode_method_reads_the_cache_forward_wrote(compressed_tiny, tmp_path):
     assert delegation["delegated_subgraphs_decode"] < delegation["delegated_subgraphs"]
 
 
+def test_decode_method_without_executorch_is_a_clear_error():
+    from rankdown.errors import RankdownError
+
+    with pytest.raises(RankdownError, match=r"^--decode-method applies to --format executorch only$"):
+        ExportConfig(formats="onnx", decode_method=True)
+    assert ExportConfig(formats="onnx,executorch", decode_method=True).decode_method
+
+
 def test_threads_reach_the_executorch_threadpool(joint_bundle):
     """``--threads`` sizes ExecuTorch's own threadpool (torch.set_num_threads alone left it at one
     thread per core)."""
