@@ -177,7 +177,7 @@ int main(int argc, char** argv) {
       fail(method + " failed (" + error_name(out.error()) + ")");
     }
     if (out->empty() || !(*out)[0].isTensor()) {
-      fail("forward returned no logits tensor");
+      fail(method + " returned no logits tensor");
     }
     const auto& logits = (*out)[0].toTensor();
     if (logits.scalar_type() != ScalarType::Float || logits.dim() != 3) {
