@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rankdown.compute_device import Device
 from rankdown.errors import RankdownError
+from rankdown.int4_numerics import PER_CHANNEL
 from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_file, to_jsonable
 from rankdown.tasks import TASKS, task_names
 
@@ -120,7 +121,7 @@ class Healing:
     held_back: int = 16
     # int4: the forward pass sees 4-bit weights (quantization-aware training)
     quantize: HealQuantize = field(default=HealQuantize.NONE, metadata={"option": "--heal-quantize"})
-    group_size: int = 32  # int4: input columns per scale, as the export's --group-size
+    group_size: int = 32  # int4: input columns per scale, as the export's --group-size (0: per channel)
     precision: Precision = field(default=Precision.AUTO, metadata={"option": "--heal-precision"})
 
     def __post_init__(self):
@@ -131,8 +132,8 @@ class Healing:
                 raise RankdownError(f"healing {name} must be a whole number, got {value!r}")
         if self.steps < 0:
             raise RankdownError(f"--heal-steps must be at least 0, got {self.steps}")
-        if self.group_size not in (32, 64, 128, 256):
-            raise RankdownError(f"--heal-group-size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.group_size not in (PER_CHANNEL, 32, 64, 128, 256):
+            raise RankdownError(f"--heal-group-size must be 32, 64, 128, 256 or channel, got {self.group_size}")
         if self.batch < 1 or self.seq_len < 2 or self.top_k < 1 or self.held_back < 1:
             raise RankdownError("healing batch, top_k and held-back windows must be at least 1, seq_len at least 2")
         if not self.lr > 0 or not self.distill >= 0:

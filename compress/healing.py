@@ -45,6 +45,7 @@ from rankdown.compress.units import BATCH
 from rankdown.compute_device import bf16_native
 from rankdown.errors import RankdownError
 from rankdown.factor import FactorizedLinear, SharedDownLinear
+from rankdown.int4_numerics import group_label
 from rankdown.memory import peak_rss_mb, release_free_memory, rss_mb
 
 MICRO_BATCH = 4  # windows per forward/backward pass; a step accumulates its batch from these
@@ -201,8 +202,8 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
         if healing.quantize.four_bit:
             activations = healing.quantize is HealQuantize.INT4_8DA
             linears = stack.enter_context(fake_quantized(model, healing.group_size, activations))
-            progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights in groups of "
-                     f"{healing.group_size}" + (", every quantized linear on int8 per-token inputs" if activations else ""))
+            progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights, scales in "
+                     f"{group_label(healing.group_size)}" + (", every quantized linear on int8 per-token inputs" if activations else ""))
         report = _train(model, targets, healing, seed, progress, start)
     if healing.quantize.four_bit:
         report = dataclasses.replace(report, quantize=healing.quantize.value, group_size=healing.group_size)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from rankdown.errors import RankdownError
 from rankdown.export.et_backends import Backend
 from rankdown.export.formats import format_names
+from rankdown.int4_numerics import PER_CHANNEL
 from rankdown.schema import coerce_enums, name_enum
 
 # Every registered format (export/formats.py), in registration order.
@@ -46,7 +47,7 @@ class Int4Scales(str, Enum):
     ABSMAX = "absmax"
 
 
-GROUP_SIZES = (16, 32, 64, 128, 256)
+GROUP_SIZES = (PER_CHANNEL, 16, 32, 64, 128, 256)
 DEFAULT_GROUP = 32  # the peers' (optimum-executorch 8da4w, onnxruntime-genai int4) and the issue's default
 HEAD_BITS = (4, 8)
 
@@ -158,7 +159,8 @@ class ExportConfig:
         if self.decode_method and Format("executorch") not in self.formats:
             raise RankdownError("--decode-method applies to --format executorch only")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
+            raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES[1:]))} or channel, "
+                                f"got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:
             raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
 
@@ -167,6 +169,12 @@ class ExportConfig:
         """The int4 group: ``group_size``, or DEFAULT_GROUP when unset (the export resolves a healed
         checkpoint's group before any format reads this)."""
         return DEFAULT_GROUP if self.group_size is None else self.group_size
+
+    @property
+    def onnx_group(self) -> int:
+        """ONNX MatMulNBits' block bound: ``group``, or DEFAULT_GROUP for per-channel scales, which
+        MatMulNBits has no layout for (its blocks are powers of two of at least 16)."""
+        return DEFAULT_GROUP if self.group == PER_CHANNEL else self.group
 
     @property
     def balances(self) -> bool:

@@ -30,6 +30,7 @@ from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
 from rankdown.factor_record import FactorRecord
+from rankdown.int4_numerics import group_label
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"
@@ -52,7 +53,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> 
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head_bits, hqq=cfg.int4_scales is Int4Scales.HQQ)
-    progress(f"  executorch: int4 groups of {cfg.group}, {cfg.int4_scales.value} scales; {len(plan.padded)} factor "
+    progress(f"  executorch: int4 scales in {group_label(cfg.group)}, {cfg.int4_scales.value}; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     saved = fuse_inputs(quantized)
     if saved:

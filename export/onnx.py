@@ -44,7 +44,7 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
         blocks = ", ".join(f"{count} in blocks of {block}" for block, count in
                            quantization["decoder_block_sizes"].items())
         progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), each in the largest block "
-                 f"up to {cfg.group} that divides its input width ({blocks}; {quantization['partial_last_block']} "
+                 f"up to {cfg.onnx_group} that divides its input width ({blocks}; {quantization['partial_last_block']} "
                  f"with a zero-padded last block: no such block); head {quantization['head']}; "
                  f"embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
@@ -127,7 +127,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
         if cfg.quantize is Quantize.INT8:
             _quantize_int8(fp32_path, out / MODEL_FILE)
         else:
-            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.group, head_bits=cfg.head_bits).as_dict()
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)

@@ -58,6 +58,7 @@ from rankdown.export.parity import (
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import HEAD, RECORD_FILE
 from rankdown.info import model_info
+from rankdown.int4_numerics import group_label
 from rankdown.memory import peak_rss_mb, require_memory
 from rankdown.output_lock import exclusive_output
 from rankdown.schema import read_json_file
@@ -115,11 +116,12 @@ def _resolve_group(cfg: ExportConfig, healed: dict | None, progress: Callable[[s
     trained = healed_group(healed)
     if cfg.group_size is None:
         if trained is not None and trained != DEFAULT_GROUP:
-            progress(f"int4 groups of {trained}: the group the checkpoint was healed through")
-        return dataclasses.replace(cfg, group_size=trained or DEFAULT_GROUP)
+            progress(f"int4 scales in {group_label(trained)}: as the checkpoint was healed")
+        return dataclasses.replace(cfg, group_size=DEFAULT_GROUP if trained is None else trained)
     if trained is not None and cfg.group_size != trained:
-        progress(f"note: this checkpoint was healed through 4-bit groups of {trained}; --group-size "
-                 f"{cfg.group_size} rounds its weights differently (leave --group-size out to keep {trained})")
+        progress(f"note: this checkpoint was healed through 4-bit scales in {group_label(trained)}; "
+                 f"--group-size {cfg.group_size or 'channel'} rounds its weights differently (leave --group-size "
+                 "out to keep them)")
     return cfg
 
 

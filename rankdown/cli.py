@@ -223,6 +223,15 @@ def cmd_devices(args: argparse.Namespace) -> None:
               f"memory {profile.memory_mb} MB  {where}  ({profile.description})")
 
 
+def _group_size(text: str) -> int:
+    from rankdown.int4_numerics import parse_group
+
+    try:
+        return parse_group(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of columns or `channel`, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import BasisTuning, CompressConfig, Healing
     from rankdown.tasks import EXACT_MATCH_TASKS, TASKS
@@ -297,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
            "ExecuTorch (quantization-aware), 8da4w through those and the int8 per-token inputs its kernels "
            "quantize at run time; export then keeps the trained scales (no balancing)", Healing, "quantize",
            choices=choices(HealQuantize))
-    option("--heal-group-size", "healing for int4: input columns per scale (the export's --group-size)", Healing,
-           "group_size", type=int)
+    option("--heal-group-size", "healing for int4: input columns per scale, or `channel` for one scale per "
+           "output channel (the export's --group-size)", Healing, "group_size", type=_group_size)
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
            "auto is bf16 on a CPU with AVX512-BF16 or AMX, else fp32", Healing, "precision",
            choices=choices(Precision))
@@ -330,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=help_with_default(f"{' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
                                             "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
                                             "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
-    exp.add_argument("--group-size", type=int, default=default_of(ExportConfig, "group_size"),
-                     help=f"int4: input columns sharing one scale (default: the group a checkpoint healed "
-                          f"through the 4-bit weights was trained in, else {DEFAULT_GROUP})")
+    exp.add_argument("--group-size", type=_group_size, default=default_of(ExportConfig, "group_size"),
+                     help=f"int4: input columns sharing one scale, or `channel` for one scale per output channel "
+                          f"(ExecuTorch's fastest 4-bit kernels; ONNX MatMulNBits then takes blocks of "
+                          f"{DEFAULT_GROUP}) (default: the group a checkpoint healed through the 4-bit weights was "
+                          f"trained in, else {DEFAULT_GROUP})")
     exp.add_argument("--head-bits", type=int, default=default_of(ExportConfig, "head_bits"),
                      help=help_with_default("int4: bits of the head (4 or 8; a tied lookup shares them in ONNX)",
                                             ExportConfig, "head_bits"))

@@ -8,11 +8,17 @@ import torch
 
 MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
 QMIN, QMAX = -8, 7  # symmetric int4 codes
+# The group size meaning one scale per output channel (the whole input row; `channel` on the command
+# line): XNNPACK runs such a linear with its qc4w kernels, which on SmolLM2's shapes at one token
+# ran 1.7x the speed of the blockwise qb4w ones (AVX2, no VNNI: bench/int4_kernels.py).
+PER_CHANNEL = 0
 
 
 def group_for(width: int, group_size: int) -> int | None:
     """The largest power-of-two group <= ``group_size`` dividing ``width`` and >= the smallest
-    allowed group; None if there is none."""
+    allowed group; None if there is none. ``PER_CHANNEL``: the whole row."""
+    if group_size == PER_CHANNEL:
+        return width
     group = group_size
     while group >= min(MIN_GROUP, group_size):
         if width % group == 0:
@@ -42,5 +48,18 @@ def has_bf16_scales(width: int, group: int) -> bool:
 
 
 def padded_rank(rank: int, group_size: int) -> int:
+    if group_size == PER_CHANNEL:
+        return rank  # a scale per row reads any width
     step = min(MIN_GROUP, group_size)
     return -(-rank // step) * step
+
+
+def parse_group(text: str) -> int:
+    """A group size as written on the command line: a number, or ``channel`` for ``PER_CHANNEL``."""
+    if text.strip().lower() == "channel":
+        return PER_CHANNEL
+    return int(text)
+
+
+def group_label(group: int) -> str:
+    return "one per output channel" if group == PER_CHANNEL else f"groups of {group}"
