@@ -306,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
            "ExecuTorch (quantization-aware), 8da4w through those and the int8 per-token inputs its kernels "
            "quantize at run time; export then keeps the trained scales (no balancing)", Healing, "quantize",
            choices=choices(HealQuantize))
-    option("--heal-group-size", "healing for int4: input columns per scale, or `channel` for one scale per "
-           "output channel (the export's --group-size)", Healing, "group_size", type=_group_size)
+    option("--heal-group-size", "healing for int4: input columns per scale, or `channel` (0) for one scale per "
+           "output channel, ExecuTorch's fastest 4-bit kernels (the export's --group-size)", Healing, "group_size",
+           type=_group_size)
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
            "auto is bf16 on a CPU with AVX512-BF16 or AMX, else fp32", Healing, "precision",
            choices=choices(Precision))

@@ -12,7 +12,7 @@ from rankdown.export.config import ExportConfig, Int4Scales
 from rankdown.export.et_int4 import DecomposedQuantLinear, pad_ranks, quantize_int4
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
-from rankdown.int4_numerics import group_for, padded_rank
+from rankdown.int4_numerics import PER_CHANNEL, group_for, padded_rank, parse_group
 
 CUSTOM_OPS = (b"llama::custom_sdpa", b"llama::update_cache")
 
@@ -107,6 +107,51 @@ def test_group_and_padding_rules():
     assert group_for(64, 32) == 32 and group_for(96, 64) == 32 and group_for(128, 128) == 128
     assert group_for(37, 32) is None and group_for(48, 16) == 16 and group_for(40, 32) is None
     assert padded_rank(37, 32) == 64 and padded_rank(40, 32) == 64 and padded_rank(20, 16) == 32
+    # One scale per output channel reads any width: the whole row, nothing padded.
+    assert group_for(576, PER_CHANNEL) == 576 and group_for(37, PER_CHANNEL) == 37
+    assert padded_rank(37, PER_CHANNEL) == 37
+    assert parse_group("channel") == PER_CHANNEL and parse_group("64") == 64
+    with pytest.raises(ValueError):
+        parse_group("columns")
+
+
+def test_group_size_channel_is_checked_and_onnx_takes_blocks_of_32():
+    from rankdown.cli import build_parser
+    from rankdown.errors import RankdownError
+    from rankdown.export.config import DEFAULT_GROUP
+
+    args = build_parser().parse_args(["export", "m", "-o", "b", "--quantize", "int4", "--group-size", "channel"])
+    cfg = ExportConfig(quantize="int4", group_size=args.group_size)
+    assert (cfg.group, cfg.onnx_group) == (PER_CHANNEL, DEFAULT_GROUP)
+    assert ExportConfig(quantize="int4", group_size=64).onnx_group == 64
+    with pytest.raises(RankdownError, match="--group-size must be one of 16, 32, 64, 128, 256 or channel, got 48"):
+        ExportConfig(quantize="int4", group_size=48)
+
+
+def test_per_channel_int4_is_one_scale_a_row_and_lowers_whole_to_xnnpack(compressed_tiny):
+    """``group_size=PER_CHANNEL``: every decoder linear (factors included, at their own ranks) holds
+    4-bit codes with one float32 scale per output row, and such a linear lowers to XNNPACK whole
+    (its qc4w kernels) computing what the PyTorch model computes."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    record, model, ids = _joint_model(compressed_tiny)
+    quantized, plan = quantize_int4(model, record, PER_CHANNEL, hqq=False)
+    assert not plan.padded and not plan.int8_linears
+    four_bit = [m for m in quantized.model.layers.modules()
+                if isinstance(m, DecomposedQuantLinear) and m.quant_range == (-8, 7)]
+    assert four_bit and all(m.per_channel and m.scales.shape == (m.weight.shape[0],) for m in four_bit)
+    assert any(m.weight.shape[1] % 32 for m in four_bit)  # an odd rank, read whole
+    linear = next(m for m in four_bit if m.weight.shape[1] % 32)
+    x = torch.randn(1, 3, linear.weight.shape[1])
+    program = to_edge_transform_and_lower(torch.export.export(linear, (x,)), partitioner=[XnnpackPartitioner()])
+    left = [n.target for n in program.exported_program().graph.nodes
+            if n.op == "call_function" and "delegate" not in str(n.target) and "getitem" not in str(n.target)]
+    assert not left, left
+    method = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward")
+    with torch.no_grad():
+        torch.testing.assert_close(method.execute([x])[0], linear(x), rtol=1e-4, atol=1e-4)
 
 
 def _joint_model(compressed_tiny):

@@ -14,6 +14,7 @@ from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
 from rankdown.export.pipeline import export, healed_for_int4
 from rankdown.factor import FactorizedLinear
+from rankdown.int4_numerics import PER_CHANNEL
 
 SMALL = dict(calib_tokens=2048, seq_len=64, allocate="uniform")  # every linear a factor pair
 HEAL = dict(steps=4, batch=2, seq_len=32, held_back=2, lr=1e-3)
@@ -87,32 +88,72 @@ def test_each_linear_is_rounded_in_the_group_the_export_gives_its_width(tiny_mod
     assert not torch.equal(fake_int4(up, 32, True), fake_int4(up, 32))
 
 
+def _said_until_quantized(checkpoint, bundle, cfg: ExportConfig) -> list[str]:
+    """What the export says up to the int4 quantization (stopped there: the lowering is the int4
+    export tests' business)."""
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if "executorch: int4 scales in" in message:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        export(checkpoint, bundle, cfg, progress=progress)
+    assert not bundle.exists()
+    return said
+
+
 def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp_path):
     report = compress(tiny_model_dir, tmp_path / "c", CompressConfig(
         ratio=0.4, healing=Healing(quantize="int4", group_size=64, **HEAL), **SMALL), progress=quiet)
     assert report.healing.group_size == 64
 
-    def said_until_quantized(cfg: ExportConfig) -> list[str]:
-        said: list[str] = []
+    def said(**options) -> list[str]:
+        return _said_until_quantized(tmp_path / "c", tmp_path / "b", ExportConfig(
+            formats="executorch", quantize="int4", max_seq_len=64, check=False, **options))
 
-        def progress(message: str) -> None:
-            said.append(message)
-            if "executorch: int4 groups of" in message:
-                raise _Stop  # the lowering is the int4 export tests' business
-
-        with pytest.raises(_Stop):
-            export(tmp_path / "c", tmp_path / "b", cfg, progress=progress)
-        assert not (tmp_path / "b").exists()
-        return said
-
-    said = said_until_quantized(ExportConfig(formats="executorch", quantize="int4", max_seq_len=64, check=False))
-    assert "int4 groups of 64: the group the checkpoint was healed through" in said
-    assert said[-1].startswith("  executorch: int4 groups of 64,")
+    told = said()
+    assert "int4 scales in groups of 64: as the checkpoint was healed" in told
+    assert told[-1].startswith("  executorch: int4 scales in groups of 64,")
     # Asked for another group: exported as asked, with a note naming the group it was healed in.
-    said = said_until_quantized(ExportConfig(formats="executorch", quantize="int4", group_size=32, max_seq_len=64,
-                                             check=False))
-    assert any(m.startswith("note: this checkpoint was healed through 4-bit groups of 64; --group-size 32") for m in said)
-    assert said[-1].startswith("  executorch: int4 groups of 32,")
+    told = said(group_size=32)
+    assert any(m.startswith("note: this checkpoint was healed through 4-bit scales in groups of 64; --group-size 32")
+               for m in told)
+    assert told[-1].startswith("  executorch: int4 scales in groups of 32,")
+
+
+def test_a_checkpoint_healed_per_channel_exports_per_channel(tiny_model_dir, tmp_path):
+    """``--heal-group-size channel`` trains every linear through one float32 scale per output row
+    (the whole input row, any width, no rank padding), and its export keeps that: ``channel`` is
+    the group 0, which no ``or DEFAULT_GROUP`` may turn back into 32."""
+    said: list[str] = []
+    report = compress(tiny_model_dir, tmp_path / "c", CompressConfig(
+        ratio=0.4, healing=Healing(quantize="8da4w", group_size=PER_CHANNEL, **HEAL), **SMALL), progress=said.append)
+    assert report.healing.group_size == PER_CHANNEL
+    assert any("4-bit weights, scales in one per output channel" in m for m in said)
+    told = _said_until_quantized(tmp_path / "c", tmp_path / "b", ExportConfig(
+        formats="executorch", quantize="int4", max_seq_len=64, check=False))
+    assert "int4 scales in one per output channel: as the checkpoint was healed" in told
+    assert told[-1].startswith("  executorch: int4 scales in one per output channel,")
+    assert "0 factor rank(s) padded" in told[-1]
+
+
+def test_per_channel_rounding_is_one_float32_scale_per_row_at_any_width(tiny_model_dir):
+    model = load_model(open_checkpoint(tiny_model_dir))
+    layer = model.model.layers[0]
+    torch.manual_seed(3)
+    layer.mlp.up_proj = FactorizedLinear.from_factors(torch.randn(37, 64), torch.randn(128, 37))  # a rank of 37
+    names = ("self_attn.q_proj", "mlp.up_proj.down", "mlp.up_proj.up")
+    weights = {name: layer.get_submodule(name).weight.detach().clone() for name in names}
+    with fake_quantized(model, PER_CHANNEL):
+        for name in names:
+            w = weights[name]
+            rounded = layer.get_submodule(name).weight
+            torch.testing.assert_close(rounded, fake_int4(w, w.shape[1]), rtol=0, atol=0)
+            scale = w.abs().amax(1, keepdim=True) / 7.5  # float32, not rounded to bf16
+            torch.testing.assert_close(rounded, torch.clamp(torch.round(w * (1.0 / scale)), -8, 7) * scale, rtol=0, atol=0)
+    assert not torch.equal(fake_int4(weights["self_attn.q_proj"], 64), fake_int4(weights["self_attn.q_proj"], 32))
 
 
 def test_the_int4_export_stores_the_weights_healing_trained_through(compressed_tiny):
@@ -184,7 +225,7 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     said: list[str] = []
     int4 = compress(tiny_model_dir, tmp_path / "int4",
                     CompressConfig(ratio=0.4, healing=Healing(quantize="int4", **HEAL), **SMALL), progress=said.append)
-    assert (int4.healing.quantize, int4.healing.group_size, plain.healing.quantize) == ("int4", 32, "none")
+    assert (int4.healing.quantize, int4.healing.group_size, plain.healing.quantize) == ("int4", PER_CHANNEL, "none")
     assert any(m.startswith("healing for int4:") for m in said)
     assert int4.healing.loss_after < int4.healing.loss_before  # judged through the 4-bit weights
     assert CompressionReport.read(tmp_path / "int4") == int4
@@ -219,5 +260,5 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
 def test_heal_quantize_and_group_size_are_checked():
     with pytest.raises(RankdownError, match="--heal-quantize"):
         Healing(quantize="int3")
-    with pytest.raises(RankdownError, match="--heal-group-size must be 32, 64, 128 or 256"):
+    with pytest.raises(RankdownError, match="--heal-group-size must be 32, 64, 128, 256 or channel"):
         Healing(group_size=48)
