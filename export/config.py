@@ -159,8 +159,8 @@ class ExportConfig:
         if self.decode_method and Format("executorch") not in self.formats:
             raise RankdownError("--decode-method applies to --format executorch only")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise RankdownError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES[1:]))} or channel, "
-                                f"got {self.group_size!r}")
+            numbers = ", ".join(str(g) for g in GROUP_SIZES if g != PER_CHANNEL)
+            raise RankdownError(f"--group-size must be one of {numbers} or channel, got {self.group_size!r}")
         if not 1 <= self.parity_new_tokens <= self.max_seq_len - 8:
             raise RankdownError(f"parity_new_tokens must be in 1..{self.max_seq_len - 8}")
 
