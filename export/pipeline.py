@@ -58,7 +58,7 @@ from rankdown.export.parity import (
 from rankdown.export.tied_embeddings import check_stored_once, tied_table
 from rankdown.factor_record import HEAD, RECORD_FILE
 from rankdown.info import model_info
-from rankdown.int4_numerics import group_label
+from rankdown.int4_numerics import group_label, group_option
 from rankdown.memory import peak_rss_mb, require_memory
 from rankdown.output_lock import exclusive_output
 from rankdown.schema import read_json_file
@@ -120,7 +120,7 @@ def _resolve_group(cfg: ExportConfig, healed: dict | None, progress: Callable[[s
         return dataclasses.replace(cfg, group_size=DEFAULT_GROUP if trained is None else trained)
     if trained is not None and cfg.group_size != trained:
         progress(f"note: this checkpoint was healed through 4-bit scales in {group_label(trained)}; "
-                 f"--group-size {cfg.group_size or 'channel'} rounds its weights differently (leave --group-size "
+                 f"--group-size {group_option(cfg.group_size)} rounds its weights differently (leave --group-size "
                  "out to keep them)")
     return cfg
 

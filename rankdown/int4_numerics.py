@@ -10,7 +10,7 @@ MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise ke
 QMIN, QMAX = -8, 7  # symmetric int4 codes
 # The group size meaning one scale per output channel (the whole input row; `channel` on the command
 # line): XNNPACK runs such a linear with its qc4w kernels, which on SmolLM2's shapes at one token
-# ran 1.7x the speed of the blockwise qb4w ones (AVX2, no VNNI: bench/int4_kernels.py).
+# ran 1.77x the speed of the blockwise qb4w ones (AVX2, no VNNI: bench/int4_kernels.py).
 PER_CHANNEL = 0
 
 
@@ -59,6 +59,11 @@ def parse_group(text: str) -> int:
     if text.strip().lower() == "channel":
         return PER_CHANNEL
     return int(text)
+
+
+def group_option(group: int) -> str:
+    """``group`` as the command line spells it (the inverse of ``parse_group``)."""
+    return "channel" if group == PER_CHANNEL else str(group)
 
 
 def group_label(group: int) -> str:

@@ -12,7 +12,7 @@ from rankdown.export.config import ExportConfig, Int4Scales
 from rankdown.export.et_int4 import DecomposedQuantLinear, pad_ranks, quantize_int4
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
-from rankdown.int4_numerics import PER_CHANNEL, group_for, padded_rank, parse_group
+from rankdown.int4_numerics import PER_CHANNEL, group_for, group_option, padded_rank, parse_group
 
 CUSTOM_OPS = (b"llama::custom_sdpa", b"llama::update_cache")
 
@@ -111,6 +111,7 @@ def test_group_and_padding_rules():
     assert group_for(576, PER_CHANNEL) == 576 and group_for(37, PER_CHANNEL) == 37
     assert padded_rank(37, PER_CHANNEL) == 37
     assert parse_group("channel") == PER_CHANNEL and parse_group("64") == 64
+    assert all(parse_group(group_option(g)) == g for g in (PER_CHANNEL, 32, 128))
     with pytest.raises(ValueError):
         parse_group("columns")
 

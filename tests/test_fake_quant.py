@@ -121,6 +121,9 @@ def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp
     assert any(m.startswith("note: this checkpoint was healed through 4-bit scales in groups of 64; --group-size 32")
                for m in told)
     assert told[-1].startswith("  executorch: int4 scales in groups of 32,")
+    told = said(group_size=PER_CHANNEL)
+    assert any("--group-size channel rounds its weights differently" in m for m in told)
+    assert told[-1].startswith("  executorch: int4 scales in one per output channel,")
 
 
 def test_a_checkpoint_healed_per_channel_exports_per_channel(tiny_model_dir, tmp_path):
