@@ -202,7 +202,7 @@ def heal(model: LlamaForCausalLM, targets: TeacherTargets, healing: Healing, see
         if healing.quantize.four_bit:
             activations = healing.quantize is HealQuantize.INT4_8DA
             linears = stack.enter_context(fake_quantized(model, healing.group_size, activations))
-            progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights, scales in "
+            progress(f"healing for int4: {linears} decoder linears trained through 4-bit weights, scales "
                      f"{group_label(healing.group_size)}" + (", every quantized linear on int8 per-token inputs" if activations else ""))
         report = _train(model, targets, healing, seed, progress, start)
     if healing.quantize.four_bit:

@@ -53,7 +53,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> 
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head_bits, hqq=cfg.int4_scales is Int4Scales.HQQ)
-    progress(f"  executorch: int4 scales in {group_label(cfg.group)}, {cfg.int4_scales.value}; {len(plan.padded)} factor "
+    progress(f"  executorch: int4 scales {group_label(cfg.group)}, {cfg.int4_scales.value}; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     saved = fuse_inputs(quantized)
     if saved:

@@ -116,10 +116,10 @@ def _resolve_group(cfg: ExportConfig, healed: dict | None, progress: Callable[[s
     trained = healed_group(healed)
     if cfg.group_size is None:
         if trained is not None and trained != DEFAULT_GROUP:
-            progress(f"int4 scales in {group_label(trained)}: as the checkpoint was healed")
+            progress(f"int4 scales {group_label(trained)}: as the checkpoint was healed")
         return dataclasses.replace(cfg, group_size=DEFAULT_GROUP if trained is None else trained)
     if trained is not None and cfg.group_size != trained:
-        progress(f"note: this checkpoint was healed through 4-bit scales in {group_label(trained)}; "
+        progress(f"note: this checkpoint was healed through 4-bit scales {group_label(trained)}; "
                  f"--group-size {group_option(cfg.group_size)} rounds its weights differently (leave --group-size "
                  "out to keep them)")
     return cfg

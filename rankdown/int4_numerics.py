@@ -67,4 +67,4 @@ def group_option(group: int) -> str:
 
 
 def group_label(group: int) -> str:
-    return "one per output channel" if group == PER_CHANNEL else f"groups of {group}"
+    return "per output channel" if group == PER_CHANNEL else f"in groups of {group}"

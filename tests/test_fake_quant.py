@@ -95,7 +95,7 @@ def _said_until_quantized(checkpoint, bundle, cfg: ExportConfig) -> list[str]:
 
     def progress(message: str) -> None:
         said.append(message)
-        if "executorch: int4 scales in" in message:
+        if "executorch: int4 scales " in message:
             raise _Stop
 
     with pytest.raises(_Stop):
@@ -123,7 +123,7 @@ def test_export_takes_the_group_the_checkpoint_was_healed_in(tiny_model_dir, tmp
     assert told[-1].startswith("  executorch: int4 scales in groups of 32,")
     told = said(group_size=PER_CHANNEL)
     assert any("--group-size channel rounds its weights differently" in m for m in told)
-    assert told[-1].startswith("  executorch: int4 scales in one per output channel,")
+    assert told[-1].startswith("  executorch: int4 scales per output channel,")
 
 
 def test_a_checkpoint_healed_per_channel_exports_per_channel(tiny_model_dir, tmp_path):
@@ -134,11 +134,11 @@ def test_a_checkpoint_healed_per_channel_exports_per_channel(tiny_model_dir, tmp
     report = compress(tiny_model_dir, tmp_path / "c", CompressConfig(
         ratio=0.4, healing=Healing(quantize="8da4w", group_size=PER_CHANNEL, **HEAL), **SMALL), progress=said.append)
     assert report.healing.group_size == PER_CHANNEL
-    assert any("4-bit weights, scales in one per output channel" in m for m in said)
+    assert any("4-bit weights, scales per output channel" in m for m in said)
     told = _said_until_quantized(tmp_path / "c", tmp_path / "b", ExportConfig(
         formats="executorch", quantize="int4", max_seq_len=64, check=False))
-    assert "int4 scales in one per output channel: as the checkpoint was healed" in told
-    assert told[-1].startswith("  executorch: int4 scales in one per output channel,")
+    assert "int4 scales per output channel: as the checkpoint was healed" in told
+    assert told[-1].startswith("  executorch: int4 scales per output channel,")
     assert "0 factor rank(s) padded" in told[-1]
 
 
