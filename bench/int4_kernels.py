@@ -107,10 +107,9 @@ def _cpu() -> str:
     """The CPU and the ISA extensions XNNPACK picks its 4-bit kernels by: the ranking of the layouts
     differs between CPUs (Zen 3, AVX2 only: per channel 1.77x; Zen 4, AVX512-VNNI: 1.20x)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    flags = set(fields.get("flags\t\t", fields.get("flags", "")).split())
-    name = " ".join(fields.get("model name\t", "unknown").split())
-    family, model = fields.get("cpu family\t", "").strip(), fields.get("model\t\t", "").strip()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in info.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    name, family, model = fields.get("model name", "unknown"), fields.get("cpu family", ""), fields.get("model", "")
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if f in flags]
     return f"{name} (family {family}, model {model}; {', '.join(isa) or 'no AVX2'})"
 
