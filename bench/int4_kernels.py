@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.host import cpu_description
 from rankdown.export.et_int4 import DecomposedQuantLinear
 from rankdown.int4_numerics import PER_CHANNEL, stored_scales
 
@@ -90,7 +91,7 @@ def run(rounds: int) -> None:
                 method.execute([x])
             times[label].append((time.perf_counter() - start) * 1e3 / CALLS)
     base = statistics.median(times[next(iter(LAYOUTS))][1:])
-    lines = [f"CPU: {_cpu()}.", "", f"{LAYERS} layers of 6 linears at one token, {torch.get_num_threads()} torch threads, "
+    lines = [f"CPU: {cpu_description()}.", "", f"{LAYERS} layers of 6 linears at one token, {torch.get_num_threads()} torch threads, "
              f"{rounds} interleaved rounds of {CALLS} calls, median (min):", "",
              "| layout | ms per call | x groups of 32 | file MiB |", "|---|---|---|---|"]
     for label in LAYOUTS:
@@ -101,17 +102,6 @@ def run(rounds: int) -> None:
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "kernels.md").write_text(text)
-
-
-def _cpu() -> str:
-    """The CPU and the ISA extensions XNNPACK picks its 4-bit kernels by: the ranking of the layouts
-    differs between CPUs (Zen 3, AVX2 only: per channel 1.77x; Zen 4, AVX512-VNNI: 1.20x)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in info.splitlines())}
-    flags = set(fields.get("flags", "").split())
-    name, family, model = fields.get("model name", "unknown"), fields.get("cpu family", ""), fields.get("model", "")
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if f in flags]
-    return f"{name} (family {family}, model {model}; {', '.join(isa) or 'no AVX2'})"
 
 
 if __name__ == "__main__":

@@ -488,6 +488,7 @@ def main() -> None:
     if args.rounds < 1 or args.runs < 1:
         raise SystemExit("--rounds and --runs must be at least 1")
 
+    from bench.host import cpu_description
     from bench.real import ensure_model, packaged_gguf
 
     ensure_model(args.model)
@@ -515,7 +516,7 @@ def main() -> None:
     del dense
     results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
-                         "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "uptime": _uptime(),
+                         "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "cpu": cpu_description(), "uptime": _uptime(),
                          "quality": None if quality is None else {
                              "task": quality.task, "examples": len(quality.answers),
                              "reference_exact_match": quality.reference_exact_match},
@@ -556,7 +557,8 @@ def write(results: dict, out: Path) -> None:
     quality_column = f"{q['task']} exact match ({q['examples']})" if q else "task exact match"
     quality_line = (f" Exact match: the first {q['examples']} {q['task']} evaluation problems in the row's runtime, greedy; "
                     f"transformers fp32 on the dense model: {q['reference_exact_match']:.1%}." if q else "")
-    lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads, each row in its own process: a {s['prompt_tokens']}-token "
+    cpu = s.get("cpu", "a CPU this run did not record")
+    lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads on {cpu}, each row in its own process: a {s['prompt_tokens']}-token "
              f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; {s.get('rounds', 1)} round(s) "
              f"round-robin over the rows, each {s['runs']} runs after {s['warmup']} warm-up; the median of the rounds' "
              f"medians (min-max of all runs in brackets); rows kept from an earlier run say their own "

@@ -122,3 +122,25 @@ def test_peer_answers_are_greedy_until_the_end_token_or_the_budget():
     assert greedy_answer(Counting(), [7], budget=4, eos=1) == []
     assert greedy_answer(Counting(), [7, 7], budget=0, eos=None) == []  # no budget: no token, and it stops
     assert exact_match([" 58\nmax(1, 2) =", "59", "4 7"], ["58", "59", "4"]) == 2 / 3
+
+
+def test_a_bench_table_names_the_cpu_and_the_extensions_its_kernels_are_picked_by(tmp_path: Path):
+    """The int4 layouts rank differently by CPU (per channel 1.77x groups of 32 on AVX2, 1.20x with VNNI),
+    so bench tables say which CPU and which of those extensions they ran on."""
+    from bench.host import cpu_description
+    from bench.peers import write
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                   "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n\n")
+    assert cpu_description(x86) == "AMD EPYC 9R14 (family 25, model 17; avx2, avx512f, avx512_vnni)"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd4b\n")
+    assert cpu_description(arm).startswith("0xd4b (") and cpu_description(arm).endswith("; asimddp, i8mm)")
+    assert cpu_description(tmp_path / "absent") == "unknown CPU"
+
+    setup = {"threads": 2, "prompt_tokens": 32, "long_prompt_tokens": 128, "new_tokens": 128, "warmup": 1,
+             "runs": 5, "rounds": 3, "uptime": "up", "cpu": cpu_description(x86)}
+    write({"setup": setup, "rows": []}, tmp_path / "out")
+    assert "2 threads on AMD EPYC 9R14 (family 25, model 17; avx2, avx512f, avx512_vnni)," in (
+        tmp_path / "out" / "peers.md").read_text()
