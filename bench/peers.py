@@ -10,16 +10,19 @@ transformers versions than the project); this file's ``time`` half runs in each 
 numpy and the runtime only.
 
 Protocol, the same for every row, each row in its own process: THREADS threads, the same
-32-token prose prompt in one call, then 128 greedy tokens one call each (argmax of the
-logits; onnxruntime-genai's own greedy search, which is its API); one warm-up and the median
-of 5 runs, each row timed in 3 rounds round-robin over the rows, and the median of the rounds'
-medians reported (the machine's speed drifts between minutes; a round gives every row the same
-minutes). Time to first token is the prompt call plus the first token's choice, also at a
-128-token prompt; decode tok/s is 128 over the 128 calls that follow; peak RSS is the
-process's (VmHWM, imports included, so the import's own RSS is reported too); size is the
-bytes of the weights the runtime reads. The greedy tokens of each row are compared with
-transformers' fp32 greedy on the same prompt. The load average is recorded with each row:
-on a shared machine the figures are indicative only.
+32-token prose prompt in one call, then 128 greedy tokens one call each (argmax of the logits;
+onnxruntime-genai's own greedy search, which is its API); one warm-up and the median of 5 runs,
+each row timed in 3 rounds round-robin over the rows, and the median of the rounds' medians
+reported (the machine's speed drifts between minutes; a round gives every row the same minutes).
+Each rankdown row's speed-up over the faster peer of its precision is also taken round by round
+(its round median over the faster peer's in the same round) and reported as the median of those
+ratios beside the ratio of the medians; on this host the two differ by up to 0.1 either way, and
+single rounds spread by 0.3-0.6, so one run's ratio is good to about 0.1. Time to first token is
+the prompt call plus the first token's choice, also at a 128-token prompt; decode tok/s is 128
+over the 128 calls that follow; peak RSS is the process's (VmHWM, imports included, so the
+import's own RSS is reported too); size is the bytes of the weights the runtime reads. The
+greedy tokens of each row are compared with transformers' fp32 greedy on the same prompt. The
+load average is recorded with each row: on a shared machine the figures are indicative only.
 
 Task quality, once per row after its first round's timing (not timed): the first
 ``--quality-examples`` problems of ``--task``'s evaluation split (default `compare`, 200), each
@@ -338,6 +341,36 @@ def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: l
                           "runs": args.runs, "uptime": _uptime()} | result
 
 
+def precision_class(precision: str) -> str:
+    """What a row is compared against: fp32 with fp32, any 4-bit layout (int4, 8da4w, Q4_1) with 4-bit."""
+    return "fp32" if precision == "fp32" else "4-bit" if "4" in precision else precision
+
+
+def paired_speedups(rows: list[dict]) -> list[dict]:
+    """Each rankdown row's decode speed over the faster peer of its precision class, round by round:
+    a row and the peers timed in the same round ran in the same minutes, so the ratio of their round
+    medians is not moved by a slow minute that slowed them all (it still is by one that slowed one row).
+    ``rows``: this run's rows (the same rounds); a row with no peer of its class is left out."""
+    def rounds(row: dict) -> list[float]:
+        return row["decode_tokens_per_s"]["round_medians"]
+
+    peers = [r for r in rows if not r["name"].startswith("rankdown")]
+    out = []
+    for row in rows:
+        if row["name"].startswith("rankdown"):
+            same = [p for p in peers if precision_class(p["precision"]) == precision_class(row["precision"])
+                    and len(rounds(p)) == len(rounds(row))]
+            if not same:
+                continue
+            ratios = [mine / max(rounds(p)[i] for p in same) for i, mine in enumerate(rounds(row))]
+            faster = max(same, key=lambda p: p["decode_tokens_per_s"]["median"])
+            out.append({"row": _label(row), "precision": row["precision"], "peers": [_label(p) for p in same],
+                        "per_round": ratios, "median": statistics.median(ratios), "min": min(ratios),
+                        "max": max(ratios), "of_medians": row["decode_tokens_per_s"]["median"]
+                        / faster["decode_tokens_per_s"]["median"]})
+    return out
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
@@ -534,8 +567,9 @@ def main() -> None:
         for row, timed in zip(rows, samples):
             log(f"round {round_no}/{args.rounds}")
             timed.append(time_row(row, prompt, long_prompt, args, quality if round_no == 1 else None))
-        results["rows"] = kept + [row_result(row, secs, timed, reference, args, quality)
-                                  for row, secs, timed in zip(rows, seconds, samples)]
+        fresh = [row_result(row, secs, timed, reference, args, quality) for row, secs, timed in zip(rows, seconds, samples)]
+        results["rows"] = kept + fresh
+        results["paired"] = paired_speedups(fresh)
         write(results, args.out)
         log(f"round {round_no} decode tok/s (this round's medians): " + ", ".join(
             f"{row.name} {row.precision} {timed[-1]['decode_tokens_per_s']['median']:.1f}"
@@ -580,6 +614,15 @@ def write(results: dict, out: Path) -> None:
                      f"{em} | "
                      f"{r.get('threads', '?')}, "
                      f"{r.get('rounds', 1)}x{r.get('runs', '?')} | {r['load_average'][0]:.2f} |")
+    if results.get("paired"):
+        lines += ["", "Decode speed over the faster peer of the same precision, paired by round (this run's rows: each "
+                  "round's median over the faster peer's median in that round; the median of those, min-max in brackets; "
+                  "beside it the ratio of the medians over all rounds):", "",
+                  "| export | precision | against | x faster peer, paired by round | x, ratio of medians | rounds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['row']} | {p['precision']} | {' / '.join(p['peers'])} | {p['median']:.2f} "
+                  f"({p['min']:.2f}-{p['max']:.2f}) | {p['of_medians']:.2f} | {len(p['per_round'])} |"
+                  for p in results["paired"]]
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     plot(results["rows"], out / "peers.png")
 

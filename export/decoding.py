@@ -18,7 +18,10 @@ from rankdown.library_logs import native_stderr_without
 
 # An ExecuTorch program's second method: one token, static shapes, the same weights and KV cache as
 # forward (export/executorch.py); decoders call it for each generated token when it is there.
-DECODE_METHOD = "decode"
+# Not "decode": ExecuTorch's TextLLMRunner (1.5) sends every generated token to a method of that
+# name, in a Module whose methods do not share arenas, so it would read an empty cache. Under this
+# name TextLLMRunner runs forward for everything, as on a one-method program.
+DECODE_METHOD = "decode_step"
 
 
 class Decoder(Protocol):
@@ -197,6 +200,7 @@ class NativeExecuTorchDecoder:
         info = json.loads(header)
         self.max_positions = info["max_seq_len"]
         self.runner_load_ms = info["load_ms"]
+        self.one_token_method = info.get("one_token_method")  # the method it sends single tokens to, if any
         self._length = 0
 
     def _fail(self):

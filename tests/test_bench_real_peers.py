@@ -57,6 +57,39 @@ def test_peer_rounds_merge_into_the_median_of_round_medians():
     assert merged["peak_rss_mb"] == 640 and merged["load_average"][0] == 1.9 and merged["rounds"] == 3
 
 
+def test_speedups_are_paired_by_round_within_a_precision_class(tmp_path: Path):
+    """A rankdown row over the faster peer of its class (fp32 or any 4-bit layout) in each round, so a
+    slow minute that slows every row cancels; a row with no peer of its class gets no ratio."""
+    from bench.peers import paired_speedups, precision_class, write
+
+    def row(name: str, runtime: str, precision: str, rounds: list[float]) -> dict:
+        spread = {"median": sorted(rounds)[len(rounds) // 2], "min": min(rounds), "max": max(rounds), "runs": 15,
+                  "round_medians": rounds}
+        return {"name": name, "runtime": runtime, "precision": precision, "decode_tokens_per_s": spread,
+                "ttft_ms": spread, "ttft_long_ms": spread, "load_s": 1.0, "peak_rss_mb": 600.0, "import_rss_mb": 50.0,
+                "size_bytes": 2**20, "greedy_agree_with_transformers": 128, "threads": 2, "rounds": 3, "runs": 5,
+                "load_average": [0.5, 0.5, 0.5, 1.0]}
+
+    assert [precision_class(p) for p in ("fp32", "int4", "8da4w, emb 8w", "Q4_1 (as shipped)", "int8")] == [
+        "fp32", "4-bit", "4-bit", "4-bit", "int8"]
+    rows = [row("optimum-executorch", "et-hf", "8da4w, emb 8w", [200, 100, 210]),
+            row("onnxruntime-genai builder", "genai", "int4", [150, 120, 150]),
+            row("optimum-executorch", "et-hf", "fp32", [50, 50, 50]),
+            # the second round a slow minute for optimum-executorch: onnxruntime-genai is the faster peer there
+            row("rankdown b", "rankdown:executorch", "int4", [260, 156, 252]),
+            row("rankdown b", "rankdown:executorch", "int8", [90, 90, 90])]
+    (paired,) = paired_speedups(rows)
+    assert paired["row"] == "rankdown b (executorch)" and paired["peers"] == ["optimum-executorch",
+                                                                              "onnxruntime-genai builder"]
+    assert paired["per_round"] == pytest.approx([1.3, 1.3, 1.2]) and paired["median"] == pytest.approx(1.3)
+    assert paired["of_medians"] == pytest.approx(252 / 200)
+    setup = {"threads": 2, "prompt_tokens": 32, "long_prompt_tokens": 128, "new_tokens": 128, "warmup": 1,
+             "runs": 5, "rounds": 3, "uptime": "up"}
+    write({"setup": setup, "rows": rows, "paired": [paired]}, tmp_path)
+    assert ("| rankdown b (executorch) | int4 | optimum-executorch / onnxruntime-genai builder | 1.30 (1.20-1.30) | 1.26 | 3 |"
+            in (tmp_path / "peers.md").read_text())
+
+
 def test_a_bundles_onnx_folder_is_also_timed_in_onnxruntime_genai(tmp_path: Path):
     """bench/peers.py: an ONNX folder that onnxruntime-genai can open (genai_config.json) gets a
     second row run by the peers' own Generator opener; a .pte gets one row; the table names the runtime."""

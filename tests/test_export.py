@@ -16,7 +16,7 @@ from helpers import quiet
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
-from rankdown.export.decoding import ExecuTorchDecoder, OnnxDecoder, greedy
+from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder, OnnxDecoder, greedy
 from rankdown.export.factor_nodes import count_exported_program, count_onnx
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import torch_greedy
@@ -130,6 +130,9 @@ def test_executorch_llm_runner_answers_like_torch(shipped_math_bundle):
     folder, bundle = shipped_math_bundle
     tokenizer = load_tokenizer(folder)
     model = load_model(open_checkpoint(folder)).eval()
+    # The default export has the one-token method too; TextLLMRunner must still run forward alone
+    # (it sends tokens to a method named "decode", whose cache it does not share with forward).
+    assert DECODE_METHOD in ExecuTorchDecoder(bundle / "executorch" / "model.pte").program.method_names
     runner = TextLLMRunner(str(bundle / "executorch" / "model.pte"), str(bundle / "tokenizer.json"))
     for prompt in ("12+7=", "95-38=", "40+59="):
         reference = torch_greedy(model, tokenizer(prompt)["input_ids"], 4)
@@ -183,12 +186,18 @@ def test_every_method_shape_exports_to_onnx(compressed_tiny, tmp_path, method):
     assert manifest.formats["onnx"].parity.passed and set(manifest.formats) == {"onnx"}
 
 
-def test_feature_pairs_with_bias_export_to_executorch(compressed_tiny, tmp_path):
+def test_feature_pairs_with_bias_export_to_executorch_forward_only(compressed_tiny, tmp_path):
+    """Biased pairs, exported with ``decode_method=False`` (``--no-decode-method``): a program with
+    forward alone, which every runner then calls for each token too."""
     folder, _ = compressed_tiny["feature"]
     assert any(s.bias for s in FactorRecord.read(folder).modules.values())
-    manifest = export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64), progress=quiet)
+    manifest = export(folder, tmp_path / "b", ExportConfig(formats="executorch", max_seq_len=64, decode_method=False),
+                      progress=quiet)
     entry = manifest.formats["executorch"]
     assert entry.parity.passed and entry.factor_nodes.found == _expected_nodes(folder)
+    decoder = ExecuTorchDecoder(tmp_path / "b" / "executorch" / "model.pte")
+    assert DECODE_METHOD not in decoder.program.method_names and decoder.decode is None
+    assert not any(key.endswith(DECODE_METHOD) for key in entry.delegation)
 
 
 def test_feature_residual_biases_fold_into_the_norms(compressed_tiny, tmp_path):

@@ -34,33 +34,32 @@ def test_attention_runs_as_executorch_custom_ops(joint_bundle):
     assert entry.parity.passed and entry.parity.greedy_match and entry.parity.max_abs_logit_diff < 1e-4
 
 
-def test_norms_stay_inside_the_delegate_and_decode_is_opt_in(joint_bundle):
-    """The default export: forward only, and no norm's mean left outside XNNPACK (export/et_norms.py)."""
+def test_norms_stay_inside_the_delegate_and_a_one_token_method_is_the_default(joint_bundle):
+    """The default export: no norm's mean left outside XNNPACK (export/et_norms.py), and the one-token
+    method beside forward, in fewer delegate calls than forward needs."""
     from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder
 
     _, bundle, manifest = joint_bundle
     pte = bundle / "executorch" / "model.pte"
     assert b"aten::mean" not in pte.read_bytes()
-    assert DECODE_METHOD not in ExecuTorchDecoder(pte).program.method_names
-    assert "delegated_subgraphs_decode" not in manifest.formats["executorch"].delegation
+    assert ExecuTorchDecoder(pte).program.method_names >= {"forward", DECODE_METHOD}
+    delegation = manifest.formats["executorch"].delegation
+    assert delegation[f"delegated_subgraphs_{DECODE_METHOD}"] < delegation["delegated_subgraphs"]
 
 
-def test_decode_method_reads_the_cache_forward_wrote(compressed_tiny, tmp_path):
-    """``--decode-method``: a prompt prefilled by forward, then each new token through decode, gives
-    forward's logits, in the Python runtime and in rankdown-et-runner (shared arenas); the static
-    graph needs fewer delegate calls."""
+def test_decode_step_reads_the_cache_forward_wrote(joint_bundle):
+    """A prompt prefilled by forward, then each new token through the one-token method, gives
+    forward's logits, in the Python runtime and in rankdown-et-runner (shared arenas), which says it
+    runs that method."""
     import numpy as np
 
     from rankdown.devices.native_runner import BINARY, build_runner
-    from rankdown.export.config import Format
     from rankdown.export.decoding import DECODE_METHOD, ExecuTorchDecoder, NativeExecuTorchDecoder, greedy
 
-    folder, _ = compressed_tiny["joint"]
-    cfg = ExportConfig(formats=(Format("executorch"),), max_seq_len=128, decode_method=True)
-    manifest = export(folder, tmp_path / "b", cfg, progress=quiet)
-    pte = tmp_path / "b" / "executorch" / "model.pte"
+    _, bundle, _ = joint_bundle
+    pte = bundle / "executorch" / "model.pte"
     with_decode, forward_only = ExecuTorchDecoder(pte), ExecuTorchDecoder(pte)
-    assert with_decode.decode is not None and DECODE_METHOD in with_decode.program.method_names
+    assert with_decode.decode is not None
     forward_only.decode = None
     prompt = [5, 9, 30, 7, 12]
     assert np.abs(with_decode.prefill(prompt) - forward_only.prefill(prompt)).max() < 1e-4
@@ -70,19 +69,21 @@ def test_decode_method_reads_the_cache_forward_wrote(compressed_tiny, tmp_path):
         assert np.abs(a - b).max() < 1e-4
         token = int(a.argmax())
     native = NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)], threads=1)
+    assert native.one_token_method == DECODE_METHOD
     ours, theirs = greedy(native, prompt, 8), greedy(forward_only, prompt, 8)
     assert ours.tokens == theirs.tokens and np.abs(ours.step_logits - theirs.step_logits).max() < 1e-4
     native.close()
-    delegation = manifest.formats["executorch"].delegation
-    assert delegation["delegated_subgraphs_decode"] < delegation["delegated_subgraphs"]
 
 
-def test_decode_method_without_executorch_is_a_clear_error():
-    from rankdown.errors import RankdownError
+def test_decode_method_is_on_unless_turned_off():
+    """``--no-decode-method`` is the one way to a forward-only .pte; an ONNX-only export ignores it."""
+    from rankdown.cli import build_parser
 
-    with pytest.raises(RankdownError, match=r"^--decode-method applies to --format executorch only$"):
-        ExportConfig(formats="onnx", decode_method=True)
-    assert ExportConfig(formats="onnx,executorch", decode_method=True).decode_method
+    assert ExportConfig().decode_method and ExportConfig(formats="onnx").decode_method
+    parse = build_parser().parse_args
+    assert parse(["export", "m", "-o", "b"]).decode_method is True
+    assert parse(["export", "m", "-o", "b", "--no-decode-method"]).decode_method is False
+    assert parse(["export", "m", "-o", "b", "--decode-method"]).decode_method is True
 
 
 def test_threads_reach_the_executorch_threadpool(joint_bundle):

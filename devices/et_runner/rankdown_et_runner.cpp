@@ -128,22 +128,25 @@ int main(int argc, char** argv) {
   if (err != Error::Ok) {
     fail("cannot load method forward (" + error_name(err) + ")");
   }
-  // One token at a time goes to "decode" when the program has it (static shapes, fewer delegate calls).
+  // One token at a time goes to the one-token method when the program has it (static shapes, fewer
+  // delegate calls); its name is export/decoding.py's DECODE_METHOD, echoed in the header below.
+  const std::string one_token = "decode_step";
   const auto names = module.method_names();
-  const bool has_decode = names.ok() && names->count("decode") > 0;
+  const bool has_decode = names.ok() && names->count(one_token) > 0;
   if (has_decode) {
-    err = module.load_method("decode");
+    err = module.load_method(one_token);
     if (err != Error::Ok) {
-      fail("cannot load method decode (" + error_name(err) + ")");
+      fail("cannot load method " + one_token + " (" + error_name(err) + ")");
     }
   }
   const int64_t max_seq_len = constant(module, "get_max_seq_len");
   const int64_t vocab_size = constant(module, "get_vocab_size");
   const double load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  std::printf("{\"max_seq_len\": %s, \"vocab_size\": %s, \"load_ms\": %.3f}\n",
+  std::printf("{\"max_seq_len\": %s, \"vocab_size\": %s, \"load_ms\": %.3f, \"one_token_method\": %s}\n",
               max_seq_len < 0 ? "null" : std::to_string(max_seq_len).c_str(),
-              vocab_size < 0 ? "null" : std::to_string(vocab_size).c_str(), load_ms);
+              vocab_size < 0 ? "null" : std::to_string(vocab_size).c_str(), load_ms,
+              has_decode ? ("\"" + one_token + "\"").c_str() : "null");
   std::fflush(stdout);
 
   std::vector<int64_t> tokens;
@@ -171,7 +174,7 @@ int main(int argc, char** argv) {
     }
     auto input = make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
     auto position = make_tensor_ptr({1}, std::vector<int64_t>{start_pos});
-    const std::string method = (n == 1 && has_decode) ? "decode" : "forward";
+    const std::string method = (n == 1 && has_decode) ? one_token : "forward";
     auto out = module.execute(method, {EValue(*input), EValue(*position)});
     if (!out.ok()) {
       fail(method + " failed (" + error_name(out.error()) + ")");
