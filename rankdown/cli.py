@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                      default=default_of(ExportConfig, "decode_method"),
                      help=help_with_default("ExecuTorch: a one-token `decode_step` method beside forward, sharing its "
                                             "weights and KV cache, which rankdown's runners call for each new token "
-                                            "(decode 1.17x on SmolLM2 int4; about 50 MB more RSS, twice the export "
-                                            "time); ExecuTorch's TextLLMRunner runs forward only either way",
+                                            "(decode 1.08-1.13x on SmolLM2 int4; about 45 MB more RSS, twice the "
+                                            "export time); ExecuTorch's TextLLMRunner runs forward only either way",
                                             ExportConfig, "decode_method"))
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
