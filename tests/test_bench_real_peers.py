@@ -177,3 +177,12 @@ def test_a_bench_table_names_the_cpu_and_the_extensions_its_kernels_are_picked_b
     write({"setup": setup, "rows": []}, tmp_path / "out")
     assert "2 threads on AMD EPYC 9R14 (family 25, model 17; avx2, avx512f, avx512_vnni)," in (
         tmp_path / "out" / "peers.md").read_text()
+
+
+def test_an_interleaved_ab_is_summarized_by_its_per_round_ratios():
+    """bench/pte_ab.py: B over A round by round, so a slow round for both does not count against B."""
+    from bench.pte_ab import summary
+
+    s = summary([100, 50, 100, 100], [110, 55, 99, 120])
+    assert s["ratio"] == pytest.approx(1.1) and s["b_faster"] == 3 and s["rounds"] == 4
+    assert s["a"] == 100 and s["b"] == pytest.approx(104.5)
