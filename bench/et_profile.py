@@ -4,6 +4,8 @@ Runs a 32-token prompt, then ``--steps`` greedy tokens one call each, in the Pyt
 event tracing on, and prints each event's time and calls per call of ``forward`` (the prompt call
 counts as one): the delegate calls, each XNNPACK operator inside them, and each portable kernel
 outside. Tracing costs time itself, so compare rows within one run, not against `validate`.
+Every token goes to ``forward``: a .pte's one-token method (``decode_step``, which rankdown's
+runners call for single tokens) is not profiled here.
 
     python -m bench.et_profile PTE [PTE ...] [--signature hf] [--out FILE.md]
 

@@ -4,8 +4,8 @@ this host's minute-to-minute drift.
     python -m bench.pte_ab A_BUNDLE B_BUNDLE [--rounds 30] [--threads 2]
 
 Both programs are loaded once (ExecuTorch's Python runtime, rankdown's decoder, as `validate` and
-`bench.peers` run a bundle); each round times a 32-token prompt then 128 greedy tokens on A and on
-B, back to back, the order alternating between rounds. A round's ratio B/A is taken from two runs
+`bench.peers` run a bundle); each round runs a 32-token prompt then times 128 greedy tokens on A
+and on B, back to back, the order alternating between rounds. A round's ratio B/A is taken from two runs
 seconds apart, so a slow minute slows both; the median of the rounds' ratios, its interquartile
 range and how many rounds B won are printed. Separate-process bench runs (`bench.peers`) spread by
 more than 0.1 from run to run on the same artifact, which this resolves.
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
 
     from rankdown.export.decoding import open_executorch
 

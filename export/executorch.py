@@ -145,7 +145,7 @@ def _fused_chains(program, fused: dict) -> set:
 def trace(model, max_len: int, tokens: int | None = None):
     """``model`` as a torch.export program with the custom-ops attention and a static cache of
     ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``,
-    or exactly ``tokens`` (static shapes: the decode method)."""
+    or exactly ``tokens`` (static shapes: the one-token method, ``DECODE_METHOD``)."""
     example = (torch.full((1, tokens or 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
     dynamic = None if tokens else {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
     with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model):

@@ -141,7 +141,8 @@ def _summary(ckpt) -> ModelSummary:
 
 def _options(cfg: ExportConfig, balanced: bool, head_equalized: bool) -> dict:
     # what was done, not the switch
-    raw = dataclasses.asdict(cfg) | {"balance": balanced, "head_equalized": head_equalized}
+    raw = dataclasses.asdict(cfg) | {"balance": balanced, "head_equalized": head_equalized,
+                                     "decode_method": cfg.decode_method and Format.EXECUTORCH in cfg.formats}
     return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
 
 

@@ -62,6 +62,7 @@ def test_bundle_layout_manifest_and_counts(joint_bundle):
     assert read.model.ranks == {n: s.rank for n, s in record.modules.items()}
     assert {"torch", "executorch", "onnxruntime", "optimum"} <= set(read.versions)
     assert read.options["formats"] == ["onnx", "executorch"] and read.options["quantize"] == "none"
+    assert read.options["decode_method"] is True
 
 
 def test_the_fused_graph_has_the_peers_ops_and_every_pair_as_two_matmuls(joint_bundle):
@@ -95,6 +96,7 @@ def test_the_optimum_graph_stays_an_option_and_loads_in_optimum(compressed_tiny,
     bundle = tmp_path / "optimum"
     manifest = export(folder, bundle, ExportConfig(formats="onnx", onnx_graph="optimum"), progress=quiet)
     assert manifest.formats["onnx"].parity.passed and manifest.options["onnx_graph"] == "optimum"
+    assert manifest.options["decode_method"] is False  # no .pte, so no one-token method
     assert manifest.formats["onnx"].factor_nodes.found == _expected_nodes(folder)
     ort_model = ORTModelForCausalLM.from_pretrained(bundle / "onnx")
     model = load_model(open_checkpoint(folder)).eval()
@@ -197,6 +199,7 @@ def test_feature_pairs_with_bias_export_to_executorch_forward_only(compressed_ti
     assert entry.parity.passed and entry.factor_nodes.found == _expected_nodes(folder)
     decoder = ExecuTorchDecoder(tmp_path / "b" / "executorch" / "model.pte")
     assert DECODE_METHOD not in decoder.program.method_names and decoder.decode is None
+    assert manifest.options["decode_method"] is False
     assert not any(key.endswith(DECODE_METHOD) for key in entry.delegation)
 
 

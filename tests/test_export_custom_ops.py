@@ -76,7 +76,8 @@ def test_decode_step_reads_the_cache_forward_wrote(joint_bundle):
 
 
 def test_decode_method_is_on_unless_turned_off():
-    """``--no-decode-method`` is the one way to a forward-only .pte; an ONNX-only export ignores it."""
+    """``--no-decode-method`` is the one way to a forward-only .pte; an ONNX-only config accepts the
+    default (the manifest records it only where there is a .pte)."""
     from rankdown.cli import build_parser
 
     assert ExportConfig().decode_method and ExportConfig(formats="onnx").decode_method

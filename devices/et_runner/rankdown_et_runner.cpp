@@ -113,8 +113,8 @@ int main(int argc, char** argv) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  // Shared arenas: a program with a decode method keeps its KV cache in the arena both methods
-  // share (exported with share_mutable_buffers), so a prompt prefilled by forward is what decode reads.
+  // Shared arenas: a program with the one-token method keeps its KV cache in the arena both methods
+  // share (exported with share_mutable_buffers), so a prompt prefilled by forward is what it reads.
   auto owned = data.empty() ? std::make_unique<Module>(g_model, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true)
                             : std::make_unique<Module>(g_model, data, Module::LoadMode::Mmap, nullptr, nullptr,
                                                        nullptr, true);
