@@ -5,9 +5,9 @@ this host's minute-to-minute drift.
 
 Both programs are loaded once (ExecuTorch's Python runtime, rankdown's decoder, as `validate` and
 `bench.peers` run a bundle); each round runs a 32-token prompt then times 128 greedy tokens on A
-and on B, back to back, the order alternating between rounds. A round's ratio B/A is taken from two runs
-seconds apart, so a slow minute slows both; the median of the rounds' ratios, its interquartile
-range and how many rounds B won are printed. Separate-process bench runs (`bench.peers`) spread by
+and on B, back to back, the order alternating between rounds. A round's ratio B/A is taken from
+two runs seconds apart, so a slow minute slows both; the median of the rounds' ratios, its
+interquartile range and how many rounds B won are printed. Separate-process bench runs (`bench.peers`) spread by
 more than 0.1 from run to run on the same artifact, which this resolves.
 """
 
@@ -40,6 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    for bundle in (args.a, args.b):
+        if not (bundle / "executorch" / "model.pte").is_file():
+            raise SystemExit(f"{bundle}: no executorch/model.pte (a `rankdown export` folder with the executorch format)")
 
     from rankdown.export.decoding import open_executorch
 
