@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rankdown.errors import RankdownError
 from rankdown.export.manifest import FactorNodes
+from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.factor_record import FACTORED_TABLE, HEAD, FactorRecord
 
 # The factor pair's child names are part of the checkpoint format (see rankdown.factor);
@@ -109,7 +110,7 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
 
     model = onnx.load(str(model_path), load_external_data=False)
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    weights = []
+    weights: list[tuple[str | None, str | None, tuple[int, ...]]] = []
     for node in model.graph.node:
         if node.op_type not in _ONNX_MATMULS:
             continue
@@ -117,6 +118,11 @@ def count_onnx(record: FactorRecord, model_path: Path) -> FactorNodes:
         if node.op_type == "MatMulNBits" and weight is not None:
             # The weight is packed (N, blocks, bytes per block); the node's K and N are the matrix's shape.
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            members = fused_members(node)
+            if members is not None:  # rows of several linears reading one input: each counts as itself
+                weights += [(*_locate(record, onnx_node_scope(name)), (int(attributes["K"]), rows))
+                            for name, rows in members]
+                continue
             weight = (int(attributes["K"]), int(attributes["N"]))
         if weight is None or len(weight) < 2:
             continue  # activation x activation (attention scores), not a layer

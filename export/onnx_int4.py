@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rankdown.errors import RankdownError
+from rankdown.export.onnx_fused_inputs import fuse_shared_inputs
 from rankdown.int4_numerics import group_for
 
 LOGITS = "logits"
@@ -56,6 +57,7 @@ class Int4Summary:
     """What the quantizer did, for the manifest."""
 
     int4_matmuls: int  # MatMuls now 4-bit MatMulNBits
+    fused_away: int  # of those, how many run as rows of another's node (export/onnx_fused_inputs.py)
     folded_biases: int  # bias Adds now the MatMulNBits' own bias input
     partial_blocks: int  # of those, with an input width K that is not a multiple of the block (zero-padded last block)
     head: str  # how the head is stored
@@ -68,6 +70,7 @@ class Int4Summary:
 
     def as_dict(self) -> dict:
         return {"scheme": "onnxruntime MatMulNBitsQuantizer", "int4_matmuls": self.int4_matmuls,
+                "fused_inputs": self.fused_away,
                 "folded_biases": self.folded_biases,
                 "partial_last_block": self.partial_blocks, "head": self.head, "embedding": self.embedding,
                 "block_size": self.block_size,
@@ -239,7 +242,7 @@ def _half_scales(graph) -> int:
 
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
                   accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8,
-                  fp16_scales: bool = FP16_SCALES) -> Int4Summary:
+                  fp16_scales: bool = FP16_SCALES, fuse_inputs: bool = True) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and a ``head_bits`` head (the
     keyword arguments are the alternatives measured above)."""
     import numpy as np
@@ -302,6 +305,8 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
         with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): scale 0, handled
             gather.process()
         quantized = gather.model
+    # Before the biases are folded: an ``up``'s bias stays its own, a stacked group's first stages have none.
+    fused_away = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     biases = _fold_biases(quantized.model.graph)
     half_scales = _half_scales(quantized.model.graph) if fp16_scales else 0
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
@@ -317,7 +322,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
             ", then its fp32 projection" if keep_float else "")
     else:
         embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
-    return Int4Summary(int4_matmuls=len(decoder), folded_biases=biases, partial_blocks=int(partial),
+    return Int4Summary(int4_matmuls=len(decoder), fused_away=fused_away, folded_biases=biases, partial_blocks=int(partial),
                        head=(f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else "")
                              + (", a factor pair" if len(heads) > 1 else "")),
                        embedding=embedding,

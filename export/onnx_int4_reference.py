@@ -31,6 +31,7 @@ import numpy as np
 
 from rankdown.errors import RankdownError
 from rankdown.export.factor_nodes import onnx_node_scope
+from rankdown.export.onnx_fused_inputs import fused_members
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -97,9 +98,9 @@ def _cast_constant(init, node):
 
 
 def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | LookupTable]:
-    """Every ``MatMulNBits`` node's weight, and every ``GatherBlockQuantized`` table that is not one
-    of those (a tied lookup reads the head's blocks), by node name. ``graph``: the graph at
-    ``model_path`` already loaded with its data."""
+    """Every ``MatMulNBits`` node's weight (a fused node's, one per member, by the member's name),
+    and every ``GatherBlockQuantized`` table that is not one of those (a tied lookup reads the
+    head's blocks), by node name. ``graph``: the graph at ``model_path`` already loaded with its data."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -136,9 +137,20 @@ def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | Looku
         codes, scales = constant(inputs[1]), constant(inputs[2])
         if codes is None or scales is None:
             raise RankdownError(f"{model_path}: MatMulNBits node {node.name} has a weight that is not a constant")
-        weights[node.name] = BlockWeight(codes=codes, scales=scales, zero_points=constant(inputs[3]),
-                                         bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
-                                         k=int(attributes["K"]), n=int(attributes["N"]))
+        zero_points, n = constant(inputs[3]), int(attributes["N"])
+        members = fused_members(node) or [(node.name, n)]
+        if sum(rows for _, rows in members) != n:
+            raise RankdownError(f"{model_path}: MatMulNBits node {node.name} has {n} rows, its members "
+                                f"{sum(rows for _, rows in members)}")
+        start = 0
+        for name, rows in members:  # a fused node's members are its rows, in order (export/onnx_fused_inputs.py)
+            part = slice(start, start + rows)
+            weights[name] = BlockWeight(
+                codes=codes[part], scales=scales.reshape(n, -1)[part],
+                zero_points=None if zero_points is None else zero_points.reshape(n, -1)[part],
+                bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
+                k=int(attributes["K"]), n=rows)
+            start += rows
     return weights
 
 

@@ -11,6 +11,7 @@ from helpers import quiet
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.manifest import Manifest
+from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.export.onnx_int4_reference import weight_overrides
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
@@ -39,7 +40,11 @@ def test_int4_graph_keeps_every_factor_pair_as_two_matmulnbits(onnx_int4_bundles
     graph = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
-    factors = [a for n, a in zip(nbits, attrs) if n.name.split("/")[-2] in ("down", "up")]
+    # A fused node (first stages that read one input) counts as each of its members, by their rows.
+    members = [(name, a | {"N": rows}) for n, a in zip(nbits, attrs)
+               for name, rows in (fused_members(n) or [(n.name, a["N"])])]
+    assert len(members) > len(nbits)  # some downs and dense linears read one input: stacked
+    factors = [a for name, a in members if name.split("/")[-2] in ("down", "up")]
     entry = manifest.formats["onnx"]
     expected = sum(1 if spec.shares_down_with else 2 for spec in record.modules.values())
     assert entry.factor_nodes.found == entry.factor_nodes.expected == expected == len(factors)
@@ -48,7 +53,7 @@ def test_int4_graph_keeps_every_factor_pair_as_two_matmulnbits(onnx_int4_bundles
     assert odd and all(a["K"] in {spec.rank for spec in record.modules.values()} for a in odd)
     # No weight anywhere has a dense (out x in) shape of a factorized module: no pair was multiplied back.
     dense = {(s.in_features, s.out_features) for s in record.modules.values()}
-    assert not any((a["K"], a["N"]) in dense for a in attrs)
+    assert not any((a["K"], a["N"]) in dense for _, a in members)
     assert not any(shape[-2:] in dense or shape[-2:][::-1] in dense for shape in _weights(graph).values()
                    if len(shape) == 2)
     head = [a for n, a in zip(nbits, attrs) if n.output[0] == "logits"]
@@ -149,7 +154,9 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
                    if n.op_type == "MatMulNBits" and n is not head]
         assert decoder and all(a["block_size"] == (group_for(a["K"], group) or group) for a in decoder)
         assert all(a["K"] % a["block_size"] == 0 for a in decoder) and entry.quantization["partial_last_block"] == 0
-        assert sum(entry.quantization["decoder_block_sizes"].values()) == len(decoder)
+        # gate/up read one input: one node each layer, counted as two linears
+        assert entry.quantization["fused_inputs"] == 2
+        assert sum(entry.quantization["decoder_block_sizes"].values()) == len(decoder) + 2
         assert entry.embedding_tables == 0 and table_copies(list((bundle / "onnx").iterdir()), table) == 0
         # the self-check's reference reads that one table back for both (export/onnx_int4_reference.py)
         overrides = weight_overrides(load_model(open_checkpoint(dense)), bundle / "onnx" / "model.onnx")
@@ -199,6 +206,53 @@ def test_feature_biases_leave_no_add_after_a_factor(compressed_tiny, tmp_path):
     assert all(n.name.split("/")[-2] == "up" and n.input[5] in _weights(graph) for n in with_bias)
     residual = sum(1 for n in biased if n.endswith(("o_proj", "down_proj")))
     assert entry.quantization["folded_biases"] == len(with_bias) == len(biased) - residual > 0
+
+
+def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_path):
+    """q/k/v's and gate/up's first stages (a pair's down, or a dense linear) are stacked into one
+    MatMulNBits and a Split, with the numbers the separate nodes gave; each member is still counted
+    and read back as itself."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.decoding import OnnxDecoder
+    from rankdown.export.factor_nodes import count_onnx
+    from rankdown.export.onnx_int4 import quantize_int4
+
+    folder, _ = compressed_tiny["feature"]
+    manifest = export(folder, tmp_path / "fp32", ExportConfig(formats="onnx"), progress=quiet)
+    fp32 = tmp_path / "fp32" / "onnx" / "model.onnx"
+    record, model = FactorRecord.read(folder), load_model(open_checkpoint(folder))
+    logits, read_back = {}, {}
+    for fuse in (True, False):
+        out = tmp_path / f"fuse-{fuse}"
+        summary = quantize_int4(fp32, out / "model.onnx", 32, fuse_inputs=fuse)
+        shutil.copy(fp32.parent / "config.json", out / "config.json")
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        fused = [n for n in graph.node if fused_members(n) is not None]
+        assert summary.fused_away == sum(len(fused_members(n)) - 1 for n in fused)
+        if fuse:
+            # two groups a layer; every member a first stage, none with a bias of its own
+            assert len(fused) == 2 * 2 and summary.fused_away > 0
+            consumers = {i: n for n in graph.node for i in n.input}
+            for node in fused:
+                split = consumers[node.output[0]]
+                assert split.op_type == "Split" and len(split.output) == len(fused_members(node))
+                assert all(name.split("/")[-2] != "up" for name, _ in fused_members(node))
+                assert len(node.input) <= 4 or not node.input[5]
+        else:
+            assert not fused and summary.fused_away == 0
+        counted = count_onnx(record, out / "model.onnx")
+        assert counted.found == counted.expected == manifest.formats["onnx"].factor_nodes.expected
+        read_back[fuse] = weight_overrides(model, out / "model.onnx")
+        decoder = OnnxDecoder(out / "model.onnx", threads=1)
+        logits[fuse] = np.stack([decoder.prefill(list(range(5, 25)))[-1]] + [decoder.step(t) for t in (7, 9, 11)])
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-4)
+    assert read_back[True].keys() == read_back[False].keys()
+    assert all(torch.equal(read_back[True][k], read_back[False][k]) for k in read_back[True])
 
 
 def test_a_4bit_head_shares_its_blocks_with_the_tied_lookup(tiny_tokenizer, tmp_path):
