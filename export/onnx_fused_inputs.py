@@ -1,7 +1,8 @@
-"""One MatMulNBits per input for ONNX int4: the 4-bit nodes that read the same activation (a Llama
-layer's q/k/v first stages, its gate/up first stages: a factor pair's ``down`` or a dense linear)
-become one node over their stacked rows and a ``Split``, as export/et_fused_inputs.py does for the
-.pte. Every factor pair is still two matmuls: its ``down`` is rows of one node, its ``up`` runs alone.
+"""One MatMulNBits per input for ONNX int4: the quantized nodes (of equal bits, K and block) that
+read the same activation (a Llama layer's q/k/v first stages, its gate/up first stages: a factor
+pair's ``down`` or a dense linear) become one node over their stacked rows (and biases) and a
+``Split``, as export/et_fused_inputs.py does for the .pte. Every factor pair is still two
+matmuls: its ``down`` is rows of one node, its ``up`` runs alone.
 
 Why: at accuracy level 4 each MatMulNBits quantizes its input to int8 per block and is its own
 kernel call with its own thread-pool dispatch, so a 40% model whose layers hold five factor pairs
@@ -72,6 +73,7 @@ def fuse_shared_inputs(graph) -> int:
         key = _key(node, initializers, uses)
         if key is not None:
             groups[key].append(index)
+    prefixes: set[str] = set()
     replaced: dict[int, list] = {}  # a group's first member's index -> the fused node and its Split
     dropped: set[int] = set()
     for key, indices in groups.items():
@@ -84,7 +86,10 @@ def fuse_shared_inputs(graph) -> int:
         def take(slot: int, inputs=inputs) -> list:
             return [numpy_helper.to_array(initializers[i[slot]]) for i in inputs]
 
-        prefix = f"/fused_inputs{key[0]}" if key[0].startswith("/") else f"/fused_inputs/{key[0]}"
+        prefix = "/fused_inputs/" + key[0].lstrip("/")
+        if prefix in prefixes:  # another group on this input (other bits or block), or a name that differs by a '/'
+            prefix += f"_{len(prefixes)}"
+        prefixes.add(prefix)
         stacked = [numpy_helper.from_array(_stack(take(1), rows), prefix + "/weight"),
                    numpy_helper.from_array(_stack(take(2), rows), prefix + "/scales")]
         if key[-1]:

@@ -57,7 +57,7 @@ class Int4Summary:
     """What the quantizer did, for the manifest."""
 
     int4_matmuls: int  # MatMuls now 4-bit MatMulNBits
-    fused_away: int  # of those, how many run as rows of another's node (export/onnx_fused_inputs.py)
+    fused_away: int  # MatMulNBits nodes that now run as rows of another's node (export/onnx_fused_inputs.py)
     folded_biases: int  # bias Adds now the MatMulNBits' own bias input
     partial_blocks: int  # of those, with an input width K that is not a multiple of the block (zero-padded last block)
     head: str  # how the head is stored
@@ -305,9 +305,9 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
         with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): scale 0, handled
             gather.process()
         quantized = gather.model
-    # Before the biases are folded: an ``up``'s bias stays its own, a stacked group's first stages have none.
-    fused_away = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     biases = _fold_biases(quantized.model.graph)
+    # After the biases are folded: a first stage's own bias (attention_bias) is stacked with its rows.
+    fused_away = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     half_scales = _half_scales(quantized.model.graph) if fp16_scales else 0
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
