@@ -45,7 +45,7 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                            quantization["decoder_block_sizes"].items())
         progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), each in the largest block "
                  f"up to {cfg.onnx_group} that divides its input width ({blocks}; {quantization['partial_last_block']} "
-                 f"with a zero-padded last block: no such block); {quantization['fused_inputs']} run as rows of "
+                 f"with a zero-padded last block: no such block); {quantization['fused_input_linears']} run as rows of "
                  f"another's node (first stages that read one input, stacked); head {quantization['head']}; "
                  f"embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.

@@ -95,10 +95,10 @@ def fuse_shared_inputs(graph) -> int:
         if key[-1]:
             stacked.append(numpy_helper.from_array(_stack(take(3), rows), prefix + "/zero_points"))
         fused_inputs = [key[0]] + [t.name for t in stacked]
-        if any(i[_BIAS] for i in inputs):
-            dtype = next(numpy_helper.to_array(initializers[i[_BIAS]]).dtype for i in inputs if i[_BIAS])
-            bias = np.concatenate([numpy_helper.to_array(initializers[i[_BIAS]]) if i[_BIAS] else np.zeros(n, dtype)
-                                   for i, n in zip(inputs, rows, strict=True)])
+        biases = [numpy_helper.to_array(initializers[i[_BIAS]]) if i[_BIAS] else None for i in inputs]
+        if any(b is not None for b in biases):
+            dtype = next(b.dtype for b in biases if b is not None)
+            bias = np.concatenate([np.zeros(n, dtype) if b is None else b for b, n in zip(biases, rows, strict=True)])
             stacked.append(numpy_helper.from_array(bias, prefix + "/bias"))
             fused_inputs += [""] * (_BIAS - len(fused_inputs)) + [prefix + "/bias"]
         sizes = numpy_helper.from_array(np.asarray(rows, np.int64), prefix + "/split")

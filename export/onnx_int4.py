@@ -60,7 +60,7 @@ class Int4Summary:
     """What the quantizer did, for the manifest."""
 
     int4_matmuls: int  # MatMuls now 4-bit MatMulNBits
-    fused_away: int  # MatMulNBits nodes that now run as rows of another's node (export/onnx_fused_inputs.py)
+    fused_input_linears: int  # MatMulNBits nodes that now run as rows of another's node (export/onnx_fused_inputs.py)
     folded_biases: int  # bias Adds now the MatMulNBits' own bias input
     partial_blocks: int  # of the int4 MatMuls, with an input width K that is not a multiple of the block (zero-padded last block)
     head: str  # how the head is stored
@@ -73,7 +73,7 @@ class Int4Summary:
 
     def as_dict(self) -> dict:
         return {"scheme": "onnxruntime MatMulNBitsQuantizer", "int4_matmuls": self.int4_matmuls,
-                "fused_inputs": self.fused_away,
+                "fused_input_linears": self.fused_input_linears,
                 "folded_biases": self.folded_biases,
                 "partial_last_block": self.partial_blocks, "head": self.head, "embedding": self.embedding,
                 "block_size": self.block_size,
@@ -310,7 +310,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
         quantized = gather.model
     biases = _fold_biases(quantized.model.graph)
     # After the biases are folded: a first stage's own bias (attention_bias) is stacked with its rows.
-    fused_away = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
+    fused_input_linears = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     half_scales = _half_scales(quantized.model.graph) if fp16_scales else 0
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
@@ -325,7 +325,8 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
             ", then its fp32 projection" if keep_float else "")
     else:
         embedding = "GatherBlockQuantized 4-bit" if embedding_4bit and lookups else "fp32 Gather"
-    return Int4Summary(int4_matmuls=len(decoder), fused_away=fused_away, folded_biases=biases, partial_blocks=int(partial),
+    return Int4Summary(int4_matmuls=len(decoder), fused_input_linears=fused_input_linears, folded_biases=biases,
+                       partial_blocks=int(partial),
                        head=(f"MatMulNBits {head_bits}-bit" + (" (own copy of the tied table)" if tied else "")
                              + (", a factor pair" if len(heads) > 1 else "")),
                        embedding=embedding,

@@ -155,7 +155,7 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
         assert decoder and all(a["block_size"] == (group_for(a["K"], group) or group) for a in decoder)
         assert all(a["K"] % a["block_size"] == 0 for a in decoder) and entry.quantization["partial_last_block"] == 0
         # gate/up read one input: one node each layer, counted as two linears
-        assert entry.quantization["fused_inputs"] == 2
+        assert entry.quantization["fused_input_linears"] == 2
         assert sum(entry.quantization["decoder_block_sizes"].values()) == len(decoder) + 2
         assert entry.embedding_tables == 0 and table_copies(list((bundle / "onnx").iterdir()), table) == 0
         # the self-check's reference reads that one table back for both (export/onnx_int4_reference.py)
@@ -233,10 +233,10 @@ def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_p
         shutil.copy(fp32.parent / "config.json", out / "config.json")
         graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
         fused = [n for n in graph.node if fused_members(n) is not None]
-        assert summary.fused_away == sum(len(fused_members(n)) - 1 for n in fused)
+        assert summary.fused_input_linears == sum(len(fused_members(n)) - 1 for n in fused)
         if fuse:
             # two groups a layer; every member a first stage, none with a bias of its own
-            assert len(fused) == 2 * 2 and summary.fused_away > 0
+            assert len(fused) == 2 * 2 and summary.fused_input_linears > 0
             consumers = {i: n for n in graph.node for i in n.input}
             for node in fused:
                 split = consumers[node.output[0]]
@@ -244,7 +244,7 @@ def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_p
                 assert all(name.split("/")[-2] != "up" for name, _ in fused_members(node))
                 assert len(node.input) <= 4 or not node.input[5]
         else:
-            assert not fused and summary.fused_away == 0
+            assert not fused and summary.fused_input_linears == 0
         counted = count_onnx(record, out / "model.onnx")
         assert counted.found == counted.expected == manifest.formats["onnx"].factor_nodes.expected
         read_back[fuse] = weight_overrides(model, out / "model.onnx")
