@@ -29,14 +29,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from rankdown.factor import SharedDownLinear
-from rankdown.int4_numerics import QMAX, QMIN, group_for, has_bf16_scales, int4_codes, padded_rank, stored_scales
-
-_FLOOR = 1e-12  # scale of an all-zero group
+from rankdown.int4_numerics import int4_rounding, symmetric_int4
 
 
 def fake_int4(weight: torch.Tensor, group: int, bf16_scales: bool = False) -> torch.Tensor:
@@ -45,12 +42,8 @@ def fake_int4(weight: torch.Tensor, group: int, bf16_scales: bool = False) -> to
     ``bf16_scales``: each scale rounded to bfloat16 before the codes are chosen, as the export
     stores the scales of a linear with several groups per row (XNNPACK's qb4w kernels)."""
     rows, columns = weight.shape
-    pad = -columns % group
-    grouped = F.pad(weight, (0, pad)).view(rows, -1, group)
-    scale = (grouped.abs().amax(-1, keepdim=True) / ((QMAX - QMIN) / 2)).clamp_min(_FLOOR)
-    if bf16_scales:
-        scale = stored_scales(scale)
-    return (int4_codes(grouped, scale) * scale).view(rows, -1)[:, :columns]
+    codes, scales = symmetric_int4(weight, group, bf16_scales)
+    return (codes * scales).view(rows, -1)[:, :columns]
 
 
 class FakeInt4(nn.Module):
@@ -72,9 +65,7 @@ def export_rounding(in_features: int, group: int) -> FakeInt4:
     (30% + head rank 128, healed for 8da4w at float32 scales): the same int4 model in PyTorch keeps
     89% of 100 `compare` problems with float32 scales and 81% with them rounded to bf16, as the
     .pte runs them (85%)."""
-    width = padded_rank(in_features, group)
-    export_group = group_for(width, group) or group
-    return FakeInt4(export_group, bf16_scales=has_bf16_scales(width, export_group))
+    return FakeInt4(*int4_rounding(in_features, group))
 
 
 def _activation_quantizer() -> nn.Module:

@@ -119,9 +119,17 @@ class ParityThresholds:
         runtime picked another token at 14 of 69 positions (top-1 79.7%), each one the reference ranked
         within 0.044 x scale of its best. Within 0.05 x scale they are ties; a broken kernel moves logits
         by the scale itself. The same top token must still win at 60% of positions (int4's floor against
-        the float model), so near-ties cannot carry a runtime that agrees nowhere exactly."""
+        the float model), so near-ties cannot carry a runtime that agrees nowhere exactly.
+
+        The 95th-percentile bound is 0.35 x scale: onnxruntime's MatMulNBits (accuracy level 4) rounds
+        every linear's input to int8 per block of 32-128, each rounding a threshold where a last-bit
+        difference in the float input (another summation order) moves a code, and the model carries
+        that on through 30 layers and every later position. Measured on SmolLM2 at 40% + head (healed
+        per channel), `validate --task compare`, the reference rounding the inputs as MLAS does (exact
+        to 1e-6 per linear): 0.23 x scale with onnxruntime's asymmetric blocks of 32 and 0.32 x with the
+        healed per-channel numerics, which keep 96% exact match against 78%; ExecuTorch's 0.05 x."""
         return cls(max_rel_logit_diff=1.0, min_top1_agreement=0.85, greedy_must_match=False,
-                   max_rel_p95_logit_diff=0.25, top1_tie=0.05, min_strict_top1=0.6)
+                   max_rel_p95_logit_diff=0.35, top1_tie=0.05, min_strict_top1=0.6)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -78,10 +78,16 @@ class OnnxDecoder:
 
     The model builder's graph (GroupQueryAttention) derives positions from the mask and takes a
     past of ``[batch, kv_heads, past, head_size]`` whose last dimension is symbolic; the head size
-    then comes from config.json beside the graph. The cache grows by one call's tokens per call
-    (GroupQueryAttention appends when past and present are distinct buffers)."""
+    then comes from config.json beside the graph. Where the bundle's genai_config.json says the
+    graph writes its cache in place (``past_present_share_buffer``, the builder's graph), each
+    layer's cache is one buffer bound as both past and present, as onnxruntime-genai runs it:
+    GroupQueryAttention writes the new positions into it and copies nothing else. The buffer
+    starts at ``cache_positions`` and doubles when a call needs more. Otherwise (optimum's graph)
+    the cache grows by one call's tokens per call, the graph concatenating past and new.
+    ``in_place=False`` takes that path on any graph, for comparing the two."""
 
-    def __init__(self, model_path: Path, threads: int | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, in_place: bool | None = None,
+                 cache_positions: int = 256):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -106,9 +112,55 @@ class OnnxDecoder:
         self.max_positions = trained_positions(Path(model_path).parent / "config.json")
         self._cache: dict[str, np.ndarray] = {}
         self._length = 0
+        if in_place is None:
+            in_place = not self._needs_positions and writes_cache_in_place(Path(model_path).parent)
+        self.in_place = in_place
+        self._ort = ort
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self._logits_type = np.float16 if "float16" in logits.type else np.float32
+        self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else _vocab_size(Path(model_path).parent / "config.json")
+        self._first_capacity = max(1, cache_positions)
+        self._capacity = 0
+        self._binding: Any = None  # onnxruntime.IOBinding over the cache buffers
+
+    def _reserve(self, positions: int) -> None:
+        """Cache buffers that hold ``positions``, the written ones kept, bound as past and present."""
+        if positions <= self._capacity:
+            return
+        capacity = max(positions, 2 * self._capacity, self._first_capacity)
+        if self.max_positions is not None:
+            capacity = max(positions, min(capacity, self.max_positions))
+        cache = {}
+        for name, (batch, heads, _, size) in self._past_shapes.items():
+            cache[name] = np.zeros((batch, heads, capacity, size), dtype=self._dtype)
+            if name in self._cache:
+                cache[name][:, :, :self._length] = self._cache[name][:, :, :self._length]
+        binding = self.session.io_binding()
+        for past, present in zip(self._past_names, self._present_names):
+            # One OrtValue over the numpy buffer, which self._cache keeps alive, for both names.
+            value = self._ort.OrtValue.ortvalue_from_numpy(cache[past])
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self._cache, self._capacity, self._binding = cache, capacity, binding
+
+    def _run_in_place(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        self._reserve(self._length + n)
+        binding = self._binding
+        tokens = np.asarray([ids], dtype=np.int64)
+        mask = np.ones((1, self._length + n), dtype=np.int64)
+        logits = self._ort.OrtValue.ortvalue_from_shape_and_type([1, n, self._vocab], self._logits_type)
+        binding.bind_cpu_input("input_ids", tokens)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_ortvalue_output("logits", logits)
+        self.session.run_with_iobinding(binding)
+        self._length += n
+        return logits.numpy()[0].astype(np.float32, copy=False)
 
     def _run(self, ids: list[int]) -> np.ndarray:
         check_positions(ids, self._length, self.max_positions)
+        if self.in_place:
+            return self._run_in_place(ids)
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64)}
         if self._needs_mask:
@@ -122,12 +174,29 @@ class OnnxDecoder:
         return outputs[0][0].astype(np.float32, copy=False)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        self._cache = {n: np.zeros(s, dtype=self._dtype) for n, s in self._past_shapes.items()}
-        self._length = 0
+        self._cache = {} if self.in_place else {n: np.zeros(s, dtype=self._dtype) for n, s in self._past_shapes.items()}
+        self._length, self._capacity = 0, 0
         return self._run(list(ids))
 
     def step(self, token: int) -> np.ndarray:
         return self._run([token])[-1]
+
+
+def writes_cache_in_place(folder: Path) -> bool:
+    """Whether the genai_config.json in ``folder`` runs the graph with one cache buffer per layer
+    bound as past and present (``search.past_present_share_buffer``); False without one."""
+    from rankdown.export.onnx_genai import GENAI_CONFIG
+
+    try:
+        config = json.loads((Path(folder) / GENAI_CONFIG).read_text(encoding="utf-8"))
+        return config["search"]["past_present_share_buffer"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _vocab_size(config: Path) -> int:
+    """vocab_size from config.json, for a graph whose logits' last dimension is symbolic."""
+    return int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
 
 
 def program_data_file(pte_path: Path) -> Path | None:

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from rankdown.errors import RankdownError
-from rankdown.export.config import ExportConfig, OnnxGraph, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, OnnxGraph, Quantize
 from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_files import check_onnx_model, external_data_files, register_onnxruntime_schemas
 from rankdown.export.onnx_genai import genai_encodings, write_genai_files
-from rankdown.export.onnx_int4 import quantize_int4
+from rankdown.export.onnx_int4 import CHANNEL_BLOCK, QUANTIZER, quantize_int4
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "onnx"
@@ -43,8 +43,12 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
     if quantization is not None:
         blocks = ", ".join(f"{count} in blocks of {block}" for block, count in
                            quantization["decoder_block_sizes"].items())
-        progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), each in the largest block "
-                 f"up to {cfg.onnx_group} that divides its input width ({blocks}; {quantization['partial_last_block']} "
+        rule = (f"each in the largest block up to {cfg.onnx_group} that divides its input width"
+                if quantization["scheme"] == QUANTIZER else
+                f"{quantization['scheme']}, each in its group (one per channel: the largest block up to "
+                f"{CHANNEL_BLOCK} that divides its input width, the scale repeated)")
+        progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), {rule} "
+                 f"({blocks}; {quantization['partial_last_block']} "
                  f"with a zero-padded last block: no such block); {quantization['fused_input_linears']} run as rows of "
                  f"another's node (first stages that read one input, stacked); head {quantization['head']}; "
                  f"embedding {quantization['embedding']}")
@@ -128,7 +132,11 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
         if cfg.quantize is Quantize.INT8:
             _quantize_int8(fp32_path, out / MODEL_FILE)
         else:
-            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits).as_dict()
+            # absmax: the checkpoint was healed through the export's own int4 (export/pipeline.py), which
+            # the decoder's MatMulNBits then hold to the bit, in its group (per channel included).
+            healed = cfg.group if cfg.int4_scales is Int4Scales.ABSMAX else None
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits,
+                                    healed_group=healed).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)

@@ -17,8 +17,11 @@ linear ``/model/layers.N/attn/<proj>/MatMul`` (``attn`` for ``self_attn``), Q/K/
 as its scope. A ``MatMulNBits`` that maps to no linear of the model fails the reference: a check
 that silently kept a float weight would pass a broken export.
 
-What it leaves out: accuracy level 4 quantizes activations to int8 per block at run time; the
-reference keeps them in fp32, so its bounds (``ParityThresholds.lowering``) leave room for that.
+Activations: a node at accuracy level 4 (MLAS's CompInt8 kernels) rounds its input to int8 per
+block of its K at run time, one symmetric scale per block (max |a| / 127, codes a * (127 / max |a|)
+rounded half to even, MLAS's ``QuantizeARow_CompInt8``); the reference rounds each such linear's
+input the same way (a forward pre-hook while it runs), so what is left between it and onnxruntime
+is the kernels' summation order and the attention kernel (``ParityThresholds.lowering``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rankdown.export.factor_nodes import onnx_node_scope
 from rankdown.export.onnx_fused_inputs import fused_members
 
 _QKV = ("q_proj", "k_proj", "v_proj")
+INT8_INPUTS = 4  # MatMulNBits' accuracy level that rounds its input to int8 per block
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class BlockWeight:
     block_size: int
     k: int
     n: int
+    accuracy_level: int = 0  # 4: the input is rounded to int8 per block at run time
 
     def dequantize(self) -> np.ndarray:
         """The float weight, ``(N, K)`` (a linear's ``out x in``)."""
@@ -149,7 +154,7 @@ def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | Looku
                 codes=codes[part], scales=scales.reshape(n, -1)[part],
                 zero_points=None if zero_points is None else zero_points.reshape(n, -1)[part],
                 bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
-                k=int(attributes["K"]), n=rows)
+                k=int(attributes["K"]), n=rows, accuracy_level=int(attributes.get("accuracy_level", 0)))
             start += rows
     return weights
 
@@ -184,6 +189,12 @@ def _module_path(node_name: str, names: set[str]) -> str | None:
 def weight_overrides(model, model_path: Path) -> dict[str, Any]:
     """``{parameter name: dequantized weight tensor}`` for every linear (and lookup table) the graph
     holds in 4 or 8 bits."""
+    return _graph_numerics(model, model_path)[0]
+
+
+def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """``weight_overrides``, and ``{linear's module path: block}`` for the linears whose input the
+    graph rounds to int8 per block of that many (accuracy level 4)."""
     import onnx
     import torch
     from torch import nn
@@ -191,13 +202,17 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
     graph = onnx.load(str(model_path)).graph
     linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
     overrides: dict[str, Any] = {}
+    int8_inputs: dict[str, int] = {}
     for node, weight in graph_weights(model_path, graph).items():
         matrix = torch.from_numpy(weight.dequantize())
         path = _module_path(node, linears)
+        rounds_input = isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
         if path is not None:
             if f"{path}.weight" in overrides:
                 raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
             overrides[f"{path}.weight"] = matrix
+            if rounds_input:
+                int8_inputs[path] = weight.block_size
             continue
         packed = _module_path(node.replace("qkv_proj", "q_proj"), linears)
         if packed is None or "qkv_proj" not in node:
@@ -208,6 +223,8 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
             linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
             rows = linear.out_features
             overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = matrix[start:start + rows]
+            if rounds_input:
+                int8_inputs[f"{packed.rpartition('.')[0]}.{proj}"] = weight.block_size
             start += rows
         if start != matrix.shape[0]:
             raise RankdownError(f"{model_path}: packed {node} has {matrix.shape[0]} rows, q/k/v {start}")
@@ -228,7 +245,22 @@ def weight_overrides(model, model_path: Path) -> dict[str, Any]:
         if tuple(tensor.shape) != tuple(expected):
             raise RankdownError(f"{model_path}: the 4-bit weight for {name} is {tuple(tensor.shape)}, "
                                 f"the model's {tuple(expected)}")
-    return overrides
+    return overrides, int8_inputs
+
+
+def int8_blocks(x, block: int):
+    """``x`` as MLAS's CompInt8 kernels read it: int8 per block of ``block`` along the last axis (the
+    last block zero-padded), one symmetric scale max |x| / 127 each, codes x * (127 / max |x|) rounded
+    half to even (``torch.round``), and back to float."""
+    import torch
+    import torch.nn.functional as F
+
+    width = x.shape[-1]
+    grouped = F.pad(x, (0, -width % block)).reshape(*x.shape[:-1], -1, block)
+    peak = grouped.abs().amax(-1, keepdim=True)
+    inverse = torch.where(peak > 0, 127.0 / peak, torch.zeros_like(peak))
+    codes = torch.round(grouped * inverse)
+    return (codes * (peak / 127.0)).reshape(*x.shape[:-1], -1)[..., :width]
 
 
 def int4_reference(model, model_path: Path):
@@ -237,7 +269,10 @@ def int4_reference(model, model_path: Path):
     import torch
     from torch import nn
 
-    overrides = weight_overrides(model, model_path)
+    overrides, int8_inputs = _graph_numerics(model, model_path)
+
+    def rounding(block: int):
+        return lambda module, inputs: (int8_blocks(inputs[0], block), *inputs[1:])
 
     class WithGraphWeights(nn.Module):
         def __init__(self):
@@ -245,7 +280,14 @@ def int4_reference(model, model_path: Path):
             self.inner = model
 
         def forward(self, *args, **kwargs):
-            # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
-            return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
+            # The hooks live only as long as this call: ``model`` itself is left as it is.
+            hooks = [model.get_submodule(path).register_forward_pre_hook(rounding(block))
+                     for path, block in int8_inputs.items()]
+            try:
+                # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
+                return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
 
     return WithGraphWeights().eval()

@@ -221,11 +221,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     head_equalized = cfg.balances and equalize_head(model)
     if head_equalized:
         progress("head: rank axis rescaled to equal column peaks for its 8-bit rows (function unchanged)")
-    if (healed_int4 and cfg.quantize is Quantize.INT4 and Format("executorch") in cfg.formats
-            and cfg.int4_scales is not Int4Scales.ABSMAX):
+    if healed_int4 and cfg.quantize is Quantize.INT4 and cfg.int4_scales is not Int4Scales.ABSMAX:
         # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
         cfg = dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX)
-        progress("executorch int4 scales: absmax, the ones the checkpoint was healed through")
+        progress("int4 scales: absmax, the ones the checkpoint was healed through")
     cfg = _resolve_group(cfg, compression if healed_int4 else None, progress)
 
     entries: dict[str, FormatEntry] = {}

@@ -5,6 +5,7 @@ is padded, how codes are rounded, and the precision XNNPACK stores a group's sca
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 MIN_GROUP = 32  # the smallest group a rank is padded to (XNNPACK's blockwise kernels' usual block)
 QMIN, QMAX = -8, 7  # symmetric int4 codes
@@ -12,6 +13,7 @@ QMIN, QMAX = -8, 7  # symmetric int4 codes
 # line): XNNPACK runs such a linear with its qc4w kernels, which on SmolLM2's shapes at one token
 # ran 1.77x the speed of the blockwise qb4w ones (AVX2, no VNNI: bench/int4_kernels.py).
 PER_CHANNEL = 0
+SCALE_FLOOR = 1e-12  # the scale of an all-zero group
 
 
 def group_for(width: int, group_size: int) -> int | None:
@@ -38,6 +40,28 @@ def int4_codes(grouped: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes of ``grouped`` (rows x groups x group) at ``scales`` (rows x groups x 1):
     torchao's symmetric rounding, ``w * (1 / scale)`` to nearest, clamped to [-8, 7]."""
     return torch.clamp(torch.round(grouped * (1.0 / scales)), QMIN, QMAX)
+
+
+def symmetric_int4(weight: torch.Tensor, group: int, bf16_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (out x in) as 4-bit codes in groups of ``group`` input columns, (rows x groups x
+    group, a last group zero-padded where ``group`` does not divide the width), and one symmetric
+    scale per group (rows x groups x 1): max |w| / 7.5, rounded to bfloat16 first with
+    ``bf16_scales``. What healing trains through and the ExecuTorch int4 export stores."""
+    rows, columns = weight.shape
+    grouped = F.pad(weight, (0, -columns % group)).view(rows, -1, group)
+    scales = (grouped.abs().amax(-1, keepdim=True) / ((QMAX - QMIN) / 2)).clamp_min(SCALE_FLOOR)
+    if bf16_scales:
+        scales = stored_scales(scales)
+    return int4_codes(grouped, scales), scales
+
+
+def int4_rounding(in_features: int, group: int) -> tuple[int, bool]:
+    """How the int4 export rounds a linear ``in_features`` wide at ``--group-size group``: its group
+    (``group_for`` of the zero-padded width) and whether its scales are bfloat16 (several groups per
+    row: XNNPACK's qb4w kernels; one group per row runs per channel with float32 scales)."""
+    width = padded_rank(in_features, group)
+    rounded = group_for(width, group) or group
+    return rounded, has_bf16_scales(width, rounded)
 
 
 def has_bf16_scales(width: int, group: int) -> bool:

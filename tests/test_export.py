@@ -98,6 +98,7 @@ def test_the_optimum_graph_stays_an_option_and_loads_in_optimum(compressed_tiny,
     assert manifest.formats["onnx"].parity.passed and manifest.options["onnx_graph"] == "optimum"
     assert manifest.options["decode_method"] is False  # no .pte, so no one-token method
     assert manifest.formats["onnx"].factor_nodes.found == _expected_nodes(folder)
+    assert not OnnxDecoder(bundle / "onnx" / "model.onnx").in_place  # this graph concatenates past and new
     ort_model = ORTModelForCausalLM.from_pretrained(bundle / "onnx")
     model = load_model(open_checkpoint(folder)).eval()
     ids = load_tokenizer(folder)("12+7=", return_tensors="pt", return_token_type_ids=False)

@@ -12,9 +12,10 @@ from rankdown.compress.fake_quant import fake_int4, fake_quantized
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
+from rankdown.export.onnx_int4_reference import weight_overrides
 from rankdown.export.pipeline import export, healed_for_int4
 from rankdown.factor import FactorizedLinear
-from rankdown.int4_numerics import PER_CHANNEL
+from rankdown.int4_numerics import PER_CHANNEL, int4_rounding
 
 SMALL = dict(calib_tokens=2048, seq_len=64, allocate="uniform")  # every linear a factor pair
 HEAL = dict(steps=4, batch=2, seq_len=32, held_back=2, lr=1e-3)
@@ -239,8 +240,20 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     manifest = export(tmp_path / "int4", tmp_path / "bundle",
                       ExportConfig(formats="executorch", quantize="int4", max_seq_len=64), progress=said.append)
     assert manifest.options["int4_scales"] == "absmax" and manifest.formats["executorch"].quantization["scales"] == "absmax"
-    assert "executorch int4 scales: absmax, the ones the checkpoint was healed through" in said
+    assert "int4 scales: absmax, the ones the checkpoint was healed through" in said
     assert not any("healed with float weights" in m for m in said)
+    # ONNX too: every decoder MatMulNBits holds the very weights healing trained through.
+    manifest = export(tmp_path / "int4", tmp_path / "onnx-bundle", ExportConfig(formats="onnx", quantize="int4"),
+                      progress=quiet)
+    quantization = manifest.formats["onnx"].quantization
+    assert quantization["scheme"].startswith("the healed int4 numerics per output channel") and quantization["symmetric"]
+    model = load_model(open_checkpoint(tmp_path / "int4"))
+    held = weight_overrides(model, tmp_path / "onnx-bundle" / "onnx" / "model.onnx")
+    decoder = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    assert decoder and all(f"{n}.weight" in held for n in decoder)
+    for name in decoder:
+        weight = model.get_parameter(f"{name}.weight").detach()
+        assert torch.equal(held[f"{name}.weight"], fake_int4(weight, *int4_rounding(weight.shape[1], PER_CHANNEL))), name
     # A checkpoint healed in float is exported as asked, with a note on what heals for int4, said before
     # the lowering (stopped there: the lowering itself is the int4 export tests' business).
     said = []

@@ -119,6 +119,25 @@ def test_the_int4_bundle_runs_in_genai_with_onnxruntimes_logits(genai_bundles):
     assert report.passed, report.failures
 
 
+@pytest.mark.parametrize("which", [1, 2])
+def test_onnxruntime_writes_the_builders_cache_in_place_with_the_concatenating_logits(genai_bundles, which):
+    """One buffer per layer bound as past and present (as onnxruntime-genai runs the graph), grown
+    from 4 positions while decoding: every logit equals the path that concatenates the cache."""
+    bundle = genai_bundles[which]
+    prompt = parity_prompts(load_tokenizer(bundle), room=200)[0]
+    in_place = OnnxDecoder(bundle / "onnx" / "model.onnx", threads=1, cache_positions=4)
+    growing = OnnxDecoder(bundle / "onnx" / "model.onnx", threads=1, in_place=False)
+    assert in_place.in_place and not growing.in_place
+    for ids in (prompt, prompt[:3]):  # a second prefill starts a fresh cache
+        np.testing.assert_allclose(in_place.prefill(ids), growing.prefill(ids), rtol=0, atol=1e-6)
+        token = 7
+        for _ in range(24):
+            expected = growing.step(token)
+            np.testing.assert_allclose(in_place.step(token), expected, rtol=0, atol=1e-6)
+            token = int(np.argmax(expected))
+        assert in_place._length == len(ids) + 24 <= in_place._capacity < 2 * (len(ids) + 24)
+
+
 def test_a_bundle_without_genai_config_refuses_the_runtime_in_one_line(genai_bundles, tmp_path):
     """A bundle exported before genai_config.json existed: the file is absent and unlisted."""
     _, bundle, _ = genai_bundles

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rankdown.export.onnx_int4_reference import graph_weights
+from rankdown.export.onnx_int4_reference import graph_weights, int8_blocks
 
 
 def _one_node_graph(op: str, weight: np.ndarray, tmp_path, **quantizer):
@@ -19,8 +19,8 @@ def _one_node_graph(op: str, weight: np.ndarray, tmp_path, **quantizer):
 
     if op == "MatMul":
         node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/layer/proj/MatMul")
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, weight.shape[0]])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, weight.shape[1]])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", weight.shape[0]])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", weight.shape[1]])
     else:
         node = helper.make_node("Gather", ["w", "x"], ["y"], name="/model/embed/Gather", axis=0)
         x = helper.make_tensor_value_info("x", TensorProto.INT64, [5])
@@ -68,3 +68,61 @@ def test_read_back_lookup_table_is_what_onnxruntime_gathers(tmp_path):
     assert np.abs(read.dequantize() - table).max() > 0  # 4-bit, not the float table
 
 
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_the_reference_rounds_the_input_as_accuracy_level_4_does(tmp_path, block):
+    """MLAS's CompInt8 kernels read the input as int8 per block of K: the reference's rounding
+    (int8_blocks) gives onnxruntime's node output to float precision, at one token (its M=1 kernel)
+    and at several, where the fp32 input is far off (an outlier channel makes the blocks coarse)."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((160, 48)).astype(np.float32)  # K = 160: a partial last block of 64
+    path = _one_node_graph("MatMul", weight, tmp_path, bits=4, block_size=block, is_symmetric=False,
+                           accuracy_level=4)
+    [read] = graph_weights(path).values()
+    assert read.accuracy_level == 4
+    dequantized = read.dequantize()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((5, 160)).astype(np.float32)
+    x[:, 7] *= 60.0
+    for rows in (1, 5):
+        got = session.run(None, {"x": x[:rows]})[0]
+        rounded = int8_blocks(torch.from_numpy(x[:rows]), block).numpy() @ dequantized.T
+        float_input = x[:rows] @ dequantized.T
+        np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=2e-4)
+        assert np.abs(got - float_input).max() > 50 * np.abs(got - rounded).max()
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_healed_numerics_are_stored_to_the_bit_and_run_as_read_back(tmp_path, group):
+    """export/onnx_int4.py's healed path: the MatMulNBits read back is fake_int4 of the float weight
+    in the export's rounding (per channel: float32 scales over blocks of the largest power of two
+    dividing K; groups of 32: bf16 scales), and onnxruntime multiplies by exactly that."""
+    import onnxruntime as ort
+    import torch
+
+    from rankdown.compress.fake_quant import fake_int4
+    from rankdown.export.onnx_int4 import _healed_matmul_nbits
+    from rankdown.int4_numerics import int4_rounding
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((96, 40)).astype(np.float32)  # (K, N)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/layer/proj/MatMul")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", 40])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    blocks = _healed_matmul_nbits(model.graph, [model.graph.node[0]], group, accuracy_level=0, channel_block=128)
+    assert blocks == {"/layer/proj/MatMul": 32} and [i.name for i in model.graph.initializer] == ["w_Q4", "w_scales"]
+    path = tmp_path / "healed.onnx"
+    onnx.save(model, str(path))
+    [read] = graph_weights(path).values()
+    assert read.zero_points is None
+    expected = fake_int4(torch.from_numpy(weight.T.copy()), *int4_rounding(96, group)).numpy()
+    assert np.array_equal(read.dequantize(), expected)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ expected.T, rtol=1e-5, atol=1e-4)
