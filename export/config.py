@@ -40,10 +40,13 @@ class Int4Scales(str, Enum):
     most of its task: SmolLM2 healed for compare+code at 40%, PyTorch with those weights, 86.0% exact
     match on 100 compare problems against 98.0% in fp32; torchao's half-quadratic scale search (HQQ,
     scale only: the same symmetric format, the same kernels) 98.0%, and in ExecuTorch 92.0% against
-    78.0% on 50 (README, "ExecuTorch int4 scales")."""
+    78.0% on 50 (README, "ExecuTorch int4 scales"). For ONNX, ``hqq`` leaves the decoder to
+    onnxruntime's asymmetric blocks and ``absmax`` writes the symmetric max |w| / 7.5 numerics itself
+    (export/onnx_int4.py)."""
 
     HQQ = "hqq"
-    # the checkpoint's own choice when ``compress --heal-quantize int4`` trained it through these scales
+    # the checkpoint's own choice when ``compress --heal-quantize int4`` trained it through these
+    # scales: the export then stores the healed weights to the bit, in ExecuTorch and in ONNX
     ABSMAX = "absmax"
 
 
@@ -141,7 +144,7 @@ class ExportConfig:
     group_size: int | None = None
     head_bits: int = 8  # int4: the head's (and a tied lookup's) weight bits; the decoder linears are 4-bit
     balance: bool = True  # int4: equal down-row and up-column norms per rank direction first (export/factor_balance.py)
-    int4_scales: Int4Scales = Int4Scales.HQQ  # ExecuTorch int4: how each group's scale is chosen
+    int4_scales: Int4Scales = Int4Scales.HQQ  # int4: how each group's scale is chosen (ExecuTorch; ONNX with absmax)
     onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds

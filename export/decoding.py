@@ -22,6 +22,8 @@ from rankdown.library_logs import native_stderr_without
 # name, in a Module whose methods do not share arenas, so it would read an empty cache. Under this
 # name TextLLMRunner runs forward for everything, as on a one-method program.
 DECODE_METHOD = "decode_step"
+# onnxruntime-genai's config beside the graph (export/onnx_genai.py writes it): which I/O and cache layout.
+GENAI_CONFIG = "genai_config.json"
 
 
 class Decoder(Protocol):
@@ -185,8 +187,6 @@ class OnnxDecoder:
 def writes_cache_in_place(folder: Path) -> bool:
     """Whether the genai_config.json in ``folder`` runs the graph with one cache buffer per layer
     bound as past and present (``search.past_present_share_buffer``); False without one."""
-    from rankdown.export.onnx_genai import GENAI_CONFIG
-
     try:
         config = json.loads((Path(folder) / GENAI_CONFIG).read_text(encoding="utf-8"))
         return config["search"]["past_present_share_buffer"] is True

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from rankdown.export.decoding import check_positions
+from rankdown.export.decoding import GENAI_CONFIG, check_positions
 
-GENAI_CONFIG = "genai_config.json"
 # What onnxruntime-genai's tokenizer reads, from the folder of genai_config.json.
 GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
