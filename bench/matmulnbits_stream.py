@@ -4,9 +4,7 @@ asymmetric, accuracy level 4), one token through it, timed from Python.
 
     python -m bench.matmulnbits_stream [--depth 300] [--shape 576x576] [--threads 1,2]
 
-Prints microseconds per node and the weight bytes per second. On the Zen 4 host of run h (2 threads)
-300 nodes of 576 x 576 (64 MB) ran at 11.7 us a node, 18 GB/s: the rate that bounds an int4 .onnx
-reading about 44 MB a token.
+Prints microseconds per node and the weight bytes per second (README, run h: what bounds ONNX int4).
 """
 
 from __future__ import annotations
