@@ -12,10 +12,9 @@ that measures the in-place cache.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from bench.pte_ab import NEW_TOKENS, PROMPT_TOKENS, summary
+from bench.pte_ab import interleaved, summary
 
 
 def main() -> None:
@@ -37,23 +36,7 @@ def main() -> None:
 
     decoders = [OnnxDecoder(graphs[0], threads=args.threads, in_place=False if args.a_concatenated else None),
                 OnnxDecoder(graphs[1], threads=args.threads)]
-    prompt = list(range(100, 100 + PROMPT_TOKENS))
-
-    def run(decoder) -> float:
-        decoder.prefill(prompt)
-        token = 5
-        start = time.perf_counter()
-        for _ in range(NEW_TOKENS):
-            token = int(decoder.step(token).argmax())
-        return NEW_TOKENS / (time.perf_counter() - start)
-
-    for decoder in decoders:  # warm-up
-        run(decoder)
-    timed: list[list[float]] = [[], []]
-    for round_no in range(args.rounds):
-        for i in ((0, 1) if round_no % 2 == 0 else (1, 0)):
-            timed[i].append(run(decoders[i]))
-    s = summary(*timed)
+    s = summary(*interleaved(decoders, args.rounds))
     cache = ["concatenated" if args.a_concatenated else "in place" if decoders[0].in_place else "concatenated",
              "in place" if decoders[1].in_place else "concatenated"]
     print(f"A {args.a} (cache {cache[0]}): {s['a']:.1f} tok/s; B {args.b} (cache {cache[1]}): {s['b']:.1f} tok/s; "

@@ -31,6 +31,28 @@ def summary(a: list[float], b: list[float]) -> dict:
             "b_faster": sum(r > 1 for r in ratios), "rounds": len(ratios)}
 
 
+def decode_rate(decoder) -> float:
+    """Tokens per second of 128 greedy tokens after a 32-token prompt."""
+    decoder.prefill(list(range(100, 100 + PROMPT_TOKENS)))
+    token = 5
+    start = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        token = int(decoder.step(token).argmax())
+    return NEW_TOKENS / (time.perf_counter() - start)
+
+
+def interleaved(decoders: list, rounds: int) -> list[list[float]]:
+    """Each decoder's rate per round after one warm-up each, the order alternating by round."""
+    for decoder in decoders:
+        decode_rate(decoder)
+    timed: list[list[float]] = [[] for _ in decoders]
+    for round_no in range(rounds):
+        order = range(len(decoders)) if round_no % 2 == 0 else reversed(range(len(decoders)))
+        for i in order:
+            timed[i].append(decode_rate(decoders[i]))
+    return timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)
@@ -47,24 +69,7 @@ def main() -> None:
     from rankdown.export.decoding import open_executorch
 
     decoders = [open_executorch(bundle / "executorch" / "model.pte", threads=args.threads) for bundle in (args.a, args.b)]
-    prompt = list(range(100, 100 + PROMPT_TOKENS))
-
-    def run(decoder) -> float:
-        decoder.prefill(prompt)
-        token = 5
-        start = time.perf_counter()
-        for _ in range(NEW_TOKENS):
-            token = int(decoder.step(token).argmax())
-        return NEW_TOKENS / (time.perf_counter() - start)
-
-    for decoder in decoders:  # warm-up
-        run(decoder)
-    timed: list[list[float]] = [[], []]
-    for round_no in range(args.rounds):
-        order = (0, 1) if round_no % 2 == 0 else (1, 0)
-        for i in order:
-            timed[i].append(run(decoders[i]))
-    s = summary(*timed)
+    s = summary(*interleaved(decoders, args.rounds))
     print(f"A {args.a}: {s['a']:.1f} tok/s; B {args.b}: {s['b']:.1f} tok/s; B/A {s['ratio']:.3f} "
           f"(interquartile {s['q25']:.3f}-{s['q75']:.3f}), B faster in {s['b_faster']}/{s['rounds']} rounds")
 
