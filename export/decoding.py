@@ -120,7 +120,9 @@ class OnnxDecoder:
         self._ort = ort
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._logits_type = np.float16 if "float16" in logits.type else np.float32
-        self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else _vocab_size(Path(model_path).parent / "config.json")
+        # only the in-place path allocates the logits itself; the other keeps working without config.json
+        self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) or not in_place else \
+            _vocab_size(Path(model_path).parent / "config.json")
         self._first_capacity = max(1, cache_positions)
         self._capacity = 0
         self._binding: Any = None  # onnxruntime.IOBinding over the cache buffers
