@@ -405,5 +405,6 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                        block_size=group_size, block_sizes=dict(sorted(Counter(blocks.values()).items())),
                        symmetric=symmetric or healed_group is not None, accuracy_level=accuracy_level,
                        scheme=(QUANTIZER if healed_group is None else
-                               f"the healed int4 numerics {group_label(healed_group)} (symmetric, max |w| / 7.5)"),
+                               f"symmetric absmax int4 {group_label(healed_group)} "
+                               "(max |w| / 7.5, the numerics --heal-quantize trains through)"),
                        scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"))

@@ -246,7 +246,7 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     manifest = export(tmp_path / "int4", tmp_path / "onnx-bundle", ExportConfig(formats="onnx", quantize="int4"),
                       progress=quiet)
     quantization = manifest.formats["onnx"].quantization
-    assert quantization["scheme"].startswith("the healed int4 numerics per output channel") and quantization["symmetric"]
+    assert quantization["scheme"].startswith("symmetric absmax int4 per output channel") and quantization["symmetric"]
     model = load_model(open_checkpoint(tmp_path / "int4"))
     held = weight_overrides(model, tmp_path / "onnx-bundle" / "onnx" / "model.onnx")
     decoder = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
