@@ -144,7 +144,9 @@ class ExportConfig:
     group_size: int | None = None
     head_bits: int = 8  # int4: the head's (and a tied lookup's) weight bits; the decoder linears are 4-bit
     balance: bool = True  # int4: equal down-row and up-column norms per rank direction first (export/factor_balance.py)
-    int4_scales: Int4Scales = Int4Scales.HQQ  # int4: how each group's scale is chosen (ExecuTorch; ONNX with absmax)
+    # int4: how each group's scale is chosen (ExecuTorch; ONNX with absmax); None: absmax for a checkpoint
+    # healed through the 4-bit weights (the scales it was trained for), else hqq
+    int4_scales: Int4Scales | None = None
     onnx_graph: OnnxGraph = OnnxGraph.FUSED
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
@@ -184,6 +186,12 @@ class ExportConfig:
         """ONNX MatMulNBits' block bound: ``group``, or DEFAULT_GROUP for per-channel scales, which
         MatMulNBits has no layout for (its blocks are powers of two of at least 16)."""
         return DEFAULT_GROUP if self.group == PER_CHANNEL else self.group
+
+    @property
+    def scales(self) -> Int4Scales:
+        """The int4 scales: ``int4_scales``, or HQQ when unset (the export resolves a healed
+        checkpoint's ABSMAX before any format reads this)."""
+        return Int4Scales.HQQ if self.int4_scales is None else self.int4_scales
 
     @property
     def balances(self) -> bool:

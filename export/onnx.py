@@ -20,7 +20,7 @@ from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_files import check_onnx_model, external_data_files, register_onnxruntime_schemas
 from rankdown.export.onnx_genai import genai_encodings, write_genai_files
-from rankdown.export.onnx_int4 import CHANNEL_BLOCK, QUANTIZER, quantize_int4
+from rankdown.export.onnx_int4 import QUANTIZER, quantize_int4
 from rankdown.factor_record import FactorRecord
 
 SUBDIR = "onnx"
@@ -45,8 +45,8 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                            quantization["decoder_block_sizes"].items())
         rule = (f"each in the largest block up to {cfg.onnx_group} that divides its input width"
                 if quantization["scheme"] == QUANTIZER else
-                f"{quantization['scheme']}, each in its group (one per channel: the largest block up to "
-                f"{CHANNEL_BLOCK} that divides its input width, the scale repeated)")
+                f"{quantization['scheme']}, each in its group (one per channel: in blocks of 16 to 256 by "
+                "the input width, the scale repeated; MLAS runs fewer, padded blocks faster)")
         progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), {rule} "
                  f"({blocks}; {quantization['partial_last_block']} "
                  f"with a zero-padded last block: no such block); {quantization['fused_input_linears']} run as rows of "
@@ -134,7 +134,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
         else:
             # absmax: the checkpoint was healed through the export's own int4 (export/pipeline.py), which
             # the decoder's MatMulNBits then hold to the bit, in its group (per channel included).
-            healed = cfg.group if cfg.int4_scales is Int4Scales.ABSMAX else None
+            healed = cfg.group if cfg.scales is Int4Scales.ABSMAX else None
             summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits,
                                     healed_group=healed).as_dict()
         for extra in stage.iterdir():

@@ -59,7 +59,8 @@ ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block (MLAS's CompInt8 k
 SYMMETRIC = False
 FP16_SCALES = True
 QUANTIZER = "onnxruntime MatMulNBitsQuantizer"
-CHANNEL_BLOCK = 128  # MatMulNBits' block for a row with one scale (per channel), the scale repeated per block
+CHANNEL_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits' blocks MLAS has kernels for
+BLOCK_COST = 32  # a per-channel row's block: the cost of one more block, in input elements (see channel_block)
 
 
 @dataclass(frozen=True)
@@ -190,14 +191,22 @@ def _lookup_projection(tied_lookup, weighted) -> list:
     return [n for n in weighted if n.input[0] == gather.output[0]]
 
 
-def _healed_matmul_nbits(graph, nodes: list, group: int, accuracy_level: int, channel_block: int) -> dict[str, int]:
+def channel_block(k: int, block_cost: int = BLOCK_COST) -> int:
+    """The block a per-channel row of width ``k`` is stored in (its one scale repeated per block): the
+    one of ``CHANNEL_BLOCKS`` with the least ``blocks * block_cost + padded width``. MLAS's int8
+    kernels pay per block (an activation scale, a float multiply-add) as well as per weight byte,
+    so a 576-wide row runs faster as 5 blocks of 128, the last half zero-padded, than as 9 of 64."""
+    return min(CHANNEL_BLOCKS, key=lambda b: (-(-k // b) * (block_cost + b), -b))
+
+
+def _healed_matmul_nbits(graph, nodes: list, group: int, accuracy_level: int, block_cost: int) -> dict[str, int]:
     """Each of ``nodes`` (MatMuls with a constant weight) becomes a 4-bit ``MatMulNBits`` holding the
     integers and scales the int4 export computes for it (rankdown/int4_numerics.py: symmetric,
     max |w| / 7.5, in ``int4_rounding``'s group, bf16 scales with several groups per row), the
     weights ``compress --heal-quantize`` trained through, instead of the asymmetric blocks onnxruntime's
     quantizer would choose. No zero points (the operator's default, 8, is the symmetric code's zero).
-    A row of one group (per channel) is stored in the largest block up to ``channel_block`` that
-    divides K, its scale repeated per block. Returns each node's name -> its block."""
+    A row of one group (per channel) is stored in ``channel_block``'s block for K, its scale repeated
+    per block. MatMuls that share a weight share its 4-bit tensors. Returns each node's name -> its block."""
     import numpy as np
     import torch
     from onnx import helper, numpy_helper
@@ -206,35 +215,43 @@ def _healed_matmul_nbits(graph, nodes: list, group: int, accuracy_level: int, ch
 
     initializers = {init.name: init for init in graph.initializer}
     readers = Counter(name for node in graph.node for name in node.input)
-    blocks = {}
+    blocks: dict[str, int] = {}
+    written: dict[str, tuple[Any, int]] = {}  # weight -> (its MatMulNBits, block): MatMuls sharing it share those
+    sharing = Counter(node.input[1] for node in nodes)
     for node in nodes:
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)  # (K, N): x @ W
-        k, n = weight.shape
-        rounded, bf16 = int4_rounding(k, group)
-        codes, scales = symmetric_int4(torch.from_numpy(np.ascontiguousarray(weight.T)), rounded, bf16)
-        per_row = codes.shape[1] == 1
-        # per channel: any block holds the row's scale; the largest dividing K stores no padding
-        block = (group_for(k, channel_block) or channel_block) if per_row else rounded
-        count = -(-k // block)
-        flat = codes.reshape(n, -1)[:, :k].numpy().astype(np.int16) + 8  # codes 0..15, zero at 8
-        stored = np.full((n, count * block), 8, np.uint8)
-        stored[:, :k] = flat
-        pairs = stored.reshape(n, count, block // 2, 2)
-        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)  # low nibble first
-        row_scales = scales.reshape(n, -1).numpy().astype(np.float32)
-        row_scales = np.repeat(row_scales, count, axis=1) if per_row else row_scales[:, :count]
-        base = node.name + "_Q4"
-        graph.initializer.append(numpy_helper.from_array(packed, f"{node.input[1]}_Q4"))
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(row_scales).reshape(-1), f"{node.input[1]}_scales"))
-        replacement = helper.make_node("MatMulNBits", [node.input[0], f"{node.input[1]}_Q4", f"{node.input[1]}_scales"],
-                                       list(node.output), name=base, domain="com.microsoft", K=k, N=n, bits=4,
-                                       block_size=block, accuracy_level=accuracy_level)
+        if node.input[1] in written:
+            first, block = written[node.input[1]]
+            replacement = helper.make_node("MatMulNBits", [node.input[0], *first.input[1:]], list(node.output),
+                                           name=node.name + "_Q4", domain="com.microsoft")
+            replacement.attribute.extend(first.attribute)
+        else:
+            weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)  # (K, N): x @ W
+            k, n = weight.shape
+            rounded, bf16 = int4_rounding(k, group)
+            codes, scales = symmetric_int4(torch.from_numpy(np.ascontiguousarray(weight.T)), rounded, bf16)
+            per_row = codes.shape[1] == 1
+            # per channel: any block holds the row's scale, so the one MLAS runs fastest
+            block = channel_block(k, block_cost) if per_row else rounded
+            count = -(-k // block)
+            flat = codes.reshape(n, -1)[:, :k].numpy().astype(np.int16) + 8  # codes 0..15, zero at 8
+            stored = np.full((n, count * block), 8, np.uint8)
+            stored[:, :k] = flat
+            pairs = stored.reshape(n, count, block // 2, 2)
+            packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)  # low nibble first
+            row_scales = scales.reshape(n, -1).numpy().astype(np.float32)
+            row_scales = np.repeat(row_scales, count, axis=1) if per_row else row_scales[:, :count]
+            names = [f"{node.input[1]}_Q4", f"{node.input[1]}_scales"]
+            graph.initializer.append(numpy_helper.from_array(packed, names[0]))
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(row_scales).reshape(-1), names[1]))
+            replacement = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
+                                           domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+                                           accuracy_level=accuracy_level)
+            written[node.input[1]] = replacement, block
+            if readers[node.input[1]] == sharing[node.input[1]]:  # no other reader keeps the float weight
+                graph.initializer.remove(initializers[node.input[1]])
         at = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(at, replacement)
-        readers[node.input[1]] -= 1
-        if readers[node.input[1]] == 0:
-            graph.initializer.remove(initializers[node.input[1]])
         blocks[node.name] = block
     return blocks
 
@@ -308,7 +325,7 @@ def _half_scales(graph, exact: bool = False) -> int:
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
                   accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8,
                   fp16_scales: bool = FP16_SCALES, fuse_inputs: bool = True, healed_group: int | None = None,
-                  channel_block: int = CHANNEL_BLOCK) -> Int4Summary:
+                  block_cost: int = BLOCK_COST) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and a ``head_bits`` head (the
     keyword arguments are the alternatives measured above). ``healed_group``: the decoder's MatMuls
     hold the export's own symmetric int4 in that group (``PER_CHANNEL`` included), the weights a
@@ -341,7 +358,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     partial = sum(constants[n.input[1]][0] % blocks[n.name] != 0 for n in decoder)
     if healed_group is not None:
         # The decoder is written here, in the numerics it was healed through; no quantizer pass for it.
-        blocks = _healed_matmul_nbits(graph, decoder, healed_group, accuracy_level, channel_block)
+        blocks = _healed_matmul_nbits(graph, decoder, healed_group, accuracy_level, block_cost)
         partial = sum(constants[n.input[1]][0] % blocks[n.name] != 0 for n in decoder)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

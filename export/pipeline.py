@@ -139,6 +139,20 @@ def _summary(ckpt) -> ModelSummary:
     )
 
 
+def _resolve_scales(cfg: ExportConfig, healed_int4: bool, progress: Callable[[str], None]) -> ExportConfig:
+    """``int4_scales`` made explicit: unset, absmax for a checkpoint healed through the 4-bit weights
+    (compress/fake_quant.py trains for max |w| / 7.5; other scales undo that), else hqq; an explicit
+    choice is kept, with a warning where it is not the one the checkpoint was healed through."""
+    if cfg.int4_scales is None:
+        if healed_int4:
+            progress("int4 scales: absmax, the ones the checkpoint was healed through")
+        return dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX if healed_int4 else Int4Scales.HQQ)
+    if healed_int4 and cfg.int4_scales is not Int4Scales.ABSMAX:
+        progress(f"warning: --int4-scales {cfg.int4_scales.value} on a checkpoint healed through absmax scales; "
+                 "it will keep less of the task than the default (absmax)")
+    return cfg
+
+
 def _options(cfg: ExportConfig, balanced: bool, head_equalized: bool) -> dict:
     # what was done, not the switch
     raw = dataclasses.asdict(cfg) | {"balance": balanced, "head_equalized": head_equalized,
@@ -221,10 +235,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     head_equalized = cfg.balances and equalize_head(model)
     if head_equalized:
         progress("head: rank axis rescaled to equal column peaks for its 8-bit rows (function unchanged)")
-    if healed_int4 and cfg.quantize is Quantize.INT4 and cfg.int4_scales is not Int4Scales.ABSMAX:
-        # it was trained for max |w| / 7.5 scales (compress/fake_quant.py); other scales would undo that
-        cfg = dataclasses.replace(cfg, int4_scales=Int4Scales.ABSMAX)
-        progress("int4 scales: absmax, the ones the checkpoint was healed through")
+    if cfg.quantize is Quantize.INT4:
+        cfg = _resolve_scales(cfg, healed_int4, progress)
     cfg = _resolve_group(cfg, compression if healed_int4 else None, progress)
 
     entries: dict[str, FormatEntry] = {}

@@ -352,12 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int4: quantize the factors as compressed, without first equalizing each rank "
                           "direction's down-row and up-column norms, nor a factored head's table columns "
                           "(for measuring what balancing gives)")
-    exp.add_argument("--int4-scales", default=default_of(ExportConfig, "int4_scales").value,
-                     help=help_with_default(f"int4 scales: {' or '.join(choices(Int4Scales))} (hqq: torchao's "
-                                            "half-quadratic scale search for ExecuTorch, onnxruntime's asymmetric blocks "
-                                            "for ONNX; absmax: max |w| / 7.5, symmetric, in both formats, the numerics "
-                                            "healing trains through and the default for a checkpoint healed that way)",
-                                            ExportConfig, "int4_scales"))
+    exp.add_argument("--int4-scales", default=None,
+                     help=f"int4 scales: {' or '.join(choices(Int4Scales))} (hqq: torchao's half-quadratic scale "
+                          "search for ExecuTorch, onnxruntime's asymmetric blocks for ONNX; absmax: max |w| / 7.5, "
+                          "symmetric, in both formats, the numerics healing trains through). Default: absmax for a "
+                          "checkpoint healed through int4 weights (compress --heal-quantize), else hqq")
     exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

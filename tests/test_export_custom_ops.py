@@ -233,7 +233,7 @@ def test_int4_scales_are_hqq_by_default_symmetric_either_way_and_validate_rebuil
     from rankdown.validate.harness import _lowered_model
 
     record, model, _ = _joint_model(compressed_tiny)
-    assert ExportConfig().int4_scales is Int4Scales.HQQ
+    assert ExportConfig().scales is Int4Scales.HQQ
     built = {hqq: _group_linears(quantize_int4(model, record, 32, hqq=hqq)[0]) for hqq in (True, False)}
     assert built[True].keys() == built[False].keys() and built[True]
     for linears in built.values():

@@ -12,6 +12,7 @@ from rankdown.compress.fake_quant import fake_int4, fake_quantized
 from rankdown.compress.pipeline import compress
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
+from rankdown.export.onnx_int4 import QUANTIZER
 from rankdown.export.onnx_int4_reference import weight_overrides
 from rankdown.export.pipeline import export, healed_for_int4
 from rankdown.factor import FactorizedLinear
@@ -254,6 +255,12 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
     for name in decoder:
         weight = model.get_parameter(f"{name}.weight").detach()
         assert torch.equal(held[f"{name}.weight"], fake_int4(weight, *int4_rounding(weight.shape[1], PER_CHANNEL))), name
+    # Other scales asked for by name are kept, with a warning: the user's choice is not overridden.
+    said = []
+    manifest = export(tmp_path / "int4", tmp_path / "onnx-hqq", ExportConfig(formats="onnx", quantize="int4", int4_scales="hqq"),
+                      progress=said.append)
+    assert manifest.options["int4_scales"] == "hqq" and manifest.formats["onnx"].quantization["scheme"] == QUANTIZER
+    assert any(m.startswith("warning: --int4-scales hqq on a checkpoint healed through absmax") for m in said)
     # A checkpoint healed in float is exported as asked, with a note on what heals for int4, said before
     # the lowering (stopped there: the lowering itself is the int4 export tests' business).
     said = []

@@ -100,7 +100,7 @@ def test_int4_linears_that_read_one_input_run_as_one_gemm_with_the_same_results(
     assert entry.factor_nodes.found == entry.factor_nodes.expected == 2 * entry.factor_nodes.pairs
 
     ckpt = open_checkpoint(folder)
-    apart, _ = quantize_int4(load_model(ckpt).eval(), ckpt.record, 32, hqq=ExportConfig().int4_scales is Int4Scales.HQQ)
+    apart, _ = quantize_int4(load_model(ckpt).eval(), ckpt.record, 32, hqq=ExportConfig().scales is Int4Scales.HQQ)
     fused = copy.deepcopy(apart)
     assert fuse_inputs(fused) == 3 * layers
     attention = fused.model.layers[0].self_attn

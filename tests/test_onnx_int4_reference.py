@@ -96,33 +96,70 @@ def test_the_reference_rounds_the_input_as_accuracy_level_4_does(tmp_path, block
         assert np.abs(got - float_input).max() > 50 * np.abs(got - rounded).max()
 
 
-@pytest.mark.parametrize("group", [0, 32])
-def test_healed_numerics_are_stored_to_the_bit_and_run_as_read_back(tmp_path, group):
+# (per channel: 96 in one block of 128, 200 in one of 256, 576 in five of 128, each last block padded)
+@pytest.mark.parametrize("group,k,accuracy_level,block", [(0, 96, 0, 128), (32, 96, 0, 32), (0, 200, 4, 256),
+                                                          (0, 576, 4, 128), (32, 200, 4, 32)])
+def test_healed_numerics_are_stored_to_the_bit_and_run_as_read_back(tmp_path, group, k, accuracy_level, block):
     """export/onnx_int4.py's healed path: the MatMulNBits read back is fake_int4 of the float weight
-    in the export's rounding (per channel: float32 scales over blocks of the largest power of two
-    dividing K; groups of 32: bf16 scales), and onnxruntime multiplies by exactly that."""
+    in the export's rounding (per channel: float32 scales repeated over ``channel_block``'s blocks,
+    the last zero-padded where the block does not divide K; groups of 32: bf16 scales), without zero
+    points, and onnxruntime multiplies by exactly that (at accuracy level 4, of its int8-rounded input)."""
     import onnxruntime as ort
     import torch
 
     from rankdown.compress.fake_quant import fake_int4
-    from rankdown.export.onnx_int4 import _healed_matmul_nbits
+    from rankdown.export.onnx_int4 import _healed_matmul_nbits, channel_block
     from rankdown.int4_numerics import int4_rounding
 
     rng = np.random.default_rng(3)
-    weight = rng.standard_normal((96, 40)).astype(np.float32)  # (K, N)
+    weight = rng.standard_normal((k, 40)).astype(np.float32)  # (K, N)
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/layer/proj/MatMul")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 96])],
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", 40])],
                               [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    blocks = _healed_matmul_nbits(model.graph, [model.graph.node[0]], group, accuracy_level=0, channel_block=128)
-    assert blocks == {"/layer/proj/MatMul": 32} and [i.name for i in model.graph.initializer] == ["w_Q4", "w_scales"]
+    blocks = _healed_matmul_nbits(model.graph, [model.graph.node[0]], group, accuracy_level=accuracy_level, block_cost=32)
+    assert block == (channel_block(k, 32) if group == 0 else int4_rounding(k, group)[0])
+    assert blocks == {"/layer/proj/MatMul": block} and [i.name for i in model.graph.initializer] == ["w_Q4", "w_scales"]
     path = tmp_path / "healed.onnx"
     onnx.save(model, str(path))
     [read] = graph_weights(path).values()
-    assert read.zero_points is None
-    expected = fake_int4(torch.from_numpy(weight.T.copy()), *int4_rounding(96, group)).numpy()
+    assert read.zero_points is None and read.accuracy_level == accuracy_level
+    expected = fake_int4(torch.from_numpy(weight.T.copy()), *int4_rounding(k, group)).numpy()
     assert np.array_equal(read.dequantize(), expected)
-    x = rng.standard_normal((3, 96)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, x @ expected.T, rtol=1e-5, atol=1e-4)
+    read_input = int8_blocks(torch.from_numpy(x), block).numpy() if accuracy_level == 4 else x
+    np.testing.assert_allclose(got, read_input @ expected.T, rtol=1e-5, atol=2e-4)
+
+
+def test_healed_numerics_store_a_weight_two_matmuls_share_once():
+    """Two MatMuls reading one weight get one 4-bit weight and one scale tensor between them."""
+    import onnxruntime as ort
+
+    from rankdown.export.onnx_int4 import _healed_matmul_nbits
+
+    weight = np.random.default_rng(4).standard_normal((64, 24)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], [y], name=f"/{y}/MatMul") for y in ("a", "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 24]) for y in ("a", "b")],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    _healed_matmul_nbits(model.graph, list(model.graph.node), 0, accuracy_level=0, block_cost=32)
+    assert sorted(i.name for i in model.graph.initializer) == ["w_Q4", "w_scales"]
+    assert [n.input[1:3] for n in model.graph.node] == [["w_Q4", "w_scales"]] * 2
+    onnx.checker.check_model(model)
+    x = np.ones((1, 64), np.float32)
+    a, b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(a, b) and np.abs(a - x @ weight).max() < 0.2 * np.abs(x @ weight).max()
+
+
+def test_channel_block_trades_padding_for_fewer_blocks():
+    """A per-channel row's block: exact where a large block divides K, else fewer blocks with the last
+    padded (576: five of 128, not nine of 64), never a block that is mostly padding (32: 32)."""
+    from rankdown.export.onnx_int4 import CHANNEL_BLOCKS, channel_block
+
+    assert {k: channel_block(k, 32) for k in (32, 64, 96, 256, 576, 1536)} == {
+        32: 32, 64: 64, 96: 128, 256: 256, 576: 128, 1536: 256}
+    assert channel_block(576, 0) == 64 and channel_block(576, 10_000) == 256  # bytes only; blocks only
+    assert all(channel_block(k) in CHANNEL_BLOCKS for k in range(16, 2048, 16))
