@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     k, n = (int(v) for v in args.shape.lower().split("x"))
 
-    blocks = [int(b) for b in args.blocks.split(",") if b]
+    blocks: list[int | None] = [int(b) for b in args.blocks.split(",") if b]
     for block in blocks or [None]:
         model = chain(k, n, args.depth) if block is None else padded_chain(k, n, args.depth, block)
         timed(model, f"{args.depth} nodes of {k}x{n}" + ("" if block is None else f", blocks of {block}"), k, args)
