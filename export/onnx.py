@@ -49,7 +49,7 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
                 "the input width, the scale repeated; MLAS runs fewer, padded blocks faster)")
         progress(f"  onnx: int4 MatMulNBits for {quantization['int4_matmuls']} matmul(s), {rule} "
                  f"({blocks}; {quantization['partial_last_block']} "
-                 f"with a zero-padded last block: no such block); {quantization['fused_input_linears']} run as rows of "
+                 f"with a zero-padded last block); {quantization['fused_input_linears']} run as rows of "
                  f"another's node (first stages that read one input, stacked); head {quantization['head']}; "
                  f"embedding {quantization['embedding']}")
     # Beyond check_file's containment: onnx's checker and shape inference, once, at export.
