@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,25 +331,29 @@ def healing_memory(ckpt: Checkpoint, cfg: CompressConfig, trainable: float) -> i
     return int(3 * 4 * trainable + casts) + targets + activations
 
 
-def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig, progress: Progress) -> CompressionReport:
+def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig, progress: Progress,
+                 then: Callable[[Path, LlamaForCausalLM, CompressionReport], CompressionReport] | None = None) -> CompressionReport:
     """Heal the factor pairs of ``unhealed`` (a checkpoint `compress` made of ``model_dir`` without
     healing) as ``cfg.healing`` says and write the result to ``out``. For factors made elsewhere (worker
     processes): healing trains the whole model, so it runs in one process after them. The report is
-    the unhealed one plus healing; its seconds add the dense targets' and the training's."""
+    the unhealed one plus healing; its seconds add the dense targets' and the training's. ``then``
+    (folder, healed model, report) rewrites the folder before it becomes ``out`` (the head's
+    factoring) and returns its report."""
     dense = open_checkpoint(model_dir)
     targets = teacher_targets(dense, load_tokenizer(model_dir), cfg, progress)
     torch.manual_seed(cfg.seed)
     model = load_model(open_checkpoint(unhealed))  # float32, as compress holds the factors it heals
     report = heal(model, targets, cfg.healing, cfg.seed, progress)
     return write_healed(model, unhealed, out, targets, report, DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype,
-                        cfg.overwrite)
+                        cfg.overwrite, then)
 
 
 def write_healed(model: LlamaForCausalLM, unhealed: Path, out: Path, targets: TeacherTargets, report: HealingReport,
-                 dtype: torch.dtype, overwrite: bool) -> CompressionReport:
+                 dtype: torch.dtype, overwrite: bool,
+                 then: Callable[[Path, LlamaForCausalLM, CompressionReport], CompressionReport] | None = None) -> CompressionReport:
     """Write ``model``, healed from the checkpoint ``unhealed``, to ``out`` with that checkpoint's report
     plus ``report``: the seconds a one-process `compress` would take (its own, the dense targets', the
-    training's) and the larger peak RSS."""
+    training's) and the larger peak RSS; ``then`` as in ``heal_written``."""
     before = CompressionReport.read(unhealed)
     healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
                                  wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2),
@@ -357,4 +362,6 @@ def write_healed(model: LlamaForCausalLM, unhealed: Path, out: Path, targets: Te
         writer = ShardedWriter(tmp, dtype)
         write_model(writer, model)
         writer.finish(model, unhealed, extra_files={REPORT_FILE: healed.to_json()})
+        if then is not None:
+            healed = then(tmp, model, healed)
     return healed

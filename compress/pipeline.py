@@ -85,23 +85,31 @@ def _factor_then_heal(model_dir: Path, out: Path, cfg: CompressConfig, progress:
     """Several workers: they factor the model into a staging folder beside ``out``, then worker 0
     (or this process, which started them) heals it alone, since healing trains the whole model."""
     # A name the output's stale-temporary sweep matches: a run killed mid-way leaves nothing for long.
-    if cfg.head_rank is not None:
-        raise RankdownError("--head-rank runs in one process, or with several workers and --heal-steps 0 "
-                            "(healing is on by default)")
     staging = out.with_name(f".{out.name}.tmp-unhealed")
     # float32 factors, so healing starts from what a one-process run heals; the output takes the dtype.
-    factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), overwrite=True, dtype="float32")
+    # The head (--head-rank) is factored after healing, from the healed model, as in one process.
+    factor_cfg = dataclasses.replace(cfg, healing=Healing(steps=0), head_rank=None, overwrite=True, dtype="float32")
     if distributed.launched() and not distributed.leads_output():
         return compress(model_dir, staging, factor_cfg, progress)
     check_output_path(out, [model_dir], cfg.overwrite)  # before the factorization, not after it
     dense = open_checkpoint(model_dir)
     trainable = (1 - cfg.ratio) * model_info(dense).dense_decoder_linear_params
-    require_memory(4 * model_info(dense).total_params + healing_memory(dense, cfg, trainable),
+    head = head_memory(dense.config) if cfg.head_rank is not None else 0
+    require_memory(4 * model_info(dense).total_params + healing_memory(dense, cfg, trainable) + head,
                    f"healing after the workers ({cfg.healing.steps} steps; --heal-steps 0 skips it)", model_dir)
+    then = None
+    if cfg.head_rank is not None:
+        windows = data_windows(load_tokenizer(model_dir), cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
+        _check_head_windows(windows, cfg)  # now, not after the workers' minutes
+        dtype = DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype
+        rank = cfg.head_rank
+
+        def then(folder: Path, model, report: CompressionReport) -> CompressionReport:
+            return _factor_head(folder, model_dir, windows, rank, report, dtype, progress, model)
     with exclusive_output(out, "compressing"):
         try:
             compress(model_dir, staging, factor_cfg, progress)
-            report = heal_written(model_dir, staging, out, cfg, progress)
+            report = heal_written(model_dir, staging, out, cfg, progress, then)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     progress(f"wrote {out}: healed {report.healing.steps} steps, held-back loss {report.healing.loss_before:.4f} -> "
@@ -148,12 +156,19 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
             + head)
 
 
+def _check_head_windows(windows: torch.Tensor, cfg: CompressConfig) -> None:
+    if cfg.head_rank is not None and windows.shape[0] < MIN_WINDOWS:
+        raise RankdownError(f"{cfg.source}: --head-rank needs at least {MIN_WINDOWS} calibration windows of "
+                            f"{cfg.seq_len} tokens, got {windows.shape[0]} (give more text or --calib-tokens)")
+
+
 def _factor_head(folder: Path, model_dir: Path, windows: torch.Tensor, rank: int, report: CompressionReport,
-                 dtype: torch.dtype, progress: Progress) -> CompressionReport:
+                 dtype: torch.dtype, progress: Progress, model=None) -> CompressionReport:
     """The head (a tied table: lookup and head) of the checkpoint just written into ``folder`` factored
-    to ``rank`` (compress/head.py), the folder rewritten with it and the report. Read back from the
-    folder because the streaming strategies leave no model in memory (their ``model`` is on meta)."""
-    model = load_model(open_checkpoint(folder))
+    to ``rank`` (compress/head.py), the folder rewritten with it and the report. ``model``: the model
+    written there, else read back from the folder (the streaming strategies leave no model in
+    memory: their ``model`` is on meta)."""
+    model = load_model(open_checkpoint(folder)) if model is None else model
     progress(f"factoring the head to rank {rank} on {min(len(windows), HEAD_WINDOWS)} calibration windows")
     head = factor_head(model, windows[:HEAD_WINDOWS], rank)
     report = dataclasses.replace(report, head=head, peak_memory_mb=round(max(report.peak_memory_mb, peak_rss_mb()), 1),
@@ -184,9 +199,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     tokenizer = load_tokenizer(model_dir)
     spec = METHODS[cfg.method]
     windows = data_windows(tokenizer, cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
-    if cfg.head_rank is not None and windows.shape[0] < MIN_WINDOWS:  # now, not after the decoder's minutes
-        raise RankdownError(f"{cfg.source}: --head-rank needs at least {MIN_WINDOWS} calibration windows of "
-                            f"{cfg.seq_len} tokens, got {windows.shape[0]} (give more text or --calib-tokens)")
+    _check_head_windows(windows, cfg)  # now, not after the decoder's minutes
     units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"

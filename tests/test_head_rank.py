@@ -249,9 +249,22 @@ def test_a_head_rank_that_saves_nothing_is_refused(tiny_tokenizer, tmp_path, ran
     assert not (tmp_path / "c").exists()
 
 
-def test_head_rank_with_workers_and_healing_is_refused_before_any_work(tiny_tokenizer, tmp_path):
+def test_workers_then_healing_then_the_head_give_what_one_process_gives(tiny_tokenizer, tmp_path):
+    """With workers and healing, the workers factor the decoder, one process heals it, and the head
+    is factored last from the healed model, as one process does it: the same ranks, healing and head,
+    and nothing of the staging folder is left."""
     dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, tie_word_embeddings=True)
-    cfg = CompressConfig(method="feature", ratio=0.3, calib_tokens=4096, seq_len=64, workers=2, head_rank=RANK)
-    with pytest.raises(RankdownError, match="--head-rank runs in one process"):
-        compress(dense, tmp_path / "c", cfg, progress=quiet)
-    assert not (tmp_path / "c").exists()
+    settings = dict(method="feature", allocate="uniform", task="prose", ratio=0.3, calib_tokens=4096, seq_len=64, head_rank=RANK,
+                    healing=Healing(steps=2, batch=2, seq_len=32, held_back=2))
+    one = compress(dense, tmp_path / "one", CompressConfig(**settings), progress=quiet)
+    said: list[str] = []
+    two = compress(dense, tmp_path / "two", CompressConfig(workers=2, **settings), progress=said.append)
+    assert two.workers == 2 and two.head is not None and two.head.rank == RANK and two.healing.steps == 2
+    assert two.modules == one.modules and two.head.params_after == one.head.params_after
+    assert two.healing.loss_after == pytest.approx(one.healing.loss_after, rel=1e-3)
+    assert two.head.loss_after == pytest.approx(one.head.loss_after, rel=1e-3)
+    assert model_info(open_checkpoint(tmp_path / "two")).head_rank == RANK
+    assert CompressionReport.read(tmp_path / "two") == two
+    healed = next(i for i, m in enumerate(said) if m.startswith("healing step 2/2"))
+    assert healed < next(i for i, m in enumerate(said) if m.startswith("factoring the head"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "one", "two"]
