@@ -21,12 +21,15 @@ Activations: a node at accuracy level 4 (MLAS's CompInt8 kernels) rounds its inp
 block of its K at run time, one symmetric scale per block (max |a| / 127, codes a * (127 / max |a|)
 rounded half to even, MLAS's ``QuantizeARow_CompInt8``); the reference rounds each such linear's
 input the same way (a forward pre-hook while it runs), so what is left between it and onnxruntime
-is the kernels' summation order and the attention kernel (``ParityThresholds.lowering``).
+is the kernels' summation order and the attention kernel (``ParityThresholds.lowering``). Where the
+CPU has no CompInt8 kernel, onnxruntime runs such a node on the float input instead; whether it
+rounds is asked of the installed onnxruntime once (``onnxruntime_rounds_int8_inputs``), not assumed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +209,8 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, 
     for node, weight in graph_weights(model_path, graph).items():
         matrix = torch.from_numpy(weight.dequantize())
         path = _module_path(node, linears)
-        rounds_input = isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
+        rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
+                        and onnxruntime_rounds_int8_inputs())
         if path is not None:
             if f"{path}.weight" in overrides:
                 raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
@@ -246,6 +250,36 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, 
             raise RankdownError(f"{model_path}: the 4-bit weight for {name} is {tuple(tensor.shape)}, "
                                 f"the model's {tuple(expected)}")
     return overrides, int8_inputs
+
+
+@cache
+def onnxruntime_rounds_int8_inputs() -> bool:
+    """Whether this CPU's onnxruntime rounds a ``MatMulNBits`` input to int8 at accuracy level 4
+    (MLAS has CompInt8 kernels for AVX2, AVX512 and Arm's dot-product extension; elsewhere it falls
+    back to float inputs). Asked by running one small node on an input with an outlier, whose
+    rounding moves the output by about 1e-2 of its size, float summation order by about 1e-7. A fact of the machine and
+    the installed onnxruntime, so it is asked once a process."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, block = 64, 8, 32
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    scales = np.full(n * (k // block), 0.01, np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block, accuracy_level=INT8_INPUTS)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, 3] = 200.0  # one outlier per block makes the int8 steps coarse for the rest
+    x[0, 3 + block] = 200.0
+    weight = BlockWeight(codes, scales.reshape(n, k // block), None, 4, block, k, n, INT8_INPUTS).dequantize()
+    got = session.run(None, {"x": x})[0]
+    exact = x.astype(np.float64) @ weight.T.astype(np.float64)
+    return bool(np.abs(got - exact).max() > 1e-3 * np.abs(exact).max())
 
 
 def int8_blocks(x, block: int):

@@ -4,12 +4,14 @@ against them, and its refusals, are in test_int4_shipped.py, on the shipped mode
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rankdown.export.onnx_int4_reference import graph_weights, int8_blocks
+from rankdown.export.onnx_int4_reference import graph_weights, int8_blocks, onnxruntime_rounds_int8_inputs
 
 
 def _one_node_graph(op: str, weight: np.ndarray, tmp_path, **quantizer):
@@ -88,12 +90,58 @@ def test_the_reference_rounds_the_input_as_accuracy_level_4_does(tmp_path, block
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((5, 160)).astype(np.float32)
     x[:, 7] *= 60.0
+    rounds = onnxruntime_rounds_int8_inputs()
     for rows in (1, 5):
         got = session.run(None, {"x": x[:rows]})[0]
         rounded = int8_blocks(torch.from_numpy(x[:rows]), block).numpy() @ dequantized.T
         float_input = x[:rows] @ dequantized.T
-        np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=2e-4)
-        assert np.abs(got - float_input).max() > 50 * np.abs(got - rounded).max()
+        runs, other = (rounded, float_input) if rounds else (float_input, rounded)
+        np.testing.assert_allclose(got, runs, rtol=1e-5, atol=2e-4)
+        assert np.abs(got - other).max() > 50 * np.abs(got - runs).max()
+
+
+def _cpu_has_int8_dot() -> bool | None:
+    """Whether MLAS has CompInt8 kernels for this CPU (AVX2 on x86-64, the dot-product extension on
+    arm64), from /proc/cpuinfo; None where this test cannot tell."""
+    import platform
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return "avx2" in flags
+    if machine in ("aarch64", "arm64"):
+        return "asimddp" in flags
+    return None
+
+
+def test_the_rounding_probe_answers_as_the_cpu_has_int8_kernels():
+    expected = _cpu_has_int8_dot()
+    if expected is None:
+        pytest.skip("no /proc/cpuinfo on x86-64 or arm64 to say which kernels MLAS has")
+    assert onnxruntime_rounds_int8_inputs() is expected
+
+
+def test_the_reference_keeps_float_inputs_where_onnxruntime_does(tmp_path, monkeypatch):
+    """On a CPU without CompInt8 kernels (the probe says so), an accuracy-level-4 node's input is not
+    rounded by the reference either."""
+    from torch import nn
+
+    import rankdown.export.onnx_int4_reference as reference
+
+    weight = np.random.default_rng(4).standard_normal((96, 64)).astype(np.float32)
+    path = _one_node_graph("MatMul", weight, tmp_path, bits=4, block_size=32, is_symmetric=False, accuracy_level=4)
+    model = nn.Module()
+    model.layer = nn.Module()
+    model.layer.proj = nn.Linear(96, 64, bias=False)  # /layer/proj/MatMul's module
+    answers = {}
+    for rounds in (True, False):
+        monkeypatch.setattr(reference, "onnxruntime_rounds_int8_inputs", lambda rounds=rounds: rounds)
+        overrides, answers[rounds] = reference._graph_numerics(model, path)
+        assert set(overrides) == {"layer.proj.weight"}
+    assert answers == {True: {"layer.proj": 32}, False: {}}
 
 
 # (per channel: 96 in one block of 128, 200 in one of 256, 576 in five of 128, each last block padded)
@@ -129,7 +177,8 @@ def test_healed_numerics_are_stored_to_the_bit_and_run_as_read_back(tmp_path, gr
     assert np.array_equal(read.dequantize(), expected)
     x = rng.standard_normal((3, k)).astype(np.float32)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    read_input = int8_blocks(torch.from_numpy(x), block).numpy() if accuracy_level == 4 else x
+    rounds = accuracy_level == 4 and onnxruntime_rounds_int8_inputs()
+    read_input = int8_blocks(torch.from_numpy(x), block).numpy() if rounds else x
     np.testing.assert_allclose(got, read_input @ expected.T, rtol=1e-5, atol=2e-4)
 
 
