@@ -1,13 +1,14 @@
-"""How much of an ONNX int4 bundle's decode its ``MatMulNBits`` and ``GroupQueryAttention`` kernels
-take by themselves: the bundle's own nodes (weights, blocks, accuracy level, attention attributes as
-exported), each fed its own one-token input, in graph order, nothing else in the graph; beside the
-bundle's decode, interleaved in one process.
+"""Where an ONNX int4 bundle's decode time goes, kernel by kernel: the bundle's own ``MatMulNBits``
+nodes, its ``GroupQueryAttention`` nodes and its other nodes (norms, splits, activations), each kind
+in a graph of its own, every node fed its own one-token input; beside the bundle's decode and the
+share of it spent in onnxruntime's ``run``, interleaved in one process.
 
     python -m bench.onnx_kernels BUNDLE [--threads 1,2] [--rounds 5]
 
-Prints, per thread count, milliseconds a token for: the bundle's decode (128 greedy tokens after a
-32-token prompt, as ``bench.onnx_ab`` times it), its MatMulNBits alone, those without the head, and
-its attention alone at the decode's mean position (96). What those kernels take alone is a floor no
+Prints, per thread count, milliseconds a token for: the decode (128 greedy tokens after a 32-token
+prompt, as ``bench.onnx_ab`` times it) and its Python around onnxruntime; the MatMulNBits alone, and
+without the head; the attention alone at the decode's mean position (96); the other nodes alone; and
+what is left, onnxruntime's executor between the nodes. What the kernels take alone is a floor no
 graph change above them can go below (README, "What bounds ONNX int4 here").
 """
 
@@ -112,6 +113,63 @@ def attention_only(graph: Path):
     return helper.make_model(result, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
+def other_nodes_only(graph: Path):
+    """The graph's nodes that are neither MatMulNBits nor attention nor the embedding and mask
+    preamble nor constants (so: norms, splits, activations, the ``Mul`` of the MLP) as one model, each
+    reading its own inputs at the shapes one decoded token gives them (found by one run of the graph)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(graph)
+    initializers = {init.name: init for init in model.graph.initializer}
+    preamble = ("/model/embed_tokens/", "/model/attn_mask_reformat/", "/model/constant_nodes/")
+    chosen = [node for node in model.graph.node
+              if node.op_type not in ("MatMulNBits", "GroupQueryAttention") and not node.name.startswith(preamble)
+              and not all(name in initializers for name in node.input)]
+    probed = sorted({name for node in chosen for name in node.input if name and name not in initializers})
+    for name in probed:
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        if value.name == "input_ids":
+            feeds[value.name] = np.array([[5]], np.int64)
+        elif value.name == "attention_mask":
+            feeds[value.name] = np.ones((1, 1), np.int64)
+        else:  # an empty cache [1, kv_heads, 0, head_size]
+            feeds[value.name] = np.zeros([1, value.shape[1], 0, _head_size(graph)], np.float32)
+    shapes = {name: array.shape for name, array in zip(probed, session.run(probed, feeds))}
+    del session
+    kept: list = []
+    inputs: list = []
+    outputs: list = []
+    used: set[str] = set()
+    for i, node in enumerate(chosen):
+        names = []
+        for j, name in enumerate(node.input):
+            if not name or name in initializers:
+                used.update([name] if name else [])
+                names.append(name)
+                continue
+            names.append(f"x{i}_{j}")
+            inputs.append(helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, list(shapes[name])))
+        results = [f"y{i}_{j}" if name else "" for j, name in enumerate(node.output)]
+        outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in results if name]
+        kept.append(helper.make_node(node.op_type, names, results, name=node.name, domain=node.domain,
+                                     **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+    result = helper.make_graph(kept, "others", inputs, outputs, [initializers[n] for n in sorted(used)])
+    return helper.make_model(result, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _head_size(graph: Path) -> int:
+    import json
+
+    config = json.loads((graph.parent / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
 class KernelRun:
     """One session over ``kernels_only``'s or ``attention_only``'s model with every input and output
     bound once; a past cache and its present share one buffer, and attention sees ``position``
@@ -125,7 +183,7 @@ class KernelRun:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
-        self.nodes = sum(1 for node in model.graph.node if node.domain == "com.microsoft")
+        self.nodes = len(model.graph.node) - sum(1 for node in model.graph.node if node.op_type == "Cast")
         rng = np.random.default_rng(0)
         self._arrays = []  # the buffers the bound OrtValues view
         shared = {}
@@ -148,7 +206,10 @@ class KernelRun:
                 self.binding.bind_ortvalue_output(value.name, shared[value.name])
                 continue
             shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
-            self.binding.bind_ortvalue_output(value.name, ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32))
+            if shape and all(shape):
+                self.binding.bind_ortvalue_output(value.name, ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32))
+            else:  # onnxruntime allocates it, as the decode's intermediate values
+                self.binding.bind_output(value.name)
 
     def milliseconds(self, runs: int = 128) -> float:
         """Median milliseconds of one run over ``runs`` runs, as many as a decode round's tokens."""
@@ -174,25 +235,51 @@ def main() -> None:
 
     from rankdown.export.decoding import OnnxDecoder
 
-    models = [kernels_only(graph, head=True), kernels_only(graph, head=False), attention_only(graph)]
+    models = [kernels_only(graph, head=True), kernels_only(graph, head=False), attention_only(graph),
+              other_nodes_only(graph)]
     for threads in (int(t) for t in args.threads.split(",")):
         decoder = OnnxDecoder(graph, threads=threads)
+        in_run = _TimedRuns(decoder)
         runs = [KernelRun(model, threads) for model in models]
         decode_rate(decoder)
         for run in runs:
             run.milliseconds(16)
-        rows: list[list[float]] = [[] for _ in range(1 + len(runs))]
+        rows: list[list[float]] = [[] for _ in range(2 + len(runs))]
         for _ in range(args.rounds):
+            in_run.seconds.clear()
             rows[0].append(1e3 / decode_rate(decoder))
-            for row, run in zip(rows[1:], runs):
+            rows[1].append(statistics.fmean(in_run.seconds[1:]) * 1e3)  # a mean, as the decode's; not the prompt's call
+            for row, run in zip(rows[2:], runs):
                 row.append(run.milliseconds())
-        decode, kernels, body, attention = (statistics.median(r) for r in rows)
-        print(f"{threads} thread(s): decode {decode:.3f} ms a token ({1e3 / decode:.1f} tok/s); alone: its "
-              f"{runs[0].nodes} MatMulNBits {kernels:.3f} ms, without the head {body:.3f} ms; its {runs[2].nodes} "
-              f"GroupQueryAttention at position {MEAN_POSITION} {attention:.3f} ms; the two together "
-              f"{(kernels + attention) / decode:.0%} of the decode, the rest {decode - kernels - attention:.3f} ms",
-              flush=True)
+        decode, session, kernels, body, attention, others = (statistics.median(r) for r in rows)
+        print(f"{threads} thread(s): decode {decode:.3f} ms a token ({1e3 / decode:.1f} tok/s), of it Python "
+              f"{decode - session:.3f} ms; alone: its {runs[0].nodes} MatMulNBits {kernels:.3f} ms (without the head "
+              f"{body:.3f}), its {runs[2].nodes} GroupQueryAttention at position {MEAN_POSITION} {attention:.3f} ms, "
+              f"its {runs[3].nodes} other nodes {others:.3f} ms; left for onnxruntime between nodes "
+              f"{session - kernels - attention - others:.3f} ms", flush=True)
         del decoder, runs
+
+
+class _TimedRuns:
+    """Wraps a decoder's session so each ``run_with_iobinding`` call's seconds are kept."""
+
+    def __init__(self, decoder) -> None:
+        self.seconds: list[float] = []
+        session = decoder.session
+        timed = self
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def run_with_iobinding(self, binding, *args):
+                start = time.perf_counter()
+                try:
+                    return session.run_with_iobinding(binding, *args)
+                finally:
+                    timed.seconds.append(time.perf_counter() - start)
+
+        decoder.session = Timed()
 
 
 if __name__ == "__main__":
