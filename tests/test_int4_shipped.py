@@ -223,3 +223,31 @@ def test_the_profiler_counts_the_delegate_calls_the_export_recorded(int4_bundle)
     assert calls == 3
     assert counts["DELEGATE_CALL"] == calls * manifest.formats["executorch"].delegation["delegated_subgraphs"]
     assert any("QB4W" in name and total > 0 for name, total in totals.items())
+
+
+def test_the_kernel_bench_rebuilds_the_bundles_own_nodes_kind_by_kind(int4_bundle):
+    """bench.onnx_kernels times an int4 bundle's MatMulNBits, attention and other nodes each in a graph
+    of its own (README, "What bounds ONNX int4 here"): each graph holds exactly the bundle's nodes of
+    its kind, with the bundle's attributes, and runs at the shapes a decoded token gives them."""
+    from collections import Counter
+
+    from bench.onnx_kernels import KernelRun, attention_only, kernels_only, other_nodes_only
+
+    _, bundle, _, _ = int4_bundle
+    graph = bundle / "onnx" / "model.onnx"
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    matmuls = [n for n in nodes if n.op_type == "MatMulNBits"]
+    heads = [n for n in matmuls if n.name.startswith("/lm_head")]
+    parts = {"all": kernels_only(graph), "no head": kernels_only(graph, head=False),
+             "attention": attention_only(graph), "others": other_nodes_only(graph)}
+    kinds = {name: Counter(n.op_type for n in part.graph.node) for name, part in parts.items()}
+    assert kinds["all"]["MatMulNBits"] == len(matmuls) and heads
+    assert kinds["no head"]["MatMulNBits"] == len(matmuls) - len(heads)
+    assert [n.attribute for n in parts["all"].graph.node if n.op_type == "MatMulNBits"] == [n.attribute for n in matmuls]
+    assert dict(kinds["attention"]) == {"GroupQueryAttention": sum(n.op_type == "GroupQueryAttention" for n in nodes)}
+    bundle_kinds = Counter(n.op_type for n in nodes)
+    for kind in ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "Split", "Sigmoid"):
+        assert kinds["others"][kind] == bundle_kinds[kind], kind
+    assert not {"MatMulNBits", "GroupQueryAttention"} & set(kinds["others"])
+    for part in parts.values():
+        assert KernelRun(part, threads=1).milliseconds(runs=2) > 0
