@@ -41,6 +41,9 @@ from rankdown.export.onnx_fused_inputs import fused_members
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 INT8_INPUTS = 4  # MatMulNBits' accuracy level that rounds its input to int8 per block
+# Dequantized weights kept for the whole check below this, made per call above it (int4_reference):
+# SmolLM2-135M's are about 0.5 GB and stay kept, a 1B model's would be a second 5 GB copy.
+KEEP_DEQUANTIZED_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -57,22 +60,42 @@ class BlockWeight:
     n: int
     accuracy_level: int = 0  # 4: the input is rounded to int8 per block at run time
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    def take(self, rows) -> BlockWeight:
+        """These rows (a slice or an index array) alone, still packed."""
+        codes = self.codes[rows]
+        return BlockWeight(codes=codes, scales=self.scales.reshape(self.n, -1)[rows],
+                           zero_points=None if self.zero_points is None else self.zero_points.reshape(self.n, -1)[rows],
+                           bits=self.bits, block_size=self.block_size, k=self.k, n=codes.shape[0],
+                           accuracy_level=self.accuracy_level)
+
     def dequantize(self) -> np.ndarray:
         """The float weight, ``(N, K)`` (a linear's ``out x in``)."""
+        return self.dequantized().numpy()
+
+    def dequantized(self):
+        """``dequantize`` as a torch tensor: the same float32 arithmetic, on all threads (the int4
+        reference dequantizes per call for a large model: SmolLM2's 8-bit head takes 18 ms here
+        against 290 in numpy)."""
+        import torch
+
         per_byte = 8 // self.bits
         mask = (1 << self.bits) - 1
-        shifts = np.arange(per_byte, dtype=np.uint8) * self.bits
-        codes = (self.codes[..., None] >> shifts) & mask  # (N, k_blocks, blob, per_byte): low bits first
+        shifts = torch.arange(per_byte, dtype=torch.uint8) * self.bits
+        codes = (torch.tensor(self.codes)[..., None] >> shifts) & mask  # (N, k_blocks, blob, per_byte): low bits first
         blocks = self.codes.shape[1]
-        codes = codes.reshape(self.n, blocks, self.block_size).astype(np.float32)
+        codes = codes.reshape(self.n, blocks, self.block_size).to(torch.float32)
         if self.zero_points is None:
-            zeros = np.full((self.n, blocks), float(1 << (self.bits - 1)), np.float32)
+            zeros = torch.full((self.n, blocks), float(1 << (self.bits - 1)))
         else:
-            packed = self.zero_points.reshape(self.n, -1)
-            zeros = ((packed[..., None] >> shifts) & mask).reshape(self.n, -1)[:, :blocks].astype(np.float32)
-        scales = self.scales.reshape(self.n, blocks).astype(np.float32)
+            packed = torch.tensor(self.zero_points.reshape(self.n, -1))
+            zeros = ((packed[..., None] >> shifts) & mask).reshape(self.n, -1)[:, :blocks].to(torch.float32)
+        scales = torch.tensor(self.scales.reshape(self.n, blocks), dtype=torch.float32)
         weight = (codes - zeros[..., None]) * scales[..., None]
-        return np.ascontiguousarray(weight.reshape(self.n, blocks * self.block_size)[:, : self.k])
+        return weight.reshape(self.n, blocks * self.block_size)[:, : self.k].contiguous()
 
 
 @dataclass(frozen=True)
@@ -86,13 +109,30 @@ class LookupTable:
     block_size: int
     default_zero_point: float  # the operator's, by the codes' type: 8 for uint4, 128 for uint8, 0 signed
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def take(self, rows) -> LookupTable:
+        """These rows (a slice or an index array) alone, still packed."""
+        return LookupTable(codes=self.codes[rows], scales=self.scales[rows],
+                           zero_points=None if self.zero_points is None else self.zero_points[rows],
+                           block_size=self.block_size, default_zero_point=self.default_zero_point)
+
     def dequantize(self) -> np.ndarray:
+        return self.dequantized().numpy()
+
+    def dequantized(self):
+        """``dequantize`` as a torch tensor (see ``BlockWeight.dequantized``)."""
+        import torch
+
         rows, columns = self.codes.shape
-        codes = self.codes.astype(np.float32).reshape(rows, -1, self.block_size)
-        zeros = np.full(self.scales.shape, self.default_zero_point, np.float32) \
-            if self.zero_points is None else self.zero_points.astype(np.float32)
-        weight = (codes - zeros[..., None]) * self.scales.astype(np.float32)[..., None]
-        return np.ascontiguousarray(weight.reshape(rows, columns))
+        # through numpy: onnx reads 4-bit codes as ml_dtypes' int4 / uint4, which torch does not take
+        codes = torch.from_numpy(self.codes.astype(np.float32)).reshape(rows, -1, self.block_size)
+        zeros = torch.full(self.scales.shape, self.default_zero_point) \
+            if self.zero_points is None else torch.from_numpy(self.zero_points.astype(np.float32))
+        weight = (codes - zeros[..., None]) * torch.tensor(self.scales, dtype=torch.float32)[..., None]
+        return weight.reshape(rows, columns).contiguous()
 
 
 def _cast_constant(init, node):
@@ -150,14 +190,12 @@ def graph_weights(model_path: Path, graph=None) -> dict[str, BlockWeight | Looku
         if sum(rows for _, rows in members) != n:
             raise RankdownError(f"{model_path}: MatMulNBits node {node.name} has {n} rows, its members "
                                 f"{sum(rows for _, rows in members)}")
+        whole = BlockWeight(codes=codes, scales=scales.reshape(n, -1), zero_points=zero_points,
+                            bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
+                            k=int(attributes["K"]), n=n, accuracy_level=int(attributes.get("accuracy_level", 0)))
         start = 0
         for name, rows in members:  # a fused node's members are its rows, in order (export/onnx_fused_inputs.py)
-            part = slice(start, start + rows)
-            weights[name] = BlockWeight(
-                codes=codes[part], scales=scales.reshape(n, -1)[part],
-                zero_points=None if zero_points is None else zero_points.reshape(n, -1)[part],
-                bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]),
-                k=int(attributes["K"]), n=rows, accuracy_level=int(attributes.get("accuracy_level", 0)))
+            weights[name] = whole.take(slice(start, start + rows)) if len(members) > 1 else whole
             start += rows
     return weights
 
@@ -191,30 +229,37 @@ def _module_path(node_name: str, names: set[str]) -> str | None:
 
 def weight_overrides(model, model_path: Path) -> dict[str, Any]:
     """``{parameter name: dequantized weight tensor}`` for every linear (and lookup table) the graph
-    holds in 4 or 8 bits."""
-    return _graph_numerics(model, model_path)[0]
+    holds in 4 or 8 bits; names tied to one stored weight get one tensor."""
+    return _dequantized(_graph_numerics(model, model_path)[0])
 
 
-def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """``weight_overrides``, and ``{linear's module path: block}`` for the linears whose input the
-    graph rounds to int8 per block of that many (accuracy level 4)."""
+def _dequantized(sources: dict[str, BlockWeight | LookupTable]) -> dict[str, Any]:
+    tensors: dict[int, Any] = {}  # by source: names tied to one stored weight share one tensor
+    for source in sources.values():
+        if id(source) not in tensors:
+            tensors[id(source)] = source.dequantized()
+    return {name: tensors[id(source)] for name, source in sources.items()}
+
+
+def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | LookupTable], dict[str, int]]:
+    """``{parameter name: its weight as the graph stores it}`` (still packed), and ``{linear's module
+    path: block}`` for the linears whose input the graph rounds to int8 per block of that many
+    (accuracy level 4)."""
     import onnx
-    import torch
     from torch import nn
 
     graph = onnx.load(str(model_path)).graph
     linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, BlockWeight | LookupTable] = {}
     int8_inputs: dict[str, int] = {}
     for node, weight in graph_weights(model_path, graph).items():
-        matrix = torch.from_numpy(weight.dequantize())
         path = _module_path(node, linears)
         rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
                         and onnxruntime_rounds_int8_inputs())
         if path is not None:
             if f"{path}.weight" in overrides:
                 raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
-            overrides[f"{path}.weight"] = matrix
+            overrides[f"{path}.weight"] = weight
             if rounds_input:
                 int8_inputs[path] = weight.block_size
             continue
@@ -226,12 +271,12 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, 
         for proj in _QKV:
             linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
             rows = linear.out_features
-            overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = matrix[start:start + rows]
+            overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = weight.take(slice(start, start + rows))
             if rounds_input:
                 int8_inputs[f"{packed.rpartition('.')[0]}.{proj}"] = weight.block_size
             start += rows
-        if start != matrix.shape[0]:
-            raise RankdownError(f"{model_path}: packed {node} has {matrix.shape[0]} rows, q/k/v {start}")
+        if start != weight.shape[0]:
+            raise RankdownError(f"{model_path}: packed {node} has {weight.shape[0]} rows, q/k/v {start}")
     # A tied table the graph stores once (the fused graph's lookup reads the head's blocks) is the
     # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps
     # both, and a lookup the graph keeps in fp32 keeps the model's own table.
@@ -244,10 +289,10 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, Any], dict[str, 
             for name in names:
                 if given and name not in overrides:
                     overrides[name] = given[0]
-    for name, tensor in overrides.items():
+    for name, source in overrides.items():
         expected = model.get_parameter(name).shape
-        if tuple(tensor.shape) != tuple(expected):
-            raise RankdownError(f"{model_path}: the 4-bit weight for {name} is {tuple(tensor.shape)}, "
+        if tuple(source.shape) != tuple(expected):
+            raise RankdownError(f"{model_path}: the 4-bit weight for {name} is {tuple(source.shape)}, "
                                 f"the model's {tuple(expected)}")
     return overrides, int8_inputs
 
@@ -297,16 +342,38 @@ def int8_blocks(x, block: int):
     return (codes * (peak / 127.0)).reshape(*x.shape[:-1], -1)[..., :width]
 
 
-def int4_reference(model, model_path: Path):
+def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_BYTES):
     """``model`` as the ONNX int4 graph at ``model_path`` computes it (its weights dequantized), for
-    ``torch_greedy``; ``model`` itself is left as it is."""
+    ``torch_greedy``; ``model`` itself is left as it is.
+
+    The dequantized weights are a second float copy of the model's linears. Up to ``keep_bytes`` of
+    them are made once and kept; past that (a model of a few hundred million parameters and up) each
+    linear's weight is dequantized from the packed codes when the linear runs and dropped after, a
+    lookup's only for the rows it reads, so the reference costs one layer's weight at a time and a
+    dequantization per call instead of a second model."""
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
-    overrides, int8_inputs = _graph_numerics(model, model_path)
+    sources, int8_inputs = _graph_numerics(model, model_path)
+    unique = {id(source): source for source in sources.values()}.values()
+    kept = sum(4 * source.shape[0] * source.shape[1] for source in unique) <= keep_bytes
+    overrides = _dequantized(sources) if kept else {}
 
     def rounding(block: int):
         return lambda module, inputs: (int8_blocks(inputs[0], block), *inputs[1:])
+
+    def dequantizing(module: nn.Module, source: BlockWeight | LookupTable):
+        if isinstance(module, nn.Embedding):
+            def lookup(ids):
+                # inference: padding_idx only shapes gradients, and Llama's lookups set no max_norm
+                rows, where = np.unique(ids.numpy(), return_inverse=True)
+                table = source.take(rows).dequantized()
+                return F.embedding(torch.from_numpy(where.reshape(ids.shape)), table)
+            return lookup
+        assert isinstance(module, nn.Linear), "overrides name nn.Linear and nn.Embedding weights only"
+        bias = module.bias
+        return lambda x: F.linear(x, source.dequantized(), bias)
 
     class WithGraphWeights(nn.Module):
         def __init__(self):
@@ -314,14 +381,23 @@ def int4_reference(model, model_path: Path):
             self.inner = model
 
         def forward(self, *args, **kwargs):
-            # The hooks live only as long as this call: ``model`` itself is left as it is.
+            # The hooks and forwards set here live only as long as this call: ``model`` itself is left as it is.
             hooks = [model.get_submodule(path).register_forward_pre_hook(rounding(block))
                      for path, block in int8_inputs.items()]
+            patched = []
             try:
-                # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
-                return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
+                if kept:
+                    # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
+                    return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
+                for name, source in sources.items():
+                    module = model.get_submodule(name.rpartition(".")[0])
+                    module.forward = dequantizing(module, source)  # an instance attribute: the class's is untouched
+                    patched.append(module)
+                return self.inner(*args, **kwargs)
             finally:
                 for hook in hooks:
                     hook.remove()
+                for module in patched:
+                    del module.forward
 
     return WithGraphWeights().eval()

@@ -161,6 +161,8 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
         # the self-check's reference reads that one table back for both (export/onnx_int4_reference.py)
         overrides = weight_overrides(load_model(open_checkpoint(dense)), bundle / "onnx" / "model.onnx")
         assert overrides["lm_head.weight"] is overrides["model.embed_tokens.weight"]
+        # made per call: the lookup dequantizes the rows it reads of the head's blocks
+        _per_call_reference_matches_the_kept_one(load_model(open_checkpoint(dense)), bundle / "onnx" / "model.onnx")
 
 
 def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
@@ -190,6 +192,8 @@ def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     overrides = weight_overrides(load_model(open_checkpoint(tmp_path / "svd")), tmp_path / "b" / "onnx" / "model.onnx")
     head, lookup = overrides["lm_head.weight"], overrides["model.embed_tokens.weight"]
     assert head.shape == lookup.shape and 0 < (head - lookup).abs().max() < 0.5 * head.abs().max()
+    _per_call_reference_matches_the_kept_one(load_model(open_checkpoint(tmp_path / "svd")),
+                                             tmp_path / "b" / "onnx" / "model.onnx")
 
 
 def test_feature_biases_leave_no_add_after_a_factor(compressed_tiny, tmp_path):
@@ -286,3 +290,33 @@ def test_head_bits_is_refused_without_int4():
         ExportConfig(formats="onnx", quantize="int8", head_bits=4)
     with pytest.raises(RankdownError, match="--head-bits must be one of 4, 8"):
         ExportConfig(formats="onnx", quantize="int4", head_bits=2)
+
+
+
+def _per_call_reference_matches_the_kept_one(model, graph) -> None:
+    """Past ``keep_bytes`` the int4 reference dequantizes each linear's weight when it runs (and a
+    lookup's rows when they are read) instead of keeping a second float copy of the model: the same
+    logits to the bit as the kept reference, the float model's differ, and the model is left as it was."""
+    import numpy as np
+    import torch
+
+    from rankdown.export.onnx_int4_reference import int4_reference
+    from rankdown.export.parity import torch_greedy
+
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    prompt = [5, 9, 13, 9, 40, 2]
+    kept = torch_greedy(int4_reference(model, graph), prompt, 6)
+    per_call = torch_greedy(int4_reference(model, graph, keep_bytes=0), prompt, 6)
+    assert kept.tokens == per_call.tokens
+    assert np.array_equal(kept.prompt_logits, per_call.prompt_logits)
+    assert np.array_equal(kept.step_logits, per_call.step_logits)
+    assert not np.array_equal(torch_greedy(model, prompt, 6).prompt_logits, kept.prompt_logits)  # 4-bit weights
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert not any("forward" in vars(module) for module in model.modules())
+
+
+def test_the_read_back_made_per_call_computes_what_the_kept_one_does(onnx_int4_bundles):
+    from rankdown.checkpoint import load_model, open_checkpoint
+
+    folder, _, (bundle, _) = onnx_int4_bundles
+    _per_call_reference_matches_the_kept_one(load_model(open_checkpoint(folder)), bundle / "onnx" / "model.onnx")
