@@ -357,7 +357,8 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
 
     sources, int8_inputs = _graph_numerics(model, model_path)
     unique = {id(source): source for source in sources.values()}.values()
-    kept = sum(4 * source.shape[0] * source.shape[1] for source in unique) <= keep_bytes
+    dequantized_bytes = sum(4 * source.shape[0] * source.shape[1] for source in unique)
+    kept = dequantized_bytes <= keep_bytes
     overrides = _dequantized(sources) if kept else {}
 
     def rounding(block: int):
@@ -376,9 +377,12 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
         return lambda x: F.linear(x, source.dequantized(), bias)
 
     class WithGraphWeights(nn.Module):
-        def __init__(self):
+        note: str | None  # for the progress line of a slower check: why it dequantizes per call
+
+        def __init__(self, note: str | None):
             super().__init__()
             self.inner = model
+            self.note = note
 
         def forward(self, *args, **kwargs):
             # The hooks and forwards set here live only as long as this call: ``model`` itself is left as it is.
@@ -400,4 +404,6 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
                 for module in patched:
                     del module.forward
 
-    return WithGraphWeights().eval()
+    note = None if kept else (f"weights dequantized per call ({dequantized_bytes / 2**30:.1f} GiB kept would be "
+                              f"a second copy of the model's linears)")
+    return WithGraphWeights(note).eval()

@@ -267,6 +267,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             if cfg.check and lowered_reference is None and read_back is not None:
                 # A format quantized on its graph: the model with the graph's own weights, read back.
                 lowered = read_back(model, tmp / spec.artifact, cfg.quantize)
+                if getattr(lowered, "note", None):
+                    progress(f"{fmt.value}: the check's reference: {lowered.note}")
                 if lowered is not None:
                     lowered_reference = [torch_greedy(lowered, p, cfg.parity_new_tokens) for p in prompts]
                     del lowered

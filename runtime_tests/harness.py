@@ -253,7 +253,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     for runtime in runtimes:
         lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle)
         if lowered is not None:
-            progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights")
+            note = getattr(lowered, "note", None)
+            progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights"
+                     + (f"; {note}" if note else ""))
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
             del lowered
             if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:

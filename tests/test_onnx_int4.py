@@ -305,8 +305,10 @@ def _per_call_reference_matches_the_kept_one(model, graph) -> None:
 
     before = {name: p.clone() for name, p in model.named_parameters()}
     prompt = [5, 9, 13, 9, 40, 2]
-    kept = torch_greedy(int4_reference(model, graph), prompt, 6)
-    per_call = torch_greedy(int4_reference(model, graph, keep_bytes=0), prompt, 6)
+    kept_reference, per_call_reference = int4_reference(model, graph), int4_reference(model, graph, keep_bytes=0)
+    assert kept_reference.note is None and "dequantized per call" in per_call_reference.note  # the progress line
+    kept = torch_greedy(kept_reference, prompt, 6)
+    per_call = torch_greedy(per_call_reference, prompt, 6)
     assert kept.tokens == per_call.tokens
     assert np.array_equal(kept.prompt_logits, per_call.prompt_logits)
     assert np.array_equal(kept.step_logits, per_call.step_logits)
