@@ -395,6 +395,8 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
                     return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
                 for name, source in sources.items():
                     module = model.get_submodule(name.rpartition(".")[0])
+                    if any(module is done for done in patched):
+                        continue  # a module reached by two names (a tied parameter) is given its weight once
                     module.forward = dequantizing(module, source)  # an instance attribute: the class's is untouched
                     patched.append(module)
                 return self.inner(*args, **kwargs)
