@@ -42,7 +42,7 @@ from rankdown.export.onnx_fused_inputs import fused_members
 _QKV = ("q_proj", "k_proj", "v_proj")
 INT8_INPUTS = 4  # MatMulNBits' accuracy level that rounds its input to int8 per block
 # Dequantized weights kept for the whole check below this, made per call above it (int4_reference):
-# SmolLM2-135M's are about 0.5 GB and stay kept, a 1B model's would be a second 5 GB copy.
+# SmolLM2-135M's dense ones are about 0.5 GB and stay kept, a 1B model's would be a second 5 GB copy.
 KEEP_DEQUANTIZED_BYTES = 1 << 30
 
 
@@ -85,16 +85,18 @@ class BlockWeight:
         per_byte = 8 // self.bits
         mask = (1 << self.bits) - 1
         shifts = torch.arange(per_byte, dtype=torch.uint8) * self.bits
-        codes = (torch.tensor(self.codes)[..., None] >> shifts) & mask  # (N, k_blocks, blob, per_byte): low bits first
+        codes = (torch.tensor(self.codes)[..., None] >> shifts) & mask  # low bits first
         blocks = self.codes.shape[1]
-        codes = codes.reshape(self.n, blocks, self.block_size).to(torch.float32)
+        weight = codes.reshape(self.n, blocks, self.block_size).to(torch.float32)
+        del codes
         if self.zero_points is None:
-            zeros = torch.full((self.n, blocks), float(1 << (self.bits - 1)))
+            zeros = torch.full((self.n, blocks), float(1 << (self.bits - 1)), dtype=torch.float32)
         else:
             packed = torch.tensor(self.zero_points.reshape(self.n, -1))
             zeros = ((packed[..., None] >> shifts) & mask).reshape(self.n, -1)[:, :blocks].to(torch.float32)
-        scales = torch.tensor(self.scales.reshape(self.n, blocks), dtype=torch.float32)
-        weight = (codes - zeros[..., None]) * scales[..., None]
+        scales = torch.from_numpy(self.scales.reshape(self.n, blocks).astype(np.float32))
+        # in place: one float buffer the size of the weight, as a per-call reference needs
+        weight.sub_(zeros[..., None]).mul_(scales[..., None])
         return weight.reshape(self.n, blocks * self.block_size)[:, : self.k].contiguous()
 
 
@@ -129,10 +131,10 @@ class LookupTable:
         rows, columns = self.codes.shape
         # through numpy: onnx reads 4-bit codes as ml_dtypes' int4 / uint4, which torch does not take
         codes = torch.from_numpy(self.codes.astype(np.float32)).reshape(rows, -1, self.block_size)
-        zeros = torch.full(self.scales.shape, self.default_zero_point) \
+        zeros = torch.full(self.scales.shape, self.default_zero_point, dtype=torch.float32) \
             if self.zero_points is None else torch.from_numpy(self.zero_points.astype(np.float32))
-        weight = (codes - zeros[..., None]) * torch.tensor(self.scales, dtype=torch.float32)[..., None]
-        return weight.reshape(rows, columns).contiguous()
+        codes.sub_(zeros[..., None]).mul_(torch.from_numpy(self.scales.astype(np.float32))[..., None])
+        return codes.reshape(rows, columns).contiguous()
 
 
 def _cast_constant(init, node):
@@ -255,7 +257,7 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | Lo
     for node, weight in graph_weights(model_path, graph).items():
         path = _module_path(node, linears)
         rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
-                        and onnxruntime_rounds_int8_inputs())
+                        and onnxruntime_rounds_int8_inputs(weight.bits, weight.block_size, weight.zero_points is not None))
         if path is not None:
             if f"{path}.weight" in overrides:
                 raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
@@ -298,30 +300,37 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | Lo
 
 
 @cache
-def onnxruntime_rounds_int8_inputs() -> bool:
-    """Whether this CPU's onnxruntime rounds a ``MatMulNBits`` input to int8 at accuracy level 4
-    (MLAS has CompInt8 kernels for AVX2, AVX512 and Arm's dot-product extension; elsewhere it falls
-    back to float inputs). Asked by running one small node on an input with an outlier, whose
-    rounding moves the output by about 1e-2 of its size, float summation order by about 1e-7. A fact of the machine and
-    the installed onnxruntime, so it is asked once a process."""
+def onnxruntime_rounds_int8_inputs(bits: int = 4, block_size: int = 32, zero_points: bool = False) -> bool:
+    """Whether this CPU's onnxruntime rounds the input of a ``MatMulNBits`` of these ``bits``, block
+    and zero points to int8 at accuracy level 4 (MLAS has CompInt8 kernels for AVX2, AVX512 and
+    Arm's dot-product extension, chosen per bit width and block; elsewhere it falls back to float
+    inputs). Asked by running one small node of that kind on an input with an outlier, whose
+    rounding moves the output by about 1e-2 of its size, float summation order by about 1e-7. A fact
+    of the machine and the installed onnxruntime, so each kind is asked once a process."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    k, n, block = 64, 8, 32
+    k, n, blocks = 2 * block_size, 8, 2
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
-    scales = np.full(n * (k // block), 0.01, np.float32)
-    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft",
-                            K=k, N=n, bits=4, block_size=block, accuracy_level=INT8_INPUTS)
+    codes = rng.integers(0, 256, (n, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.full(n * blocks, 0.01, np.float32)
+    # zero points at the middle code, packed as the operator reads them (two per byte at 4 bits)
+    packed = np.full((n, 1 if bits == 4 else blocks), 0x88 if bits == 4 else 0x80, np.uint8) if zero_points else None
+    inputs = ["x", "w", "s"] + (["z"] if zero_points else [])
+    initializers = [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")]
+    initializers += [numpy_helper.from_array(packed, "z")] if packed is not None else []
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block_size, accuracy_level=INT8_INPUTS)
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                              [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializers)
+    # an IR version every supported onnxruntime reads, whatever the installed onnx writes by default
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, k)).astype(np.float32)
     x[0, 3] = 200.0  # one outlier per block makes the int8 steps coarse for the rest
-    x[0, 3 + block] = 200.0
-    weight = BlockWeight(codes, scales.reshape(n, k // block), None, 4, block, k, n, INT8_INPUTS).dequantize()
+    x[0, 3 + block_size] = 200.0
+    weight = BlockWeight(codes, scales.reshape(n, blocks), packed, bits, block_size, k, n, INT8_INPUTS).dequantize()
     got = session.run(None, {"x": x})[0]
     exact = x.astype(np.float64) @ weight.T.astype(np.float64)
     return bool(np.abs(got - exact).max() > 1e-3 * np.abs(exact).max())
@@ -349,8 +358,8 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
     The dequantized weights are a second float copy of the model's linears. Up to ``keep_bytes`` of
     them are made once and kept; past that (a model of a few hundred million parameters and up) each
     linear's weight is dequantized from the packed codes when the linear runs and dropped after, a
-    lookup's only for the rows it reads, so the reference costs one layer's weight at a time and a
-    dequantization per call instead of a second model."""
+    lookup's only for the rows it reads, so the reference costs one weight's float buffer (plus its
+    packed codes) at a time and a dequantization per call instead of a second model."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -365,14 +374,18 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
         return lambda module, inputs: (int8_blocks(inputs[0], block), *inputs[1:])
 
     def dequantizing(module: nn.Module, source: BlockWeight | LookupTable):
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise RankdownError(f"{model_path}: the lookup {type(module).__name__} renormalizes rows (max_norm), "
+                                f"which the int4 reference does not reproduce")
         if isinstance(module, nn.Embedding):
             def lookup(ids):
-                # inference: padding_idx only shapes gradients, and Llama's lookups set no max_norm
+                # inference: padding_idx only shapes gradients
                 rows, where = np.unique(ids.numpy(), return_inverse=True)
                 table = source.take(rows).dequantized()
                 return F.embedding(torch.from_numpy(where.reshape(ids.shape)), table)
             return lookup
-        assert isinstance(module, nn.Linear), "overrides name nn.Linear and nn.Embedding weights only"
+        if not isinstance(module, nn.Linear):
+            raise RankdownError(f"{model_path}: a quantized weight maps to a {type(module).__name__}, not a linear")
         bias = module.bias
         return lambda x: F.linear(x, source.dequantized(), bias)
 
@@ -388,23 +401,26 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
             # The hooks and forwards set here live only as long as this call: ``model`` itself is left as it is.
             hooks = [model.get_submodule(path).register_forward_pre_hook(rounding(block))
                      for path, block in int8_inputs.items()]
-            patched = []
+            patched: list[tuple[nn.Module, Any]] = []  # each module and the instance forward it had, if any
             try:
                 if kept:
                     # Ties are resolved in ``overrides`` already, where the graph may hold two versions of one table.
                     return torch.func.functional_call(self.inner, overrides, args, kwargs, tie_weights=False)
                 for name, source in sources.items():
                     module = model.get_submodule(name.rpartition(".")[0])
-                    if any(module is done for done in patched):
+                    if any(module is done for done, _ in patched):
                         continue  # a module reached by two names (a tied parameter) is given its weight once
+                    patched.append((module, vars(module).get("forward")))
                     module.forward = dequantizing(module, source)  # an instance attribute: the class's is untouched
-                    patched.append(module)
                 return self.inner(*args, **kwargs)
             finally:
                 for hook in hooks:
                     hook.remove()
-                for module in patched:
-                    del module.forward
+                for module, before in patched:
+                    if before is None:
+                        del module.forward
+                    else:
+                        module.forward = before
 
     note = None if kept else (f"weights dequantized per call ({dequantized_bytes / 2**30:.1f} GiB kept would be "
                               f"a second copy of the model's linears)")

@@ -121,7 +121,9 @@ def test_the_rounding_probe_answers_as_the_cpu_has_int8_kernels():
     expected = _cpu_has_int8_dot()
     if expected is None:
         pytest.skip("no /proc/cpuinfo on x86-64 or arm64 to say which kernels MLAS has")
-    assert onnxruntime_rounds_int8_inputs() is expected
+    # each kind the export writes: 4-bit decoder weights in blocks of 16-256, the 8-bit head in 32s
+    for bits, block, zero_points in ((4, 32, False), (4, 128, True), (4, 256, False), (8, 32, False), (8, 32, True)):
+        assert onnxruntime_rounds_int8_inputs(bits, block, zero_points) is expected, (bits, block, zero_points)
 
 
 def test_the_reference_keeps_float_inputs_where_onnxruntime_does(tmp_path, monkeypatch):
@@ -138,7 +140,7 @@ def test_the_reference_keeps_float_inputs_where_onnxruntime_does(tmp_path, monke
     model.layer.proj = nn.Linear(96, 64, bias=False)  # /layer/proj/MatMul's module
     answers = {}
     for rounds in (True, False):
-        monkeypatch.setattr(reference, "onnxruntime_rounds_int8_inputs", lambda rounds=rounds: rounds)
+        monkeypatch.setattr(reference, "onnxruntime_rounds_int8_inputs", lambda *_, rounds=rounds: rounds)
         overrides, answers[rounds] = reference._graph_numerics(model, path)
         assert set(overrides) == {"layer.proj.weight"}
     assert answers == {True: {"layer.proj": 32}, False: {}}
