@@ -190,9 +190,13 @@ class ExecuTorchHF:
     def __init__(self, path: str, threads: int):
         import torch
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama::custom_sdpa, update_cache
+        from executorch.extension.pybindings import portable_lib
         from executorch.kernels import quantized  # noqa: F401  registers the 8-bit embedding kernels
         from executorch.runtime import Runtime
 
+        # XNNPACK runs on ExecuTorch's own threadpool (one thread per core), which torch's setting does
+        # not reach: without this a --threads 1 row ran on both cores (as rankdown's opener does it).
+        portable_lib._unsafe_reset_threadpool(threads)
         torch.set_num_threads(threads)
         self.torch = torch
         data = Path(path).with_suffix(".ptd")

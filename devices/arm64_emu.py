@@ -33,20 +33,34 @@ QEMU = "qemu-aarch64-static"
 
 # onnxruntime's arm64 build crashes under qemu-user 7.2 parsing the x86 host's /proc/cpuinfo;
 # every program runs with this one bind-mounted over it (in a private mount namespace).
-CPUINFO = "".join(
-    f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
-    "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
-    "CPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n"
-    for i in range(2))
+def _cpuinfo(features: str, variant: str, part: str) -> str:
+    return "".join(f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
+                   f"CPU architecture: 8\nCPU variant\t: {variant}\nCPU part\t: {part}\nCPU revision\t: 1\n\n"
+                   for i in range(2))
+
+
+CPUINFO = _cpuinfo("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+                   "asimddp", "0x3", "0xd0c")  # a Neoverse-N1, on qemu's default CPU
+# Other CPUs a profile can name (transport.cpu): qemu's model of it, and a /proc/cpuinfo that says
+# the same (onnxruntime and XNNPACK choose kernels from it, so a mismatch runs instructions the
+# model lacks). The Cortex-A72 (a Raspberry Pi 4) has no dot product: MLAS runs int4 nodes on
+# float inputs there, where a Neoverse-N1 or an x86 host rounds them to int8.
+CPUS = {"cortex-a72": _cpuinfo("fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid", "0x0", "0xd08")}
 
 
 @dataclass(frozen=True)
 class Arm64Root:
     path: Path  # the arm64 root file system, as seen from the host
+    cpu: str | None = None  # a key of CPUS; None: qemu's default CPU, described as a Neoverse-N1
 
     @property
     def cpuinfo(self) -> Path:
-        return self.path.parent / "cpuinfo"
+        return self.path.parent / ("cpuinfo" if self.cpu is None else f"cpuinfo-{self.cpu}")
+
+    def env(self) -> dict[str, str]:
+        """What the host adds to a program's environment: qemu-user reads its CPU model from it, and
+        every arm64 program started under this one (the native runner) inherits it."""
+        return {} if self.cpu is None else {"QEMU_CPU": self.cpu}
 
     @property
     def runner(self) -> Path:
@@ -71,14 +85,18 @@ def root_dir() -> Path:
     return cache_dir() / "arm64-emu" / "root"
 
 
-def find_root() -> Arm64Root:
-    root = Arm64Root(root_dir())
+def find_root(cpu: str | None = None) -> Arm64Root:
+    if cpu is not None and cpu not in CPUS:
+        raise RankdownError(f"arm64-emu has no CPU {cpu!r}: choose one of {', '.join(CPUS)}")
+    root = Arm64Root(root_dir(), cpu)
     if not (root.path / ".complete").is_file():
         raise RankdownError(f"the arm64-emu device is not built at {root.path}: run `make arm64-emu` "
                             "(a few minutes, once)")
     for tool in (QEMU, "unshare"):
         if shutil.which(tool) is None:
             raise RankdownError(f"the arm64-emu device needs {tool} (Debian: apt-get install qemu-user-static)")
+    if cpu is not None and (not root.cpuinfo.is_file() or root.cpuinfo.read_text() != CPUS[cpu]):
+        root.cpuinfo.write_text(CPUS[cpu])  # the default's is written by build
     return root
 
 

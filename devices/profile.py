@@ -46,6 +46,7 @@ class TransportSpec:
     serial: str | None = None  # adb -s
     adb: str = "adb"  # the adb executable
     pythonpath: str | None = None  # prepended to the device's PYTHONPATH (where numpy, onnxruntime are)
+    cpu: str | None = None  # arm64-emu: the CPU emulated (devices/arm64_emu.py CPUS); None: its default
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ def load_profile(path: Path) -> DeviceProfile:
         raise RankdownError(f"{path}: threads and memory_mb must be positive")
     if profile.transport.kind is Transport.SSH and not profile.transport.host:
         raise RankdownError(f"{path}: an ssh transport needs a host")
+    if profile.transport.cpu is not None:
+        from rankdown.devices.arm64_emu import CPUS
+
+        if profile.transport.kind is not Transport.ARM64_EMU:
+            raise RankdownError(f"{path}: transport.cpu applies to an arm64-emu transport only (a real device is its own CPU)")
+        if profile.transport.cpu not in CPUS:
+            raise RankdownError(f"{path}: transport.cpu {profile.transport.cpu!r} is not one of {', '.join(CPUS)}")
     return profile
 
 

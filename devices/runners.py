@@ -255,7 +255,7 @@ class Arm64EmuRunner(_Device):
     def run(self, job: dict, bundle: Path) -> tuple[dict, dict]:
         from rankdown.devices.arm64_emu import SITE, find_root
 
-        root = find_root()
+        root = find_root(self.profile.transport.cpu if self.profile is not None else None)
         # Host paths throughout: qemu's -L maps a guest path into the root only when it exists
         # there, so a file the harness creates under a guest path would land on the host's /tmp.
         host = root.path / "tmp" / "rankdown" / uuid.uuid4().hex
@@ -266,7 +266,7 @@ class Arm64EmuRunner(_Device):
         try:
             _stage_dir(host, bundle, job, self._runner_dir(job))
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                   "PYTHONPATH": f"{host / 'harness'}:{root.path / SITE.lstrip('/')}"}
+                   "PYTHONPATH": f"{host / 'harness'}:{root.path / SITE.lstrip('/')}"} | root.env()
             try:
                 proc = subprocess.run(root.python(["-m", "rankdown.validate.on_device", str(host / "job.json"),
                                                    str(host / "out")]),

@@ -22,6 +22,9 @@ from rankdown.library_logs import native_stderr_without
 # name, in a Module whose methods do not share arenas, so it would read an empty cache. Under this
 # name TextLLMRunner runs forward for everything, as on a one-method program.
 DECODE_METHOD = "decode_step"
+# What rankdown named it before 2026-12-04 (an opt-in then). A program with it answers wrongly in
+# TextLLMRunner, so decoders refuse it rather than pass a bundle an app would break on.
+LEGACY_DECODE_METHOD = "decode"
 # onnxruntime-genai's config beside the graph (export/onnx_genai.py writes it): which I/O and cache layout.
 GENAI_CONFIG = "genai_config.json"
 
@@ -208,6 +211,12 @@ def program_data_file(pte_path: Path) -> Path | None:
     return data if data.is_file() else None
 
 
+def legacy_method_message(pte_path: Path) -> str:
+    return (f"{pte_path}: its one-token method is named '{LEGACY_DECODE_METHOD}' (rankdown before 2026-12-04); "
+            "ExecuTorch's TextLLMRunner sends every generated token to a method of that name without the "
+            "prompt's KV cache, so an app would answer wrongly: export the bundle again")
+
+
 class ExecuTorchDecoder:
     """A .pte with a static KV cache: ``forward(tokens[1, n], input_pos[1])`` -> logits[1, n, vocab],
     the signature ExecuTorch's own LLM runner calls."""
@@ -223,6 +232,8 @@ class ExecuTorchDecoder:
         with native_stderr_without():  # the first load's threadpool logs its /sys probing
             program = runtime.load_program(Path(pte_path), verification=Verification.InternalConsistency,
                                            data_path=program_data_file(pte_path))
+            if LEGACY_DECODE_METHOD in program.method_names:
+                raise ValueError(legacy_method_message(pte_path))
             self.method = program.load_method("forward")
             # The one-token method (export/executorch.py), when the program has it: same cache, static shapes.
             self.decode = program.load_method(DECODE_METHOD) if DECODE_METHOD in program.method_names else None

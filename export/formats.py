@@ -18,8 +18,10 @@ and, where the format quantizes the PyTorch model before lowering it (ExecuTorch
 
 or, where it quantizes the exported graph (ONNX int4), one that reads that model back from it:
 
-    lowered_model(model, artifact, quantize)        -> a module computing what the artifact holds, in
+    lowered_model(model, artifact, quantize, rounds) -> a module computing what the artifact holds, in
                                                     PyTorch, or None; held against as ``quantize``'s is
+                                                    (``rounds``: a device's own answers to what the
+                                                    runtime does with inputs, None for this machine's)
 
 plus a decoder opener ``open(artifact, threads, native_runner) -> Decoder`` that imports
 neither torch nor transformers at module level, because it runs on devices. The table names

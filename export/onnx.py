@@ -87,15 +87,16 @@ def check_file(path: Path, bundle: Path) -> list[Path]:
     return external_data_files(path, bundle)
 
 
-def lowered_model(model, artifact: Path, quantize: Quantize):
+def lowered_model(model, artifact: Path, quantize: Quantize, rounds=None):
     """int4: ``model`` with the weights the graph at ``artifact`` holds, read back from its
     MatMulNBits nodes (export/onnx_int4_reference.py); None for fp32 and int8, whose self-check
-    holds the graph to the float model."""
+    holds the graph to the float model. ``rounds``: the running onnxruntime's int8 rounding, per
+    kind of node (default: this machine's)."""
     if quantize is not Quantize.INT4:
         return None
     from rankdown.export.onnx_int4_reference import int4_reference
 
-    return int4_reference(model, artifact)
+    return int4_reference(model, artifact, rounds=rounds)
 
 
 def positions(path: Path, options: dict) -> int | None:

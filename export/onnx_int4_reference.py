@@ -23,11 +23,13 @@ rounded half to even, MLAS's ``QuantizeARow_CompInt8``); the reference rounds ea
 input the same way (a forward pre-hook while it runs), so what is left between it and onnxruntime
 is the kernels' summation order and the attention kernel (``ParityThresholds.lowering``). Where the
 CPU has no CompInt8 kernel, onnxruntime runs such a node on the float input instead; whether it
-rounds is asked of the installed onnxruntime once (``onnxruntime_rounds_int8_inputs``), not assumed.
+rounds is asked of the onnxruntime that runs the graph (``RoundingProbe``: this machine's once a
+process, or the device's when `validate` runs on one), not assumed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -243,12 +245,16 @@ def _dequantized(sources: dict[str, BlockWeight | LookupTable]) -> dict[str, Any
     return {name: tensors[id(source)] for name, source in sources.items()}
 
 
-def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | LookupTable], dict[str, int]]:
+def _graph_numerics(model, model_path: Path, rounds: Rounds | None = None
+                    ) -> tuple[dict[str, BlockWeight | LookupTable], dict[str, int]]:
     """``{parameter name: its weight as the graph stores it}`` (still packed), and ``{linear's module
     path: block}`` for the linears whose input the graph rounds to int8 per block of that many
-    (accuracy level 4)."""
+    (accuracy level 4). ``rounds``: whether the runtime that runs the graph rounds a kind of node's
+    input (default: this machine's onnxruntime, asked)."""
     import onnx
     from torch import nn
+
+    rounds = rounds or onnxruntime_rounds_int8_inputs
 
     graph = onnx.load(str(model_path)).graph
     linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
@@ -257,7 +263,7 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | Lo
     for node, weight in graph_weights(model_path, graph).items():
         path = _module_path(node, linears)
         rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
-                        and onnxruntime_rounds_int8_inputs(weight.bits, weight.block_size, weight.zero_points is not None))
+                        and rounds(weight.bits, weight.block_size, weight.zero_points is not None))
         if path is not None:
             if f"{path}.weight" in overrides:
                 raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
@@ -299,15 +305,29 @@ def _graph_numerics(model, model_path: Path) -> tuple[dict[str, BlockWeight | Lo
     return overrides, int8_inputs
 
 
-@cache
-def onnxruntime_rounds_int8_inputs(bits: int = 4, block_size: int = 32, zero_points: bool = False) -> bool:
-    """Whether this CPU's onnxruntime rounds the input of a ``MatMulNBits`` of these ``bits``, block
-    and zero points to int8 at accuracy level 4 (MLAS has CompInt8 kernels for AVX2, AVX512 and
-    Arm's dot-product extension, chosen per bit width and block; elsewhere it falls back to float
-    inputs). Asked by running one small node of that kind on an input with an outlier, whose
-    rounding moves the output by about 1e-2 of its size, float summation order by about 1e-7. A fact
-    of the machine and the installed onnxruntime, so each kind is asked once a process."""
-    import onnxruntime as ort
+# Whether a runtime rounds the input of a MatMulNBits of a kind (bits, block, zero points) to int8.
+Rounds = Callable[[int, int, bool], bool]
+
+
+@dataclass(frozen=True)
+class RoundingProbe:
+    """One small ``MatMulNBits`` of a kind at accuracy level 4 (``model``, serialized), an input
+    ``x`` with an outlier per block, and their exact product. Rounding to int8 moves the output by
+    about 1e-2 of its size (the outlier makes the steps coarse for the rest); float summation order
+    by about 1e-7. Built here (it needs onnx); run wherever the graph will run, numpy and
+    onnxruntime only (the validate harness's device half runs it on a remote device)."""
+
+    kind: tuple[int, int, bool]  # bits, block, zero points
+    model: bytes
+    x: np.ndarray  # (1, K) float32
+    exact: np.ndarray  # (1, N) float64
+
+    def rounds(self, got: np.ndarray) -> bool:
+        """Whether the runtime's output ``got`` says it rounded the input."""
+        return bool(np.abs(got - self.exact).max() > 1e-3 * np.abs(self.exact).max())
+
+
+def rounding_probe(bits: int = 4, block_size: int = 32, zero_points: bool = False) -> RoundingProbe:
     from onnx import TensorProto, helper, numpy_helper
 
     k, n, blocks = 2 * block_size, 8, 2
@@ -326,14 +346,41 @@ def onnxruntime_rounds_int8_inputs(bits: int = 4, block_size: int = 32, zero_poi
     # an IR version every supported onnxruntime reads, whatever the installed onnx writes by default
     model = helper.make_model(graph, ir_version=10,
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, k)).astype(np.float32)
-    x[0, 3] = 200.0  # one outlier per block makes the int8 steps coarse for the rest
+    x[0, 3] = 200.0
     x[0, 3 + block_size] = 200.0
     weight = BlockWeight(codes, scales.reshape(n, blocks), packed, bits, block_size, k, n, INT8_INPUTS).dequantize()
-    got = session.run(None, {"x": x})[0]
-    exact = x.astype(np.float64) @ weight.T.astype(np.float64)
-    return bool(np.abs(got - exact).max() > 1e-3 * np.abs(exact).max())
+    return RoundingProbe((bits, block_size, zero_points), model.SerializeToString(), x,
+                         x.astype(np.float64) @ weight.T.astype(np.float64))
+
+
+@cache
+def onnxruntime_rounds_int8_inputs(bits: int = 4, block_size: int = 32, zero_points: bool = False) -> bool:
+    """Whether this machine's onnxruntime rounds the input of a ``MatMulNBits`` of these ``bits``,
+    block and zero points to int8 at accuracy level 4 (MLAS has CompInt8 kernels for AVX2, AVX512
+    and Arm's dot-product extension, chosen per bit width and block; elsewhere it falls back to float
+    inputs). A fact of the machine and the installed onnxruntime, so each kind is asked once a process."""
+    import onnxruntime as ort
+
+    probe = rounding_probe(bits, block_size, zero_points)
+    session = ort.InferenceSession(probe.model, providers=["CPUExecutionProvider"])
+    return probe.rounds(session.run(None, {"x": probe.x})[0])
+
+
+def int8_input_kinds(model_path: Path) -> set[tuple[int, int, bool]]:
+    """The kinds (bits, block, zero points) of the graph's ``MatMulNBits`` nodes at accuracy level 4,
+    read from the nodes alone: what a runtime is asked before the reference is built."""
+    import onnx
+
+    kinds = set()
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attributes.get("accuracy_level", 0) == INT8_INPUTS:
+            kinds.add((int(attributes.get("bits", 4)), int(attributes["block_size"]),
+                       len(node.input) > 3 and bool(node.input[3])))
+    return kinds
 
 
 def int8_blocks(x, block: int):
@@ -351,7 +398,7 @@ def int8_blocks(x, block: int):
     return (codes * (peak / 127.0)).reshape(*x.shape[:-1], -1)[..., :width]
 
 
-def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_BYTES):
+def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_BYTES, rounds: Rounds | None = None):
     """``model`` as the ONNX int4 graph at ``model_path`` computes it (its weights dequantized), for
     ``torch_greedy``; ``model`` itself is left as it is.
 
@@ -359,12 +406,15 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
     them are made once and kept; past that (a model of a few hundred million parameters and up) each
     linear's weight is dequantized from the packed codes when the linear runs and dropped after, a
     lookup's only for the rows it reads, so the reference costs one weight's float buffer (plus its
-    packed codes) at a time and a dequantization per call instead of a second model."""
+    packed codes) at a time and a dequantization per call instead of a second model.
+
+    ``rounds``: whether the runtime that will run the graph rounds a kind of node's input to int8
+    (default: this machine's onnxruntime; `validate` on a device asks the device's)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    sources, int8_inputs = _graph_numerics(model, model_path)
+    sources, int8_inputs = _graph_numerics(model, model_path, rounds)
     unique = {id(source): source for source in sources.values()}.values()
     dequantized_bytes = sum(4 * source.shape[0] * source.shape[1] for source in unique)
     kept = dequantized_bytes <= keep_bytes
@@ -391,11 +441,13 @@ def int4_reference(model, model_path: Path, keep_bytes: int = KEEP_DEQUANTIZED_B
 
     class WithGraphWeights(nn.Module):
         note: str | None  # for the progress line of a slower check: why it dequantizes per call
+        rounded_inputs: int  # linears whose input it rounds to int8, as the runtime does
 
         def __init__(self, note: str | None):
             super().__init__()
             self.inner = model
             self.note = note
+            self.rounded_inputs = len(int8_inputs)
 
         def forward(self, *args, **kwargs):
             # The hooks and forwards set here live only as long as this call: ``model`` itself is left as it is.

@@ -7,10 +7,12 @@ needs only numpy and the runtime; references, tokenizers and comparisons stay he
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import importlib.util
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -146,16 +148,41 @@ def _check_installed(runtime: Runtime) -> None:
         raise RankdownError(f"runtime {runtime.value} is not installed here (no module {module})")
 
 
-def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path):
+def _device_rounding(runner, artifact: Path):
+    """Whether the device's onnxruntime rounds each kind of the graph's int4 nodes' input to int8,
+    asked of the device in one run (its CPU, not this machine's, decides: MLAS has those kernels
+    for AVX2, AVX512 and Arm's dot product only). None when the graph has no such node."""
+    from rankdown.export.onnx_int4_reference import int8_input_kinds, rounding_probe
+
+    probes = [rounding_probe(*kind) for kind in sorted(int8_input_kinds(artifact))]
+    if not probes:
+        return None
+    job = {"schema_version": JOB_SCHEMA, "runtime": "onnxruntime", "artifact": artifact.name,
+           "rounding_probes": [{"model": base64.b64encode(p.model).decode(), "x": p.x.tolist()} for p in probes]}
+    with tempfile.TemporaryDirectory(prefix="rankdown-probe-") as empty:  # the probes need no bundle
+        try:
+            _, arrays = runner.run(job, Path(empty))
+        except RankdownError as e:
+            raise RankdownError(f"{artifact}: asking {getattr(runner, 'device', runner.name)} how its onnxruntime "
+                                f"rounds int4 inputs failed: {e}") from None
+    answers = {p.kind: p.rounds(arrays[f"probe_{i}"]) for i, p in enumerate(probes)}
+    return lambda bits, block, zero_points: answers[(bits, block, zero_points)]
+
+
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner):
     """The quantized PyTorch model ``runtime``'s artifact computes: for a format that quantizes the
     PyTorch model (ExecuTorch int4), rebuilt from the source as the export built it (balanced first
     if it was); for one that quantizes its graph (ONNX int4), the source with the graph's own
-    weights read back; None for fp32 and int8."""
+    weights read back, its int8 input rounding as the device's runtime does it; None for fp32 and int8."""
     spec = by_runtime(runtime)
     options = manifest.options
     read_back = getattr(spec.module(), "lowered_model", None)
     if read_back is not None:
-        return read_back(model, bundle / spec.artifact, Quantize(options["quantize"]))
+        quantize = Quantize(options["quantize"])
+        # this machine answers for itself inside the read-back; a device is asked here, in one run
+        rounds = _device_rounding(runner, bundle / spec.artifact) \
+            if runner.name != "local" and quantize is Quantize.INT4 else None
+        return read_back(model, bundle / spec.artifact, quantize, rounds=rounds)
     quantize = getattr(spec.module(), "quantize", None)
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
@@ -251,11 +278,14 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     floor_tasks = parity_tasks(manifest.source.compression)
     floor_prompts, floor_reference = prompts, reference
     for runtime in runtimes:
-        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle)
+        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner)
         if lowered is not None:
             note = getattr(lowered, "note", None)
+            rounded = getattr(lowered, "rounded_inputs", None)
+            where = "this machine's" if runner.name == "local" else f"{getattr(runner, 'device', runner.name)}'s"
             progress(f"reference for {runtime.value}: PyTorch with the bundle's {manifest.options['quantize']} weights"
-                     + (f"; {note}" if note else ""))
+                     + ("" if rounded is None else f", {rounded} linear input(s) rounded to int8 as {where} "
+                        "onnxruntime does") + (f"; {note}" if note else ""))
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
             del lowered
             if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:

@@ -10,6 +10,7 @@ phone the C++ runner takes that part.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import math
@@ -127,9 +128,27 @@ def _latency(decoder, job: dict) -> dict:
     return {"ttft_ms": ttft, "decode_tokens_per_s": _spread(rates)}
 
 
+def _rounding_probes(job: dict, out_dir: Path) -> dict:
+    """Each probe graph's output on its input (export/onnx_int4_reference.py's ``RoundingProbe``: the
+    host judges whether this device's onnxruntime rounded the input to int8). No bundle needed."""
+    import onnxruntime as ort
+
+    arrays = {}
+    for i, probe in enumerate(job["rounding_probes"]):
+        session = ort.InferenceSession(base64.b64decode(probe["model"]), providers=["CPUExecutionProvider"])
+        arrays[f"probe_{i}"] = session.run(None, {"x": np.asarray(probe["x"], np.float32)})[0]
+    result = {"machine": platform.machine(), "system": platform.system(), "probes": len(arrays)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "logits.npz", **arrays)
+    (out_dir / "result.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+    return result
+
+
 def run_job(job: dict, out_dir: Path) -> dict:
     if job.get("schema_version") != JOB_SCHEMA:
         raise ValueError(f"job schema {job.get('schema_version')!r} is not {JOB_SCHEMA}")
+    if "rounding_probes" in job:
+        return _rounding_probes(job, out_dir)
     artifact = Path(job["bundle"]) / job["artifact"]
     native = job.get("executorch_runner")  # argv of rankdown-et-runner; absent: the Python runtime
     _import_runtime(job["runtime"], bool(native))

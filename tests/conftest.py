@@ -124,6 +124,19 @@ def shipped_math_bundle(shipped_math_checkpoint, tmp_path_factory, worker_id):
 
 
 @pytest.fixture(scope="session")
+def onnx_int4_bundles(compressed_tiny, tmp_path_factory):
+    """The joint checkpoint (odd ranks, shared downs) to ONNX in fp32 and in int4: (folder, fp32, int4)."""
+    from rankdown.export.config import ExportConfig
+    from rankdown.export.pipeline import export
+
+    folder, _ = compressed_tiny["joint"]
+    root = tmp_path_factory.mktemp("onnx-int4")
+    fp32 = export(folder, root / "fp32", ExportConfig(formats="onnx"), progress=lambda _m: None)
+    int4 = export(folder, root / "int4", ExportConfig(formats="onnx", quantize="int4"), progress=lambda _m: None)
+    return folder, (root / "fp32", fp32), (root / "int4", int4)
+
+
+@pytest.fixture(scope="session")
 def joint_bundle(compressed_tiny, tmp_path_factory):
     """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
     from rankdown.export.config import ExportConfig

@@ -29,6 +29,7 @@ def test_shipped_profiles_load():
     assert profiles["local-cpu"].transport.kind is Transport.LOCAL
     assert profiles["linux-board-ssh"].transport.kind is Transport.SSH
     assert profiles["arm64-emu"].transport.kind is Transport.ARM64_EMU
+    assert (profiles["arm64-emu"].transport.cpu, profiles["arm64-emu-a72"].transport.cpu) == (None, "cortex-a72")
     assert profiles["android-arm64-adb"].transport.kind is Transport.ADB
     assert profiles["android-arm64-adb"].transport.remote_dir == "/data/local/tmp/rankdown"
     assert profiles["android-arm64-adb"].executorch_runner is ExecuTorchRunner.NATIVE
@@ -52,6 +53,10 @@ def test_shipped_profiles_load():
      "exec_wrapper: expected str, got int"),
     ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='ssh'\n",
      "an ssh transport needs a host"),
+    ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='ssh'\nhost='h'\ncpu='cortex-a72'\n",
+     "transport.cpu applies to an arm64-emu transport only"),
+    ("name='x'\narch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='arm64-emu'\ncpu='z80'\n",
+     "transport.cpu 'z80' is not one of cortex-a72"),
     ("arch='a'\nruntimes=['onnxruntime']\nthreads=1\nmemory_mb=1\n[transport]\nkind='local'\n", "missing keys ['name']"),
 ])
 def test_bad_profiles_are_clear_errors(tmp_path, text, pattern):
@@ -188,6 +193,31 @@ def test_native_runner_refuses_a_broken_pte_in_one_line(tmp_path, joint_bundle):
         NativeExecuTorchDecoder(bad, [str(build_runner(progress=quiet) / "bin" / BINARY)])
 
 
+def test_both_executorch_decoders_refuse_a_one_token_method_named_decode(tmp_path):
+    """The name rankdown gave it before 2026-12-04, which TextLLMRunner misreads (export/decoding.py)."""
+    import torch
+    from executorch.exir import to_edge
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import ExecuTorchDecoder, NativeExecuTorchDecoder
+
+    class Step(torch.nn.Module):
+        def forward(self, tokens, position):
+            return tokens.float() + position.float()
+
+    args = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    programs = {name: torch.export.export(Step(), args) for name in ("forward", "decode")}
+    pte = tmp_path / "model.pte"
+    pte.write_bytes(to_edge(programs).to_executorch().buffer)
+    with pytest.raises(ValueError, match=r"model.pte: its one-token method is named 'decode' .* export the bundle again$"):
+        ExecuTorchDecoder(pte)
+    with pytest.raises(RuntimeError, match=r"model.pte: its one-token method is named 'decode' .* export the bundle again$"):
+        NativeExecuTorchDecoder(pte, [str(build_runner(progress=quiet) / "bin" / BINARY)])
+    # the same program without that name opens
+    pte.write_bytes(to_edge({"forward": programs["forward"]}).to_executorch().buffer)
+    assert ExecuTorchDecoder(pte).decode is None
+
+
 def test_local_profile_with_the_native_runner_validates(tmp_path, joint_bundle):
     _, bundle, _ = joint_bundle
     profile = load_profile(_profile(tmp_path, "local-native", "arch='host'\nruntimes=['executorch']\nthreads=1\n"
@@ -227,6 +257,40 @@ def test_arm64_emu_runs_both_runtimes_on_arm(arm64_root, joint_bundle):
         assert r.executed_on.startswith("aarch64")  # the harness reports the CPU it really ran on
     assert report.runtimes["executorch"].executed_on == "aarch64, rankdown-et-runner (C++)"
     assert set(runs.iterdir()) == before  # the device is left clean
+
+
+@pytest.mark.slow
+def test_validate_asks_the_device_how_its_onnxruntime_rounds_int4_inputs(arm64_root, onnx_int4_bundles):
+    """An x86 host and a Neoverse round a MatMulNBits input to int8 (MLAS's CompInt8 kernels); a
+    Cortex-A72 has no dot product and runs it on the float input. The int4 reference must follow
+    the device the graph runs on, not the host that builds it."""
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.config import Quantize
+    from rankdown.export.onnx import lowered_model
+    from rankdown.export.onnx_int4_reference import int8_input_kinds, onnxruntime_rounds_int8_inputs
+    from rankdown.validate.harness import _device_rounding
+
+    folder, _, (bundle, _) = onnx_int4_bundles
+    artifact = bundle / "onnx" / "model.onnx"
+    kinds = int8_input_kinds(artifact)
+    assert kinds
+    neoverse = _device_rounding(runner_for(find_profile("arm64-emu")), artifact)
+    a72_profile = find_profile("arm64-emu-a72")
+    a72 = _device_rounding(runner_for(a72_profile), artifact)
+    assert neoverse is not None and a72 is not None
+    assert [neoverse(*k) for k in kinds] == [True] * len(kinds)
+    assert [a72(*k) for k in kinds] == [False] * len(kinds)
+    model = load_model(open_checkpoint(folder)).eval()
+    here = lowered_model(model, artifact, Quantize.INT4)
+    there = lowered_model(model, artifact, Quantize.INT4, rounds=a72)
+    assert there.rounded_inputs == 0
+    assert (here.rounded_inputs > 0) == any(onnxruntime_rounds_int8_inputs(*k) for k in kinds)  # this machine's own
+    lines: list[str] = []
+    report = validate(bundle, ValidateConfig(runtimes=["onnxruntime"], threads=1, **SMALL), progress=lines.append,
+                      runner=runner_for(a72_profile))
+    assert report.passed, report.failures
+    assert report.runtimes["onnxruntime"].executed_on.startswith("aarch64")
+    assert any("0 linear input(s) rounded to int8 as arm64-emu-a72's onnxruntime does" in line for line in lines), lines
 
 
 def test_arm64_emu_really_is_arm(arm64_root):

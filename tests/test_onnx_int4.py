@@ -19,16 +19,6 @@ from rankdown.validate.config import Checks, QualityBounds, ValidateConfig
 from rankdown.validate.harness import validate
 
 
-@pytest.fixture(scope="session")
-def onnx_int4_bundles(compressed_tiny, tmp_path_factory):
-    """The joint checkpoint (odd ranks, shared downs) to ONNX in fp32 and in int4: (folder, fp32, int4)."""
-    folder, _ = compressed_tiny["joint"]
-    root = tmp_path_factory.mktemp("onnx-int4")
-    fp32 = export(folder, root / "fp32", ExportConfig(formats="onnx"), progress=quiet)
-    int4 = export(folder, root / "int4", ExportConfig(formats="onnx", quantize="int4"), progress=quiet)
-    return folder, (root / "fp32", fp32), (root / "int4", int4)
-
-
 def _weights(graph) -> dict[str, tuple[int, ...]]:
     return {init.name: tuple(init.dims) for init in graph.initializer}
 

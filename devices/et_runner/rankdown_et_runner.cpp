@@ -124,6 +124,14 @@ int main(int argc, char** argv) {
   if (err != Error::Ok) {
     fail("not a loadable ExecuTorch program (" + error_name(err) + ")");
   }
+  // rankdown before 2026-12-04 named the one-token method "decode" (export/decoding.py's
+  // LEGACY_DECODE_METHOD): TextLLMRunner sends tokens there without the prompt's cache.
+  const auto listed = module.method_names();
+  if (listed.ok() && listed->count("decode") > 0) {
+    fail("its one-token method is named 'decode' (rankdown before 2026-12-04); ExecuTorch's TextLLMRunner "
+         "sends every generated token to a method of that name without the prompt's KV cache, so an app "
+         "would answer wrongly: export the bundle again");
+  }
   err = module.load_method("forward");
   if (err != Error::Ok) {
     fail("cannot load method forward (" + error_name(err) + ")");
@@ -131,8 +139,7 @@ int main(int argc, char** argv) {
   // One token at a time goes to the one-token method when the program has it (static shapes, fewer
   // delegate calls); its name is export/decoding.py's DECODE_METHOD, echoed in the header below.
   const std::string one_token = "decode_step";
-  const auto names = module.method_names();
-  const bool has_decode = names.ok() && names->count(one_token) > 0;
+  const bool has_decode = listed.ok() && listed->count(one_token) > 0;
   if (has_decode) {
     err = module.load_method(one_token);
     if (err != Error::Ok) {
