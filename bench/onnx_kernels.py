@@ -212,13 +212,14 @@ class KernelRun:
                 self.binding.bind_output(value.name)
 
     def milliseconds(self, runs: int = 128) -> float:
-        """Median milliseconds of one run over ``runs`` runs, as many as a decode round's tokens."""
+        """Mean milliseconds of one run over ``runs`` runs, as many as a decode round's tokens: a mean,
+        as the decode's rate and the session's share are, so that the columns subtract."""
         seconds = []
         for _ in range(runs):
             start = time.perf_counter()
             self.session.run_with_iobinding(self.binding)
             seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds) * 1e3
+        return statistics.fmean(seconds) * 1e3
 
 
 def main() -> None:
@@ -248,8 +249,8 @@ def main() -> None:
         for _ in range(args.rounds):
             in_run.seconds.clear()
             rows[0].append(1e3 / decode_rate(decoder))
-            # a mean, as the decode's rate is (so the Python share is theirs' difference); not the prompt's
-            # call. The kernels' rows are medians, so on a noisy host the last column takes the noise.
+            # a mean, as the decode's rate and the kernels' rows are (so the columns subtract); not the
+            # prompt's call. Each column is then the median of its rounds.
             rows[1].append(statistics.fmean(in_run.seconds[1:]) * 1e3)
             for row, run in zip(rows[2:], runs):
                 row.append(run.milliseconds())
