@@ -169,11 +169,12 @@ def _device_rounding(runner, artifact: Path):
     return lambda bits, block, zero_points: answers[(bits, block, zero_points)]
 
 
-def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner):
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None):
     """The quantized PyTorch model ``runtime``'s artifact computes: for a format that quantizes the
     PyTorch model (ExecuTorch int4), rebuilt from the source as the export built it (balanced first
     if it was); for one that quantizes its graph (ONNX int4), the source with the graph's own
-    weights read back, its int8 input rounding as the device's runtime does it; None for fp32 and int8."""
+    weights read back, its int8 input rounding as the device's runtime does it (``runner``'s; None:
+    this machine); None for fp32 and int8."""
     spec = by_runtime(runtime)
     options = manifest.options
     read_back = getattr(spec.module(), "lowered_model", None)
@@ -181,7 +182,7 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
         quantize = Quantize(options["quantize"])
         # this machine answers for itself inside the read-back; a device is asked here, in one run
         rounds = _device_rounding(runner, bundle / spec.artifact) \
-            if runner.name != "local" and quantize is Quantize.INT4 else None
+            if runner is not None and runner.name != "local" and quantize is Quantize.INT4 else None
         return read_back(model, bundle / spec.artifact, quantize, rounds=rounds)
     quantize = getattr(spec.module(), "quantize", None)
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
