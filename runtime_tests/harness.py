@@ -166,7 +166,12 @@ def _device_rounding(runner, artifact: Path):
             raise RankdownError(f"{artifact}: asking {getattr(runner, 'device', runner.name)} how its onnxruntime "
                                 f"rounds int4 inputs failed: {e}") from None
     answers = {p.kind: p.rounds(arrays[f"probe_{i}"]) for i, p in enumerate(probes)}
-    return lambda bits, block, zero_points: answers[(bits, block, zero_points)]
+
+    def rounds(bits: int, block: int, zero_points: bool) -> bool:
+        if (bits, block, zero_points) not in answers:  # the nodes and the weights read differently
+            raise RankdownError(f"{artifact}: a {bits}-bit node with blocks of {block} was not asked of the device")
+        return answers[(bits, block, zero_points)]
+    return rounds
 
 
 def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None):
