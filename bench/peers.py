@@ -23,6 +23,10 @@ over the 128 calls that follow; peak RSS is the process's (VmHWM, imports includ
 import's own RSS is reported too); size is the bytes of the weights the runtime reads. The
 greedy tokens of each row are compared with transformers' fp32 greedy on the same prompt. The
 load average is recorded with each row: on a shared machine the figures are indicative only.
+``--threads 1,2`` times every row at each count, as rows of their own in the same rounds; each
+rankdown row is then paired with the faster peer row of any count, round by round, so the ratio is
+against each peer at whichever count is faster for it (on some hosts XNNPACK decodes faster on one
+thread than on two). Task quality is then measured at the first count only.
 
 Task quality, once per row after its first round's timing (not timed): the first
 ``--quality-examples`` problems of ``--task``'s evaluation split (default `compare`, 200), each
@@ -44,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,7 @@ class Row:
     artifact: str  # path of what the runtime opens
     export: list[str] = field(default_factory=list)  # argv after the venv's python; empty: nothing to export
     weights: list[str] = field(default_factory=list)  # files counted as the size; default: the artifact
+    threads: int = THREADS
 
 
 def stage_model(model: Path, work: Path) -> Path:
@@ -107,6 +112,25 @@ def peer_rows(model: Path, gguf: Path, work: Path) -> list[Row]:
         Row("llama.cpp", "llama.cpp", "Q4_1 (as shipped)", "llama", str(gguf)),
     ]
     return rows
+
+
+def at_thread_counts(rows: list[Row], counts: tuple[int, ...]) -> list[Row]:
+    """Each row at each of ``counts``; with more than one count, each copy is named for its count
+    (a row's name and precision identify it in the results and the tables)."""
+    if len(counts) == 1:
+        return [replace(row, threads=counts[0]) for row in rows]
+    return [replace(row, name=f"{row.name}, {n} thread{'s' if n > 1 else ''}", threads=n) for row in rows for n in counts]
+
+
+def thread_counts(text: str) -> tuple[int, ...]:
+    """``--threads``: one count or several, comma-separated (2, or 1,2)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts such as 2 or 1,2, got {text!r}") from None
+    if min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"thread counts must be distinct and at least 1, got {text!r}")
+    return counts
 
 
 def bundle_rows(name: str, bundle: Path) -> list[Row]:
@@ -341,7 +365,7 @@ def row_result(row: Row, seconds: float | None, rounds: list[dict], reference: l
                                   "exact_match": exact_match(quality.decode(answers), quality.answers)}
     agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), len(reference))
     return asdict(row) | {"export_seconds": seconds, "size_bytes": weight_bytes(row),
-                          "greedy_agree_with_transformers": agree, "threads": args.threads,
+                          "greedy_agree_with_transformers": agree,
                           "runs": args.runs, "uptime": _uptime()} | result
 
 
@@ -447,7 +471,7 @@ def task_quality(model: Path, dense, task: str, examples: int) -> Quality:
 
 def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse.Namespace,
              quality: Quality | None = None) -> dict:
-    job = {"runtime": row.runtime, "artifact": row.artifact, "threads": args.threads, "prompt": prompt,
+    job = {"runtime": row.runtime, "artifact": row.artifact, "threads": row.threads, "prompt": prompt,
            "long_prompt": long_prompt, "new_tokens": NEW_TOKENS, "warmup": args.warmup, "runs": args.runs}
     if quality is not None:
         job |= {"problems": quality.problems, "eos": quality.eos}
@@ -458,7 +482,7 @@ def time_row(row: Row, prompt: list[int], long_prompt: list[int], args: argparse
         # By path: the peers' venvs have no rankdown, and this half needs none for them.
         command = [python_of(row.venv), str(Path(__file__).resolve()), "time", str(job_path), str(out_path)]
         log(f"timing {row.name} {row.precision}: {row.artifact}")
-        subprocess.run(command, check=True, env=child_env(args.threads))
+        subprocess.run(command, check=True, env=child_env(row.threads))
         result = json.loads(out_path.read_text())
     result["load_average"] = [round(x, 2) for x in (*load_before, *os.getloadavg()[:1])]
     return result
@@ -515,7 +539,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated row names or precisions to run (substring match)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     # The protocol's values are the defaults; other values are for a loaded machine, and the tables say so.
-    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--threads", type=thread_counts, default=(THREADS,),
+                        help="threads of every row, or several counts (1,2): each row timed at each")
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="times each row is timed, round-robin over the rows")
@@ -539,6 +564,7 @@ def main() -> None:
     if args.only:
         keys = args.only.split(",")
         rows = [r for r in rows if any(k in f"{r.name} {r.precision}" for k in keys)]
+    rows = at_thread_counts(rows, args.threads)
     for row in rows:
         if row.venv != "project" and not Path(python_of(row.venv)).exists():
             raise SystemExit(f"{row.name}: no venv at {VENVS[row.venv]}; `make bench-peers` builds it")
@@ -551,7 +577,7 @@ def main() -> None:
         log(f"transformers fp32 exact match on {args.quality_examples} {args.task} problems")
         quality = task_quality(args.model, dense, args.task, args.quality_examples)
     del dense
-    results: dict = {"setup": {"model": str(args.model), "threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
+    results: dict = {"setup": {"model": str(args.model), "threads": list(args.threads), "prompt_tokens": PROMPT_TOKENS,
                          "long_prompt_tokens": LONG_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "warmup": args.warmup,
                          "runs": args.runs, "rounds": args.rounds, "cores": os.cpu_count(), "cpu": cpu_description(), "uptime": _uptime(),
                          "quality": None if quality is None else {
@@ -570,7 +596,8 @@ def main() -> None:
     for round_no in range(1, args.rounds + 1):
         for row, timed in zip(rows, samples):
             log(f"round {round_no}/{args.rounds}")
-            timed.append(time_row(row, prompt, long_prompt, args, quality if round_no == 1 else None))
+            first = round_no == 1 and row.threads == args.threads[0]  # quality does not depend on the count
+            timed.append(time_row(row, prompt, long_prompt, args, quality if first else None))
         fresh = [row_result(row, secs, timed, reference, args, quality) for row, secs, timed in zip(rows, seconds, samples)]
         results["rows"] = kept + fresh
         results["paired"] = paired_speedups(fresh)
@@ -596,7 +623,9 @@ def write(results: dict, out: Path) -> None:
     quality_line = (f" Exact match: the first {q['examples']} {q['task']} evaluation problems in the row's runtime, greedy; "
                     f"transformers fp32 on the dense model: {q['reference_exact_match']:.1%}." if q else "")
     cpu = s.get("cpu", "a CPU this run did not record")
-    lines = [f"SmolLM2-135M-Instruct, {s['threads']} threads on {cpu}, each row in its own process: a {s['prompt_tokens']}-token "
+    threads = s["threads"]  # a list since thread counts can be several; a bare count in older files
+    threads_text = ",".join(map(str, threads)) if isinstance(threads, list) else threads
+    lines = [f"SmolLM2-135M-Instruct, {threads_text} threads on {cpu}, each row in its own process: a {s['prompt_tokens']}-token "
              f"prompt in one call, then {s['new_tokens']} greedy tokens one call each; {s.get('rounds', 1)} round(s) "
              f"round-robin over the rows, each {s['runs']} runs after {s['warmup']} warm-up; the median of the rounds' "
              f"medians (min-max of all runs in brackets); rows kept from an earlier run say their own "

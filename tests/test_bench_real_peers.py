@@ -186,3 +186,38 @@ def test_an_interleaved_ab_is_summarized_by_its_per_round_ratios():
     s = summary([100, 50, 100, 100], [110, 55, 99, 120])
     assert s["ratio"] == pytest.approx(1.1) and s["b_faster"] == 3 and s["rounds"] == 4
     assert s["a"] == 100 and s["b"] == pytest.approx(104.5)
+
+
+def test_a_thread_sweep_times_every_row_at_each_count_against_the_faster_peer_at_any():
+    """bench.peers --threads 1,2: each row once per count, named for it; a rankdown row is paired with
+    the fastest peer row of its class whatever its count, so a peer faster at 2 threads than at 1 is
+    met at 2. One count keeps the rows' names."""
+    import argparse
+
+    from bench.peers import Row, at_thread_counts, paired_speedups, thread_counts
+
+    assert thread_counts("2") == (2,) and thread_counts("1,2") == (1, 2)
+    for bad in ("0", "1,1", "two", "1,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            thread_counts(bad)
+    rows = [Row("onnxruntime-genai builder", "genai", "int4", "genai", "g"),
+            Row("rankdown b", "rankdown:executorch", "int4", "project", "b.pte")]
+    assert [(r.name, r.threads) for r in at_thread_counts(rows, (1,))] == [
+        ("onnxruntime-genai builder", 1), ("rankdown b", 1)]
+    swept = at_thread_counts(rows, (1, 2))
+    assert [(r.name, r.threads) for r in swept] == [
+        ("onnxruntime-genai builder, 1 thread", 1), ("onnxruntime-genai builder, 2 threads", 2),
+        ("rankdown b, 1 thread", 1), ("rankdown b, 2 threads", 2)]
+
+    def timed(row: Row, rounds: list[float]) -> dict:
+        spread = {"median": sorted(rounds)[len(rounds) // 2], "round_medians": rounds}
+        return {"name": row.name, "runtime": row.runtime, "precision": row.precision, "decode_tokens_per_s": spread}
+
+    # the peer is faster at 2 threads, the bundle at 1
+    results = [timed(swept[0], [180, 170, 190]), timed(swept[1], [250, 240, 260]),
+               timed(swept[2], [350, 360, 338]), timed(swept[3], [300, 290, 312])]
+    paired = {p["row"]: p for p in paired_speedups(results)}
+    assert paired["rankdown b, 1 thread (executorch)"]["per_round"] == pytest.approx([1.4, 1.5, 1.3])
+    assert paired["rankdown b, 2 threads (executorch)"]["per_round"] == pytest.approx([1.2, 290 / 240, 1.2])
+    assert paired["rankdown b, 1 thread (executorch)"]["peers"] == ["onnxruntime-genai builder, 1 thread",
+                                                                     "onnxruntime-genai builder, 2 threads"]
