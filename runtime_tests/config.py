@@ -72,6 +72,9 @@ class ValidateConfig:
     latency: LatencyPlan | None = LatencyPlan()  # None: skip timing
     report_dir: Path | None = None
     compare: Path | None = None  # another bundle, timed interleaved with this one (validate --compare)
+    # the bundle timed again at each of these thread counts, interleaved (validate --sweep-threads):
+    # which count a device decodes fastest at is the device's, not the bundle's
+    sweep_threads: tuple[int, ...] = ()
 
     def __post_init__(self):
         coerce_enums(self)
@@ -79,5 +82,14 @@ class ValidateConfig:
             raise RankdownError("give --task or --eval, not both")
         if self.threads is not None and self.threads < 1:
             raise RankdownError(f"--threads must be at least 1, got {self.threads}")
+        if self.sweep_threads:
+            if len(self.sweep_threads) < 2 or min(self.sweep_threads) < 1 \
+                    or len(set(self.sweep_threads)) != len(self.sweep_threads):
+                raise RankdownError(f"--sweep-threads takes two or more distinct counts of at least 1, "
+                                    f"got {','.join(map(str, self.sweep_threads))}")
+            if self.latency is None:
+                raise RankdownError("--sweep-threads times the bundle; leave out --no-latency")
+            if self.compare is not None:
+                raise RankdownError("give --compare or --sweep-threads, not both")
         if self.max_examples < 1:
             raise RankdownError(f"--max-examples must be at least 1, got {self.max_examples}")

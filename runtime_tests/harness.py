@@ -51,6 +51,7 @@ from rankdown.validate.report import (
     Report,
     RuntimeReport,
     Spread,
+    fastest_threads,
     write_report,
 )
 
@@ -360,6 +361,9 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
             reports[runtime.value], comparisons[runtime.value] = _compare(
                 runtime, reports[runtime.value], (bundle, manifest), (other, other_manifest), job_base, timing,
                 tokenizer, qa, cfg, runner, progress)
+        if cfg.sweep_threads and timing is not None and cfg.latency is not None:
+            reports[runtime.value] = _sweep_threads(runtime, reports[runtime.value], bundle, manifest, timing, cfg,
+                                                    runner, progress)
         r = reports[runtime.value]
         progress(f"{runtime.value}: " + ("passed" if r.passed else
                                          f"FAILED {', '.join(r.failures)}; largest |logit diff| "
@@ -394,6 +398,25 @@ def _compare(runtime: Runtime, this: RuntimeReport, mine: tuple[Path, Manifest],
     ours, other = (merged_latency(runs, _format_bytes(manifest, runtime), cfg.threads, not runner.emulated)
                    for runs, (_, manifest) in zip(timed, (mine, theirs)))
     return dataclasses.replace(this, latency=ours), compare(theirs[0], ours, other, this.quality, quality)
+
+
+def _sweep_threads(runtime: Runtime, this: RuntimeReport, bundle: Path, manifest: Manifest, timing: dict,
+                   cfg: ValidateConfig, runner, progress: Callable[[str], None]) -> RuntimeReport:
+    """The bundle timed at each of ``cfg.sweep_threads``, interleaved (one timed repeat per process,
+    the counts alternating), as --compare times two bundles."""
+    assert cfg.latency is not None
+    base = {"schema_version": JOB_SCHEMA, "runtime": runtime.value, "artifact": by_runtime(runtime).artifact,
+            "latency": timing}
+    counts = cfg.sweep_threads
+    progress(f"{runtime.value}: timing at {', '.join(map(str, counts))} threads interleaved, {cfg.latency.repeats} rounds")
+    timed = interleaved_latency(lambda job, folder: runner.run(job, folder)[0],
+                                [(dict(base, threads=n), bundle) for n in counts], cfg.latency, progress)
+    sweep = [merged_latency(runs, _format_bytes(manifest, runtime), n, not runner.emulated)
+             for runs, n in zip(timed, counts, strict=True)]
+    progress(f"{runtime.value}: decode " + ", ".join(f"{lat.decode_tokens_per_s.median:.1f} tok/s at {lat.threads}"
+                                                     for lat in sweep)
+             + f" threads; fastest at {fastest_threads(sweep)}")
+    return dataclasses.replace(this, thread_sweep=sweep)
 
 
 def _exact_match(tokenizer, answers: list[list[int]], qa) -> float | None:

@@ -23,7 +23,8 @@ from rankdown.export.parity import top1_note
 # checkpoint was compressed for, else math, code, prose).
 # 7: ``parity.top1_tie`` and ``parity.strict_top1_agreement``: against a quantized reference, top-1 counts
 # near-ties within top1_tie x logit_scale, and the same-token agreement is kept beside it.
-SCHEMA_VERSION = 7
+# 8: ``thread_sweep`` per runtime (validate --sweep-threads): the bundle timed at each thread count.
+SCHEMA_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class RuntimeReport:
     failures: list[str]  # named checks that failed; empty when passed
     passed: bool
     executed_on: str = ""  # the device's CPU and what ran the artifact, e.g. "aarch64, rankdown-et-runner"
+    thread_sweep: list[LatencyReport] = field(default_factory=list)  # one per count, timed interleaved
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,17 @@ def to_markdown(report: Report) -> str:
                      f"{em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
+    swept = {name: r.thread_sweep for name, r in report.runtimes.items() if r.thread_sweep}
+    if swept:
+        lines += ["", "## Thread counts (the bundle timed at each, interleaved, same protocol)", "",
+                  "| runtime | threads | decode tok/s | TTFT ms | peak RSS MB | |", "|---|---|---|---|---|---|"]
+        for name, sweep in swept.items():
+            best = fastest_threads(sweep)
+            for lat in sweep:
+                ttft = ", ".join(f"{k}: {v.median:.1f}" for k, v in lat.ttft_ms.items())
+                lines.append(f"| {name} | {lat.threads} | {lat.decode_tokens_per_s.median:.1f} "
+                             f"({lat.decode_tokens_per_s.min:.1f}-{lat.decode_tokens_per_s.max:.1f}) | {ttft} | "
+                             f"{lat.peak_rss_mb:.0f} | {'fastest decode' if lat.threads == best else ''} |")
     if report.comparisons:
         other = next(iter(report.comparisons.values())).other
         lines += ["", f"## Compared with `{other}` (timed interleaved, same protocol)", "",
@@ -195,6 +208,11 @@ def to_markdown(report: Report) -> str:
                          f"{theirs.size_bytes / 2**20:.1f} ({c.ratios['size_bytes']:.2f}x) | {mine.peak_rss_mb:.0f} vs "
                          f"{theirs.peak_rss_mb:.0f} ({c.ratios['peak_rss_mb']:.2f}x) | {em} | {ppl} |")
     return "\n".join(lines) + "\n"
+
+
+def fastest_threads(sweep: list[LatencyReport]) -> int | None:
+    """The thread count of a sweep whose median decode is fastest."""
+    return max(sweep, key=lambda lat: lat.decode_tokens_per_s.median).threads
 
 
 def write_report(report: Report, folder: Path) -> None:

@@ -43,7 +43,7 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 7 and raw["passed"] is True and raw["comparisons"] == {}
+    assert raw["schema_version"] == 8 and raw["passed"] is True and raw["comparisons"] == {}
     env = raw["environment"]
     assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
                              "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
@@ -250,6 +250,52 @@ def test_compare_refuses_itself_and_no_latency(joint_bundle):
     with pytest.raises(RankdownError, match="leave out --no-latency"):
         validate(bundle, ValidateConfig(runtimes="onnxruntime", compare=bundle, **(FAST | {"latency": None})),
                  progress=quiet)
+
+
+def test_sweep_threads_times_the_bundle_at_each_count_interleaved_and_names_the_fastest(joint_bundle, tmp_path):
+    """validate --sweep-threads 1,2: the latency job again at each count, one timed repeat per process,
+    the counts alternating; the report keeps each count's latency and report.md names the fastest."""
+    _, bundle, _ = joint_bundle
+    counts: list = []
+
+    class Recorder(_RecordingRunner):
+        def run(self, job, folder):
+            if "latency" in job and "parity" not in job:
+                counts.append(job["threads"])
+            return self.inner.run(job, folder)
+
+    cfg = ValidateConfig(runtimes="onnxruntime", report_dir=tmp_path / "report", sweep_threads=(1, 2), **FAST)
+    report = validate(bundle, cfg, progress=quiet, runner=Recorder())
+    assert counts == [1, 2, 1, 2]
+    sweep = report.runtimes["onnxruntime"].thread_sweep
+    assert [lat.threads for lat in sweep] == [1, 2] and all(lat.decode_tokens_per_s.runs == 2 for lat in sweep)
+    assert all(lat.decode_tokens_per_s.median > 0 for lat in sweep)
+    fastest = max(sweep, key=lambda lat: lat.decode_tokens_per_s.median).threads
+    raw = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [s["threads"] for s in raw["runtimes"]["onnxruntime"]["thread_sweep"]] == [1, 2]
+    table = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+             if line.startswith("| onnxruntime | ") and "fastest decode" in line]
+    assert len(table) == 1 and table[0].startswith(f"| onnxruntime | {fastest} | ")
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ({"sweep_threads": (2,)}, "two or more distinct counts"),
+    ({"sweep_threads": (1, 1)}, "two or more distinct counts"),
+    ({"sweep_threads": (0, 2)}, "two or more distinct counts"),
+    ({"sweep_threads": (1, 2), "latency": None}, "leave out --no-latency"),
+    ({"sweep_threads": (1, 2), "compare": "other"}, "not both"),
+])
+def test_sweep_threads_refuses_what_it_cannot_time(extra, pattern):
+    with pytest.raises(RankdownError, match=pattern):
+        ValidateConfig(**(FAST | extra))
+
+
+def test_cli_sweep_threads_that_are_not_numbers_is_one_clear_line(joint_bundle):
+    _, bundle, _ = joint_bundle
+    result = _cli(bundle, "--sweep-threads", "1,two")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown validate: error:")]
+    assert len(errors) == 1 and "--sweep-threads must be comma-separated thread counts" in errors[0], result.stderr
 
 
 def test_a_model_calibrated_on_a_file_needs_a_task_or_eval_file(joint_bundle, tmp_path):
