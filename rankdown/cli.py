@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--sweep-threads", metavar="N,M,...",
                      help="also time the bundle at each of these thread counts, interleaved, and name the fastest "
                           "(a device's count, not the bundle's: on a 2-vCPU Emerald Rapids the int4 .pte decoded "
-                          "1.3x faster on one thread than on two, the .onnx as fast or faster on two)")
+                          "1.16-1.35x faster on one thread than on two, the .onnx as fast or faster on two)")
     val.add_argument("--device", help="a device profile name (see `rankdown devices`) or a .toml file")
     val.set_defaults(func=cmd_validate)
 
