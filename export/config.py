@@ -153,7 +153,8 @@ class ExportConfig:
     # ExecuTorch: a second method, ``decode_step``, for one token with static shapes, sharing forward's
     # weights and KV cache (export/executorch.py); ignored without the executorch format. On by default:
     # SmolLM2 int4 decodes 1.08-1.13x faster with it on a Zen 4, interleaved (README, "A one-token
-    # `decode_step` method"), for about 45 MB more RSS and twice the ExecuTorch export time
+    # `decode_step` method"), for about 45 MB more RSS in int4 (fp32: a second copy of the packed
+    # weights, +620 MB on dense SmolLM2) and twice the ExecuTorch export time
     decode_method: bool = True
     parity_new_tokens: int = 32
     check: bool = True  # run the parity self-check after writing
