@@ -151,11 +151,12 @@ class ExportConfig:
     backend: Backend = Backend.XNNPACK
     max_seq_len: int = 256  # positions the ExecuTorch static KV cache holds
     # ExecuTorch: a second method, ``decode_step``, for one token with static shapes, sharing forward's
-    # weights and KV cache (export/executorch.py); ignored without the executorch format. On by default:
-    # SmolLM2 int4 decodes 1.08-1.13x faster with it on a Zen 4, interleaved (README, "A one-token
-    # `decode_step` method"), for about 45 MB more RSS in int4 (fp32: a second copy of the packed
-    # weights, +620 MB on dense SmolLM2) and twice the ExecuTorch export time
-    decode_method: bool = True
+    # stored weights and KV cache (export/executorch.py); ignored without the executorch format. None:
+    # on for a quantized export, off in fp32 (``wants_decode_method``). SmolLM2 int4 decodes 1.08-1.13x
+    # faster with it on a Zen 4, interleaved (README, "A one-token `decode_step` method"), for about
+    # 45 MB more RSS; in fp32 it gained nothing (0.97x dense, 1.04x at 40%, Emerald Rapids) and XNNPACK
+    # holds a second copy of the packed weights (+620 MB on dense SmolLM2). Twice the export time.
+    decode_method: bool | None = None
     parity_new_tokens: int = 32
     check: bool = True  # run the parity self-check after writing
     overwrite: bool = False
@@ -202,3 +203,7 @@ class ExportConfig:
     @property
     def thresholds(self) -> ParityThresholds:
         return ParityThresholds.for_quantize(self.quantize)
+
+    def wants_decode_method(self) -> bool:
+        """Whether the .pte gets the one-token method: as asked, else only for a quantized export."""
+        return self.decode_method if self.decode_method is not None else self.quantize is not Quantize.NONE

@@ -192,7 +192,7 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         # XNNPACK delegates a static slice (a fused linear's members, the rotary halves) but not a
         # dynamic one, so the one-token graph runs each layer in one delegate call between the
         # attention kernels, where forward needs several.
-        if cfg.decode_method:
+        if cfg.wants_decode_method():
             programs[DECODE_METHOD] = trace(model, length, tokens=1)
         # Merging also shares one activation quantization among the linears that read one input
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4

@@ -156,7 +156,7 @@ def _resolve_scales(cfg: ExportConfig, healed_int4: bool, progress: Callable[[st
 def _options(cfg: ExportConfig, balanced: bool, head_equalized: bool) -> dict:
     # what was done, not the switch
     raw = dataclasses.asdict(cfg) | {"balance": balanced, "head_equalized": head_equalized,
-                                     "decode_method": cfg.decode_method and Format.EXECUTORCH in cfg.formats}
+                                     "decode_method": cfg.wants_decode_method() and Format.EXECUTORCH in cfg.formats}
     return {k: ([f.value for f in v] if k == "formats" else getattr(v, "value", v)) for k, v in raw.items()}
 
 

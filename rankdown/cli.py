@@ -382,13 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help=help_with_default("positions the ExecuTorch KV cache holds", ExportConfig, "max_seq_len"))
     exp.add_argument("--decode-method", action=argparse.BooleanOptionalAction,
                      default=default_of(ExportConfig, "decode_method"),
-                     help=help_with_default("ExecuTorch: a one-token `decode_step` method beside forward, sharing its "
-                                            "stored weights and KV cache, which rankdown's runners call for each new "
-                                            "token (decode 1.08-1.13x on SmolLM2 int4; twice the export time). XNNPACK "
-                                            "packs each method's weights apart: about 45 MB more RSS in int4, +620 MB "
-                                            "in fp32 on dense SmolLM2. ExecuTorch's TextLLMRunner runs forward only "
-                                            "either way",
-                                            ExportConfig, "decode_method"))
+                     help="ExecuTorch: a one-token `decode_step` method beside forward, sharing its stored weights "
+                          "and KV cache, which rankdown's runners call for each new token (int4: decode 1.08-1.13x "
+                          "on SmolLM2, about 45 MB more RSS; fp32: no gain measured, and a second copy of XNNPACK's "
+                          "packed weights, +620 MB on dense SmolLM2; twice the export time). ExecuTorch's "
+                          "TextLLMRunner runs forward only either way (default: on for --quantize int8/int4, off "
+                          "in fp32)")
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     exp.set_defaults(func=cmd_export)

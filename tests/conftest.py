@@ -117,7 +117,8 @@ def shipped_math_bundle(shipped_math_checkpoint, tmp_path_factory, worker_id):
     from rankdown.export.pipeline import export
 
     def build(root: Path) -> None:
-        export(shipped_math_checkpoint, root / "bundle", ExportConfig(), progress=lambda _m: None)
+        # with the one-token method (off by default in fp32): TextLLMRunner is held to ignoring it
+        export(shipped_math_checkpoint, root / "bundle", ExportConfig(decode_method=True), progress=lambda _m: None)
 
     shared = _shared_dir(tmp_path_factory, worker_id)
     return shipped_math_checkpoint, _built_once(shared, "shipped-math-bundle", build) / "bundle"
@@ -138,13 +139,14 @@ def onnx_int4_bundles(compressed_tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def joint_bundle(compressed_tiny, tmp_path_factory):
-    """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export."""
+    """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export,
+    with the one-token method (off by default in fp32) so that its tests have it to hold."""
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export
 
     folder, _ = compressed_tiny["joint"]
     bundle = tmp_path_factory.mktemp("bundles") / "joint"
-    manifest = export(folder, bundle, ExportConfig(max_seq_len=128), progress=lambda _m: None)
+    manifest = export(folder, bundle, ExportConfig(max_seq_len=128, decode_method=True), progress=lambda _m: None)
     return folder, bundle, manifest
 
 

@@ -133,7 +133,7 @@ def test_executorch_llm_runner_answers_like_torch(shipped_math_bundle):
     folder, bundle = shipped_math_bundle
     tokenizer = load_tokenizer(folder)
     model = load_model(open_checkpoint(folder)).eval()
-    # The default export has the one-token method too; TextLLMRunner must still run forward alone
+    # The bundle has the one-token method (as an int4 export has by default); TextLLMRunner must still run forward alone
     # (it sends tokens to a method named "decode", whose cache it does not share with forward).
     assert DECODE_METHOD in ExecuTorchDecoder(bundle / "executorch" / "model.pte").program.method_names
     runner = TextLLMRunner(str(bundle / "executorch" / "model.pte"), str(bundle / "tokenizer.json"))

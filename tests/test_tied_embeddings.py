@@ -56,7 +56,7 @@ def test_factorized_tied_model_stores_its_table_once_in_both_formats(tied_factor
         sizes[name] = sum(f.bytes for f in entry.files.values())
     table = tied_table(load_model(open_checkpoint(tied_factorized)))
     assert table is not None
-    # The .pte's second method (decode_step) adds its own graph, but no second table.
+    # A second method (decode_step, on by default in int4) would add its own graph, but no second table.
     assert sizes["executorch"] < sizes["onnx"] + table.nbytes, sizes
     assert set(manifest.formats["executorch"].files) == {"executorch/model.pte", "executorch/model.ptd"}
     assert table_copies([bundle / "executorch" / "model.ptd"], table) == 1
