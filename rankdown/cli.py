@@ -135,7 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rankdown.export.parity import top1_note
     from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
     from rankdown.validate.harness import validate
-    from rankdown.validate.report import fastest_threads
+    from rankdown.validate.report import fastest_threads, quantization_note
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
                     greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop,
@@ -160,7 +160,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     report = validate(args.bundle, cfg, runner=runner)
     for name, r in report.runtimes.items():
         q, p, lat = r.quality, r.parity, r.latency
-        em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} (PyTorch {q.reference_exact_match:.1%})"
+        em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} (PyTorch {q.reference_exact_match:.1%}" + \
+            ("" if q.quantized_reference_exact_match is None
+             else f", with its quantized weights {q.quantized_reference_exact_match:.1%}") + ")"
         ppl = "n/a" if q.perplexity is None else f"{q.perplexity:.3f} (PyTorch {q.reference_perplexity:.3f})"
         line = (f"{name:<12} greedy {'identical' if p.greedy_match else 'DIFFERS'} over {p.greedy_tokens}, "
                 f"max |dlogit| {p.max_abs_logit_diff:.1e}{'' if r.passed else ' at ' + p.max_diff_at}, "
@@ -170,6 +172,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 f"perplexity {ppl}")
         if r.executed_on:
             line += f"\n{'':<12} ran on {r.executed_on}"
+        if note := quantization_note(name, r):
+            line += f"\n{'':<12} {note.removeprefix(name + ': ')}"
         if lat is not None:
             ttft = ", ".join(f"{k} tok {v.median:.1f} ms" for k, v in lat.ttft_ms.items())
             line += (f"\n{'':<12} TTFT {ttft}; decode {lat.decode_tokens_per_s.median:.1f} tok/s; load "

@@ -284,6 +284,10 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # That floor is judged on the text of the tasks the checkpoint was compressed for (export does the same).
     floor_tasks = parity_tasks(manifest.source.compression)
     floor_prompts, floor_reference = prompts, reference
+    qa = data.qa[: cfg.max_examples]
+    # The task's exact match with the bundle's quantized weights in PyTorch: what quantizing cost,
+    # told apart from what the runtime adds. The bound still holds the runtime to the float model.
+    quantized_em: dict[Runtime, float] = {}
     for runtime in runtimes:
         lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner)
         if lowered is not None:
@@ -294,13 +298,15 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                      + ("" if rounded is None else f", {rounded} linear input(s) rounded to int8 as {where} "
                         "onnxruntime does") + (f"; {note}" if note else ""))
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
+            if qa:
+                quantized_em[runtime] = _torch_exact_match(lowered, tokenizer, qa)
+                progress(f"reference for {runtime.value}: exact match {quantized_em[runtime]:.1%} with those weights")
             del lowered
             if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:
                 floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
                 # only their prompt logits are judged (top-1), as in export
                 floor_reference = [torch_greedy(model, p, 1) for p in floor_prompts]
     tokenizer_ok = _tokenizer_matches(tokenizer, reference_dir, [tokenizer.decode(p) for p in prompts])
-    qa = data.qa[: cfg.max_examples]
     eval_cfg = EvalConfig(window=min(256, positions - 1), max_tokens=cfg.max_tokens, max_examples=cfg.max_examples)
     windows = token_windows(tokenizer, data.texts, eval_cfg) if data.texts else []
     ref_em = None
@@ -355,7 +361,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                 else min(base.min_top1_agreement, cfg.checks.min_top1_agreement),
                 2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS))
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
-                                        qa, ref_em, ref_ppl, checks, bounds, cfg, runner,
+                                        qa, (ref_em, quantized_em.get(runtime), ref_ppl), checks, bounds, cfg, runner,
                                         _format_bytes(manifest, runtime))
         if other is not None and other_manifest is not None and timing is not None and cfg.latency is not None:
             reports[runtime.value], comparisons[runtime.value] = _compare(
@@ -419,6 +425,21 @@ def _sweep_threads(runtime: Runtime, this: RuntimeReport, bundle: Path, manifest
     return dataclasses.replace(this, thread_sweep=sweep)
 
 
+def _torch_exact_match(model, tokenizer, qa) -> float:
+    """Exact match of a PyTorch model that may lack ``generate`` (a quantized reference): each
+    problem greedy on its own, to the budget and stop tokens a runtime is given."""
+    stops = set(_stop_ids(tokenizer))
+    answers = []
+    for ex in qa:
+        budget = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2
+        tokens = list(torch_greedy(model, tokenizer(ex.prompt)["input_ids"], budget).tokens)
+        stop = next((i for i, t in enumerate(tokens) if t in stops), len(tokens) - 1)
+        answers.append(tokens[: stop + 1])
+    em = _exact_match(tokenizer, answers, qa)
+    assert em is not None
+    return em
+
+
 def _exact_match(tokenizer, answers: list[list[int]], qa) -> float | None:
     if not qa:
         return None
@@ -462,8 +483,12 @@ def float_top1(arrays: dict, floor: FloatFloor) -> float:
                             for i, ref in enumerate(floor.reference)])[2]
 
 
-def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, ref_em, ref_ppl, checks: ParityChecks,
+def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa,
+           pytorch: tuple[float | None, float | None, float | None], checks: ParityChecks,
            bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
+    """``pytorch``: the float model's exact match, the quantized reference's (None without one) and
+    the float model's perplexity, on the same data."""
+    ref_em, quantized_em, ref_ppl = pytorch
     float_check, b = checks.float_floor, checks.bounds
     name = runtime.value
     n = len(reference)
@@ -493,7 +518,8 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa, re
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
-                            reference_perplexity=ref_ppl, seconds=result.get("quality_s", 0.0))
+                            reference_perplexity=ref_ppl, seconds=result.get("quality_s", 0.0),
+                            quantized_reference_exact_match=quantized_em)
     latency = None
     if "latency" in result:
         lat = result["latency"]

@@ -24,7 +24,8 @@ from rankdown.export.parity import top1_note
 # 7: ``parity.top1_tie`` and ``parity.strict_top1_agreement``: against a quantized reference, top-1 counts
 # near-ties within top1_tie x logit_scale, and the same-token agreement is kept beside it.
 # 8: ``thread_sweep`` per runtime (validate --sweep-threads): the bundle timed at each thread count.
-SCHEMA_VERSION = 8
+# 9: ``quality.quantized_reference_exact_match``: the bundle's quantized weights in PyTorch (int4).
+SCHEMA_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class QualityReport:
     reference_exact_match: float | None  # PyTorch, same data
     reference_perplexity: float | None
     seconds: float
+    # PyTorch with the bundle's quantized weights, the same problems: None where the runtime is held
+    # to the float model (fp32, int8) or there are no problems
+    quantized_reference_exact_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,12 +163,13 @@ def to_markdown(report: Report) -> str:
              f"runtimes ran on {device.name} ({device.machine} {device.system}, {device.cores} cores) via "
              f"{device.transport}{' (emulated: timings are not meaningful)' if device.emulated else ''}; "
              f"host {host.machine} {host.system} ({host.cores} cores)", "",
-             "| runtime | greedy | max abs logit diff | top-1 | exact match (ref) | perplexity (ref) | "
+             "| runtime | greedy | max abs logit diff | top-1 | exact match (ref; quantized ref) | perplexity (ref) | "
              "TTFT ms | decode tok/s | load s | peak RSS MB | size MiB | passed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report.runtimes.items():
         q, p, lat = r.quality, r.parity, r.latency
-        em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} ({q.reference_exact_match:.1%})"
+        em = "n/a" if q.exact_match is None else f"{q.exact_match:.1%} ({q.reference_exact_match:.1%}" + \
+            ("" if q.quantized_reference_exact_match is None else f"; {q.quantized_reference_exact_match:.1%}") + ")"
         ppl = "n/a" if q.perplexity is None else f"{q.perplexity:.3f} ({q.reference_perplexity:.3f})"
         if lat is None:
             timing = "| - | - | - | - | - "
@@ -177,6 +182,7 @@ def to_markdown(report: Report) -> str:
                      f"{em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
+    lines += [f"- {note}" for name, r in report.runtimes.items() if (note := quantization_note(name, r))]
     swept = {name: r.thread_sweep for name, r in report.runtimes.items() if r.thread_sweep}
     if swept:
         lines += ["", "## Thread counts (the bundle timed at each, interleaved, same protocol)", "",
@@ -208,6 +214,18 @@ def to_markdown(report: Report) -> str:
                          f"{theirs.size_bytes / 2**20:.1f} ({c.ratios['size_bytes']:.2f}x) | {mine.peak_rss_mb:.0f} vs "
                          f"{theirs.peak_rss_mb:.0f} ({c.ratios['peak_rss_mb']:.2f}x) | {em} | {ppl} |")
     return "\n".join(lines) + "\n"
+
+
+def quantization_note(name: str, r: RuntimeReport) -> str | None:
+    """Where a runtime failed exact match and its quantized weights score no better in PyTorch,
+    the line that says the task was lost in quantizing, not by the runtime; else None."""
+    q = r.quality
+    if f"{name}.quality.exact_match" not in r.failures or q.quantized_reference_exact_match is None \
+            or q.exact_match is None or q.exact_match < q.quantized_reference_exact_match:
+        return None
+    return (f"{name}: the task is lost in the quantized weights, not by the runtime: PyTorch scores "
+            f"{q.quantized_reference_exact_match:.1%} with them and {q.reference_exact_match:.1%} with the float "
+            f"checkpoint (heal through the 4-bit weights for more steps, or export --quantize int8)")
 
 
 def fastest_threads(sweep: list[LatencyReport]) -> int | None:

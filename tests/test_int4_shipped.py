@@ -5,6 +5,7 @@ that must fail or differ made beside it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 
 import onnx
@@ -53,6 +54,7 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
     lowering bounds; the float model's top-1 is reported beside."""
     from rankdown.validate.config import ValidateConfig
     from rankdown.validate.harness import validate
+    from rankdown.validate.report import quantization_note
 
     _, bundle, _, _ = int4_bundle
     report = validate(bundle, ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=quiet)
@@ -63,6 +65,17 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
         assert parity.top1_agreement > parity.float_top1_agreement, name
         assert parity.float_prompt_tasks == ("math",), name
         assert not [f for f in result.failures if ".parity." in f], (name, result.failures)
+        # the task through the bundle's own int4 weights in PyTorch, beside the float model's
+        quantized = result.quality.quantized_reference_exact_match
+        assert quantized is not None and 0.0 <= quantized <= 1.0, name
+        assert quantization_note(name, result) is None  # it passed: nothing to attribute
+        # a failed exact match is put on the weights only when the runtime scores at least as they do
+        lost = dataclasses.replace(result, failures=[f"{name}.quality.exact_match"], quality=dataclasses.replace(
+            result.quality, exact_match=0.5, quantized_reference_exact_match=0.4, reference_exact_match=0.9))
+        note = quantization_note(name, lost)
+        assert note is not None and "40.0%" in note and "90.0%" in note, note
+        worse = dataclasses.replace(lost, quality=dataclasses.replace(lost.quality, exact_match=0.3))
+        assert quantization_note(name, worse) is None
     parity = report.runtimes["executorch"].parity
     assert parity.top1_agreement >= 0.85 and parity.max_abs_logit_diff <= 0.25 * parity.logit_scale
     assert parity.top1_tie == 0.05 and 0.6 <= parity.strict_top1_agreement <= parity.top1_agreement

@@ -38,12 +38,13 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
         # the runtime's own task quality equals PyTorch's on the same data
         assert r.quality.examples == 20 and r.quality.exact_match == r.quality.reference_exact_match
         assert r.quality.perplexity == pytest.approx(r.quality.reference_perplexity, rel=1e-4)
+        assert r.quality.quantized_reference_exact_match is None  # fp32: no quantized reference
 
 
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 8 and raw["passed"] is True and raw["comparisons"] == {}
+    assert raw["schema_version"] == 9 and raw["passed"] is True and raw["comparisons"] == {}
     env = raw["environment"]
     assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
                              "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
@@ -313,3 +314,22 @@ def test_a_model_calibrated_on_a_file_needs_a_task_or_eval_file(joint_bundle, tm
     report = validate(moved, ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=2, task="math"),
                       progress=quiet)
     assert report.runtimes["onnxruntime"].quality is not None
+
+
+def test_a_quantized_reference_is_scored_as_generate_scores_the_float_model(shipped_math_checkpoint):
+    """validate scores a quantized reference (a module without ``generate``) problem by problem, to
+    the runtimes' budgets and stop tokens; on the float model that gives transformers' batched
+    generate's exact match, problem for problem."""
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from rankdown.evaluate import greedy_answers
+    from rankdown.tasks import Split, load_task
+    from rankdown.validate.harness import _torch_exact_match
+
+    model = load_model(open_checkpoint(shipped_math_checkpoint)).eval()
+    tokenizer = load_tokenizer(shipped_math_checkpoint)
+    qa = load_task("math", Split.EVALUATION).qa[:30]
+    answers = greedy_answers(model, tokenizer, qa, batch_size=64)
+    expected = sum(a == ex.answer for a, ex in zip(answers, qa)) / len(qa)
+    assert expected > 0.5  # a model that solves most: a wrong cut would show as a miss
+    for ex, answer in zip(qa, answers):
+        assert _torch_exact_match(model, tokenizer, (ex,)) == float(answer == ex.answer), ex.prompt
