@@ -10,6 +10,7 @@ from helpers import quiet
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.export.config import ExportConfig, Int4Scales
 from rankdown.export.et_int4 import DecomposedQuantLinear, pad_ranks, quantize_int4
+from rankdown.export.manifest import Manifest
 from rankdown.export.pipeline import export
 from rankdown.factor_record import FactorRecord
 from rankdown.int4_numerics import PER_CHANNEL, group_for, group_option, padded_rank, parse_group
@@ -73,6 +74,32 @@ def test_decode_step_reads_the_cache_forward_wrote(joint_bundle):
     ours, theirs = greedy(native, prompt, 8), greedy(forward_only, prompt, 8)
     assert ours.tokens == theirs.tokens and np.abs(ours.step_logits - theirs.step_logits).max() < 1e-4
     native.close()
+
+
+def test_native_runner_packs_the_weights_once_for_both_methods(shipped_math_bundle):
+    """rankdown-et-runner turns on XNNPACK's weight cache: forward and the one-token method share one
+    packed copy of the weights (without it each method packs its own), and the logits are the same
+    bit for bit."""
+    import numpy as np
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import DECODE_METHOD, NativeExecuTorchDecoder, greedy
+
+    bundle = shipped_math_bundle[1]
+    pte = bundle / "executorch" / "model.pte"
+    binary = str(build_runner(progress=quiet) / "bin" / BINARY)
+    runs = {}
+    for name, command in (("cache", [binary]), ("apart", [binary, "--no-weight-cache"])):
+        decoder = NativeExecuTorchDecoder(pte, command, threads=1)
+        assert decoder.one_token_method == DECODE_METHOD
+        generation = greedy(decoder, [5, 9, 30, 7, 12], 8)
+        runs[name] = (generation, decoder.close())
+    (cached, cached_mb), (apart, apart_mb) = runs["cache"], runs["apart"]
+    assert cached.tokens == apart.tokens and np.array_equal(cached.step_logits, apart.step_logits)
+    # the one copy the cache saves: at least half the decoder linears' fp32 bytes
+    weights_mb = 4 * Manifest.read(bundle).model.decoder_linear_params / 2**20
+    assert cached_mb is not None and apart_mb is not None
+    assert apart_mb - cached_mb > 0.5 * weights_mb, (apart_mb, cached_mb, weights_mb)
 
 
 def test_decode_method_is_on_for_quantized_exports_and_off_in_fp32_unless_asked():
