@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ExecuTorch: a one-token `decode_step` method beside forward, sharing its stored weights "
                           "and KV cache, which rankdown's runners call for each new token (int4: decode 1.08-1.13x "
                           "on SmolLM2, about 45 MB more RSS; fp32: no gain measured, and a second copy of XNNPACK's "
-                          "packed weights, +620 MB on dense SmolLM2; twice the export time). ExecuTorch's "
+                          "packed weights, +620 MB on dense SmolLM2; rankdown-et-runner shares one copy through "
+                          "XNNPACK's weight cache; twice the export time). ExecuTorch's "
                           "TextLLMRunner runs forward only either way (default: on for --quantize int8/int4, off "
                           "in fp32)")
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
