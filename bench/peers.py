@@ -27,6 +27,10 @@ load average is recorded with each row: on a shared machine the figures are indi
 rankdown row is then paired with the faster peer row of any count, round by round, so the ratio is
 against each peer at whichever count is faster for it (on some hosts XNNPACK decodes faster on one
 thread than on two). Task quality is then measured at the first count only.
+``--cpp-runner`` adds a row per bundle .pte run in rankdown-et-runner, ExecuTorch's C++ runtime (the
+whole logits row comes back over a pipe per call, which that row pays; its peak RSS is the runner's).
+optimum-executorch's .pte is run in ExecuTorch's Python runtime only (its forward takes other
+position inputs than the runner passes).
 
 Task quality, once per row after its first round's timing (not timed): the first
 ``--quality-examples`` problems of ``--task``'s evaluation split (default `compare`, 200), each
@@ -133,8 +137,13 @@ def thread_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-def bundle_rows(name: str, bundle: Path) -> list[Row]:
-    """A row per artifact of a `rankdown export` folder, opened by the format registry's decoder."""
+CPP_RUNNER = "rankdown-native:executorch"  # a .pte in rankdown-et-runner, ExecuTorch's C++ runtime
+
+
+def bundle_rows(name: str, bundle: Path, cpp_runner: bool = False) -> list[Row]:
+    """A row per artifact of a `rankdown export` folder, opened by the format registry's decoder;
+    with ``cpp_runner`` a .pte also gets a row in rankdown-et-runner (what an app links: no Python,
+    no torch in the process)."""
     from rankdown.export.formats import FORMATS
 
     rows = []
@@ -144,6 +153,9 @@ def bundle_rows(name: str, bundle: Path) -> list[Row]:
             files = [p for p in artifact.parent.iterdir() if p.is_file() and p.suffix not in (".json", ".txt")]
             rows.append(Row(f"rankdown {name}", f"rankdown:{spec.runtime}", _bundle_precision(bundle), "project",
                             str(artifact), weights=[str(p) for p in files]))
+            if cpp_runner and spec.runtime == "executorch":
+                rows.append(Row(f"rankdown {name} (rankdown-et-runner)", CPP_RUNNER, _bundle_precision(bundle),
+                                "project", str(artifact), weights=[str(p) for p in files]))
             # The runtime apps ship (onnxruntime-genai for the ONNX folder), driven as the peers' own
             # exports are: its Generator, greedy search and in-place KV cache, not our decode loop.
             for other in spec.other_runtimes:
@@ -246,10 +258,10 @@ class ExecuTorchHF:
 class RankdownDecoder:
     """A rankdown bundle's artifact through the decoder its format registers (the one `validate` times)."""
 
-    def __init__(self, path: str, threads: int, runtime: str):
+    def __init__(self, path: str, threads: int, runtime: str, native_runner: list[str] | None = None):
         from rankdown.export.formats import by_runtime
 
-        self.decoder = by_runtime(runtime).open_decoder(Path(path), threads)
+        self.decoder = by_runtime(runtime).open_decoder(Path(path), threads, native_runner=native_runner)
 
     def first(self, ids: list[int]) -> int:
         return int(np.argmax(self.decoder.prefill(ids)[-1]))
@@ -301,7 +313,14 @@ def time_half(job_path: Path, out_path: Path) -> None:
     rss_import = _vm_kb("VmRSS")
     start = time.perf_counter()
     decoder: LlamaCpp | Genai | ExecuTorchHF | RankdownDecoder
-    if runtime.startswith("rankdown:"):
+    native = runtime == CPP_RUNNER
+    if native:
+        from rankdown.devices.native_runner import BINARY, build_runner
+
+        binary = build_runner(progress=lambda _m: None) / "bin" / BINARY  # built before the clock starts
+        start = time.perf_counter()
+        decoder = RankdownDecoder(job["artifact"], threads, "executorch", native_runner=[str(binary)])
+    elif runtime.startswith("rankdown:"):
         decoder = RankdownDecoder(job["artifact"], threads, runtime.split(":", 1)[1])
     else:
         decoder = OPENERS[runtime](job["artifact"], threads)
@@ -331,6 +350,9 @@ def time_half(job_path: Path, out_path: Path) -> None:
               "greedy": tokens[: job["new_tokens"]]}
     if job.get("problems"):  # after the timing, so that it times nothing
         result["answers"] = [greedy_answer(decoder, p["ids"], p["budget"], job["eos"]) for p in job["problems"]]
+    if native:  # the model's memory is the runner's process, not this one's
+        assert isinstance(decoder, RankdownDecoder)
+        result["peak_rss_mb"], result["import_rss_mb"] = decoder.decoder.close(), 0.0
     out_path.write_text(json.dumps(result) + "\n")
 
 
@@ -536,6 +558,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=WORK, help="where the peers' exports go (kept across runs)")
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a `rankdown export` folder, timed as one row per artifact (repeatable)")
+    parser.add_argument("--cpp-runner", action="store_true",
+                        help="also time each bundle's .pte in rankdown-et-runner, ExecuTorch's C++ runtime as an app "
+                             "links it (built here on first use; its peak RSS is the runner process's)")
     parser.add_argument("--only", help="comma-separated row names or precisions to run (substring match)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     # The protocol's values are the defaults; other values are for a loaded machine, and the tables say so.
@@ -560,7 +585,7 @@ def main() -> None:
         name, sep, path = spec.partition("=")
         if not sep:
             raise SystemExit(f"--bundle {spec}: expected NAME=PATH")
-        rows += bundle_rows(name, Path(path))
+        rows += bundle_rows(name, Path(path), cpp_runner=args.cpp_runner)
     if args.only:
         keys = args.only.split(",")
         rows = [r for r in rows if any(k in f"{r.name} {r.precision}" for k in keys)]

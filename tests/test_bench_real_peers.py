@@ -107,6 +107,12 @@ def test_a_bundles_onnx_folder_is_also_timed_in_onnxruntime_genai(tmp_path: Path
     assert rows[1].artifact == str(tmp_path / "onnx") and rows[1].venv == "project"
     (tmp_path / "onnx/genai_config.json").unlink()
     assert [r.runtime for r in bundle_rows("b", tmp_path)] == ["rankdown:onnxruntime", "rankdown:executorch"]
+    # --cpp-runner: the .pte once more, in rankdown-et-runner, named so, sized by the same files
+    native = bundle_rows("b", tmp_path, cpp_runner=True)
+    assert [(r.name, r.runtime) for r in native] == [
+        ("rankdown b", "rankdown:onnxruntime"), ("rankdown b", "rankdown:executorch"),
+        ("rankdown b (rankdown-et-runner)", "rankdown-native:executorch")]
+    assert native[2].artifact == native[1].artifact and native[2].weights == native[1].weights
 
 
 def test_peers_table_and_plot_name_each_rows_runtime(tmp_path: Path):
