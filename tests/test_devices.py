@@ -27,6 +27,9 @@ def test_shipped_profiles_load():
     profiles = shipped_profiles()
     assert {"local-cpu", "linux-board-ssh", "arm64-emu", "android-arm64-adb"} <= set(profiles)
     assert profiles["local-cpu"].transport.kind is Transport.LOCAL
+    native = profiles["local-cpu-native"]
+    assert (native.transport.kind, native.executorch_runner, native.runtimes) == \
+        (Transport.LOCAL, ExecuTorchRunner.NATIVE, ("executorch",))
     assert profiles["linux-board-ssh"].transport.kind is Transport.SSH
     assert profiles["arm64-emu"].transport.kind is Transport.ARM64_EMU
     assert (profiles["arm64-emu"].transport.cpu, profiles["arm64-emu-a72"].transport.cpu) == (None, "cortex-a72")
