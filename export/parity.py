@@ -57,22 +57,42 @@ def parity_prompts(tokenizer, room: int, tasks: tuple[str, ...] = GENERIC_TASKS)
     return prompts
 
 
+class TorchDecoder:
+    """Eager PyTorch with transformers' own dynamic KV cache, behind the runtimes' decoder interface
+    (``prefill`` -> every prompt position's logits, ``step`` -> the next position's), so a PyTorch
+    reference is driven by the same loops as the runtimes."""
+
+    def __init__(self, model):
+        self.model = model
+        self._cache = None
+
+    def _run(self, ids: list[list[int]], cache):
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor(ids), past_key_values=cache, use_cache=True)
+        self._cache = out.past_key_values
+        return out.logits[0].float().numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self._run([list(ids)], None)
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([[token]], self._cache)[-1]
+
+
 def torch_greedy(model, prompt: list[int], new_tokens: int) -> Generation:
     """The reference: eager PyTorch with transformers' own dynamic KV cache."""
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        prompt_logits = out.logits[0].float().numpy()
-        cache, logits = out.past_key_values, out.logits[0, -1]
-        tokens, chosen = [], []
-        for i in range(new_tokens):
-            token = int(torch.argmax(logits))
-            tokens.append(token)
-            chosen.append(logits.float().numpy())
-            if i + 1 < new_tokens:
-                out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[0, -1]
+    decoder = TorchDecoder(model)
+    prompt_logits = decoder.prefill(prompt)
+    logits = prompt_logits[-1]
+    tokens, chosen = [], []
+    for i in range(new_tokens):
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        chosen.append(logits)
+        if i + 1 < new_tokens:
+            logits = decoder.step(token)
     return Generation(prompt_logits, tuple(tokens), np.stack(chosen))
 
 

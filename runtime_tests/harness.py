@@ -29,6 +29,7 @@ from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import Manifest, verify_files
 from rankdown.export.parity import (
     GENERIC_TASKS,
+    TorchDecoder,
     largest_difference,
     logit_agreement,
     parity_prompts,
@@ -42,7 +43,7 @@ from rankdown.validate.comparison import compare, interleaved_latency, merged_la
 from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
 from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
-from rankdown.validate.on_device import JOB_SCHEMA
+from rankdown.validate.on_device import JOB_SCHEMA, task_answers
 from rankdown.validate.report import (
     Comparison,
     LatencyReport,
@@ -285,6 +286,10 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     floor_tasks = parity_tasks(manifest.source.compression)
     floor_prompts, floor_reference = prompts, reference
     qa = data.qa[: cfg.max_examples]
+    # What every runtime (and a quantized PyTorch reference) answers: the same prompts, budgets, stops.
+    quality_job = {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
+                   "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
+                   "stop_ids": _stop_ids(tokenizer)}
     # The task's exact match with the bundle's quantized weights in PyTorch: what quantizing cost,
     # told apart from what the runtime adds. The bound still holds the runtime to the float model.
     quantized_em: dict[Runtime, float] = {}
@@ -298,9 +303,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                      + ("" if rounded is None else f", {rounded} linear input(s) rounded to int8 as {where} "
                         "onnxruntime does") + (f"; {note}" if note else ""))
             references[runtime] = [torch_greedy(lowered, p, greedy_tokens) for p in prompts]
-            if qa:
-                quantized_em[runtime] = _torch_exact_match(lowered, tokenizer, qa)
-                progress(f"reference for {runtime.value}: exact match {quantized_em[runtime]:.1%} with those weights")
+            answers = task_answers(TorchDecoder(lowered), quality_job["prompts"], quality_job["budgets"],
+                                   set(quality_job["stop_ids"]))
+            em = _exact_match(tokenizer, answers, qa)  # None without problems
+            if em is not None:
+                quantized_em[runtime] = em
+                progress(f"reference for {runtime.value}: exact match {em:.1%} with those weights")
             del lowered
             if floor_tasks != GENERIC_TASKS and floor_prompts is prompts:
                 floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
@@ -318,9 +326,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
              f"{'n/a' if ref_ppl is None else f'{ref_ppl:.3f}'} on {data_name}")
 
     job_base = {"schema_version": JOB_SCHEMA, "threads": cfg.threads,
-                "quality": {"prompts": [tokenizer(ex.prompt)["input_ids"] for ex in qa],
-                            "budgets": [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
-                            "stop_ids": _stop_ids(tokenizer), "windows": windows}}
+                "quality": dict(quality_job, windows=windows)}
     timing = None
     if cfg.latency is not None:
         # Both bundles run the same timed prompts, so they must fit the smaller of the two.
@@ -423,21 +429,6 @@ def _sweep_threads(runtime: Runtime, this: RuntimeReport, bundle: Path, manifest
                                                      for lat in sweep)
              + f" threads; fastest at {fastest_threads(sweep)}")
     return dataclasses.replace(this, thread_sweep=sweep)
-
-
-def _torch_exact_match(model, tokenizer, qa) -> float:
-    """Exact match of a PyTorch model that may lack ``generate`` (a quantized reference): each
-    problem greedy on its own, to the budget and stop tokens a runtime is given."""
-    stops = set(_stop_ids(tokenizer))
-    answers = []
-    for ex in qa:
-        budget = len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2
-        tokens = list(torch_greedy(model, tokenizer(ex.prompt)["input_ids"], budget).tokens)
-        stop = next((i for i, t in enumerate(tokens) if t in stops), len(tokens) - 1)
-        answers.append(tokens[: stop + 1])
-    em = _exact_match(tokenizer, answers, qa)
-    assert em is not None
-    return em
 
 
 def _exact_match(tokenizer, answers: list[list[int]], qa) -> float | None:

@@ -71,7 +71,7 @@ def _parity(decoder, prompts: list[list[int]], new_tokens: list[int]) -> tuple[l
     return tokens, arrays
 
 
-def _answers(decoder, prompts: list[list[int]], budgets: list[int], stop_ids: set[int]) -> list[list[int]]:
+def task_answers(decoder, prompts: list[list[int]], budgets: list[int], stop_ids: set[int]) -> list[list[int]]:
     """Greedy continuations, stopping at EOS or a token that ends the line."""
     out = []
     for prompt, budget in zip(prompts, budgets):
@@ -165,7 +165,7 @@ def run_job(job: dict, out_dir: Path) -> dict:
     if "quality" in job:
         q = job["quality"]
         begin = time.perf_counter()
-        result["answers"] = _answers(decoder, q["prompts"], q["budgets"], set(q["stop_ids"]))
+        result["answers"] = task_answers(decoder, q["prompts"], q["budgets"], set(q["stop_ids"]))
         ppl, scored = perplexity(decoder, q["windows"])
         result["perplexity"], result["perplexity_tokens"] = ppl, scored
         result["quality_s"] = time.perf_counter() - begin

@@ -316,20 +316,24 @@ def test_a_model_calibrated_on_a_file_needs_a_task_or_eval_file(joint_bundle, tm
     assert report.runtimes["onnxruntime"].quality is not None
 
 
-def test_a_quantized_reference_is_scored_as_generate_scores_the_float_model(shipped_math_checkpoint):
-    """validate scores a quantized reference (a module without ``generate``) problem by problem, to
-    the runtimes' budgets and stop tokens; on the float model that gives transformers' batched
-    generate's exact match, problem for problem."""
+def test_a_pytorch_model_answers_through_the_runtimes_loop_as_generate_does(shipped_math_checkpoint):
+    """validate scores a quantized reference (a module without ``generate``) through the loop the
+    runtimes answer with (budgets, stop tokens), as a decoder; on the float model that gives
+    transformers' batched generate's answers, problem for problem."""
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
     from rankdown.evaluate import greedy_answers
+    from rankdown.export.parity import TorchDecoder
     from rankdown.tasks import Split, load_task
-    from rankdown.validate.harness import _torch_exact_match
+    from rankdown.validate.harness import _exact_match, _stop_ids
+    from rankdown.validate.on_device import task_answers
 
     model = load_model(open_checkpoint(shipped_math_checkpoint)).eval()
     tokenizer = load_tokenizer(shipped_math_checkpoint)
     qa = load_task("math", Split.EVALUATION).qa[:30]
-    answers = greedy_answers(model, tokenizer, qa, batch_size=64)
-    expected = sum(a == ex.answer for a, ex in zip(answers, qa)) / len(qa)
-    assert expected > 0.5  # a model that solves most: a wrong cut would show as a miss
-    for ex, answer in zip(qa, answers):
-        assert _torch_exact_match(model, tokenizer, (ex,)) == float(answer == ex.answer), ex.prompt
+    expected = greedy_answers(model, tokenizer, qa, batch_size=64)
+    assert sum(a == ex.answer for a, ex in zip(expected, qa)) / len(qa) > 0.5  # a wrong cut would show
+    got = task_answers(TorchDecoder(model), [tokenizer(ex.prompt)["input_ids"] for ex in qa],
+                       [len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + 2 for ex in qa],
+                       set(_stop_ids(tokenizer)))
+    for ex, want, tokens in zip(qa, expected, got):
+        assert _exact_match(tokenizer, [tokens], (ex,)) == float(want == ex.answer), ex.prompt
