@@ -62,6 +62,8 @@ class TorchDecoder:
     (``prefill`` -> every prompt position's logits, ``step`` -> the next position's), so a PyTorch
     reference is driven by the same loops as the runtimes."""
 
+    max_positions = None  # transformers' cache grows as it is asked
+
     def __init__(self, model):
         self.model = model
         self._cache = None
@@ -83,17 +85,7 @@ class TorchDecoder:
 
 def torch_greedy(model, prompt: list[int], new_tokens: int) -> Generation:
     """The reference: eager PyTorch with transformers' own dynamic KV cache."""
-    decoder = TorchDecoder(model)
-    prompt_logits = decoder.prefill(prompt)
-    logits = prompt_logits[-1]
-    tokens, chosen = [], []
-    for i in range(new_tokens):
-        token = int(np.argmax(logits))
-        tokens.append(token)
-        chosen.append(logits)
-        if i + 1 < new_tokens:
-            logits = decoder.step(token)
-    return Generation(prompt_logits, tuple(tokens), np.stack(chosen))
+    return greedy(TorchDecoder(model), prompt, new_tokens)
 
 
 def logit_agreement(pairs: list[tuple[np.ndarray, np.ndarray]], tie: float = 0.0) -> tuple[float, float, float, int]:
