@@ -167,6 +167,14 @@ def bundle_rows(name: str, bundle: Path, cpp_runner: bool = False) -> list[Row]:
     return rows
 
 
+def peer_cpp_rows(rows: list[Row]) -> list[Row]:
+    """optimum-executorch's .pte files in rankdown-et-runner too, beside their own runtime's rows: the
+    runner feeds their forward's cache_position[n] as ExecuTorch's LLM runner does, so a rankdown .pte
+    in the C++ runtime is compared with the peer's in the same one. Each runs after the row that exports it."""
+    return [replace(row, name=f"{row.name} (rankdown-et-runner)", runtime=CPP_RUNNER, venv="project", export=[])
+            for row in rows if row.runtime == "et-hf"]
+
+
 def _bundle_precision(bundle: Path) -> str:
     manifest = json.loads((bundle / "manifest.json").read_text())
     quantize = manifest.get("options", {}).get("quantize", "none")
@@ -559,8 +567,8 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a `rankdown export` folder, timed as one row per artifact (repeatable)")
     parser.add_argument("--cpp-runner", action="store_true",
-                        help="also time each bundle's .pte in rankdown-et-runner, ExecuTorch's C++ runtime as an app "
-                             "links it (built here on first use; its peak RSS is the runner process's)")
+                        help="also time each .pte (the bundles' and optimum-executorch's) in rankdown-et-runner, ExecuTorch's "
+                             "C++ runtime as an app links it (built here on first use; its peak RSS is the runner process's)")
     parser.add_argument("--only", help="comma-separated row names or precisions to run (substring match)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     # The protocol's values are the defaults; other values are for a loaded machine, and the tables say so.
@@ -581,6 +589,8 @@ def main() -> None:
     ensure_model(args.model)
     staged = stage_model(args.model.resolve(), args.work.resolve())
     rows = peer_rows(staged, (args.gguf or packaged_gguf()).resolve(), args.work.resolve())
+    if args.cpp_runner:
+        rows += peer_cpp_rows(rows)
     for spec in args.bundle:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -593,6 +603,17 @@ def main() -> None:
     for row in rows:
         if row.venv != "project" and not Path(python_of(row.venv)).exists():
             raise SystemExit(f"{row.name}: no venv at {VENVS[row.venv]}; `make bench-peers` builds it")
+        if not row.export and not Path(row.artifact).exists() and not any(
+                r.export and r.artifact == row.artifact for r in rows):
+            raise SystemExit(f"{row.name}: no {row.artifact}; a run that includes the row exporting it makes it")
+    if any(row.runtime == CPP_RUNNER for row in rows):  # built once here: a missing compiler is one line, not a traceback per row
+        from rankdown.devices.native_runner import build_runner
+        from rankdown.errors import RankdownError
+
+        try:
+            build_runner(progress=log)
+        except RankdownError as e:
+            raise SystemExit(f"--cpp-runner: {e}") from None
     prompt, long_prompt = prompts(args.model)
     log("transformers fp32 greedy reference")
     dense = reference_model(args.model)

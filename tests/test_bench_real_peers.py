@@ -115,6 +115,19 @@ def test_a_bundles_onnx_folder_is_also_timed_in_onnxruntime_genai(tmp_path: Path
     assert native[2].artifact == native[1].artifact and native[2].weights == native[1].weights
 
 
+def test_cpp_runner_also_times_the_optimum_executorch_ptes(tmp_path: Path):
+    """--cpp-runner gives each optimum-executorch .pte a second row in rankdown-et-runner: the same
+    artifact and size, run from the project's Python, exported by its own row (none of the others)."""
+    from bench.peers import CPP_RUNNER, peer_cpp_rows, peer_rows
+
+    rows = peer_rows(tmp_path / "model", tmp_path / "model.gguf", tmp_path / "work")
+    native = peer_cpp_rows(rows)
+    et = [r for r in rows if r.runtime == "et-hf"]
+    assert [(r.name, r.precision) for r in native] == [(f"{r.name} (rankdown-et-runner)", r.precision) for r in et]
+    assert len(native) == 2 and {r.runtime for r in native} == {CPP_RUNNER} and {r.venv for r in native} == {"project"}
+    assert [r.artifact for r in native] == [r.artifact for r in et] and not any(r.export for r in native)
+
+
 def test_peers_table_and_plot_name_each_rows_runtime(tmp_path: Path):
     """bench/peers.py writes peers.md and peers.png (decode speed against size, fp32 and 4-bit apart)."""
     from bench.peers import write

@@ -185,6 +185,36 @@ def test_native_runner_matches_the_python_runtime(joint_bundle):
     assert native.close() > 1.0  # its own peak RSS, in MB
 
 
+def test_native_runner_feeds_each_position_layout(tmp_path):
+    """rankdown's forward takes input_pos[1] (the first position), optimum-executorch's cache_position[n]
+    (every position of the call); the runner tells them apart by the input's size, as ExecuTorch's LLM
+    runner does. Each program here answers token * 1000 + the position it was given, per token."""
+    import torch
+    from executorch.exir import to_edge
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import NativeExecuTorchDecoder
+
+    class Echo(torch.nn.Module):
+        def forward(self, tokens, positions):
+            return (tokens.float() * 1000 + positions.float()).unsqueeze(-1)
+
+    n = torch.export.Dim("n", max=16)
+    layouts = {"input_pos": ((torch.ones(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                             ({1: n}, None)),
+               "cache_position": ((torch.ones(1, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
+                                  ({1: n}, {0: n}))}
+    expected = {"input_pos": ([7000, 8000, 9000], 5003), "cache_position": ([7000, 8001, 9002], 5003)}
+    runner = [str(build_runner(progress=quiet) / "bin" / BINARY)]
+    for name, (args, shapes) in layouts.items():
+        pte = tmp_path / f"{name}.pte"
+        pte.write_bytes(to_edge(torch.export.export(Echo(), args, dynamic_shapes=shapes)).to_executorch().buffer)
+        decoder = NativeExecuTorchDecoder(pte, runner)
+        assert decoder.prefill([7, 8, 9])[:, 0].tolist() == expected[name][0], name
+        assert decoder.step(5).tolist() == [expected[name][1]], name
+        decoder.close()
+
+
 def test_native_runner_refuses_a_broken_pte_in_one_line(tmp_path, joint_bundle):
     from rankdown.devices.native_runner import BINARY, build_runner
     from rankdown.export.decoding import NativeExecuTorchDecoder

@@ -11,6 +11,9 @@
 // Protocol (little-endian, native sizes, over stdin/stdout):
 //   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T}
 //   in   int32 n, int64 start_pos, int64 tokens[n]
+// The position input is what the program's forward declares: rankdown's (and ExecuTorch's Llama
+// example's) input_pos[1] = start_pos, or optimum-executorch's cache_position[n] = start_pos ..
+// start_pos + n - 1, told apart by its size, as ExecuTorch's own LLM runner does.
 //   out  int32 rows, int32 cols, float32 logits[rows * cols]
 //   in   int32 0: out one JSON line {"peak_rss_kb": K}, exit 0     (end of input: exit 0)
 // A failure prints one line "rankdown-et-runner: error: ..." on stderr and exits 1.
@@ -170,6 +173,15 @@ int main(int argc, char** argv) {
       fail("cannot load method " + one_token + " (" + error_name(err) + ")");
     }
   }
+  const auto forward_meta = module.method_meta("forward");
+  if (!forward_meta.ok() || forward_meta->num_inputs() != 2) {
+    fail("its forward does not take (tokens, positions)");
+  }
+  const auto position_meta = forward_meta->input_tensor_meta(1);
+  if (!position_meta.ok() || position_meta->sizes().size() != 1) {
+    fail("its forward's second input is not a one-dimensional position tensor");
+  }
+  const bool cache_positions = position_meta->sizes()[0] > 1;
   const int64_t max_seq_len = constant(module, "get_max_seq_len");
   const int64_t vocab_size = constant(module, "get_vocab_size");
   const double load_ms =
@@ -204,7 +216,13 @@ int main(int argc, char** argv) {
       fail("malformed request from the harness");
     }
     auto input = make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
-    auto position = make_tensor_ptr({1}, std::vector<int64_t>{start_pos});
+    std::vector<int64_t> positions{start_pos};
+    if (cache_positions) {
+      positions.resize(n);
+      for (int32_t i = 0; i < n; ++i) positions[i] = start_pos + i;
+    }
+    const auto count = static_cast<executorch::aten::SizesType>(positions.size());
+    auto position = make_tensor_ptr({count}, std::move(positions));
     const std::string method = (n == 1 && has_decode) ? one_token : "forward";
     auto out = module.execute(method, {EValue(*input), EValue(*position)});
     if (!out.ok()) {
