@@ -11,12 +11,12 @@
 // Protocol (little-endian, native sizes, over stdin/stdout):
 //   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T}
 //   in   int32 n, int64 start_pos, int64 tokens[n]
-// The position input is what the program's forward declares: rankdown's (and ExecuTorch's Llama
-// example's) input_pos[1] = start_pos, or optimum-executorch's cache_position[n] = start_pos ..
-// start_pos + n - 1, told apart by its size, as ExecuTorch's own LLM runner does.
 //   out  int32 rows, int32 cols, float32 logits[rows * cols]
 //   in   int32 0: out one JSON line {"peak_rss_kb": K}, exit 0     (end of input: exit 0)
 // A failure prints one line "rankdown-et-runner: error: ..." on stderr and exits 1.
+// The position input is what the program's forward declares: rankdown's (and ExecuTorch's Llama
+// example's) input_pos[1] = start_pos, or optimum-executorch's cache_position[n] = start_pos ..
+// start_pos + n - 1, told apart by its size, as ExecuTorch's own LLM runner does.
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
