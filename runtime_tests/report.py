@@ -225,7 +225,8 @@ def quantization_note(name: str, r: RuntimeReport) -> str | None:
         return None
     return (f"{name}: the task is lost in the quantized weights, not by the runtime: PyTorch scores "
             f"{q.quantized_reference_exact_match:.1%} with them and {q.reference_exact_match:.1%} with the float "
-            f"checkpoint (heal through the 4-bit weights for more steps, or export --quantize int8)")
+            f"checkpoint (heal through the 4-bit weights for more steps, e.g. compress --heal-quantize 8da4w "
+            f"--heal-steps 512, or export --quantize int8)")
 
 
 def fastest_threads(sweep: list[LatencyReport]) -> int | None:
