@@ -26,6 +26,7 @@
 #include <chrono>
 #include <fstream>
 #include <memory>
+#include <numeric>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -216,12 +217,9 @@ int main(int argc, char** argv) {
       fail("malformed request from the harness");
     }
     auto input = make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
-    std::vector<int64_t> positions{start_pos};
-    if (cache_positions) {
-      positions.resize(n);
-      for (int32_t i = 0; i < n; ++i) positions[i] = start_pos + i;
-    }
-    const auto count = static_cast<executorch::aten::SizesType>(positions.size());
+    const auto count = static_cast<executorch::aten::SizesType>(cache_positions ? n : 1);
+    std::vector<int64_t> positions(count);
+    std::iota(positions.begin(), positions.end(), start_pos);
     auto position = make_tensor_ptr({count}, std::move(positions));
     const std::string method = (n == 1 && has_decode) ? one_token : "forward";
     auto out = module.execute(method, {EValue(*input), EValue(*position)});
