@@ -24,6 +24,8 @@ from rankdown.export.et_backends import backend_spec, check_backend
 from rankdown.export.et_fused_inputs import fuse_inputs, fused_members
 from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.et_norms import pooled_norms
+from rankdown.export.et_rotary import matmul_rotary
+from rankdown.export.et_views import reshape_unit_permutes
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
 from rankdown.export.manifest import FactorNodes
@@ -148,10 +150,12 @@ def trace(model, max_len: int, tokens: int | None = None):
     or exactly ``tokens`` (static shapes: the one-token method, ``DECODE_METHOD``)."""
     example = (torch.full((1, tokens or 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
     dynamic = None if tokens else {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
-    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model):
+    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model), matmul_rotary(model):
         # strict=True: with strict=False this torch fails later, in decomposition.
         program = torch.export.export(CustomOpsSignature(model, max_len), args=example, dynamic_shapes=dynamic,
                                       strict=True)
+    if tokens:
+        reshape_unit_permutes(program)
     return program, example, dynamic
 
 
