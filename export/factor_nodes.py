@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.export.et_rotary import BUFFER as ROTARY_BUFFER
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.factor_record import FACTORED_TABLE, HEAD, FactorRecord
@@ -164,12 +165,15 @@ def count_exported_program(record: FactorRecord, program, where: str,
     import torch
 
     params = dict(program.graph_signature.inputs_to_parameters)
+    buffers = dict(program.graph_signature.inputs_to_buffers)
     weights: list[tuple[str | None, str | None, tuple[int, ...]]] = []
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
         dotted = linear_weight_path(node, params)
         weight = _weight_input(node)
+        if buffers.get(weight.name, "").endswith(f".{ROTARY_BUFFER}"):
+            continue  # the rotary's constant permutation (export/et_rotary.py), not a layer
         members = fused_group(dotted, fused or {})
         if members is not None:
             columns = tuple(weight.meta["val"].shape)[-1]
