@@ -3,9 +3,9 @@
 With one token, transformers' ``view(1, 1, heads, head_dim).transpose(1, 2)`` and the attention
 hooks' transposes back (export/et_attention.py) reorder nothing in memory, yet each becomes an
 XNNPACK transpose that copies: six per layer for SmolLM2. A reshape to the same shape is the same
-values, and XNNPACK's reshape costs next to nothing in an ETDump profile. Measured on SmolLM2-135M at 40% + head 128, int4,
-rankdown-et-runner, 2 threads: decode 1.014x on top of export/et_rotary.py (8 rounds interleaved;
-README, "Run x" under Beside the peers).
+values, and XNNPACK's reshape costs next to nothing in an ETDump profile. Measured on SmolLM2-135M
+at 40% + head 128, int4, rankdown-et-runner, 2 threads: decode 1.014x on top of
+export/et_rotary.py (8 rounds interleaved; README, "Run x" under Beside the peers).
 
 Only for a program whose shapes are static (``DECODE_METHOD``): in ``forward`` the token count is
 symbolic, and whether a dimension is 1 is not known when the graph is built.

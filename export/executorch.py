@@ -11,6 +11,7 @@ its delegates are registered in export/et_backends.py.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from pathlib import Path
@@ -144,13 +145,16 @@ def _fused_chains(program, fused: dict) -> set:
     return chains
 
 
-def trace(model, max_len: int, tokens: int | None = None):
+def trace(model, max_len: int, tokens: int | None = None, rotary_matmul: bool = True):
     """``model`` as a torch.export program with the custom-ops attention and a static cache of
     ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``,
-    or exactly ``tokens`` (static shapes: the one-token method, ``DECODE_METHOD``)."""
+    or exactly ``tokens`` (static shapes: the one-token method, ``DECODE_METHOD``).
+    ``rotary_matmul``: the rotary's half swap as one linear (export/et_rotary.py); off where the
+    graph's linears are quantized afterwards (int8), which would quantize that one's input too."""
     example = (torch.full((1, tokens or 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
     dynamic = None if tokens else {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
-    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model), matmul_rotary(model):
+    rotary = matmul_rotary(model) if rotary_matmul else contextlib.nullcontext()
+    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model), rotary:
         # strict=True: with strict=False this torch fails later, in decomposition.
         program = torch.export.export(CustomOpsSignature(model, max_len), args=example, dynamic_shapes=dynamic,
                                       strict=True)
@@ -192,12 +196,13 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
     if quantized is not None:
         model, record, quantization = quantized.model, quantized.record, quantized.summary
     with torch.no_grad():
-        programs = {"forward": trace(model, length)}
+        rotary = cfg.quantize is not Quantize.INT8
+        programs = {"forward": trace(model, length, rotary_matmul=rotary)}
         # XNNPACK delegates a static slice (a fused linear's members, the rotary halves) but not a
         # dynamic one, so the one-token graph runs each layer in one delegate call between the
         # attention kernels, where forward needs several.
         if cfg.wants_decode_method():
-            programs[DECODE_METHOD] = trace(model, length, tokens=1)
+            programs[DECODE_METHOD] = trace(model, length, tokens=1, rotary_matmul=rotary)
         # Merging also shares one activation quantization among the linears that read one input
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
         # graph is merged only where a shared down needs it, and is then partitioned in two passes;

@@ -96,3 +96,26 @@ def test_one_token_transposes_become_reshapes_and_compute_the_same():
     assert torch.ops.aten.permute.default not in targets
     for got, want in zip(program.module()(x, y), expected, strict=True):
         assert torch.equal(got, want)
+
+
+def test_the_export_trace_uses_both_and_int8_keeps_the_stock_rotary():
+    """export/executorch.py ``trace``: the one-token program has the rotary as linears and no
+    transpose that moves only the size-1 token axis; int8 (whose quantizer takes every linear of the
+    traced graph) keeps transformers' own rotary, as ``export_executorch`` asks for it."""
+    from rankdown.export.executorch import trace
+
+    model = _tiny_llama()
+    aten = torch.ops.aten
+
+    def targets(program) -> list:
+        return [n.target for n in program.graph.nodes if n.op == "call_function"]
+
+    one_token, _, _ = trace(model, 16, tokens=1)
+    stock, _, _ = trace(model, 16, tokens=1, rotary_matmul=False)
+    assert aten.neg.default not in targets(one_token) and aten.neg.default in targets(stock)
+    layers = model.config.num_hidden_layers
+    assert targets(one_token).count(aten.linear.default) == targets(stock).count(aten.linear.default) + 2 * layers
+    forward, _, _ = trace(model, 16)  # a symbolic token count: its transposes stay
+    assert aten.transpose.int not in targets(one_token) and aten.transpose.int in targets(forward)
+    assert aten.neg.default not in targets(forward)
+    assert llama.rotate_half.__module__ == llama.__name__
