@@ -4,10 +4,11 @@ Runs a 32-token prompt, then ``--steps`` greedy tokens one call each, in the Pyt
 event tracing on, and prints each event's time and calls per call of ``forward`` (the prompt call
 counts as one): the delegate calls, each XNNPACK operator inside them, and each portable kernel
 outside. Tracing costs time itself, so compare rows within one run, not against `validate`.
-Every token goes to ``forward``: a .pte's one-token method (``decode_step``, which rankdown's
-runners call for single tokens) is not profiled here.
+Every token goes to ``forward`` unless ``--decode-method``: then the prompt goes to ``forward`` and
+each new token to the .pte's one-token method (``decode_step``), as rankdown's runners call them,
+and the rows are still per call (the prompt's included).
 
-    python -m bench.et_profile PTE [PTE ...] [--signature hf] [--out FILE.md]
+    python -m bench.et_profile PTE [PTE ...] [--signature hf] [--decode-method] [--out FILE.md]
 
 ``--signature hf``: optimum-executorch's ``forward(tokens, cache_position[n])``; the default is
 rankdown's ``forward(tokens, input_pos[1])``.
@@ -22,12 +23,15 @@ from pathlib import Path
 
 from rankdown.atomic import write_text_atomic
 from rankdown.errors import RankdownError
+from rankdown.export.decoding import DECODE_METHOD
 from rankdown.export.et_attention import load_custom_ops
 from rankdown.export.pte_file import check_pte_header
 
 
-def profile(pte: Path, steps: int, signature: str, threads: int) -> tuple[dict[str, float], dict[str, int], int]:
-    """Per-event totals (ms) and counts over ``steps + 1`` calls of ``forward``."""
+def profile(pte: Path, steps: int, signature: str, threads: int,
+            decode_method: bool = False) -> tuple[dict[str, float], dict[str, int], int]:
+    """Per-event totals (ms) and counts over ``steps + 1`` calls: the prompt's of ``forward``, then
+    one per new token, of ``forward`` or (``decode_method``) of ``DECODE_METHOD``."""
     import torch
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
@@ -47,7 +51,11 @@ def profile(pte: Path, steps: int, signature: str, threads: int) -> tuple[dict[s
     logits = run(prompt, 0)
     for i in range(steps):
         token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-        logits = run([token], len(prompt) + i)
+        if decode_method:
+            logits = module.run_method(DECODE_METHOD, [torch.tensor([[token]], dtype=torch.long),
+                                                       torch.tensor([len(prompt) + i], dtype=torch.long)])[0]
+        else:
+            logits = run([token], len(prompt) + i)
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "trace.etdp"
         module.write_etdump_result_to_file(str(dump))
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("pte", nargs="+", type=Path)
     parser.add_argument("--signature", choices=("rankdown", "hf"), default="rankdown")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--decode-method", action="store_true",
+                        help=f"each new token through the one-token method ({DECODE_METHOD})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--out", type=Path)
@@ -87,7 +97,7 @@ def main() -> None:
             parser.error(str(e))
     parts = []
     for pte in args.pte:
-        totals, counts, calls = profile(pte, args.steps, args.signature, args.threads)
+        totals, counts, calls = profile(pte, args.steps, args.signature, args.threads, args.decode_method)
         parts.append(table(pte, totals, counts, calls, args.rows))
         print(parts[-1], "\n", flush=True)
     if args.out:

@@ -236,6 +236,11 @@ def test_the_profiler_counts_the_delegate_calls_the_export_recorded(int4_bundle)
     assert calls == 3
     assert counts["DELEGATE_CALL"] == calls * manifest.formats["executorch"].delegation["delegated_subgraphs"]
     assert any("QB4W" in name and total > 0 for name, total in totals.items())
+    delegation = manifest.formats["executorch"].delegation
+    _, counts, calls = profile(bundle / "executorch" / "model.pte", steps=2, signature="rankdown", threads=1,
+                               decode_method=True)
+    assert counts["DELEGATE_CALL"] == (delegation["delegated_subgraphs"]
+                                       + 2 * delegation["delegated_subgraphs_decode_step"])
 
 
 def test_the_kernel_bench_rebuilds_the_bundles_own_nodes_kind_by_kind(int4_bundle):
