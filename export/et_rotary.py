@@ -6,7 +6,8 @@ layer, and a slice of a few hundred floats still pays a thread-pool dispatch. ``
 ``P`` the [head_dim, head_dim] matrix that moves and negates the halves, is the same numbers
 (every output is one input times +1 or -1 plus zeros) in one fully-connected operator. Measured
 on SmolLM2-135M at 40% + head 128, int4, rankdown-et-runner, 2 threads: decode 1.034x (8 rounds
-interleaved, 1.011-1.074; README, "Run x" under Beside the peers).
+interleaved, 1.011-1.074; README, "Run x" under Beside the peers). Used for int4 only: the 40%
+model in fp32 measured 0.965x (6 rounds, 0.924-1.040), and int8 quantizes every traced linear.
 
 Hooked for the duration of the export, not a copy of the model: transformers' module-level
 ``rotate_half`` (which its ``apply_rotary_pos_emb`` calls) is swapped, and ``P`` is a
@@ -41,11 +42,10 @@ def rotate_half_matrix(head_dim: int, dtype: torch.dtype = torch.float32) -> tor
 def matmul_rotary(model) -> Iterator[None]:
     """While inside: transformers' Llama ``rotate_half`` runs as one matmul by ``model``'s own
     buffer (for any Llama traced meanwhile: use it around one trace at a time). Restored on exit."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     holder = model.model.rotary_emb
+    rotated = 2 * holder.inv_freq.numel()  # the width rotate_half is given: one frequency per pair
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    holder.register_buffer(BUFFER, rotate_half_matrix(head_dim, dtype), persistent=False)
+    holder.register_buffer(BUFFER, rotate_half_matrix(rotated, dtype), persistent=False)
     stock = llama.rotate_half
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:

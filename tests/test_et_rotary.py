@@ -98,10 +98,10 @@ def test_one_token_transposes_become_reshapes_and_compute_the_same():
         assert torch.equal(got, want)
 
 
-def test_the_export_trace_uses_both_and_int8_keeps_the_stock_rotary():
-    """export/executorch.py ``trace``: the one-token program has the rotary as linears and no
-    transpose that moves only the size-1 token axis; int8 (whose quantizer takes every linear of the
-    traced graph) keeps transformers' own rotary, as ``export_executorch`` asks for it."""
+def test_the_export_trace_uses_both_and_keeps_the_stock_rotary_unless_asked():
+    """export/executorch.py ``trace``: asked (int4), the one-token program has the rotary as linears;
+    unasked (fp32, int8), transformers' own rotary; either way no transpose that moves only the
+    size-1 token axis, while forward, with a symbolic token count, keeps its transposes."""
     from rankdown.export.executorch import trace
 
     model = _tiny_llama()
@@ -110,12 +110,13 @@ def test_the_export_trace_uses_both_and_int8_keeps_the_stock_rotary():
     def targets(program) -> list:
         return [n.target for n in program.graph.nodes if n.op == "call_function"]
 
-    one_token, _, _ = trace(model, 16, tokens=1)
-    stock, _, _ = trace(model, 16, tokens=1, rotary_matmul=False)
+    one_token, _, _ = trace(model, 16, tokens=1, rotary_matmul=True)
+    stock, _, _ = trace(model, 16, tokens=1)
     assert aten.neg.default not in targets(one_token) and aten.neg.default in targets(stock)
     layers = model.config.num_hidden_layers
     assert targets(one_token).count(aten.linear.default) == targets(stock).count(aten.linear.default) + 2 * layers
-    forward, _, _ = trace(model, 16)  # a symbolic token count: its transposes stay
-    assert aten.transpose.int not in targets(one_token) and aten.transpose.int in targets(forward)
+    forward, _, _ = trace(model, 16, rotary_matmul=True)  # a symbolic token count: its transposes stay
+    assert aten.transpose.int not in targets(one_token) and aten.transpose.int not in targets(stock)
+    assert aten.transpose.int in targets(forward)
     assert aten.neg.default not in targets(forward)
     assert llama.rotate_half.__module__ == llama.__name__
