@@ -41,6 +41,8 @@ def profile(pte: Path, steps: int, signature: str, threads: int,
     torch.set_num_threads(threads)
     data = pte.with_suffix(".ptd")
     module = portable_lib._load_for_executorch(str(pte), str(data) if data.is_file() else None, True, 0)
+    if decode_method and DECODE_METHOD not in module.method_names():
+        raise RankdownError(f"{pte}: no {DECODE_METHOD} method (--decode-method needs a quantized rankdown .pte)")
 
     def run(ids: list[int], start: int):
         positions = (torch.arange(start, start + len(ids), dtype=torch.long) if signature == "hf"
@@ -97,7 +99,10 @@ def main() -> None:
             parser.error(str(e))
     parts = []
     for pte in args.pte:
-        totals, counts, calls = profile(pte, args.steps, args.signature, args.threads, args.decode_method)
+        try:
+            totals, counts, calls = profile(pte, args.steps, args.signature, args.threads, args.decode_method)
+        except RankdownError as e:
+            parser.error(str(e))
         parts.append(table(pte, totals, counts, calls, args.rows))
         print(parts[-1], "\n", flush=True)
     if args.out:
