@@ -26,7 +26,7 @@ from rankdown.export.et_fused_inputs import fuse_inputs, fused_members
 from rankdown.export.et_int4 import quantize_int4
 from rankdown.export.et_norms import pooled_norms
 from rankdown.export.et_rotary import matmul_rotary
-from rankdown.export.et_views import reshape_unit_permutes
+from rankdown.export.et_views import drop_unit_reshapes, reshape_unit_permutes
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
 from rankdown.export.manifest import FactorNodes
@@ -145,22 +145,24 @@ def _fused_chains(program, fused: dict) -> set:
     return chains
 
 
-def trace(model, max_len: int, tokens: int | None = None, rotary_matmul: bool = False):
+def trace(model, max_len: int, tokens: int | None = None, rotary_matmul: bool = False, norm_linear: bool = False):
     """``model`` as a torch.export program with the custom-ops attention and a static cache of
     ``max_len`` positions: ``forward(tokens[1, n], input_pos[1])``, n dynamic up to ``max_len - 1``,
     or exactly ``tokens`` (static shapes: the one-token method, ``DECODE_METHOD``).
     ``rotary_matmul``: the rotary's half swap as one linear (export/et_rotary.py): measured faster
     in int4 only (fp32 0.965x), and int8's quantizer, which takes every linear of the traced graph,
-    would quantize that one's input too."""
+    would quantize that one's input too. ``norm_linear``: each RMSNorm's mean of squares as one linear
+    (export/et_norms.py), for the same reason int4 only."""
     example = (torch.full((1, tokens or 8), model.config.bos_token_id or 0, dtype=torch.long), torch.tensor([0]))
     dynamic = None if tokens else {"tokens": {1: torch.export.Dim("seq", max=max_len - 1)}, "input_pos": None}
     rotary = matmul_rotary(model) if rotary_matmul else contextlib.nullcontext()
-    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model), rotary:
+    with torch.no_grad(), custom_attention(model, max_len), pooled_norms(model, as_linear=norm_linear), rotary:
         # strict=True: with strict=False this torch fails later, in decomposition.
         program = torch.export.export(CustomOpsSignature(model, max_len), args=example, dynamic_shapes=dynamic,
                                       strict=True)
     if tokens:
         reshape_unit_permutes(program)
+        drop_unit_reshapes(program)
     return program, example, dynamic
 
 
@@ -198,12 +200,12 @@ def export_executorch(model, record: FactorRecord, bundle: Path, cfg: ExportConf
         model, record, quantization = quantized.model, quantized.record, quantized.summary
     with torch.no_grad():
         rotary = cfg.quantize is Quantize.INT4
-        programs = {"forward": trace(model, length, rotary_matmul=rotary)}
+        programs = {"forward": trace(model, length, rotary_matmul=rotary, norm_linear=rotary)}
         # XNNPACK delegates a static slice (a fused linear's members, the rotary halves) but not a
         # dynamic one, so the one-token graph runs each layer in one delegate call between the
         # attention kernels, where forward needs several.
         if cfg.wants_decode_method():
-            programs[DECODE_METHOD] = trace(model, length, tokens=1, rotary_matmul=rotary)
+            programs[DECODE_METHOD] = trace(model, length, tokens=1, rotary_matmul=rotary, norm_linear=rotary)
         # Merging also shares one activation quantization among the linears that read one input
         # (q/k/v, gate/up); XNNPACK's one-pass partitioner then forms cyclic partitions, so an int4
         # graph is merged only where a shared down needs it, and is then partitioned in two passes;

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankdown.errors import RankdownError
+from rankdown.export.et_norms import MEAN_BUFFER
 from rankdown.export.et_rotary import BUFFER as ROTARY_BUFFER
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.onnx_fused_inputs import fused_members
@@ -172,8 +173,8 @@ def count_exported_program(record: FactorRecord, program, where: str,
             continue
         dotted = linear_weight_path(node, params)
         weight = _weight_input(node)
-        if buffers.get(weight.name, "").endswith(f".{ROTARY_BUFFER}"):
-            continue  # the rotary's constant permutation (export/et_rotary.py), not a layer
+        if buffers.get(weight.name, "").endswith((f".{ROTARY_BUFFER}", f".{MEAN_BUFFER}")):
+            continue  # the rotary's permutation or a norm's mean (export/et_rotary.py, et_norms.py), not a layer
         members = fused_group(dotted, fused or {})
         if members is not None:
             columns = tuple(weight.meta["val"].shape)[-1]
