@@ -102,6 +102,64 @@ def test_native_runner_packs_the_weights_once_for_both_methods(shipped_math_bund
     assert apart_mb - cached_mb > 0.5 * weights_mb, (apart_mb, cached_mb, weights_mb)
 
 
+def test_native_runner_restarts_itself_for_huge_pages_and_computes_the_same(shipped_math_bundle, monkeypatch):
+    """On glibc the runner execs itself once with glibc.malloc.hugetlb=1, so XNNPACK's packed weights
+    sit in transparent huge pages where the kernel offers them (``madvise`` mode: only then); a
+    GLIBC_TUNABLES that already names the tunable is kept (=0: 4 KiB pages); the logits do not
+    depend on it."""
+    import os
+    import re
+    import struct
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import NativeExecuTorchDecoder, greedy
+
+    pte = shipped_math_bundle[1] / "executorch" / "model.pte"
+    binary = str(build_runner(progress=quiet) / "bin" / BINARY)
+    data = ["--data", str(pte.with_suffix(".ptd"))] if pte.with_suffix(".ptd").is_file() else []
+
+    def while_running(given: str | None) -> tuple[list[bytes], int]:
+        """GLIBC_TUNABLES as the loaded runner started, and its huge-page kB."""
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if given is not None:
+            env["GLIBC_TUNABLES"] = given
+        proc = subprocess.Popen([binary, str(pte), "1", *data], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().startswith(b"{")  # loaded: past the restart
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        huge = re.search(r"AnonHugePages:\s+(\d+) kB", Path(f"/proc/{proc.pid}/smaps_rollup").read_text())
+        proc.stdin.write(struct.pack("<i", 0))
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0
+        assert huge is not None
+        return [e.split(b"=", 1)[1] for e in environ if e.startswith(b"GLIBC_TUNABLES=")], int(huge.group(1))
+
+    (tunables, huge), (kept, small) = while_running(None), while_running("glibc.malloc.hugetlb=0")
+    assert tunables == [b"glibc.malloc.hugetlb=1"] and kept == [b"glibc.malloc.hugetlb=0"]
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1) if thp.is_file() else "never"  # type: ignore[union-attr]
+    if mode == "madvise":
+        assert huge > 0 and small == 0, (huge, small)
+        assert while_running("glibc.malloc.arena_max=2")[1] > 0  # appended to what the user set
+    elif mode == "always":
+        assert huge > 0
+    runs = []
+    for given in (None, "glibc.malloc.hugetlb=0"):
+        if given is None:
+            monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        else:
+            monkeypatch.setenv("GLIBC_TUNABLES", given)
+        decoder = NativeExecuTorchDecoder(pte, [binary], threads=1)
+        runs.append(greedy(decoder, [5, 9, 30, 7, 12], 8))
+        decoder.close()
+    assert runs[0].tokens == runs[1].tokens and np.array_equal(runs[0].step_logits, runs[1].step_logits)
+
+
 def test_decode_method_is_on_for_quantized_exports_and_off_in_fp32_unless_asked():
     """By default a quantized .pte gets the one-token method (int4 decodes 1.08-1.13x faster with it)
     and an fp32 one does not (no gain measured, a second copy of the packed weights);
