@@ -54,10 +54,15 @@ def reshape_unit_permutes(program) -> int:
         node.replace_all_uses_with(view)
         graph.erase_node(node)
         replaced += 1
-    if replaced:
-        graph.lint()
+    return _recompiled(program, replaced)
+
+
+def _recompiled(program, changes: int) -> int:
+    """``changes``, after checking and recompiling ``program``'s graph if there were any."""
+    if changes:
+        program.graph_module.graph.lint()
         program.graph_module.recompile()
-    return replaced
+    return changes
 
 
 _RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
@@ -159,7 +164,4 @@ def drop_unit_reshapes(program) -> int:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             removed += 1
-    if removed:
-        graph.lint()
-        program.graph_module.recompile()
-    return removed
+    return _recompiled(program, removed)
