@@ -80,7 +80,9 @@ def _static_shape(node) -> tuple[int, ...] | None:
 
 
 def _unit_swap(node) -> tuple[int, int] | None:
-    """(a, b) if ``node`` is a reshape that swaps dims a and b of its input, one of them of size 1."""
+    """(a, b) if ``node`` is a reshape that swaps dims a and b of its input, one of them of size 1
+    and every dim between them of size 1 too: the larger dims keep their order, so each element
+    keeps its coordinates along them."""
     if node.op != "call_function" or node.target not in _RESHAPES:
         return None
     before, after = _static_shape(node.args[0]), _static_shape(node)
@@ -92,6 +94,8 @@ def _unit_swap(node) -> tuple[int, int] | None:
     a, b = moved
     if before[a] != after[b] or before[b] != after[a] or 1 not in (before[a], before[b]):
         return None
+    if any(before[d] != 1 for d in range(a + 1, b)):
+        return None  # the moved dim would pass a larger one: the same memory, other coordinates
     return a, b
 
 

@@ -75,7 +75,9 @@ def test_unit_swaps_go_where_the_ops_between_do_not_care_and_stay_where_they_do(
             free = rotated.transpose(1, 2).reshape(1, 1, 32)
             other = x.view(1, 1, 4, 8).transpose(1, 2)
             bound = (other * per_head).transpose(1, 2)  # per_head [1, 4, 1, 1]: the layout matters
-            return free, bound
+            # a size-1 dim swapped past a larger one: the same memory, other coordinates along dim 2
+            passed = ((x.view(1, 4, 8, 1) + 0.5).reshape(1, 1, 8, 4) * cos.view(1, 1, 8, 1)).reshape(1, 32)
+            return free, bound, passed
 
     x, cos, per_head = torch.randn(1, 1, 32), torch.randn(1, 1, 1, 8), torch.randn(1, 4, 1, 1)
     program = torch.export.export(Heads(), (x, cos, per_head), strict=True)
@@ -87,5 +89,6 @@ def test_unit_swaps_go_where_the_ops_between_do_not_care_and_stay_where_they_do(
     assert removed == before - after >= 2
     shapes = [tuple(n.meta["val"].shape) for n in program.graph.nodes if n.target is aten.mul.Tensor]
     assert (1, 1, 4, 8) in shapes and (1, 4, 1, 8) in shapes  # the free region moved, the bound one did not
+    assert (1, 1, 8, 4) in shapes
     for got, want in zip(program.module()(x, cos, per_head), expected, strict=True):
         assert got.shape == want.shape and torch.equal(got, want)
