@@ -102,12 +102,14 @@ def test_native_runner_packs_the_weights_once_for_both_methods(shipped_math_bund
     assert apart_mb - cached_mb > 0.5 * weights_mb, (apart_mb, cached_mb, weights_mb)
 
 
-def test_native_runner_restarts_itself_for_huge_pages_and_computes_the_same(shipped_math_bundle, monkeypatch):
-    """On glibc the runner execs itself once with glibc.malloc.hugetlb=1, so XNNPACK's packed weights
-    sit in transparent huge pages where the kernel offers them (``madvise`` mode: only then); a
-    GLIBC_TUNABLES that already names the tunable is kept (=0: 4 KiB pages); the logits do not
-    depend on it."""
+def test_native_runner_moves_the_weights_to_huge_pages_and_computes_the_same(shipped_math_bundle, monkeypatch):
+    """Once loaded, the runner collapses its anonymous memory (XNNPACK's packed weights) into
+    transparent huge pages where the kernel can (MADV_COLLAPSE, Linux 6.1+, THP not `never`) and
+    says how much in its header; RANKDOWN_HUGE_PAGES=0 leaves 4 KiB pages; the logits do not depend
+    on it."""
+    import json
     import os
+    import platform
     import re
     import struct
     import subprocess
@@ -122,42 +124,76 @@ def test_native_runner_restarts_itself_for_huge_pages_and_computes_the_same(ship
     binary = str(build_runner(progress=quiet) / "bin" / BINARY)
     data = ["--data", str(pte.with_suffix(".ptd"))] if pte.with_suffix(".ptd").is_file() else []
 
-    def while_running(given: str | None) -> tuple[list[bytes], int]:
-        """GLIBC_TUNABLES as the loaded runner started, and its huge-page kB."""
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        if given is not None:
-            env["GLIBC_TUNABLES"] = given
+    def while_running(huge: str | None) -> tuple[int, int]:
+        """The header's huge_pages_kb and the process's AnonHugePages kB, once loaded."""
+        env = {k: v for k, v in os.environ.items() if k != "RANKDOWN_HUGE_PAGES"}
+        if huge is not None:
+            env["RANKDOWN_HUGE_PAGES"] = huge
         proc = subprocess.Popen([binary, str(pte), "1", *data], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=env)
         assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().startswith(b"{")  # loaded: past the restart
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        huge = re.search(r"AnonHugePages:\s+(\d+) kB", Path(f"/proc/{proc.pid}/smaps_rollup").read_text())
+        header = json.loads(proc.stdout.readline())
+        found = re.search(r"AnonHugePages:\s+(\d+) kB", Path(f"/proc/{proc.pid}/smaps_rollup").read_text())
         proc.stdin.write(struct.pack("<i", 0))
         proc.stdin.close()
         assert proc.wait(timeout=120) == 0
-        assert huge is not None
-        return [e.split(b"=", 1)[1] for e in environ if e.startswith(b"GLIBC_TUNABLES=")], int(huge.group(1))
+        assert found is not None
+        return header["huge_pages_kb"], int(found.group(1))
 
-    (tunables, huge), (kept, small) = while_running(None), while_running("glibc.malloc.hugetlb=0")
-    assert tunables == [b"glibc.malloc.hugetlb=1"] and kept == [b"glibc.malloc.hugetlb=0"]
+    (said, held), (said_off, held_off) = while_running(None), while_running("0")
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1) if thp.is_file() else "never"  # type: ignore[union-attr]
-    if mode == "madvise":
-        assert huge > 0 and small == 0, (huge, small)
-        assert while_running("glibc.malloc.arena_max=2")[1] > 0  # appended to what the user set
-    elif mode == "always":
-        assert huge > 0
+    mode = re.search(r"\[(\w+)\]", thp.read_text()) if thp.is_file() else None
+    kernel = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+    can = mode is not None and mode.group(1) != "never" and kernel >= (6, 1)
+    if can:
+        assert said > 0 and held > 0, (said, held)
+    else:
+        assert said == 0, (said, mode, kernel)
+    assert said_off == 0
+    if mode is not None and mode.group(1) == "madvise":
+        assert held_off == 0, held_off  # nothing else asks for huge pages in that mode
     runs = []
-    for given in (None, "glibc.malloc.hugetlb=0"):
-        if given is None:
-            monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for huge in (None, "0"):
+        if huge is None:
+            monkeypatch.delenv("RANKDOWN_HUGE_PAGES", raising=False)
         else:
-            monkeypatch.setenv("GLIBC_TUNABLES", given)
+            monkeypatch.setenv("RANKDOWN_HUGE_PAGES", huge)
         decoder = NativeExecuTorchDecoder(pte, [binary], threads=1)
         runs.append(greedy(decoder, [5, 9, 30, 7, 12], 8))
         decoder.close()
     assert runs[0].tokens == runs[1].tokens and np.array_equal(runs[0].step_logits, runs[1].step_logits)
+
+
+def test_native_runner_attention_paths_agree(shipped_math_bundle, monkeypatch):
+    """The runner's custom_sdpa in AVX-512, AVX2 and the portable loop (RANKDOWN_ET_ATTENTION caps
+    the path; where the CPU lacks one, the next one down runs): the same greedy tokens, logits
+    within float summation order."""
+    import numpy as np
+
+    from rankdown.devices.native_runner import BINARY, build_runner
+    from rankdown.export.decoding import NativeExecuTorchDecoder, greedy
+
+    pte = shipped_math_bundle[1] / "executorch" / "model.pte"
+    binary = str(build_runner(progress=quiet) / "bin" / BINARY)
+    runs = {}
+    for cap in ("", "avx2", "portable"):
+        monkeypatch.setenv("RANKDOWN_ET_ATTENTION", cap)
+        decoder = NativeExecuTorchDecoder(pte, [binary], threads=2)
+        runs[cap] = greedy(decoder, [5, 9, 30, 7, 12, 3, 44, 8], 24)
+        decoder.close()
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    ran = {"": x86 and bool({"avx512f", "avx2"} & flags), "avx2": x86 and {"avx2", "fma"} <= flags}
+    for cap in ("", "avx2"):
+        assert runs[cap].tokens == runs["portable"].tokens
+        difference = np.abs(runs[cap].step_logits - runs["portable"].step_logits).max()
+        assert difference < 1e-4
+        # another summation order where that path exists on this CPU: the cap reached the kernel
+        assert (difference > 0) == ran[cap], (cap, difference)
 
 
 def test_decode_method_is_on_for_quantized_exports_and_off_in_fp32_unless_asked():

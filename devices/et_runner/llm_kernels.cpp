@@ -15,9 +15,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -149,13 +151,88 @@ __attribute__((target("avx512f"))) void attend_avx512(const AttendRow& row) {
   }
   for (int64_t b = 0; b < blocks; ++b) _mm512_storeu_ps(row.result + 16 * b, _mm512_mul_ps(acc[b], inverse));
 }
+
+// The same in AVX2 + FMA (most x86 laptops have no AVX-512): head dims that are multiples of 8 up to 128.
+constexpr int64_t kAvx2MaxBlocks = 16;
+
+__attribute__((target("avx2,fma"))) inline float sum_avx2(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  return _mm_cvtss_f32(half);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  // As exp_avx512, with 2^n built in the exponent bits (n >= -126 after the clamp: a normal float).
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365448f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+__attribute__((target("avx2,fma"))) void attend_avx2(const AttendRow& row) {
+  const int64_t blocks = row.dim / 8;
+  __m256 query[kAvx2MaxBlocks];
+  for (int64_t b = 0; b < blocks; ++b) query[b] = _mm256_loadu_ps(row.query + 8 * b);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < row.count; ++j) {
+    const float* key = row.keys + j * row.stride;
+    __m256 sum = _mm256_mul_ps(query[0], _mm256_loadu_ps(key));
+    for (int64_t b = 1; b < blocks; ++b) sum = _mm256_fmadd_ps(query[b], _mm256_loadu_ps(key + 8 * b), sum);
+    const float score = sum_avx2(sum) * row.factor;
+    row.weights[j] = score;
+    top = std::max(top, score);
+  }
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 totals = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= row.count; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(row.weights + j), shift));
+    _mm256_storeu_ps(row.weights + j, e);
+    totals = _mm256_add_ps(totals, e);
+  }
+  float total = sum_avx2(totals);
+  for (; j < row.count; ++j) {
+    row.weights[j] = std::exp(row.weights[j] - top);
+    total += row.weights[j];
+  }
+  const __m256 inverse = _mm256_set1_ps(1.0f / total);
+  __m256 acc[kAvx2MaxBlocks];
+  for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < row.count; ++p) {
+    const float* value = row.values + p * row.stride;
+    const __m256 w = _mm256_set1_ps(row.weights[p]);
+    for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * b), acc[b]);
+  }
+  for (int64_t b = 0; b < blocks; ++b) _mm256_storeu_ps(row.result + 8 * b, _mm256_mul_ps(acc[b], inverse));
+}
 #endif
 
 using AttendFn = void (*)(const AttendRow&);
 
+// The widest path the CPU has for this head dim. RANKDOWN_ET_ATTENTION=portable|avx2 caps it (tests
+// run each path on one machine; a slower path is never chosen over a faster one otherwise).
 AttendFn attend_for(int64_t dim) {
 #if defined(__x86_64__)
-  if (dim % 16 == 0 && dim / 16 <= kAvx512MaxBlocks && __builtin_cpu_supports("avx512f")) return attend_avx512;
+  const char* cap = std::getenv("RANKDOWN_ET_ATTENTION");
+  const std::string limit = cap == nullptr ? "" : cap;
+  if (limit == "portable") return attend_portable;
+  if (limit != "avx2" && dim % 16 == 0 && dim / 16 <= kAvx512MaxBlocks && __builtin_cpu_supports("avx512f")) {
+    return attend_avx512;
+  }
+  if (dim % 8 == 0 && dim / 8 <= kAvx2MaxBlocks && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return attend_avx2;
+  }
 #endif
   return attend_portable;
 }

@@ -9,7 +9,8 @@
 // one-token method then holds a second packed copy: on SmolLM2, +40 MB in int4, +517 MB in fp32).
 //
 // Protocol (little-endian, native sizes, over stdin/stdout):
-//   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T}
+//   out  one JSON line: {"max_seq_len": N, "vocab_size": V, "load_ms": T, "one_token_method": M,
+//        "huge_pages_kb": H}
 //   in   int32 n, int64 start_pos, int64 tokens[n]
 //   out  int32 rows, int32 cols, float32 logits[rows * cols]
 //   in   int32 0: out one JSON line {"peak_rss_kb": K}, exit 0     (end of input: exit 0)
@@ -18,16 +19,15 @@
 // example's) input_pos[1] = start_pos, or optimum-executorch's cache_position[n] = start_pos ..
 // start_pos + n - 1, told apart by its size, as ExecuTorch's own LLM runner does.
 //
-// On glibc the runner first restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see
-// huge_pages below); a GLIBC_TUNABLES that already names glibc.malloc.hugetlb is left as it is
-// (=0 keeps 4 KiB pages).
+// Once the methods are loaded, the packed weights are collapsed into transparent huge pages where
+// the kernel can (collapse_to_huge_pages below; RANKDOWN_HUGE_PAGES=0 leaves them in 4 KiB pages).
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/backend/interface.h>
 #include <executorch/runtime/backend/options.h>
 
-#include <unistd.h>
+#include <sys/mman.h>
 
 #include <chrono>
 #include <cstring>
@@ -105,29 +105,42 @@ long peak_rss_kb() {
   return -1;
 }
 
-#if defined(__GLIBC__)
-// XNNPACK packs every weight into malloc'd memory when the program loads, and each token reads all
-// of it: tens of MB through 4 KiB pages is thousands of TLB misses per token. Where transparent
-// huge pages are in `madvise` mode (Debian's default), glibc's malloc asks for them only under the
-// glibc.malloc.hugetlb=1 tunable, which it reads at process start. SmolLM2 int4, 2 threads, 8
-// rounds interleaved (2026-12-06): decode 1.046x for rankdown's .pte, 1.053x for optimum-executorch's.
-void huge_pages(char** argv) {
-  const char* tunables = std::getenv("GLIBC_TUNABLES");
-  if (tunables != nullptr && std::strstr(tunables, "glibc.malloc.hugetlb") != nullptr) return;
-  const std::string value = tunables == nullptr || *tunables == '\0'
-                                ? std::string("glibc.malloc.hugetlb=1")
-                                : std::string(tunables) + ":glibc.malloc.hugetlb=1";
-  if (setenv("GLIBC_TUNABLES", value.c_str(), 1) != 0) return;
-  execv("/proc/self/exe", argv);  // returns only if it failed: then run as started, with 4 KiB pages
-}
+// XNNPACK packs every weight into anonymous memory when the methods load, and each token reads all
+// of it: tens of MB through 4 KiB pages is thousands of TLB misses per token. MADV_COLLAPSE (Linux
+// 6.1+) moves what is already there into transparent huge pages now, whatever the THP mode a
+// distribution set (Debian's `madvise` gives malloc's memory none); older kernels refuse it and
+// nothing changes. SmolLM2 int4, 2 threads, 8 rounds interleaved (2026-12-06, weights in huge
+// pages through glibc's malloc.hugetlb tunable, the same pages): decode 1.046x for rankdown's .pte,
+// 1.053x for optimum-executorch's. Returns the kB collapsed.
+long collapse_to_huge_pages() {
+#if defined(__linux__)
+  constexpr int kCollapse = 25;  // MADV_COLLAPSE, which older headers lack
+  constexpr unsigned long kHuge = 2ul << 20;
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  long collapsed_kb = 0;
+  while (std::getline(maps, line)) {
+    unsigned long begin = 0, end = 0;
+    char perms[8] = {0};
+    char path[512] = {0};
+    // "begin-end perms offset dev inode [path]": anonymous read-write mappings (no path, or the heap)
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s %*s %*s %*s %511s", &begin, &end, perms, path) < 3) continue;
+    if (std::strncmp(perms, "rw", 2) != 0 || (path[0] != '\0' && std::strcmp(path, "[heap]") != 0)) continue;
+    const unsigned long first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+    if (last <= first) continue;
+    if (madvise(reinterpret_cast<void*>(first), last - first, kCollapse) == 0) {
+      collapsed_kb += static_cast<long>((last - first) >> 10);
+    }
+  }
+  return collapsed_kb;
+#else
+  return 0;
 #endif
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-#if defined(__GLIBC__)
-  huge_pages(argv);
-#endif
   std::vector<std::string> args;
   std::string data;
   bool weight_cache = true;
@@ -210,14 +223,17 @@ int main(int argc, char** argv) {
     fail("its forward's second input is not a one-dimensional position tensor");
   }
   const bool cache_positions = position_meta->sizes()[0] > 1;
+  const char* huge = std::getenv("RANKDOWN_HUGE_PAGES");
+  const long huge_pages_kb = huge == nullptr || std::strcmp(huge, "0") != 0 ? collapse_to_huge_pages() : 0;
   const int64_t max_seq_len = constant(module, "get_max_seq_len");
   const int64_t vocab_size = constant(module, "get_vocab_size");
   const double load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  std::printf("{\"max_seq_len\": %s, \"vocab_size\": %s, \"load_ms\": %.3f, \"one_token_method\": %s}\n",
+  std::printf("{\"max_seq_len\": %s, \"vocab_size\": %s, \"load_ms\": %.3f, \"one_token_method\": %s, "
+              "\"huge_pages_kb\": %ld}\n",
               max_seq_len < 0 ? "null" : std::to_string(max_seq_len).c_str(),
               vocab_size < 0 ? "null" : std::to_string(vocab_size).c_str(), load_ms,
-              has_decode ? ("\"" + one_token + "\"").c_str() : "null");
+              has_decode ? ("\"" + one_token + "\"").c_str() : "null", huge_pages_kb);
   std::fflush(stdout);
 
   std::vector<int64_t> tokens;
