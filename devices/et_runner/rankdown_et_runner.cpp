@@ -109,9 +109,10 @@ long peak_rss_kb() {
 // of it: tens of MB through 4 KiB pages is thousands of TLB misses per token. MADV_COLLAPSE (Linux
 // 6.1+) moves what is already there into transparent huge pages now, whatever the THP mode a
 // distribution set (Debian's `madvise` gives malloc's memory none); older kernels refuse it and
-// nothing changes. SmolLM2 int4, 2 threads, 8 rounds interleaved (2026-12-06, weights in huge
-// pages through glibc's malloc.hugetlb tunable, the same pages): decode 1.046x for rankdown's .pte,
-// 1.053x for optimum-executorch's. Returns the kB collapsed.
+// nothing changes. SmolLM2 int4, 2 threads, interleaved (2026-12-06): the same pages through
+// glibc's malloc.hugetlb tunable gave decode 1.046x for rankdown's .pte and 1.053x for
+// optimum-executorch's; this collapse 0.975-1.058x and 0.972-1.006x over three runs, inside the
+// host's drift. Peak RSS did not grow (122 MB). Returns the kB collapsed.
 long collapse_to_huge_pages() {
 #if defined(__linux__)
   constexpr int kCollapse = 25;  // MADV_COLLAPSE, which older headers lack
