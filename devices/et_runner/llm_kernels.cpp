@@ -103,19 +103,27 @@ void attend_portable(const AttendRow& row) {
 // CPU time (perf), a fifth of it in scalar expf. Head dims that are multiples of 16 up to 128.
 constexpr int64_t kAvx512MaxBlocks = 8;
 
+// Cephes' expf, shared by the SIMD paths: e^x = 2^n * e^r, n = round(x / ln2), r = x - n ln2 in two
+// parts (|r| <= ln2 / 2), e^r = 1 + r + r^2 * poly(r) with poly of degree 5; x clamped where e^x
+// leaves the normal floats (softmax feeds x <= 0).
+constexpr struct {
+  float lowest = -87.3365448f;
+  float log2e = 1.44269504088896341f;
+  float ln2_high = 0.693359375f;
+  float ln2_low = -2.12194440e-4f;
+  float poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+} kExp{};
+
 __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
-  // Cephes' expf: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial, n applied by scalef.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365448f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  // 2^n * e^r (kExp), n applied by scalef.
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExp.lowest));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kExp.log2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExp.ln2_high), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExp.ln2_low), r);
+  __m512 y = _mm512_set1_ps(kExp.poly[0]);
+  for (int k = 1; k < 6; ++k) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExp.poly[k]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(y, n);
 }
@@ -164,17 +172,13 @@ __attribute__((target("avx2,fma"))) inline float sum_avx2(__m256 v) {
 
 __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   // As exp_avx512, with 2^n built in the exponent bits (n >= -126 after the clamp: a normal float).
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365448f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExp.lowest));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kExp.log2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExp.ln2_high), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExp.ln2_low), r);
+  __m256 y = _mm256_set1_ps(kExp.poly[0]);
+  for (int k = 1; k < 6; ++k) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExp.poly[k]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
