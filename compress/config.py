@@ -179,6 +179,10 @@ class CompressConfig:
     workers: int = 1  # processes sharing the calibration windows (compress/distributed.py); torchrun's under torchrun
     # error ranks only: every factored rank a multiple of this (32, the int4 group: no rank padded at export)
     rank_multiple: int = 1
+    # error ranks only: a unit whose factor pair would hold more than this share of its dense parameters
+    # stays dense. Near break-even the pair saves few bytes but runs two GEMMs, each with its own dispatch
+    # and (int4) its own int8 input, where the dense linear runs one. 1.0: dense only past break-even.
+    max_pair_share: float = 1.0
     # the output head (a tied table: lookup and head) factored to this rank after the decoder (compress/head.py)
     head_rank: int | None = None
     device: Device = Device.AUTO  # where statistics and decompositions are computed
@@ -205,11 +209,16 @@ class CompressConfig:
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or \
                 not 1 <= self.rank_multiple <= 256:
             raise RankdownError(f"--rank-multiple must be a whole number from 1 to 256, got {self.rank_multiple!r}")
+        if isinstance(self.max_pair_share, bool) or not isinstance(self.max_pair_share, (int, float)) or \
+                not 0 < self.max_pair_share <= 1:
+            raise RankdownError(f"--max-pair-share must be a number in (0, 1], got {self.max_pair_share!r}")
         if self.head_rank is not None and (isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int)
                                            or self.head_rank < 1):
             raise RankdownError(f"--head-rank must be a whole number of at least 1, got {self.head_rank!r}")
         if self.rank_multiple > 1 and self.allocation is not Allocation.ERROR:
             raise RankdownError(f"--rank-multiple applies to error ranks (--allocate error), not {self.allocation.value}")
+        if self.max_pair_share < 1 and self.allocation is not Allocation.ERROR:
+            raise RankdownError(f"--max-pair-share applies to error ranks (--allocate error), not {self.allocation.value}")
 
     @property
     def allocation(self) -> Allocation:

@@ -172,7 +172,9 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
         else:
             ranks[i] = None
     if target - kept > TOLERANCE * target:
-        raise RankdownError(f"ratio {ratio}: could only reach {1 - kept / dense:.4f} with ranks in steps of {multiple}")
+        share = min(u.pair_share for u in units)
+        capped = f" and pairs capped at {share:g} of their dense parameters (raise --max-pair-share)" if share < 1 else ""
+        raise RankdownError(f"ratio {ratio}: could only reach {1 - kept / dense:.4f} with ranks in steps of {multiple}{capped}")
     return ranks
 
 
@@ -218,5 +220,6 @@ def choose(job: RankJob) -> RankOutcome:
     check: dict[str, int | float | str] = {"error_scale": scale.value, "predicted_error": float(f"{chosen:.6g}"),
                                            "uniform_predicted_error": float(f"{flat:.6g}"),
                                            "loss_weighted_factors": int(fisher is not None and job.method.output_weighted),
-                                           "rank_multiple": job.cfg.rank_multiple}
+                                           "rank_multiple": job.cfg.rank_multiple,
+                                           "max_pair_share": job.cfg.max_pair_share}
     return RankOutcome(model, ranks, loss, keep_shares(job.units, ranks), check)

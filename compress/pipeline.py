@@ -200,7 +200,8 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
     spec = METHODS[cfg.method]
     windows = data_windows(tokenizer, cfg, Split.CALIBRATION, cfg.seq_len, cfg.calib_tokens)
     _check_head_windows(windows, cfg)  # now, not after the decoder's minutes
-    units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
+    units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias,
+                       cfg.max_pair_share)
     before = sum(u.dense_params for u in units)
     where = "" if workers.world_size == 1 else f" over {workers.world_size} workers"
     bf16 = calibration_bf16(spec, cfg, workers.device)

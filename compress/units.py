@@ -45,6 +45,11 @@ class Unit:
     kind: str
     compressible: bool
     factor_bias: bool = False
+    # The largest share of the dense parameters a factor pair may hold; above it the unit stays dense.
+    # 1.0 is break-even by parameters. Below it, a pair near break-even is left dense because it runs
+    # slower than the linear it replaces: two GEMMs, each with its own dispatch and int8 input (compress
+    # --max-pair-share).
+    pair_share: float = 1.0
 
     @property
     def site(self) -> str:
@@ -67,9 +72,10 @@ class Unit:
 
     @property
     def max_saving_rank(self) -> int:
-        """The largest rank that still saves parameters (0 if none does)."""
+        """The largest rank whose pair holds less than ``pair_share`` of the dense parameters (0 if
+        none does): with the default share, the largest rank that still saves parameters."""
         per_rank = self.in_features + sum(self.out_features)
-        saving = self.dense_params - self.params(0)
+        saving = self.pair_share * self.dense_params - self.params(0)
         return max(0, min(math.ceil(saving / per_rank) - 1, self.in_features, sum(self.out_features)))
 
     def names(self) -> list[str]:
@@ -91,7 +97,7 @@ def layer_shapes(model: LlamaForCausalLM) -> list[dict[str, tuple[int, int, bool
 
 
 def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool, dense_kinds: frozenset[str],
-               factor_bias: bool = False) -> list[Unit]:
+               factor_bias: bool = False, pair_share: float = 1.0) -> list[Unit]:
     """Units for every layer: ``layer_shapes[l][member] = (out, in, has_bias)``."""
     units = []
     for index, shapes in enumerate(layer_shapes):
@@ -103,7 +109,8 @@ def plan_units(layer_shapes: list[dict[str, tuple[int, int, bool]]], joint: bool
             kind = KIND_OF[members[0]]
             units.append(Unit(index, members, shapes[members[0]][1], outs,
                               sum(shapes[m][0] for m in members if shapes[m][2]), kind,
-                              compressible=kind not in dense_kinds, factor_bias=factor_bias))
+                              compressible=kind not in dense_kinds, factor_bias=factor_bias,
+                              pair_share=pair_share))
     return units
 
 

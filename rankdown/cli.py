@@ -101,7 +101,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
         calib_tokens=args.calib_tokens, calib_precision=args.calib_precision, correct_carried=args.correct_carried, dtype=args.dtype,
         overwrite=args.overwrite, workers=args.workers,
-        device=args.device, rank_multiple=args.rank_multiple, head_rank=args.head_rank,
+        device=args.device, rank_multiple=args.rank_multiple, max_pair_share=args.max_pair_share,
+        head_rank=args.head_rank,
     )
     report = compress(args.model, args.out, cfg)
     if not leads_output():
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(Precision))
     option("--rank-multiple", "error ranks: every factored rank a multiple of this; 32 (the int4 group) for a "
            "model exported with --quantize int4, whose ranks are otherwise padded with zeros to the group", type=int)
+    option("--max-pair-share", "leave dense every linear whose factor pair would hold more than this share of "
+           "its parameters (near break-even a pair saves few bytes but runs two matmuls); 1 leaves dense only "
+           "past break-even", type=float)
     option("--head-rank", "also factor the output head to this rank, fitted to the task's final hidden states and "
            "token counts; a tied table becomes one V x r table for the lookup and the head (fp32 exports only); "
            "omit it to keep the head dense",

@@ -113,6 +113,33 @@ def test_rank_multiple_gives_ranks_in_steps_and_still_meets_the_budget(ratio):
                                                                                       ErrorScale.ABSOLUTE)
 
 
+def test_max_pair_share_leaves_near_break_even_units_dense_and_still_meets_the_budget():
+    """--max-pair-share 0.7: no pair holds more than 70% of its dense parameters (the units whose
+    error would take them there are dense instead), and the budget is still met within 1%."""
+    units = plan_units(_shipped_shapes(), joint=False, dense_kinds=frozenset())
+    capped = plan_units(_shipped_shapes(), joint=False, dense_kinds=frozenset(), pair_share=0.7)
+    assert all(c.max_saving_rank < u.max_saving_rank for u, c in zip(units, capped))
+    # Slowly decaying profiles: the free allocation takes many units past 70% of dense.
+    profiles = [torch.exp(-0.01 * torch.arange(min(u.in_features, sum(u.out_features)), dtype=torch.float64))
+                for u in units]
+    target = 0.8 * sum(u.dense_params for u in units)
+    free = allocate_by_error(units, profiles, 0.2, ErrorScale.ABSOLUTE, multiple=16)
+    assert any(r is not None and u.params(r) > 0.7 * u.dense_params for u, r in zip(units, free))  # the control
+    ranks = allocate_by_error(capped, profiles, 0.2, ErrorScale.ABSOLUTE, multiple=16)
+    assert all(r is None or c.params(r) <= 0.7 * c.dense_params for c, r in zip(capped, ranks))
+    assert sum(r is None for r in ranks) > sum(r is None for r in free)
+    assert abs(total_params(capped, ranks) - target) <= TOLERANCE * target
+    for bad in (0, 1.5, -0.2, True, "x"):
+        with pytest.raises(RankdownError, match="--max-pair-share must be a number in"):
+            CompressConfig(max_pair_share=bad)
+    # Pairs capped below the share the budget keeps: the error says which option to raise.
+    tight = plan_units(_shipped_shapes(), joint=False, dense_kinds=frozenset(), pair_share=0.5)
+    with pytest.raises(RankdownError, match=r"capped at 0.5 of their dense parameters \(raise --max-pair-share\)"):
+        allocate_by_error(tight, profiles, 0.4, ErrorScale.ABSOLUTE, multiple=16)
+    with pytest.raises(RankdownError, match="--max-pair-share applies to error ranks"):
+        CompressConfig(max_pair_share=0.7, allocate="uniform")
+
+
 def test_rank_multiple_is_refused_outside_error_ranks_and_out_of_range():
     assert CompressConfig(rank_multiple=32).rank_multiple == 32  # error ranks are the default
     with pytest.raises(RankdownError, match="--rank-multiple applies to error ranks"):
@@ -179,3 +206,15 @@ def test_compress_with_a_rank_multiple_writes_ranks_in_steps(tiny_model_dir, tmp
     ranks = [spec.rank for spec in FactorRecord.read(tmp_path / "out").modules.values() if spec.rank is not None]
     assert ranks and all(r % 16 == 0 for r in ranks)
     assert report.allocation_check["rank_multiple"] == 16 and abs(report.achieved_ratio - 0.4) <= 0.004
+
+
+def test_compress_with_a_max_pair_share_keeps_every_pair_under_it(tiny_model_dir, tmp_path):
+    from rankdown.factor_record import FactorRecord
+
+    cfg = CompressConfig(method="whiten", ratio=0.5, calib_tokens=2048, seq_len=64, healing=Healing(steps=0),
+                         rank_multiple=8, max_pair_share=0.6)
+    report = compress(tiny_model_dir, tmp_path / "out", cfg, progress=lambda _m: None)
+    specs = [s for s in FactorRecord.read(tmp_path / "out").modules.values() if s.rank is not None]
+    assert specs and all(s.rank * (s.in_features + s.out_features) <= 0.6 * s.in_features * s.out_features
+                         for s in specs)
+    assert report.allocation_check["max_pair_share"] == 0.6 and abs(report.achieved_ratio - 0.5) <= 0.005
