@@ -16,6 +16,7 @@ unit's vector of energies; the second is the usual streaming pass at the ranks c
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from enum import Enum
@@ -129,10 +130,13 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
     """
     dense = sum(u.dense_params for u in units)
     target = (1 - ratio) * dense
+    share = min(u.pair_share for u in units)
+    capped = f" and pairs capped at {share:g} of their dense parameters (raise --max-pair-share)" if share < 1 else ""
     ranks: list[int | None] = [multiple if u.compressible and u.max_saving_rank >= multiple else None for u in units]
     kept = total_params(units, ranks)
     if kept > target:
-        raise RankdownError(f"ratio {ratio} is out of reach: even rank 1 everywhere keeps {1 - kept / dense:.1%} removed at most")
+        raise RankdownError(f"ratio {ratio} is out of reach: even the smallest ranks keep {1 - kept / dense:.1%} removed "
+                            f"at most{capped}")
     profiles: dict[int, torch.Tensor] = {}
     for i, (unit, rank) in enumerate(zip(units, ranks)):
         if rank is None:
@@ -172,8 +176,6 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
         else:
             ranks[i] = None
     if target - kept > TOLERANCE * target:
-        share = min(u.pair_share for u in units)
-        capped = f" and pairs capped at {share:g} of their dense parameters (raise --max-pair-share)" if share < 1 else ""
         raise RankdownError(f"ratio {ratio}: could only reach {1 - kept / dense:.4f} with ranks in steps of {multiple}{capped}")
     return ranks
 
@@ -210,7 +212,9 @@ def choose(job: RankJob) -> RankOutcome:
     energies = dense_energies(job.ckpt, job.method, job.units, job.windows[:max(PROFILE_WINDOWS, least)], job.progress,
                               job.workers, job.bf16_forwards, fisher)
     ranks = allocate_by_error(job.units, energies, job.cfg.ratio, scale, job.cfg.rank_multiple)
-    uniform = allocate(job.units, job.cfg.ratio)
+    # The reference is plain uniform ranks: under --max-pair-share uniform ranks may have no way to meet
+    # the budget (every unit capped, or dense), and a reference figure must not fail the run.
+    uniform = allocate([dataclasses.replace(u, pair_share=1.0) for u in job.units], job.cfg.ratio)
     chosen, flat = (predicted_error(energies, r, scale) for r in (ranks, uniform))
     job.progress(f"error allocation ({scale.value} error): predicted truncation loss {chosen:.4g} "
                  f"(uniform ranks: {flat:.4g})")

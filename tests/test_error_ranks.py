@@ -208,13 +208,16 @@ def test_compress_with_a_rank_multiple_writes_ranks_in_steps(tiny_model_dir, tmp
     assert report.allocation_check["rank_multiple"] == 16 and abs(report.achieved_ratio - 0.4) <= 0.004
 
 
-def test_compress_with_a_max_pair_share_keeps_every_pair_under_it(tiny_model_dir, tmp_path):
+def test_compress_with_a_max_pair_share_keeps_every_pair_under_it(shipped_model_dir, tmp_path):
     from rankdown.factor_record import FactorRecord
 
-    cfg = CompressConfig(method="whiten", ratio=0.5, calib_tokens=2048, seq_len=64, healing=Healing(steps=0),
-                         rank_multiple=8, max_pair_share=0.6)
-    report = compress(tiny_model_dir, tmp_path / "out", cfg, progress=lambda _m: None)
+    # A cap under the share the budget keeps (0.3 of 60%): the allocation mixes dense units and small
+    # pairs, while uniform ranks (the report's reference) could not meet the budget under the cap.
+    cfg = CompressConfig(method="whiten", ratio=0.4, calib_tokens=2048, seq_len=64, healing=Healing(steps=0),
+                         rank_multiple=32, max_pair_share=0.3)
+    report = compress(shipped_model_dir, tmp_path / "out", cfg, progress=lambda _m: None)
     specs = [s for s in FactorRecord.read(tmp_path / "out").modules.values() if s.rank is not None]
-    assert specs and all(s.rank * (s.in_features + s.out_features) <= 0.6 * s.in_features * s.out_features
+    assert specs and all(s.rank * (s.in_features + s.out_features) <= 0.3 * s.in_features * s.out_features
                          for s in specs)
-    assert report.allocation_check["max_pair_share"] == 0.6 and abs(report.achieved_ratio - 0.5) <= 0.005
+    assert report.allocation_check["max_pair_share"] == 0.3 and abs(report.achieved_ratio - 0.4) <= TOLERANCE * 0.6
+    assert report.allocation_check["uniform_predicted_error"] > 0
