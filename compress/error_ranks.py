@@ -130,7 +130,7 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
     """
     dense = sum(u.dense_params for u in units)
     target = (1 - ratio) * dense
-    share = min(u.pair_share for u in units)
+    share = min((u.pair_share for u in units), default=1.0)
     capped = f" and pairs capped at {share:g} of their dense parameters (raise --max-pair-share)" if share < 1 else ""
     ranks: list[int | None] = [multiple if u.compressible and u.max_saving_rank >= multiple else None for u in units]
     kept = total_params(units, ranks)
