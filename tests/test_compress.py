@@ -528,3 +528,37 @@ def test_bf16_calibration_forward_passes_run_the_linears_in_bf16_and_are_recorde
         assert stored == {torch.float32}
     fp32, bf16 = reports["fp32"].calibration_loss, reports["bf16"].calibration_loss
     assert fp32 is not None and bf16 is not None and fp32 != bf16 and abs(bf16 - fp32) < 0.02 * fp32
+
+
+def test_bayes_objective_streamed_by_batch_equals_the_whole_split(tiny_model_dir):
+    """The search's objective is summed batch by batch (its memory is one batch's log-probs, not the
+    split's); it must still be the split's perplexity + KL_WEIGHT x mean KL, batches of unequal size too."""
+    import math
+
+    import torch.nn.functional as F
+
+    from rankdown.compress.bayesian_ranks import KL_WEIGHT, _objective, _reference
+    from rankdown.compress.units import BATCH
+
+    model = load_model(open_checkpoint(tiny_model_dir)).eval()
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (2 * BATCH + 3, 16), generator=g)
+    reference = _reference(model, windows)
+    assert [r.shape[0] for r in reference] == [BATCH, BATCH, 3]
+    dense = torch.cat(reference)
+
+    def whole_split() -> tuple[float, float]:
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(input_ids=windows).logits.float(), -1)
+        nll = -log_probs[:, :-1].gather(-1, windows[:, 1:].unsqueeze(-1)).mean().item()
+        return math.exp(nll), (dense.exp() * (dense - log_probs)).sum(-1).mean().item()
+
+    perplexity, kl = whole_split()
+    assert abs(kl) < 1e-5  # the dense model against its own reference
+    assert _objective(model, windows, reference) == pytest.approx(perplexity, rel=1e-5)
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.mul_(0.5)
+    perplexity, kl = whole_split()
+    assert kl > 1e-4
+    assert _objective(model, windows, reference) == pytest.approx(perplexity + KL_WEIGHT * kl, rel=1e-5)
