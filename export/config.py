@@ -138,7 +138,9 @@ class ParityThresholds:
 @dataclass(frozen=True)
 class ExportConfig:
     formats: tuple[Format, ...] = field(default=tuple(Format), metadata={"option": "--format"})
-    quantize: Quantize = Quantize.NONE
+    # None (`--quantize auto`): the checkpoint's own, int4 for one healed through the 4-bit weights
+    # (compress --weights int4 or --heal-quantize), else none; the export resolves it before anything reads it
+    quantize: Quantize | None = None
     # int4: input columns that share one scale; None: the group a checkpoint healed through the 4-bit
     # weights was trained in (compress --heal-group-size), else DEFAULT_GROUP
     group_size: int | None = None
@@ -169,7 +171,7 @@ class ExportConfig:
             raise RankdownError(f"--max-seq-len must be an integer in 16..32768, got {self.max_seq_len!r}")
         if self.head_bits not in HEAD_BITS:
             raise RankdownError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {self.head_bits!r}")
-        if self.head_bits != 8 and self.quantize is not Quantize.INT4:
+        if self.head_bits != 8 and self.quantize not in (Quantize.INT4, None):
             raise RankdownError("--head-bits applies to --quantize int4 only")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             numbers = ", ".join(str(g) for g in GROUP_SIZES if g != PER_CHANNEL)
@@ -196,14 +198,22 @@ class ExportConfig:
         return Int4Scales.HQQ if self.int4_scales is None else self.int4_scales
 
     @property
+    def precision(self) -> Quantize:
+        """``quantize`` as resolved for the checkpoint (``auto``, None, is resolved by export/pipeline.py's
+        ``resolve_quantize`` before anything reads it)."""
+        if self.quantize is None:
+            raise ValueError("ExportConfig.quantize is auto until the export resolves it for its checkpoint")
+        return self.quantize
+
+    @property
     def balances(self) -> bool:
         """Whether the factor pairs are balanced before quantizing: int4 only (int8 was better without)."""
-        return self.balance and self.quantize is Quantize.INT4
+        return self.balance and self.precision is Quantize.INT4
 
     @property
     def thresholds(self) -> ParityThresholds:
-        return ParityThresholds.for_quantize(self.quantize)
+        return ParityThresholds.for_quantize(self.precision)
 
     def wants_decode_method(self) -> bool:
         """Whether the .pte gets the one-token method: as asked, else only for a quantized export."""
-        return self.decode_method if self.decode_method is not None else self.quantize is not Quantize.NONE
+        return self.decode_method if self.decode_method is not None else self.precision is not Quantize.NONE

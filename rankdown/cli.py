@@ -87,23 +87,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from rankdown.compress.config import BasisTuning, CompressConfig, Healing
+    from rankdown.compress.config import BasisTuning, CompressConfig, compress_config
     from rankdown.compress.distributed import leads_output
     from rankdown.compress.pipeline import compress
     from rankdown.schema import default_of
 
     if args.task is None and args.calib is None:
         args.task = default_of(CompressConfig, "task")
-    cfg = CompressConfig(
-        method=args.method, ratio=args.ratio, task=args.task, calib=args.calib, allocate=args.allocate,
-        trials=args.trials, basis_mode=args.basis_mode, tuning=BasisTuning(steps=args.tune_steps),
-        healing=Healing(steps=args.heal_steps, lr=args.heal_lr, quantize=args.heal_quantize,
-                        group_size=args.heal_group_size, precision=args.heal_precision), seed=args.seed,
-        calib_tokens=args.calib_tokens, calib_precision=args.calib_precision, correct_carried=args.correct_carried, dtype=args.dtype,
-        overwrite=args.overwrite, workers=args.workers,
-        device=args.device, rank_multiple=args.rank_multiple, max_pair_share=args.max_pair_share,
-        head_rank=args.head_rank,
-    )
+    given = {
+        "method": args.method, "ratio": args.ratio, "task": args.task, "calib": args.calib, "allocate": args.allocate,
+        "trials": args.trials, "basis_mode": args.basis_mode, "tuning": BasisTuning(steps=args.tune_steps),
+        "seed": args.seed, "calib_tokens": args.calib_tokens, "calib_precision": args.calib_precision,
+        "correct_carried": args.correct_carried, "dtype": args.dtype, "overwrite": args.overwrite, "workers": args.workers,
+        "device": args.device, "rank_multiple": args.rank_multiple, "max_pair_share": args.max_pair_share,
+        "head_rank": args.head_rank,
+    }
+    healing = {"steps": args.heal_steps, "lr": args.heal_lr, "quantize": args.heal_quantize,
+               "group_size": args.heal_group_size, "precision": args.heal_precision}
+    # These options' None is "not given": --weights' recipe decides, else the config's default.
+    recipe_options = ("rank_multiple", "max_pair_share", "head_rank")
+    cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None},
+                          **{k: v for k, v in given.items() if v is not None or k not in recipe_options})
     report = compress(args.model, args.out, cfg)
     if not leads_output():
         return  # under torchrun: worker 0 prints
@@ -119,11 +123,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
               f"{t.loss_before:.4f} -> {t.loss_after:.4f}")
 
 
+QUANTIZE_AUTO = "auto"  # export --quantize: the checkpoint's own (ExportConfig.quantize None)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.config import ExportConfig
     from rankdown.export.pipeline import export, format_manifest
 
-    cfg = ExportConfig(formats=args.format, quantize=args.quantize, group_size=args.group_size, head_bits=args.head_bits,
+    quantize = None if args.quantize == QUANTIZE_AUTO else args.quantize
+    cfg = ExportConfig(formats=args.format, quantize=quantize, group_size=args.group_size, head_bits=args.head_bits,
                        balance=not args.no_balance, int4_scales=args.int4_scales,
                        backend=args.backend, decode_method=args.decode_method,
                        onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
@@ -285,11 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     # compress: choices, defaults and their help come from the config's enums and dataclasses.
-    from rankdown.compress.config import Allocation, BasisMode, Method
+    from rankdown.compress.config import INT4_HEALING, INT4_RECIPE, Allocation, BasisMode, BundleWeights, Method
+    from rankdown.int4_numerics import group_option
 
     def option(flag: str, text: str, cls: type = CompressConfig, field: str | None = None, **kwargs) -> None:
         field = field or flag.removeprefix("--").replace("-", "_")
-        comp.add_argument(flag, default=default_of(cls, field), help=help_with_default(text, cls, field), **kwargs)
+        recipe = INT4_HEALING if cls is Healing else INT4_RECIPE
+        if field in recipe:  # not given: None, and --weights picks the recipe's value or the default
+            def shown(value):
+                return group_option(value) if field == "group_size" else getattr(value, "value", value)
+            text = f"{text} (default: {shown(default_of(cls, field))}; with --weights int4: {shown(recipe[field])})"
+            comp.add_argument(flag, default=None, help=text, **kwargs)
+        else:
+            comp.add_argument(flag, default=default_of(cls, field), help=help_with_default(text, cls, field), **kwargs)
 
     comp = sub.add_parser("compress", help="replace decoder linears by factor pairs chosen with task data")
     _model_arg(comp)
@@ -298,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=help_with_default("built-in calibration and healing data; several joined by + (compare+code) "
                                              "share the windows equally", CompressConfig, "task"))
     comp.add_argument("--calib", type=Path, help="calibration .txt, .jsonl or folder instead of a task")
+    comp.add_argument("--weights", choices=[w.value for w in BundleWeights], default=BundleWeights.FLOAT.value,
+                      help="the weights the bundle will be exported with: int4 compresses with the recipe measured "
+                           "best for 4-bit bundles (the options below that name it), and `export` then writes int4 "
+                           "by itself; an option given on the command line wins over the recipe (default: float)")
     option("--calib-tokens", "calibration tokens read", type=int)
     from rankdown.compress.config import Precision
 
@@ -337,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
            "its parameters (near break-even a pair saves few bytes but runs two matmuls); 1 leaves dense only "
            "past break-even", type=float)
     option("--head-rank", "also factor the output head to this rank, fitted to the task's final hidden states and "
-           "token counts; a tied table becomes one V x r table for the lookup and the head (fp32 exports only); "
+           "token counts; a tied table becomes one V x r table for the lookup and the head (exported in fp32 or "
+           "int4; int8 does not take it yet); "
            "omit it to keep the head dense",
            type=int)
     option("--seed", "random seed", type=int)
@@ -358,10 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--out", type=Path, required=True, help="output bundle folder")
     exp.add_argument("--format", default=",".join(f.value for f in default_of(ExportConfig, "formats")),
                      help=f"comma-separated: {', '.join(choices(Format))}")
-    exp.add_argument("--quantize", default=default_of(ExportConfig, "quantize").value,
-                     help=help_with_default(f"{' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
-                                            "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
-                                            "(ONNX MatMulNBits); both with activations quantized per call)", ExportConfig, "quantize"))
+    exp.add_argument("--quantize", default=QUANTIZE_AUTO,
+                     help=f"{QUANTIZE_AUTO}, {' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
+                          "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
+                          "(ONNX MatMulNBits); both with activations quantized per call; auto: int4 for a "
+                          "checkpoint healed through the 4-bit weights (compress --weights int4), else none) "
+                          f"(default: {QUANTIZE_AUTO})")
     exp.add_argument("--group-size", type=_group_size, default=default_of(ExportConfig, "group_size"),
                      help=f"int4: input columns sharing one scale, or `channel` for one scale per output channel "
                           f"(ExecuTorch's fastest 4-bit kernels; ONNX MatMulNBits then takes blocks of "

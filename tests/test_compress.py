@@ -562,3 +562,53 @@ def test_bayes_objective_streamed_by_batch_equals_the_whole_split(tiny_model_dir
     perplexity, kl = whole_split()
     assert kl > 1e-4
     assert _objective(model, windows, reference) == pytest.approx(perplexity + KL_WEIGHT * kl, rel=1e-5)
+
+
+def test_weights_int4_is_the_measured_recipe_under_what_is_given():
+    from rankdown.compress.config import INT4_HEALING, INT4_RECIPE, HealQuantize, compress_config
+    from rankdown.int4_numerics import PER_CHANNEL
+
+    float_cfg = compress_config("float", ratio=0.4)
+    assert float_cfg == CompressConfig(ratio=0.4)  # float: the defaults, untouched
+    cfg = compress_config("int4", ratio=0.4, task="compare")
+    assert (cfg.rank_multiple, cfg.max_pair_share, cfg.head_rank) == (32, 0.6, 64)
+    assert (cfg.healing.quantize, cfg.healing.group_size, cfg.healing.steps) == (HealQuantize.INT4_8DA, PER_CHANNEL, 512)
+    assert set(INT4_RECIPE) == {"rank_multiple", "max_pair_share", "head_rank"}
+    assert cfg.healing.lr == Healing().lr and cfg.method == CompressConfig.method  # the rest: the defaults
+    # a field given wins over the recipe, the rest of the recipe stays
+    cfg = compress_config("int4", {"steps": 64}, ratio=0.4, head_rank=None, max_pair_share=0.7)
+    assert (cfg.healing.steps, cfg.healing.quantize, cfg.head_rank, cfg.max_pair_share, cfg.rank_multiple) == \
+        (64, INT4_HEALING["quantize"], None, 0.7, 32)
+    # uniform ranks take no error-rank options: the recipe leaves them out rather than failing
+    cfg = compress_config("int4", ratio=0.4, allocate="uniform")
+    assert (cfg.rank_multiple, cfg.max_pair_share, cfg.head_rank, cfg.healing.steps) == (1, 1.0, 64, 512)
+    with pytest.raises(RankdownError, match="--rank-multiple applies to error ranks"):
+        compress_config("int4", ratio=0.4, allocate="uniform", rank_multiple=32)  # given, so still refused
+    with pytest.raises(RankdownError, match="--weights must be float or int4, got 'int3'"):
+        compress_config("int3", ratio=0.4)
+
+
+def test_the_command_line_builds_the_int4_recipe(monkeypatch, tmp_path):
+    """`compress --weights int4` passes the recipe; an option on the command line wins over it."""
+    import rankdown.compress.pipeline as pipeline
+    from rankdown.cli import build_parser
+
+    seen: list[CompressConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_compress(model, out, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "compress", fake_compress)
+    for argv in (["--weights", "int4"], ["--weights", "int4", "--heal-steps", "32", "--head-rank", "128"], []):
+        args = build_parser().parse_args(["compress", str(tmp_path), "-o", str(tmp_path / "o"), "--ratio", "0.4", *argv])
+        with pytest.raises(Stop):
+            args.func(args)
+    recipe, given, plain = seen
+    assert (recipe.healing.steps, recipe.head_rank, recipe.max_pair_share, recipe.rank_multiple) == (512, 64, 0.6, 32)
+    assert recipe.healing.quantize.value == "8da4w"
+    assert (given.healing.steps, given.head_rank, given.max_pair_share) == (32, 128, 0.6)
+    assert plain == CompressConfig(ratio=0.4, task=plain.task)

@@ -202,7 +202,9 @@ def test_decode_method_is_on_for_quantized_exports_and_off_in_fp32_unless_asked(
     ``--decode-method`` / ``--no-decode-method`` decide either way."""
     from rankdown.cli import build_parser
 
-    assert not ExportConfig().wants_decode_method()
+    assert not ExportConfig(quantize="none").wants_decode_method()
+    with pytest.raises(ValueError, match="auto until the export resolves it"):
+        ExportConfig().wants_decode_method()  # auto: the checkpoint decides, so nothing may read it before
     assert ExportConfig(quantize="int4").wants_decode_method() and ExportConfig(quantize="int8").wants_decode_method()
     assert ExportConfig(decode_method=True).wants_decode_method()
     assert not ExportConfig(quantize="int4", decode_method=False).wants_decode_method()

@@ -142,6 +142,27 @@ def test_a_checkpoint_healed_per_channel_exports_per_channel(tiny_model_dir, tmp
     assert "int4 scales per output channel: as the checkpoint was healed" in told
     assert told[-1].startswith("  executorch: int4 scales per output channel,")
     assert "0 factor rank(s) padded" in told[-1]
+    # --quantize auto (the default): a checkpoint healed through the 4-bit weights exports in int4
+    told = _said_until_quantized(tmp_path / "c", tmp_path / "b", ExportConfig(
+        formats="executorch", max_seq_len=64, check=False))
+    assert told[0] == "int4: the checkpoint was healed through the 4-bit weights (--quantize none exports it in float)"
+    assert told[-1].startswith("  executorch: int4 scales per output channel,")
+
+
+def test_auto_quantize_is_the_checkpoints_own():
+    from rankdown.export.config import Quantize
+    from rankdown.export.pipeline import resolve_quantize
+
+    healed = {"healing": {"quantize": "8da4w", "group_size": PER_CHANNEL}}
+    said: list[str] = []
+    assert resolve_quantize(ExportConfig(), healed, said.append).quantize is Quantize.INT4 and said
+    for report in (None, {"healing": {"quantize": "none"}}, {"healing": None}, {}):
+        assert resolve_quantize(ExportConfig(), report, said.append).quantize is Quantize.NONE
+    for asked in ("none", "int8"):  # what the user asks for wins, healed or not
+        assert resolve_quantize(ExportConfig(quantize=asked), healed, said.append).quantize is Quantize(asked)
+    assert resolve_quantize(ExportConfig(head_bits=4), healed, said.append).quantize is Quantize.INT4
+    with pytest.raises(RankdownError, match="--head-bits applies to --quantize int4 only"):
+        resolve_quantize(ExportConfig(head_bits=4), None, said.append)
 
 
 def test_per_channel_rounding_is_one_float32_scale_per_row_at_any_width(tiny_model_dir):
