@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from rankdown.compress.config import BasisTuning, CompressConfig, compress_config
+    from rankdown.compress.config import INT4_RECIPE, BasisTuning, CompressConfig, compress_config
     from rankdown.compress.distributed import leads_output
     from rankdown.compress.pipeline import compress
     from rankdown.schema import default_of
@@ -104,10 +104,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     }
     healing = {"steps": args.heal_steps, "lr": args.heal_lr, "quantize": args.heal_quantize,
                "group_size": args.heal_group_size, "precision": args.heal_precision}
-    # These options' None is "not given": --weights' recipe decides, else the config's default.
-    recipe_options = ("rank_multiple", "max_pair_share", "head_rank")
+    # The recipe's options are None when not given: --weights' recipe decides, else the config's default.
     cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None},
-                          **{k: v for k, v in given.items() if v is not None or k not in recipe_options})
+                          **{k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE})
     report = compress(args.model, args.out, cfg)
     if not leads_output():
         return  # under torchrun: worker 0 prints
@@ -379,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--out", type=Path, required=True, help="output bundle folder")
     exp.add_argument("--format", default=",".join(f.value for f in default_of(ExportConfig, "formats")),
                      help=f"comma-separated: {', '.join(choices(Format))}")
-    exp.add_argument("--quantize", default=QUANTIZE_AUTO,
+    exp.add_argument("--quantize", default=QUANTIZE_AUTO, choices=[QUANTIZE_AUTO, *choices(Quantize)],
                      help=f"{QUANTIZE_AUTO}, {' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
                           "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
                           "(ONNX MatMulNBits); both with activations quantized per call; auto: int4 for a "
