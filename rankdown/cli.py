@@ -100,13 +100,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "seed": args.seed, "calib_tokens": args.calib_tokens, "calib_precision": args.calib_precision,
         "correct_carried": args.correct_carried, "dtype": args.dtype, "overwrite": args.overwrite, "workers": args.workers,
         "device": args.device, "rank_multiple": args.rank_multiple, "max_pair_share": args.max_pair_share,
-        "head_rank": args.head_rank,
+        "head_rank": None if args.head_rank == HEAD_DENSE else args.head_rank,
     }
     healing = {"steps": args.heal_steps, "lr": args.heal_lr, "quantize": args.heal_quantize,
                "group_size": args.heal_group_size, "precision": args.heal_precision}
     # The recipe's options are None when not given: --weights' recipe decides, else the config's default.
-    cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None},
-                          **{k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE})
+    # --head-rank dense is a given None, which wins over the recipe's rank like any given value.
+    fields = {k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE
+              or (k == "head_rank" and args.head_rank == HEAD_DENSE)}
+    cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None}, **fields)
     report = compress(args.model, args.out, cfg)
     if not leads_output():
         return  # under torchrun: worker 0 prints
@@ -258,6 +260,18 @@ def _group_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of columns or `channel`, got {text!r}") from None
 
 
+HEAD_DENSE = "dense"  # compress --head-rank dense: keep the head dense, also under --weights int4
+
+
+def _head_rank(text: str) -> int | str:
+    if text == HEAD_DENSE:
+        return HEAD_DENSE
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank or `{HEAD_DENSE}`, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import BasisTuning, CompressConfig, Healing
     from rankdown.tasks import EXACT_MATCH_TASKS, TASKS
@@ -300,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         recipe = INT4_HEALING if cls is Healing else INT4_RECIPE
         if field in recipe:  # not given: None, and --weights picks the recipe's value or the default
             def shown(value):
+                if field == "head_rank" and value is None:
+                    return HEAD_DENSE
                 return group_option(value) if field == "group_size" else getattr(value, "value", value)
             text = f"{text} (default: {shown(default_of(cls, field))}; with --weights int4: {shown(recipe[field])})"
             comp.add_argument(flag, default=None, help=text, **kwargs)
@@ -357,9 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
            "past break-even", type=float)
     option("--head-rank", "also factor the output head to this rank, fitted to the task's final hidden states and "
            "token counts; a tied table becomes one V x r table for the lookup and the head (exported in fp32 or "
-           "int4; int8 does not take it yet); "
-           "omit it to keep the head dense",
-           type=int)
+           "int4; int8 does not take it yet), or `dense` to keep it dense",
+           type=_head_rank, metavar=f"{{RANK,{HEAD_DENSE}}}")
     option("--seed", "random seed", type=int)
     option("--workers", "processes sharing the calibration windows, started here (under torchrun: leave at 1); "
            "uniform and error ranks", type=int)

@@ -603,12 +603,18 @@ def test_the_command_line_builds_the_int4_recipe(monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(pipeline, "compress", fake_compress)
-    for argv in (["--weights", "int4"], ["--weights", "int4", "--heal-steps", "32", "--head-rank", "128"], []):
+    for argv in (["--weights", "int4"], ["--weights", "int4", "--heal-steps", "32", "--head-rank", "128"], [],
+                 ["--weights", "int4", "--head-rank", "dense"]):
         args = build_parser().parse_args(["compress", str(tmp_path), "-o", str(tmp_path / "o"), "--ratio", "0.4", *argv])
         with pytest.raises(Stop):
             args.func(args)
-    recipe, given, plain = seen
+    recipe, given, plain, dense_head = seen
     assert (recipe.healing.steps, recipe.head_rank, recipe.max_pair_share, recipe.rank_multiple) == (512, 64, 0.6, 32)
     assert recipe.healing.quantize.value == "8da4w"
     assert (given.healing.steps, given.head_rank, given.max_pair_share) == (32, 128, 0.6)
     assert plain == CompressConfig(ratio=0.4, task=plain.task)
+    # `--head-rank dense` keeps the head dense under the recipe, which otherwise factors it
+    assert (dense_head.head_rank, dense_head.max_pair_share, dense_head.healing.steps) == (None, 0.6, 512)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", str(tmp_path), "-o", str(tmp_path / "o"), "--ratio", "0.4",
+                                   "--head-rank", "tall"])
