@@ -14,10 +14,11 @@ from rankdown.schema import coerce_enums, dump_json, read_dataclass, read_json_f
 from rankdown.tasks import TASKS, task_names
 
 REPORT_FILE = "compression.json"
-# 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device; 5: healing precision
-REPORT_SCHEMA_VERSION = 6
-# older reports read with an empty allocation_check, no healing, 1 cpu worker, healing in fp32
-READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5, 6)
+# 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device; 5: healing precision;
+# 6: head (--head-rank); 7: weights (compress --weights)
+REPORT_SCHEMA_VERSION = 7
+# older reports read with an empty allocation_check, no healing, 1 cpu worker, healing in fp32, float weights
+READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 class Method(str, Enum):
@@ -144,6 +145,14 @@ class Healing:
             raise RankdownError(f"healing lr must be positive and distill at least 0, got {self.lr!r}, {self.distill!r}")
 
 
+class BundleWeights(str, Enum):
+    """compress --weights: the weights the checkpoint will be exported with, which pick the recipe
+    (``compress_config``); export then takes the same (``export --quantize auto``)."""
+
+    FLOAT = "float"
+    INT4 = "int4"
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """One compression recipe. ``ratio`` is the fraction of decoder-linear parameters removed."""
@@ -187,6 +196,9 @@ class CompressConfig:
     # the output head (a tied table: lookup and head) factored to this rank after the decoder (compress/head.py)
     head_rank: int | None = None
     device: Device = Device.AUTO  # where statistics and decompositions are computed
+    # the bundle's weights (compress --weights), recorded for `export --quantize auto`; the recipe is
+    # applied by compress_config, not here
+    weights: BundleWeights = BundleWeights.FLOAT
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
@@ -245,14 +257,6 @@ class CompressConfig:
         return str(self.calib.resolve()) if self.calib is not None else str(self.task)
 
 
-class BundleWeights(str, Enum):
-    """compress --weights: the weights the checkpoint will be exported with, which pick the recipe
-    (``compress_config``); export then takes the same (``export --quantize auto``)."""
-
-    FLOAT = "float"
-    INT4 = "int4"
-
-
 # compress --weights int4: the recipe measured best for 4-bit bundles (SmolLM2-135M for compare at 40%
 # removed, 2026-12-06, README "Run ab" and "Run ac"): healing trains 512 steps through the 8da4w numerics
 # with one scale per output channel (XNNPACK's fastest 4-bit kernels; the .onnx runs the same codes),
@@ -276,11 +280,11 @@ def compress_config(weights: BundleWeights | str = BundleWeights.FLOAT, healing:
         raise RankdownError(f"--weights must be {' or '.join(w.value for w in BundleWeights)}, got {weights!r}") from None
     healing = healing or {}
     if weights is BundleWeights.FLOAT:
-        return CompressConfig(**fields, healing=Healing(**healing))
+        return CompressConfig(**fields, weights=weights, healing=Healing(**healing))
     recipe = dict(INT4_RECIPE)
     if CompressConfig(**fields).allocation is not Allocation.ERROR:
         recipe = {k: v for k, v in recipe.items() if k not in ERROR_RANKS_ONLY}
-    return CompressConfig(**(recipe | fields), healing=Healing(**(INT4_HEALING | healing)))
+    return CompressConfig(**(recipe | fields), weights=weights, healing=Healing(**(INT4_HEALING | healing)))
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,7 @@ class CompressionReport:
     correct_carried: bool = False  # each layer fitted to the dense outputs from the compressed inputs
     calib_precision: str = "fp32"  # of the calibration forward passes (bf16: autocast); earlier reports: fp32
     head: HeadReport | None = None  # --head-rank; params_before/after count decoder linears only
+    weights: str = BundleWeights.FLOAT.value  # compress --weights: what `export --quantize auto` writes
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

@@ -46,7 +46,8 @@ def check_head_rank(config, rank: int) -> None:
     limit = vocab * hidden // (vocab + (2 if config.tie_word_embeddings else 1) * hidden)
     if not 1 <= rank < limit:
         what = "tied token table" if config.tie_word_embeddings else "head"
-        raise RankdownError(f"--head-rank {rank} saves nothing on a {vocab} x {hidden} {what} (give 1..{limit - 1})")
+        raise RankdownError(f"--head-rank {rank} saves nothing on a {vocab} x {hidden} {what} (give 1..{limit - 1}, "
+                           "or dense)")
 
 
 @torch.no_grad()

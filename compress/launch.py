@@ -74,14 +74,19 @@ def _failure(rank: int, size: int, exitcode: int, errors: Path) -> BaseException
     return RankdownError(f"worker {rank} of {size} {how}; the other workers were stopped and nothing was written")
 
 
+def worker_threads(size: int) -> int:
+    """The threads each of ``size`` workers gets: the cores (or the caller's thread budget) shared
+    out, since N workers each spinning on every core would slow all of them far below one process
+    (OpenMP waits by spinning)."""
+    budget = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    return max(1, budget // size)
+
+
 def launch(target: Callable[..., Any], args: tuple, size: int) -> None:
     """Run ``target(*args)`` in ``size`` new processes on loopback, as torchrun would start them, and
     wait for all; when one fails, stop the others and raise its error."""
     port = _free_port()
-    # The cores (or the caller's thread budget) are shared out: N workers each spinning on every core
-    # would slow all of them far below one process (OpenMP waits by spinning).
-    budget = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
-    threads = max(1, budget // size)
+    threads = worker_threads(size)
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rankdown-workers-") as folder:
         errors = Path(folder)

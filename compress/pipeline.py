@@ -159,7 +159,7 @@ def memory_estimate(ckpt, cfg: CompressConfig) -> int:
 def _check_head_windows(windows: torch.Tensor, cfg: CompressConfig) -> None:
     if cfg.head_rank is not None and windows.shape[0] < MIN_WINDOWS:
         raise RankdownError(f"{cfg.source}: --head-rank needs at least {MIN_WINDOWS} calibration windows of "
-                            f"{cfg.seq_len} tokens, got {windows.shape[0]} (give more text or --calib-tokens)")
+                            f"{cfg.seq_len} tokens, got {windows.shape[0]} (give more text or --calib-tokens, or --head-rank dense)")
 
 
 def _factor_head(folder: Path, model_dir: Path, windows: torch.Tensor, rank: int, report: CompressionReport,
@@ -232,7 +232,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
             workers=workers.world_size, device=str(workers.device),
             correct_carried=cfg.correct_carried,
-            calib_precision="bf16" if bf16 else "fp32",
+            calib_precision="bf16" if bf16 else "fp32", weights=cfg.weights.value,
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})

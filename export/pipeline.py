@@ -111,16 +111,24 @@ def healed_group(compression: dict | None) -> int | None:
 def resolve_quantize(cfg: ExportConfig, compression: dict | None, progress: Callable[[str], None]) -> ExportConfig:
     """``cfg`` with ``quantize`` set: the user's, else int4 for a checkpoint healed through the 4-bit
     weights (``compression``: its compression.json as read), which its float model no longer matches
-    (SmolLM2 for compare: 95% exact match as int4, 82% in float), else none."""
+    (SmolLM2 for compare: 95% exact match as int4, 82% in float), or compressed for a 4-bit bundle
+    (``compress --weights int4``, healed or not), else none."""
     if cfg.quantize is not None:
         return cfg
-    if not healed_for_int4(compression):
-        if cfg.head_bits != 8:
-            raise RankdownError("--head-bits applies to --quantize int4 only (this checkpoint exports in float "
-                                "unless --quantize int4 is given)")
-        return dataclasses.replace(cfg, quantize=Quantize.NONE)
-    progress("int4: the checkpoint was healed through the 4-bit weights (--quantize none exports it in float)")
-    return dataclasses.replace(cfg, quantize=Quantize.INT4)
+    if healed_for_int4(compression):
+        progress("int4: the checkpoint was healed through the 4-bit weights (--quantize none exports it in float)")
+        return dataclasses.replace(cfg, quantize=Quantize.INT4)
+    if (compression or {}).get("weights") == "int4":
+        progress("int4: the checkpoint was compressed with --weights int4 (--quantize none exports it in float)")
+        return dataclasses.replace(cfg, quantize=Quantize.INT4)
+    given = {"--head-bits": cfg.head_bits != 8, "--group-size": cfg.group_size is not None,
+             "--int4-scales": cfg.int4_scales is not None, "--no-balance": not cfg.balance}
+    int4_only = [flag for flag, was_given in given.items() if was_given]
+    if int4_only:
+        verb = "applies" if len(int4_only) == 1 else "apply"
+        raise RankdownError(f"{' and '.join(int4_only)} {verb} to --quantize int4 only (this checkpoint exports in "
+                            "float unless --quantize int4 is given)")
+    return dataclasses.replace(cfg, quantize=Quantize.NONE)
 
 
 def _resolve_group(cfg: ExportConfig, healed: dict | None, progress: Callable[[str], None]) -> ExportConfig:

@@ -282,9 +282,12 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
 def test_older_reports_still_read_and_an_unknown_version_does_not(compressed, tmp_path):
     folder, _ = compressed["svd"]
     raw = json.loads((folder / "compression.json").read_text())
-    assert raw["schema_version"] == 6 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
-    assert raw["head"] is None
-    v5 = {k: v for k, v in raw.items() if k != "head"} | {"schema_version": 5}
+    assert raw["schema_version"] == 7 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
+    assert raw["head"] is None and raw["weights"] == "float"
+    v6 = {k: v for k, v in raw.items() if k != "weights"} | {"schema_version": 6}
+    (tmp_path / "compression.json").write_text(json.dumps(v6))
+    assert CompressionReport.read(tmp_path).weights == "float"
+    v5 = {k: v for k, v in v6.items() if k != "head"} | {"schema_version": 5}
     (tmp_path / "compression.json").write_text(json.dumps(v5))
     assert CompressionReport.read(tmp_path).head is None
     v3 = {k: v for k, v in v5.items() if k not in ("workers", "device")} | {"schema_version": 3}
@@ -296,8 +299,8 @@ def test_older_reports_still_read_and_an_unknown_version_does_not(compressed, tm
     old = {k: v for k, v in v2.items() if k != "allocation_check"} | {"schema_version": 1}
     (tmp_path / "compression.json").write_text(json.dumps(old))
     assert CompressionReport.read(tmp_path).allocation_check == {}
-    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 7}))
-    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 7"):
+    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 8}))
+    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 8"):
         CompressionReport.read(tmp_path)
 
 
@@ -530,13 +533,14 @@ def test_bf16_calibration_forward_passes_run_the_linears_in_bf16_and_are_recorde
     assert fp32 is not None and bf16 is not None and fp32 != bf16 and abs(bf16 - fp32) < 0.02 * fp32
 
 
-def test_bayes_objective_streamed_by_batch_equals_the_whole_split(tiny_model_dir):
+def test_bayes_objective_streamed_by_batch_equals_the_whole_split(tiny_model_dir, monkeypatch):
     """The search's objective is summed batch by batch (its memory is one batch's log-probs, not the
     split's); it must still be the split's perplexity + KL_WEIGHT x mean KL, batches of unequal size too."""
     import math
 
     import torch.nn.functional as F
 
+    from rankdown.compress import bayesian_ranks
     from rankdown.compress.bayesian_ranks import KL_WEIGHT, _objective, _reference
     from rankdown.compress.units import BATCH
 
@@ -562,6 +566,9 @@ def test_bayes_objective_streamed_by_batch_equals_the_whole_split(tiny_model_dir
     perplexity, kl = whole_split()
     assert kl > 1e-4
     assert _objective(model, windows, reference) == pytest.approx(perplexity + KL_WEIGHT * kl, rel=1e-5)
+    # the KL half on its own: at the real weight it is far below the perplexity's rounding
+    monkeypatch.setattr(bayesian_ranks, "KL_WEIGHT", 1e6)
+    assert (_objective(model, windows, reference) - perplexity) / 1e6 == pytest.approx(kl, rel=1e-3)
 
 
 def test_weights_int4_is_the_measured_recipe_under_what_is_given():
@@ -571,6 +578,7 @@ def test_weights_int4_is_the_measured_recipe_under_what_is_given():
     float_cfg = compress_config("float", ratio=0.4)
     assert float_cfg == CompressConfig(ratio=0.4)  # float: the defaults, untouched
     cfg = compress_config("int4", ratio=0.4, task="compare")
+    assert cfg.weights.value == "int4"  # recorded, for export --quantize auto
     assert (cfg.rank_multiple, cfg.max_pair_share, cfg.head_rank) == (32, 0.6, 64)
     assert (cfg.healing.quantize, cfg.healing.group_size, cfg.healing.steps) == (HealQuantize.INT4_8DA, PER_CHANNEL, 512)
     assert set(INT4_RECIPE) == {"rank_multiple", "max_pair_share", "head_rank"}

@@ -15,6 +15,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.compress.calibration import InputStats
 from rankdown.compress.config import CompressConfig, CompressionReport, Healing
 from rankdown.compress.distributed import Workers
+from rankdown.compress.launch import worker_threads
 from rankdown.compress.pipeline import compress
 from rankdown.compress.units import BATCH
 from rankdown.errors import RankdownError
@@ -43,7 +44,13 @@ def _effective(tensors: dict, name: str) -> torch.Tensor:
 def one_and_two(shipped_model_dir, tmp_path_factory):
     """The shipped model, compressed by one process and by two workers."""
     root = tmp_path_factory.mktemp("workers")
-    one = compress(shipped_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
+    # One process with the threads each worker gets: a sum split over other threads rounds otherwise.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(2))
+    try:
+        one = compress(shipped_model_dir, root / "one", CompressConfig(**CHOSEN), progress=quiet)
+    finally:
+        torch.set_num_threads(threads)
     two = compress(shipped_model_dir, root / "two", CompressConfig(workers=2, **CHOSEN), progress=quiet)
     return root, one, two
 
@@ -80,7 +87,7 @@ def test_two_workers_keep_the_one_process_held_out_score(one_and_two):
 def test_compression_json_records_workers_and_device(one_and_two):
     root, _, two = one_and_two
     read = CompressionReport.read(root / "two")
-    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 6
+    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 7
 
 
 def test_window_shares_are_whole_batches_that_sum_to_the_one_process_statistics():

@@ -163,6 +163,15 @@ def test_auto_quantize_is_the_checkpoints_own():
     assert resolve_quantize(ExportConfig(head_bits=4), healed, said.append).quantize is Quantize.INT4
     with pytest.raises(RankdownError, match="--head-bits applies to --quantize int4 only"):
         resolve_quantize(ExportConfig(head_bits=4), None, said.append)
+    # int4-only options on a checkpoint that auto exports in float are refused, not silently dropped
+    with pytest.raises(RankdownError, match="--group-size and --no-balance apply to --quantize int4 only"):
+        resolve_quantize(ExportConfig(group_size=64, balance=False), {}, said.append)
+    # compressed for a 4-bit bundle (compress --weights int4) but not healed through it: int4 still
+    said.clear()
+    unhealed = {"weights": "int4", "healing": None}
+    assert resolve_quantize(ExportConfig(), unhealed, said.append).quantize is Quantize.INT4
+    assert said == ["int4: the checkpoint was compressed with --weights int4 (--quantize none exports it in float)"]
+    assert resolve_quantize(ExportConfig(), {"weights": "float"}, said.append).quantize is Quantize.NONE
 
 
 def test_per_channel_rounding_is_one_float32_scale_per_row_at_any_width(tiny_model_dir):
