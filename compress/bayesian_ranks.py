@@ -114,6 +114,15 @@ def compress_with_bayes(model, spec: MethodSpec, units: list[Unit], windows: tor
     for kind in kinds:
         members = [(u, r) for u, r in zip(units, ranks) if u.kind == kind]
         keep[kind] = round(sum(u.params(r) for u, r in members) / sum(u.dense_params for u, _ in members), 4)
+    # optuna imports optional packages (greenlet, redis) on first use and keeps each ImportError with
+    # its traceback, which holds every frame above that import, this one included, for the life of the
+    # process: on SmolLM2 the reference log-probs, the cached decompositions and the dense model, 5 GB
+    # held through healing. So this frame lets go of them before it returns.
+    reference.clear()
+    cache.clear()
+    dense.clear()
+    del hidden
+    model = layers = None
     return ranks, keep
 
 

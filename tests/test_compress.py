@@ -122,6 +122,33 @@ def test_bayes_allocation_meets_the_budget_and_records_keep_ratios(tiny_model_di
         assert check["kept"] == "uniform"
 
 
+def test_the_bayes_search_lets_go_of_the_dense_model(tiny_model_dir, monkeypatch):
+    """optuna keeps the ImportError of each optional package it tries (greenlet, redis) with its
+    traceback, which holds the frames that imported it: in a fresh process, the search's. Those must
+    not keep the model and the search's tensors (5 GB on SmolLM2) alive through healing."""
+    import gc
+    import sys
+    import weakref
+
+    from rankdown.compress.bayesian_ranks import compress_with_bayes
+    from rankdown.compress.pipeline import layer_shapes, plan_units, skeleton_model
+
+    for name in [n for n in sys.modules if n == "optuna" or n.startswith("optuna.")]:
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process: optuna imported inside the search
+    ckpt = open_checkpoint(tiny_model_dir)
+    cfg = CompressConfig(method="whiten", ratio=0.4, allocate="bayes", trials=2, **SMALL)
+    spec = METHODS[cfg.method]
+    units = plan_units(layer_shapes(skeleton_model(ckpt)), spec.joint_groups, spec.dense_kinds, spec.factor_bias)
+    model = load_model(ckpt)
+    windows = torch.randint(0, model.config.vocab_size, (32, 32), generator=torch.Generator().manual_seed(0))
+    alive = weakref.ref(model)
+    ranks, _ = compress_with_bayes(model, spec, units, windows, cfg, quiet)
+    assert len(ranks) == len(units)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ratio=0), "strictly between 0 and 1"),
     (dict(ratio=1.5), "strictly between 0 and 1"),
