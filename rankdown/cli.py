@@ -100,14 +100,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "seed": args.seed, "calib_tokens": args.calib_tokens, "calib_precision": args.calib_precision,
         "correct_carried": args.correct_carried, "dtype": args.dtype, "overwrite": args.overwrite, "workers": args.workers,
         "device": args.device, "rank_multiple": args.rank_multiple, "max_pair_share": args.max_pair_share,
-        "head_rank": None if args.head_rank == HEAD_DENSE else args.head_rank,
+        "head_rank": args.head_rank,
     }
     healing = {"steps": args.heal_steps, "lr": args.heal_lr, "quantize": args.heal_quantize,
                "group_size": args.heal_group_size, "precision": args.heal_precision}
     # The recipe's options are None when not given: --weights' recipe decides, else the config's default.
-    # --head-rank dense is a given None, which wins over the recipe's rank like any given value.
-    fields = {k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE
-              or (k == "head_rank" and args.head_rank == HEAD_DENSE)}
+    fields = {k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE}
+    if fields.get("head_rank") == HEAD_DENSE:
+        fields["head_rank"] = None  # given, so it wins over the recipe's rank like any given value
     cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None}, **fields)
     report = compress(args.model, args.out, cfg)
     if not leads_output():
