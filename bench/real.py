@@ -120,7 +120,8 @@ def compress_row(model: Path, row: dict, trials: int, out: Path) -> dict:
     allocate = "uniform" if row["allocate"] == "pruned" else row["allocate"]
     # The grid compares factorizations, unhealed; healing's rows are bench/heal_sweep.py's (healing.md).
     run(rankdown("compress", str(model), "-o", str(out), *args, "--ratio", str(row["ratio"]), "--task", row["task"],
-                 "--allocate", allocate, "--trials", str(trials), "--heal-steps", "0", "--overwrite"), row_key(row))
+                 "--allocate", allocate, *(["--trials", str(trials)] if allocate == "bayes" else []), "--heal-steps", "0",
+                 "--overwrite"), row_key(row))
     report = CompressionReport.read(out)
     # The machine may be shared: the load average says how far compress seconds are upper bounds.
     return {"params": report.params_after, "achieved_ratio": round(report.achieved_ratio, 4),

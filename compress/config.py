@@ -91,8 +91,10 @@ class BasisTuning:
     distill: float = 10.0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch < 1 or self.prune_steps < 1:
-            raise RankdownError("tuning steps, batch and prune steps must be at least 1")
+        if self.steps < 1:
+            raise RankdownError(f"--tune-steps must be at least 1, got {self.steps}")
+        if self.batch < 1 or self.prune_steps < 1:
+            raise RankdownError("tuning batch and prune steps must be at least 1")
         if self.prune_steps > self.steps:
             raise RankdownError(f"--tune-steps {self.steps} is fewer than the {self.prune_steps} pruning steps")
 
@@ -141,8 +143,10 @@ class Healing:
             raise RankdownError(f"--heal-group-size must be 32, 64, 128, 256 or channel, got {self.group_size}")
         if self.batch < 1 or self.seq_len < 2 or self.top_k < 1 or self.held_back < 1:
             raise RankdownError("healing batch, top_k and held-back windows must be at least 1, seq_len at least 2")
-        if not self.lr > 0 or not self.distill >= 0:
-            raise RankdownError(f"healing lr must be positive and distill at least 0, got {self.lr!r}, {self.distill!r}")
+        if not self.lr > 0:
+            raise RankdownError(f"--heal-lr must be positive, got {self.lr!r}")
+        if not self.distill >= 0:
+            raise RankdownError(f"healing's distillation weight must be at least 0, got {self.distill!r}")
 
 
 class BundleWeights(str, Enum):
@@ -217,6 +221,8 @@ class CompressConfig:
             raise RankdownError("--basis-mode tuned chooses ranks by pruning; leave --allocate unset")
         if self.trials < 1:
             raise RankdownError(f"--trials must be at least 1, got {self.trials}")
+        if isinstance(self.calib_tokens, bool) or not isinstance(self.calib_tokens, int) or self.calib_tokens < self.seq_len:
+            raise RankdownError(f"--calib-tokens must be at least one window of {self.seq_len} tokens, got {self.calib_tokens!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise RankdownError(f"--workers must be a whole number of at least 1, got {self.workers!r}")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or \

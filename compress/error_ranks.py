@@ -135,8 +135,8 @@ def allocate_by_error(units: list[Unit], energies: list[torch.Tensor | None], ra
     ranks: list[int | None] = [multiple if u.compressible and u.max_saving_rank >= multiple else None for u in units]
     kept = total_params(units, ranks)
     if kept > target:
-        raise RankdownError(f"ratio {ratio} is out of reach: even the smallest ranks keep {1 - kept / dense:.1%} removed "
-                            f"at most{capped}")
+        raise RankdownError(f"ratio {ratio} is out of reach: with the smallest ranks{capped}, at most "
+                            f"{1 - kept / dense:.1%} of the decoder-linear parameters can be removed")
     profiles: dict[int, torch.Tensor] = {}
     for i, (unit, rank) in enumerate(zip(units, ranks)):
         if rank is None:

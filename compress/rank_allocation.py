@@ -40,7 +40,8 @@ def allocate(units: list[Unit], ratio: float, weights: dict[str, float] | None =
     target = (1 - ratio) * dense
     floor = total_params(units, [1 if u.compressible else None for u in units])
     if floor > target:
-        raise RankdownError(f"ratio {ratio} is out of reach: even rank 1 everywhere keeps {1 - floor / dense:.1%} removed at most")
+        raise RankdownError(f"ratio {ratio} is out of reach: with rank 1 everywhere, at most {1 - floor / dense:.1%} "
+                            "of the decoder-linear parameters can be removed")
     low, high = 0.0, 1.0 / min(weights.values(), default=1.0) + 1.0
     for _ in range(60):
         mid = (low + high) / 2

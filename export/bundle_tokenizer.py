@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rankdown.atomic import write_text_atomic
 from rankdown.errors import RankdownError
+from rankdown.library_logs import native_stderr_without
 
 TOKENIZER_FILE = "tokenizer.json"
 # Components that pytorch_tokenizers builds from a list, and the list's key in each.
@@ -69,7 +70,8 @@ def check_texts() -> list[str]:
 def _load_in_runtime_library(path: Path):
     """pytorch_tokenizers' C++ HFTokenizer loaded from ``path``, or the reason it refused, from
     the library's own log (it writes it to stderr and raises a generic error)."""
-    from pytorch_tokenizers import CppHFTokenizer
+    with native_stderr_without():  # its import logs a line at Info level
+        from pytorch_tokenizers import CppHFTokenizer
 
     tokenizer = CppHFTokenizer()
     with tempfile.TemporaryFile() as log:

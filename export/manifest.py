@@ -120,6 +120,8 @@ class Manifest:
     @classmethod
     def read(cls, bundle: Path) -> Manifest:
         path = Path(bundle) / MANIFEST_FILE
+        if not Path(bundle).exists():
+            raise RankdownError(f"{bundle}: no such folder")
         if not path.is_file():
             raise RankdownError(f"{bundle}: not a rankdown bundle (no {MANIFEST_FILE})")
         try:

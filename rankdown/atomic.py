@@ -43,6 +43,42 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise RankdownError(f"{out}: parent folder {parent} is not writable")
 
 
+def check_file_output(path: Path) -> None:
+    """Refuse, before any work, a result file that could not be written: a folder, or a parent
+    that is missing or not writable (an existing file is replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RankdownError(f"{path}: is a folder; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise RankdownError(f"{path}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RankdownError(f"{path}: not writable")
+
+
+def check_report_folder(folder: Path, keeps: tuple[str, ...]) -> None:
+    """Refuse, before any work, a report folder that could not be written or that holds files the
+    report did not write: it is created with its parents, and an earlier report (``keeps``) in it is replaced."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RankdownError(f"{folder}: exists and is not a folder")
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RankdownError(f"{folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise RankdownError(f"{folder}: {'it' if existing == folder.resolve() else existing} is not writable")
+    if folder.is_dir():
+        # a killed run's temporaries of the same files are a report's too
+        ours = {*keeps, *(f"{Path(k).stem}.tmp{Path(k).suffix}" for k in keeps)}
+        foreign = sorted(p.name for p in folder.iterdir()
+                         if p.name not in ours and not any(p.name.startswith(f".{k}.tmp-") for k in keeps))
+        if foreign:
+            raise RankdownError(f"{folder}: holds files that are not a report ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder")
+
+
 def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
     """Pre-flight: refuse before any work when the output's file system cannot hold the estimate."""
     parent = Path(out).resolve().parent
@@ -89,6 +125,29 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
             os.rename(previous, out)
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only
+    swap, which another thread could see half-done)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _grant_umask(root: Path) -> None:
+    """The modes a plain ``open``/``mkdir`` would have given: mkdtemp/mkstemp (and the safetensors
+    writer) create owner-only paths, which left bundles unreadable to the app or server that ships them."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -140,6 +199,7 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise RankdownError(f"{out}: cannot create a folder in {parent}: {e.strerror}") from None
     try:
         yield tmp
+        _grant_umask(tmp)
         _fsync_tree(tmp)
         if out.exists():
             if not overwrite:
@@ -167,6 +227,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -82,6 +82,9 @@ def read_config(folder: Path) -> LlamaConfig:
     """The folder's config.json as a stock ``LlamaConfig``; remote code is never considered."""
     path = folder / "config.json"
     if not path.is_file():
+        if (folder / "manifest.json").is_file():  # export's output given where a model is taken
+            raise RankdownError(f"{folder}: a rankdown bundle (export's output), not a model folder: give the checkpoint "
+                                "it was exported from")
         raise RankdownError(f"{folder}: no config.json (not a Hugging Face model folder)")
     raw = _read_json(path, MAX_CONFIG_BYTES)
     model_type = raw.get("model_type")

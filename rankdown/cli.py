@@ -67,13 +67,15 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rankdown.atomic import write_text_atomic
+    from rankdown.atomic import check_file_output, write_text_atomic
     from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
     from rankdown.compute_device import resolve_device
     from rankdown.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(max_examples=args.max_examples, threads=args.threads, device=args.device)
     resolve_device(cfg.device)  # --device cuda without a GPU is refused before the model loads
+    if args.json is not None:
+        check_file_output(args.json)
     data = _task_data(args, "eval")
     ckpt = open_checkpoint(args.model)
     model = load_model(ckpt)
@@ -96,7 +98,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         args.task = default_of(CompressConfig, "task")
     given = {
         "method": args.method, "ratio": args.ratio, "task": args.task, "calib": args.calib, "allocate": args.allocate,
-        "trials": args.trials, "basis_mode": args.basis_mode, "tuning": BasisTuning(steps=args.tune_steps),
+        "trials": args.trials, "basis_mode": args.basis_mode,
+        "tuning": None if args.tune_steps is None else BasisTuning(steps=args.tune_steps),
         "seed": args.seed, "calib_tokens": args.calib_tokens, "calib_precision": args.calib_precision,
         "correct_carried": args.correct_carried, "dtype": args.dtype, "overwrite": args.overwrite, "workers": args.workers,
         "device": args.device, "rank_multiple": args.rank_multiple, "max_pair_share": args.max_pair_share,
@@ -105,10 +108,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     healing = {"steps": args.heal_steps, "lr": args.heal_lr, "quantize": args.heal_quantize,
                "group_size": args.heal_group_size, "precision": args.heal_precision}
     # The recipe's options are None when not given: --weights' recipe decides, else the config's default.
-    fields = {k: v for k, v in given.items() if v is not None or k not in INT4_RECIPE}
+    fields = {k: v for k, v in given.items() if v is not None or k not in (*INT4_RECIPE, *GIVEN_ONLY)}
     if fields.get("head_rank") == HEAD_DENSE:
         fields["head_rank"] = None  # given, so it wins over the recipe's rank like any given value
     cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None}, **fields)
+    _refuse_unused_compress_options(args, cfg)
     report = compress(args.model, args.out, cfg)
     if not leads_output():
         return  # under torchrun: worker 0 prints
@@ -124,18 +128,42 @@ def cmd_compress(args: argparse.Namespace) -> None:
               f"{t.loss_before:.4f} -> {t.loss_after:.4f}")
 
 
+# compress options whose value matters to one strategy only: None unless given, so that giving one
+# where it does nothing is refused (_refuse_unused_compress_options) rather than ignored
+GIVEN_ONLY = ("trials", "tuning")
+
+
+def _refuse_unused_compress_options(args: argparse.Namespace, cfg) -> None:
+    from rankdown.compress.config import Strategy
+
+    if args.trials is not None and cfg.strategy is not Strategy.BAYES:
+        raise RankdownError(f"--trials applies to --allocate bayes only (these ranks are {cfg.strategy.value})")
+    if args.tune_steps is not None and cfg.strategy is not Strategy.TUNED_BASIS:
+        raise RankdownError("--tune-steps applies to --method basis --basis-mode tuned only")
+    if args.heal_group_size is not None and not cfg.healing.quantize.four_bit:
+        raise RankdownError("--heal-group-size applies to healing through 4-bit weights (--heal-quantize int4 or "
+                            "8da4w, or --weights int4)")
+
+
 QUANTIZE_AUTO = "auto"  # export --quantize: the checkpoint's own (ExportConfig.quantize None)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from rankdown.export.config import ExportConfig
+    from rankdown.export.config import ExportConfig, Format
     from rankdown.export.pipeline import export, format_manifest
 
     quantize = None if args.quantize == QUANTIZE_AUTO else args.quantize
+    # None: not given, so the config's default (and an option of a format not exported is refused below)
+    per_format = {"backend": args.backend, "decode_method": args.decode_method, "onnx_graph": args.onnx_graph,
+                  "max_seq_len": args.max_seq_len}
     cfg = ExportConfig(formats=args.format, quantize=quantize, group_size=args.group_size, head_bits=args.head_bits,
-                       balance=not args.no_balance, int4_scales=args.int4_scales,
-                       backend=args.backend, decode_method=args.decode_method,
-                       onnx_graph=args.onnx_graph, max_seq_len=args.max_seq_len, check=not args.no_check, overwrite=args.overwrite)
+                       balance=not args.no_balance, int4_scales=args.int4_scales, check=not args.no_check,
+                       overwrite=args.overwrite, **{k: v for k, v in per_format.items() if v is not None})
+    for flag, value, name in (("--backend", args.backend, "executorch"), ("--decode-method", args.decode_method, "executorch"),
+                              ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx")):
+        fmt = Format(name)
+        if value is not None and fmt not in cfg.formats:
+            raise RankdownError(f"{flag} applies to the {fmt.value} format, which --format {args.format} leaves out")
     manifest = export(args.model, args.out, cfg)
     print(f"{args.out}: bundle written")
     print(format_manifest(manifest))
@@ -272,11 +300,21 @@ def _head_rank(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a rank or `{HEAD_DENSE}`, got {text!r}") from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rankdown")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankdown.compress.config import BasisTuning, CompressConfig, Healing
     from rankdown.tasks import EXACT_MATCH_TASKS, TASKS
 
     parser = argparse.ArgumentParser(prog="rankdown", description="Shrink a Llama for one task by low-rank factorization.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("import", help="a .gguf file as a safetensors checkpoint folder (dequantized once)")
@@ -296,11 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="exact match and perplexity in PyTorch")
     _model_arg(ev)
-    ev.add_argument("--task", choices=TASKS)
+    ev.add_argument("--task", choices=TASKS, help="a built-in task's evaluation split (give --task or --eval)")
     ev.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
     ev.add_argument("--json", type=Path, help="write the result as JSON here")
-    ev.add_argument("--max-examples", type=int, default=400)
-    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--max-examples", type=int, default=default_of(EvalConfig, "max_examples"),
+                    help="question/answer pairs scored by exact match (default: %(default)s)")
+    ev.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     ev.add_argument("--device", choices=choices(Device), default=default_of(EvalConfig, "device").value,
                     help=help_with_default("where the model runs (auto: cuda when torch sees a GPU)", EvalConfig, "device"))
     ev.set_defaults(func=cmd_eval)
@@ -317,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                 if field == "head_rank" and value is None:
                     return HEAD_DENSE
                 return group_option(value) if field == "group_size" else getattr(value, "value", value)
-            text = f"{text} (default: {shown(default_of(cls, field))}; with --weights int4: {shown(recipe[field])})"
+            default, int4 = shown(default_of(cls, field)), shown(recipe[field])
+            text = f"{text} (default: {default}{'' if int4 == default else f'; with --weights int4: {int4}'})"
             comp.add_argument(flag, default=None, help=text, **kwargs)
         else:
             comp.add_argument(flag, default=default_of(cls, field), help=help_with_default(text, cls, field), **kwargs)
@@ -360,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
            "ExecuTorch (quantization-aware), 8da4w through those and the int8 per-token inputs its kernels "
            "quantize at run time; export then keeps the trained scales (no balancing)", Healing, "quantize",
            choices=choices(HealQuantize))
-    option("--heal-group-size", "healing for int4: input columns per scale, or `channel` (0) for one scale per "
+    option("--heal-group-size", "healing for int4: input columns per scale, or `channel` for one scale per "
            "output channel, ExecuTorch's fastest 4-bit kernels (the export's --group-size)", Healing, "group_size",
            type=_group_size)
     option("--heal-precision", "healing: arithmetic of the training passes (weights and optimizer stay float32); "
@@ -382,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
            choices=choices(Device))
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    comp.set_defaults(func=cmd_compress)
+    # given or not (GIVEN_ONLY): refused where the strategy does not use them; their help shows the default
+    comp.set_defaults(func=cmd_compress, trials=None, tune_steps=None)
 
     from rankdown.export.config import DEFAULT_GROUP, Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
@@ -392,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(exp)
     exp.add_argument("-o", "--out", type=Path, required=True, help="output bundle folder")
     exp.add_argument("--format", default=",".join(f.value for f in default_of(ExportConfig, "formats")),
-                     help=f"comma-separated: {', '.join(choices(Format))}")
+                     help=f"comma-separated: {', '.join(choices(Format))} (default: %(default)s)")
     exp.add_argument("--quantize", default=QUANTIZE_AUTO, choices=[QUANTIZE_AUTO, *choices(Quantize)],
                      help=f"{QUANTIZE_AUTO}, {' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
                           "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
@@ -416,17 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "search for ExecuTorch, onnxruntime's asymmetric blocks for ONNX; absmax: max |w| / 7.5, "
                           "symmetric, in both formats, the numerics healing trains through). Default: absmax for a "
                           "checkpoint healed through int4 weights (compress --heal-quantize), else hqq")
-    exp.add_argument("--backend", default=default_of(ExportConfig, "backend").value,
+    exp.add_argument("--backend", default=None,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))
-    exp.add_argument("--onnx-graph", default=default_of(ExportConfig, "onnx_graph").value,
+    exp.add_argument("--onnx-graph", default=None,
                      help=help_with_default(f"{' or '.join(choices(OnnxGraph))} (fused: onnxruntime-genai's model builder, "
                                             "GroupQueryAttention + SkipSimplifiedLayerNorm; optimum: one op per PyTorch op, "
                                             "the graph optimum's ORTModelForCausalLM loads)", ExportConfig, "onnx_graph"))
-    exp.add_argument("--max-seq-len", type=int, default=default_of(ExportConfig, "max_seq_len"),
+    exp.add_argument("--max-seq-len", type=int, default=None,
                      help=help_with_default("positions the ExecuTorch KV cache holds", ExportConfig, "max_seq_len"))
     exp.add_argument("--decode-method", action=argparse.BooleanOptionalAction,
-                     default=default_of(ExportConfig, "decode_method"),
+                     default=None,
                      help="ExecuTorch: a one-token `decode_step` method beside forward, sharing its stored weights "
                           "and KV cache, which rankdown's runners call for each new token (int4: decode 1.08-1.13x "
                           "on SmolLM2, about 45 MB more RSS; fp32: no gain measured, and a second copy of XNNPACK's "
@@ -439,15 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     val = sub.add_parser("validate", help=f"run a bundle in {' / '.join(runtime_names())}: parity, quality, latency")
-    val.add_argument("bundle", type=Path)
+    val.add_argument("bundle", type=Path, help="a folder `rankdown export` wrote (it holds manifest.json)")
     val.add_argument("--reference", type=Path, help="PyTorch reference checkpoint (default: the bundle's source)")
     val.add_argument("--runtime", help=f"comma-separated: {', '.join(choices(Runtime))} (default: each format's own "
                      f"runtime, {', '.join(default_runtime_names())}, for the formats in the bundle)")
-    val.add_argument("--task", choices=TASKS)
+    val.add_argument("--task", choices=TASKS, help="quality measured on this task's evaluation split (default: the "
+                     "task the bundle was compressed for, else math)")
     val.add_argument("--eval", type=Path, help=".txt, .jsonl or a folder of them")
-    val.add_argument("--threads", type=int)
-    val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png here")
-    val.add_argument("--max-examples", type=int, default=200)
+    val.add_argument("--threads", type=int, help="threads of each runtime (default: the device profile's, else the "
+                     "runtime's own)")
+    val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png into this folder "
+                     "(created; an earlier report there is replaced)")
+    val.add_argument("--max-examples", type=int, default=200, help="question/answer pairs scored (default: %(default)s)")
     val.add_argument("--max-rel-logit-diff", type=float,
                      help="default: 1e-3 (fp32), 0.25 (int8), 0.5 (int4); 0.25 for an ExecuTorch int4 artifact, "
                           "which is held against its quantized PyTorch model")
@@ -455,13 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4); 0.85 against an int4 artifact's "
                           "quantized PyTorch model, where a token it scores within 0.05 x the logit scale of its "
                           "best counts as a near-tie, with 0.6 (or this, if lower) against the float one")
-    val.add_argument("--greedy-tokens", type=int, default=64)
+    val.add_argument("--greedy-tokens", type=int, default=64,
+                     help="greedy tokens that must match PyTorch's (fp32 bundles) (default: %(default)s)")
     val.add_argument("--max-em-drop", type=float, default=None,
                      help="allowed exact-match drop vs PyTorch (default 0.02; int4 bundles 0.10)")
     val.add_argument("--max-ppl-increase", type=float, default=None,
                      help="allowed relative perplexity increase vs PyTorch (default 0.02; int4 bundles 0.10)")
-    val.add_argument("--repeats", type=int, default=5, help="timed runs per latency measure (after 1 warm-up)")
-    val.add_argument("--no-latency", action="store_true")
+    val.add_argument("--repeats", type=int, default=5,
+                     help="timed runs per latency measure, after 1 warm-up (default: %(default)s)")
+    val.add_argument("--no-latency", action="store_true", help="check parity and quality only, time nothing")
     val.add_argument("--compare", type=Path, metavar="OTHER",
                      help="another bundle (e.g. the dense export): both timed interleaved with one protocol, the "
                           "ratios and the quality difference reported")
@@ -476,16 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(fitp)
     fitp.add_argument("-o", "--out", type=Path, required=True, help="output folder: bundle/, checkpoint/, fit.json")
     fitp.add_argument("--device", required=True, help="a device profile name (see `rankdown devices`) or a .toml file")
-    fitp.add_argument("--task", choices=EXACT_MATCH_TASKS, default="math", help="scored by exact match")
+    fitp.add_argument("--task", choices=EXACT_MATCH_TASKS, default="math",
+                      help="scored by exact match (default: %(default)s)")
     fitp.add_argument("--max-memory", type=float, help="MB for the model (default: the profile's memory_mb)")
     fitp.add_argument("--min-score", type=float, help="lowest acceptable exact match, 0..1")
-    fitp.add_argument("--method", default="feature", help="compression method (see compress)")
-    fitp.add_argument("--ratios", default="0,0.2,0.4,0.6", help="ratios to try; 0 is the dense model")
+    fitp.add_argument("--method", default="feature", help="compression method (see compress) (default: %(default)s)")
+    fitp.add_argument("--ratios", default="0,0.2,0.4,0.6",
+                      help="ratios to try; 0 is the dense model (default: %(default)s)")
     fitp.add_argument("--no-int8", action="store_true", help="fp32 weights only")
-    fitp.add_argument("--max-examples", type=int, default=200)
+    fitp.add_argument("--max-examples", type=int, default=200,
+                      help="question/answer pairs each candidate is scored on (default: %(default)s)")
     fitp.add_argument("--heal-steps", type=int, default=default_of(Healing, "steps"),
                       help="healing steps of each compressed candidate, as compress's (default: %(default)s)")
-    fitp.add_argument("--overwrite", action="store_true")
+    fitp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     fitp.set_defaults(func=cmd_fit)
 
     dev = sub.add_parser("devices", help="list the shipped device profiles")

@@ -24,8 +24,9 @@ LIBRARY_WARNINGS = (
 
 # Lines C++ libraries write to the process's stderr that say nothing about the user's input:
 # ExecuTorch's threadpool probes /sys for an ARM core id when a program first loads, and logs each
-# file it cannot open, at Info level, on every machine that is not a phone.
-NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
+# file it cannot open, at Info level, on every machine that is not a phone. pytorch_tokenizers logs
+# at import that it registered its regex fallback.
+NATIVE_NOISE = ("[cpuinfo_utils.cpp:", "I tokenizers:regex.cpp:")
 
 
 @contextlib.contextmanager

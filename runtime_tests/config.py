@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +31,18 @@ class Checks:
     max_exact_match_drop: float | None = None  # runtime EM may trail the PyTorch reference by this much
     max_perplexity_increase: float | None = None  # relative
 
+    def __post_init__(self):
+        # refused before the bundle runs: an impossible bound would fail it after minutes of work
+        if isinstance(self.greedy_tokens, bool) or not isinstance(self.greedy_tokens, int) or self.greedy_tokens < 1:
+            raise RankdownError(f"--greedy-tokens must be at least 1, got {self.greedy_tokens!r}")
+        for flag, value, high in (("--min-top1", self.min_top1_agreement, 1.0),
+                                  ("--max-em-drop", self.max_exact_match_drop, 1.0),
+                                  ("--max-rel-logit-diff", self.max_rel_logit_diff, math.inf),
+                                  ("--max-ppl-increase", self.max_perplexity_increase, math.inf)):
+            if value is not None and not 0 <= value <= high:
+                span = "from 0 to 1" if high == 1.0 else "at least 0"
+                raise RankdownError(f"{flag} must be {span}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class QualityBounds:
@@ -56,6 +69,12 @@ class LatencyPlan:
     decode_prompt_length: int = 32
     warmup: int = 1
     repeats: int = 5
+
+    def __post_init__(self):
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise RankdownError(f"--repeats must be at least 1, got {self.repeats!r}")
+        if self.warmup < 0 or self.decode_tokens < 1 or min(self.prompt_lengths, default=0) < 1:
+            raise RankdownError("latency: warm-up runs must be at least 0, decode tokens and prompt lengths at least 1")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rankdown.atomic import check_report_folder
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
@@ -45,6 +46,7 @@ from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
 from rankdown.validate.on_device import JOB_SCHEMA, task_answers
 from rankdown.validate.report import (
+    REPORT_FILES,
     Comparison,
     LatencyReport,
     ParityReport,
@@ -95,6 +97,7 @@ def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
     target, source = Path(report_dir).resolve(), bundle.resolve()
     if target == source or target.is_relative_to(source) or source.is_relative_to(target):
         raise RankdownError(f"{report_dir}: the report must not be written into, or around, the bundle {bundle}")
+    check_report_folder(report_dir, REPORT_FILES)
 
 
 def _positions(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> int:

@@ -234,14 +234,17 @@ def fastest_threads(sweep: list[LatencyReport]) -> int | None:
     return max(sweep, key=lambda lat: lat.decode_tokens_per_s.median).threads
 
 
+REPORT_FILES = ("report.json", "report.md", "latency.png", "comparison.png")  # what write_report may write
+
+
 def write_report(report: Report, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "report.json", report.to_json())
-    write_text_atomic(folder / "report.md", to_markdown(report))
-    _plot_latency(report, folder / "latency.png")
+    write_text_atomic(folder / REPORT_FILES[0], report.to_json())
+    write_text_atomic(folder / REPORT_FILES[1], to_markdown(report))
+    _plot_latency(report, folder / REPORT_FILES[2])
     if report.comparisons:
-        _plot_comparison(report, folder / "comparison.png")
+        _plot_comparison(report, folder / REPORT_FILES[3])
 
 
 def _plot_latency(report: Report, path: Path) -> None:

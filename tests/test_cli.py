@@ -77,3 +77,89 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
     assert bad.returncode == 2 and "strictly between 0 and 1" in bad.stderr and not (tmp_path / "d").exists()
     unknown = run("compress", tiny_model_dir, "--ratio", "0.3", "--method", "magic", "-o", tmp_path / "e")
     assert unknown.returncode == 2 and "--method: invalid choice: 'magic'" in unknown.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["eval", "{model}", "--task", "math", "--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["eval", "{model}", "--task", "math", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["eval", "{model}", "--task", "math", "--threads", "100000"], "--threads 100000: this process may run on"),
+    (["eval", "{model}", "--task", "math", "--max-examples", "-3"], "--max-examples must be at least 1, got -3"),
+    (["eval", "{model}", "--task", "math", "--json", "{tmp}"], "is a folder; give a file name"),
+    (["eval", "{model}", "--task", "math", "--json", "{tmp}/missing/e.json"], "parent folder"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--trials", "5"],
+     "--trials applies to --allocate bayes only (these ranks are error)"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--tune-steps", "20"], "--tune-steps applies to"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--heal-group-size", "64"],
+     "--heal-group-size applies to healing through 4-bit weights"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--calib-tokens", "10"],
+     "--calib-tokens must be at least one window of 128 tokens, got 10"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--method", "basis", "--basis-mode", "tuned",
+      "--tune-steps", "-1"], "--tune-steps must be at least 1, got -1"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--heal-lr", "-1"], "--heal-lr must be positive, got -1.0"),
+    (["export", "{model}", "-o", "{out}", "--format", "onnx", "--max-seq-len", "64"],
+     "--max-seq-len applies to the executorch format, which --format onnx leaves out"),
+    (["export", "{model}", "-o", "{out}", "--format", "onnx", "--backend", "xnnpack"], "--backend applies to the executorch"),
+    (["export", "{model}", "-o", "{out}", "--format", "executorch", "--onnx-graph", "optimum"],
+     "--onnx-graph applies to the onnx format"),
+    (["validate", "{out}", "--greedy-tokens", "0"], "--greedy-tokens must be at least 1, got 0"),
+    (["validate", "{out}", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["validate", "{out}", "--min-top1", "2"], "--min-top1 must be from 0 to 1, got 2.0"),
+    (["validate", "{out}", "--max-em-drop", "-1"], "--max-em-drop must be from 0 to 1, got -1.0"),
+    (["validate", "{out}", "--max-ppl-increase", "-0.5"], "--max-ppl-increase must be at least 0, got -0.5"),
+    (["validate", "{out}"], "out: no such folder"),
+])
+def test_options_that_could_not_work_or_would_be_ignored_are_refused_before_any_work(
+        tiny_model_dir, tmp_path, capsys, args, expected):
+    """Each was accepted before: some failed with a traceback after the work (eval --json into a
+    folder, --greedy-tokens 0), some were used as nonsense (--max-examples -3 as a slice) or
+    silently ignored (--trials under error ranks, --max-seq-len without a .pte)."""
+    from rankdown.cli import main
+
+    out = tmp_path / "out"
+    status = main([a.format(model=tiny_model_dir, tmp=tmp_path, out=out) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and expected in err[0], err
+    assert not out.exists() and not (tmp_path / "missing").exists()
+
+
+def test_the_option_meant_for_a_strategy_still_works_with_it(tiny_model_dir, capsys):
+    """The refusals above leave the options working where they apply: parsed, reaching the config."""
+    from rankdown.cli import _refuse_unused_compress_options, build_parser
+    from rankdown.compress.config import CompressConfig, Healing
+
+    args = build_parser().parse_args(["compress", "-o", "x", "--ratio", "0.4", "--allocate", "bayes", "--trials", "3",
+                                      "--heal-quantize", "int4", "--heal-group-size", "64"])
+    cfg = CompressConfig(allocate="bayes", trials=args.trials, healing=Healing(quantize="int4", group_size=64))
+    _refuse_unused_compress_options(args, cfg)
+    assert (args.trials, args.heal_group_size, args.tune_steps) == (3, 64, None)
+
+
+def test_a_report_folder_is_checked_before_the_bundle_runs(joint_bundle, tmp_path, capsys):
+    from rankdown.atomic import check_report_folder
+    from rankdown.cli import main
+    from rankdown.validate.report import REPORT_FILES
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    status = main(["validate", str(joint_bundle[1]), "--report", str(foreign), "--no-latency"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "holds files that are not a report (todo.txt)" in err[0]
+    assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(Exception, match="exists and is not a folder"):
+        check_report_folder(tmp_path / "afile", REPORT_FILES)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in (*REPORT_FILES, ".report.json.tmp-abc123", "latency.tmp.png"):
+        (earlier / name).write_text("old")
+    check_report_folder(earlier, REPORT_FILES)  # an earlier report (and a killed run's temporaries) is replaced
+    check_report_folder(tmp_path / "new" / "deeper", REPORT_FILES)  # created with its parents
+
+
+def test_a_bundle_given_where_a_model_is_taken_is_named_as_one(joint_bundle, tmp_path, capsys):
+    from rankdown.cli import main
+
+    status = main(["export", str(joint_bundle[1]), "-o", str(tmp_path / "again")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "a rankdown bundle (export's output), not a model folder" in err[0]

@@ -102,7 +102,7 @@ def test_healing_repeats_with_the_seed(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(steps=-1), "--heal-steps must be at least 0, got -1"),
-                                            (dict(steps=2, lr=0.0), "healing lr must be positive"),
+                                            (dict(steps=2, lr=0.0), "--heal-lr must be positive"),
                                             (dict(steps=1.5), "whole number")])
 def test_bad_healing_settings_are_clear_errors(kwargs, message):
     with pytest.raises(RankdownError, match=message):
@@ -128,7 +128,7 @@ def test_heal_lr_reaches_the_report_and_a_bad_one_is_a_one_line_error(tiny_model
     status = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--ratio", "0.3", "--heal-steps", "1",
                    "--heal-lr", "0"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and "healing lr must be positive" in lines[-1]
+    assert status == 2 and "--heal-lr must be positive" in lines[-1]
     assert not (tmp_path / "o").exists()
 
 

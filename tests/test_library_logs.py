@@ -59,3 +59,18 @@ def test_native_stderr_keeps_all_but_the_listed_lines_in_order():
     done = subprocess.run([sys.executable, "-c", _NATIVE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["E 00:00:00 method.cpp:1] a real error from C++", "a Python line", "after"]
+
+
+def test_the_bundle_tokenizer_check_keeps_pytorch_tokenizers_import_line_out():
+    """pytorch_tokenizers logs "Registering override fallback regex" when imported, which every
+    export printed before its first line of its own."""
+    script = ("import sys; from pathlib import Path; from rankdown.export.bundle_tokenizer import _load_in_runtime_library;"
+              "print(_load_in_runtime_library(Path(sys.argv[1]))[1])")
+    from rankdown.shipped import SHIPPED_MODEL
+
+    done = subprocess.run([sys.executable, "-c", script, str(SHIPPED_MODEL / "tokenizer.json")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    assert "tokenizers:regex.cpp" not in done.stderr
+    loud = subprocess.run([sys.executable, "-c", "import pytorch_tokenizers"], capture_output=True, text=True, timeout=120)
+    assert "tokenizers:regex.cpp" in loud.stderr  # the control: the library still says it by itself

@@ -312,3 +312,20 @@ def test_the_read_back_made_per_call_computes_what_the_kept_one_does(onnx_int4_b
 
     folder, _, (bundle, _) = onnx_int4_bundles
     _per_call_reference_matches_the_kept_one(load_model(open_checkpoint(folder)), bundle / "onnx" / "model.onnx")
+
+
+def test_the_attention_kernel_bench_times_two_graphs_that_compute_the_same_attention():
+    """bench.onnx_attention_ops compares GroupQueryAttention with ONNX's Attention: its verdict
+    means something only if both graphs give one token the same output from the same cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench.onnx_attention_ops import graphs
+
+    results = []
+    for _, model, feeds, _ in graphs(layers=2, position=40):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        results.append(session.run(["out0", "out1"], feeds))
+    for fused, plain in zip(*results):
+        assert fused.shape == plain.shape == (1, 1, 9 * 64)
+        np.testing.assert_allclose(fused, plain, atol=1e-5)

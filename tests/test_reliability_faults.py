@@ -378,3 +378,26 @@ def test_a_terminated_run_removes_its_temporary_output_and_lock(tiny_model_dir, 
     assert stderr.strip().splitlines()[-1] == "rankdown compress: terminated; nothing was written"
     assert "Traceback" not in stderr
     assert not out.exists() and _debris(out) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_take_the_users_umask_not_the_temporaries_owner_only_modes(tmp_path: Path, mask: int):
+    """mkdtemp/mkstemp and the safetensors writer create owner-only paths; an output folder, its
+    files and a report file get what ``open``/``mkdir`` under the user's umask would give."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(mask)
+    try:
+        with atomic.atomic_folder(tmp_path / "out") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            atomic.write_text_atomic(tmp / "manifest.json", "{}")
+            (tmp / "onnx").mkdir(mode=0o700)
+        atomic.write_text_atomic(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in [out, out / "model.safetensors", out / "manifest.json", out / "onnx", tmp_path / "report.json"]}
+    assert modes == {"out": 0o777 & ~mask, "out/model.safetensors": 0o666 & ~mask, "out/manifest.json": 0o666 & ~mask,
+                     "out/onnx": 0o777 & ~mask, "report.json": 0o666 & ~mask}
