@@ -15,10 +15,11 @@ from rankdown.tasks import TASKS, task_names
 
 REPORT_FILE = "compression.json"
 # 2: allocation_check (bayes re-judged against uniform); 3: healing; 4: workers, device; 5: healing precision;
-# 6: head (--head-rank); 7: weights (compress --weights)
-REPORT_SCHEMA_VERSION = 7
-# older reports read with an empty allocation_check, no healing, 1 cpu worker, healing in fp32, float weights
-READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# 6: head (--head-rank); 7: weights (compress --weights); 8: config (every setting)
+REPORT_SCHEMA_VERSION = 8
+# older reports read with an empty allocation_check, no healing, 1 cpu worker, healing in fp32, float weights,
+# an empty config
+READABLE_REPORT_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 class Method(str, Enum):
@@ -275,6 +276,15 @@ INT4_HEALING: dict[str, Any] = {"quantize": HealQuantize.INT4_8DA, "group_size":
 ERROR_RANKS_ONLY = ("rank_multiple", "max_pair_share")
 
 
+def recorded_config(cfg: CompressConfig) -> dict[str, Any]:
+    """compression.json's ``config``: the CompressConfig as JSON values, without what says how to write
+    (``overwrite``) rather than what was made; ``calib`` as an absolute path."""
+    recorded = {k: v for k, v in to_jsonable(cfg).items() if k != "overwrite"}
+    if cfg.calib is not None:
+        recorded["calib"] = str(cfg.calib.resolve())
+    return recorded
+
+
 def compress_config(weights: BundleWeights | str = BundleWeights.FLOAT, healing: dict[str, Any] | None = None,
                     **fields: Any) -> CompressConfig:
     """The config for a bundle of ``weights``: each field given wins, then that bundle's recipe, then
@@ -365,6 +375,9 @@ class CompressionReport:
     calib_precision: str = "fp32"  # of the calibration forward passes (bf16: autocast); earlier reports: fp32
     head: HeadReport | None = None  # --head-rank; params_before/after count decoder linears only
     weights: str = BundleWeights.FLOAT.value  # compress --weights: what `export --quantize auto` writes
+    # every setting the checkpoint was made with (recorded_config), so that a bundle's provenance holds
+    # the whole recipe: calibration tokens, rank multiple, pair share, trials, healing's numerics
+    config: dict[str, Any] = field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     @property

@@ -37,6 +37,7 @@ from rankdown.compress.config import (
     HealingReport,
     HealQuantize,
     Precision,
+    recorded_config,
 )
 from rankdown.compress.fake_quant import fake_quantized
 from rankdown.compress.rank_job import Progress, WeightSink
@@ -345,17 +346,20 @@ def heal_written(model_dir: Path, unhealed: Path, out: Path, cfg: CompressConfig
     model = load_model(open_checkpoint(unhealed))  # float32, as compress holds the factors it heals
     report = heal(model, targets, cfg.healing, cfg.seed, progress)
     return write_healed(model, unhealed, out, targets, report, DTYPES[cfg.dtype] if cfg.dtype else dense.stored_dtype,
-                        cfg.overwrite, then)
+                        cfg.overwrite, then, recorded_config(cfg))
 
 
 def write_healed(model: LlamaForCausalLM, unhealed: Path, out: Path, targets: TeacherTargets, report: HealingReport,
                  dtype: torch.dtype, overwrite: bool,
-                 then: Callable[[Path, LlamaForCausalLM, CompressionReport], CompressionReport] | None = None) -> CompressionReport:
+                 then: Callable[[Path, LlamaForCausalLM, CompressionReport], CompressionReport] | None = None,
+                 config: dict | None = None) -> CompressionReport:
     """Write ``model``, healed from the checkpoint ``unhealed``, to ``out`` with that checkpoint's report
     plus ``report``: the seconds a one-process `compress` would take (its own, the dense targets', the
-    training's) and the larger peak RSS; ``then`` as in ``heal_written``."""
+    training's) and the larger peak RSS; ``then`` as in ``heal_written``; ``config`` the settings of the
+    whole run (the unhealed checkpoint records its factoring stage's, healing off)."""
     before = CompressionReport.read(unhealed)
     healed = dataclasses.replace(before, healing=report, peak_memory_mb=round(max(before.peak_memory_mb, peak_rss_mb()), 1),
+                                 config=before.config if config is None else config,
                                  wall_seconds=round(before.wall_seconds + targets.seconds + report.seconds, 2),
                                  schema_version=REPORT_SCHEMA_VERSION)  # written now, in today's format
     with atomic_folder(out, overwrite=overwrite) as tmp:

@@ -26,7 +26,15 @@ import torch
 from rankdown.atomic import atomic_folder, check_free_space, check_output_path, remove_stale_temporaries
 from rankdown.checkpoint import DTYPES, ShardedWriter, load_model, load_tokenizer, open_checkpoint, skeleton_model, write_into
 from rankdown.compress import distributed
-from rankdown.compress.config import REPORT_FILE, Allocation, CompressConfig, CompressionReport, Healing, ModuleReport
+from rankdown.compress.config import (
+    REPORT_FILE,
+    Allocation,
+    CompressConfig,
+    CompressionReport,
+    Healing,
+    ModuleReport,
+    recorded_config,
+)
 from rankdown.compress.head import HEAD_WINDOWS, MIN_WINDOWS, check_head_rank, factor_head, head_memory
 from rankdown.compress.healing import Healer, heal_written, healing_memory
 from rankdown.compress.launch import launch
@@ -232,7 +240,7 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
             workers=workers.world_size, device=str(workers.device),
             correct_carried=cfg.correct_carried,
-            calib_precision="bf16" if bf16 else "fp32", weights=cfg.weights.value,
+            calib_precision="bf16" if bf16 else "fp32", weights=cfg.weights.value, config=recorded_config(cfg),
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})

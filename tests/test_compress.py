@@ -309,9 +309,16 @@ def test_tall_whitening_by_eigenvectors_matches_the_svd_of_w_l():
 def test_older_reports_still_read_and_an_unknown_version_does_not(compressed, tmp_path):
     folder, _ = compressed["svd"]
     raw = json.loads((folder / "compression.json").read_text())
-    assert raw["schema_version"] == 7 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
+    assert raw["schema_version"] == 8 and raw["healing"] is None and (raw["workers"], raw["device"]) == (1, "cpu")
     assert raw["head"] is None and raw["weights"] == "float"
-    v6 = {k: v for k, v in raw.items() if k != "weights"} | {"schema_version": 6}
+    # every setting, beside the fields the report had before (the checkpoint's whole recipe)
+    config = raw["config"]
+    assert (config["method"], config["calib_tokens"], config["seq_len"], config["rank_multiple"]) == ("svd", 2048, 64, 1)
+    assert config["healing"]["steps"] == 0 and config["task"] == "math" and "overwrite" not in config
+    v7 = {k: v for k, v in raw.items() if k != "config"} | {"schema_version": 7}
+    (tmp_path / "compression.json").write_text(json.dumps(v7))
+    assert CompressionReport.read(tmp_path).config == {}
+    v6 = {k: v for k, v in v7.items() if k != "weights"} | {"schema_version": 6}
     (tmp_path / "compression.json").write_text(json.dumps(v6))
     assert CompressionReport.read(tmp_path).weights == "float"
     v5 = {k: v for k, v in v6.items() if k != "head"} | {"schema_version": 5}
@@ -326,8 +333,8 @@ def test_older_reports_still_read_and_an_unknown_version_does_not(compressed, tm
     old = {k: v for k, v in v2.items() if k != "allocation_check"} | {"schema_version": 1}
     (tmp_path / "compression.json").write_text(json.dumps(old))
     assert CompressionReport.read(tmp_path).allocation_check == {}
-    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 8}))
-    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 8"):
+    (tmp_path / "compression.json").write_text(json.dumps(raw | {"schema_version": 9}))
+    with pytest.raises(RankdownError, match="compression.json: invalid compression report: schema_version 9"):
         CompressionReport.read(tmp_path)
 
 

@@ -87,7 +87,8 @@ def test_two_workers_keep_the_one_process_held_out_score(one_and_two):
 def test_compression_json_records_workers_and_device(one_and_two):
     root, _, two = one_and_two
     read = CompressionReport.read(root / "two")
-    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 7
+    assert read == two and read.workers == 2 and read.device == "cpu" and read.schema_version == 8
+    assert read.config["workers"] == 2 and read.config["ratio"] == 0.4
 
 
 def test_window_shares_are_whole_batches_that_sum_to_the_one_process_statistics():
@@ -146,6 +147,8 @@ def test_workers_factor_and_one_process_heals_what_they_wrote(tiny_model_dir, tm
     assert healed.workers == 2 and healed.modules == plain.modules
     assert healed.healing.loss_after < healed.healing.loss_before
     assert CompressionReport.read(tmp_path / "healed") == healed
+    # the whole run's settings, not those of the workers' factoring stage (healing off, float32)
+    assert healed.config["healing"]["steps"] == 4 and plain.config["healing"]["steps"] == 0
     a, b = checkpoint_tensors(tmp_path / "plain"), checkpoint_tensors(tmp_path / "healed")
     factors = [k for k in a if k.endswith((".down.weight", ".up.weight"))]
     assert factors and all(not torch.equal(a[k], b[k]) for k in factors)

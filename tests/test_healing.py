@@ -232,7 +232,7 @@ def test_heal_precision_reaches_the_report_from_the_command_line(tiny_model_dir,
     import json
 
     raw = json.loads((out / "compression.json").read_text())
-    assert raw["schema_version"] == 7
+    assert raw["schema_version"] == 8
     raw["schema_version"] = 4
     del raw["healing"]["precision"]  # a version-4 report: healed in float32, the only arithmetic it had
     (out / "compression.json").write_text(json.dumps(raw))
