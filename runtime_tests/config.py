@@ -35,12 +35,13 @@ class Checks:
         # refused before the bundle runs: an impossible bound would fail it after minutes of work
         if isinstance(self.greedy_tokens, bool) or not isinstance(self.greedy_tokens, int) or self.greedy_tokens < 1:
             raise RankdownError(f"--greedy-tokens must be at least 1, got {self.greedy_tokens!r}")
-        for flag, value, high in (("--min-top1", self.min_top1_agreement, 1.0),
-                                  ("--max-em-drop", self.max_exact_match_drop, 1.0),
-                                  ("--max-rel-logit-diff", self.max_rel_logit_diff, math.inf),
-                                  ("--max-ppl-increase", self.max_perplexity_increase, math.inf)):
-            if value is not None and not 0 <= value <= high:
-                span = "from 0 to 1" if high == 1.0 else "at least 0"
+        # a negative drop or increase asks for a gain over PyTorch, which can be met; past these it cannot
+        for flag, value, low, high, span in (
+                ("--min-top1", self.min_top1_agreement, 0.0, 1.0, "from 0 to 1"),
+                ("--max-em-drop", self.max_exact_match_drop, -1.0, 1.0, "from -1 to 1"),
+                ("--max-rel-logit-diff", self.max_rel_logit_diff, 0.0, math.inf, "at least 0"),
+                ("--max-ppl-increase", self.max_perplexity_increase, math.nextafter(-1.0, 0.0), math.inf, "above -1")):
+            if value is not None and not low <= value <= high:
                 raise RankdownError(f"{flag} must be {span}, got {value!r}")
 
 

@@ -104,9 +104,12 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
     (["validate", "{out}", "--greedy-tokens", "0"], "--greedy-tokens must be at least 1, got 0"),
     (["validate", "{out}", "--repeats", "0"], "--repeats must be at least 1, got 0"),
     (["validate", "{out}", "--min-top1", "2"], "--min-top1 must be from 0 to 1, got 2.0"),
-    (["validate", "{out}", "--max-em-drop", "-1"], "--max-em-drop must be from 0 to 1, got -1.0"),
-    (["validate", "{out}", "--max-ppl-increase", "-0.5"], "--max-ppl-increase must be at least 0, got -0.5"),
+    (["validate", "{out}", "--max-em-drop", "1.5"], "--max-em-drop must be from -1 to 1, got 1.5"),
+    (["validate", "{out}", "--max-ppl-increase", "-1"], "--max-ppl-increase must be above -1, got -1.0"),
+    (["validate", "{out}", "--max-rel-logit-diff=-1e-3"], "--max-rel-logit-diff must be at least 0, got -0.001"),
     (["validate", "{out}"], "out: no such folder"),
+    (["validate", "{out}", "--threads", "100000"], "--threads 100000: this process may run on"),
+    (["validate", "{out}", "--sweep-threads", "1,100000"], "--sweep-threads 100000: this process may run on"),
 ])
 def test_options_that_could_not_work_or_would_be_ignored_are_refused_before_any_work(
         tiny_model_dir, tmp_path, capsys, args, expected):
