@@ -56,14 +56,16 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from rankdown.checkpoint import open_checkpoint
+    from rankdown.compress.report_line import made_by
     from rankdown.info import format_info, model_info
 
-    info = model_info(open_checkpoint(args.model))
+    ckpt = open_checkpoint(args.model)
+    info, recipe = model_info(ckpt), made_by(ckpt.folder)
     if args.json:
-        payload = dataclasses.asdict(info) | {"compression_ratio": info.compression_ratio}
+        payload = dataclasses.asdict(info) | {"compression_ratio": info.compression_ratio, "made_by": recipe}
         print(json.dumps(payload, indent=2))
     else:
-        print(format_info(info))
+        print(format_info(info, recipe))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -68,13 +68,15 @@ def model_info(ckpt: Checkpoint) -> ModelInfo:
     )
 
 
-def format_info(info: ModelInfo) -> str:
+def format_info(info: ModelInfo, made_by: str | None = None) -> str:
+    """The table `rankdown info` prints; ``made_by``: how the checkpoint was made (compress/report_line.py)."""
     lines = [
         f"model:                 {info.folder}",
         f"parameters:            {info.total_params:,}",
         f"decoder linear params: {info.decoder_linear_params:,} of {info.dense_decoder_linear_params:,} dense "
         f"({info.compression_ratio:.1%} removed)",
         f"weights on disk:       {info.weights_bytes / 2**20:.2f} MiB",
+        *([] if made_by is None else [f"made by:               {made_by}"]),
         *([] if info.head_rank is None else
           [f"head:                  rank {info.head_rank}" + (" (the tied token table: lookup and head)" if info.tied else "")]),
         "",

@@ -660,3 +660,15 @@ def test_the_command_line_builds_the_int4_recipe(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", str(tmp_path), "-o", str(tmp_path / "o"), "--ratio", "0.4",
                                    "--head-rank", "tall"])
+
+
+def test_info_says_how_compress_made_a_checkpoint(compressed, tiny_model_dir):
+    from rankdown.checkpoint import open_checkpoint
+    from rankdown.compress.report_line import made_by
+    from rankdown.info import format_info, model_info
+
+    folder, _ = compressed["svd"]
+    line = made_by(folder)
+    assert line == "compress svd, uniform ranks, task math, up to 2,048 calibration tokens, not healed, for float weights"
+    assert f"made by:               {line}" in format_info(model_info(open_checkpoint(folder)), line).splitlines()
+    assert made_by(tiny_model_dir) is None  # not compress's output
