@@ -30,6 +30,7 @@ from rankdown.atomic import write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.compress.config import CompressConfig, CompressionReport, Healing, HealingReport, Precision
 from rankdown.compress.healing import heal, teacher_targets, write_healed
+from rankdown.schema import to_jsonable
 
 
 def progress(message: str) -> None:
@@ -59,7 +60,9 @@ def heal_checkpoint(dense: Path, unhealed: Path, out: Path, steps: int, lrs: lis
     if best is None:
         raise SystemExit("no learning rate given")
     model, report = best
-    return write_healed(model, unhealed, out, targets, report, ckpt.stored_dtype, overwrite=True), tried
+    # the unhealed run's settings with the healing that was written (an older report's are empty)
+    config = before.config | {"healing": to_jsonable(dataclasses.replace(cfg.healing, lr=report.lr))}
+    return write_healed(model, unhealed, out, targets, report, ckpt.stored_dtype, overwrite=True, config=config), tried
 
 
 def main() -> None:

@@ -240,7 +240,8 @@ def _compress(model_dir: Path, out: Path, cfg: CompressConfig, progress: Progres
             basis_mode=cfg.basis_mode.value if spec.basis_modes else None, healing=healing, seed=cfg.seed,
             workers=workers.world_size, device=str(workers.device),
             correct_carried=cfg.correct_carried,
-            calib_precision="bf16" if bf16 else "fp32", weights=cfg.weights.value, config=recorded_config(cfg),
+            calib_precision="bf16" if bf16 else "fp32", weights=cfg.weights.value,
+            config=recorded_config(cfg) | {"workers": workers.world_size},  # torchrun's count, where it started them
         )
         if writer is not None:
             writer.finish(model, model_dir, extra_files={REPORT_FILE: report.to_json()})

@@ -57,6 +57,7 @@ class FitConfig:
 
     def __post_init__(self):
         Healing(steps=self.heal_steps)  # a bad count is refused here, before any work
+        EvalConfig(max_examples=self.max_examples)  # as is a bad --max-examples, not after the first candidate
         if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
             raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
         coerce_enums(self)

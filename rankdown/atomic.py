@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,13 +53,13 @@ def check_file_output(path: Path) -> None:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise RankdownError(f"{path}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise RankdownError(f"{path}: not writable")
+    if not os.access(parent, os.W_OK):  # the file itself is replaced by a rename: its folder is what counts
+        raise RankdownError(f"{path}: parent folder {parent} is not writable")
 
 
-def check_report_folder(folder: Path, keeps: tuple[str, ...]) -> None:
-    """Refuse, before any work, a report folder that could not be written or that holds files the
-    report did not write: it is created with its parents, and an earlier report (``keeps``) in it is replaced."""
+def check_report_folder(folder: Path) -> None:
+    """Refuse, before any work, a report folder that could not be written (it is created with its
+    parents where missing)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RankdownError(f"{folder}: exists and is not a folder")
@@ -69,14 +70,6 @@ def check_report_folder(folder: Path, keeps: tuple[str, ...]) -> None:
         raise RankdownError(f"{folder}: {existing} is not a folder")
     if not os.access(existing, os.W_OK):
         raise RankdownError(f"{folder}: {'it' if existing == folder.resolve() else existing} is not writable")
-    if folder.is_dir():
-        # a killed run's temporaries of the same files are a report's too
-        ours = {*keeps, *(f"{Path(k).stem}.tmp{Path(k).suffix}" for k in keeps)}
-        foreign = sorted(p.name for p in folder.iterdir()
-                         if p.name not in ours and not any(p.name.startswith(f".{k}.tmp-") for k in keeps))
-        if foreign:
-            raise RankdownError(f"{folder}: holds files that are not a report ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder")
 
 
 def check_free_space(out: Path, needed_bytes: int, what: str) -> None:
@@ -139,15 +132,31 @@ def _umask() -> int:
     return mask
 
 
+def _grant_mode(fd: int, mask: int) -> None:
+    """Give the open path the mode ``open``/``mkdir`` would have under ``mask``, keeping its setgid
+    (inherited from the parent folder) and sticky bits; best effort: file systems without Unix modes
+    (exFAT, vfat, some network mounts) refuse the change, and the output is still whole without it."""
+    mode = os.fstat(fd).st_mode
+    executable = stat.S_ISDIR(mode) or mode & 0o111
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, (mode & 0o7000) | ((0o777 if executable else 0o666) & ~mask))
+
+
 def _grant_umask(root: Path) -> None:
     """The modes a plain ``open``/``mkdir`` would have given: mkdtemp/mkstemp (and the safetensors
-    writer) create owner-only paths, which left bundles unreadable to the app or server that ships them."""
+    writer) create owner-only paths, which left bundles unreadable to the app or server that ships them.
+    Deepest first and the (owner-only) root last, so nobody else can reach the tree while it changes,
+    and each path opened without following a link, so that no mode is set outside it."""
     mask = _umask()
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
+    for path in [*sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True), root]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # a link (ELOOP), or what cannot be opened: left as it is
             continue
-        executable = path.is_dir() or path.stat().st_mode & 0o111
-        path.chmod((0o777 if executable else 0o666) & ~mask)
+        try:
+            _grant_mode(fd, mask)
+        finally:
+            os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -227,7 +236,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        _grant_mode(fd, _umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -131,7 +131,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 # compress options whose value matters to one strategy only: None unless given, so that giving one
-# where it does nothing is refused (_refuse_unused_compress_options) rather than ignored
+# where it does nothing is refused (_refuse_unused_compress_options) rather than ignored (healing's
+# options are None unless given too: the healing dict drops them)
 GIVEN_ONLY = ("trials", "tuning")
 
 
@@ -142,9 +143,17 @@ def _refuse_unused_compress_options(args: argparse.Namespace, cfg) -> None:
         raise RankdownError(f"--trials applies to --allocate bayes only (these ranks are {cfg.strategy.value})")
     if args.tune_steps is not None and cfg.strategy is not Strategy.TUNED_BASIS:
         raise RankdownError("--tune-steps applies to --method basis --basis-mode tuned only")
+    if cfg.healing.steps == 0:
+        given = {"--heal-lr": args.heal_lr, "--heal-precision": args.heal_precision,
+                 "--heal-group-size": args.heal_group_size,
+                 "--heal-quantize": None if args.heal_quantize == "none" else args.heal_quantize}
+        for flag, value in given.items():
+            if value is not None:
+                raise RankdownError(f"{flag} applies to healing, which --heal-steps 0 turns off")
     if args.heal_group_size is not None and not cfg.healing.quantize.four_bit:
-        raise RankdownError("--heal-group-size applies to healing through 4-bit weights (--heal-quantize int4 or "
-                            "8da4w, or --weights int4)")
+        how = ("which --heal-quantize none turns off" if args.heal_quantize is not None
+               else "given by --heal-quantize int4 or 8da4w, or --weights int4")
+        raise RankdownError(f"--heal-group-size applies to healing through 4-bit weights, {how}")
 
 
 QUANTIZE_AUTO = "auto"  # export --quantize: the checkpoint's own (ExportConfig.quantize None)
@@ -432,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="stored dtype (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     # given or not (GIVEN_ONLY): refused where the strategy does not use them; their help shows the default
-    comp.set_defaults(func=cmd_compress, trials=None, tune_steps=None)
+    comp.set_defaults(func=cmd_compress, trials=None, tune_steps=None, heal_lr=None, heal_precision=None)
 
     from rankdown.export.config import DEFAULT_GROUP, Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
@@ -499,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--threads", type=int, help="threads of each runtime (default: the device profile's, else the "
                      "runtime's own)")
     val.add_argument("--report", type=Path, help="write report.json, report.md and latency.png into this folder "
-                     "(created; an earlier report there is replaced)")
+                     "(created; an earlier report's files there are replaced)")
     val.add_argument("--max-examples", type=int, default=200, help="question/answer pairs scored (default: %(default)s)")
     val.add_argument("--max-rel-logit-diff", type=float,
                      help="default: 1e-3 (fp32), 0.25 (int8), 0.5 (int4); 0.25 for an ExecuTorch int4 artifact, "

@@ -46,7 +46,6 @@ from rankdown.validate.environment import environment
 from rankdown.validate.local_runner import LocalRunner
 from rankdown.validate.on_device import JOB_SCHEMA, task_answers
 from rankdown.validate.report import (
-    REPORT_FILES,
     Comparison,
     LatencyReport,
     ParityReport,
@@ -97,7 +96,7 @@ def _check_report_dir(report_dir: Path | None, bundle: Path) -> None:
     target, source = Path(report_dir).resolve(), bundle.resolve()
     if target == source or target.is_relative_to(source) or source.is_relative_to(target):
         raise RankdownError(f"{report_dir}: the report must not be written into, or around, the bundle {bundle}")
-    check_report_folder(report_dir, REPORT_FILES)
+    check_report_folder(report_dir)
 
 
 def _positions(bundle: Path, manifest: Manifest, runtimes: tuple[Runtime, ...]) -> int:

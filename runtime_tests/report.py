@@ -234,22 +234,22 @@ def fastest_threads(sweep: list[LatencyReport]) -> int | None:
     return max(sweep, key=lambda lat: lat.decode_tokens_per_s.median).threads
 
 
-REPORT_FILES = ("report.json", "report.md", "latency.png", "comparison.png")  # what write_report may write
-
-
 def write_report(report: Report, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / REPORT_FILES[0], report.to_json())
-    write_text_atomic(folder / REPORT_FILES[1], to_markdown(report))
-    _plot_latency(report, folder / REPORT_FILES[2])
+    write_text_atomic(folder / "report.json", report.to_json())
+    write_text_atomic(folder / "report.md", to_markdown(report))
+    _plot_latency(report, folder / "latency.png")
     if report.comparisons:
-        _plot_comparison(report, folder / REPORT_FILES[3])
+        _plot_comparison(report, folder / "comparison.png")
+    else:  # an earlier run's, with --compare: it would sit beside a report that has no comparison
+        (folder / "comparison.png").unlink(missing_ok=True)
 
 
 def _plot_latency(report: Report, path: Path) -> None:
     timed = {n: r.latency for n, r in report.runtimes.items() if r.latency is not None}
-    if not timed:
+    if not timed:  # --no-latency: an earlier run's plot would describe another run
+        path.unlink(missing_ok=True)
         return
     import matplotlib
 

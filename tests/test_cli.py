@@ -90,7 +90,13 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
      "--trials applies to --allocate bayes only (these ranks are error)"),
     (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--tune-steps", "20"], "--tune-steps applies to"),
     (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--heal-group-size", "64"],
-     "--heal-group-size applies to healing through 4-bit weights"),
+     "--heal-group-size applies to healing through 4-bit weights, given by --heal-quantize int4 or 8da4w"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--weights", "int4", "--heal-quantize", "none",
+      "--heal-group-size", "64"], "--heal-group-size applies to healing through 4-bit weights, which --heal-quantize none"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--heal-steps", "0", "--heal-lr", "2e-4"],
+     "--heal-lr applies to healing, which --heal-steps 0 turns off"),
+    (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--heal-steps", "0", "--heal-quantize", "int4"],
+     "--heal-quantize applies to healing, which --heal-steps 0 turns off"),
     (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--calib-tokens", "10"],
      "--calib-tokens must be at least one window of 128 tokens, got 10"),
     (["compress", "{model}", "-o", "{out}", "--ratio", "0.4", "--method", "basis", "--basis-mode", "tuned",
@@ -125,39 +131,59 @@ def test_options_that_could_not_work_or_would_be_ignored_are_refused_before_any_
     assert not out.exists() and not (tmp_path / "missing").exists()
 
 
-def test_the_option_meant_for_a_strategy_still_works_with_it(tiny_model_dir, capsys):
-    """The refusals above leave the options working where they apply: parsed, reaching the config."""
-    from rankdown.cli import _refuse_unused_compress_options, build_parser
-    from rankdown.compress.config import CompressConfig, Healing
+@pytest.mark.parametrize("args,expected", [
+    (["--allocate", "bayes", "--trials", "3"], {"trials": 3, "tune_steps": 60, "heal_lr": 1e-4}),
+    (["--method", "basis", "--basis-mode", "tuned", "--tune-steps", "20"], {"trials": 30, "tune_steps": 20}),
+    (["--heal-quantize", "int4", "--heal-group-size", "64", "--heal-lr", "2e-4"],
+     {"group_size": 64, "quantize": "int4", "heal_lr": 2e-4}),
+    (["--heal-steps", "0", "--heal-quantize", "none"], {"steps": 0, "quantize": "none"}),
+    ([], {"trials": 30, "tune_steps": 60, "heal_lr": 1e-4, "precision": "auto", "steps": 256}),
+])
+def test_options_reach_the_config_where_they_apply(tiny_model_dir, tmp_path, monkeypatch, args, expected):
+    """The refusals above leave each option working where it applies, and its default where not given."""
+    import rankdown.compress.pipeline as pipeline
+    from rankdown.cli import main
 
-    args = build_parser().parse_args(["compress", "-o", "x", "--ratio", "0.4", "--allocate", "bayes", "--trials", "3",
-                                      "--heal-quantize", "int4", "--heal-group-size", "64"])
-    cfg = CompressConfig(allocate="bayes", trials=args.trials, healing=Healing(quantize="int4", group_size=64))
-    _refuse_unused_compress_options(args, cfg)
-    assert (args.trials, args.heal_group_size, args.tune_steps) == (3, 64, None)
+    seen = []
+
+    def stop(model, out, cfg):  # right after the config is built: as Ctrl-C would
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "compress", stop)
+    assert main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--ratio", "0.4", *args]) == 130
+    cfg = seen[0]
+    got = {"trials": cfg.trials, "tune_steps": cfg.tuning.steps, "heal_lr": cfg.healing.lr, "steps": cfg.healing.steps,
+           "group_size": cfg.healing.group_size, "quantize": cfg.healing.quantize.value,
+           "precision": cfg.healing.precision.value}
+    assert {k: got[k] for k in expected} == expected
 
 
 def test_a_report_folder_is_checked_before_the_bundle_runs(joint_bundle, tmp_path, capsys):
     from rankdown.atomic import check_report_folder
     from rankdown.cli import main
-    from rankdown.validate.report import REPORT_FILES
 
-    foreign = tmp_path / "notes"
-    foreign.mkdir()
-    (foreign / "todo.txt").write_text("mine")
-    status = main(["validate", str(joint_bundle[1]), "--report", str(foreign), "--no-latency"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and "holds files that are not a report (todo.txt)" in err[0]
-    assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"]
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(Exception, match="exists and is not a folder"):
-        check_report_folder(tmp_path / "afile", REPORT_FILES)
-    earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    for name in (*REPORT_FILES, ".report.json.tmp-abc123", "latency.tmp.png"):
-        (earlier / name).write_text("old")
-    check_report_folder(earlier, REPORT_FILES)  # an earlier report (and a killed run's temporaries) is replaced
-    check_report_folder(tmp_path / "new" / "deeper", REPORT_FILES)  # created with its parents
+    status = main(["validate", str(joint_bundle[1]), "--report", str(tmp_path / "afile"), "--no-latency"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "afile: exists and is not a folder" in err[0]
+    with pytest.raises(Exception, match="is not a folder"):
+        check_report_folder(tmp_path / "afile" / "below")
+    check_report_folder(tmp_path)  # a folder holding other files is fine: the report's own files are replaced
+    check_report_folder(tmp_path / "new" / "deeper")  # created with its parents
+
+
+def test_a_report_rewritten_without_latency_or_compare_drops_the_earlier_plots(joint_bundle, tmp_path):
+    from rankdown.validate.config import ValidateConfig
+    from rankdown.validate.harness import validate
+
+    folder = tmp_path / "report"
+    folder.mkdir()
+    for name in ("latency.png", "comparison.png", "notes.txt"):
+        (folder / name).write_text("an earlier run's")
+    validate(joint_bundle[1], ValidateConfig(latency=None, max_examples=3, max_tokens=256, report_dir=folder),
+             progress=lambda _m: None)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "report.json", "report.md"]
 
 
 def test_a_bundle_given_where_a_model_is_taken_is_named_as_one(joint_bundle, tmp_path, capsys):

@@ -401,3 +401,19 @@ def test_outputs_take_the_users_umask_not_the_temporaries_owner_only_modes(tmp_p
              for p in [out, out / "model.safetensors", out / "manifest.json", out / "onnx", tmp_path / "report.json"]}
     assert modes == {"out": 0o777 & ~mask, "out/model.safetensors": 0o666 & ~mask, "out/manifest.json": 0o666 & ~mask,
                      "out/onnx": 0o777 & ~mask, "report.json": 0o666 & ~mask}
+
+
+def test_granting_modes_follows_no_link_and_keeps_a_shared_folders_setgid(tmp_path: Path):
+    """A link inside the output is not followed (the file it names keeps its mode), and under a
+    setgid folder the output keeps the bit, as mkdir there would give it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("mine")
+    secret.chmod(0o600)
+    with atomic.atomic_folder(shared / "out") as tmp:
+        (tmp / "link").symlink_to(secret)
+        (tmp / "sub").mkdir()
+    assert secret.stat().st_mode & 0o7777 == 0o600
+    assert (shared / "out").stat().st_mode & 0o2000 and (shared / "out" / "sub").stat().st_mode & 0o2000
