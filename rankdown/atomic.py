@@ -37,7 +37,12 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise RankdownError(f"{out}: already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise RankdownError(f"{out}: exists and is not a folder")
-    parent = target.parent
+    _check_parent(out)
+
+
+def _check_parent(out: Path) -> None:
+    """The folder ``out`` is renamed into must exist and be writable (the rename is what writes)."""
+    parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise RankdownError(f"{out}: parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -50,11 +55,7 @@ def check_file_output(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise RankdownError(f"{path}: is a folder; give a file name")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise RankdownError(f"{path}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):  # the file itself is replaced by a rename: its folder is what counts
-        raise RankdownError(f"{path}: parent folder {parent} is not writable")
+    _check_parent(path)
 
 
 def check_report_folder(folder: Path) -> None:

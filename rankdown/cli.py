@@ -195,13 +195,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
                          report_dir=args.report, compare=args.compare,
                          sweep_threads=_thread_counts(args.sweep_threads) if args.sweep_threads else ())
     runner = None
-    if not args.device:  # the runtimes run here: more threads than CPUs only contend
-        from rankdown.evaluate import usable_cpus
-
-        for flag, count in (("--threads", cfg.threads or 1), ("--sweep-threads", max(cfg.sweep_threads, default=1))):
-            if count > (cpus := usable_cpus()):
-                raise RankdownError(f"{flag} {count}: this process may run on {cpus} CPUs (a device's count goes "
-                                    "with --device)")
     if args.device:
         from rankdown.devices.profile import find_profile
         from rankdown.devices.runners import runner_for

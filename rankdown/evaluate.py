@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from rankdown.compute_device import Device, resolve_device
+from rankdown.compute_device import Device, check_threads_here, resolve_device
 from rankdown.errors import RankdownError
 from rankdown.schema import coerce_enums
 from rankdown.tasks import QAExample, TaskData
 
 if TYPE_CHECKING:  # the CLI's parser reads EvalConfig's defaults without loading transformers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-
-def usable_cpus() -> int:
-    """CPUs this process may be scheduled on (a container's or taskset's share, where the OS says)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -40,9 +34,7 @@ class EvalConfig:
         if self.threads is not None:
             if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
                 raise RankdownError(f"--threads must be at least 1, got {self.threads!r}")
-            # eval runs here: more threads than CPUs only contend (9999 took 80x as long on 2 CPUs)
-            if self.threads > (cpus := usable_cpus()):
-                raise RankdownError(f"--threads {self.threads}: this process may run on {cpus} CPUs")
+            check_threads_here("--threads", self.threads)  # eval runs in this process
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from rankdown.atomic import check_report_folder
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+from rankdown.compute_device import check_threads_here
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
@@ -254,6 +255,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     if runner.name == "local":  # a remote runner checks its own device
         for runtime in runtimes:
             _check_installed(runtime)
+        check_threads_here("--threads", cfg.threads)
+        check_threads_here("--sweep-threads", max(cfg.sweep_threads, default=None))
     reference_dir = Path(cfg.reference or manifest.source.path)
     if not reference_dir.is_dir():
         raise RankdownError(f"{bundle}: its source checkpoint {reference_dir} is gone; pass --reference MODEL")

@@ -114,8 +114,6 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
     (["validate", "{out}", "--max-ppl-increase", "-1"], "--max-ppl-increase must be above -1, got -1.0"),
     (["validate", "{out}", "--max-rel-logit-diff=-1e-3"], "--max-rel-logit-diff must be at least 0, got -0.001"),
     (["validate", "{out}"], "out: no such folder"),
-    (["validate", "{out}", "--threads", "100000"], "--threads 100000: this process may run on"),
-    (["validate", "{out}", "--sweep-threads", "1,100000"], "--sweep-threads 100000: this process may run on"),
 ])
 def test_options_that_could_not_work_or_would_be_ignored_are_refused_before_any_work(
         tiny_model_dir, tmp_path, capsys, args, expected):
@@ -184,6 +182,16 @@ def test_a_report_rewritten_without_latency_or_compare_drops_the_earlier_plots(j
     validate(joint_bundle[1], ValidateConfig(latency=None, max_examples=3, max_tokens=256, report_dir=folder),
              progress=lambda _m: None)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "report.json", "report.md"]
+
+
+@pytest.mark.parametrize("args,expected", [(["--threads", "100000"], "--threads 100000: this process may run on"),
+                                           (["--sweep-threads", "1,100000"], "--sweep-threads 100000: this process")])
+def test_validate_refuses_more_threads_than_cpus_where_it_runs_them(joint_bundle, capsys, args, expected):
+    from rankdown.cli import main
+
+    status = main(["validate", str(joint_bundle[1]), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and expected in err[0], err
 
 
 def test_a_bundle_given_where_a_model_is_taken_is_named_as_one(joint_bundle, tmp_path, capsys):
