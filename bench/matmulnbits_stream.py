@@ -4,9 +4,9 @@ asymmetric, accuracy level 4), one token through it, timed from Python.
 
     python -m bench.matmulnbits_stream [--depth 300] [--shape 576x576] [--threads 1,2] [--blocks 64,128,256]
 
-Prints microseconds per node and the weight bytes per second (README, run h: what bounds ONNX int4).
+Prints microseconds per node and the weight bytes per second (docs/measurements.md, run h: what bounds ONNX int4).
 ``--blocks``: instead, symmetric nodes written directly in each of those blocks, the last block
-zero-padded where it does not divide K, as the healed export stores per-channel rows (README,
+zero-padded where it does not divide K, as the healed export stores per-channel rows (docs/measurements.md,
 "Blocks by speed, padded").
 """
 

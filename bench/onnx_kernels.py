@@ -9,7 +9,7 @@ Prints, per thread count, milliseconds a token for: the decode (128 greedy token
 prompt, as ``bench.onnx_ab`` times it) and its Python around onnxruntime; the MatMulNBits alone, and
 without the head; the attention alone at the decode's mean position (96); the other nodes alone; and
 what is left, onnxruntime's executor between the nodes. What the kernels take alone is a floor no
-graph change above them can go below (README, "What bounds ONNX int4 here").
+graph change above them can go below (docs/measurements.md, "What bounds ONNX int4 here").
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ self-check, manifest) is the normal export.
 
     python -m bench.xnnpack_attention_probe CHECKPOINT OUT [--quantize int4]
 
-Measured (README, "Where the attention's time goes"): prefill faster, decode slower at a cache
+Measured (docs/measurements.md, "Where the attention's time goes"): prefill faster, decode slower at a cache
 of 256, since every token reads the whole cache.
 """
 

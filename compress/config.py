@@ -109,11 +109,11 @@ class Healing:
     # On by default: measured on SmolLM2-135M at 40% removed, 32 steps took compare exact match from
     # 76.0% to 97.0% (compressed for compare) and code perplexity from 9.6x to 2.63x dense (for code).
     # 256 since bf16 halved a step: at 20% removed for code, 32 steps gave code perplexity 1.57x dense,
-    # 128 steps 1.34x, 256 steps 1.21x in 14 minutes for the whole command (README, Healing on the real model).
+    # 128 steps 1.34x, 256 steps 1.21x in 14 minutes for the whole command (docs/measurements.md, Healing on the real model).
     # 300 since calibration runs in bf16: with 65,536 calibration tokens, 1.17x -> 1.12x at 20% and 1.52x ->
-    # 1.45x at 40%, in 18 min 49 s and 18 min 22 s (README, "Calibration in bfloat16, 300 healing steps").
+    # 1.45x at 40%, in 18 min 49 s and 18 min 22 s (docs/measurements.md, "Calibration in bfloat16, 300 healing steps").
     # 256 again since error ranks are the default: their sensitivity and profile passes cost about 100 s, and
-    # 300 steps then ran 21 min 48 s (README, "Error ranks weighed by the loss").
+    # 300 steps then ran 21 min 48 s (docs/measurements.md, "Error ranks weighed by the loss").
     steps: int = 256
     batch: int = 8  # training windows per step
     seq_len: int = 128  # tokens per training window, BOS included (256 measured no better)
@@ -128,7 +128,7 @@ class Healing:
     quantize: HealQuantize = field(default=HealQuantize.NONE, metadata={"option": "--heal-quantize"})
     # int4: input columns per scale, as the export's --group-size; PER_CHANNEL (`channel`) by default:
     # SmolLM2 40% + head 128 healed per channel kept 98% of `compare` in the .pte against 88% at groups
-    # of 128, and decoded 1.15x (XNNPACK's qc4w kernels; README, run Q)
+    # of 128, and decoded 1.15x (XNNPACK's qc4w kernels; docs/measurements.md, run Q)
     group_size: int = PER_CHANNEL
     precision: Precision = field(default=Precision.AUTO, metadata={"option": "--heal-precision"})
 
@@ -171,7 +171,7 @@ class CompressConfig:
     calib: Path | None = None
     # None: error ranks weighed by the loss's sensitivities, or, for tuned basis, its pruning. SmolLM2
     # compressed for code at 20% removed, healed: code perplexity 1.12x dense with uniform ranks, 1.01x
-    # (README, "Error ranks weighed by the loss").
+    # (docs/measurements.md, "Error ranks weighed by the loss").
     allocate: Allocation | None = None
     trials: int = 30
     basis_mode: BasisMode = BasisMode.CLOSED_FORM
@@ -181,10 +181,11 @@ class CompressConfig:
     # calibration budget: windows of seq_len tokens, BOS included; a task's split may hold fewer (of the
     # built-in ones only code holds more than 16k). 65,536 since 2026-12-01: SmolLM2 compressed for code and
     # healed 256 steps, code perplexity 1.21x -> 1.18x dense at 20% removed, 1.75x -> 1.52x at 40%, for
-    # about 270 s more factorizing (README, "Healing levers").
+    # about 270 s more factorizing (docs/measurements.md, "Healing levers").
     calib_tokens: int = 65536
     # The calibration forward passes: bf16 autocast (attention float32) where native, 2.2x faster on SmolLM2
-    # (8.9 -> 4 s a layer at 65,536 tokens) with the same factors' held-back loss (README, "Calibration speed").
+    # (8.9 -> 4 s a layer at 65,536 tokens) with the same factors' held-back loss
+    # (docs/measurements.md, "Calibration in bfloat16, 300 healing steps").
     calib_precision: Precision = field(default=Precision.AUTO, metadata={"option": "--calib-precision"})
     # Fit each layer to the dense model's outputs from the compressed model's inputs (issue 14, item 2)
     correct_carried: bool = False
@@ -265,7 +266,7 @@ class CompressConfig:
 
 
 # compress --weights int4: the recipe measured best for 4-bit bundles (SmolLM2-135M for compare at 40%
-# removed, 2026-12-06, README "Run ab" and "Run ac"): healing trains 512 steps through the 8da4w numerics
+# removed, 2026-12-06, docs/measurements.md, "Run ab" and "Run ac"): healing trains 512 steps through the 8da4w numerics
 # with one scale per output channel (XNNPACK's fastest 4-bit kernels; the .onnx runs the same codes),
 # ranks are multiples of the int4 group (none padded), a linear stays dense past 0.6 of its parameters
 # (fewer, larger GEMMs: 1.05x a step from 1.0 to 0.7 to 0.6; 0.5 lost 8-15 points of compare), and the

@@ -177,7 +177,7 @@ def training_precision(healing: Healing, device: torch.device) -> Precision:
     """The precision ``auto`` stands for on ``device``; an explicit one as given. Healing for int4
     takes bf16 too: a 4-bit weight (code x group scale) cast to bfloat16 moves by at most 2^-9 of
     its scale, far inside the 4-bit step, and SmolLM2 healed so for compare+code at 40% (256 steps,
-    14 min 38 s) keeps compare at 100% in ExecuTorch int4 (README, "healed through 4-bit weights")."""
+    14 min 38 s) keeps compare at 100% in ExecuTorch int4 (docs/measurements.md, "healed through 4-bit weights")."""
     if healing.precision is not Precision.AUTO:
         return healing.precision
     return Precision.BF16 if bf16_native(device) else Precision.FP32

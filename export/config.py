@@ -40,7 +40,7 @@ class Int4Scales(str, Enum):
     most of its task: SmolLM2 healed for compare+code at 40%, PyTorch with those weights, 86.0% exact
     match on 100 compare problems against 98.0% in fp32; torchao's half-quadratic scale search (HQQ,
     scale only: the same symmetric format, the same kernels) 98.0%, and in ExecuTorch 92.0% against
-    78.0% on 50 (README, "ExecuTorch int4 scales"). For ONNX, ``hqq`` leaves the decoder to
+    78.0% on 50 (docs/measurements.md, "ExecuTorch int4 scales"). For ONNX, ``hqq`` leaves the decoder to
     onnxruntime's asymmetric blocks and ``absmax`` writes the symmetric max |w| / 7.5 numerics itself
     (export/onnx_int4.py)."""
 
@@ -155,7 +155,7 @@ class ExportConfig:
     # ExecuTorch: a second method, ``decode_step``, for one token with static shapes, sharing forward's
     # stored weights and KV cache (export/executorch.py); ignored without the executorch format. None:
     # on for a quantized export, off in fp32 (``wants_decode_method``). SmolLM2 int4 decodes 1.08-1.13x
-    # faster with it on a Zen 4, interleaved (README, "A one-token `decode_step` method"), for about
+    # faster with it on a Zen 4, interleaved (docs/measurements.md, "A one-token `decode_step` method"), for about
     # 45 MB more RSS; in fp32 it gained nothing (0.97x dense, 1.04x at 40%, Emerald Rapids) and XNNPACK
     # holds a second copy of the packed weights (+620 MB on dense SmolLM2). Twice the export time.
     decode_method: bool | None = None

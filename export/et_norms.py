@@ -11,7 +11,7 @@ plus epsilon is one fully-connected operator instead: ``linear(x * x, full(1 / h
 five XNNPACK operators per norm where the pooled form runs eight (two reshapes, the pool, the add).
 Each operator costs the delegate a reshape and setup on every call, whatever its size. With
 export/et_views.py's ``drop_unit_reshapes``, measured on SmolLM2-135M at 40% + head 128, int4,
-rankdown-et-runner, 2 threads: decode 1.028x (12 rounds interleaved; README, "Run z" under
+rankdown-et-runner, 2 threads: decode 1.028x (12 rounds interleaved; docs/measurements.md, "Run z" under
 Beside the peers).
 
 Hooked into the stock modules for the duration of the export (their ``forward`` is replaced on the

@@ -6,7 +6,7 @@ layer, and a slice of a few hundred floats still pays a thread-pool dispatch. ``
 ``P`` the [head_dim, head_dim] matrix that moves and negates the halves, is the same numbers
 (every output is one input times +1 or -1 plus zeros) in one fully-connected operator. Measured
 on SmolLM2-135M at 40% + head 128, int4, rankdown-et-runner, 2 threads: decode 1.034x (8 rounds
-interleaved, 1.011-1.074; README, "Run x" under Beside the peers). Used for int4 only: the 40%
+interleaved, 1.011-1.074; docs/measurements.md, "Run x" under Beside the peers). Used for int4 only: the 40%
 model in fp32 measured 0.965x (6 rounds, 0.924-1.040), and int8 quantizes every traced linear.
 
 Hooked for the duration of the export, not a copy of the model: transformers' module-level

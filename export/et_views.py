@@ -5,7 +5,7 @@ hooks' transposes back (export/et_attention.py) reorder nothing in memory, yet e
 XNNPACK transpose that copies: six per layer for SmolLM2. A reshape to the same shape is the same
 values, and XNNPACK's reshape costs next to nothing in an ETDump profile. Measured on SmolLM2-135M
 at 40% + head 128, int4, rankdown-et-runner, 2 threads: decode 1.014x on top of
-export/et_rotary.py (8 rounds interleaved; README, "Run x" under Beside the peers).
+export/et_rotary.py (8 rounds interleaved; docs/measurements.md, "Run x" under Beside the peers).
 
 ``drop_unit_reshapes`` then removes most of those reshapes. Moving a dimension of size 1 changes no
 memory order, so the rotary between the heads' view and the attention (multiplies by the

@@ -13,7 +13,7 @@ Measured on SmolLM2-135M at 40% removed (``feature``), fused ONNX graph, int4 bl
 8-bit: KL to the fp32 graph over 116 positions of 3 prompts 0.52 -> 0.22, top-1 81.9% -> 88.8%,
 same file size. Scaling by a power of the norm ratio other than 1/2 (0.3, 0.7, 1.0) and a random
 orthogonal mix of the rank axis (the incoherence rotation of QuaRot-style methods) were worse
-(KL 0.34-0.64; rotation 0.54); README has the table. On the 6.6M shipped model the effect is mixed
+(KL 0.34-0.64; rotation 0.54); docs/measurements.md has the table. On the 6.6M shipped model the effect is mixed
 (max logit difference down, mean KL up), so this default follows the real model. int8 (one scale
 per output channel) is not balanced: worse on the shipped model (max |logit diff| 1.8 vs 1.2).
 """

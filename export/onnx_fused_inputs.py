@@ -8,7 +8,7 @@ Why: at accuracy level 4 each MatMulNBits quantizes its input to int8 per block 
 kernel call with its own thread-pool dispatch, so a 40% model whose layers hold five factor pairs
 runs up to 12 such calls per layer where the dense model runs 4 (q/k/v packed). Stacking rows
 leaves each row's codes, scales and zero points, and the int8 input, as they were: the results are
-the same numbers. README ("ONNX int4: one `MatMulNBits` per input") has the measurement.
+the same numbers. docs/measurements.md ("ONNX int4: one `MatMulNBits` per input") has the measurement.
 
 The fused node lists its members (name, rows) in its ``doc_string``, so the factor-node count
 (export/factor_nodes.py) and the int4 read-back (export/onnx_int4_reference.py) still see each

@@ -6,7 +6,7 @@ int8 per block at run time, as ExecuTorch's 8da4w does). A factor pair stays two
 quantizer rewrites nodes one by one and never multiplies two weights together.
 
 Decisions, measured on the shipped model compressed for math (feature 0.4, 3 parity prompts, 69
-positions, one thread; README has the table):
+positions, one thread; docs/measurements.md has the table):
 - asymmetric (a zero point per block): top-1 agreement with PyTorch 75% and max |logit diff| 4.2
   against 67% and 5.3 for symmetric (the int4 bound is 60%), for 2.5% more bytes;
 - accuracy level 4 (int8 activations, MLAS's CompInt8 kernels): 1.9-2.8x the decode speed of

@@ -57,7 +57,7 @@ class QualityBounds:
     @classmethod
     def for_quantize(cls, quantize: Quantize) -> QualityBounds:
         # int4 on the shipped model (feature 0.4): EM 98.5% -> 97.0% (ONNX) / 91.0% (ExecuTorch),
-        # perplexity 5.13 -> 5.31 / 5.32 (+3.5%); README's int4 table.
+        # perplexity 5.13 -> 5.31 / 5.32 (+3.5%); docs/measurements.md, the int4 table.
         if quantize is Quantize.INT4:
             return cls(max_exact_match_drop=0.10, max_perplexity_increase=0.10)
         return cls()

@@ -62,7 +62,7 @@ def test_healing_trains_both_factors_and_keeps_ranks_and_everything_else(shipped
 
 
 def test_healing_is_on_by_default_and_heal_steps_zero_turns_it_off(tiny_model_dir, tmp_path):
-    """The default is the measured best (256 steps at 1e-4 beside error ranks: SmolLM2 at 20% removed, README); the
+    """The default is the measured best (256 steps at 1e-4 beside error ranks: SmolLM2 at 20% removed, docs/measurements.md); the
     ranks are the same either way, only the factors are trained."""
     default = compress(tiny_model_dir, tmp_path / "default", CompressConfig(ratio=0.3, **SMALL), progress=quiet)
     zero = compress(tiny_model_dir, tmp_path / "zero", CompressConfig(ratio=0.3, healing=Healing(steps=0), **SMALL),

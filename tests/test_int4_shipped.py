@@ -211,7 +211,7 @@ def test_an_int4_export_balances_every_pair_unless_told_not_to(int4_bundle, ship
     the balanced export passes the int4 self-check (the unbalanced one is not checked: on an AVX2 CPU
     without VNNI it misses the float floor, 59.4% < 60%). Whether balancing helps is a benchmark, not a test: on
     SmolLM2 at 40% it cuts the int4 perplexity excess from 12% to 8% (ONNX) and 38% to 17%
-    (ExecuTorch); on the 6.6M shipped model it is mixed (README)."""
+    (ExecuTorch); on the 6.6M shipped model it is mixed (docs/measurements.md)."""
     ckpt, fp32_bundle = shipped_math_bundle
     # The switch is on by default, but an fp32 bundle was not balanced, and its manifest says so.
     assert Manifest.read(fp32_bundle).options["balance"] is False
@@ -245,7 +245,7 @@ def test_the_profiler_counts_the_delegate_calls_the_export_recorded(int4_bundle)
 
 def test_the_kernel_bench_rebuilds_the_bundles_own_nodes_kind_by_kind(int4_bundle):
     """bench.onnx_kernels times an int4 bundle's MatMulNBits, attention and other nodes each in a graph
-    of its own (README, "What bounds ONNX int4 here"): each graph holds exactly the bundle's nodes of
+    of its own (docs/measurements.md, "What bounds ONNX int4 here"): each graph holds exactly the bundle's nodes of
     its kind, with the bundle's attributes, and runs at the shapes a decoded token gives them."""
     from collections import Counter
 
