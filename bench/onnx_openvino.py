@@ -81,9 +81,10 @@ def main() -> None:
     model = args.bundle / "onnx" / "model.onnx"
     if not model.is_file():
         sys.exit(f"{args.bundle}: no onnx/model.onnx (a `rankdown export` folder with the onnx format)")
-    if not (args.bundle / "onnx" / "genai_config.json").is_file():
+    config = args.bundle / "onnx" / "genai_config.json"
+    if not config.is_file():
         sys.exit(f"{args.bundle}: no onnx/genai_config.json (export with the fused graph, `--onnx-graph fused`, the default)")
-    genai = json.loads((args.bundle / "onnx" / "genai_config.json").read_text())["model"]
+    genai = json.loads(config.read_text())["model"]
     kv_heads, head_dim = genai["decoder"]["num_key_value_heads"], genai["decoder"]["head_size"]
     made = sessions(model, args.threads, args.placement)
     if args.placement:
