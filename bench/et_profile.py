@@ -38,6 +38,8 @@ def profile(pte: Path, steps: int, signature: str, threads: int,
     from executorch.kernels import quantized  # noqa: F401  (the 8-bit embedding kernels)
 
     load_custom_ops()
+    # ExecuTorch's delegates run on its own threadpool, which torch's setting does not reach
+    portable_lib._unsafe_reset_threadpool(threads)
     torch.set_num_threads(threads)
     data = pte.with_suffix(".ptd")
     module = portable_lib._load_for_executorch(str(pte), str(data) if data.is_file() else None, True, 0)
