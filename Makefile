@@ -34,12 +34,13 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Two pytest workers, one thread each: most of the suite is single-threaded Python (exports,
-# subprocesses, tiny models), so two cores do it in about half the time; one thread per worker
-# keeps OpenMP from spinning on a core the other worker needs. A file's tests share a worker
-# (--dist loadfile), so a file's fixtures are built once.
+# Three pytest workers on two cores, one thread each: most of the suite is single-threaded Python
+# (exports, subprocesses, tiny models), and a worker often waits (on another worker's shared export,
+# on a subprocess, on qemu), so a third fills those waits: 11:30 against 12:01 with two on the 2-vCPU
+# model-167 host (2026-12-06). One thread per worker keeps OpenMP from spinning on a core another
+# worker needs. A file's tests share a worker (--dist loadfile), so a file's fixtures are built once.
 test: venv lint test-deps arm64-emu
-	OMP_NUM_THREADS=1 RANKDOWN_TEST_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 RANKDOWN_TEST_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadfile --durations=15
 
 demo: venv
 	$(VENV)/bin/rankdown info
