@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rankdown.atomic import write_text_atomic
 from rankdown.errors import RankdownError
-from rankdown.export.decoding import DECODE_METHOD
+from rankdown.export.decoding import DECODE_METHOD, set_executorch_threads
 from rankdown.export.et_attention import load_custom_ops
 from rankdown.export.pte_file import check_pte_header
 
@@ -38,9 +38,7 @@ def profile(pte: Path, steps: int, signature: str, threads: int,
     from executorch.kernels import quantized  # noqa: F401  (the 8-bit embedding kernels)
 
     load_custom_ops()
-    # ExecuTorch's delegates run on its own threadpool, which torch's setting does not reach
-    portable_lib._unsafe_reset_threadpool(threads)
-    torch.set_num_threads(threads)
+    set_executorch_threads(threads)
     data = pte.with_suffix(".ptd")
     module = portable_lib._load_for_executorch(str(pte), str(data) if data.is_file() else None, True, 0)
     if decode_method and DECODE_METHOD not in module.method_names():

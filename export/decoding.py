@@ -341,14 +341,19 @@ def open_executorch(artifact: Path, threads: int | None = None, native_runner: l
     if native_runner:
         return NativeExecuTorchDecoder(artifact, native_runner, threads=threads)
     if threads:
-        import torch
-        from executorch.extension.pybindings import portable_lib
-
-        # ExecuTorch's kernels and delegates run on its own threadpool, which torch's setting does
-        # not reach (it stayed at one thread per core); torch's bounds the BLAS calls in its LLM kernels.
-        portable_lib._unsafe_reset_threadpool(threads)
-        torch.set_num_threads(threads)
+        set_executorch_threads(threads)
     return ExecuTorchDecoder(artifact)
+
+
+def set_executorch_threads(threads: int) -> None:
+    """``threads`` for ExecuTorch's Python runtime in this process."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    # ExecuTorch's kernels and delegates run on its own threadpool, which torch's setting does
+    # not reach (it stayed at one thread per core); torch's bounds the BLAS calls in its LLM kernels.
+    portable_lib._unsafe_reset_threadpool(threads)
+    torch.set_num_threads(threads)
 
 
 def trained_positions(config: Path) -> int | None:
