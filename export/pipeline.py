@@ -11,6 +11,7 @@ Bundle layout (its manifest is the authority on what is inside):
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -314,7 +315,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 else:
                     floor_runs = runs if floor_prompts is prompts else run(decoder, floor_prompts, 1)
                     checks += [("lowering", lowered_reference, runs, ParityThresholds.lowering(), GENERIC_TASKS),
-                               ("parity", floor_reference, floor_runs, ParityThresholds.beside_lowering(cfg.quantize),
+                               ("parity", floor_reference, floor_runs, cfg.floor_thresholds,
                                 floor_tasks)]
                 del decoder
                 for name, ref, got, bounds, tasks in checks:
@@ -328,7 +329,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
                         raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "
-                                            f"{against}: {describe_failure(result, bounds)}")
+                                            f"{against}: {describe_failure(result, bounds)}"
+                                            f"{_floor_hint(result, results.get('lowering'), cfg) if name == 'parity' else ''}")
                     results[name] = result
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
@@ -340,6 +342,17 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def _floor_hint(parity: Parity, lowering: Parity | None, cfg: ExportConfig) -> str:
+    """What to do when a quantized artifact misses only the float model's top-1 floor: its runtime
+    matched the quantized PyTorch model (``lowering``), so the loss is the rounding's, not the runtime's."""
+    if lowering is None or parity.top1_agreement >= cfg.floor_thresholds.min_top1_agreement:
+        return ""
+    accept = math.floor(parity.top1_agreement * 20) / 20  # the next 0.05 below what it kept
+    return (f" (its runtime matches the {cfg.precision.value} PyTorch model: top-1 {lowering.top1_agreement:.1%}, so "
+            f"this is what {cfg.precision.value} weights cost this model; `rankdown compress MODEL --weights int4` "
+            f"heals a model through them, `--min-top1 {accept:g}` accepts the loss)")
 
 
 def _format_files(bundle: Path, spec: FormatSpec) -> list[Path]:

@@ -168,7 +168,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     per_format = {"backend": args.backend, "decode_method": args.decode_method, "onnx_graph": args.onnx_graph,
                   "max_seq_len": args.max_seq_len}
     cfg = ExportConfig(formats=args.format, quantize=quantize, group_size=args.group_size, head_bits=args.head_bits,
-                       balance=not args.no_balance, int4_scales=args.int4_scales, check=not args.no_check,
+                       balance=not args.no_balance, int4_scales=args.int4_scales, min_top1=args.min_top1,
+                       check=not args.no_check,
                        overwrite=args.overwrite, **{k: v for k, v in per_format.items() if v is not None})
     for flag, value, name in (("--backend", args.backend, "executorch"), ("--decode-method", args.decode_method, "executorch"),
                               ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx")):
@@ -486,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "XNNPACK's weight cache; twice the export time). ExecuTorch's "
                           "TextLLMRunner runs forward only either way (default: on for --quantize int8/int4, off "
                           "in fp32)")
+    exp.add_argument("--min-top1", type=float, default=None,
+                     help="int8/int4: the share of the self-check's prompt positions where the artifact must pick "
+                          "the float model's top token (default: 0.8 int8, 0.6 int4); lower it to accept what "
+                          "the rounding costs a model not healed through it (the runtime is still held to its "
+                          "quantized PyTorch model; `validate` takes the floor the bundle was exported with)")
     exp.add_argument("--no-check", action="store_true", help="skip the parity self-check against PyTorch")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     exp.set_defaults(func=cmd_export)
@@ -509,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--min-top1", type=float,
                      help="default: 1.0 (fp32), 0.8 (int8), 0.6 (int4); 0.85 against an int4 artifact's "
                           "quantized PyTorch model, where a token it scores within 0.05 x the logit scale of its "
-                          "best counts as a near-tie, with 0.6 (or this, if lower) against the float one")
+                          "best counts as a near-tie, with 0.6 (or this, if lower) against the float one; a "
+                          "bundle exported with --min-top1 is held to that floor")
     val.add_argument("--greedy-tokens", type=int, default=64,
                      help="greedy tokens that must match PyTorch's (fp32 bundles) (default: %(default)s)")
     val.add_argument("--max-em-drop", type=float, default=None,

@@ -28,7 +28,7 @@ from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity
 from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import by_runtime, default_runtime_names
-from rankdown.export.manifest import Manifest, verify_files
+from rankdown.export.manifest import MANIFEST_FILE, Manifest, verify_files
 from rankdown.export.parity import (
     GENERIC_TASKS,
     TorchDecoder,
@@ -269,6 +269,12 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     model = load_model(ckpt).eval()
 
     base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
+    exported_floor = manifest.options.get("min_top1")
+    if exported_floor is not None:  # the float model's top-1 floor the bundle was exported with (export --min-top1)
+        if isinstance(exported_floor, bool) or not isinstance(exported_floor, (int, float)) or not 0 < exported_floor <= 1:
+            raise RankdownError(f"{bundle / MANIFEST_FILE}: options.min_top1 must be a share in (0, 1], "
+                                f"got {exported_floor!r}")
+        base = dataclasses.replace(base, min_top1_agreement=float(exported_floor))
     max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
     min_top1 = cfg.checks.min_top1_agreement if cfg.checks.min_top1_agreement is not None else base.min_top1_agreement
     default_bounds = QualityBounds.for_quantize(Quantize(manifest.options["quantize"]))

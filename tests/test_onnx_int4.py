@@ -283,6 +283,53 @@ def test_head_bits_is_refused_without_int4():
 
 
 
+def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(onnx_int4_bundles, tmp_path):
+    """An int4 artifact whose runtime matches its quantized PyTorch model but keeps fewer of the float
+    model's top tokens than the floor fails in one line that puts the loss on the weights and names
+    the floor that would accept it; exported with that floor it passes, the manifest records it, and
+    validate holds the bundle to the floor it was exported with (a bad one in the manifest is named)."""
+    import json
+    import re
+
+    folder, _, (_, default) = onnx_int4_bundles
+    kept = default.formats["onnx"].parity.top1_agreement
+    assert kept < 1.0  # int4 moves some top tokens of this model: a floor of 1.0 cannot hold
+    with pytest.raises(RankdownError) as failed:
+        export(folder, tmp_path / "strict", ExportConfig(formats="onnx", quantize="int4", min_top1=1.0), progress=quiet)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert re.search(r"onnx export failed its parity self-check against the float model( on [a-z, ]+ text)?: "
+                     r"top-1 agreement [0-9.]+% < 100.0% \(its runtime matches", message), message
+    assert "its runtime matches the int4 PyTorch model" in message and "--weights int4" in message
+    accept = float(re.search(r"`--min-top1 ([0-9.]+)` accepts the loss", message).group(1))
+    assert accept <= kept < accept + 0.05
+    assert not (tmp_path / "strict").exists()
+    bundle = tmp_path / "accepted"
+    manifest = export(folder, bundle, ExportConfig(formats="onnx", quantize="int4", min_top1=accept), progress=quiet)
+    assert manifest.options["min_top1"] == accept and manifest.formats["onnx"].parity.passed
+    plain = ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=3, max_tokens=256)
+    assert "onnxruntime.parity.float_top1_agreement" not in validate(bundle, plain, progress=quiet).failures
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["options"]["min_top1"] = 1.0  # the floor the bundle says it was exported with, and no other
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    assert "onnxruntime.parity.float_top1_agreement" in validate(bundle, plain, progress=quiet).failures
+    raw["options"]["min_top1"] = "high"
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(RankdownError, match=r"manifest.json: options.min_top1 must be a share in \(0, 1\], got 'high'"):
+        validate(bundle, plain, progress=quiet)
+
+
+def test_min_top1_is_a_share_and_only_for_quantized_exports():
+    assert ExportConfig(quantize="int4", min_top1=0.5).thresholds.min_top1_agreement == 0.5
+    assert ExportConfig(quantize="int4", min_top1=0.5).floor_thresholds.min_top1_agreement == 0.5
+    assert ExportConfig(quantize="int4").floor_thresholds.min_top1_agreement == 0.6
+    assert ExportConfig(quantize="int8", min_top1=0.7).thresholds.min_top1_agreement == 0.7
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(RankdownError, match="--min-top1 must be a share in"):
+            ExportConfig(quantize="int4", min_top1=bad)
+    with pytest.raises(RankdownError, match="--min-top1 applies to --quantize int8 or int4"):
+        ExportConfig(quantize="none", min_top1=0.5)
+
 def _per_call_reference_matches_the_kept_one(model, graph) -> None:
     """Past ``keep_bytes`` the int4 reference dequantizes each linear's weight when it runs (and a
     lookup's rows when they are read) instead of keeping a second float copy of the model: the same
