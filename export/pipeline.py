@@ -252,7 +252,9 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     balanced = cfg.balances and not healed_int4
     if balanced:
         # After the reference: it is the model as compressed; balancing leaves its fp32 function as it is.
-        progress(f"balanced {balance_factors(model)} factor pair(s) for {cfg.quantize.value} weights")
+        pairs = balance_factors(model)
+        if pairs:  # a dense model has none to balance
+            progress(f"balanced {pairs} factor pair(s) for {cfg.quantize.value} weights")
     elif cfg.balances:
         progress("not balanced: the checkpoint was healed through int4 weights at the scales it has")
     # Healing never rounds the head's weights, so its rank axis is free to rescale even when the
