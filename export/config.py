@@ -181,7 +181,8 @@ class ExportConfig:
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             numbers = ", ".join(str(g) for g in GROUP_SIZES if g != PER_CHANNEL)
             raise RankdownError(f"--group-size must be one of {numbers} or channel, got {self.group_size!r}")
-        if self.min_top1 is not None and not (isinstance(self.min_top1, (int, float)) and 0 < self.min_top1 <= 1):
+        if self.min_top1 is not None and (isinstance(self.min_top1, bool) or not isinstance(self.min_top1, (int, float))
+                                          or not 0 < self.min_top1 <= 1):
             raise RankdownError(f"--min-top1 must be a share in (0, 1], got {self.min_top1!r}")
         if self.min_top1 is not None and self.quantize is Quantize.NONE:
             raise RankdownError("--min-top1 applies to --quantize int8 or int4 (an fp32 export must match PyTorch)")

@@ -243,12 +243,25 @@ def latency_job(tokenizer, plan: LatencyPlan, positions: int) -> dict:
             "decode_prompt_length": plan.decode_prompt_length, "warmup": plan.warmup, "repeats": plan.repeats}
 
 
+def _exported_thresholds(bundle: Path, manifest: Manifest) -> ParityThresholds:
+    """The bundle's precision's bounds against the float model, with the top-1 floor it was exported
+    with (``export --min-top1``, recorded in its options) if any."""
+    base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
+    floor = manifest.options.get("min_top1")
+    if floor is None:
+        return base
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+        raise RankdownError(f"{bundle / MANIFEST_FILE}: options.min_top1 must be a share in (0, 1], got {floor!r}")
+    return dataclasses.replace(base, min_top1_agreement=float(floor))
+
+
 def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progress: Callable[[str], None] = print,
              runner=None) -> Report:
     bundle = Path(bundle)
     runner = runner or LocalRunner()
     manifest = Manifest.read(bundle)
     verify_files(bundle, manifest)  # refuse a bundle whose files are not the ones exported
+    base = _exported_thresholds(bundle, manifest)
     runtimes = _runtimes(bundle, manifest, cfg)
     _check_artifacts(bundle, manifest, runtimes)
     _check_report_dir(cfg.report_dir, bundle)
@@ -268,13 +281,6 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     ckpt = open_checkpoint(reference_dir)
     model = load_model(ckpt).eval()
 
-    base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
-    exported_floor = manifest.options.get("min_top1")
-    if exported_floor is not None:  # the float model's top-1 floor the bundle was exported with (export --min-top1)
-        if isinstance(exported_floor, bool) or not isinstance(exported_floor, (int, float)) or not 0 < exported_floor <= 1:
-            raise RankdownError(f"{bundle / MANIFEST_FILE}: options.min_top1 must be a share in (0, 1], "
-                                f"got {exported_floor!r}")
-        base = dataclasses.replace(base, min_top1_agreement=float(exported_floor))
     max_rel = cfg.checks.max_rel_logit_diff if cfg.checks.max_rel_logit_diff is not None else base.max_rel_logit_diff
     min_top1 = cfg.checks.min_top1_agreement if cfg.checks.min_top1_agreement is not None else base.min_top1_agreement
     default_bounds = QualityBounds.for_quantize(Quantize(manifest.options["quantize"]))
