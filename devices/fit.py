@@ -27,7 +27,7 @@ from rankdown.compress.config import CompressConfig, Healing, Method
 from rankdown.compress.pipeline import compress
 from rankdown.devices.profile import DeviceProfile
 from rankdown.devices.runners import runner_for
-from rankdown.errors import RankdownError
+from rankdown.errors import ParityError, RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
 from rankdown.export.config import ExportConfig, Quantize
 from rankdown.export.formats import by_runtime
@@ -90,7 +90,7 @@ class FitReport:
     bundle: str | None
     validation_passed: bool | None
     validation_failures: list[str]
-    tried: list[str]  # candidates exported and validated, in order, with their outcome
+    tried: list[str]  # candidates exported and validated (or refused by the export's self-check), in order
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -161,20 +161,32 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
                    f"below --min-score {cfg.min_score:.1%}")
             raise RankdownError(f"{model_dir}: no candidate for {profile.name}: {why}")
         tried = []
+        kept = None  # the last candidate that exported: (choice, bundle, its validation)
         for choice in ranked:
             label = f"ratio {choice.ratio} {choice.quantize}"
             progress(f"fit: exporting {label} and validating it on {profile.name}")
             bundle = work / f"bundle-{choice.ratio}-{choice.quantize}"
-            export(checkpoints[choice.ratio], bundle, ExportConfig(formats=formats, quantize=choice.quantize,
-                                                                   max_seq_len=cfg.max_seq_len), progress=lambda _m: None)
+            try:
+                export(checkpoints[choice.ratio], bundle, ExportConfig(formats=formats, quantize=choice.quantize,
+                                                                       max_seq_len=cfg.max_seq_len),
+                       progress=lambda _m: None)
+            except ParityError as error:  # this candidate's artifact is refused (nothing written); try the next
+                tried.append(f"{label}: FAILED the export's self-check: {error}")
+                progress(f"fit: {tried[-1]}")
+                continue
             report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, task=cfg.task,
                                                      max_examples=cfg.max_examples, threads=profile.threads,
                                                      latency=None),
                               progress=lambda _m: None, runner=runner_for(profile))
+            kept = choice, bundle, report
             tried.append(f"{label}: {'passed' if report.passed else 'FAILED ' + ', '.join(report.failures)}")
             progress(f"fit: {tried[-1]}")
             if report.passed:
                 break
+        if kept is None:
+            raise RankdownError(f"{model_dir}: no candidate for {profile.name} passed the export's self-check "
+                                f"({len(tried)} tried; the first: {tried[0]})")
+        choice, bundle, report = kept
         # The folder as it stays: the chosen bundle, its checkpoint (when compressed), the reports.
         source = model_dir
         if choice.ratio != 0:

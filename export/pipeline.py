@@ -23,7 +23,7 @@ from rankdown.atomic import (
     write_text_atomic,
 )
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.errors import RankdownError
+from rankdown.errors import ParityError, RankdownError
 from rankdown.export.bundle_tokenizer import TOKENIZER_FILE, check_texts, write_bundle_tokenizer
 from rankdown.export.config import (
     DEFAULT_GROUP,
@@ -330,7 +330,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                              f"{top1_note(result.top1_tie)}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
-                        raise RankdownError(f"{bundle}: {fmt.value} export failed its parity self-check against "
+                        raise ParityError(f"{bundle}: {fmt.value} export failed its parity self-check against "
                                             f"{against}: {describe_failure(result, bounds)}"
                                             f"{_floor_hint(result, results.get('lowering'), cfg) if name == 'parity' else ''}")
                     results[name] = result

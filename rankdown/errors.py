@@ -5,3 +5,9 @@ class RankdownError(Exception):
     """A user-facing error: one line naming the file (or stage) and the problem."""
 
     exit_code = 2
+
+
+class ParityError(RankdownError):
+    """An exported artifact that does not compute what its PyTorch model computes within the export's
+    self-check bounds: that bundle is refused, and a caller choosing among several (``rankdown fit``)
+    may go on to the next."""

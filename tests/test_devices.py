@@ -19,6 +19,7 @@ from helpers import quiet
 from rankdown.devices.profile import PROFILE_DIR, ExecuTorchRunner, Transport, find_profile, load_profile, shipped_profiles
 from rankdown.devices.runners import runner_for
 from rankdown.errors import RankdownError
+from rankdown.export.manifest import Manifest
 from rankdown.validate.config import LatencyPlan, ValidateConfig
 from rankdown.validate.harness import validate
 
@@ -433,6 +434,43 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
     assert rank_candidates(roomy)[0] == dataclasses.replace(dense_fp32, fits=True)
     assert report.chosen.memory_mb < dense_fp32.memory_mb
 
+
+def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path, shipped_model_dir, monkeypatch):
+    """An artifact the export's self-check refuses (a quantized one that misses its float floor, say)
+    is a failed candidate, not a failed fit: the next one is exported and validated. When the export
+    refuses every candidate, one line says so and nothing is left."""
+    import rankdown.devices.fit as fit_module
+    from rankdown.devices.fit import FitConfig, fit
+    from rankdown.errors import ParityError
+
+    profile = load_profile(_profile(tmp_path, "laptop", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
+                                    "memory_mb=4096\n[transport]\nkind='local'\n"))
+    real_export = fit_module.export
+    asked = []
+
+    def refuse(first_only: bool):
+        def export(model, bundle, cfg, progress=print):
+            asked.append(cfg.quantize)
+            if len(asked) == 1 or not first_only:
+                raise ParityError(f"{bundle}: onnx export failed its parity self-check against the float model: "
+                                  "top-1 agreement 50.0% < 80.0%")
+            return real_export(model, bundle, cfg, progress=progress)
+        return export
+
+    cfg = FitConfig(method="svd", ratios=(0.0,), max_examples=10, heal_steps=0)
+    monkeypatch.setattr(fit_module, "export", refuse(first_only=True))
+    report = fit(shipped_model_dir, tmp_path / "fit", profile, cfg, progress=quiet)
+    assert [q.value for q in asked] == ["none", "int8"]  # the dense fp32 model ranks first, then int8
+    assert report.tried[0].startswith("ratio 0.0 none: FAILED the export's self-check: ") and "50.0%" in report.tried[0]
+    assert report.tried[1] == "ratio 0.0 int8: passed" and report.validation_passed
+    assert report.chosen is not None and report.chosen.quantize == "int8"
+    assert Manifest.read(tmp_path / "fit" / "bundle").options["quantize"] == "int8"
+    asked.clear()
+    monkeypatch.setattr(fit_module, "export", refuse(first_only=False))
+    with pytest.raises(RankdownError, match=r"no candidate for laptop passed the export's self-check \(2 tried; "
+                                            r"the first: ratio 0.0 none: FAILED"):
+        fit(shipped_model_dir, tmp_path / "again", profile, cfg, progress=quiet)
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
 
 def test_fit_with_an_impossible_budget_is_one_clear_error(tmp_path, shipped_model_dir):
     from rankdown.devices.fit import FitConfig, fit
