@@ -29,7 +29,7 @@ from rankdown.devices.profile import DeviceProfile
 from rankdown.devices.runners import runner_for
 from rankdown.errors import ParityError, RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
-from rankdown.export.config import ExportConfig, Quantize
+from rankdown.export.config import DEFAULT_GROUP, ExportConfig, Quantize
 from rankdown.export.formats import by_runtime
 from rankdown.export.manifest import MANIFEST_FILE, Manifest
 from rankdown.export.pipeline import export
@@ -47,7 +47,9 @@ class FitConfig:
     task: str = "math"
     method: Method = Method.FEATURE
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)  # 0.0: the dense model
-    quantize: tuple[Quantize, ...] = field(default=(Quantize.NONE, Quantize.INT8), metadata={"option": "--quantize"})
+    # int4 last: a candidate ranks after the fp32 and int8 ones of its score, so it is chosen where they do not fit
+    quantize: tuple[Quantize, ...] = field(default=(Quantize.NONE, Quantize.INT8, Quantize.INT4),
+                                           metadata={"option": "--quantize"})
     max_memory_mb: float | None = None  # None: the profile's memory_mb
     min_score: float | None = None  # exact match, 0..1
     max_examples: int = 200
@@ -96,25 +98,47 @@ class FitReport:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
 
 
+# 4-bit codes and a float scale per group of the export's default size (onnxruntime holds the file's
+# fp16 block scales as fp32 once loaded; XNNPACK packs bf16 ones: the larger is budgeted)
+INT4_BYTES_PER_WEIGHT = 0.5 + 4 / DEFAULT_GROUP
+
+
 def memory_mb(model, quantize: Quantize, max_seq_len: int) -> float:
     """Weights the runtime holds (int8: 1 byte a linear weight + a float scale per output
-    channel; a tied head becomes its own int8 copy) + an fp32 KV cache of ``max_seq_len``."""
+    channel; a tied head becomes its own int8 copy; int4: the decoder linears at
+    ``INT4_BYTES_PER_WEIGHT``, the head and the token table 8-bit per row, a tied table once, as
+    the ExecuTorch export stores them (ONNX's 4-bit table is smaller)) + an fp32 KV cache of
+    ``max_seq_len``."""
     c = model.config
     weights = sum(p.numel() for p in model.parameters()) * 4  # tied and shared weights once
+    embedding = getattr(model.get_input_embeddings(), "weight", None)  # None: a factored table
+    linears = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}.values()
     if quantize is Quantize.INT8:
-        embedding = getattr(model.get_input_embeddings(), "weight", None)  # None: a factored table
-        for linear in {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}.values():
+        for linear in linears:
             w = linear.weight
             weights += w.shape[0] * 4 + (w.numel() if w is embedding else -3 * w.numel())
+    elif quantize is Quantize.INT4:
+        head = model.get_output_embeddings()
+        head_weights = {id(m.weight) for m in head.modules() if isinstance(m, nn.Linear)} if head is not None else set()
+        for linear in linears:
+            w = linear.weight
+            weights -= (3 * w.numel() - w.shape[0] * 4 if id(w) in head_weights
+                        else (4 - INT4_BYTES_PER_WEIGHT) * w.numel())
+        if embedding is not None and id(embedding) not in head_weights:  # an untied table, 8-bit
+            weights -= 3 * embedding.numel() - embedding.shape[0] * 4
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * max_seq_len * 4
     return (weights + kv) / 2**20
 
 
+PRECISION_ORDER = (Quantize.NONE.value, Quantize.INT8.value, Quantize.INT4.value)
+
+
 def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
-    """Best first: highest score, then fp32 before int8 (exact parity), then smaller."""
+    """Best first: highest score, then fp32 before int8 before int4 (the fewer bits, the further the
+    artifact from the scored float model), then smaller."""
     return sorted((c for c in candidates if c.fits and c.meets_min_score),
-                  key=lambda c: (-(c.score or 0.0), c.quantize != Quantize.NONE.value, c.memory_mb))
+                  key=lambda c: (-(c.score or 0.0), PRECISION_ORDER.index(c.quantize), c.memory_mb))
 
 
 def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: FitConfig = FitConfig(),

@@ -266,7 +266,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     except ValueError:
         raise RankdownError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
     cfg = FitConfig(task=args.task, method=args.method, ratios=ratios,
-                    quantize=("none",) if args.no_int8 else ("none", "int8"), max_memory_mb=args.max_memory,
+                    quantize=tuple(q for q, left_out in (("none", False), ("int8", args.no_int8), ("int4", args.no_int4))
+                                   if not left_out), max_memory_mb=args.max_memory,
                     min_score=args.min_score, max_examples=args.max_examples, heal_steps=args.heal_steps,
                     overwrite=args.overwrite)
     report = fit(args.model, args.out, profile, cfg)
@@ -547,7 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     fitp.add_argument("--method", default="feature", help="compression method (see compress) (default: %(default)s)")
     fitp.add_argument("--ratios", default="0,0.2,0.4,0.6",
                       help="ratios to try; 0 is the dense model (default: %(default)s)")
-    fitp.add_argument("--no-int8", action="store_true", help="fp32 weights only")
+    fitp.add_argument("--no-int8", action="store_true", help="leave out the int8 candidates")
+    fitp.add_argument("--no-int4", action="store_true",
+                      help="leave out the int4 candidates (4-bit decoder linears, 8-bit head and table; each ranks "
+                           "after the fp32 and int8 ones of its score, so it is chosen where those do not fit)")
     fitp.add_argument("--max-examples", type=int, default=200,
                       help="question/answer pairs each candidate is scored on (default: %(default)s)")
     fitp.add_argument("--heal-steps", type=int, default=default_of(Healing, "steps"),

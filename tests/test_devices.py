@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import platform
@@ -435,6 +436,26 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
     assert report.chosen.memory_mb < dense_fp32.memory_mb
 
 
+def test_fit_takes_int4_where_only_int4_fits(tmp_path, shipped_model_dir):
+    """int4 candidates rank after fp32 and int8 at the same score, so they are chosen where only they
+    fit; the estimate bounds what the exported 4-bit files and the cache take."""
+    from rankdown.devices.fit import FitConfig, fit, rank_candidates
+
+    profile = load_profile(_profile(tmp_path, "tiny-phone", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
+                                    "memory_mb=4096\n[transport]\nkind='local'\n"))
+    report = fit(shipped_model_dir, tmp_path / "fit", profile,
+                 FitConfig(method="svd", ratios=(0.0,), max_examples=30, max_memory_mb=8, heal_steps=0), progress=quiet)
+    need = {c.quantize: c for c in report.candidates}
+    assert set(need) == {"none", "int8", "int4"}
+    assert need["int4"].memory_mb <= 8 < need["int8"].memory_mb < need["none"].memory_mb
+    assert report.chosen == need["int4"] and report.tried[0].startswith("ratio 0.0 int4: ")
+    assert Manifest.read(tmp_path / "fit" / "bundle").options["quantize"] == "int4"
+    onnx_bytes = sum(f.stat().st_size for f in (tmp_path / "fit" / "bundle" / "onnx").iterdir())
+    assert onnx_bytes / 2**20 <= need["int4"].memory_mb
+    # at one score, fp32 before int8 before int4, whatever their sizes
+    roomy = [dataclasses.replace(c, fits=True) for c in report.candidates]
+    assert [c.quantize for c in rank_candidates(roomy)] == ["none", "int8", "int4"]
+
 def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path, shipped_model_dir, monkeypatch):
     """An artifact the export's self-check refuses (a quantized one that misses its float floor, say)
     is a failed candidate, not a failed fit: the next one is exported and validated. When the export
@@ -467,7 +488,7 @@ def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path
     assert Manifest.read(tmp_path / "fit" / "bundle").options["quantize"] == "int8"
     asked.clear()
     monkeypatch.setattr(fit_module, "export", refuse(first_only=False))
-    with pytest.raises(RankdownError, match=r"no candidate for laptop passed the export's self-check \(2 tried; "
+    with pytest.raises(RankdownError, match=r"no candidate for laptop passed the export's self-check \(3 tried; "
                                             r"the first: ratio 0.0 none: FAILED"):
         fit(shipped_model_dir, tmp_path / "again", profile, cfg, progress=quiet)
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
