@@ -47,7 +47,7 @@ class FitConfig:
     task: str = "math"
     method: Method = Method.FEATURE
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)  # 0.0: the dense model
-    # int4 last: a candidate ranks after the fp32 and int8 ones of its score, so it is chosen where they do not fit
+    # int4 last: it ranks after every fp32 and int8 candidate that fits (rank_candidates), the fallback
     quantize: tuple[Quantize, ...] = field(default=(Quantize.NONE, Quantize.INT8, Quantize.INT4),
                                            metadata={"option": "--quantize"})
     max_memory_mb: float | None = None  # None: the profile's memory_mb
@@ -135,10 +135,12 @@ PRECISION_ORDER = (Quantize.NONE.value, Quantize.INT8.value, Quantize.INT4.value
 
 
 def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
-    """Best first: highest score, then fp32 before int8 before int4 (the fewer bits, the further the
-    artifact from the scored float model), then smaller."""
+    """Best first: every fp32 and int8 candidate before any int4 one (int4 carries the float model's
+    score, which 4-bit rounding moves more than validation's int8 bound would allow, so it is the
+    fallback where nothing else fits); within each, highest score, then fp32 before int8, then smaller."""
     return sorted((c for c in candidates if c.fits and c.meets_min_score),
-                  key=lambda c: (-(c.score or 0.0), PRECISION_ORDER.index(c.quantize), c.memory_mb))
+                  key=lambda c: (c.quantize == Quantize.INT4.value, -(c.score or 0.0),
+                                 PRECISION_ORDER.index(c.quantize), c.memory_mb))
 
 
 def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: FitConfig = FitConfig(),
@@ -195,7 +197,7 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
                                                                        max_seq_len=cfg.max_seq_len),
                        progress=lambda _m: None)
             except ParityError as error:  # this candidate's artifact is refused (nothing written); try the next
-                tried.append(f"{label}: FAILED the export's self-check: {error}")
+                tried.append(f"{label}: FAILED the export's self-check: {error.reason}")
                 progress(f"fit: {tried[-1]}")
                 continue
             report = validate(bundle, ValidateConfig(runtimes=profile.runtimes, task=cfg.task,

@@ -122,6 +122,9 @@ def resolve_quantize(cfg: ExportConfig, compression: dict | None, progress: Call
     if (compression or {}).get("weights") == "int4":
         progress("int4: the checkpoint was compressed with --weights int4 (--quantize none exports it in float)")
         return dataclasses.replace(cfg, quantize=Quantize.INT4)
+    if cfg.min_top1 is not None:
+        raise RankdownError("--min-top1 applies to a quantized export (this checkpoint exports in float unless "
+                            "--quantize int8 or int4 is given)")
     given = {"--head-bits": cfg.head_bits != 8, "--group-size": cfg.group_size is not None,
              "--int4-scales": cfg.int4_scales is not None, "--no-balance": not cfg.balance}
     int4_only = [flag for flag, was_given in given.items() if was_given]
@@ -330,9 +333,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                              f"{top1_note(result.top1_tie)}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
+                        reason = f"{fmt.value} against {against}: {describe_failure(result, bounds)}"
+                        hint = _floor_hint(result, results.get("lowering"), cfg, healed_int4) if name == "parity" else ""
                         raise ParityError(f"{bundle}: {fmt.value} export failed its parity self-check against "
-                                            f"{against}: {describe_failure(result, bounds)}"
-                                            f"{_floor_hint(result, results.get('lowering'), cfg) if name == 'parity' else ''}")
+                                          f"{against}: {describe_failure(result, bounds)}{hint}", reason=reason)
                     results[name] = result
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,
@@ -346,15 +350,17 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     return manifest
 
 
-def _floor_hint(parity: Parity, lowering: Parity | None, cfg: ExportConfig) -> str:
+def _floor_hint(parity: Parity, lowering: Parity | None, cfg: ExportConfig, healed_int4: bool) -> str:
     """What to do when a quantized artifact misses only the float model's top-1 floor: its runtime
     matched the quantized PyTorch model (``lowering``), so the loss is the rounding's, not the runtime's."""
     if lowering is None or parity.top1_agreement >= cfg.floor_thresholds.min_top1_agreement:
         return ""
-    accept = math.floor(parity.top1_agreement * 20) / 20  # the next 0.05 below what it kept
+    # the next 0.05 below what this format kept (another format may keep less)
+    accept = max(math.floor(parity.top1_agreement * 20) / 20, 0.05)
+    heal = "" if healed_int4 else "`rankdown compress MODEL --weights int4` heals a model through them, "
     return (f" (its runtime matches the {cfg.precision.value} PyTorch model: top-1 {lowering.top1_agreement:.1%}, so "
-            f"this is what {cfg.precision.value} weights cost this model; `rankdown compress MODEL --weights int4` "
-            f"heals a model through them, `--min-top1 {accept:g}` accepts the loss)")
+            f"this is what {cfg.precision.value} weights cost this model; {heal}`--min-top1 {accept:g}` accepts "
+            "this format's loss)")
 
 
 def _format_files(bundle: Path, spec: FormatSpec) -> list[Path]:
@@ -381,10 +387,11 @@ def format_manifest(manifest: Manifest) -> str:
             check = (f"parity {'passed' if parity.passed else 'FAILED'}: max |Δlogit| {parity.max_abs_logit_diff:.1e}, "
                      f"top-1 {parity.top1_agreement:.1%}, greedy {'identical' if parity.greedy_match else 'differs'}")
         else:
+            floor = manifest.options.get("min_top1")
             check = (f"parity {'passed' if parity.passed and lowering.passed else 'FAILED'}: against its "
                      f"{entry.quantize} PyTorch model max |Δlogit| {lowering.max_abs_logit_diff:.1e}, top-1 "
                      f"{lowering.top1_agreement:.1%}{top1_note(lowering.top1_tie)}; float model top-1 "
-                     f"{parity.top1_agreement:.1%}")
+                     f"{parity.top1_agreement:.1%}" + ("" if floor is None else f" (floor {floor:.0%}, --min-top1)"))
         nodes = entry.factor_nodes
         lines.append(f"{name:<10} {size / 2**20:7.2f} MiB  {entry.quantize:<4}  {entry.export_seconds:6.1f} s  "
                      f"factor nodes {nodes.found}/{nodes.expected}  {check}")

@@ -474,7 +474,8 @@ def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path
             asked.append(cfg.quantize)
             if len(asked) == 1 or not first_only:
                 raise ParityError(f"{bundle}: onnx export failed its parity self-check against the float model: "
-                                  "top-1 agreement 50.0% < 80.0%")
+                                  "top-1 agreement 50.0% < 80.0%",
+                                  reason="onnx against the float model: top-1 agreement 50.0% < 80.0%")
             return real_export(model, bundle, cfg, progress=progress)
         return export
 
@@ -482,7 +483,8 @@ def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path
     monkeypatch.setattr(fit_module, "export", refuse(first_only=True))
     report = fit(shipped_model_dir, tmp_path / "fit", profile, cfg, progress=quiet)
     assert [q.value for q in asked] == ["none", "int8"]  # the dense fp32 model ranks first, then int8
-    assert report.tried[0].startswith("ratio 0.0 none: FAILED the export's self-check: ") and "50.0%" in report.tried[0]
+    assert report.tried[0] == ("ratio 0.0 none: FAILED the export's self-check: onnx against the float model: "
+                               "top-1 agreement 50.0% < 80.0%")  # the reason, not the removed work folder's path
     assert report.tried[1] == "ratio 0.0 int8: passed" and report.validation_passed
     assert report.chosen is not None and report.chosen.quantize == "int8"
     assert Manifest.read(tmp_path / "fit" / "bundle").options["quantize"] == "int8"

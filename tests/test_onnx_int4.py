@@ -301,7 +301,7 @@ def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(
     assert re.search(r"onnx export failed its parity self-check against the float model( on [a-z, ]+ text)?: "
                      r"top-1 agreement [0-9.]+% < 100.0% \(its runtime matches", message), message
     assert "its runtime matches the int4 PyTorch model" in message and "--weights int4" in message
-    accept = float(re.search(r"`--min-top1 ([0-9.]+)` accepts the loss", message).group(1))
+    accept = float(re.search(r"`--min-top1 ([0-9.]+)` accepts this format's loss", message).group(1))
     assert accept <= kept < accept + 0.05
     assert not (tmp_path / "strict").exists()
     bundle = tmp_path / "accepted"
@@ -319,16 +319,21 @@ def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(
         validate(bundle, plain, progress=quiet)
 
 
-def test_min_top1_is_a_share_and_only_for_quantized_exports():
+def test_min_top1_is_a_share_and_only_for_quantized_exports(tiny_model_dir, tmp_path):
     assert ExportConfig(quantize="int4", min_top1=0.5).thresholds.min_top1_agreement == 0.5
     assert ExportConfig(quantize="int4", min_top1=0.5).floor_thresholds.min_top1_agreement == 0.5
     assert ExportConfig(quantize="int4").floor_thresholds.min_top1_agreement == 0.6
     assert ExportConfig(quantize="int8", min_top1=0.7).thresholds.min_top1_agreement == 0.7
-    for bad in (0, 1.5, -0.1):
+    for bad in (0, 1.5, -0.1, True, float("nan")):
         with pytest.raises(RankdownError, match="--min-top1 must be a share in"):
             ExportConfig(quantize="int4", min_top1=bad)
     with pytest.raises(RankdownError, match="--min-top1 applies to --quantize int8 or int4"):
         ExportConfig(quantize="none", min_top1=0.5)
+    # auto: a dense checkpoint exports in float, which the floor does not apply to; said before any work
+    with pytest.raises(RankdownError, match=r"--min-top1 applies to a quantized export \(this checkpoint exports in "
+                                            r"float unless --quantize int8 or int4 is given\)"):
+        export(tiny_model_dir, tmp_path / "b", ExportConfig(min_top1=0.5), progress=quiet)
+    assert not (tmp_path / "b").exists()
 
 def _per_call_reference_matches_the_kept_one(model, graph) -> None:
     """Past ``keep_bytes`` the int4 reference dequantizes each linear's weight when it runs (and a
