@@ -64,6 +64,11 @@ class OnnxGraph(str, Enum):
     OPTIMUM = "optimum"
 
 
+def is_share(value: object) -> bool:
+    """A number in (0, 1] (a bool or NaN is not): what ``--min-top1`` takes."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
+
+
 @dataclass(frozen=True)
 class ParityThresholds:
     """When an exported artifact counts as the same model as its PyTorch source."""
@@ -101,6 +106,10 @@ class ParityThresholds:
         logit difference of 0.84 x the logit scale, a tail logit no bound on the float model separates
         from a broken export."""
         return dataclasses.replace(cls.for_quantize(quantize), max_rel_logit_diff=math.inf)
+
+    def with_floor(self, min_top1: float | None) -> ParityThresholds:
+        """These bounds with the float model's top-1 floor set to ``min_top1`` (``export --min-top1``), if given."""
+        return self if min_top1 is None else dataclasses.replace(self, min_top1_agreement=float(min_top1))
 
     @classmethod
     def lowering(cls) -> ParityThresholds:
@@ -181,8 +190,7 @@ class ExportConfig:
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             numbers = ", ".join(str(g) for g in GROUP_SIZES if g != PER_CHANNEL)
             raise RankdownError(f"--group-size must be one of {numbers} or channel, got {self.group_size!r}")
-        if self.min_top1 is not None and (isinstance(self.min_top1, bool) or not isinstance(self.min_top1, (int, float))
-                                          or not 0 < self.min_top1 <= 1):
+        if self.min_top1 is not None and not is_share(self.min_top1):
             raise RankdownError(f"--min-top1 must be a share in (0, 1], got {self.min_top1!r}")
         if self.min_top1 is not None and self.quantize is Quantize.NONE:
             raise RankdownError("--min-top1 applies to --quantize int8 or int4 (an fp32 export must match PyTorch)")
@@ -223,14 +231,12 @@ class ExportConfig:
     @property
     def thresholds(self) -> ParityThresholds:
         """The artifact against the float model, with the user's top-1 floor if given."""
-        base = ParityThresholds.for_quantize(self.precision)
-        return base if self.min_top1 is None else dataclasses.replace(base, min_top1_agreement=self.min_top1)
+        return ParityThresholds.for_quantize(self.precision).with_floor(self.min_top1)
 
     @property
     def floor_thresholds(self) -> ParityThresholds:
         """The float model's bounds beside a lowering check, with the user's top-1 floor if given."""
-        base = ParityThresholds.beside_lowering(self.precision)
-        return base if self.min_top1 is None else dataclasses.replace(base, min_top1_agreement=self.min_top1)
+        return ParityThresholds.beside_lowering(self.precision).with_floor(self.min_top1)
 
     def wants_decode_method(self) -> bool:
         """Whether the .pte gets the one-token method: as asked, else only for a quantized export."""

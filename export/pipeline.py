@@ -333,10 +333,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                              f"{top1_note(result.top1_tie)}, greedy "
                              f"{'identical' if result.greedy_match else 'differs'} over {result.new_tokens} tokens")
                     if not result.passed:
-                        reason = f"{fmt.value} against {against}: {describe_failure(result, bounds)}"
+                        failure = describe_failure(result, bounds)
                         hint = _floor_hint(result, results.get("lowering"), cfg, healed_int4) if name == "parity" else ""
                         raise ParityError(f"{bundle}: {fmt.value} export failed its parity self-check against "
-                                          f"{against}: {describe_failure(result, bounds)}{hint}", reason=reason)
+                                          f"{against}: {failure}{hint}", reason=f"{fmt.value} against {against}: {failure}")
                     results[name] = result
             entries[fmt.value] = FormatEntry(
                 files=file_entries(tmp, files), export_seconds=round(seconds, 2), quantize=cfg.quantize.value,

@@ -550,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ratios to try; 0 is the dense model (default: %(default)s)")
     fitp.add_argument("--no-int8", action="store_true", help="leave out the int8 candidates")
     fitp.add_argument("--no-int4", action="store_true",
-                      help="leave out the int4 candidates (4-bit decoder linears, 8-bit head and table; each ranks "
-                           "after the fp32 and int8 ones of its score, so it is chosen where those do not fit)")
+                      help="leave out the int4 candidates (4-bit decoder linears, 8-bit head and table; they rank "
+                           "after every fp32 and int8 candidate that fits, so one is chosen where none of those fits)")
     fitp.add_argument("--max-examples", type=int, default=200,
                       help="question/answer pairs each candidate is scored on (default: %(default)s)")
     fitp.add_argument("--heal-steps", type=int, default=default_of(Healing, "steps"),

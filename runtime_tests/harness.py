@@ -25,7 +25,7 @@ from rankdown.compute_device import check_threads_here
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
-from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize, is_share
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import by_runtime, default_runtime_names
 from rankdown.export.manifest import MANIFEST_FILE, Manifest, verify_files
@@ -246,13 +246,10 @@ def latency_job(tokenizer, plan: LatencyPlan, positions: int) -> dict:
 def _exported_thresholds(bundle: Path, manifest: Manifest) -> ParityThresholds:
     """The bundle's precision's bounds against the float model, with the top-1 floor it was exported
     with (``export --min-top1``, recorded in its options) if any."""
-    base = ParityThresholds.for_quantize(Quantize(manifest.options["quantize"]))
     floor = manifest.options.get("min_top1")
-    if floor is None:
-        return base
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+    if floor is not None and not is_share(floor):
         raise RankdownError(f"{bundle / MANIFEST_FILE}: options.min_top1 must be a share in (0, 1], got {floor!r}")
-    return dataclasses.replace(base, min_top1_agreement=float(floor))
+    return ParityThresholds.for_quantize(Quantize(manifest.options["quantize"])).with_floor(floor)
 
 
 def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progress: Callable[[str], None] = print,
