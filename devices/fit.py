@@ -193,8 +193,10 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
             progress(f"fit: exporting {label} and validating it on {profile.name}")
             bundle = work / f"bundle-{choice.ratio}-{choice.quantize}"
             try:
+                # int4's rounding is calibrated on the task it is judged on (a dense candidate has no task of its own)
+                task = cfg.task if choice.quantize == Quantize.INT4.value else None
                 export(checkpoints[choice.ratio], bundle, ExportConfig(formats=formats, quantize=choice.quantize,
-                                                                       max_seq_len=cfg.max_seq_len),
+                                                                       max_seq_len=cfg.max_seq_len, task=task),
                        progress=lambda _m: None)
             except ParityError as error:  # this candidate's artifact is refused (nothing written); try the next
                 tried.append(f"{label}: FAILED the export's self-check: {error.reason}")

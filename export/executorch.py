@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rankdown.export.config import ExportConfig, Int4Scales, Quantize
+from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, Quantize
 from rankdown.export.decoding import DECODE_METHOD, program_data_file
 from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
@@ -29,6 +29,7 @@ from rankdown.export.et_rotary import matmul_rotary
 from rankdown.export.et_views import drop_unit_reshapes, reshape_unit_permutes
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
+from rankdown.export.int4_gptq import gptq_round
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
@@ -49,20 +50,31 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progres
     return export_executorch(model, record, bundle, cfg, progress, quantized)
 
 
-def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print) -> Quantized | None:
+def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
+             calibration: torch.Tensor | None = None) -> Quantized | None:
     """int4: the torchao-quantized copy of ``model`` that the export lowers (``model`` is left as it
     is), so the self-check can also run it in PyTorch; None for fp32 and int8 (int8 is quantized on
-    the traced graph)."""
+    the traced graph). ``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's
+    ``gptq_windows``), needed when ``cfg.rounding`` is GPTQ."""
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head_bits, hqq=cfg.scales is Int4Scales.HQQ)
     progress(f"  executorch: int4 scales {group_label(cfg.group)}, {cfg.scales.value}; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+    rounding: dict = {"rounding": cfg.rounding.value}
+    if cfg.rounding is Int4Rounding.GPTQ:
+        if calibration is None:
+            raise ValueError("GPTQ rounding needs calibration windows")
+        result = gptq_round(quantized, model, calibration, progress)
+        progress(f"  executorch: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
+                 f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
+        rounding["gptq"] = {"linears": result.linears, "tokens": result.tokens,
+                            "error_vs_nearest": round(result.error_ratio, 4)}
     saved = fuse_inputs(quantized)
     if saved:
         progress(f"  executorch: the linears that read one input (q/k/v, gate/up) run as one GEMM each: "
                  f"{saved} fewer per token")
-    return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "scales": cfg.scales.value,
+    return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "scales": cfg.scales.value, **rounding,
                                               "head_bits": cfg.head_bits,
                                               "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears),
                                               "fused_input_linears": saved})

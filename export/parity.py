@@ -18,13 +18,16 @@ GENERIC_TASKS = ("math", "code", "prose")
 PROMPT_LENGTHS = (5, 23, 41)
 
 
-def parity_tasks(compression: dict | None) -> tuple[str, ...]:
-    """The tasks whose text the float floor of a quantized artifact is judged on: the ones the
-    checkpoint was compressed for (its compression.json), else ``GENERIC_TASKS``. A model compressed
+def parity_tasks(compression: dict | None, task: str | None = None) -> tuple[str, ...]:
+    """The tasks whose text the float floor of a quantized artifact is judged on (and GPTQ rounding
+    calibrated on): ``task`` (export --task), else the ones the checkpoint was compressed for (its
+    compression.json), else ``GENERIC_TASKS``. A model compressed
     and healed for one task has flat logits on other text, where 4-bit rounding flips the top token
     without costing the task: a SmolLM2 healed for compare+code at 40%, ONNX int4, agrees with its
     float model at 59.4% of the generic positions and 76.8% of compare+code ones, and keeps compare
     exact match at 96.0% vs 98.0%."""
+    if task is not None:
+        return task_names(task)
     task = (compression or {}).get("task")
     if not isinstance(task, str):
         return GENERIC_TASKS

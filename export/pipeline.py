@@ -30,12 +30,14 @@ from rankdown.export.config import (
     GROUP_SIZES,
     ExportConfig,
     Format,
+    Int4Rounding,
     Int4Scales,
     ParityThresholds,
     Quantize,
 )
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import FormatSpec, by_format
+from rankdown.export.int4_gptq import gptq_windows
 from rankdown.export.manifest import (
     MANIFEST_FILE,
     FormatEntry,
@@ -126,7 +128,9 @@ def resolve_quantize(cfg: ExportConfig, compression: dict | None, progress: Call
         raise RankdownError("--min-top1 applies to a quantized export (this checkpoint exports in float unless "
                             "--quantize int8 or int4 is given)")
     given = {"--head-bits": cfg.head_bits != 8, "--group-size": cfg.group_size is not None,
-             "--int4-scales": cfg.int4_scales is not None, "--no-balance": not cfg.balance}
+             "--int4-scales": cfg.int4_scales is not None, "--int4-rounding": cfg.int4_rounding is not None,
+             "--task": cfg.task is not None,
+             "--no-balance": not cfg.balance}
     int4_only = [flag for flag, was_given in given.items() if was_given]
     if int4_only:
         verb = "applies" if len(int4_only) == 1 else "apply"
@@ -177,6 +181,20 @@ def _resolve_scales(cfg: ExportConfig, healed_int4: bool, progress: Callable[[st
     if healed_int4 and cfg.int4_scales is not Int4Scales.ABSMAX:
         progress(f"warning: --int4-scales {cfg.int4_scales.value} on a checkpoint healed through absmax scales; "
                  "it will keep less of the task than the default (absmax)")
+    return cfg
+
+
+def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[str], None]) -> ExportConfig:
+    """``int4_rounding`` made explicit for an ExecuTorch export: unset, nearest for a checkpoint healed
+    through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on such a
+    checkpoint is kept, with a warning."""
+    if Format.EXECUTORCH not in cfg.formats:
+        return cfg
+    if cfg.int4_rounding is None:
+        return dataclasses.replace(cfg, int4_rounding=Int4Rounding.NEAREST if healed_int4 else Int4Rounding.GPTQ)
+    if healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:
+        progress("warning: --int4-rounding gptq on a checkpoint healed through the 4-bit weights: it was trained "
+                 "for nearest rounding's codes, which GPTQ moves")
     return cfg
 
 
@@ -232,7 +250,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     compression = _compression(ckpt.folder)
     # int4's float floor (beside its lowering check) is judged on the text of the tasks the checkpoint was
     # compressed for; the kernel checks keep the same generic text for every model.
-    floor_tasks = parity_tasks(compression) if cfg.quantize is Quantize.INT4 else GENERIC_TASKS
+    floor_tasks = parity_tasks(compression, cfg.task) if cfg.quantize is Quantize.INT4 else GENERIC_TASKS
     floor_prompts, floor_reference = [], []
     if cfg.check:
         room = cfg.max_seq_len - cfg.parity_new_tokens - 1
@@ -241,7 +259,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
         floor_prompts, floor_reference = prompts, reference
         if floor_tasks != GENERIC_TASKS:
             progress(f"the float model's top-1 floor: judged on {', '.join(floor_tasks)} text "
-                     "(the tasks the checkpoint was compressed for)")
+                     f"({'--task' if cfg.task else 'the tasks the checkpoint was compressed for'})")
             floor_prompts = parity_prompts(tokenizer, room=room, tasks=floor_tasks)
             # only the prompt logits are judged there (top-1), so one new token is enough
             floor_reference = [torch_greedy(model, p, 1) for p in floor_prompts]
@@ -265,8 +283,12 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     head_equalized = cfg.balances and equalize_head(model)
     if head_equalized:
         progress("head: rank axis rescaled to equal column peaks for its 8-bit rows (function unchanged)")
+    calibration = None
     if cfg.quantize is Quantize.INT4:
-        cfg = _resolve_scales(cfg, healed_int4, progress)
+        cfg = _resolve_rounding(_resolve_scales(cfg, healed_int4, progress), healed_int4, progress)
+        if cfg.int4_rounding is Int4Rounding.GPTQ:
+            # the calibration split of the floor's tasks; the floor is judged on their evaluation split
+            calibration = gptq_windows(tokenizer, floor_tasks)
     cfg = _resolve_group(cfg, compression if healed_int4 else None, progress)
 
     entries: dict[str, FormatEntry] = {}
@@ -286,7 +308,7 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             # A format that quantizes the PyTorch model before lowering it hands that model over, so
             # the self-check can tell what the lowering changed from what quantizing changed.
             quantize = getattr(module, "quantize", None)
-            quantized = None if quantize is None else quantize(model, ckpt.record, cfg, progress)
+            quantized = None if quantize is None else quantize(model, ckpt.record, cfg, progress, calibration=calibration)
             lowered_reference = ([torch_greedy(quantized.model, p, cfg.parity_new_tokens) for p in prompts]
                                  if cfg.check and quantized is not None else None)
             seconds, nodes, delegation, quantization = module.export(

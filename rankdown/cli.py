@@ -168,7 +168,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     per_format = {"backend": args.backend, "decode_method": args.decode_method, "onnx_graph": args.onnx_graph,
                   "max_seq_len": args.max_seq_len}
     cfg = ExportConfig(formats=args.format, quantize=quantize, group_size=args.group_size, head_bits=args.head_bits,
-                       balance=not args.no_balance, int4_scales=args.int4_scales, min_top1=args.min_top1,
+                       balance=not args.no_balance, int4_scales=args.int4_scales,
+                       int4_rounding=args.int4_rounding, task=args.task, min_top1=args.min_top1,
                        check=not args.no_check,
                        overwrite=args.overwrite, **{k: v for k, v in per_format.items() if v is not None})
     for flag, value, name in (("--backend", args.backend, "executorch"), ("--decode-method", args.decode_method, "executorch"),
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     # given or not (GIVEN_ONLY): refused where the strategy does not use them; their help shows the default
     comp.set_defaults(func=cmd_compress, trials=None, tune_steps=None, heal_lr=None, heal_precision=None)
 
-    from rankdown.export.config import DEFAULT_GROUP, Backend, ExportConfig, Format, Int4Scales, OnnxGraph, Quantize
+    from rankdown.export.config import DEFAULT_GROUP, Backend, ExportConfig, Format, Int4Rounding, Int4Scales, OnnxGraph, Quantize
     from rankdown.export.formats import default_runtime_names, format_names, runtime_names
     from rankdown.validate.config import Runtime
 
@@ -470,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "search for ExecuTorch, onnxruntime's asymmetric blocks for ONNX; absmax: max |w| / 7.5, "
                           "symmetric, in both formats, the numerics healing trains through). Default: absmax for a "
                           "checkpoint healed through int4 weights (compress --heal-quantize), else hqq")
+    exp.add_argument("--int4-rounding", default=None, choices=choices(Int4Rounding),
+                     help="ExecuTorch int4: how each weight's code is picked at its group's scale (gptq: GPTQ on "
+                          "32768 tokens of --task's calibration text, about 90 s for SmolLM2-135M on 2 cores; "
+                          "nearest: round each weight alone). Default: "
+                          "nearest for a checkpoint healed through int4 weights, else gptq")
+    exp.add_argument("--task", default=None,
+                     help="int4: the task the bundle is for (one of the built-in tasks, or several joined by +): "
+                          "the text GPTQ rounding is calibrated on and the float floor is judged on. Default: the "
+                          "task the checkpoint was compressed for; math, code and prose for a dense model")
     exp.add_argument("--backend", default=None,
                      help=help_with_default(f"ExecuTorch delegate: {', '.join(choices(Backend))}", ExportConfig,
                                             "backend"))

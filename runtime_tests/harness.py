@@ -25,9 +25,10 @@ from rankdown.compute_device import check_threads_here
 from rankdown.datafiles import load_data
 from rankdown.errors import RankdownError
 from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity, token_windows
-from rankdown.export.config import ExportConfig, Int4Scales, ParityThresholds, Quantize, is_share
+from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, ParityThresholds, Quantize, is_share
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import by_runtime, default_runtime_names
+from rankdown.export.int4_gptq import gptq_windows
 from rankdown.export.manifest import MANIFEST_FILE, Manifest, verify_files
 from rankdown.export.parity import (
     GENERIC_TASKS,
@@ -179,12 +180,13 @@ def _device_rounding(runner, artifact: Path):
     return rounds
 
 
-def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None):
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None, tokenizer=None):
     """The quantized PyTorch model ``runtime``'s artifact computes: for a format that quantizes the
     PyTorch model (ExecuTorch int4), rebuilt from the source as the export built it (balanced first
     if it was); for one that quantizes its graph (ONNX int4), the source with the graph's own
     weights read back, its int8 input rounding as the device's runtime does it (``runner``'s; None:
-    this machine); None for fp32 and int8."""
+    this machine); None for fp32 and int8. ``tokenizer``: the bundle's, for the calibration text of
+    GPTQ rounding (rerun as the export ran it, on the same text)."""
     spec = by_runtime(runtime)
     options = manifest.options
     read_back = getattr(spec.module(), "lowered_model", None)
@@ -199,7 +201,9 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
         return None
     cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
                        head_bits=options.get("head_bits", 8),
-                       int4_scales=options.get("int4_scales", Int4Scales.ABSMAX))  # absmax: bundles made before HQQ
+                       int4_scales=options.get("int4_scales", Int4Scales.ABSMAX),  # absmax: bundles made before HQQ
+                       # nearest: bundles made before GPTQ rounding
+                       int4_rounding=options.get("int4_rounding") or Int4Rounding.NEAREST)
     source = model  # the quantizer works on its own copy; only rescaling needs one first
     if options.get("balance") or options.get("head_equalized"):
         source = copy.deepcopy(model)
@@ -207,7 +211,10 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
         balance_factors(source)
     if options.get("head_equalized"):
         equalize_head(source)
-    quantized = quantize(source, record, cfg, progress=lambda _: None)
+    calibration = None
+    if cfg.rounding is Int4Rounding.GPTQ:
+        calibration = gptq_windows(tokenizer, parity_tasks(manifest.source.compression, options.get("task")))
+    quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     return None if quantized is None else quantized.model
 
 
@@ -297,7 +304,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # against that model; the float model then sets only a top-1 floor, and quality judges the rest.
     references = {runtime: reference for runtime in runtimes}
     # That floor is judged on the text of the tasks the checkpoint was compressed for (export does the same).
-    floor_tasks = parity_tasks(manifest.source.compression)
+    floor_tasks = parity_tasks(manifest.source.compression, manifest.options.get("task"))
     floor_prompts, floor_reference = prompts, reference
     qa = data.qa[: cfg.max_examples]
     # What every runtime (and a quantized PyTorch reference) answers: the same prompts, budgets, stops.
@@ -308,7 +315,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # told apart from what the runtime adds. The bound still holds the runtime to the float model.
     quantized_em: dict[Runtime, float] = {}
     for runtime in runtimes:
-        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner)
+        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner, tokenizer)
         if lowered is not None:
             note = getattr(lowered, "note", None)
             rounded = getattr(lowered, "rounded_inputs", None)

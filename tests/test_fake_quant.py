@@ -166,6 +166,8 @@ def test_auto_quantize_is_the_checkpoints_own():
     # int4-only options on a checkpoint that auto exports in float are refused, not silently dropped
     with pytest.raises(RankdownError, match="--group-size and --no-balance apply to --quantize int4 only"):
         resolve_quantize(ExportConfig(group_size=64, balance=False), {}, said.append)
+    with pytest.raises(RankdownError, match="--int4-rounding applies to --quantize int4 only"):
+        resolve_quantize(ExportConfig(int4_rounding="nearest"), {}, said.append)
     # compressed for a 4-bit bundle (compress --weights int4) but not healed through it: int4 still
     said.clear()
     unhealed = {"weights": "int4", "healing": None}
@@ -272,6 +274,9 @@ def test_healing_for_int4_trains_the_float_factors_and_the_export_keeps_their_sc
                       ExportConfig(formats="executorch", quantize="int4", max_seq_len=64), progress=said.append)
     assert manifest.options["int4_scales"] == "absmax" and manifest.formats["executorch"].quantization["scales"] == "absmax"
     assert "int4 scales: absmax, the ones the checkpoint was healed through" in said
+    # and nearest rounding's codes, which healing trained through (not GPTQ's)
+    assert manifest.options["int4_rounding"] == "nearest"
+    assert manifest.formats["executorch"].quantization["rounding"] == "nearest"
     assert not any("healed with float weights" in m for m in said)
     # ONNX too: every decoder MatMulNBits holds the very weights healing trained through.
     manifest = export(tmp_path / "int4", tmp_path / "onnx-bundle", ExportConfig(formats="onnx", quantize="int4"),

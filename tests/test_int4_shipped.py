@@ -43,6 +43,10 @@ def test_onnx_int4_export_is_held_to_its_read_back_weights(int4_bundle):
     assert entry.lowering.p95_abs_logit_diff is not None
     assert entry.lowering.p95_abs_logit_diff <= 0.25 * entry.lowering.logit_scale  # well inside its bound, 0.35
     assert manifest.formats["executorch"].lowering is not None
+    # GPTQ rounding by default for a checkpoint not healed through int4, on its task's calibration text
+    assert manifest.options["int4_rounding"] == "gptq"
+    gptq = manifest.formats["executorch"].quantization["gptq"]
+    assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1
     # the kernels are checked on the generic text, the float floor on the task the checkpoint was compressed for
     for entry in manifest.formats.values():
         assert entry.lowering is not None and entry.lowering.tasks == GENERIC_TASKS and entry.parity.tasks == ("math",)

@@ -122,6 +122,9 @@ def test_the_self_check_prompts_follow_the_tasks_the_checkpoint_was_compressed_f
     assert parity_tasks({"task": 7}) == GENERIC_TASKS
     assert parity_tasks({"task": "code+code"}) == GENERIC_TASKS  # not a mix compress accepts
     assert parity_tasks({"task": "prose+math+code"}) == ("prose", "math", "code")  # a mix keeps its order
+    # export --task (recorded in the bundle's options) wins over what the checkpoint was compressed for
+    assert parity_tasks({"task": "code"}, "compare+math") == ("compare", "math")
+    assert parity_tasks(None, "compare") == ("compare",)
 
 
 def test_task_prompts_take_turns_and_fit_the_room(tiny_tokenizer):
