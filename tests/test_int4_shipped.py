@@ -154,8 +154,8 @@ def test_int4_lowering_that_departs_from_the_quantized_model_fails_the_export(in
     entry = manifest.formats["executorch"]
     real_quantize = executorch.quantize
 
-    def skewed(model, record, cfg, progress=print):
-        quantized = real_quantize(model, record, cfg, progress)
+    def skewed(model, record, cfg, progress=print, calibration=None):
+        quantized = real_quantize(model, record, cfg, progress, calibration=calibration)
         quantized.model.get_input_embeddings().scales.neg_()
         return quantized
 
