@@ -54,8 +54,8 @@ class Int4Scales(str, Enum):
 class Int4Rounding(str, Enum):
     """How ExecuTorch int4 picks each weight's code at the chosen scales (export/int4_gptq.py)."""
 
-    # GPTQ on calibration text of the checkpoint's tasks (the generic ones for a dense model): dense
-    # SmolLM2-135M, PyTorch 8da4w, top-1 against the float model 72.5% against nearest's 59.4%
+    # GPTQ on calibration text of --task (else the checkpoint's tasks, else the generic ones): dense
+    # SmolLM2-135M in PyTorch 8da4w, perplexity x1.161 of the float model's against nearest's x1.337
     GPTQ = "gptq"
     # each weight to its nearest code: what a checkpoint healed through the 4-bit weights was trained for
     NEAREST = "nearest"
