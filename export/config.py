@@ -211,6 +211,8 @@ class ExportConfig:
             raise RankdownError(f"--min-top1 must be a share in (0, 1], got {self.min_top1!r}")
         if self.min_top1 is not None and self.quantize is Quantize.NONE:
             raise RankdownError("--min-top1 applies to --quantize int8 or int4 (an fp32 export must match PyTorch)")
+        if self.int4_rounding is not None and self.quantize in (Quantize.NONE, Quantize.INT8):
+            raise RankdownError("--int4-rounding applies to --quantize int4")
         if self.task is not None:
             task_names(self.task)  # an unknown task is refused here, before minutes of loading
             if self.quantize in (Quantize.NONE, Quantize.INT8):

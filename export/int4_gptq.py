@@ -102,33 +102,36 @@ def gptq_windows(tokenizer, tasks: tuple[str, ...], windows: int = WINDOWS, seq_
 
 
 class _Grams:
-    """X^T X of each hooked linear's input, summed over the calibration tokens; the linears that read
-    one tensor (q/k/v, gate/up, called one after another) share one sum."""
+    """X^T X of each hooked linear's input, summed over the calibration tokens. Within one call of the
+    layer, the linears that read one tensor (q/k/v, gate/up, or their factor pairs' ``down``s, which
+    their ``up``s run between) share one sum, and a shared ``down`` its members call once each adds it once."""
 
-    def __init__(self, linears: dict[str, nn.Module]):
+    def __init__(self, layer: nn.Module, linears: dict[str, nn.Module]):
         self.sums: dict[str, torch.Tensor] = {}
         self.source: dict[str, str] = {}  # linear -> the linear whose sum it shares
-        self._last: tuple[torch.Tensor, str] | None = None
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # this call's inputs (kept alive: ids stay unique)
+        self._handles = [layer.register_forward_pre_hook(lambda *_: self._seen.clear())]
+        self._handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def take(_module, args):
             x = args[0]
-            if self._last is not None and self._last[0] is x:
-                self.source[name] = self._last[1]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                self.source[name] = seen[1]
                 return
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             gram = (flat.T @ flat).to(torch.float64)
             self.sums[name] = self.sums[name] + gram if name in self.sums else gram
             self.source[name] = name
-            self._last = (x, name)
+            self._seen[id(x)] = (x, name)
         return take
 
     def of(self, name: str) -> torch.Tensor:
         return self.sums[self.source[name]]
 
     def close(self) -> None:
-        self._last = None
+        self._seen.clear()
         for handle in self._handles:
             handle.remove()
 
@@ -161,7 +164,7 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
     for index, layer in enumerate(layers):
         linears = {name: m for name, m in layer.named_modules() if _is_4bit(m)}
         source = float_model.model.layers[index]
-        grams = _Grams({name: source.get_submodule(name) for name in linears})
+        grams = _Grams(source, {name: source.get_submodule(name) for name in linears})
         try:
             hidden = run_layer(float_model, source, hidden, BATCH)
         finally:

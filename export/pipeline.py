@@ -189,7 +189,7 @@ def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[
     through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on such a
     checkpoint is kept, with a warning."""
     if Format.EXECUTORCH not in cfg.formats:
-        return cfg
+        return dataclasses.replace(cfg, int4_rounding=None)  # ONNX int4 keeps onnxruntime's rounding
     if cfg.int4_rounding is None:
         return dataclasses.replace(cfg, int4_rounding=Int4Rounding.NEAREST if healed_int4 else Int4Rounding.GPTQ)
     if healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:

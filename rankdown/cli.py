@@ -173,7 +173,8 @@ def cmd_export(args: argparse.Namespace) -> None:
                        check=not args.no_check,
                        overwrite=args.overwrite, **{k: v for k, v in per_format.items() if v is not None})
     for flag, value, name in (("--backend", args.backend, "executorch"), ("--decode-method", args.decode_method, "executorch"),
-                              ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx")):
+                              ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx"),
+                              ("--int4-rounding", args.int4_rounding, "executorch")):
         fmt = Format(name)
         if value is not None and fmt not in cfg.formats:
             raise RankdownError(f"{flag} applies to the {fmt.value} format, which --format {args.format} leaves out")

@@ -180,7 +180,8 @@ def _device_rounding(runner, artifact: Path):
     return rounds
 
 
-def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None, tokenizer=None):
+def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: Path, runner=None, tokenizer=None,
+                   progress: Callable[[str], None] = lambda _: None):
     """The quantized PyTorch model ``runtime``'s artifact computes: for a format that quantizes the
     PyTorch model (ExecuTorch int4), rebuilt from the source as the export built it (balanced first
     if it was); for one that quantizes its graph (ONNX int4), the source with the graph's own
@@ -213,7 +214,12 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
         equalize_head(source)
     calibration = None
     if cfg.rounding is Int4Rounding.GPTQ:
-        calibration = gptq_windows(tokenizer, parity_tasks(manifest.source.compression, options.get("task")))
+        if tokenizer is None:
+            raise ValueError("rebuilding GPTQ-rounded weights needs the bundle's tokenizer")
+        tasks = parity_tasks(manifest.source.compression, options.get("task"))
+        progress(f"reference for {runtime.value}: GPTQ rounding again on {', '.join(tasks)} calibration text, "
+                 "as the export did")
+        calibration = gptq_windows(tokenizer, tasks)
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     return None if quantized is None else quantized.model
 
@@ -221,7 +227,8 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
 def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
         return load_data(cfg.eval_file), str(cfg.eval_file)
-    task = cfg.task or (manifest.source.compression or {}).get("task") or "math"
+    # the user's, else the one the bundle was exported for (export --task), else the one it was compressed for
+    task = cfg.task or manifest.options.get("task") or (manifest.source.compression or {}).get("task") or "math"
     known = all(part in TASKS for part in task.split(MIX))
     if cfg.task is None and not known:
         raise RankdownError(f"{manifest.source.path} was compressed for {task}, not a built-in task (a calibration "
@@ -303,7 +310,8 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # A runtime whose artifact was lowered from a quantized PyTorch model (ExecuTorch int4) is held
     # against that model; the float model then sets only a top-1 floor, and quality judges the rest.
     references = {runtime: reference for runtime in runtimes}
-    # That floor is judged on the text of the tasks the checkpoint was compressed for (export does the same).
+    # That floor is judged on the text of the bundle's task (export --task, else the tasks the checkpoint was
+    # compressed for), as the export judged it.
     floor_tasks = parity_tasks(manifest.source.compression, manifest.options.get("task"))
     floor_prompts, floor_reference = prompts, reference
     qa = data.qa[: cfg.max_examples]
@@ -315,7 +323,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # told apart from what the runtime adds. The bound still holds the runtime to the float model.
     quantized_em: dict[Runtime, float] = {}
     for runtime in runtimes:
-        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner, tokenizer)
+        lowered = _lowered_model(model, ckpt.record, manifest, runtime, bundle, runner, tokenizer, progress)
         if lowered is not None:
             note = getattr(lowered, "note", None)
             rounded = getattr(lowered, "rounded_inputs", None)

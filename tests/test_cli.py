@@ -110,6 +110,8 @@ def test_compress_writes_a_checkpoint_and_refuses_bad_ratio(tiny_model_dir, tmp_
     (["export", "{model}", "-o", "{out}", "--quantize", "int4", "--task", "maths"], "unknown task 'maths'"),
     (["export", "{model}", "-o", "{out}", "--quantize", "int8", "--task", "math"], "--task applies to --quantize int4"),
     (["export", "{model}", "-o", "{out}", "--task", "math"], "--task applies to --quantize int4 only"),
+    (["export", "{model}", "-o", "{out}", "--format", "onnx", "--quantize", "int4", "--int4-rounding", "gptq"],
+     "--int4-rounding applies to the executorch format"),
     (["validate", "{out}", "--greedy-tokens", "0"], "--greedy-tokens must be at least 1, got 0"),
     (["validate", "{out}", "--repeats", "0"], "--repeats must be at least 1, got 0"),
     (["validate", "{out}", "--min-top1", "2"], "--min-top1 must be from 0 to 1, got 2.0"),

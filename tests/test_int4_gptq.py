@@ -51,6 +51,53 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs_at_the_same_scales(se
     assert torch.equal(flipped.flip(0), codes)
 
 
+def test_lazy_block_updates_carry_the_error_across_blocks_exactly():
+    """Carrying the error block by block is the same algorithm as column by column: the same codes
+    with a block of 1, 7 or 128 columns on a matrix wider than one block."""
+    weight, hessian, scales = _case(5, rows=16, columns=320)
+    codes = {block: gptq_codes(weight, hessian, scales, block=block) for block in (1, 7, 128)}
+    assert torch.equal(codes[1], codes[7]) and torch.equal(codes[1], codes[128])
+    assert not torch.equal(codes[128], _nearest(weight, scales))
+
+
+def test_linears_reading_one_tensor_share_one_input_sum_per_call():
+    """Factor pairs read the layer's input in turn with their ``up`` between, and a shared ``down`` is
+    called once per member: each distinct input tensor of a call is summed once."""
+    from torch import nn
+
+    from rankdown.export.int4_gptq import _Grams
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Linear(8, 3, bias=False), nn.Linear(3, 8, bias=False)
+
+        def forward(self, x):
+            return self.up(self.down(x))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.shared = Pair(), Pair(), nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) + sum(self.shared(x).sum() for _ in range(3))
+
+    layer = Layer()
+    names = ["q.down", "q.up", "k.down", "k.up", "shared"]
+    grams = _Grams(layer, {n: layer.get_submodule(n) for n in names})
+    x = torch.randn(2, 5, 8)
+    for _ in range(2):  # two calls (batches): each adds its own inputs
+        layer(x)
+    grams.close()
+    expected = 2 * (x.reshape(-1, 8).T @ x.reshape(-1, 8)).double()
+    for name in ("q.down", "k.down", "shared"):
+        assert torch.allclose(grams.of(name), expected), name
+    assert grams.source["k.down"] == grams.source["shared"] == "q.down" and set(grams.sums) == {"q.down", "q.up", "k.up"}
+    layer(x)  # closed: nothing more is summed
+    assert torch.allclose(grams.of("q.down"), expected)
+
+
 def test_an_input_no_text_exercises_gets_code_zero_and_no_nan():
     weight, hessian, scales = _case(4)
     hessian[5, :] = 0
@@ -90,6 +137,28 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
                         progress=lambda _: None, calibration=windows)
     rebuilt = dict(again.model.named_modules())
     assert all(torch.equal(rebuilt[n].weight, linears[n].weight) for n in four_bit)
+
+
+def test_int4_rounding_is_refused_where_it_does_nothing():
+    from rankdown.errors import RankdownError
+
+    for quantize in ("none", "int8"):
+        with pytest.raises(RankdownError, match="--int4-rounding applies to --quantize int4"):
+            ExportConfig(quantize=quantize, int4_rounding="gptq")
+
+
+def test_validate_judges_the_task_the_bundle_was_exported_for():
+    from types import SimpleNamespace
+
+    from rankdown.validate.config import ValidateConfig
+    from rankdown.validate.harness import _data
+
+    def manifest(options, compression):
+        return SimpleNamespace(options=options, source=SimpleNamespace(compression=compression, path="m"))
+
+    assert "task compare" in _data(manifest({"task": "compare"}, {"task": "math"}), ValidateConfig())[1]
+    assert "task code" in _data(manifest({"task": "compare"}, None), ValidateConfig(task="code"))[1]
+    assert "task math" in _data(manifest({"task": None}, {"task": "math+code"}), ValidateConfig())[1]
 
 
 def test_gptq_needs_its_calibration_windows():
