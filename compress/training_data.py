@@ -25,9 +25,14 @@ def data_windows(tokenizer, cfg: CompressConfig, split: Split, seq_len: int, tok
     if the text is shorter; a mix takes as many from each task as its shortest gives)."""
     if cfg.calib is not None:
         return calibration_windows(tokenizer, _texts(load_data(cfg.calib)), seq_len, tokens, str(cfg.calib))
-    parts = task_names(cfg.task)
-    each = [calibration_windows(tokenizer, _texts(load_task(name, split)), seq_len, -(-tokens // len(parts)),
-                                f"task {name} ({split.value} split)") for name in parts]
+    return task_windows(tokenizer, task_names(cfg.task), split, seq_len, tokens)
+
+
+def task_windows(tokenizer, tasks: tuple[str, ...], split: Split, seq_len: int, tokens: int) -> torch.Tensor:
+    """Up to ``tokens`` tokens of the built-in ``tasks``' ``split`` as windows of ``seq_len``, the tasks
+    taking turns window by window, as many from each as the shortest gives."""
+    each = [calibration_windows(tokenizer, _texts(load_task(name, split)), seq_len, -(-tokens // len(tasks)),
+                                f"task {name} ({split.value} split)") for name in tasks]
     count = min(w.shape[0] for w in each)
     return torch.stack([w[i] for i in range(count) for w in each])
 

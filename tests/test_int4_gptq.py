@@ -113,7 +113,7 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     ckpt = open_checkpoint(folder)
     model = load_model(ckpt).eval()
     windows = gptq_windows(load_tokenizer(folder), GENERIC_TASKS, windows=16)
-    assert windows.shape == (16, 256)
+    assert windows.shape[1] == 256 and 12 <= windows.shape[0] <= 16  # the three tasks in turn, as many each
     built = {}
     for rounding in Int4Rounding:
         cfg = ExportConfig(formats="executorch", quantize="int4", int4_rounding=rounding)
@@ -122,7 +122,7 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     gptq, nearest = built[Int4Rounding.GPTQ], built[Int4Rounding.NEAREST]
     assert nearest.summary["rounding"] == "nearest" and "gptq" not in nearest.summary
     summary = gptq.summary["gptq"]
-    assert gptq.summary["rounding"] == "gptq" and summary["linears"] == 42 and summary["tokens"] == 16 * 256
+    assert gptq.summary["rounding"] == "gptq" and summary["linears"] == 42 and summary["tokens"] == windows.numel()
     assert 0 < summary["error_vs_nearest"] < 0.8
     linears = {n: m for n, m in gptq.model.named_modules() if isinstance(m, DecomposedQuantLinear)}
     others = dict(nearest.model.named_modules())
