@@ -580,39 +580,68 @@ class Terminated(KeyboardInterrupt):
     is: Python's default would end the process at once, leaving the temporary output and its lock."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated
+class _StopSignals:
+    """Raises on SIGINT and SIGTERM, and remembers which arrived. An extension the signal lands in
+    may turn the raised exception into one of its own (safetensors' reader gave a ValueError about
+    an UntypedStorage): the run still stopped because the user asked, so it ends as a stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, signal._HANDLER] = {}
+
+    def _raise(self, signum, frame) -> None:
+        self.received = self.received or signum
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignals:
+        # Python lets only the main thread set handlers; main() called from another thread keeps the
+        # defaults. A SIGINT that the caller ignores (nohup, a background job) stays ignored.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                current = signal.getsignal(signum)
+                if signum == signal.SIGTERM or current is signal.default_int_handler:
+                    self._previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():  # None: a handler set outside Python
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+
+
+def _stopped(command: str, signum: int) -> int:
+    if signum == signal.SIGTERM:
+        print(f"rankdown {command}: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"rankdown {command}: interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_logs()
-    # Python lets only the main thread set handlers; main() called from another thread keeps the default.
-    handles_term = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if handles_term else None
-    try:
-        if getattr(args, "model", None) is not None:
-            from rankdown.model_source import resolve_model
+    with _StopSignals() as stop:
+        try:
+            if getattr(args, "model", None) is not None:
+                from rankdown.model_source import resolve_model
 
-            args.model = resolve_model(args.model)
-        status = args.func(args)
-    except RankdownError as e:
-        print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Terminated:
-        print(f"rankdown {args.command}: terminated; nothing was written", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print(f"rankdown {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`rankdown info ... | head`): no traceback, and none at exit either,
-        # when Python flushes stdout into the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell tool killed by it
-    finally:
-        if handles_term:  # None: a handler set outside Python, which SIG_DFL stands for
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+                args.model = resolve_model(args.model)
+            status = args.func(args)
+        except Terminated:
+            return _stopped(args.command, signal.SIGTERM)
+        except KeyboardInterrupt:
+            return _stopped(args.command, signal.SIGINT)
+        except Exception as e:
+            if stop.received is not None:
+                return _stopped(args.command, stop.received)
+            if isinstance(e, RankdownError):
+                print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
+                return e.exit_code
+            if isinstance(e, BrokenPipeError):
+                # The reader went away (`rankdown info ... | head`): no traceback, and none at exit
+                # either, when Python flushes stdout into the closed pipe.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 141  # 128 + SIGPIPE, as a shell tool killed by it
+            raise
     return status or 0
 
 

@@ -1,8 +1,11 @@
 """The console script as a user runs it: one-line errors, non-zero exits, no tracebacks."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -205,3 +208,35 @@ def test_a_bundle_given_where_a_model_is_taken_is_named_as_one(joint_bundle, tmp
     status = main(["export", str(joint_bundle[1]), "-o", str(tmp_path / "again")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "a rankdown bundle (export's output), not a model folder" in err[0]
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_stop_that_a_library_turned_into_its_own_error_still_ends_as_a_stop(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             capsys, signum, status, word):
+    """The signal can land inside an extension that converts the raised exception (safetensors'
+    reader turned it into a ValueError in CI): the run still ends as the user asked, one line, no
+    traceback; and an error raised with no signal is not mistaken for one."""
+    import rankdown.compress.pipeline as pipeline
+    from rankdown.cli import main
+
+    def load_in_an_extension(model, out, cfg):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises during this sleep
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        raise AssertionError("the signal was not handled")
+
+    monkeypatch.setattr(pipeline, "compress", load_in_an_extension)
+    model = tiny_model_dir
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert main(["compress", str(model), "-o", str(tmp_path / "o"), "--ratio", "0.4"]) == status
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rankdown compress: {word}; nothing was written"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+    def fails(model, out, cfg):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(pipeline, "compress", fails)
+    with pytest.raises(ValueError, match="a real bug"):
+        main(["compress", str(model), "-o", str(tmp_path / "o"), "--ratio", "0.4"])
