@@ -69,7 +69,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
         progress(f"  executorch: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
                  f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
         rounding["gptq"] = {"linears": result.linears, "tokens": result.tokens,
-                            "error_vs_nearest": round(result.error_ratio, 4)}
+                            "error_vs_nearest": round(result.error_ratio, 4), "codes_sha256": result.codes_sha256}
     saved = fuse_inputs(quantized)
     if saved:
         progress(f"  executorch: the linears that read one input (q/k/v, gate/up) run as one GEMM each: "

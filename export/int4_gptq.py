@@ -19,6 +19,7 @@ the three tasks' windows taken in turn as compress takes a mix (what ``gptq_wind
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ class GptqResult:
     tokens: int
     error: float
     nearest_error: float
+    codes_sha256: str  # of every rounded linear's codes, in module order: validate's rebuild is checked against it
 
     @property
     def error_ratio(self) -> float:
@@ -92,6 +94,20 @@ def weighted_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: tor
     """tr(E H E^T), E = ``weight`` - ``dequantized``: the squared output error over the calibration tokens."""
     error = weight.to(torch.float64) - dequantized.to(torch.float64)
     return float(((error @ hessian.to(torch.float64)) * error).sum())
+
+
+def gptq_memory(config, windows: int = WINDOWS, seq_len: int = SEQ_LEN) -> int:
+    """Bytes GPTQ rounding holds beside the models: the hidden states of every calibration token
+    entering and leaving a layer (float32), one layer's X^T X sums (float64: attention, its output,
+    the MLP and its ``down``), and the widest linear's solve (its weights, codes and steps, and H,
+    its Cholesky factor and inverse, float64). A factor pair's halves are narrower than the dense linear."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
+    stream = 2 * windows * seq_len * hidden * 4
+    grams = 8 * (2 * hidden**2 + heads**2 + inner**2)
+    widest = max(hidden, inner, heads)
+    solve = 8 * (3 * widest**2 + 4 * widest * hidden)
+    return stream + grams + solve
 
 
 def gptq_windows(tokenizer, tasks: tuple[str, ...], windows: int = WINDOWS, seq_len: int = SEQ_LEN) -> torch.Tensor:
@@ -165,6 +181,7 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
     hidden = layer_inputs(float_model, windows)
     layers = quantized.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
+    digest = hashlib.sha256()
     for index, layer in enumerate(layers):
         linears = {name: m for name, m in layer.named_modules() if _is_4bit(m)}
         source = float_model.model.layers[index]
@@ -183,7 +200,8 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
             codes = gptq_codes(weight, hessian, scales, linear.quant_range)
             error += weighted_error(weight, codes * step, hessian)
             linear.weight.copy_(codes.to(linear.weight.dtype))
+            digest.update(f"{index}.{name}".encode() + codes.to(torch.int8).numpy().tobytes())
             rounded += 1
         if (index + 1) % 10 == 0 or index + 1 == len(layers):
             progress(f"  executorch: GPTQ rounding, layer {index + 1}/{len(layers)}")
-    return GptqResult(rounded, int(windows.numel()), error, nearest)
+    return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())

@@ -37,7 +37,7 @@ from rankdown.export.config import (
 )
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import FormatSpec, by_format
-from rankdown.export.int4_gptq import gptq_windows
+from rankdown.export.int4_gptq import gptq_memory, gptq_windows
 from rankdown.export.manifest import (
     MANIFEST_FILE,
     FormatEntry,
@@ -184,6 +184,11 @@ def _resolve_scales(cfg: ExportConfig, healed_int4: bool, progress: Callable[[st
     return cfg
 
 
+def default_rounding(healed_int4: bool) -> Int4Rounding:
+    """Nearest for a checkpoint healed through int4 (the codes it was trained for), else GPTQ."""
+    return Int4Rounding.NEAREST if healed_int4 else Int4Rounding.GPTQ
+
+
 def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[str], None]) -> ExportConfig:
     """``int4_rounding`` made explicit for an ExecuTorch export: unset, nearest for a checkpoint healed
     through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on such a
@@ -191,7 +196,7 @@ def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[
     if Format.EXECUTORCH not in cfg.formats:
         return dataclasses.replace(cfg, int4_rounding=None)  # ONNX int4 keeps onnxruntime's rounding
     if cfg.int4_rounding is None:
-        return dataclasses.replace(cfg, int4_rounding=Int4Rounding.NEAREST if healed_int4 else Int4Rounding.GPTQ)
+        return dataclasses.replace(cfg, int4_rounding=default_rounding(healed_int4))
     if healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:
         progress("warning: --int4-rounding gptq on a checkpoint healed through the 4-bit weights: it was trained "
                  "for nearest rounding's codes, which GPTQ moves")
@@ -226,9 +231,14 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
 
 
 def memory_estimate(ckpt, cfg: ExportConfig) -> int:
-    """The model's fp32 weights + the hungriest format's export (formats run one at a time)."""
+    """The model's fp32 weights + the hungriest format's export (formats run one at a time), + GPTQ
+    rounding's buffers where ExecuTorch int4 will round with it (it runs before the formats)."""
     weights = 4 * model_info(ckpt).total_params
-    return weights + max(by_format(f).memory.bytes_for(weights) for f in cfg.formats)
+    gptq = 0
+    if cfg.quantize is Quantize.INT4 and Format.EXECUTORCH in cfg.formats:
+        rounding = cfg.int4_rounding or default_rounding(healed_for_int4(_compression(ckpt.folder)))
+        gptq = gptq_memory(ckpt.config) if rounding is Int4Rounding.GPTQ else 0
+    return weights + gptq + max(by_format(f).memory.bytes_for(weights) for f in cfg.formats)
 
 
 def disk_estimate(ckpt, cfg: ExportConfig) -> int:

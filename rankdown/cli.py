@@ -187,7 +187,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rankdown.export.parity import top1_note
     from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
     from rankdown.validate.harness import validate
-    from rankdown.validate.report import fastest_threads, quantization_note
+    from rankdown.validate.report import fastest_threads, float_floor_note, quantization_note
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
                     greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop,
@@ -222,6 +222,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 f"{'' if p.strict_top1_agreement is None else f' ({p.strict_top1_agreement:.1%} the same token)'}"
                 f"{'' if p.reference == 'float' else ' against its quantized PyTorch model'}; exact match {em}; "
                 f"perplexity {ppl}")
+        if p.reference != "float" and p.float_top1_agreement is not None:
+            line += f"\n{'':<12} top-1 against the {float_floor_note(p)}"
         if r.executed_on:
             line += f"\n{'':<12} ran on {r.executed_on}"
         if note := quantization_note(name, r):

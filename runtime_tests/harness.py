@@ -221,7 +221,16 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
                  "as the export did")
         calibration = gptq_windows(tokenizer, tasks)
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
-    return None if quantized is None else quantized.model
+    if quantized is None:
+        return None
+    exported = ((manifest.formats[spec.name].quantization or {}).get("gptq") or {}).get("codes_sha256")
+    if calibration is not None and exported is not None:  # None: a bundle made before the digest
+        same = quantized.summary["gptq"]["codes_sha256"] == exported
+        # GPTQ's solves are float arithmetic: another CPU's BLAS may round a code the other way
+        quantized.model.note = ("its GPTQ codes rebuilt identical to the export's" if same else
+                                "warning: its GPTQ codes rebuilt here differ from the export's (this machine's "
+                                "arithmetic), so the runtime is held to a near neighbour of the model it lowered")
+    return quantized.model
 
 
 def _data(manifest: Manifest, cfg: ValidateConfig):
@@ -534,7 +543,8 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa,
                           cache_max_abs_logit_diff=cache_diff, cache_consistent=cache_ok,
                           reference="float" if float_check is None else "quantized", float_top1_agreement=floor_top1,
                           p95_abs_logit_diff=p95, float_prompt_tasks=() if float_check is None else float_check.tasks,
-                          top1_tie=b.top1_tie, strict_top1_agreement=strict)
+                          top1_tie=b.top1_tie, strict_top1_agreement=strict,
+                          float_top1_floor=None if float_check is None else float_check.min_top1)
     em = _exact_match(tokenizer, result["answers"], qa)
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,

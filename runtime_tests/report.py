@@ -25,7 +25,8 @@ from rankdown.export.parity import top1_note
 # near-ties within top1_tie x logit_scale, and the same-token agreement is kept beside it.
 # 8: ``thread_sweep`` per runtime (validate --sweep-threads): the bundle timed at each thread count.
 # 9: ``quality.quantized_reference_exact_match``: the bundle's quantized weights in PyTorch (int4).
-SCHEMA_VERSION = 9
+# 10: ``parity.float_top1_floor``: the least ``float_top1_agreement`` that passes.
+SCHEMA_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ParityReport:
     float_prompt_tasks: tuple[str, ...] = ()  # whose evaluation text float_top1_agreement is on; () without it
     top1_tie: float = 0.0  # top1_agreement counted near-ties within this x logit_scale; 0: the same token
     strict_top1_agreement: float | None = None  # with a tie: the agreement on the same token
+    float_top1_floor: float | None = None  # the least float_top1_agreement that passes; None without it
 
 
 @dataclass(frozen=True)
@@ -314,5 +316,11 @@ def _plot_comparison(report: Report, path: Path) -> None:
 def _against(parity: ParityReport) -> str:
     if parity.reference == "float" or parity.float_top1_agreement is None:
         return ""
-    return (f" (against the quantized PyTorch model; float model {parity.float_top1_agreement:.1%} on "
-            f"{', '.join(parity.float_prompt_tasks)} text)")
+    return f" (against the quantized PyTorch model; {float_floor_note(parity)})"
+
+
+def float_floor_note(parity: ParityReport) -> str:
+    """The float model's top-1 and the floor it is held to, for a runtime against a quantized reference."""
+    floor = "" if parity.float_top1_floor is None else f", floor {parity.float_top1_floor:.1%}"
+    return (f"float model {parity.float_top1_agreement:.1%} on {', '.join(parity.float_prompt_tasks)} "
+            f"text{floor}")

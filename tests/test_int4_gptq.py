@@ -167,3 +167,25 @@ def test_gptq_needs_its_calibration_windows():
     with pytest.raises(ValueError, match="calibration"):
         et.quantize(load_model(ckpt), ckpt.record, ExportConfig(formats="executorch", quantize="int4"),
                     progress=lambda _: None)
+
+
+def test_the_export_budgets_gptq_rounding_s_buffers():
+    """The export's memory check counts GPTQ's calibration stream and solves where ExecuTorch int4 rounds
+    with it, and only there; for an 8B Llama they are gigabytes, not a rounding error."""
+    from transformers import LlamaConfig
+
+    from rankdown.compress.calibration import layer_inputs
+    from rankdown.export.int4_gptq import gptq_memory
+    from rankdown.export.pipeline import memory_estimate
+
+    ckpt = open_checkpoint(SHIPPED_MODEL)
+    gptq = memory_estimate(ckpt, ExportConfig(quantize="int4"))
+    nearest = memory_estimate(ckpt, ExportConfig(quantize="int4", int4_rounding="nearest"))
+    assert gptq - nearest == gptq_memory(ckpt.config) > 0
+    assert memory_estimate(ckpt, ExportConfig(formats="onnx", quantize="int4")) < nearest  # ONNX int4: no GPTQ
+    # the stream it holds: every calibration token's hidden state entering and leaving a layer
+    windows = gptq_windows(load_tokenizer(SHIPPED_MODEL), GENERIC_TASKS)
+    stream = layer_inputs(load_model(ckpt).eval(), windows).float()
+    assert 2 * stream.nbytes < gptq_memory(ckpt.config)
+    llama8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    assert gptq_memory(llama8b) > 4 * 2**30

@@ -46,7 +46,7 @@ def test_onnx_int4_export_is_held_to_its_read_back_weights(int4_bundle):
     # GPTQ rounding by default for a checkpoint not healed through int4, on its task's calibration text
     assert manifest.options["int4_rounding"] == "gptq"
     gptq = manifest.formats["executorch"].quantization["gptq"]
-    assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1
+    assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1 and len(gptq["codes_sha256"]) == 64
     # the kernels are checked on the generic text, the float floor on the task the checkpoint was compressed for
     for entry in manifest.formats.values():
         assert entry.lowering is not None and entry.lowering.tasks == GENERIC_TASKS and entry.parity.tasks == ("math",)
@@ -61,7 +61,10 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
     from rankdown.validate.report import quantization_note
 
     _, bundle, _, _ = int4_bundle
-    report = validate(bundle, ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=quiet)
+    said: list[str] = []
+    report = validate(bundle, ValidateConfig(latency=None, max_examples=3, max_tokens=256), progress=said.append)
+    # the GPTQ codes rebuilt for the reference are the ones the export lowered (the manifest's digest)
+    assert any("its GPTQ codes rebuilt identical to the export's" in line for line in said), said
     assert set(report.runtimes) == {"onnxruntime", "executorch"}
     for name, result in report.runtimes.items():
         parity = result.parity
@@ -273,3 +276,21 @@ def test_the_kernel_bench_rebuilds_the_bundles_own_nodes_kind_by_kind(int4_bundl
     assert not {"MatMulNBits", "GroupQueryAttention"} & set(kinds["others"])
     for part in parts.values():
         assert KernelRun(part, threads=1).milliseconds(runs=2) > 0
+
+
+def test_validate_says_when_its_rebuilt_gptq_codes_are_not_the_exported_ones(int4_bundle):
+    """GPTQ's solves are float arithmetic: on another CPU a code may round the other way. The rebuilt
+    reference is then not the model the .pte lowered, and validate says so instead of passing it off."""
+    from rankdown.checkpoint import load_tokenizer
+    from rankdown.validate.config import Runtime
+    from rankdown.validate.harness import _lowered_model
+
+    folder, bundle, manifest, _ = int4_bundle
+    ckpt = open_checkpoint(folder)
+    model = load_model(ckpt).eval()
+    entry = manifest.formats["executorch"]
+    gptq = dict(entry.quantization["gptq"], codes_sha256="0" * 64)
+    other = dataclasses.replace(manifest, formats=dict(manifest.formats, executorch=dataclasses.replace(
+        entry, quantization=dict(entry.quantization, gptq=gptq))))
+    lowered = _lowered_model(model, ckpt.record, other, Runtime("executorch"), bundle, tokenizer=load_tokenizer(bundle))
+    assert lowered.note.startswith("warning: its GPTQ codes rebuilt here differ from the export's"), lowered.note

@@ -283,13 +283,16 @@ def test_head_bits_is_refused_without_int4():
 
 
 
-def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(onnx_int4_bundles, tmp_path):
+def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(onnx_int4_bundles, tmp_path,
+                                                                                        capsys):
     """An int4 artifact whose runtime matches its quantized PyTorch model but keeps fewer of the float
     model's top tokens than the floor fails in one line that puts the loss on the weights and names
     the floor that would accept it; exported with that floor it passes, the manifest records it, and
     validate holds the bundle to the floor it was exported with (a bad one in the manifest is named)."""
     import json
     import re
+
+    from rankdown.cli import main
 
     folder, _, (_, default) = onnx_int4_bundles
     kept = default.formats["onnx"].parity.top1_agreement
@@ -308,11 +311,20 @@ def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(
     manifest = export(folder, bundle, ExportConfig(formats="onnx", quantize="int4", min_top1=accept), progress=quiet)
     assert manifest.options["min_top1"] == accept and manifest.formats["onnx"].parity.passed
     plain = ValidateConfig(runtimes="onnxruntime", latency=None, max_examples=3, max_tokens=256)
-    assert "onnxruntime.parity.float_top1_agreement" not in validate(bundle, plain, progress=quiet).failures
+    passed = validate(bundle, plain, progress=quiet)
+    assert "onnxruntime.parity.float_top1_agreement" not in passed.failures
+    assert passed.runtimes["onnxruntime"].parity.float_top1_floor == accept  # reported beside the top-1
     raw = json.loads((bundle / "manifest.json").read_text())
     raw["options"]["min_top1"] = 1.0  # the floor the bundle says it was exported with, and no other
     (bundle / "manifest.json").write_text(json.dumps(raw))
-    assert "onnxruntime.parity.float_top1_agreement" in validate(bundle, plain, progress=quiet).failures
+    status = main(["validate", str(bundle), "--runtime", "onnxruntime", "--no-latency", "--max-examples", "3",
+                   "--report", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    assert status == 1 and "top-1 against the float model" in printed and ", floor 100.0%" in printed, printed
+    failed_floor = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "onnxruntime.parity.float_top1_agreement" in failed_floor["failures"]
+    assert failed_floor["runtimes"]["onnxruntime"]["parity"]["float_top1_floor"] == 1.0
+    assert "floor 100.0%" in (tmp_path / "report" / "report.md").read_text()
     raw["options"]["min_top1"] = "high"
     (bundle / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(RankdownError, match=r"manifest.json: options.min_top1 must be a share in \(0, 1\], got 'high'"):
