@@ -25,7 +25,7 @@ from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.compress.config import CompressConfig, Healing, Method
 from rankdown.compress.pipeline import compress
-from rankdown.devices.profile import DeviceProfile
+from rankdown.devices.profile import DeviceProfile, ExecuTorchRunner
 from rankdown.devices.runners import runner_for
 from rankdown.errors import ParityError, RankdownError
 from rankdown.evaluate import EvalConfig, evaluate
@@ -35,7 +35,7 @@ from rankdown.export.manifest import MANIFEST_FILE, Manifest
 from rankdown.export.pipeline import export
 from rankdown.schema import coerce_enums
 from rankdown.tasks import Split, load_task
-from rankdown.validate.config import ValidateConfig
+from rankdown.validate.config import Runtime, ValidateConfig
 from rankdown.validate.harness import validate
 from rankdown.validate.report import write_report
 
@@ -103,32 +103,46 @@ class FitReport:
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / DEFAULT_GROUP
 
 
-def memory_mb(model, quantize: Quantize, max_seq_len: int) -> float:
+def memory_mb(model, quantize: Quantize, max_seq_len: int, packed_twice: bool = False) -> float:
     """Weights the runtime holds (int8: 1 byte a linear weight + a float scale per output
     channel; a tied head becomes its own int8 copy; int4: the decoder linears at
     ``INT4_BYTES_PER_WEIGHT``, the head and the token table 8-bit per row, a tied table once, as
     the ExecuTorch export stores them (ONNX's 4-bit table is smaller)) + an fp32 KV cache of
-    ``max_seq_len``."""
+    ``max_seq_len``. ``packed_twice``: ExecuTorch's Python runtime packs the linears' weights once
+    for each method, so a quantized .pte's ``decode_step`` (on by default) holds a second copy
+    (rankdown-et-runner shares one through XNNPACK's weight cache)."""
     c = model.config
     weights = sum(p.numel() for p in model.parameters()) * 4  # tied and shared weights once
     embedding = getattr(model.get_input_embeddings(), "weight", None)  # None: a factored table
     linears = {id(m): m for m in model.modules() if isinstance(m, nn.Linear)}.values()
+    linear_bytes = 0.0  # the linears' weights as the runtime holds them
     if quantize is Quantize.INT8:
         for linear in linears:
             w = linear.weight
             weights += w.shape[0] * 4 + (w.numel() if w is embedding else -3 * w.numel())
+            linear_bytes += w.numel() + w.shape[0] * 4
     elif quantize is Quantize.INT4:
         head = model.get_output_embeddings()
         head_weights = {id(m.weight) for m in head.modules() if isinstance(m, nn.Linear)} if head is not None else set()
         for linear in linears:
             w = linear.weight
-            weights -= (3 * w.numel() - w.shape[0] * 4 if id(w) in head_weights
-                        else (4 - INT4_BYTES_PER_WEIGHT) * w.numel())
+            held = w.numel() + w.shape[0] * 4 if id(w) in head_weights else INT4_BYTES_PER_WEIGHT * w.numel()
+            weights -= 4 * w.numel() - held
+            linear_bytes += held
         if embedding is not None and id(embedding) not in head_weights:  # an untied table, 8-bit
             weights -= 3 * embedding.numel() - embedding.shape[0] * 4
+    else:
+        linear_bytes = sum(4 * m.weight.numel() for m in linears)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * max_seq_len * 4
-    return (weights + kv) / 2**20
+    return (weights + (linear_bytes if packed_twice else 0) + kv) / 2**20
+
+
+def packs_twice(profile: DeviceProfile, quantize: Quantize) -> bool:
+    """Whether the device's ExecuTorch runtime holds a second packed copy of the weights: the Python
+    runtime, for a quantized .pte, which has ``decode_step`` by default (export's ``wants_decode_method``)."""
+    return (Runtime("executorch") in profile.runtimes and profile.executorch_runner is ExecuTorchRunner.PYTHON
+            and quantize is not Quantize.NONE)
 
 
 PRECISION_ORDER = (Quantize.NONE.value, Quantize.INT8.value, Quantize.INT4.value)
@@ -173,7 +187,7 @@ def fit(model_dir: Path | str, out: Path | str, profile: DeviceProfile, cfg: Fit
             score = evaluate(model, tokenizer, data, EvalConfig(max_examples=cfg.max_examples, max_tokens=0)).exact_match
             assert score is not None, "fit's tasks are exact-match tasks"
             for q in cfg.quantize:
-                need = memory_mb(model, q, cfg.max_seq_len)
+                need = memory_mb(model, q, cfg.max_seq_len, packed_twice=packs_twice(profile, q))
                 candidates.append(Candidate(ratio, q.value, sum(p.numel() for p in model.parameters()), round(need, 2),
                                             score, need <= budget, cfg.min_score is None or score >= cfg.min_score))
                 progress(f"fit: ratio {ratio} {q.value:<4} needs {need:7.1f} MB of {budget:.0f}, exact match {score:.1%}")

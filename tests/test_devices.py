@@ -436,6 +436,29 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
     assert report.chosen.memory_mb < dense_fp32.memory_mb
 
 
+def test_fit_counts_the_second_packed_copy_of_executorch_s_python_runtime(tmp_path, shipped_model_dir):
+    """ExecuTorch's Python runtime packs a quantized .pte's weights once for forward and once for
+    decode_step; rankdown-et-runner shares one copy, and ONNX has none to share."""
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.devices.fit import memory_mb, packs_twice
+    from rankdown.export.config import Quantize
+
+    body = "arch='host'\nruntimes=[{}]\nthreads=2\nmemory_mb=4096\n{}[transport]\nkind='local'\n"
+    python = load_profile(_profile(tmp_path, "py", body.format("'onnxruntime', 'executorch'", "")))
+    native = load_profile(_profile(tmp_path, "native", body.format("'executorch'", "executorch_runner='native'\n")))
+    onnx = load_profile(_profile(tmp_path, "onnx", body.format("'onnxruntime'", "")))
+    assert packs_twice(python, Quantize.INT4) and packs_twice(python, Quantize.INT8)
+    assert not packs_twice(python, Quantize.NONE)  # an fp32 .pte has no decode_step by default
+    assert not packs_twice(native, Quantize.INT4) and not packs_twice(onnx, Quantize.INT4)
+    model = load_model(open_checkpoint(shipped_model_dir))
+    extra = {}
+    for q in (Quantize.INT8, Quantize.INT4):
+        once = memory_mb(model, q, 256)
+        extra[q] = memory_mb(model, q, 256, packed_twice=True) - once
+        assert 0 < extra[q] < once
+    assert extra[Quantize.INT4] < extra[Quantize.INT8]
+
+
 def test_fit_takes_int4_where_only_int4_fits(tmp_path, shipped_model_dir):
     """int4 candidates rank after fp32 and int8 at the same score, so they are chosen where only they
     fit; the estimate bounds what the exported 4-bit files and the cache take."""
