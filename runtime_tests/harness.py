@@ -223,13 +223,14 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     if quantized is None:
         return None
-    exported = ((manifest.formats[spec.name].quantization or {}).get("gptq") or {}).get("codes_sha256")
-    if calibration is not None and exported is not None:  # None: a bundle made before the digest
-        same = quantized.summary["gptq"]["codes_sha256"] == exported
-        # GPTQ's solves are float arithmetic: another CPU's BLAS may round a code the other way
-        quantized.model.note = ("its GPTQ codes rebuilt identical to the export's" if same else
-                                "warning: its GPTQ codes rebuilt here differ from the export's (this machine's "
-                                "arithmetic), so the runtime is held to a near neighbour of the model it lowered")
+    if calibration is not None:
+        exported = ((manifest.formats[spec.name].quantization or {}).get("gptq") or {}).get("codes_sha256")
+        if exported is not None:  # None: a bundle made before the digest
+            same = quantized.summary["gptq"]["codes_sha256"] == exported
+            # GPTQ's solves are float arithmetic: another CPU's BLAS may round a code the other way
+            quantized.model.note = ("its GPTQ codes rebuilt identical to the export's" if same else
+                                    "warning: its GPTQ codes rebuilt here differ from the export's (this machine's "
+                                    "arithmetic), so the runtime is held to a near neighbour of the model it lowered")
     return quantized.model
 
 

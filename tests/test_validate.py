@@ -44,7 +44,7 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 9 and raw["passed"] is True and raw["comparisons"] == {}
+    assert raw["schema_version"] == 10 and raw["passed"] is True and raw["comparisons"] == {}
     env = raw["environment"]
     assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
                              "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
