@@ -52,7 +52,8 @@ class Int4Scales(str, Enum):
 
 
 class Int4Rounding(str, Enum):
-    """How ExecuTorch int4 picks each weight's code at the chosen scales (export/int4_gptq.py)."""
+    """How int4 picks each weight's code at the chosen scales (export/int4_gptq.py; ONNX on its graph's
+    blocks, export/onnx_int4_gptq.py)."""
 
     # GPTQ on calibration text of --task (else the checkpoint's tasks, else the generic ones): dense
     # SmolLM2-135M in PyTorch 8da4w, perplexity x1.161 of the float model's against nearest's x1.337
@@ -169,7 +170,7 @@ class ExportConfig:
     # int4: how each group's scale is chosen (ExecuTorch; ONNX with absmax); None: absmax for a checkpoint
     # healed through the 4-bit weights (the scales it was trained for), else hqq
     int4_scales: Int4Scales | None = None
-    # ExecuTorch int4: how each weight's code is picked at those scales; None: nearest for a checkpoint
+    # int4, both formats: how each weight's code is picked at those scales; None: nearest for a checkpoint
     # healed through the 4-bit weights (the codes it was trained for), else gptq
     int4_rounding: Int4Rounding | None = None
     # int4: the task(s) the bundle is for ("compare", "compare+code"): GPTQ rounding's calibration text and

@@ -29,7 +29,7 @@ from rankdown.export.et_rotary import matmul_rotary
 from rankdown.export.et_views import drop_unit_reshapes, reshape_unit_permutes
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
-from rankdown.export.int4_gptq import gptq_round
+from rankdown.export.int4_gptq import gptq_record, gptq_round
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
@@ -68,8 +68,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
         result = gptq_round(quantized, model, calibration, progress)
         progress(f"  executorch: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
                  f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
-        rounding["gptq"] = {"linears": result.linears, "tokens": result.tokens,
-                            "error_vs_nearest": round(result.error_ratio, 4), "codes_sha256": result.codes_sha256}
+        rounding["gptq"] = gptq_record(result)
     saved = fuse_inputs(quantized)
     if saved:
         progress(f"  executorch: the linears that read one input (q/k/v, gate/up) run as one GEMM each: "

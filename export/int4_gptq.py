@@ -56,6 +56,12 @@ class GptqResult:
         return self.error / self.nearest_error if self.nearest_error > 0 else 1.0
 
 
+def gptq_record(result: GptqResult) -> dict:
+    """The manifest's record of a GPTQ rounding."""
+    return {"linears": result.linears, "tokens": result.tokens,
+            "error_vs_nearest": round(result.error_ratio, 4), "codes_sha256": result.codes_sha256}
+
+
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor,
                quant_range: tuple[int, int] = (QMIN, QMAX), damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
     """The integer codes (rows x columns, float64) of ``weight`` (rows x columns) at the fixed
@@ -63,10 +69,24 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor
     (columns x columns, the inputs' X^T X). With a diagonal ``hessian`` nothing is carried from one
     column to the next, and the codes are nearest rounding's."""
     rows, columns = weight.shape
+    return gptq_codes_at(weight, hessian, _steps(scales.detach().to(torch.float64), rows, columns), None,
+                         quant_range, damp, block)
+
+
+def gptq_codes_at(weight: torch.Tensor, hessian: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None,
+                  quant_range: tuple[int, int], damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
+    """``gptq_codes`` with each weight's own ``step`` and integer ``zero`` point (rows x columns; None:
+    symmetric, zero 0), dequantized as ``(code - zero) * step``: an asymmetric block format such as
+    onnxruntime's ``MatMulNBits``. A step of 0 (a block of zeros) dequantizes to 0 whatever the code;
+    its code is the zero point."""
+    rows, columns = weight.shape
     low, high = quant_range
     w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
-    step = _steps(scales.detach().to(torch.float64), rows, columns)
+    step = step.to(torch.float64)
+    zero = torch.zeros_like(step) if zero is None else zero.to(torch.float64)
+    live = step != 0
+    divisor = torch.where(live, step, torch.ones_like(step))
     dead = torch.diagonal(h) == 0  # an input that is always zero: its weights do nothing
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -81,9 +101,10 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor
         local = inverse[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            q = torch.clamp(torch.round(part[:, i] / step[:, column]), low, high)
+            q = torch.clamp(torch.round(part[:, i] / divisor[:, column]) + zero[:, column], low, high)
+            q = torch.where(live[:, column], q, zero[:, column])
             codes[:, column] = q
-            error = (part[:, i] - q * step[:, column]) / local[i, i]
+            error = (part[:, i] - (q - zero[:, column]) * step[:, column]) / local[i, i]
             part[:, i:] -= error[:, None] * local[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
@@ -116,7 +137,7 @@ def gptq_windows(tokenizer, tasks: tuple[str, ...], windows: int = WINDOWS, seq_
     return task_windows(tokenizer, tasks, Split.CALIBRATION, seq_len, windows * seq_len)
 
 
-class _Grams:
+class InputGrams:
     """X^T X of each hooked linear's input, summed over the calibration tokens. Within one call of the
     layer, the linears that read one tensor (q/k/v, gate/up, or their factor pairs' ``down``s, which
     their ``up``s run between) share one sum, and a shared ``down`` its members call once each adds it once."""
@@ -185,7 +206,7 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
     for index, layer in enumerate(layers):
         linears = {name: m for name, m in layer.named_modules() if _is_4bit(m)}
         source = float_model.model.layers[index]
-        grams = _Grams(source, {name: source.get_submodule(name) for name in linears})
+        grams = InputGrams(source, {name: source.get_submodule(name) for name in linears})
         try:
             hidden = run_layer(float_model, source, hidden, BATCH)
         finally:

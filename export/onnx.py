@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rankdown.errors import RankdownError
-from rankdown.export.config import ExportConfig, Int4Scales, OnnxGraph, Quantize
+from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, OnnxGraph, Quantize
 from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
@@ -38,8 +38,10 @@ def preflight(cfg: ExportConfig) -> None:
 
 
 def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
-           progress=print) -> tuple[float, FactorNodes, None, dict | None]:
-    seconds, nodes, quantization = export_onnx(model, record, bundle, cfg)
+           progress=print, calibration=None) -> tuple[float, FactorNodes, None, dict | None]:
+    """``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's ``gptq_windows``),
+    needed for int4 when ``cfg.rounding`` is GPTQ."""
+    seconds, nodes, quantization = export_onnx(model, record, bundle, cfg, calibration, progress)
     if quantization is not None:
         blocks = ", ".join(f"{count} in blocks of {block}" for block, count in
                            quantization["decoder_block_sizes"].items())
@@ -104,10 +106,11 @@ def positions(path: Path, options: dict) -> int | None:
     return trained_positions(Path(path).parent / "config.json")
 
 
-def export_onnx(model, record: FactorRecord, bundle: Path,
-                cfg: ExportConfig) -> tuple[float, FactorNodes, dict | None]:
+def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, calibration=None,
+                progress=print) -> tuple[float, FactorNodes, dict | None]:
     """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds, node counts
-    and, for int4, what the quantizer did."""
+    and, for int4, what the quantizer did. ``model``: the float model the graph is exported from,
+    whose hidden states on ``calibration`` GPTQ rounding takes the inputs' statistics from."""
     import onnx
 
     out = bundle / SUBDIR
@@ -137,7 +140,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
             # the decoder's MatMulNBits then hold to the bit, in its group (per channel included).
             healed = cfg.group if cfg.scales is Int4Scales.ABSMAX else None
             summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits,
-                                    healed_group=healed).as_dict()
+                                    healed_group=healed, reround=_gptq(model, cfg, calibration, progress)).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)
@@ -149,6 +152,22 @@ def export_onnx(model, record: FactorRecord, bundle: Path,
                                 f"({nodes.found} -> {requantized.found})")
         nodes = requantized
     return time.perf_counter() - start, nodes, summary
+
+
+def _gptq(model, cfg: ExportConfig, calibration, progress):
+    """The int4 graph's re-rounding when ``cfg.rounding`` is GPTQ (export/onnx_int4_gptq.py), else None."""
+    if cfg.rounding is not Int4Rounding.GPTQ:
+        return None
+    if calibration is None:
+        raise ValueError("GPTQ rounding needs calibration windows")
+    from rankdown.export.onnx_int4_gptq import gptq_round_graph
+
+    def reround(graph):
+        result = gptq_round_graph(graph, model, calibration, progress)
+        progress(f"  onnx: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
+                 f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
+        return result
+    return reround
 
 
 def _export_fused(model, stage: Path) -> None:

@@ -38,6 +38,10 @@ positions, one thread; docs/measurements.md has the table):
   interleaved (fewer scale bytes, no zero points) and a 2% smaller file; a per-channel row is stored
   in the block MLAS runs fastest (``channel_block``: fewer blocks, the last zero-padded), decode
   1.106x interleaved against the largest exact block, in a 3% larger file;
+- the codes: each weight rounded to its nearest code at the quantizer's blocks, or, for a checkpoint
+  not healed through int4 (the export's default there, ``--int4-rounding``), chosen again by GPTQ at
+  the same blocks once the graph is finished (``reround``, export/onnx_int4_gptq.py): same file, nodes
+  and kernels;
 - the token embedding of an untied model: 4-bit ``GatherBlockQuantized`` (blocks of ``group_size`` along the hidden
   axis), the only Gather quantization the library has (no 8-bit); it halves the shipped model's
   int4 file (7.6 -> 4.0 MB) with no loss of agreement. The library moves the graph from opset 18 to
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +86,7 @@ class Int4Summary:
     accuracy_level: int
     scales: str  # how the block scales are stored
     scheme: str = QUANTIZER  # who chose the decoder's codes and scales
+    rounding: dict | None = None  # how the decoder's codes were picked at those scales (GPTQ: its summary)
 
     def as_dict(self) -> dict:
         return {"scheme": self.scheme, "int4_matmuls": self.int4_matmuls,
@@ -91,7 +97,7 @@ class Int4Summary:
                 "decoder_block_sizes": {str(b): n for b, n in self.block_sizes.items()},  # JSON keys
                 "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level,
-                "scales": self.scales}
+                "scales": self.scales, **(self.rounding or {"rounding": "nearest"})}
 
 
 def _head_node(graph):
@@ -327,11 +333,13 @@ def _half_scales(graph, exact: bool = False) -> int:
 def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMMETRIC,
                   accuracy_level: int = ACCURACY_LEVEL, embedding_4bit: bool = True, head_bits: int = 8,
                   fp16_scales: bool = FP16_SCALES, fuse_inputs: bool = True, healed_group: int | None = None,
-                  block_cost: int = BLOCK_COST) -> Int4Summary:
+                  block_cost: int = BLOCK_COST, reround: Callable[[Any], Any] | None = None) -> Int4Summary:
     """Write ``dst``: the fp32 graph ``src`` with 4-bit factors and embedding and a ``head_bits`` head (the
     keyword arguments are the alternatives measured above). ``healed_group``: the decoder's MatMuls
     hold the export's own symmetric int4 in that group (``PER_CHANNEL`` included), the weights a
-    checkpoint healed through them was trained for, instead of onnxruntime's asymmetric blocks."""
+    checkpoint healed through them was trained for, instead of onnxruntime's asymmetric blocks.
+    ``reround``: given the finished graph, picks the decoder's codes again at its blocks and returns
+    what it did (GPTQ: export/onnx_int4_gptq.py's ``gptq_round_graph``, a ``GptqResult``)."""
     import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -403,6 +411,12 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     # After the biases are folded: a first stage's own bias (attention_bias) is stacked with its rows.
     fused_input_linears = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     half_scales = _half_scales(quantized.model.graph, exact=healed_group is not None) if fp16_scales else 0
+    # last: the codes are chosen at the scales as stored (fp16), the ones the kernels run
+    rounding = None
+    if reround is not None:
+        from rankdown.export.int4_gptq import gptq_record
+
+        rounding = {"rounding": "gptq", "gptq": gptq_record(reround(quantized.model.graph))}
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:
@@ -426,4 +440,5 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                        scheme=(QUANTIZER if healed_group is None else
                                f"symmetric absmax int4 {group_label(healed_group)} "
                                "(max |w| / 7.5, the numerics --heal-quantize trains through)"),
-                       scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"))
+                       scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"),
+                       rounding=rounding)

@@ -41,7 +41,7 @@ from rankdown.errors import RankdownError
 from rankdown.export.factor_nodes import onnx_node_scope
 from rankdown.export.onnx_fused_inputs import fused_members
 
-_QKV = ("q_proj", "k_proj", "v_proj")
+PACKED_QKV = ("q_proj", "k_proj", "v_proj")
 INT8_INPUTS = 4  # MatMulNBits' accuracy level that rounds its input to int8 per block
 # Dequantized weights kept for the whole check below this, made per call above it (int4_reference):
 # SmolLM2-135M's dense ones are about 0.5 GB and stay kept, a 1B model's would be a second 5 GB copy.
@@ -220,7 +220,7 @@ def lookup_reads_a_matmul_weight(graph) -> bool:
     return False
 
 
-def _module_path(node_name: str, names: set[str]) -> str | None:
+def module_path(node_name: str, names: set[str]) -> str | None:
     """The linear a node belongs to: its scope as export/factor_nodes.py reads it, with as many
     leading parts dropped as it takes to name a module of the model."""
     parts = onnx_node_scope(node_name).split(".")
@@ -261,7 +261,7 @@ def _graph_numerics(model, model_path: Path, rounds: Rounds | None = None
     overrides: dict[str, BlockWeight | LookupTable] = {}
     int8_inputs: dict[str, int] = {}
     for node, weight in graph_weights(model_path, graph).items():
-        path = _module_path(node, linears)
+        path = module_path(node, linears)
         rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
                         and rounds(weight.bits, weight.block_size, weight.zero_points is not None))
         if path is not None:
@@ -271,12 +271,12 @@ def _graph_numerics(model, model_path: Path, rounds: Rounds | None = None
             if rounds_input:
                 int8_inputs[path] = weight.block_size
             continue
-        packed = _module_path(node.replace("qkv_proj", "q_proj"), linears)
+        packed = module_path(node.replace("qkv_proj", "q_proj"), linears)
         if packed is None or "qkv_proj" not in node:
             raise RankdownError(f"{model_path}: MatMulNBits node {node} matches no linear of the model "
                                 f"(is the model the checkpoint this graph was exported from?)")
         start = 0
-        for proj in _QKV:
+        for proj in PACKED_QKV:
             linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
             rows = linear.out_features
             overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = weight.take(slice(start, start + rows))

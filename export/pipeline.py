@@ -190,11 +190,9 @@ def default_rounding(healed_int4: bool) -> Int4Rounding:
 
 
 def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[str], None]) -> ExportConfig:
-    """``int4_rounding`` made explicit for an ExecuTorch export: unset, nearest for a checkpoint healed
-    through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on such a
-    checkpoint is kept, with a warning."""
-    if Format.EXECUTORCH not in cfg.formats:
-        return dataclasses.replace(cfg, int4_rounding=None)  # ONNX int4 keeps onnxruntime's rounding
+    """``int4_rounding`` made explicit for an int4 export (both formats): unset, nearest for a checkpoint
+    healed through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on
+    such a checkpoint is kept, with a warning."""
     if cfg.int4_rounding is None:
         return dataclasses.replace(cfg, int4_rounding=default_rounding(healed_int4))
     if healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:
@@ -232,10 +230,11 @@ def export(model_dir: Path | str, bundle: Path | str, cfg: ExportConfig = Export
 
 def memory_estimate(ckpt, cfg: ExportConfig) -> int:
     """The model's fp32 weights + the hungriest format's export (formats run one at a time), + GPTQ
-    rounding's buffers where ExecuTorch int4 will round with it (it runs before the formats)."""
+    rounding's buffers where int4 will round with it (ONNX holds them beside its graph, ExecuTorch
+    before lowering: the hungriest format's figure covers either)."""
     weights = 4 * model_info(ckpt).total_params
     gptq = 0
-    if cfg.quantize is Quantize.INT4 and Format.EXECUTORCH in cfg.formats:
+    if cfg.quantize is Quantize.INT4:
         rounding = cfg.int4_rounding or default_rounding(healed_for_int4(_compression(ckpt.folder)))
         gptq = gptq_memory(ckpt.config) if rounding is Int4Rounding.GPTQ else 0
     return weights + gptq + max(by_format(f).memory.bytes_for(weights) for f in cfg.formats)
@@ -321,8 +320,10 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
             quantized = None if quantize is None else quantize(model, ckpt.record, cfg, progress, calibration=calibration)
             lowered_reference = ([torch_greedy(quantized.model, p, cfg.parity_new_tokens) for p in prompts]
                                  if cfg.check and quantized is not None else None)
+            # a format quantized on its graph (ONNX) rounds there, with the same calibration
             seconds, nodes, delegation, quantization = module.export(
-                model, ckpt.record, tmp, cfg, progress, **({} if quantize is None else {"quantized": quantized}))
+                model, ckpt.record, tmp, cfg, progress,
+                **({"calibration": calibration} if quantize is None else {"quantized": quantized}))
             del quantized
             spec.module().check_file(tmp / spec.artifact, tmp)
             read_back = getattr(module, "lowered_model", None)

@@ -173,8 +173,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                        check=not args.no_check,
                        overwrite=args.overwrite, **{k: v for k, v in per_format.items() if v is not None})
     for flag, value, name in (("--backend", args.backend, "executorch"), ("--decode-method", args.decode_method, "executorch"),
-                              ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx"),
-                              ("--int4-rounding", args.int4_rounding, "executorch")):
+                              ("--max-seq-len", args.max_seq_len, "executorch"), ("--onnx-graph", args.onnx_graph, "onnx")):
         fmt = Format(name)
         if value is not None and fmt not in cfg.formats:
             raise RankdownError(f"{flag} applies to the {fmt.value} format, which --format {args.format} leaves out")
@@ -475,9 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "symmetric, in both formats, the numerics healing trains through). Default: absmax for a "
                           "checkpoint healed through int4 weights (compress --heal-quantize), else hqq")
     exp.add_argument("--int4-rounding", default=None, choices=choices(Int4Rounding),
-                     help="ExecuTorch int4: how each weight's code is picked at its group's scale (gptq: GPTQ on "
-                          "32768 tokens of --task's calibration text, about 90 s for SmolLM2-135M on 2 cores; "
-                          "nearest: round each weight alone). Default: "
+                     help="int4: how each weight's code is picked at its block's scale, in both formats (gptq: "
+                          "GPTQ on up to 32768 tokens of --task's calibration text, about 90 s a format for "
+                          "SmolLM2-135M on 2 cores; nearest: round each weight alone). Default: "
                           "nearest for a checkpoint healed through int4 weights, else gptq")
     exp.add_argument("--task", default=None,
                      help="int4: the task the bundle is for (one of the built-in tasks, or several joined by +): "

@@ -51,6 +51,32 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs_at_the_same_scales(se
     assert torch.equal(flipped.flip(0), codes)
 
 
+def _nearest_asymmetric(weight, step, zero):
+    return torch.clamp(torch.round(weight / step) + zero, 0, 15)
+
+
+def test_asymmetric_blocks_round_around_their_zero_points():
+    """onnxruntime's blocks: codes 0..15 dequantized as (code - zero) * step. A diagonal Hessian gives
+    nearest rounding's codes; correlated inputs a smaller output error at the same blocks; a block of
+    step 0 (all zeros) keeps its zero point and no NaN."""
+    from rankdown.export.int4_gptq import gptq_codes_at
+
+    weight, hessian, _ = _case(6)
+    blocks = weight.reshape(weight.shape[0], -1, 32)
+    low, high = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    scales = (high - low) / 15
+    zeros = torch.round(-low / scales)
+    step, zero = scales.repeat_interleave(32, 1), zeros.repeat_interleave(32, 1)
+    nearest = _nearest_asymmetric(weight, step, zero)
+    assert torch.equal(gptq_codes_at(weight, torch.diag(torch.diagonal(hessian)), step, zero, (0, 15)), nearest)
+    codes = gptq_codes_at(weight, hessian, step, zero, (0, 15))
+    assert codes.min() >= 0 and codes.max() <= 15 and not torch.equal(codes, nearest)
+    assert weighted_error(weight, (codes - zero) * step, hessian) < 0.8 * weighted_error(weight, (nearest - zero) * step, hessian)
+    step[:, :32] = 0
+    dead = gptq_codes_at(weight, hessian, step, zero, (0, 15))
+    assert not torch.isnan(dead).any() and torch.equal(dead[:, :32], zero[:, :32])
+
+
 def test_lazy_block_updates_carry_the_error_across_blocks_exactly():
     """Carrying the error block by block is the same algorithm as column by column: the same codes
     with a block of 1, 7 or 128 columns on a matrix wider than one block."""
@@ -65,7 +91,7 @@ def test_linears_reading_one_tensor_share_one_input_sum_per_call():
     called once per member: each distinct input tensor of a call is summed once."""
     from torch import nn
 
-    from rankdown.export.int4_gptq import _Grams
+    from rankdown.export.int4_gptq import InputGrams
 
     class Pair(nn.Module):
         def __init__(self):
@@ -85,7 +111,7 @@ def test_linears_reading_one_tensor_share_one_input_sum_per_call():
 
     layer = Layer()
     names = ["q.down", "q.up", "k.down", "k.up", "shared"]
-    grams = _Grams(layer, {n: layer.get_submodule(n) for n in names})
+    grams = InputGrams(layer, {n: layer.get_submodule(n) for n in names})
     x = torch.randn(2, 5, 8)
     for _ in range(2):  # two calls (batches): each adds its own inputs
         layer(x)
@@ -170,8 +196,8 @@ def test_gptq_needs_its_calibration_windows():
 
 
 def test_the_export_budgets_gptq_rounding_s_buffers():
-    """The export's memory check counts GPTQ's calibration stream and solves where ExecuTorch int4 rounds
-    with it, and only there; for an 8B Llama they are gigabytes, not a rounding error."""
+    """The export's memory check counts GPTQ's calibration stream and solves where int4 rounds with it,
+    and only there; for an 8B Llama they are gigabytes, not a rounding error."""
     from transformers import LlamaConfig
 
     from rankdown.compress.calibration import layer_inputs
@@ -182,7 +208,8 @@ def test_the_export_budgets_gptq_rounding_s_buffers():
     gptq = memory_estimate(ckpt, ExportConfig(quantize="int4"))
     nearest = memory_estimate(ckpt, ExportConfig(quantize="int4", int4_rounding="nearest"))
     assert gptq - nearest == gptq_memory(ckpt.config) > 0
-    assert memory_estimate(ckpt, ExportConfig(formats="onnx", quantize="int4")) < nearest  # ONNX int4: no GPTQ
+    onnx = {r: memory_estimate(ckpt, ExportConfig(formats="onnx", quantize="int4", int4_rounding=r)) for r in ("gptq", "nearest")}
+    assert onnx["gptq"] - onnx["nearest"] == gptq_memory(ckpt.config)  # ONNX rounds on its graph, the same buffers
     # the stream it holds: every calibration token's hidden state entering and leaving a layer
     windows = gptq_windows(load_tokenizer(SHIPPED_MODEL), GENERIC_TASKS)
     stream = layer_inputs(load_model(ckpt).eval(), windows).float()

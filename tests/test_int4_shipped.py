@@ -45,8 +45,11 @@ def test_onnx_int4_export_is_held_to_its_read_back_weights(int4_bundle):
     assert manifest.formats["executorch"].lowering is not None
     # GPTQ rounding by default for a checkpoint not healed through int4, on its task's calibration text
     assert manifest.options["int4_rounding"] == "gptq"
-    gptq = manifest.formats["executorch"].quantization["gptq"]
-    assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1 and len(gptq["codes_sha256"]) == 64
+    for fmt in ("executorch", "onnx"):  # ONNX rounds on its graph, at the quantizer's blocks
+        quantization = manifest.formats[fmt].quantization
+        gptq = quantization["gptq"]
+        assert quantization["rounding"] == "gptq", fmt
+        assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1 and len(gptq["codes_sha256"]) == 64, fmt
     # the kernels are checked on the generic text, the float floor on the task the checkpoint was compressed for
     for entry in manifest.formats.values():
         assert entry.lowering is not None and entry.lowering.tasks == GENERIC_TASKS and entry.parity.tasks == ("math",)

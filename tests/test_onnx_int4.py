@@ -249,6 +249,58 @@ def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_p
     assert all(torch.equal(read_back[True][k], read_back[False][k]) for k in read_back[True])
 
 
+@pytest.mark.parametrize("method", ["feature", "joint"])
+def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_error(compressed_tiny, tmp_path, method):
+    """GPTQ on the graph (export/onnx_int4_gptq.py): the same nodes, scales and zero points as the
+    quantizer's nearest rounding, other codes in the decoder's 4-bit nodes only (stacked and shared-down
+    nodes included), and the model with the graph's own weights closer to the float model on the
+    calibration text than nearest rounding's."""
+    import numpy as np
+    import torch
+    from torch.func import functional_call
+
+    from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.onnx_int4 import quantize_int4
+    from rankdown.export.onnx_int4_gptq import gptq_round_graph
+
+    folder, _ = compressed_tiny[method]
+    export(folder, tmp_path / "fp32", ExportConfig(formats="onnx"), progress=quiet)
+    fp32 = tmp_path / "fp32" / "onnx" / "model.onnx"
+    model = load_model(open_checkpoint(folder)).eval()
+    windows = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    summaries, graphs, error = {}, {}, {}
+    for rounding in ("nearest", "gptq"):
+        out = tmp_path / rounding / "model.onnx"
+        reround = (lambda g: gptq_round_graph(g, model, windows, quiet)) if rounding == "gptq" else None
+        summaries[rounding] = quantize_int4(fp32, out, 32, reround=reround).as_dict()
+        graphs[rounding] = onnx.load(str(out)).graph
+        weights = weight_overrides(model, out)
+        with torch.no_grad():
+            logits = functional_call(model, weights, (windows,), strict=False).logits
+            error[rounding] = float((logits - model(windows).logits).pow(2).mean())
+    assert summaries["nearest"]["rounding"] == "nearest" and summaries["gptq"]["rounding"] == "gptq"
+    gptq = summaries["gptq"]["gptq"]
+    assert gptq["tokens"] == windows.numel() and 0 < gptq["error_vs_nearest"] < 1
+    nodes = {r: {n.name: n for n in g.node} for r, g in graphs.items()}
+    assert nodes["gptq"].keys() == nodes["nearest"].keys()
+    values = {r: {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer} for r, g in graphs.items()}
+    for r, g in graphs.items():  # fp16 scales behind a Cast
+        values[r] |= {n.output[0]: values[r][n.input[0]] for n in g.node if n.op_type == "Cast" and n.input[0] in values[r]}
+    changed = 0
+    for name, node in nodes["gptq"].items():
+        if node.op_type != "MatMulNBits":
+            continue
+        bits = next(a.i for a in node.attribute if a.name == "bits")
+        for position, tensor in enumerate(node.input[1:4], start=1):
+            same = np.array_equal(values["gptq"][tensor], values["nearest"][tensor])
+            if position == 1 and bits == 4:
+                changed += not same
+            else:  # scales, zero points, and the 8-bit head's codes: the quantizer's
+                assert same, (name, tensor)
+    assert changed > 0 and gptq["linears"] >= changed
+    assert error["gptq"] < error["nearest"]
+
+
 def test_a_4bit_head_shares_its_blocks_with_the_tied_lookup(tiny_tokenizer, tmp_path):
     """--head-bits 4: the head is 4-bit MatMulNBits and the tied lookup a 4-bit GatherBlockQuantized
     over the same blocks (the table stored once), smaller than the 8-bit head, and within int4 bounds."""

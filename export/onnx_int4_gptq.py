@@ -1,0 +1,157 @@
+"""GPTQ codes for the ONNX 4-bit weights, on the quantized graph (export/int4_gptq.py for the method).
+
+onnxruntime's ``MatMulNBitsQuantizer`` chooses each block's scale and zero point and rounds every
+weight to its nearest code; its own GPTQ (``GPTQWeightOnlyQuantConfig``) needs Intel's Neural
+Compressor and an ONNX calibration reader for a graph with a KV cache. So the blocks stay the
+quantizer's (scales as stored, fp16 included; zero points), and only the codes are chosen again here,
+by the same GPTQ as ExecuTorch int4, on the inputs' X^T X from the float PyTorch model the graph was
+exported from, layer by layer. The file, its nodes and kernels are unchanged; ``validate`` reads the
+codes back from the graph (export/onnx_int4_reference.py), so nothing is rebuilt to check it.
+
+A node's rows are a linear's (or, for a stacked node, its members' in order: export/onnx_fused_inputs.py;
+the fused graph's dense q/k/v are one ``qkv_proj``), so each linear is rounded on its own input
+statistics and its codes are written back into its rows. Only the decoder layers' 4-bit nodes are
+rounded; the head and the lookup (8-bit) keep nearest rounding, as in ExecuTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankdown.compress.calibration import layer_inputs, run_layer
+from rankdown.errors import RankdownError
+from rankdown.export.int4_gptq import BATCH, GptqResult, InputGrams, gptq_codes_at, weighted_error
+from rankdown.export.onnx_fused_inputs import fused_members
+from rankdown.export.onnx_int4_reference import PACKED_QKV, module_path
+
+BITS = 4
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where one linear's codes lie: ``rows`` rows of ``node``'s weight from ``start``."""
+
+    node: str
+    start: int
+    rows: int
+
+
+class _NodeBlocks:
+    """One ``MatMulNBits`` node's codes (unpacked, writable), steps and zero points."""
+
+    def __init__(self, node, constant: Callable[[str], np.ndarray]):
+        attributes = {a.name: a.i for a in node.attribute if a.type == a.INT}
+        self.k, self.n, self.block = attributes["K"], attributes["N"], attributes["block_size"]
+        self.weight_name = node.input[1]
+        packed = constant(node.input[1]).reshape(self.n, -1)
+        self.codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(self.n, -1)  # low nibble first
+        blocks = self.codes.shape[1] // self.block
+        self.scales = constant(node.input[2]).astype(np.float32).reshape(self.n, blocks)
+        zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else ""
+        if zero_points:
+            packed_zeros = constant(zero_points).reshape(self.n, -1)
+            self.zeros = np.stack([packed_zeros & 0x0F, packed_zeros >> 4], axis=-1).reshape(self.n, -1)[:, :blocks]
+        else:
+            self.zeros = np.full((self.n, blocks), 1 << (BITS - 1), np.uint8)  # the operator's default
+
+    def spread(self, values: np.ndarray, rows: slice) -> torch.Tensor:
+        """Per-block ``values`` of ``rows`` repeated over the K columns they cover (the padding cut)."""
+        return torch.from_numpy(np.repeat(values[rows].astype(np.float64), self.block, axis=1)[:, : self.k])
+
+    def packed(self) -> np.ndarray:
+        pairs = self.codes.reshape(self.n, -1, 2).astype(np.uint8)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(self.n, -1, self.block // 2)
+
+
+def _four_bit_rows(graph, model) -> dict[str, _Rows]:
+    """``{linear's module path: its rows}`` for every 4-bit ``MatMulNBits`` of the decoder layers."""
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found: dict[str, _Rows] = {}
+    for node in graph.node:
+        attributes = {a.name: a.i for a in node.attribute if a.type == a.INT}
+        if node.op_type != "MatMulNBits" or attributes.get("bits", 4) != BITS:
+            continue
+        start = 0
+        for name, rows in fused_members(node) or [(node.name, attributes["N"])]:
+            path = module_path(name, linears)
+            if path is None and "qkv_proj" in name:  # the fused graph's dense q/k/v, rows in that order
+                packed = module_path(name.replace("qkv_proj", "q_proj"), linears)
+                if packed is None:
+                    raise RankdownError(f"MatMulNBits node {name} matches no linear of the model")
+                base = packed.rpartition(".")[0]
+                for proj in PACKED_QKV:
+                    width = model.get_submodule(f"{base}.{proj}").out_features
+                    found[f"{base}.{proj}"] = _Rows(node.name, start, width)
+                    start += width
+                continue
+            if path is None:
+                raise RankdownError(f"MatMulNBits node {name} matches no linear of the model")
+            found[path] = _Rows(node.name, start, rows)
+            start += rows
+    return {path: rows for path, rows in found.items() if path.startswith("model.layers.")}
+
+
+@torch.no_grad()
+def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
+                     progress: Callable[[str], None] = print) -> GptqResult:
+    """Give, in place, every 4-bit decoder ``MatMulNBits`` of ``graph`` (an onnx GraphProto, scales
+    possibly behind Casts) GPTQ's codes at its own blocks, from ``model``'s (the float model the graph
+    was exported from) hidden states on ``windows``."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    casts = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Cast" and node.input[0] in initializers}
+
+    def constant(name: str) -> np.ndarray:
+        source = casts.get(name, name)
+        if source not in initializers:
+            raise RankdownError(f"MatMulNBits input {name} is not a constant; cannot round its weights again")
+        return numpy_helper.to_array(initializers[source])
+
+    nodes = {node.name: node for node in graph.node}
+    targets = _four_bit_rows(graph, model)
+    blocks: dict[str, _NodeBlocks] = {}
+    hidden = layer_inputs(model, windows)
+    layers = model.model.layers
+    rounded, error, nearest = 0, 0.0, 0.0
+    digest = hashlib.sha256()
+    for index, layer in enumerate(layers):
+        prefix = f"model.layers.{index}."
+        mine = {path[len(prefix):]: rows for path, rows in targets.items() if path.startswith(prefix)}
+        grams = InputGrams(layer, {name: layer.get_submodule(name) for name in mine})
+        try:
+            hidden = run_layer(model, layer, hidden, BATCH)
+        finally:
+            grams.close()
+        for name, where in mine.items():
+            if where.node not in blocks:
+                blocks[where.node] = _NodeBlocks(nodes[where.node], constant)
+            node = blocks[where.node]
+            weight = layer.get_submodule(name).weight.detach().to(torch.float64)
+            if tuple(weight.shape) != (where.rows, node.k):
+                raise RankdownError(f"MatMulNBits node {where.node}: {where.rows} x {node.k} rows for {prefix}{name}, "
+                                    f"whose weight is {tuple(weight.shape)}")
+            rows = slice(where.start, where.start + where.rows)
+            step, zero = node.spread(node.scales, rows), node.spread(node.zeros, rows)
+            hessian = grams.of(name)
+            before = torch.from_numpy(node.codes[rows, : node.k].astype(np.float64))
+            nearest += weighted_error(weight, (before - zero) * step, hessian)
+            codes = gptq_codes_at(weight, hessian, step, zero, (0, (1 << BITS) - 1))
+            error += weighted_error(weight, (codes - zero) * step, hessian)
+            node.codes[rows, : node.k] = codes.numpy().astype(np.uint8)
+            digest.update(f"{index}.{name}".encode() + codes.to(torch.int8).numpy().tobytes())
+            rounded += 1
+        if (index + 1) % 10 == 0 or index + 1 == len(layers):
+            progress(f"  onnx: GPTQ rounding, layer {index + 1}/{len(layers)}")
+    for node in blocks.values():
+        at = list(graph.initializer).index(initializers[node.weight_name])
+        graph.initializer.remove(initializers[node.weight_name])
+        graph.initializer.insert(at, numpy_helper.from_array(node.packed(), node.weight_name))
+    return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
