@@ -20,7 +20,7 @@ the three tasks' windows taken in turn as compress takes a mix (what ``gptq_wind
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,21 @@ class InputGrams:
             handle.remove()
 
 
+def calibrated_layers(float_model: Any, windows: torch.Tensor, linears_of: Callable[[int], Iterable[str]]
+                      ) -> Iterator[tuple[int, nn.Module, InputGrams]]:
+    """Each decoder layer of ``float_model`` in order, run on ``windows``' hidden states: (its index,
+    the layer, the X^T X sums of the inputs of the linears ``linears_of(index)`` names in it). One
+    layer's sums are alive at a time; the hidden states move on to the next layer."""
+    hidden = layer_inputs(float_model, windows)
+    for index, layer in enumerate(float_model.model.layers):
+        grams = InputGrams(layer, {name: layer.get_submodule(name) for name in linears_of(index)})
+        try:
+            hidden = run_layer(float_model, layer, hidden, BATCH)
+        finally:
+            grams.close()
+        yield index, layer, grams
+
+
 def _steps(scales: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     """Per-group (or per-row) ``scales`` spread over the ``columns`` they cover: rows x columns."""
     scales = scales.reshape(rows, -1)
@@ -199,19 +214,16 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
     its inputs are fused) GPTQ's codes at its own scales, on ``windows``; ``float_model`` is the model
     it was quantized from (the same module names), whose hidden states give the inputs' statistics
     in one pass, layer by layer."""
-    hidden = layer_inputs(float_model, windows)
     layers = quantized.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
     digest = hashlib.sha256()
-    for index, layer in enumerate(layers):
-        linears = {name: m for name, m in layer.named_modules() if _is_4bit(m)}
-        source = float_model.model.layers[index]
-        grams = InputGrams(source, {name: source.get_submodule(name) for name in linears})
-        try:
-            hidden = run_layer(float_model, source, hidden, BATCH)
-        finally:
-            grams.close()
-        for name, linear in linears.items():
+
+    def four_bit(index: int) -> list[str]:
+        return [name for name, m in layers[index].named_modules() if _is_4bit(m)]
+
+    for index, _source, grams in calibrated_layers(float_model, windows, four_bit):
+        for name in four_bit(index):
+            linear = layers[index].get_submodule(name)
             rows, columns = linear.weight.shape
             weight = _zero_padded(float_model.get_submodule(f"model.layers.{index}.{name}").weight.detach(), (rows, columns))
             scales = linear.scales.reshape(rows, -1)

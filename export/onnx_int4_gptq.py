@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankdown.compress.calibration import layer_inputs, run_layer
 from rankdown.errors import RankdownError
-from rankdown.export.int4_gptq import BATCH, GptqResult, InputGrams, gptq_codes_at, weighted_error
+from rankdown.export.int4_gptq import GptqResult, calibrated_layers, gptq_codes_at, weighted_error
 from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.export.onnx_int4_reference import PACKED_QKV, module_path
 
@@ -118,19 +117,17 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
     nodes = {node.name: node for node in graph.node}
     targets = _four_bit_rows(graph, model)
     blocks: dict[str, _NodeBlocks] = {}
-    hidden = layer_inputs(model, windows)
     layers = model.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
     digest = hashlib.sha256()
-    for index, layer in enumerate(layers):
+
+    def mine(index: int) -> dict[str, _Rows]:
         prefix = f"model.layers.{index}."
-        mine = {path[len(prefix):]: rows for path, rows in targets.items() if path.startswith(prefix)}
-        grams = InputGrams(layer, {name: layer.get_submodule(name) for name in mine})
-        try:
-            hidden = run_layer(model, layer, hidden, BATCH)
-        finally:
-            grams.close()
-        for name, where in mine.items():
+        return {path[len(prefix):]: rows for path, rows in targets.items() if path.startswith(prefix)}
+
+    for index, layer, grams in calibrated_layers(model, windows, mine):
+        prefix = f"model.layers.{index}."
+        for name, where in mine(index).items():
             if where.node not in blocks:
                 blocks[where.node] = _NodeBlocks(nodes[where.node], constant)
             node = blocks[where.node]
