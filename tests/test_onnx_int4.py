@@ -249,12 +249,13 @@ def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_p
     assert all(torch.equal(read_back[True][k], read_back[False][k]) for k in read_back[True])
 
 
-@pytest.mark.parametrize("method", ["feature", "joint"])
-def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_error(compressed_tiny, tmp_path, method):
+@pytest.mark.parametrize("method,head_bits", [("feature", 8), ("joint", 8), ("feature", 4)])
+def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_error(compressed_tiny, tmp_path, method,
+                                                                                    head_bits):
     """GPTQ on the graph (export/onnx_int4_gptq.py): the same nodes, scales and zero points as the
-    quantizer's nearest rounding, other codes in the decoder's 4-bit nodes only (stacked and shared-down
-    nodes included), and the model with the graph's own weights closer to the float model on the
-    calibration text than nearest rounding's."""
+    quantizer's nearest rounding, other codes in the 4-bit nodes only (stacked and shared-down nodes
+    included; the head when it is 4-bit), and the model with the graph's own weights closer to the
+    float model on the calibration text than nearest rounding's."""
     import numpy as np
     import torch
     from torch.func import functional_call
@@ -272,7 +273,7 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
     for rounding in ("nearest", "gptq"):
         out = tmp_path / rounding / "model.onnx"
         reround = (lambda g: gptq_round_graph(g, model, windows, quiet)) if rounding == "gptq" else None
-        summaries[rounding] = quantize_int4(fp32, out, 32, reround=reround).as_dict()
+        summaries[rounding] = quantize_int4(fp32, out, 32, head_bits=head_bits, reround=reround).as_dict()
         graphs[rounding] = onnx.load(str(out)).graph
         weights = weight_overrides(model, out)
         with torch.no_grad():
@@ -286,7 +287,7 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
     values = {r: {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer} for r, g in graphs.items()}
     for r, g in graphs.items():  # fp16 scales behind a Cast
         values[r] |= {n.output[0]: values[r][n.input[0]] for n in g.node if n.op_type == "Cast" and n.input[0] in values[r]}
-    changed = 0
+    changed = set()
     for name, node in nodes["gptq"].items():
         if node.op_type != "MatMulNBits":
             continue
@@ -294,10 +295,11 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
         for position, tensor in enumerate(node.input[1:4], start=1):
             same = np.array_equal(values["gptq"][tensor], values["nearest"][tensor])
             if position == 1 and bits == 4:
-                changed += not same
-            else:  # scales, zero points, and the 8-bit head's codes: the quantizer's
+                changed |= set() if same else {name}
+            else:  # scales, zero points, and an 8-bit head's codes: the quantizer's
                 assert same, (name, tensor)
-    assert changed > 0 and gptq["linears"] >= changed
+    assert changed and gptq["linears"] >= len(changed)
+    assert any("lm_head" in name for name in changed) == (head_bits == 4)
     assert error["gptq"] < error["nearest"]
 
 
