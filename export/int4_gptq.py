@@ -1,5 +1,6 @@
-"""Data-aware rounding of the ExecuTorch 4-bit weights (GPTQ, Frantar et al., 2022), for a checkpoint
-that was not healed through them.
+"""Data-aware rounding of the 4-bit weights (GPTQ, Frantar et al., 2022), for a checkpoint that was
+not healed through them: ExecuTorch's here, ONNX's on its graph (export/onnx_int4_gptq.py) with the
+same solve. The decoder's linears, and a 4-bit head (``--head-bits 4``) on the final hidden states.
 
 Rounding each weight to its nearest code ignores that the errors of one output row add up through
 the same inputs. GPTQ rounds a row's columns one at a time and moves the rounding error onto the
@@ -37,6 +38,8 @@ WINDOWS = 128  # calibration windows (GPTQ's paper uses 128 x 2048 tokens; 128 x
 SEQ_LEN = 256
 BATCH = 8  # windows per forward pass
 DAMP = 0.01  # of the mean diagonal of H, added to it: an input no text exercises still inverts
+ROWS_PER_SOLVE = 8192  # a solve holds a few float64 copies of its rows: 8192 x 4096 x 8 bytes each for an 8B head
+HEAD = "lm_head"
 BLOCK = 128  # columns rounded before the error is carried to the rest in one product (lazy batch updates)
 
 
@@ -221,20 +224,47 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
     def four_bit(index: int) -> list[str]:
         return [name for name, m in layers[index].named_modules() if _is_4bit(m)]
 
-    for index, _source, grams in calibrated_layers(float_model, windows, four_bit):
-        for name in four_bit(index):
-            linear = layers[index].get_submodule(name)
-            rows, columns = linear.weight.shape
-            weight = _zero_padded(float_model.get_submodule(f"model.layers.{index}.{name}").weight.detach(), (rows, columns))
-            scales = linear.scales.reshape(rows, -1)
-            step = _steps(scales, rows, columns)
-            hessian = _zero_padded(grams.of(name), (columns, columns))
-            nearest += weighted_error(weight, linear.weight.to(torch.float64) * step, hessian)
+    def round_linear(key: str, linear: Any, float_weight: torch.Tensor, gram: torch.Tensor) -> None:
+        nonlocal rounded, error, nearest
+        rows, columns = linear.weight.shape
+        hessian = _zero_padded(gram, (columns, columns))
+        digest.update(key.encode())
+        # rows are rounded independently: a vocabulary-wide head in slices, not one float64 solve of GBs
+        for start in range(0, rows, ROWS_PER_SOLVE):
+            part = slice(start, min(start + ROWS_PER_SOLVE, rows))
+            weight = _zero_padded(float_weight.detach(), (rows, columns))[part]
+            scales = linear.scales.reshape(rows, -1)[part]
+            step = _steps(scales, part.stop - part.start, columns)
+            nearest += weighted_error(weight, linear.weight[part].to(torch.float64) * step, hessian)
             codes = gptq_codes(weight, hessian, scales, linear.quant_range)
             error += weighted_error(weight, codes * step, hessian)
-            linear.weight.copy_(codes.to(linear.weight.dtype))
-            digest.update(f"{index}.{name}".encode() + codes.to(torch.int8).numpy().tobytes())
-            rounded += 1
+            linear.weight[part] = codes.to(linear.weight.dtype)
+            digest.update(codes.to(torch.int8).numpy().tobytes())
+        rounded += 1
+
+    for index, _source, grams in calibrated_layers(float_model, windows, four_bit):
+        for name in four_bit(index):
+            round_linear(f"{index}.{name}", layers[index].get_submodule(name),
+                         float_model.get_submodule(f"model.layers.{index}.{name}").weight, grams.of(name))
         if (index + 1) % 10 == 0 or index + 1 == len(layers):
             progress(f"  executorch: GPTQ rounding, layer {index + 1}/{len(layers)}")
+    head = [name for name, m in quantized.named_modules() if name.startswith(HEAD) and _is_4bit(m)]  # --head-bits 4
+    if head:
+        grams = head_grams(float_model, windows, head)
+        for name in head:
+            round_linear(name, quantized.get_submodule(name), float_model.get_submodule(name).weight, grams.of(name))
+        progress(f"  executorch: GPTQ rounding, the 4-bit head ({len(head)} linear(s))")
     return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
+
+
+def head_grams(float_model: Any, windows: torch.Tensor, names: list[str]) -> InputGrams:
+    """X^T X of the inputs of the head's linears ``names`` (``lm_head``, or a factored head's halves)
+    on ``windows``, one window at a time (the logits of one window are all that is held beside the model)."""
+    head = float_model.get_submodule(HEAD)
+    grams = InputGrams(head, {name: float_model.get_submodule(name) for name in names})
+    try:
+        for window in windows.split(1):
+            head(float_model.model(window).last_hidden_state)
+    finally:
+        grams.close()
+    return grams

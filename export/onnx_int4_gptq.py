@@ -14,7 +14,8 @@ statistics and its codes are written back into its rows. The decoder layers' 4-b
 rounded, and a 4-bit head (``--head-bits 4``) on the final hidden states, whose blocks a tied lookup
 reads too (export/onnx_int4.py): on dense SmolLM2-135M with ``--task compare`` the 4-bit head's .onnx
 went from perplexity +7.0% to +0.2% of the float model's, float top-1 79.7% -> 84.1% (docs/measurements.md,
-"GPTQ for ONNX int4"). An 8-bit head keeps nearest rounding, as ExecuTorch's does.
+"GPTQ for ONNX int4"). ExecuTorch rounds a 4-bit head the same way (its lookup keeps its own 8-bit
+table); an 8-bit head keeps nearest rounding in both.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ import torch
 from torch import nn
 
 from rankdown.errors import RankdownError
-from rankdown.export.int4_gptq import GptqResult, InputGrams, calibrated_layers, gptq_codes_at, weighted_error
+from rankdown.export.int4_gptq import HEAD, ROWS_PER_SOLVE, GptqResult, calibrated_layers, gptq_codes_at, head_grams, weighted_error
 from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.export.onnx_int4_reference import PACKED_QKV, module_path
 
 BITS = 4
-HEAD = "lm_head"
-ROWS_PER_SOLVE = 8192  # a solve holds a few float64 copies of its rows: 8192 x 4096 x 8 bytes each for an 8B head
 
 
 @dataclass(frozen=True)
@@ -106,20 +105,6 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
     return cast(torch.Tensor, module.get_submodule(name).weight)
 
 
-def _head_grams(model, windows: torch.Tensor, names: list[str]) -> InputGrams:
-    """X^T X of the inputs of the head's 4-bit linears (``names`` under ``lm_head``: the head, or a
-    factored head's halves) on ``windows``, one window at a time (the logits of one window are all that
-    is held beside the model)."""
-    head = model.get_submodule(HEAD)
-    grams = InputGrams(head, {name: model.get_submodule(name) for name in names})
-    try:
-        for window in windows.split(1):
-            head(model.model(window).last_hidden_state)
-    finally:
-        grams.close()
-    return grams
-
-
 @torch.no_grad()
 def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
                      progress: Callable[[str], None] = print) -> GptqResult:
@@ -178,7 +163,7 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
             progress(f"  onnx: GPTQ rounding, layer {index + 1}/{len(layers)}")
     head = [path for path in targets if path.startswith(HEAD)]  # a 4-bit head (--head-bits 4)
     if head:
-        grams = _head_grams(model, windows, head)
+        grams = head_grams(model, windows, head)
         for path in head:
             round_linear(path, _weight(model, path), grams.of(path))
         progress(f"  onnx: GPTQ rounding, the 4-bit head ({len(head)} matmul(s))")

@@ -165,6 +165,31 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     assert all(torch.equal(rebuilt[n].weight, linears[n].weight) for n in four_bit)
 
 
+def test_a_4bit_head_is_rounded_by_gptq_on_the_final_hidden_states():
+    """--head-bits 4: the head's codes are GPTQ's too, at nearest rounding's scales, with a smaller
+    output error on the final hidden states; the 8-bit lookup table is left as it was."""
+    from rankdown.export.int4_gptq import HEAD, head_grams
+
+    folder = SHIPPED_MODEL
+    ckpt = open_checkpoint(folder)
+    model = load_model(ckpt).eval()
+    windows = gptq_windows(load_tokenizer(folder), GENERIC_TASKS, windows=8)
+    built = {rounding: et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=4,
+                                                                    int4_rounding=rounding),
+                                   progress=lambda _: None, calibration=windows) for rounding in Int4Rounding}
+    gptq, nearest = (built[r].model.get_submodule(HEAD) for r in (Int4Rounding.GPTQ, Int4Rounding.NEAREST))
+    assert gptq.quant_range == (QMIN, QMAX) and torch.equal(gptq.scales, nearest.scales)
+    assert not torch.equal(gptq.weight, nearest.weight)
+    assert built[Int4Rounding.GPTQ].summary["gptq"]["linears"] == 42 + 1  # the shipped model's 42, and the head
+    hessian = head_grams(model, windows, [HEAD]).of(HEAD)
+    step = gptq.scales.reshape(gptq.weight.shape[0], -1).repeat_interleave(32, 1).double()
+    error = {name: weighted_error(model.lm_head.weight.detach(), linear.weight.double() * step, hessian)
+             for name, linear in (("gptq", gptq), ("nearest", nearest))}
+    assert error["gptq"] < 0.8 * error["nearest"]
+    lookups = [built[r].model.get_input_embeddings() for r in Int4Rounding]
+    assert torch.equal(lookups[0].weight, lookups[1].weight)
+
+
 def test_int4_rounding_is_refused_where_it_does_nothing():
     from rankdown.errors import RankdownError
 
