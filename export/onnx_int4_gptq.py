@@ -82,6 +82,12 @@ def _four_bit_rows(graph, model) -> dict[str, _Rows]:
         if node.op_type != "MatMulNBits" or attributes.get("bits", 4) != BITS:
             continue
         start = 0
+
+        def take(path: str, rows: _Rows) -> None:
+            if path in found:
+                raise RankdownError(f"MatMulNBits nodes {found[path].node} and {rows.node} both map to {path}")
+            found[path] = rows
+
         for name, rows in fused_members(node) or [(node.name, attributes["N"])]:
             path = module_path(name, linears)
             if path is None and "qkv_proj" in name:  # the fused graph's dense q/k/v, rows in that order
@@ -91,13 +97,15 @@ def _four_bit_rows(graph, model) -> dict[str, _Rows]:
                 base = packed.rpartition(".")[0]
                 for proj in PACKED_QKV:
                     width = model.get_submodule(f"{base}.{proj}").out_features
-                    found[f"{base}.{proj}"] = _Rows(node.name, start, width)
+                    take(f"{base}.{proj}", _Rows(node.name, start, width))
                     start += width
                 continue
             if path is None:
                 raise RankdownError(f"MatMulNBits node {name} matches no linear of the model")
-            found[path] = _Rows(node.name, start, rows)
+            take(path, _Rows(node.name, start, rows))
             start += rows
+        if start != attributes["N"]:
+            raise RankdownError(f"MatMulNBits node {node.name} has {attributes['N']} rows, its linears {start}")
     return {path: rows for path, rows in found.items() if path.startswith(("model.layers.", HEAD))}
 
 

@@ -298,7 +298,9 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
                 changed |= set() if same else {name}
             else:  # scales, zero points, and an 8-bit head's codes: the quantizer's
                 assert same, (name, tensor)
-    assert changed and gptq["linears"] >= len(changed)
+    four_bit = {name for name, node in nodes["gptq"].items() if node.op_type == "MatMulNBits"
+                and next(a.i for a in node.attribute if a.name == "bits") == 4}
+    assert changed == four_bit and gptq["linears"] >= len(changed)  # no 4-bit node skipped
     assert any("lm_head" in name for name in changed) == (head_bits == 4)
     assert error["gptq"] < error["nearest"]
 
