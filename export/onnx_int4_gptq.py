@@ -21,6 +21,7 @@ table); an 8-bit head keeps nearest rounding in both.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -141,6 +142,8 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
         prefix = f"model.layers.{index}."
         return {path[len(prefix):]: rows for path, rows in targets.items() if path.startswith(prefix)}
 
+    left = Counter(rows.node for rows in targets.values())  # linears still to round, per node
+
     def round_linear(path: str, full: torch.Tensor, hessian: torch.Tensor) -> None:
         nonlocal rounded, error, nearest
         where = targets[path]
@@ -163,6 +166,12 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
             node.codes[rows, : node.k] = codes.numpy().astype(np.uint8)
             digest.update(f"{path}.{start}".encode() + codes.to(torch.int8).numpy().tobytes())
         rounded += 1
+        left[where.node] -= 1
+        if not left[where.node]:  # the node's last linear: packed back now, so one node's codes are unpacked at a time
+            at = list(graph.initializer).index(initializers[node.weight_name])
+            graph.initializer.remove(initializers[node.weight_name])
+            graph.initializer.insert(at, numpy_helper.from_array(node.packed(), node.weight_name))
+            del blocks[where.node]
 
     for index, layer, grams in calibrated_layers(model, windows, mine):
         for name in mine(index):
@@ -175,8 +184,4 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
         for path in head:
             round_linear(path, _weight(model, path), grams.of(path))
         progress(f"  onnx: GPTQ rounding, the 4-bit head ({len(head)} matmul(s))")
-    for node in blocks.values():
-        at = list(graph.initializer).index(initializers[node.weight_name])
-        graph.initializer.remove(initializers[node.weight_name])
-        graph.initializer.insert(at, numpy_helper.from_array(node.packed(), node.weight_name))
     return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
