@@ -33,7 +33,7 @@ from torch import nn
 from rankdown.errors import RankdownError
 from rankdown.export.int4_gptq import HEAD, ROWS_PER_SOLVE, GptqResult, calibrated_layers, gptq_codes_at, head_grams, weighted_error
 from rankdown.export.onnx_fused_inputs import fused_members
-from rankdown.export.onnx_int4_reference import PACKED_QKV, module_path
+from rankdown.export.onnx_int4_reference import node_linears
 
 BITS = 4
 
@@ -75,38 +75,25 @@ class _NodeBlocks:
 
 
 def _four_bit_rows(graph, model) -> dict[str, _Rows]:
-    """``{linear's module path: its rows}`` for every 4-bit ``MatMulNBits`` of the decoder layers."""
+    """``{linear's module path: its rows}`` for every 4-bit ``MatMulNBits`` of the decoder layers and head."""
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     found: dict[str, _Rows] = {}
     for node in graph.node:
         attributes = {a.name: a.i for a in node.attribute if a.type == a.INT}
         if node.op_type != "MatMulNBits" or attributes.get("bits", 4) != BITS:
             continue
-        start = 0
-
-        def take(path: str, rows: _Rows) -> None:
-            if path in found:
-                raise RankdownError(f"MatMulNBits nodes {found[path].node} and {rows.node} both map to {path}")
-            found[path] = rows
-
+        offset = 0
         for name, rows in fused_members(node) or [(node.name, attributes["N"])]:
-            path = module_path(name, linears)
-            if path is None and "qkv_proj" in name:  # the fused graph's dense q/k/v, rows in that order
-                packed = module_path(name.replace("qkv_proj", "q_proj"), linears)
-                if packed is None:
-                    raise RankdownError(f"MatMulNBits node {name} matches no linear of the model")
-                base = packed.rpartition(".")[0]
-                for proj in PACKED_QKV:
-                    width = model.get_submodule(f"{base}.{proj}").out_features
-                    take(f"{base}.{proj}", _Rows(node.name, start, width))
-                    start += width
-                continue
-            if path is None:
+            spans = node_linears(name, rows, model, linears)
+            if spans is None:
                 raise RankdownError(f"MatMulNBits node {name} matches no linear of the model")
-            take(path, _Rows(node.name, start, rows))
-            start += rows
-        if start != attributes["N"]:
-            raise RankdownError(f"MatMulNBits node {node.name} has {attributes['N']} rows, its linears {start}")
+            for path, start, width in spans:
+                if path in found:
+                    raise RankdownError(f"MatMulNBits nodes {found[path].node} and {node.name} both map to {path}")
+                found[path] = _Rows(node.name, offset + start, width)
+            offset += rows
+        if offset != attributes["N"]:
+            raise RankdownError(f"MatMulNBits node {node.name} has {attributes['N']} rows, its linears {offset}")
     return {path: rows for path, rows in found.items() if path.startswith(("model.layers.", HEAD))}
 
 

@@ -41,7 +41,7 @@ from rankdown.errors import RankdownError
 from rankdown.export.factor_nodes import onnx_node_scope
 from rankdown.export.onnx_fused_inputs import fused_members
 
-PACKED_QKV = ("q_proj", "k_proj", "v_proj")
+_QKV = ("q_proj", "k_proj", "v_proj")
 INT8_INPUTS = 4  # MatMulNBits' accuracy level that rounds its input to int8 per block
 # Dequantized weights kept for the whole check below this, made per call above it (int4_reference):
 # SmolLM2-135M's dense ones are about 0.5 GB and stay kept, a 1B model's would be a second 5 GB copy.
@@ -220,7 +220,7 @@ def lookup_reads_a_matmul_weight(graph) -> bool:
     return False
 
 
-def module_path(node_name: str, names: set[str]) -> str | None:
+def _module_path(node_name: str, names: set[str]) -> str | None:
     """The linear a node belongs to: its scope as export/factor_nodes.py reads it, with as many
     leading parts dropped as it takes to name a module of the model."""
     parts = onnx_node_scope(node_name).split(".")
@@ -229,6 +229,27 @@ def module_path(node_name: str, names: set[str]) -> str | None:
         if candidate in names:
             return candidate
     return None
+
+
+def node_linears(node_name: str, rows: int, model, names: set[str]) -> list[tuple[str, int, int]] | None:
+    """The linears a quantized node (or a stacked node's member) named ``node_name`` holds, as
+    ``[(module path, first row, rows)]``: itself, or the fused graph's packed ``qkv_proj`` split into
+    q, k and v by their widths; None when the name matches no linear of ``model``. Raises when a
+    packed node's ``rows`` are not q/k/v's."""
+    path = _module_path(node_name, names)
+    if path is not None:
+        return [(path, 0, rows)]
+    packed = _module_path(node_name.replace("qkv_proj", "q_proj"), names) if "qkv_proj" in node_name else None
+    if packed is None:
+        return None
+    base, spans, start = packed.rpartition(".")[0], [], 0
+    for proj in _QKV:
+        width = model.get_submodule(f"{base}.{proj}").out_features
+        spans.append((f"{base}.{proj}", start, width))
+        start += width
+    if start != rows:
+        raise RankdownError(f"packed {node_name} has {rows} rows, q/k/v {start}")
+    return spans
 
 
 def weight_overrides(model, model_path: Path) -> dict[str, Any]:
@@ -261,30 +282,18 @@ def _graph_numerics(model, model_path: Path, rounds: Rounds | None = None
     overrides: dict[str, BlockWeight | LookupTable] = {}
     int8_inputs: dict[str, int] = {}
     for node, weight in graph_weights(model_path, graph).items():
-        path = module_path(node, linears)
         rounds_input = (isinstance(weight, BlockWeight) and weight.accuracy_level == INT8_INPUTS
                         and rounds(weight.bits, weight.block_size, weight.zero_points is not None))
-        if path is not None:
-            if f"{path}.weight" in overrides:
-                raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
-            overrides[f"{path}.weight"] = weight
-            if rounds_input:
-                int8_inputs[path] = weight.block_size
-            continue
-        packed = module_path(node.replace("qkv_proj", "q_proj"), linears)
-        if packed is None or "qkv_proj" not in node:
+        spans = node_linears(node, weight.shape[0], model, linears)
+        if spans is None:
             raise RankdownError(f"{model_path}: MatMulNBits node {node} matches no linear of the model "
                                 f"(is the model the checkpoint this graph was exported from?)")
-        start = 0
-        for proj in PACKED_QKV:
-            linear = model.get_submodule(packed.rpartition(".")[0] + "." + proj)
-            rows = linear.out_features
-            overrides[f"{packed.rpartition('.')[0]}.{proj}.weight"] = weight.take(slice(start, start + rows))
+        for path, start, rows in spans:
+            if f"{path}.weight" in overrides:
+                raise RankdownError(f"{model_path}: two quantized nodes map to {path} (one is {node})")
+            overrides[f"{path}.weight"] = weight if len(spans) == 1 else weight.take(slice(start, start + rows))
             if rounds_input:
-                int8_inputs[f"{packed.rpartition('.')[0]}.{proj}"] = weight.block_size
-            start += rows
-        if start != weight.shape[0]:
-            raise RankdownError(f"{model_path}: packed {node} has {weight.shape[0]} rows, q/k/v {start}")
+                int8_inputs[path] = weight.block_size
     # A tied table the graph stores once (the fused graph's lookup reads the head's blocks) is the
     # lookup's too; one it stores twice (optimum's graph: an 8-bit head copy, a 4-bit lookup) keeps
     # both, and a lookup the graph keeps in fp32 keeps the model's own table.
