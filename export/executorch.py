@@ -58,7 +58,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
     ``gptq_windows``), needed when ``cfg.rounding`` is GPTQ."""
     if cfg.quantize is not Quantize.INT4:
         return None
-    quantized, plan = quantize_int4(model, record, cfg.group, cfg.head_bits, hqq=cfg.scales is Int4Scales.HQQ)
+    quantized, plan = quantize_int4(model, record, cfg.group, cfg.head, hqq=cfg.scales is Int4Scales.HQQ)
     progress(f"  executorch: int4 scales {group_label(cfg.group)}, {cfg.scales.value}; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     rounding: dict = {"rounding": cfg.rounding.value}
@@ -74,7 +74,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
         progress(f"  executorch: the linears that read one input (q/k/v, gate/up) run as one GEMM each: "
                  f"{saved} fewer per token")
     return Quantized(quantized, plan.record, {"scheme": "torchao 8da4w", "scales": cfg.scales.value, **rounding,
-                                              "head_bits": cfg.head_bits,
+                                              "head_bits": cfg.head,
                                               "padded_ranks": len(plan.padded), "int8_linears": len(plan.int8_linears),
                                               "fused_input_linears": saved})
 

@@ -139,7 +139,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, ca
             # absmax: the checkpoint was healed through the export's own int4 (export/pipeline.py), which
             # the decoder's MatMulNBits then hold to the bit, in its group (per channel included).
             healed = cfg.group if cfg.scales is Int4Scales.ABSMAX else None
-            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head_bits,
+            summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head,
                                     healed_group=healed, reround=_gptq(model, cfg, calibration, progress)).as_dict()
         for extra in stage.iterdir():
             if extra.suffix == ".json":

@@ -127,7 +127,7 @@ def resolve_quantize(cfg: ExportConfig, compression: dict | None, progress: Call
     if cfg.min_top1 is not None:
         raise RankdownError("--min-top1 applies to a quantized export (this checkpoint exports in float unless "
                             "--quantize int8 or int4 is given)")
-    given = {"--head-bits": cfg.head_bits != 8, "--group-size": cfg.group_size is not None,
+    given = {"--head-bits": cfg.head_bits not in (None, 8), "--group-size": cfg.group_size is not None,
              "--int4-scales": cfg.int4_scales is not None, "--int4-rounding": cfg.int4_rounding is not None,
              "--task": cfg.task is not None,
              "--no-balance": not cfg.balance}
@@ -192,12 +192,14 @@ def default_rounding(healed_int4: bool) -> Int4Rounding:
 def _resolve_rounding(cfg: ExportConfig, healed_int4: bool, progress: Callable[[str], None]) -> ExportConfig:
     """``int4_rounding`` made explicit for an int4 export (both formats): unset, nearest for a checkpoint
     healed through the 4-bit weights (it was trained for those codes), else gptq; an explicit gptq on
-    such a checkpoint is kept, with a warning."""
+    such a checkpoint is kept, with a warning. Then ``head_bits``, unset: ``ExportConfig.head``'s."""
     if cfg.int4_rounding is None:
-        return dataclasses.replace(cfg, int4_rounding=default_rounding(healed_int4))
-    if healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:
+        cfg = dataclasses.replace(cfg, int4_rounding=default_rounding(healed_int4))
+    elif healed_int4 and cfg.int4_rounding is Int4Rounding.GPTQ:
         progress("warning: --int4-rounding gptq on a checkpoint healed through the 4-bit weights: it was trained "
                  "for nearest rounding's codes, which GPTQ moves")
+    if cfg.head_bits is None:
+        cfg = dataclasses.replace(cfg, head_bits=cfg.head)
     return cfg
 
 

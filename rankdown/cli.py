@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated: {', '.join(choices(Format))} (default: %(default)s)")
     exp.add_argument("--quantize", default=QUANTIZE_AUTO, choices=[QUANTIZE_AUTO, *choices(Quantize)],
                      help=f"{QUANTIZE_AUTO}, {' or '.join(choices(Quantize))} (int8: weights per channel; int4: "
-                          "4-bit weights per group, head 8-bit, embedding 8-bit (ExecuTorch) or 4-bit "
+                          "4-bit weights per group, head per --head-bits, embedding 8-bit (ExecuTorch) or 4-bit "
                           "(ONNX MatMulNBits); both with activations quantized per call; auto: int4 for a "
                           "checkpoint healed through the 4-bit weights (compress --weights int4), else none) "
                           f"(default: {QUANTIZE_AUTO})")
@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{DEFAULT_GROUP}) (default: the group a checkpoint healed through the 4-bit weights was "
                           f"trained in, else {DEFAULT_GROUP})")
     exp.add_argument("--head-bits", type=int, default=default_of(ExportConfig, "head_bits"),
-                     help=help_with_default("int4: bits of the head (4 or 8; a tied lookup shares them in ONNX)",
-                                            ExportConfig, "head_bits"))
+                     help="int4: bits of the head (4 or 8; a tied lookup shares them in ONNX) (default: 4 where "
+                          "--int4-rounding is gptq, which then rounds the head too, else 8)")
     exp.add_argument("--no-balance", action="store_true",
                      help="int4: quantize the factors as compressed, without first equalizing each rank "
                           "direction's down-row and up-column norms, nor a factored head's table columns "

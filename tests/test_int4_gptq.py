@@ -142,7 +142,8 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     assert windows.shape[1] == 256 and 12 <= windows.shape[0] <= 16  # the three tasks in turn, as many each
     built = {}
     for rounding in Int4Rounding:
-        cfg = ExportConfig(formats="executorch", quantize="int4", int4_rounding=rounding)
+        # an 8-bit head in both: it stays to nearest, so the 4-bit linears are the decoder's alike
+        cfg = ExportConfig(formats="executorch", quantize="int4", int4_rounding=rounding, head_bits=8)
         assert cfg.rounding is rounding
         built[rounding] = et.quantize(model, ckpt.record, cfg, progress=lambda _: None, calibration=windows)
     gptq, nearest = built[Int4Rounding.GPTQ], built[Int4Rounding.NEAREST]
@@ -159,7 +160,7 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     # the head (8-bit per channel) is left to nearest rounding
     eight_bit = [n for n, m in linears.items() if m.quant_range != (QMIN, QMAX)]
     assert eight_bit and all(torch.equal(linears[n].weight, others[n].weight) for n in eight_bit)
-    again = et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4"),
+    again = et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=8),
                         progress=lambda _: None, calibration=windows)
     rebuilt = dict(again.model.named_modules())
     assert all(torch.equal(rebuilt[n].weight, linears[n].weight) for n in four_bit)
@@ -196,6 +197,24 @@ def test_int4_rounding_is_refused_where_it_does_nothing():
     for quantize in ("none", "int8"):
         with pytest.raises(RankdownError, match="--int4-rounding applies to --quantize int4"):
             ExportConfig(quantize=quantize, int4_rounding="gptq")
+
+
+def test_the_head_is_4bit_where_gptq_rounds_it_and_8bit_elsewhere():
+    """--head-bits unset: 4 where GPTQ picks the codes (it rounds the head too), 8 under nearest
+    rounding, which a checkpoint healed through the 4-bit weights gets; a given --head-bits stands."""
+    from rankdown.export.pipeline import _resolve_rounding
+
+    said: list[str] = []
+    assert ExportConfig(quantize="int4").head == 4
+    assert ExportConfig(quantize="int4", int4_rounding="nearest").head == 8
+    assert ExportConfig(quantize="int4", head_bits=8).head == 8
+    assert ExportConfig(quantize="int4", int4_rounding="nearest", head_bits=4).head == 4
+    resolved = {healed: _resolve_rounding(ExportConfig(quantize="int4"), healed, said.append) for healed in (False, True)}
+    assert (resolved[False].int4_rounding, resolved[False].head_bits) == (Int4Rounding.GPTQ, 4)
+    assert (resolved[True].int4_rounding, resolved[True].head_bits) == (Int4Rounding.NEAREST, 8)
+    assert not said
+    forced = _resolve_rounding(ExportConfig(quantize="int4", int4_rounding="gptq"), True, said.append)
+    assert forced.head_bits == 4 and len(said) == 1 and "healed" in said[0]
 
 
 def test_validate_judges_the_task_the_bundle_was_exported_for():

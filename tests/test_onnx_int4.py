@@ -1,6 +1,6 @@
 """ONNX int4: onnxruntime's MatMulNBitsQuantizer on the exported graph. Factor pairs stay two
 (MatMulNBits) nodes, ranks that are no multiple of the block are quantized (not refused), the
-head is 8-bit, the self-check's int4 bounds hold, the file shrinks, and validate runs it."""
+head is 4-bit under GPTQ rounding (8-bit by choice), the self-check's int4 bounds hold, the file shrinks, and validate runs it."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_int4_graph_keeps_every_factor_pair_as_two_matmulnbits(onnx_int4_bundles
     assert not any(shape[-2:] in dense or shape[-2:][::-1] in dense for shape in _weights(graph).values()
                    if len(shape) == 2)
     head = [a for n, a in zip(nbits, attrs) if n.output[0] == "logits"]
-    assert len(head) == 1 and head[0]["bits"] == 8
+    # GPTQ (the default rounding) rounds the head too, so the default head is 4-bit
+    assert len(head) == 1 and head[0]["bits"] == 4 and manifest.options["head_bits"] == 4
     assert [n.op_type for n in graph.node if "Gather" in n.op_type and n.input[0] in _weights(graph)] \
         == ["GatherBlockQuantized"]
     assert not any(n.op_type == "MatMul" and n.input[1] in _weights(graph) for n in graph.node)  # nothing left fp32
@@ -128,7 +129,8 @@ def test_tied_table_is_stored_once_in_8_bits_for_head_and_lookup(tiny_tokenizer,
     table = tied_table(load_model(open_checkpoint(dense)))
     for group in (64, 256):
         bundle = tmp_path / f"b{group}"
-        manifest = export(dense, bundle, ExportConfig(formats="onnx", quantize="int4", group_size=group), progress=quiet)
+        manifest = export(dense, bundle, ExportConfig(formats="onnx", quantize="int4", group_size=group,
+                                                              head_bits=8), progress=quiet)
         entry = manifest.formats["onnx"]
         assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit"
         assert entry.quantization["embedding"].startswith("GatherBlockQuantized 8-bit, the head's weight")
@@ -169,7 +171,8 @@ def test_optimum_tied_head_gets_its_own_8bit_copy(tiny_tokenizer, tmp_path):
     dense = write_tiny_model(tmp_path / "dense", tiny_tokenizer, seed=5, tie_word_embeddings=True)
     compress(dense, tmp_path / "svd", CompressConfig(method="svd", ratio=0.3, calib_tokens=2048, seq_len=64, healing=Healing(steps=0)),
              progress=quiet)
-    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4", onnx_graph="optimum"),
+    manifest = export(tmp_path / "svd", tmp_path / "b", ExportConfig(formats="onnx", quantize="int4", onnx_graph="optimum",
+                                                                                head_bits=8),
                       progress=quiet)
     entry = manifest.formats["onnx"]
     assert entry.parity.passed and entry.quantization["head"] == "MatMulNBits 8-bit (own copy of the tied table)"
