@@ -177,6 +177,11 @@ class ExportConfig:
     # int4, both formats: how each weight's code is picked at those scales; None: nearest for a checkpoint
     # healed through the 4-bit weights (the codes it was trained for), else gptq
     int4_rounding: Int4Rounding | None = None
+    # int4: how a 4-bit head's codes are picked; None: gptq unless --int4-rounding nearest is given. A
+    # checkpoint healed through the 4-bit weights rounds its decoder to nearest (the codes it was trained
+    # for) and keeps an 8-bit head by default, but never healed its head through rounding, so with
+    # --head-bits 4 the head is GPTQ's even then.
+    head_rounding: Int4Rounding | None = None
     # int4: the task(s) the bundle is for ("compare", "compare+code"): GPTQ rounding's calibration text and
     # the float floor's text; None: the tasks the checkpoint was compressed for, else math, code and prose
     task: str | None = None
@@ -218,6 +223,8 @@ class ExportConfig:
             raise RankdownError("--min-top1 applies to --quantize int8 or int4 (an fp32 export must match PyTorch)")
         if self.int4_rounding is not None and self.quantize in (Quantize.NONE, Quantize.INT8):
             raise RankdownError("--int4-rounding applies to --quantize int4")
+        if self.head_rounding is not None and self.quantize in (Quantize.NONE, Quantize.INT8):
+            raise RankdownError("head_rounding applies to --quantize int4")
         if self.task is not None:
             task_names(self.task)  # an unknown task is refused here, before minutes of loading
             if self.quantize in (Quantize.NONE, Quantize.INT8):
@@ -257,6 +264,18 @@ class ExportConfig:
         if self.head_bits is not None:
             return self.head_bits
         return 4 if self.rounding is Int4Rounding.GPTQ else 8
+
+    @property
+    def head_rounds_by(self) -> Int4Rounding:
+        """A 4-bit head's rounding: ``head_rounding``, else nearest if ``int4_rounding`` says so, else GPTQ."""
+        if self.head_rounding is not None:
+            return self.head_rounding
+        return Int4Rounding.NEAREST if self.int4_rounding is Int4Rounding.NEAREST else Int4Rounding.GPTQ
+
+    @property
+    def gptq_parts(self) -> tuple[bool, bool]:
+        """Whether GPTQ picks (the decoder's, the head's) codes; an 8-bit head is rounded to nearest."""
+        return self.rounding is Int4Rounding.GPTQ, self.head == 4 and self.head_rounds_by is Int4Rounding.GPTQ
 
     @property
     def precision(self) -> Quantize:

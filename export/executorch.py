@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, Quantize
 from rankdown.export.decoding import DECODE_METHOD, program_data_file
 from rankdown.export.et_attention import CustomOpsSignature, custom_attention
 from rankdown.export.et_backends import backend_spec, check_backend
@@ -61,11 +61,12 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head, hqq=cfg.scales is Int4Scales.HQQ)
     progress(f"  executorch: int4 scales {group_label(cfg.group)}, {cfg.scales.value}; {len(plan.padded)} factor "
              f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
-    rounding: dict = {"rounding": cfg.rounding.value}
-    if cfg.rounding is Int4Rounding.GPTQ:
+    decoder, head = cfg.gptq_parts
+    rounding: dict = {"rounding": cfg.rounding.value, "head_rounding": cfg.head_rounds_by.value}
+    if decoder or head:
         if calibration is None:
             raise ValueError("GPTQ rounding needs calibration windows")
-        result = gptq_round(quantized, model, calibration, progress)
+        result = gptq_round(quantized, model, calibration, progress, decoder=decoder, head=head)
         progress(f"  executorch: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
                  f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
         rounding["gptq"] = gptq_record(result)

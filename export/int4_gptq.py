@@ -212,11 +212,11 @@ def _is_4bit(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
-               progress: Callable[[str], None] = print) -> GptqResult:
+               progress: Callable[[str], None] = print, decoder: bool = True, head: bool = True) -> GptqResult:
     """Give, in place, every 4-bit decoder linear of ``quantized`` (export/et_int4.py's model, before
-    its inputs are fused) GPTQ's codes at its own scales, on ``windows``; ``float_model`` is the model
-    it was quantized from (the same module names), whose hidden states give the inputs' statistics
-    in one pass, layer by layer."""
+    its inputs are fused; ``decoder``) and a 4-bit head (``head``) GPTQ's codes at their own scales, on
+    ``windows``; ``float_model`` is the model it was quantized from (the same module names), whose
+    hidden states give the inputs' statistics in one pass, layer by layer."""
     layers = quantized.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
     digest = hashlib.sha256()
@@ -242,18 +242,18 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
             digest.update(codes.to(torch.int8).numpy().tobytes())
         rounded += 1
 
-    for index, _source, grams in calibrated_layers(float_model, windows, four_bit):
+    for index, _source, grams in (calibrated_layers(float_model, windows, four_bit) if decoder else ()):
         for name in four_bit(index):
             round_linear(f"{index}.{name}", layers[index].get_submodule(name),
                          float_model.get_submodule(f"model.layers.{index}.{name}").weight, grams.of(name))
         if (index + 1) % 10 == 0 or index + 1 == len(layers):
             progress(f"  executorch: GPTQ rounding, layer {index + 1}/{len(layers)}")
-    head = [name for name, m in quantized.named_modules() if name.startswith(HEAD) and _is_4bit(m)]  # --head-bits 4
-    if head:
-        grams = head_grams(float_model, windows, head)
-        for name in head:
+    heads = [name for name, m in quantized.named_modules() if name.startswith(HEAD) and _is_4bit(m)] if head else []
+    if heads:
+        grams = head_grams(float_model, windows, heads)
+        for name in heads:
             round_linear(name, quantized.get_submodule(name), float_model.get_submodule(name).weight, grams.of(name))
-        progress(f"  executorch: GPTQ rounding, the 4-bit head ({len(head)} linear(s))")
+        progress(f"  executorch: GPTQ rounding, the 4-bit head ({len(heads)} linear(s))")
     return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rankdown.errors import RankdownError
-from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, OnnxGraph, Quantize
+from rankdown.export.config import ExportConfig, Int4Scales, OnnxGraph, Quantize
 from rankdown.export.decoding import trained_positions
 from rankdown.export.factor_nodes import count_onnx
 from rankdown.export.manifest import FactorNodes
@@ -141,6 +141,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, ca
             healed = cfg.group if cfg.scales is Int4Scales.ABSMAX else None
             summary = quantize_int4(fp32_path, out / MODEL_FILE, cfg.onnx_group, head_bits=cfg.head,
                                     healed_group=healed, reround=_gptq(model, cfg, calibration, progress)).as_dict()
+            summary |= {"rounding": cfg.rounding.value, "head_rounding": cfg.head_rounds_by.value}
         for extra in stage.iterdir():
             if extra.suffix == ".json":
                 shutil.copy2(extra, out / extra.name)
@@ -155,15 +156,17 @@ def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, ca
 
 
 def _gptq(model, cfg: ExportConfig, calibration, progress):
-    """The int4 graph's re-rounding when ``cfg.rounding`` is GPTQ (export/onnx_int4_gptq.py), else None."""
-    if cfg.rounding is not Int4Rounding.GPTQ:
+    """The int4 graph's re-rounding where GPTQ picks the decoder's or the head's codes
+    (export/onnx_int4_gptq.py, ``ExportConfig.gptq_parts``), else None."""
+    decoder, head = cfg.gptq_parts
+    if not (decoder or head):
         return None
     if calibration is None:
         raise ValueError("GPTQ rounding needs calibration windows")
     from rankdown.export.onnx_int4_gptq import gptq_round_graph
 
     def reround(graph):
-        result = gptq_round_graph(graph, model, calibration, progress)
+        result = gptq_round_graph(graph, model, calibration, progress, decoder=decoder, head=head)
         progress(f"  onnx: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
                  f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
         return result

@@ -86,7 +86,7 @@ class Int4Summary:
     accuracy_level: int
     scales: str  # how the block scales are stored
     scheme: str = QUANTIZER  # who chose the decoder's codes and scales
-    rounding: dict | None = None  # how the decoder's codes were picked at those scales (GPTQ: its summary)
+    rounding: dict | None = None  # where GPTQ picked codes at those scales: {"gptq": its summary}
 
     def as_dict(self) -> dict:
         return {"scheme": self.scheme, "int4_matmuls": self.int4_matmuls,
@@ -97,7 +97,7 @@ class Int4Summary:
                 "decoder_block_sizes": {str(b): n for b, n in self.block_sizes.items()},  # JSON keys
                 "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level,
-                "scales": self.scales, **(self.rounding or {"rounding": "nearest"})}
+                "scales": self.scales, **(self.rounding or {})}
 
 
 def _head_node(graph):
@@ -416,7 +416,7 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     if reround is not None:
         from rankdown.export.int4_gptq import gptq_record
 
-        rounding = {"rounding": "gptq", "gptq": gptq_record(reround(quantized.model.graph))}
+        rounding = {"gptq": gptq_record(reround(quantized.model.graph))}
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:

@@ -102,11 +102,11 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
-                     progress: Callable[[str], None] = print) -> GptqResult:
+def gptq_round_graph(graph, model: Any, windows: torch.Tensor, progress: Callable[[str], None] = print,
+                     decoder: bool = True, head: bool = True) -> GptqResult:
     """Give, in place, every 4-bit decoder ``MatMulNBits`` of ``graph`` (an onnx GraphProto, scales
-    possibly behind Casts) GPTQ's codes at its own blocks, from ``model``'s (the float model the graph
-    was exported from) hidden states on ``windows``."""
+    possibly behind Casts; ``decoder``) and a 4-bit head (``head``) GPTQ's codes at their own blocks,
+    from ``model``'s (the float model the graph was exported from) hidden states on ``windows``."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in graph.initializer}
@@ -119,7 +119,8 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
         return numpy_helper.to_array(initializers[source])
 
     nodes = {node.name: node for node in graph.node}
-    targets = _four_bit_rows(graph, model)
+    targets = {path: rows for path, rows in _four_bit_rows(graph, model).items()
+               if (head if path.startswith(HEAD) else decoder)}
     blocks: dict[str, _NodeBlocks] = {}
     layers = model.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
@@ -160,15 +161,15 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor,
             graph.initializer.insert(at, numpy_helper.from_array(node.packed(), node.weight_name))
             del blocks[where.node]
 
-    for index, layer, grams in calibrated_layers(model, windows, mine):
+    for index, layer, grams in (calibrated_layers(model, windows, mine) if decoder else ()):
         for name in mine(index):
             round_linear(f"model.layers.{index}.{name}", _weight(layer, name), grams.of(name))
         if (index + 1) % 10 == 0 or index + 1 == len(layers):
             progress(f"  onnx: GPTQ rounding, layer {index + 1}/{len(layers)}")
-    head = [path for path in targets if path.startswith(HEAD)]  # a 4-bit head (--head-bits 4)
-    if head:
-        grams = head_grams(model, windows, head)
-        for path in head:
+    heads = [path for path in targets if path.startswith(HEAD)]  # a 4-bit head
+    if heads:
+        grams = head_grams(model, windows, heads)
+        for path in heads:
             round_linear(path, _weight(model, path), grams.of(path))
-        progress(f"  onnx: GPTQ rounding, the 4-bit head ({len(head)} matmul(s))")
+        progress(f"  onnx: GPTQ rounding, the 4-bit head ({len(heads)} matmul(s))")
     return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())

@@ -200,11 +200,13 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     quantize = getattr(spec.module(), "quantize", None)
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
+    rounding = options.get("int4_rounding") or Int4Rounding.NEAREST  # nearest: bundles made before GPTQ rounding
     cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
-                       head_bits=options.get("head_bits", 8),
+                       head_bits=options.get("head_bits") or 8,
                        int4_scales=options.get("int4_scales", Int4Scales.ABSMAX),  # absmax: bundles made before HQQ
-                       # nearest: bundles made before GPTQ rounding
-                       int4_rounding=options.get("int4_rounding") or Int4Rounding.NEAREST)
+                       int4_rounding=rounding,
+                       # the decoder's: bundles made before the head had its own
+                       head_rounding=options.get("head_rounding") or rounding)
     source = model  # the quantizer works on its own copy; only rescaling needs one first
     if options.get("balance") or options.get("head_equalized"):
         source = copy.deepcopy(model)
@@ -213,7 +215,7 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     if options.get("head_equalized"):
         equalize_head(source)
     calibration = None
-    if cfg.rounding is Int4Rounding.GPTQ:
+    if any(cfg.gptq_parts):
         if tokenizer is None:
             raise ValueError("rebuilding GPTQ-rounded weights needs the bundle's tokenizer")
         tasks = parity_tasks(manifest.source.compression, options.get("task"))

@@ -200,8 +200,9 @@ def test_int4_rounding_is_refused_where_it_does_nothing():
 
 
 def test_the_head_is_4bit_where_gptq_rounds_it_and_8bit_elsewhere():
-    """--head-bits unset: 4 where GPTQ picks the codes (it rounds the head too), 8 under nearest
-    rounding, which a checkpoint healed through the 4-bit weights gets; a given --head-bits stands."""
+    """--head-bits unset: 4 where GPTQ picks the decoder's codes (it rounds the head too), 8 under
+    nearest rounding, which a checkpoint healed through the 4-bit weights gets; a given --head-bits
+    stands, and a 4-bit head is GPTQ's unless --int4-rounding nearest is given."""
     from rankdown.export.pipeline import _resolve_rounding
 
     said: list[str] = []
@@ -209,12 +210,21 @@ def test_the_head_is_4bit_where_gptq_rounds_it_and_8bit_elsewhere():
     assert ExportConfig(quantize="int4", int4_rounding="nearest").head == 8
     assert ExportConfig(quantize="int4", head_bits=8).head == 8
     assert ExportConfig(quantize="int4", int4_rounding="nearest", head_bits=4).head == 4
-    resolved = {healed: _resolve_rounding(ExportConfig(quantize="int4"), healed, said.append) for healed in (False, True)}
-    assert (resolved[False].int4_rounding, resolved[False].head_bits) == (Int4Rounding.GPTQ, 4)
-    assert (resolved[True].int4_rounding, resolved[True].head_bits) == (Int4Rounding.NEAREST, 8)
+    def resolved(healed: bool, **given):
+        cfg = _resolve_rounding(ExportConfig(quantize="int4", **given), healed, said.append)
+        return cfg.int4_rounding, cfg.head_bits, cfg.gptq_parts
+
+    assert resolved(False) == (Int4Rounding.GPTQ, 4, (True, True))
+    assert resolved(False, int4_rounding="nearest") == (Int4Rounding.NEAREST, 8, (False, False))
+    assert resolved(False, int4_rounding="nearest", head_bits=4) == (Int4Rounding.NEAREST, 4, (False, False))
+    # healed through the 4-bit weights: the decoder to nearest, an 8-bit head; a 4-bit head is GPTQ's
+    # (healing never rounds the head), unless nearest is asked for
+    assert resolved(True) == (Int4Rounding.NEAREST, 8, (False, False))
+    assert resolved(True, head_bits=4) == (Int4Rounding.NEAREST, 4, (False, True))
+    assert resolved(True, head_bits=4, int4_rounding="nearest") == (Int4Rounding.NEAREST, 4, (False, False))
     assert not said
-    forced = _resolve_rounding(ExportConfig(quantize="int4", int4_rounding="gptq"), True, said.append)
-    assert forced.head_bits == 4 and len(said) == 1 and "healed" in said[0]
+    assert resolved(True, int4_rounding="gptq") == (Int4Rounding.GPTQ, 4, (True, True))
+    assert len(said) == 1 and "healed" in said[0]
 
 
 def test_validate_judges_the_task_the_bundle_was_exported_for():

@@ -252,13 +252,15 @@ def test_first_stages_that_read_one_input_run_as_one_node(compressed_tiny, tmp_p
     assert all(torch.equal(read_back[True][k], read_back[False][k]) for k in read_back[True])
 
 
-@pytest.mark.parametrize("method,head_bits", [("feature", 8), ("joint", 8), ("feature", 4)])
+@pytest.mark.parametrize("method,head_bits,decoder", [("feature", 8, True), ("joint", 8, True), ("feature", 4, True),
+                                                    ("feature", 4, False)])
 def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_error(compressed_tiny, tmp_path, method,
-                                                                                    head_bits):
+                                                                                    head_bits, decoder):
     """GPTQ on the graph (export/onnx_int4_gptq.py): the same nodes, scales and zero points as the
     quantizer's nearest rounding, other codes in the 4-bit nodes only (stacked and shared-down nodes
-    included; the head when it is 4-bit), and the model with the graph's own weights closer to the
-    float model on the calibration text than nearest rounding's."""
+    included; the head when it is 4-bit; the head alone without ``decoder``, as a checkpoint healed
+    through the 4-bit weights gets), and the model with the graph's own weights closer to the float
+    model on the calibration text than nearest rounding's."""
     import numpy as np
     import torch
     from torch.func import functional_call
@@ -275,14 +277,14 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
     summaries, graphs, error = {}, {}, {}
     for rounding in ("nearest", "gptq"):
         out = tmp_path / rounding / "model.onnx"
-        reround = (lambda g: gptq_round_graph(g, model, windows, quiet)) if rounding == "gptq" else None
+        reround = (lambda g: gptq_round_graph(g, model, windows, quiet, decoder=decoder)) if rounding == "gptq" else None
         summaries[rounding] = quantize_int4(fp32, out, 32, head_bits=head_bits, reround=reround).as_dict()
         graphs[rounding] = onnx.load(str(out)).graph
         weights = weight_overrides(model, out)
         with torch.no_grad():
             logits = functional_call(model, weights, (windows,), strict=False).logits
             error[rounding] = float((logits - model(windows).logits).pow(2).mean())
-    assert summaries["nearest"]["rounding"] == "nearest" and summaries["gptq"]["rounding"] == "gptq"
+    assert "gptq" not in summaries["nearest"]
     gptq = summaries["gptq"]["gptq"]
     assert gptq["tokens"] == windows.numel() and 0 < gptq["error_vs_nearest"] < 1
     nodes = {r: {n.name: n for n in g.node} for r, g in graphs.items()}
@@ -302,8 +304,9 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
             else:  # scales, zero points, and an 8-bit head's codes: the quantizer's
                 assert same, (name, tensor)
     four_bit = {name for name, node in nodes["gptq"].items() if node.op_type == "MatMulNBits"
-                and next(a.i for a in node.attribute if a.name == "bits") == 4}
-    assert changed == four_bit and gptq["linears"] >= len(changed)  # no 4-bit node skipped
+                and next(a.i for a in node.attribute if a.name == "bits") == 4
+                and (decoder or "lm_head" in name)}
+    assert changed == four_bit and gptq["linears"] >= len(changed)  # no 4-bit node skipped, no other touched
     assert any("lm_head" in name for name in changed) == (head_bits == 4)
     assert error["gptq"] < error["nearest"]
 
