@@ -55,7 +55,7 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
     """int4: the torchao-quantized copy of ``model`` that the export lowers (``model`` is left as it
     is), so the self-check can also run it in PyTorch; None for fp32 and int8 (int8 is quantized on
     the traced graph). ``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's
-    ``gptq_windows``), needed when ``cfg.rounding`` is GPTQ."""
+    ``gptq_windows``), needed where GPTQ rounds the decoder or the head (``cfg.gptq_parts``)."""
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head, hqq=cfg.scales is Int4Scales.HQQ)

@@ -40,7 +40,7 @@ def preflight(cfg: ExportConfig) -> None:
 def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
            progress=print, calibration=None) -> tuple[float, FactorNodes, None, dict | None]:
     """``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's ``gptq_windows``),
-    needed for int4 when ``cfg.rounding`` is GPTQ."""
+    needed for int4 where GPTQ rounds the decoder or the head (``cfg.gptq_parts``)."""
     seconds, nodes, quantization = export_onnx(model, record, bundle, cfg, calibration, progress)
     if quantization is not None:
         blocks = ", ".join(f"{count} in blocks of {block}" for block, count in

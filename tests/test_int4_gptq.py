@@ -189,6 +189,16 @@ def test_a_4bit_head_is_rounded_by_gptq_on_the_final_hidden_states():
     assert error["gptq"] < 0.8 * error["nearest"]
     lookups = [built[r].model.get_input_embeddings() for r in Int4Rounding]
     assert torch.equal(lookups[0].weight, lookups[1].weight)
+    # the head alone (a checkpoint healed through int4, --head-bits 4): the decoder keeps nearest's codes
+    alone = et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=4,
+                                                         int4_rounding="nearest", head_rounding="gptq"),
+                        progress=lambda _: None, calibration=windows)
+    assert alone.summary["rounding"] == "nearest" and alone.summary["head_rounding"] == "gptq"
+    assert alone.summary["gptq"]["linears"] == 1
+    assert torch.equal(alone.model.get_submodule(HEAD).weight, gptq.weight)  # the same float hidden states
+    decoder = {n: m for n, m in alone.model.named_modules() if isinstance(m, DecomposedQuantLinear) and n != HEAD}
+    others = dict(built[Int4Rounding.NEAREST].model.named_modules())
+    assert decoder and all(torch.equal(m.weight, others[n].weight) for n, m in decoder.items())
 
 
 def test_int4_rounding_is_refused_where_it_does_nothing():

@@ -366,6 +366,7 @@ def test_a_missed_float_floor_says_the_rounding_cost_it_and_min_top1_accepts_it(
     assert re.search(r"onnx export failed its parity self-check against the float model( on [a-z, ]+ text)?: "
                      r"top-1 agreement [0-9.]+% < 100.0% \(its runtime matches", message), message
     assert "its runtime matches the int4 PyTorch model" in message and "--weights int4" in message
+    assert "`--head-bits 8` keeps an 8-bit head" in message  # the default head is 4-bit under GPTQ
     accept = float(re.search(r"`--min-top1 ([0-9.]+)` accepts this format's loss", message).group(1))
     assert accept <= kept < accept + 0.05
     assert not (tmp_path / "strict").exists()
