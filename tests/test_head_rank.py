@@ -219,7 +219,8 @@ def test_a_factored_tied_head_exports_int4_with_the_8bit_table_stored_once(tied_
     from rankdown.export.et_int4 import ByteFactoredLookup, quantize_int4
 
     _, folder, _ = tied_head
-    manifest = export(folder, tmp_path / "b", ExportConfig(quantize="int4", max_seq_len=64), progress=quiet)
+    # --head-bits 8: the default under nearest rounding (GPTQ's default head is 4-bit, its own table)
+    manifest = export(folder, tmp_path / "b", ExportConfig(quantize="int4", max_seq_len=64, head_bits=8), progress=quiet)
     for entry in manifest.formats.values():
         assert entry.parity.passed and entry.factor_nodes.expected == entry.factor_nodes.found
     assert manifest.options["head_equalized"] is True

@@ -141,14 +141,16 @@ def test_a_table_stored_twice_fails_the_export(tied_factorized, tmp_path, monkey
 
 
 def test_int4_pte_stores_its_8bit_tied_table_once(tied_factorized, tmp_path):
-    """ExecuTorch int4 with the default 8-bit head: the token lookup reads the head's own int8 rows
-    and scales (one tensor), and the .pte with its .ptd holds that int8 table once; the self-check
-    (against the quantized model, then the float one) passes with it."""
+    """ExecuTorch int4 with an 8-bit head (`--head-bits 8`, the default under nearest rounding): the
+    token lookup reads the head's own int8 rows and scales (one tensor), and the .pte with its .ptd
+    holds that int8 table once; the self-check (against the quantized model, then the float one)
+    passes with it."""
     from rankdown.checkpoint import load_model, open_checkpoint
     from rankdown.export.et_int4 import quantize_int4
     from rankdown.factor_record import FactorRecord
 
-    manifest = export(tied_factorized, tmp_path / "b", ExportConfig(formats="executorch", quantize="int4"), progress=quiet)
+    manifest = export(tied_factorized, tmp_path / "b", ExportConfig(formats="executorch", quantize="int4", head_bits=8),
+                      progress=quiet)
     entry = manifest.formats["executorch"]
     assert entry.lowering is not None and entry.lowering.passed and entry.parity.passed
     files = sorted((tmp_path / "b" / "executorch").iterdir())
