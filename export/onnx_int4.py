@@ -86,7 +86,7 @@ class Int4Summary:
     accuracy_level: int
     scales: str  # how the block scales are stored
     scheme: str = QUANTIZER  # who chose the decoder's codes and scales
-    rounding: dict | None = None  # where GPTQ picked codes at those scales: {"gptq": its summary}
+    gptq: dict | None = None  # where GPTQ picked codes at those scales: its summary (export/int4_gptq.py gptq_record)
 
     def as_dict(self) -> dict:
         return {"scheme": self.scheme, "int4_matmuls": self.int4_matmuls,
@@ -97,7 +97,7 @@ class Int4Summary:
                 "decoder_block_sizes": {str(b): n for b, n in self.block_sizes.items()},  # JSON keys
                 "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level,
-                "scales": self.scales, **(self.rounding or {})}
+                "scales": self.scales, **({"gptq": self.gptq} if self.gptq else {})}
 
 
 def _head_node(graph):
@@ -412,11 +412,11 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
     fused_input_linears = fuse_shared_inputs(quantized.model.graph) if fuse_inputs else 0
     half_scales = _half_scales(quantized.model.graph, exact=healed_group is not None) if fp16_scales else 0
     # last: the codes are chosen at the scales as stored (fp16), the ones the kernels run
-    rounding = None
+    gptq = None
     if reround is not None:
         from rankdown.export.int4_gptq import gptq_record
 
-        rounding = {"gptq": gptq_record(reround(quantized.model.graph))}
+        gptq = gptq_record(reround(quantized.model.graph))
     left = [n.name for n in quantized.model.graph.node if n.op_type == "MatMul" and n.name not in float_names
             and n.input[1] in {i.name for i in quantized.model.graph.initializer}]
     if left:
@@ -441,4 +441,4 @@ def quantize_int4(src: Path, dst: Path, group_size: int, symmetric: bool = SYMME
                                f"symmetric absmax int4 {group_label(healed_group)} "
                                "(max |w| / 7.5, the numerics --heal-quantize trains through)"),
                        scales=(f"fp16, cast to fp32 once at load ({half_scales} tensors)" if half_scales else "fp32"),
-                       rounding=rounding)
+                       gptq=gptq)
