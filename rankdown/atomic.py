@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -203,11 +204,16 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     parent = out.resolve().parent
+    # Named before it is made and made inside the cleanup's reach: a SIGTERM landing just after
+    # mkdtemp's mkdir, before its name came back, left the empty folder behind.
+    tmp = parent / f".{out.name}.tmp-{secrets.token_hex(8)}"
+    ours = True  # until its mkdir fails: then it was not made here (or is someone else's)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise RankdownError(f"{out}: cannot create a folder in {parent}: {e.strerror}") from None
-    try:
+        try:
+            tmp.mkdir(mode=0o700)
+        except OSError as e:
+            ours = False
+            raise RankdownError(f"{out}: cannot create a folder in {parent}: {e.strerror}") from None
         yield tmp
         _grant_umask(tmp)
         _fsync_tree(tmp)
@@ -225,6 +231,8 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
             os.rename(tmp, out)
         _fsync_dir(parent)
     except BaseException as e:
+        if not ours:
+            raise
         error = out_of_space_error(out, e, tmp) if is_out_of_space(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
