@@ -138,16 +138,22 @@ def onnx_int4_bundles(compressed_tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def joint_bundle(compressed_tiny, tmp_path_factory):
+def joint_bundle(compressed_tiny, tmp_path_factory, worker_id):
     """The joint (shared-down) checkpoint through both formats, fp32: the suite's one full export,
-    with the one-token method (off by default in fp32) so that its tests have it to hold."""
+    with the one-token method (off by default in fp32) so that its tests have it to hold.
+    Returns (checkpoint folder, bundle folder, manifest). Eight test files read it, so it is built
+    once per run, not once per worker (half a minute of ExecuTorch lowering each time); the
+    checkpoint it was exported from is copied beside it, so the pair stays one run's."""
     from rankdown.export.config import ExportConfig
+    from rankdown.export.manifest import Manifest
     from rankdown.export.pipeline import export
 
-    folder, _ = compressed_tiny["joint"]
-    bundle = tmp_path_factory.mktemp("bundles") / "joint"
-    manifest = export(folder, bundle, ExportConfig(max_seq_len=128, decode_method=True), progress=lambda _m: None)
-    return folder, bundle, manifest
+    def build(root: Path) -> None:
+        shutil.copytree(compressed_tiny["joint"][0], root / "ckpt")
+        export(root / "ckpt", root / "bundle", ExportConfig(max_seq_len=128, decode_method=True), progress=lambda _m: None)
+
+    root = _built_once(_shared_dir(tmp_path_factory, worker_id), "joint-bundle", build)
+    return root / "ckpt", root / "bundle", Manifest.read(root / "bundle")
 
 
 def checkpoint_tensors(folder: Path) -> dict:
