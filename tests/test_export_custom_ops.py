@@ -314,6 +314,44 @@ def test_a_4bit_head_moves_the_logits_more_than_an_8bit_one(compressed_tiny):
     assert error[4] > 1.2 * error[8] > 0
 
 
+def test_the_eager_int4_model_is_the_decomposed_ops_bit_for_bit_and_the_trace_keeps_them(compressed_tiny):
+    """Run eagerly (the self-check's and validate's reference), the quantized linears and the 8-bit
+    lookup compute code x scale in one pass, bit for bit what the decomposed ops give; traced, they
+    still emit those ops, which XNNPACK's partitioner and the quantized lookup kernel match."""
+    from rankdown.export.et_int4 import ByteEmbedding
+
+    record, model, ids = _joint_model(compressed_tiny)
+    quantized, _ = quantize_int4(model, record, 32, head_bits=8)
+    ops = torch.ops.quantized_decomposed
+    linears = [m for m in quantized.modules() if isinstance(m, DecomposedQuantLinear)]
+    assert {m.per_channel for m in linears} == {True, False}  # the 8-bit head and the 4-bit groups
+    for m in linears:
+        decomposed = (ops.dequantize_per_channel(m.weight, m.scales, m.zeros, 0, *m.quant_range, torch.int8)
+                      if m.per_channel else
+                      ops.dequantize_per_channel_group(m.weight, m.scales, m.zeros, *m.quant_range, torch.int8,
+                                                       m.group, torch.float32))
+        assert torch.equal(m.dequantized(), decomposed)
+    lookup = quantized.model.embed_tokens
+    assert isinstance(lookup, ByteEmbedding)
+    with torch.no_grad():
+        assert torch.equal(lookup(ids), ops.embedding_byte.default(lookup.weight, lookup.scales, None, -128, 127, ids))
+
+    class LookupThenLinears(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lookup, self.head, self.grouped = lookup, quantized.lm_head, next(m for m in linears if not m.per_channel)
+
+        def forward(self, tokens):
+            hidden = self.lookup(tokens)
+            return self.head(hidden), self.grouped(hidden[..., : self.grouped.weight.shape[1]])
+
+    program = torch.export.export(LookupThenLinears(), (ids,), strict=True)
+    targets = {str(node.target) for node in program.graph.nodes}
+    for op in ("embedding_byte", "dequantize_per_channel.", "dequantize_per_channel_group"):
+        assert any(op in target for target in targets), (op, targets)
+    assert not {t for t in targets if t.startswith("aten.mul") or t.startswith("aten.sub")}, targets
+
+
 @pytest.fixture(scope="session")
 def joint_int4_bundle(compressed_tiny, tmp_path_factory):
     folder, _ = compressed_tiny["joint"]
