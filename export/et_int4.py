@@ -195,6 +195,9 @@ class ByteEmbedding(nn.Module):
         super().__init__()
         from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (registers the op)
 
+        self.weight: torch.Tensor
+        self.scales: torch.Tensor
+
         if from_head is not None:
             self.weight = from_head.weight  # the same Parameter: torch.export sees one tied tensor
             scales = from_head.scales
