@@ -124,18 +124,19 @@ class DecomposedQuantLinear(nn.Module):
         scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
         x = ops.dequantize_per_token(ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8),
                                      scale, zero, -128, 127, torch.int8, torch.float32)
-        if not torch.compiler.is_compiling():
-            # Eager (the export's and validate's PyTorch reference): the same products in one pass.
-            # The decomposed ops below are what the trace must hold (XNNPACK's partitioner matches
-            # them), and eagerly they cost 9x the float model's decode (SmolLM2: 50 s against 5.6 s
-            # for the self-check's three prompts).
-            return torch.nn.functional.linear(x, self.dequantized(), self.bias)
-        if self.per_channel:
-            weight = ops.dequantize_per_channel(self.weight, self.scales, self.zeros, 0, *self.quant_range, torch.int8)
-        else:
-            weight = ops.dequantize_per_channel_group(self.weight, self.scales, self.zeros, *self.quant_range,
-                                                      torch.int8, self.group, torch.float32)
+        # Eager (the export's and validate's PyTorch reference): the same products in one pass. The
+        # decomposed ops are what the trace must hold (XNNPACK's partitioner matches them), and eagerly
+        # they cost 9x the float model's decode (SmolLM2: 50 s against 5.6 s for the self-check's prompts).
+        weight = self.decomposed_weight() if torch.compiler.is_compiling() else self.dequantized()
         return torch.nn.functional.linear(x, weight, self.bias)
+
+    def decomposed_weight(self) -> torch.Tensor:
+        """The fp32 weight through the ``quantized_decomposed`` ops, as the trace must emit it."""
+        ops = torch.ops.quantized_decomposed
+        if self.per_channel:
+            return ops.dequantize_per_channel(self.weight, self.scales, self.zeros, 0, *self.quant_range, torch.int8)
+        return ops.dequantize_per_channel_group(self.weight, self.scales, self.zeros, *self.quant_range,
+                                                torch.int8, self.group, torch.float32)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight, (code - zero) x scale, bit for bit what ``dequantize_per_channel(_group)``

@@ -326,11 +326,7 @@ def test_the_eager_int4_model_is_the_decomposed_ops_bit_for_bit_and_the_trace_ke
     linears = [m for m in quantized.modules() if isinstance(m, DecomposedQuantLinear)]
     assert {m.per_channel for m in linears} == {True, False}  # the 8-bit head and the 4-bit groups
     for m in linears:
-        decomposed = (ops.dequantize_per_channel(m.weight, m.scales, m.zeros, 0, *m.quant_range, torch.int8)
-                      if m.per_channel else
-                      ops.dequantize_per_channel_group(m.weight, m.scales, m.zeros, *m.quant_range, torch.int8,
-                                                       m.group, torch.float32))
-        assert torch.equal(m.dequantized(), decomposed)
+        assert torch.equal(m.dequantized(), m.decomposed_weight())
     lookup = quantized.model.embed_tokens
     assert isinstance(lookup, ByteEmbedding)
     with torch.no_grad():
