@@ -212,7 +212,7 @@ def test_a_bundle_given_where_a_model_is_taken_is_named_as_one(joint_bundle, tmp
 
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_a_stop_that_a_library_turned_into_its_own_error_still_ends_as_a_stop(tiny_model_dir, tmp_path, monkeypatch,
-                                                                             capsys, signum, status, word):
+                                                                             capsys, request, signum, status, word):
     """The signal can land inside an extension that converts the raised exception (safetensors'
     reader turned it into a ValueError in CI): the run still ends as the user asked, one line, no
     traceback; and an error raised with no signal is not mistaken for one."""
@@ -228,6 +228,9 @@ def test_a_stop_that_a_library_turned_into_its_own_error_still_ends_as_a_stop(ti
         raise AssertionError("the signal was not handled")
 
     monkeypatch.setattr(pipeline, "compress", load_in_an_extension)
+    # as from a terminal: under nohup or in a background job SIGINT is ignored, and the CLI keeps it so
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     model = tiny_model_dir
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert main(["compress", str(model), "-o", str(tmp_path / "o"), "--ratio", "0.4"]) == status
