@@ -38,9 +38,10 @@ lint: venv
 # (exports, subprocesses, tiny models), and a worker often waits (on another worker's shared export,
 # on a subprocess, on qemu), so a third fills those waits: 11:30 against 12:01 with two on the 2-vCPU
 # model-167 host (2026-12-06). One thread per worker keeps OpenMP from spinning on a core another
-# worker needs. A file's tests share a worker (--dist loadfile), so a file's fixtures are built once.
+# worker needs. A file's tests share a worker (--dist loadfile), so a file's fixtures are built once;
+# the heaviest files go first (tests/conftest.py's HEAVY_FIRST, kept by --no-loadscope-reorder).
 test: venv lint test-deps arm64-emu
-	OMP_NUM_THREADS=1 RANKDOWN_TEST_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 RANKDOWN_TEST_THREADS=1 $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15
 
 demo: venv
 	$(VENV)/bin/rankdown info
