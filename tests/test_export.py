@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_model
-from helpers import quiet
+from helpers import cli_in_process, quiet
 
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.errors import RankdownError
@@ -344,11 +344,6 @@ def test_manifest_detects_tampering_and_unknown_keys(joint_bundle, tmp_path):
         Manifest.read(copy)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "rankdown.cli", "export", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("case,pattern", [
     ("not-a-checkpoint", "config.json"),
     ("unknown-format", "unknown --format 'tflite': choose one of onnx, executorch"),
@@ -356,7 +351,7 @@ def _cli(*args):
     ("no-parent", "parent folder"),
     ("inside-input", "must not be, contain, or lie inside the input"),
 ])
-def test_cli_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, case, pattern):
+def test_cli_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, capsys, case, pattern):
     empty = tmp_path / "empty"
     empty.mkdir()
     args = {
@@ -366,11 +361,11 @@ def test_cli_bad_input_is_one_clear_line(tiny_model_dir, tmp_path, case, pattern
         "no-parent": [tiny_model_dir, "-o", tmp_path / "missing" / "b"],
         "inside-input": [tiny_model_dir, "-o", tiny_model_dir / "bundle"],
     }[case]
-    result = _cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown export: error:")]
-    assert len(errors) == 1 and pattern in errors[0], result.stderr
+    status, stderr = cli_in_process(capsys, "export", *args)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("rankdown export: error:")]
+    assert len(errors) == 1 and pattern in errors[0], stderr
     assert not (tmp_path / "b").exists() and not (tiny_model_dir / "bundle").exists()
 
 

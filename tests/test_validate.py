@@ -11,7 +11,7 @@ import sys
 
 import onnx
 import pytest
-from helpers import quiet
+from helpers import cli_in_process, quiet
 from onnx import numpy_helper
 
 from rankdown.errors import RankdownError
@@ -141,7 +141,7 @@ def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path):
     ("unknown-runtime", "unknown --runtime 'tflite': choose one of onnxruntime, executorch, onnxruntime-genai"),
     ("source-gone", "pass --reference MODEL"),
 ])
-def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, case, pattern):
+def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, capsys, case, pattern):
     _, bundle, _ = joint_bundle
     target = tmp_path / "b"
     shutil.copytree(bundle, target)
@@ -158,10 +158,11 @@ def test_cli_bad_input_is_one_clear_line(joint_bundle, tmp_path, case, pattern):
     else:
         raw["source"]["path"] = str(tmp_path / "deleted")
         (target / MANIFEST_FILE).write_text(json.dumps(raw))
-    result = _cli(*args)
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown validate: error:")]
-    assert len(errors) == 1 and pattern in errors[0], result.stderr
+    status, stderr = cli_in_process(capsys, "validate", *args)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("rankdown validate: error:")]
+    assert len(errors) == 1 and pattern in errors[0], stderr
 
 
 def test_a_runtime_missing_here_is_a_clear_error(joint_bundle, monkeypatch):
