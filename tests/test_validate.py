@@ -123,16 +123,16 @@ def test_cli_exit_status_gates_ci(joint_bundle, tmp_path):
     assert json.loads((tmp_path / "report" / "report.json").read_text())["passed"] is False
 
 
-def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path):
+def test_tampered_files_are_refused_before_running(joint_bundle, tmp_path, capsys):
     _, bundle, _ = joint_bundle
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     with open(copy / "executorch" / "model.pte", "r+b") as f:
         f.seek(64)
         f.write(b"\x00" * 16)
-    result = _cli(copy, "--no-latency")
-    assert result.returncode == 2
-    assert "executorch/model.pte does not match the manifest" in result.stderr and "Traceback" not in result.stderr
+    status, stderr = cli_in_process(capsys, "validate", copy, "--no-latency")
+    assert status == 2
+    assert "executorch/model.pte does not match the manifest" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("case,pattern", [
@@ -292,12 +292,12 @@ def test_sweep_threads_refuses_what_it_cannot_time(extra, pattern):
         ValidateConfig(**(FAST | extra))
 
 
-def test_cli_sweep_threads_that_are_not_numbers_is_one_clear_line(joint_bundle):
+def test_cli_sweep_threads_that_are_not_numbers_is_one_clear_line(joint_bundle, capsys):
     _, bundle, _ = joint_bundle
-    result = _cli(bundle, "--sweep-threads", "1,two")
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rankdown validate: error:")]
-    assert len(errors) == 1 and "--sweep-threads must be comma-separated thread counts" in errors[0], result.stderr
+    status, stderr = cli_in_process(capsys, "validate", bundle, "--sweep-threads", "1,two")
+    assert status == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("rankdown validate: error:")]
+    assert len(errors) == 1 and "--sweep-threads must be comma-separated thread counts" in errors[0], stderr
 
 
 def test_a_model_calibrated_on_a_file_needs_a_task_or_eval_file(joint_bundle, tmp_path):
