@@ -161,7 +161,6 @@ QUANTIZE_AUTO = "auto"  # export --quantize: the checkpoint's own (ExportConfig.
 
 def cmd_export(args: argparse.Namespace) -> None:
     from rankdown.export.config import ExportConfig, Format
-    from rankdown.export.pipeline import export, format_manifest
 
     quantize = None if args.quantize == QUANTIZE_AUTO else args.quantize
     # None: not given, so the config's default (and an option of a format not exported is refused below)
@@ -177,6 +176,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         fmt = Format(name)
         if value is not None and fmt not in cfg.formats:
             raise RankdownError(f"{flag} applies to the {fmt.value} format, which --format {args.format} leaves out")
+    # after the options are checked: the pipeline loads transformers, seconds a mistake need not wait
+    from rankdown.export.pipeline import export, format_manifest
+
     manifest = export(args.model, args.out, cfg)
     print(f"{args.out}: bundle written")
     print(format_manifest(manifest))
@@ -185,7 +187,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from rankdown.export.parity import top1_note
     from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
-    from rankdown.validate.harness import validate
     from rankdown.validate.report import fastest_threads, float_floor_note, quantization_note
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
@@ -208,6 +209,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if cfg.threads is None:
             cfg = dataclasses.replace(cfg, threads=profile.threads)
         print(f"device: {profile.name} ({profile.description}) via {profile.transport.kind.value}")
+    # after the options are checked: the harness loads both runtimes' Python stacks (5 s here)
+    from rankdown.validate.harness import validate
+
     report = validate(args.bundle, cfg, runner=runner)
     for name, r in report.runtimes.items():
         q, p, lat = r.quality, r.parity, r.latency
