@@ -70,7 +70,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rankdown.atomic import check_file_output, write_text_atomic
-    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
     from rankdown.compute_device import resolve_device
     from rankdown.evaluate import EvalConfig, evaluate
 
@@ -79,6 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json is not None:
         check_file_output(args.json)
     data = _task_data(args, "eval")
+    # after the options and the data are checked: loading checkpoints imports transformers (4 s here)
+    from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
+
     ckpt = open_checkpoint(args.model)
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt.folder)
@@ -92,8 +94,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from rankdown.compress.config import INT4_RECIPE, BasisTuning, CompressConfig, compress_config
-    from rankdown.compress.distributed import leads_output
-    from rankdown.compress.pipeline import compress
     from rankdown.schema import default_of
 
     if args.task is None and args.calib is None:
@@ -115,6 +115,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         fields["head_rank"] = None  # given, so it wins over the recipe's rank like any given value
     cfg = compress_config(args.weights, {k: v for k, v in healing.items() if v is not None}, **fields)
     _refuse_unused_compress_options(args, cfg)
+    # after the options are checked: the pipeline imports transformers (4 s here)
+    from rankdown.compress.distributed import leads_output
+    from rankdown.compress.pipeline import compress
+
     report = compress(args.model, args.out, cfg)
     if not leads_output():
         return  # under torchrun: worker 0 prints
