@@ -20,7 +20,7 @@ torch.set_num_threads(int(os.environ.get("RANKDOWN_TEST_THREADS", "2")))
 # The files that take longest, heaviest first: `make test` hands whole files to three workers
 # (--dist loadfile), each taking the next as it runs low, in this order (--no-loadscope-reorder;
 # xdist would otherwise order files by their number of tests). A heavy file started last is the
-# run's tail: in the run of 2026-12-07 17:23 (pytest's wall per file under three workers on 2 cores,
+# run's tail: in the run of 2026-12-07 17:10 (pytest's wall per file under three workers on 2 cores,
 # seconds: export 358, devices 184, int4_shipped 179, validate 151, head_rank 114, export_custom_ops
 # 98, reliability_faults 97, cli 96, distributed 90, tied_embeddings 83, fake_quant 73,
 # reliability_inputs 62, healing 39, onnx_int4 31) one worker had export and int4_shipped and ran
