@@ -16,15 +16,16 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
 from rankdown.atomic import atomic_folder, check_output_path, write_text_atomic
 from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
-from rankdown.compress.config import CompressConfig, Healing, Method
+from rankdown.compress.config import CompressConfig, Healing
 from rankdown.compress.pipeline import compress
+from rankdown.devices.fit_config import FitConfig
 from rankdown.devices.profile import DeviceProfile, ExecuTorchRunner
 from rankdown.devices.runners import runner_for
 from rankdown.errors import ParityError, RankdownError
@@ -33,7 +34,6 @@ from rankdown.export.config import DEFAULT_GROUP, ExportConfig, Quantize
 from rankdown.export.formats import by_runtime
 from rankdown.export.manifest import MANIFEST_FILE, Manifest
 from rankdown.export.pipeline import export
-from rankdown.schema import coerce_enums
 from rankdown.tasks import Split, load_task
 from rankdown.validate.config import Runtime, ValidateConfig
 from rankdown.validate.harness import validate
@@ -41,33 +41,6 @@ from rankdown.validate.report import write_report
 
 FIT_FILE = "fit.json"
 FIT_SCHEMA_VERSION = 1
-
-@dataclass(frozen=True)
-class FitConfig:
-    task: str = "math"
-    method: Method = Method.FEATURE
-    ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)  # 0.0: the dense model
-    # int4 last: it ranks after every fp32 and int8 candidate that fits (rank_candidates), the fallback
-    quantize: tuple[Quantize, ...] = field(default=(Quantize.NONE, Quantize.INT8, Quantize.INT4),
-                                           metadata={"option": "--quantize"})
-    max_memory_mb: float | None = None  # None: the profile's memory_mb
-    min_score: float | None = None  # exact match, 0..1
-    max_examples: int = 200
-    max_seq_len: int = 256
-    heal_steps: int = Healing.steps  # each compressed candidate is healed as `compress` heals by default
-    overwrite: bool = False
-
-    def __post_init__(self):
-        Healing(steps=self.heal_steps)  # a bad count is refused here, before any work
-        EvalConfig(max_examples=self.max_examples)  # as is a bad --max-examples, not after the first candidate
-        if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
-            raise RankdownError(f"--ratios must be numbers in [0, 1), got {self.ratios!r}")
-        coerce_enums(self)
-        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
-            raise RankdownError(f"--max-memory must be positive, got {self.max_memory_mb}")
-        if self.min_score is not None and not 0 <= self.min_score <= 1:
-            raise RankdownError(f"--min-score is an exact-match fraction in 0..1, got {self.min_score}")
-
 
 @dataclass(frozen=True)
 class Candidate:

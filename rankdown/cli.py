@@ -268,7 +268,7 @@ def _thread_counts(text: str) -> tuple[int, ...]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from rankdown.devices.fit import FitConfig, fit
+    from rankdown.devices.fit_config import FitConfig
     from rankdown.devices.profile import find_profile
 
     profile = find_profile(args.device)
@@ -281,6 +281,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                    if not left_out), max_memory_mb=args.max_memory,
                     min_score=args.min_score, max_examples=args.max_examples, heal_steps=args.heal_steps,
                     overwrite=args.overwrite)
+    # after the options are checked: fit imports every stage's pipeline (4 s here)
+    from rankdown.devices.fit import fit
+
     report = fit(args.model, args.out, profile, cfg)
     print(f"{'ratio':>5}  {'weights':<5} {'params':>10}  {'needs MB':>8}  {'exact match':>11}  fits")
     for c in report.candidates:

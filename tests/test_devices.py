@@ -416,7 +416,8 @@ def test_fit_picks_a_smaller_model_for_a_smaller_budget(tmp_path, shipped_model_
     import dataclasses
     import json
 
-    from rankdown.devices.fit import FitConfig, fit, rank_candidates
+    from rankdown.devices.fit import fit, rank_candidates
+    from rankdown.devices.fit_config import FitConfig
 
     profile = load_profile(_profile(tmp_path, "small-phone", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
                                     "memory_mb=4096\n[transport]\nkind='local'\n"))
@@ -462,7 +463,8 @@ def test_fit_counts_the_second_packed_copy_of_executorch_s_python_runtime(tmp_pa
 def test_fit_takes_int4_where_only_int4_fits(tmp_path, shipped_model_dir):
     """int4 candidates rank after fp32 and int8 at the same score, so they are chosen where only they
     fit; the estimate bounds what the exported 4-bit files and the cache take."""
-    from rankdown.devices.fit import FitConfig, fit, rank_candidates
+    from rankdown.devices.fit import fit, rank_candidates
+    from rankdown.devices.fit_config import FitConfig
 
     profile = load_profile(_profile(tmp_path, "tiny-phone", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
                                     "memory_mb=4096\n[transport]\nkind='local'\n"))
@@ -484,7 +486,8 @@ def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path
     is a failed candidate, not a failed fit: the next one is exported and validated. When the export
     refuses every candidate, one line says so and nothing is left."""
     import rankdown.devices.fit as fit_module
-    from rankdown.devices.fit import FitConfig, fit
+    from rankdown.devices.fit import fit
+    from rankdown.devices.fit_config import FitConfig
     from rankdown.errors import ParityError
 
     profile = load_profile(_profile(tmp_path, "laptop", "arch='host'\nruntimes=['onnxruntime']\nthreads=2\n"
@@ -519,7 +522,8 @@ def test_fit_goes_on_past_a_candidate_whose_export_fails_its_self_check(tmp_path
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
 
 def test_fit_with_an_impossible_budget_is_one_clear_error(tmp_path, shipped_model_dir):
-    from rankdown.devices.fit import FitConfig, fit
+    from rankdown.devices.fit import fit
+    from rankdown.devices.fit_config import FitConfig
 
     profile = load_profile(_profile(tmp_path, "watch", "arch='host'\nruntimes=['onnxruntime']\nthreads=1\n"
                                     "memory_mb=1\n[transport]\nkind='local'\n"))

@@ -111,7 +111,8 @@ def test_a_bad_option_is_refused_before_the_libraries_load(tiny_model_dir, tmp_p
     commands = {"export": (["export", model, "-o", out, "--format", "tflite"], "unknown --format 'tflite'"),
                 "validate": (["validate", model, "--runtime", "tflite"], "unknown --runtime 'tflite'"),
                 "compress": (["compress", model, "-o", out, "--ratio", "1.2"], "--ratio must be a number strictly"),
-                "eval": (["eval", model, "--task", "math", "--threads", "0"], "--threads must be at least 1")}
+                "eval": (["eval", model, "--task", "math", "--threads", "0"], "--threads must be at least 1"),
+                "fit": (["fit", model, "--device", "local-cpu", "-o", out, "--ratios", "1.5"], "--ratios must be numbers")}
     for name, (argv, said) in commands.items():
         script = f"import sys; from rankdown.cli import main; rc = main({argv!r}); print(rc, 'transformers' in sys.modules)"
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
