@@ -29,7 +29,7 @@ from rankdown.export.et_rotary import matmul_rotary
 from rankdown.export.et_views import drop_unit_reshapes, reshape_unit_permutes
 from rankdown.export.factor_nodes import count_exported_program, fused_group, linear_weight_path
 from rankdown.export.formats import Quantized
-from rankdown.export.int4_gptq import gptq_record, gptq_round
+from rankdown.export.int4_gptq import GptqStatistics, gptq_record, gptq_round
 from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
@@ -51,11 +51,12 @@ def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, progres
 
 
 def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
-             calibration: torch.Tensor | None = None) -> Quantized | None:
+             calibration: GptqStatistics | None = None) -> Quantized | None:
     """int4: the torchao-quantized copy of ``model`` that the export lowers (``model`` is left as it
     is), so the self-check can also run it in PyTorch; None for fp32 and int8 (int8 is quantized on
-    the traced graph). ``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's
-    ``gptq_windows``), needed where GPTQ rounds the decoder or the head (``cfg.gptq_parts``)."""
+    the traced graph). ``calibration``: the float model's input statistics GPTQ rounding runs on
+    (export/int4_gptq.py's ``GptqStatistics`` of ``model``), needed where GPTQ rounds the decoder or the
+    head (``cfg.gptq_parts``)."""
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head, hqq=cfg.scales is Int4Scales.HQQ)
@@ -64,11 +65,10 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
     decoder, head = cfg.gptq_parts
     rounding: dict = {"rounding": cfg.rounding.value, "head_rounding": cfg.head_rounds_by.value}
     if decoder or head:
-        if calibration is None:
-            raise ValueError("GPTQ rounding needs calibration windows")
-        result = gptq_round(quantized, model, calibration, progress, decoder=decoder, head=head)
-        progress(f"  executorch: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
-                 f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
+        if calibration is None or calibration.model is not model:
+            raise ValueError("GPTQ rounding needs the statistics of the model it quantizes")
+        result = gptq_round(quantized, calibration, progress, decoder=decoder, head=head)
+        progress(result.summary("executorch"))
         rounding["gptq"] = gptq_record(result)
     saved = fuse_inputs(quantized)
     if saved:

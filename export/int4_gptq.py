@@ -20,12 +20,17 @@ the three tasks' windows taken in turn as compress takes a mix (what ``gptq_wind
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from rankdown.compress.calibration import layer_inputs, run_layer
@@ -53,10 +58,17 @@ class GptqResult:
     error: float
     nearest_error: float
     codes_sha256: str  # of every rounded linear's codes, in module order: validate's rebuild is checked against it
+    walked: bool = True  # False: on statistics an earlier walk kept (``GptqStatistics``)
 
     @property
     def error_ratio(self) -> float:
         return self.error / self.nearest_error if self.nearest_error > 0 else 1.0
+
+    def summary(self, fmt: str) -> str:
+        """The export's line for it."""
+        read = "" if self.walked else "; the statistics read back from the first format's walk"
+        return (f"  {fmt}: GPTQ rounding of {self.linears} 4-bit linear(s) on {self.tokens} calibration tokens: "
+                f"their output error {self.error_ratio:.2f}x nearest rounding's{read}")
 
 
 def gptq_record(result: GptqResult) -> dict:
@@ -174,20 +186,136 @@ class InputGrams:
         for handle in self._handles:
             handle.remove()
 
+    def write(self, path: Path) -> None:
+        """The sums (float64, as summed) and which linear shares which, for ``StoredGrams.read``."""
+        save_file(self.sums, str(path), metadata={"source": json.dumps(self.source)})
 
-def calibrated_layers(float_model: Any, windows: torch.Tensor, linears_of: Callable[[int], Iterable[str]]
-                      ) -> Iterator[tuple[int, nn.Module, InputGrams]]:
-    """Each decoder layer of ``float_model`` in order, run on ``windows``' hidden states: (its index,
-    the layer, the X^T X sums of the inputs of the linears ``linears_of(index)`` names in it). One
-    layer's sums are alive at a time; the hidden states move on to the next layer."""
-    hidden = layer_inputs(float_model, windows)
-    for index, layer in enumerate(float_model.model.layers):
-        grams = InputGrams(layer, {name: layer.get_submodule(name) for name in linears_of(index)})
+
+class StoredGrams:
+    """An ``InputGrams`` read back from ``InputGrams.write``'s file."""
+
+    def __init__(self, sums: dict[str, torch.Tensor], source: dict[str, str]):
+        self.sums, self.source = sums, source
+
+    @classmethod
+    def read(cls, path: Path) -> StoredGrams:
+        with safe_open(str(path), framework="pt") as f:
+            source = json.loads((f.metadata() or {})["source"])
+            return cls({name: f.get_tensor(name) for name in f.keys()}, source)  # noqa: SIM118 (safe_open has no __iter__)
+
+    def of(self, name: str) -> torch.Tensor:
+        return self.sums[self.source[name]]
+
+
+Grams = InputGrams | StoredGrams
+
+
+class GptqStatistics:
+    """The inputs' X^T X of every linear of ``model`` (the float model the weights are rounded from)
+    on the calibration ``windows``: each decoder layer's, and the head's on the final hidden states,
+    from one walk, layer by layer (one layer's sums in memory at a time).
+
+    The head's come from the walk's last hidden states, not from a second pass of the whole model
+    (on SmolLM2-135M that second pass cost 29 s beside the walk's 34 s). With ``keep`` (a folder
+    that does not exist yet), each layer's sums are also written there as the walk goes, so that a
+    second reader, the other format of the same export, reads them back instead of walking again;
+    the numbers it reads are the walk's own, so its codes are the same as a walk of its own gives."""
+
+    def __init__(self, model: Any, windows: torch.Tensor, keep: Path | None = None):
+        self.model = model
+        self.windows = windows
+        self.tokens = int(windows.numel())
+        self.kept = keep
+        self._complete = False  # a walk wrote every layer's sums to ``keep``
+        self._head: Grams | None = None
+        self.walks = 0  # passes of the model over the windows (each layer's, or to the head's input)
+
+    def layers(self) -> Iterator[tuple[int, Grams]]:
+        """(index, its sums) for each decoder layer in order: read back where a walk kept them, else walked."""
+        count = len(self.model.model.layers)
+        if self.kept is not None and self._complete:
+            for index in range(count):
+                yield index, StoredGrams.read(self.kept / f"layer-{index}.safetensors")
+            return
+        if self.kept is not None:
+            self.kept.mkdir(parents=True, exist_ok=True)
+        self.walks += 1
+        hidden = layer_inputs(self.model, self.windows)
+        for index, layer in enumerate(self.model.model.layers):
+            grams = InputGrams(layer, _linears(layer))
+            try:
+                hidden = run_layer(self.model, layer, hidden, BATCH)
+            finally:
+                grams.close()
+            if self.kept is not None:
+                grams.write(self.kept / f"layer-{index}.safetensors")
+            yield index, grams
+            del grams
+        self._complete = self.kept is not None
+        if self._head is None:
+            self._head = self._head_grams(hidden)
+
+    def head(self) -> Grams:
+        """The sums of the head's linears' inputs (``lm_head``, or a factored head's halves)."""
+        if self._head is None:
+            self.walks += 1
+            hidden = layer_inputs(self.model, self.windows)
+            for layer in self.model.model.layers:  # no statistics wanted: the hidden states only
+                hidden = run_layer(self.model, layer, hidden, BATCH)
+            self._head = self._head_grams(hidden)
+        return self._head
+
+    @torch.no_grad()
+    def _head_grams(self, hidden: torch.Tensor) -> Grams:
+        head = self.model.get_submodule(HEAD)
+        linears = _linears(head, HEAD)
+        grams = InputGrams(head, linears)
+        # Once every linear's input is summed the rest of the head (the vocabulary-wide product) is not needed.
+        stop = _StopWhenSeen(linears)
         try:
-            hidden = run_layer(float_model, layer, hidden, BATCH)
+            for start in range(0, hidden.shape[0], BATCH):
+                with contextlib.suppress(_AllSeen):
+                    head(self.model.model.norm(hidden[start : start + BATCH]))
         finally:
+            stop.close()
             grams.close()
-        yield index, layer, grams
+        return grams
+
+
+KEPT_FOLDER = ".gptq-statistics"
+KEEP_MARGIN = 256 << 20  # free space left beside the kept statistics
+
+
+def kept_bytes(model: Any) -> int:
+    """At most the bytes ``GptqStatistics`` keeps on disk for ``model``: every decoder linear's input
+    sum in float64 (linears that read one input share a sum, so the kept files are smaller)."""
+    widths = [m.in_features for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    return 8 * sum(width * width for width in widths)
+
+
+def _linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` in ``module`` by its name there (``prefix``: the name ``module`` itself has)."""
+    return {".".join(p for p in (prefix, name) if p): m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _AllSeen(Exception):
+    """Ends a forward pass once every hooked linear's input is summed."""
+
+
+class _StopWhenSeen:
+    def __init__(self, linears: dict[str, nn.Module]):
+        # registered after the sums' hooks, so each linear's input is summed before this runs
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in linears.values()]
+        self._want, self._calls = len(linears), 0
+
+    def _hook(self, *_):
+        self._calls += 1
+        if self._calls % self._want == 0:
+            raise _AllSeen
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _steps(scales: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
@@ -211,12 +339,13 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
-               progress: Callable[[str], None] = print, decoder: bool = True, head: bool = True) -> GptqResult:
+def gptq_round(quantized: Any, stats: GptqStatistics, progress: Callable[[str], None] = print,
+               decoder: bool = True, head: bool = True) -> GptqResult:
     """Give, in place, every 4-bit decoder linear of ``quantized`` (export/et_int4.py's model, before
     its inputs are fused; ``decoder``) and a 4-bit head (``head``) GPTQ's codes at their own scales, on
-    ``windows``; ``float_model`` is the model it was quantized from (the same module names), whose
-    hidden states give the inputs' statistics in one pass, layer by layer."""
+    ``stats``, whose model is the float model ``quantized`` was made from (the same module names)."""
+    float_model = stats.model
+    walks = stats.walks
     layers = quantized.model.layers
     rounded, error, nearest = 0, 0.0, 0.0
     digest = hashlib.sha256()
@@ -242,7 +371,7 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
             digest.update(codes.to(torch.int8).numpy().tobytes())
         rounded += 1
 
-    for index, _source, grams in (calibrated_layers(float_model, windows, four_bit) if decoder else ()):
+    for index, grams in (stats.layers() if decoder else ()):
         for name in four_bit(index):
             round_linear(f"{index}.{name}", layers[index].get_submodule(name),
                          float_model.get_submodule(f"model.layers.{index}.{name}").weight, grams.of(name))
@@ -250,21 +379,8 @@ def gptq_round(quantized: Any, float_model: Any, windows: torch.Tensor,
             progress(f"  executorch: GPTQ rounding, layer {index + 1}/{len(layers)}")
     heads = [name for name, m in quantized.named_modules() if name.startswith(HEAD) and _is_4bit(m)] if head else []
     if heads:
-        grams = head_grams(float_model, windows, heads)
+        grams = stats.head()
         for name in heads:
             round_linear(name, quantized.get_submodule(name), float_model.get_submodule(name).weight, grams.of(name))
         progress(f"  executorch: GPTQ rounding, the 4-bit head ({len(heads)} linear(s))")
-    return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
-
-
-def head_grams(float_model: Any, windows: torch.Tensor, names: list[str]) -> InputGrams:
-    """X^T X of the inputs of the head's linears ``names`` (``lm_head``, or a factored head's halves)
-    on ``windows``, one window at a time (the logits of one window are all that is held beside the model)."""
-    head = float_model.get_submodule(HEAD)
-    grams = InputGrams(head, {name: float_model.get_submodule(name) for name in names})
-    try:
-        for window in windows.split(1):
-            head(float_model.model(window).last_hidden_state)
-    finally:
-        grams.close()
-    return grams
+    return GptqResult(rounded, stats.tokens, error, nearest, digest.hexdigest(), walked=stats.walks > walks)

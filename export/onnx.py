@@ -39,8 +39,8 @@ def preflight(cfg: ExportConfig) -> None:
 
 def export(model, record: FactorRecord, bundle: Path, cfg: ExportConfig,
            progress=print, calibration=None) -> tuple[float, FactorNodes, None, dict | None]:
-    """``calibration``: the token windows GPTQ rounding runs on (export/int4_gptq.py's ``gptq_windows``),
-    needed for int4 where GPTQ rounds the decoder or the head (``cfg.gptq_parts``)."""
+    """``calibration``: the float model's input statistics GPTQ rounding runs on (export/int4_gptq.py's
+    ``GptqStatistics`` of ``model``), needed for int4 where GPTQ rounds the decoder or the head (``cfg.gptq_parts``)."""
     seconds, nodes, quantization = export_onnx(model, record, bundle, cfg, calibration, progress)
     if quantization is not None:
         blocks = ", ".join(f"{count} in blocks of {block}" for block, count in
@@ -110,7 +110,7 @@ def export_onnx(model, record: FactorRecord, bundle: Path, cfg: ExportConfig, ca
                 progress=print) -> tuple[float, FactorNodes, dict | None]:
     """Write ``bundle/onnx/`` (model.onnx, its config, generation config). Returns seconds, node counts
     and, for int4, what the quantizer did. ``model``: the float model the graph is exported from,
-    whose hidden states on ``calibration`` GPTQ rounding takes the inputs' statistics from."""
+    whose inputs' statistics (``calibration``, a ``GptqStatistics`` of it) GPTQ rounding runs on."""
     import onnx
 
     out = bundle / SUBDIR
@@ -161,14 +161,13 @@ def _gptq(model, cfg: ExportConfig, calibration, progress):
     decoder, head = cfg.gptq_parts
     if not (decoder or head):
         return None
-    if calibration is None:
-        raise ValueError("GPTQ rounding needs calibration windows")
+    if calibration is None or calibration.model is not model:
+        raise ValueError("GPTQ rounding needs the statistics of the model it quantizes")
     from rankdown.export.onnx_int4_gptq import gptq_round_graph
 
     def reround(graph):
-        result = gptq_round_graph(graph, model, calibration, progress, decoder=decoder, head=head)
-        progress(f"  onnx: GPTQ rounding of {result.linears} 4-bit linear(s) on {result.tokens} calibration "
-                 f"tokens: their output error {result.error_ratio:.2f}x nearest rounding's")
+        result = gptq_round_graph(graph, calibration, progress, decoder=decoder, head=head)
+        progress(result.summary("onnx"))
         return result
     return reround
 

@@ -24,14 +24,14 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from rankdown.errors import RankdownError
-from rankdown.export.int4_gptq import HEAD, ROWS_PER_SOLVE, GptqResult, calibrated_layers, gptq_codes_at, head_grams, weighted_error
+from rankdown.export.int4_gptq import HEAD, ROWS_PER_SOLVE, GptqResult, GptqStatistics, gptq_codes_at, weighted_error
 from rankdown.export.onnx_fused_inputs import fused_members
 from rankdown.export.onnx_int4_reference import node_linears
 
@@ -102,11 +102,11 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_round_graph(graph, model: Any, windows: torch.Tensor, progress: Callable[[str], None] = print,
+def gptq_round_graph(graph, stats: GptqStatistics, progress: Callable[[str], None] = print,
                      decoder: bool = True, head: bool = True) -> GptqResult:
     """Give, in place, every 4-bit decoder ``MatMulNBits`` of ``graph`` (an onnx GraphProto, scales
     possibly behind Casts; ``decoder``) and a 4-bit head (``head``) GPTQ's codes at their own blocks,
-    from ``model``'s (the float model the graph was exported from) hidden states on ``windows``."""
+    on ``stats``, whose model is the float model the graph was exported from."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in graph.initializer}
@@ -118,6 +118,7 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor, progress: Callabl
             raise RankdownError(f"MatMulNBits input {name} is not a constant; cannot round its weights again")
         return numpy_helper.to_array(initializers[source])
 
+    model, walks = stats.model, stats.walks
     nodes = {node.name: node for node in graph.node}
     targets = {path: rows for path, rows in _four_bit_rows(graph, model).items()
                if (head if path.startswith(HEAD) else decoder)}
@@ -161,15 +162,15 @@ def gptq_round_graph(graph, model: Any, windows: torch.Tensor, progress: Callabl
             graph.initializer.insert(at, numpy_helper.from_array(node.packed(), node.weight_name))
             del blocks[where.node]
 
-    for index, layer, grams in (calibrated_layers(model, windows, mine) if decoder else ()):
+    for index, grams in (stats.layers() if decoder else ()):
         for name in mine(index):
-            round_linear(f"model.layers.{index}.{name}", _weight(layer, name), grams.of(name))
+            round_linear(f"model.layers.{index}.{name}", _weight(layers[index], name), grams.of(name))
         if (index + 1) % 10 == 0 or index + 1 == len(layers):
             progress(f"  onnx: GPTQ rounding, layer {index + 1}/{len(layers)}")
     heads = [path for path in targets if path.startswith(HEAD)]  # a 4-bit head
     if heads:
-        grams = head_grams(model, windows, heads)
+        grams = stats.head()
         for path in heads:
             round_linear(path, _weight(model, path), grams.of(path))
         progress(f"  onnx: GPTQ rounding, the 4-bit head ({len(heads)} matmul(s))")
-    return GptqResult(rounded, int(windows.numel()), error, nearest, digest.hexdigest())
+    return GptqResult(rounded, stats.tokens, error, nearest, digest.hexdigest(), walked=stats.walks > walks)

@@ -37,7 +37,7 @@ from rankdown.export.config import (
 )
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import FormatSpec, by_format
-from rankdown.export.int4_gptq import gptq_memory, gptq_windows
+from rankdown.export.int4_gptq import KEEP_MARGIN, KEPT_FOLDER, GptqStatistics, gptq_memory, gptq_windows, kept_bytes
 from rankdown.export.manifest import (
     MANIFEST_FILE,
     FormatEntry,
@@ -297,16 +297,18 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
     head_equalized = cfg.balances and equalize_head(model)
     if head_equalized:
         progress("head: rank axis rescaled to equal column peaks for its quantized rows (function unchanged)")
-    calibration = None
+    windows = None
     if cfg.quantize is Quantize.INT4:
         cfg = _resolve_rounding(_resolve_scales(cfg, healed_int4, progress), healed_int4, progress)
         if any(cfg.gptq_parts):
             # the calibration split of the floor's tasks; the floor is judged on their evaluation split
-            calibration = gptq_windows(tokenizer, floor_tasks)
+            windows = gptq_windows(tokenizer, floor_tasks)
     cfg = _resolve_group(cfg, compression if healed_int4 else None, progress)
 
     entries: dict[str, FormatEntry] = {}
     with atomic_folder(bundle, cfg.overwrite) as tmp:
+        calibration = None if windows is None else _gptq_statistics(model, windows, tmp, len(cfg.formats),
+                                                                    disk_estimate(ckpt, cfg), progress)
         # First: a tokenizer the app runtimes cannot read fails the export before minutes of lowering.
         for change in write_bundle_tokenizer(ckpt.folder, tmp, tokenizer, check_texts()):
             progress(f"tokenizer.json: {change}")
@@ -381,11 +383,29 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=results.get("parity"), embedding_tables=tables,
                 quantization=quantization, lowering=results.get("lowering"))
+        if calibration is not None and calibration.kept is not None:
+            shutil.rmtree(calibration.kept)  # the staging folder becomes the bundle
         manifest = Manifest(source=_source(ckpt, compression), model=_summary(ckpt), options=_options(cfg, balanced, head_equalized),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
     return manifest
+
+
+def _gptq_statistics(model, windows, stage: Path, readers: int, bundle_bytes: int,
+                     progress: Callable[[str], None]) -> GptqStatistics:
+    """The float model's statistics for GPTQ; with more than one format to round, kept on disk in the
+    staging folder by the first format's walk for the next to read, where the disk holds them beside
+    the bundle (``bundle_bytes``)."""
+    if readers < 2:
+        return GptqStatistics(model, windows)
+    needed = kept_bytes(model)
+    free = shutil.disk_usage(stage).free
+    if needed + bundle_bytes + KEEP_MARGIN > free:
+        progress(f"GPTQ: each format walks the calibration text itself: keeping its statistics for the next "
+                 f"needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free on {stage.parent}")
+        return GptqStatistics(model, windows)
+    return GptqStatistics(model, windows, keep=stage / KEPT_FOLDER)
 
 
 def _floor_hint(parity: Parity, lowering: Parity | None, cfg: ExportConfig, healed_int4: bool) -> str:

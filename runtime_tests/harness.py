@@ -28,7 +28,7 @@ from rankdown.evaluate import EvalConfig, first_line, greedy_answers, perplexity
 from rankdown.export.config import ExportConfig, Int4Rounding, Int4Scales, ParityThresholds, Quantize, is_share
 from rankdown.export.factor_balance import balance_factors, equalize_head
 from rankdown.export.formats import by_runtime, default_runtime_names
-from rankdown.export.int4_gptq import gptq_windows
+from rankdown.export.int4_gptq import GptqStatistics, gptq_windows
 from rankdown.export.manifest import MANIFEST_FILE, Manifest, verify_files
 from rankdown.export.parity import (
     GENERIC_TASKS,
@@ -221,7 +221,7 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
         tasks = parity_tasks(manifest.source.compression, options.get("task"))
         progress(f"reference for {runtime.value}: GPTQ rounding again on {', '.join(tasks)} calibration text, "
                  "as the export did")
-        calibration = gptq_windows(tokenizer, tasks)
+        calibration = GptqStatistics(source, gptq_windows(tokenizer, tasks))
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     if quantized is None:
         return None

@@ -10,7 +10,7 @@ from rankdown.checkpoint import load_model, load_tokenizer, open_checkpoint
 from rankdown.export import executorch as et
 from rankdown.export.config import ExportConfig, Int4Rounding
 from rankdown.export.et_int4 import DecomposedQuantLinear
-from rankdown.export.int4_gptq import gptq_codes, gptq_windows, weighted_error
+from rankdown.export.int4_gptq import GptqStatistics, gptq_codes, gptq_windows, weighted_error
 from rankdown.export.parity import GENERIC_TASKS
 from rankdown.int4_numerics import QMAX, QMIN
 from rankdown.shipped import SHIPPED_MODEL
@@ -140,12 +140,13 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     model = load_model(ckpt).eval()
     windows = gptq_windows(load_tokenizer(folder), GENERIC_TASKS, windows=16)
     assert windows.shape[1] == 256 and 12 <= windows.shape[0] <= 16  # the three tasks in turn, as many each
+    stats = GptqStatistics(model, windows)
     built = {}
     for rounding in Int4Rounding:
         # an 8-bit head in both: it stays to nearest, so the 4-bit linears are the decoder's alike
         cfg = ExportConfig(formats="executorch", quantize="int4", int4_rounding=rounding, head_bits=8)
         assert cfg.rounding is rounding
-        built[rounding] = et.quantize(model, ckpt.record, cfg, progress=lambda _: None, calibration=windows)
+        built[rounding] = et.quantize(model, ckpt.record, cfg, progress=lambda _: None, calibration=stats)
     gptq, nearest = built[Int4Rounding.GPTQ], built[Int4Rounding.NEAREST]
     assert nearest.summary["rounding"] == "nearest" and "gptq" not in nearest.summary
     summary = gptq.summary["gptq"]
@@ -161,7 +162,7 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
     eight_bit = [n for n, m in linears.items() if m.quant_range != (QMIN, QMAX)]
     assert eight_bit and all(torch.equal(linears[n].weight, others[n].weight) for n in eight_bit)
     again = et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=8),
-                        progress=lambda _: None, calibration=windows)
+                        progress=lambda _: None, calibration=stats)
     rebuilt = dict(again.model.named_modules())
     assert all(torch.equal(rebuilt[n].weight, linears[n].weight) for n in four_bit)
 
@@ -169,20 +170,21 @@ def test_the_executorch_int4_model_gets_gptq_codes_at_the_scales_nearest_roundin
 def test_a_4bit_head_is_rounded_by_gptq_on_the_final_hidden_states():
     """--head-bits 4: the head's codes are GPTQ's too, at nearest rounding's scales, with a smaller
     output error on the final hidden states; the 8-bit lookup table is left as it was."""
-    from rankdown.export.int4_gptq import HEAD, head_grams
+    from rankdown.export.int4_gptq import HEAD
 
     folder = SHIPPED_MODEL
     ckpt = open_checkpoint(folder)
     model = load_model(ckpt).eval()
     windows = gptq_windows(load_tokenizer(folder), GENERIC_TASKS, windows=8)
+    stats = GptqStatistics(model, windows)
     built = {rounding: et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=4,
                                                                     int4_rounding=rounding),
-                                   progress=lambda _: None, calibration=windows) for rounding in Int4Rounding}
+                                   progress=lambda _: None, calibration=stats) for rounding in Int4Rounding}
     gptq, nearest = (built[r].model.get_submodule(HEAD) for r in (Int4Rounding.GPTQ, Int4Rounding.NEAREST))
     assert gptq.quant_range == (QMIN, QMAX) and torch.equal(gptq.scales, nearest.scales)
     assert not torch.equal(gptq.weight, nearest.weight)
     assert built[Int4Rounding.GPTQ].summary["gptq"]["linears"] == 42 + 1  # the shipped model's 42, and the head
-    hessian = head_grams(model, windows, [HEAD]).of(HEAD)
+    hessian = stats.head().of(HEAD)
     step = gptq.scales.reshape(gptq.weight.shape[0], -1).repeat_interleave(32, 1).double()
     error = {name: weighted_error(model.lm_head.weight.detach(), linear.weight.double() * step, hessian)
              for name, linear in (("gptq", gptq), ("nearest", nearest))}
@@ -192,7 +194,7 @@ def test_a_4bit_head_is_rounded_by_gptq_on_the_final_hidden_states():
     # the head alone (a checkpoint healed through int4, --head-bits 4): the decoder keeps nearest's codes
     alone = et.quantize(model, ckpt.record, ExportConfig(formats="executorch", quantize="int4", head_bits=4,
                                                          int4_rounding="nearest", head_rounding="gptq"),
-                        progress=lambda _: None, calibration=windows)
+                        progress=lambda _: None, calibration=stats)
     assert alone.summary["rounding"] == "nearest" and alone.summary["head_rounding"] == "gptq"
     assert alone.summary["gptq"]["linears"] == 1
     assert torch.equal(alone.model.get_submodule(HEAD).weight, gptq.weight)  # the same float hidden states
@@ -251,12 +253,15 @@ def test_validate_judges_the_task_the_bundle_was_exported_for():
     assert "task math" in _data(manifest({"task": None}, {"task": "math+code"}), ValidateConfig())[1]
 
 
-def test_gptq_needs_its_calibration_windows():
+def test_gptq_needs_the_statistics_of_the_model_it_quantizes():
     folder = SHIPPED_MODEL
     ckpt = open_checkpoint(folder)
-    with pytest.raises(ValueError, match="calibration"):
-        et.quantize(load_model(ckpt), ckpt.record, ExportConfig(formats="executorch", quantize="int4"),
-                    progress=lambda _: None)
+    model, cfg = load_model(ckpt), ExportConfig(formats="executorch", quantize="int4")
+    with pytest.raises(ValueError, match="statistics of the model it quantizes"):
+        et.quantize(model, ckpt.record, cfg, progress=lambda _: None)
+    other = GptqStatistics(load_model(ckpt), torch.zeros(1, 8, dtype=torch.long))  # an equal model, not this one
+    with pytest.raises(ValueError, match="statistics of the model it quantizes"):
+        et.quantize(model, ckpt.record, cfg, progress=lambda _: None, calibration=other)
 
 
 def test_the_export_budgets_gptq_rounding_s_buffers():
@@ -280,3 +285,61 @@ def test_the_export_budgets_gptq_rounding_s_buffers():
     assert 2 * stream.nbytes < gptq_memory(ckpt.config)
     llama8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
     assert gptq_memory(llama8b) > 4 * 2**30
+
+
+def test_one_walk_gives_every_layers_statistics_and_the_heads_and_a_kept_walk_is_read_back(tmp_path, monkeypatch):
+    """GPTQ's statistics come from one pass over the calibration windows: each decoder linear's
+    input sums, and the head's on the final hidden states (what the whole model's forward gives it).
+    Kept on disk, a second reader (an export's other format) gets the same numbers without a pass."""
+    from rankdown.export import int4_gptq
+    from rankdown.export.int4_gptq import HEAD, KEPT_FOLDER, kept_bytes
+
+    model = load_model(open_checkpoint(SHIPPED_MODEL)).eval()
+    windows = gptq_windows(load_tokenizer(SHIPPED_MODEL), GENERIC_TASKS, windows=8)
+    kept = tmp_path / KEPT_FOLDER
+    stats = GptqStatistics(model, windows, keep=kept)
+    names = [n for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(names) == 7  # q, k, v, o, gate, up, down
+    walked = {index: {name: grams.of(name) for name in names} for index, grams in stats.layers()}
+    assert len(walked) == len(model.model.layers) and stats.walks == 1
+    on_disk = sum(f.stat().st_size for f in kept.iterdir())
+    assert 0 < on_disk <= kept_bytes(model)
+
+    def no_pass(*_args, **_kwargs):
+        raise AssertionError("walked again")
+
+    monkeypatch.setattr(int4_gptq, "run_layer", no_pass)
+    read = {index: {name: grams.of(name) for name in names} for index, grams in stats.layers()}
+    assert all(torch.equal(read[i][n], walked[i][n]) for i in walked for n in names)
+    # q, k and v read one input: one sum, not three
+    assert read[0]["self_attn.q_proj"].data_ptr() == read[0]["self_attn.v_proj"].data_ptr()
+    head = stats.head().of(HEAD)
+    assert stats.walks == 1
+    with torch.no_grad():
+        final = model.model(windows).last_hidden_state.reshape(-1, model.config.hidden_size).double()
+    expected = final.T @ final
+    assert head.dtype == torch.float64
+    assert torch.allclose(head, expected, rtol=1e-4, atol=1e-4 * float(expected.diagonal().mean()))
+    # the head alone (no layer's statistics asked for): one pass to the final hidden states
+    monkeypatch.undo()
+    alone = GptqStatistics(model, windows)
+    assert torch.allclose(alone.head().of(HEAD), head, rtol=1e-6, atol=1e-8) and alone.walks == 1
+
+
+def test_the_statistics_are_kept_for_a_second_format_only_where_the_disk_holds_them(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from rankdown.export import pipeline
+    from rankdown.export.int4_gptq import KEPT_FOLDER, kept_bytes
+
+    model = load_model(open_checkpoint(SHIPPED_MODEL)).eval()
+    windows = torch.zeros(1, 8, dtype=torch.long)
+    said: list[str] = []
+    assert pipeline._gptq_statistics(model, windows, tmp_path, 1, 0, said.append).kept is None  # one format: nothing to share
+    assert pipeline._gptq_statistics(model, windows, tmp_path, 2, 0, said.append).kept == tmp_path / KEPT_FOLDER
+    assert not said
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 40, 1 << 40, kept_bytes(model) + (10 << 20)))
+    assert pipeline._gptq_statistics(model, windows, tmp_path, 2, 1 << 30, said.append).kept is None
+    assert len(said) == 1 and "each format walks the calibration text itself" in said[0] and "MiB free" in said[0]

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from rankdown.checkpoint import load_model, open_checkpoint
 from rankdown.errors import RankdownError
 from rankdown.export.config import ExportConfig
+from rankdown.export.int4_gptq import KEPT_FOLDER
 from rankdown.export.manifest import Manifest
 from rankdown.export.onnx_int4_reference import weight_overrides
 from rankdown.export.parity import GENERIC_TASKS
@@ -35,7 +36,7 @@ def int4_bundle(shipped_math_checkpoint, tmp_path_factory):
 def test_onnx_int4_export_is_held_to_its_read_back_weights(int4_bundle):
     """The self-check holds the int4 graph to PyTorch with the graph's own weights first: much
     closer than to the float model, and recorded in the manifest."""
-    _, _, manifest, _ = int4_bundle
+    _, bundle, manifest, said = int4_bundle
     entry = manifest.formats["onnx"]
     assert entry.lowering is not None and entry.lowering.passed and entry.parity.passed
     assert entry.lowering.max_abs_logit_diff < 0.5 * entry.parity.max_abs_logit_diff
@@ -50,6 +51,12 @@ def test_onnx_int4_export_is_held_to_its_read_back_weights(int4_bundle):
         gptq = quantization["gptq"]
         assert quantization["rounding"] == "gptq", fmt
         assert gptq["linears"] > 0 and 0 < gptq["error_vs_nearest"] < 1 and len(gptq["codes_sha256"]) == 64, fmt
+    # one pass over the calibration text for both formats: the second reads the first's statistics back,
+    # and none of them is left in the bundle
+    rounded = [line for line in said if "GPTQ rounding of" in line]
+    assert [line.split(":")[0].strip() for line in rounded] == ["onnx", "executorch"], said
+    assert "read back" not in rounded[0] and "the statistics read back from the first format's walk" in rounded[1]
+    assert not list(bundle.rglob(KEPT_FOLDER)) and not list(bundle.rglob("layer-*.safetensors"))
     # the kernels are checked on the generic text, the float floor on the task the checkpoint was compressed for
     for entry in manifest.formats.values():
         assert entry.lowering is not None and entry.lowering.tasks == GENERIC_TASKS and entry.parity.tasks == ("math",)

@@ -266,6 +266,7 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
     from torch.func import functional_call
 
     from rankdown.checkpoint import load_model, open_checkpoint
+    from rankdown.export.int4_gptq import GptqStatistics
     from rankdown.export.onnx_int4 import quantize_int4
     from rankdown.export.onnx_int4_gptq import gptq_round_graph
 
@@ -277,7 +278,7 @@ def test_gptq_picks_new_codes_at_the_quantizers_blocks_and_lowers_the_output_err
     summaries, graphs, error = {}, {}, {}
     for rounding in ("nearest", "gptq"):
         out = tmp_path / rounding / "model.onnx"
-        reround = (lambda g: gptq_round_graph(g, model, windows, quiet, decoder=decoder)) if rounding == "gptq" else None
+        reround = (lambda g: gptq_round_graph(g, GptqStatistics(model, windows), quiet, decoder=decoder)) if rounding == "gptq" else None
         summaries[rounding] = quantize_int4(fp32, out, 32, head_bits=head_bits, reround=reround).as_dict()
         graphs[rounding] = onnx.load(str(out)).graph
         weights = weight_overrides(model, out)
