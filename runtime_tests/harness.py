@@ -200,13 +200,7 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     quantize = getattr(spec.module(), "quantize", None)
     if quantize is None or Quantize(options["quantize"]) is not Quantize.INT4:  # int8 is quantized on the graph
         return None
-    rounding = options.get("int4_rounding") or Int4Rounding.NEAREST  # nearest: bundles made before GPTQ rounding
-    cfg = ExportConfig(formats=spec.name, quantize=options["quantize"], group_size=options["group_size"],
-                       head_bits=options.get("head_bits") or 8,
-                       int4_scales=options.get("int4_scales", Int4Scales.ABSMAX),  # absmax: bundles made before HQQ
-                       int4_rounding=rounding,
-                       # the decoder's: bundles made before the head had its own
-                       head_rounding=options.get("head_rounding") or rounding)
+    cfg = _int4_config(options, spec.name)
     source = model  # the quantizer works on its own copy; only rescaling needs one first
     if options.get("balance") or options.get("head_equalized"):
         source = copy.deepcopy(model)
@@ -218,7 +212,7 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     if any(cfg.gptq_parts):
         if tokenizer is None:
             raise ValueError("rebuilding GPTQ-rounded weights needs the bundle's tokenizer")
-        tasks = parity_tasks(manifest.source.compression, options.get("task"))
+        tasks = _gptq_tasks(manifest)
         progress(f"reference for {runtime.value}: GPTQ rounding again on {', '.join(tasks)} calibration text, "
                  "as the export did")
         calibration = GptqStatistics(source, gptq_windows(tokenizer, tasks))
@@ -237,9 +231,29 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     return quantized.model
 
 
+def _int4_config(options: dict, fmt: str) -> ExportConfig:
+    """The int4 export's recipe as the bundle's manifest recorded it (``options``), for format ``fmt``."""
+    rounding = options.get("int4_rounding") or Int4Rounding.NEAREST  # nearest: bundles made before GPTQ rounding
+    return ExportConfig(formats=fmt, quantize=options["quantize"], group_size=options["group_size"],
+                        head_bits=options.get("head_bits") or 8,
+                        int4_scales=options.get("int4_scales", Int4Scales.ABSMAX),  # absmax: bundles made before HQQ
+                        int4_rounding=rounding,
+                        # the decoder's: bundles made before the head had its own
+                        head_rounding=options.get("head_rounding") or rounding)
+
+
+def _gptq_tasks(manifest: Manifest) -> tuple[str, ...]:
+    """The tasks on whose calibration text GPTQ chose the bundle's 4-bit codes (the float floor's:
+    export --task, else the tasks the checkpoint was compressed for); () where GPTQ chose none."""
+    options = manifest.options
+    if options.get("quantize") != Quantize.INT4.value or not any(_int4_config(options, "onnx").gptq_parts):
+        return ()
+    return parity_tasks(manifest.source.compression, options.get("task"))
+
+
 def _data(manifest: Manifest, cfg: ValidateConfig):
     if cfg.eval_file is not None:
-        return load_data(cfg.eval_file), str(cfg.eval_file)
+        return load_data(cfg.eval_file), str(cfg.eval_file), None
     # the user's, else the one the bundle was exported for (export --task), else the one it was compressed for
     task = cfg.task or manifest.options.get("task") or (manifest.source.compression or {}).get("task") or "math"
     known = all(part in TASKS for part in task.split(MIX))
@@ -248,7 +262,7 @@ def _data(manifest: Manifest, cfg: ValidateConfig):
                             f"file, or a task this version does not know): give --task or --eval to say what to judge it on")
     if known:
         task = task.split(MIX)[0]  # compressed for a mix: its first task is the one judged
-    return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)"
+    return load_task(task, Split.EVALUATION), f"task {task} (evaluation split)", task
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -301,7 +315,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
     # A bad --compare bundle is refused before the reference model is loaded.
     other = Path(cfg.compare) if cfg.compare is not None else None
     other_manifest = None if other is None else _other_bundle(other, bundle, runtimes, tokenizer, cfg)
-    data, data_name = _data(manifest, cfg)  # a missing task is a user mistake: before the model loads
+    data, data_name, task = _data(manifest, cfg)  # a missing task is a user mistake: before the model loads
     ckpt = open_checkpoint(reference_dir)
     model = load_model(ckpt).eval()
 
@@ -410,7 +424,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
                 2 * len(prompts) if floor else 0, floor_tasks if floor else GENERIC_TASKS))
         reports[runtime.value] = _judge(runtime, result, arrays, ref, [len(p) for p in prompts], tokenizer,
                                         qa, (ref_em, quantized_em.get(runtime), ref_ppl), checks, bounds, cfg, runner,
-                                        _format_bytes(manifest, runtime))
+                                        _format_bytes(manifest, runtime), task=task, gptq_tasks=_gptq_tasks(manifest))
         if other is not None and other_manifest is not None and timing is not None and cfg.latency is not None:
             reports[runtime.value], comparisons[runtime.value] = _compare(
                 runtime, reports[runtime.value], (bundle, manifest), (other, other_manifest), job_base, timing,
@@ -518,9 +532,11 @@ def float_top1(arrays: dict, floor: FloatFloor) -> float:
 
 def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa,
            pytorch: tuple[float | None, float | None, float | None], checks: ParityChecks,
-           bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int) -> RuntimeReport:
+           bounds: QualityBounds, cfg: ValidateConfig, runner, size_bytes: int, task: str | None = None,
+           gptq_tasks: tuple[str, ...] = ()) -> RuntimeReport:
     """``pytorch``: the float model's exact match, the quantized reference's (None without one) and
-    the float model's perplexity, on the same data."""
+    the float model's perplexity, on the same data; ``task``: the built-in task judged (None: a file);
+    ``gptq_tasks``: those the 4-bit codes were calibrated on."""
     ref_em, quantized_em, ref_ppl = pytorch
     float_check, b = checks.float_floor, checks.bounds
     name = runtime.value
@@ -553,7 +569,7 @@ def _judge(runtime, result, arrays, reference, prompt_lengths, tokenizer, qa,
     quality = QualityReport(exact_match=em, examples=len(qa), perplexity=result.get("perplexity"),
                             tokens=result.get("perplexity_tokens", 0), reference_exact_match=ref_em,
                             reference_perplexity=ref_ppl, seconds=result.get("quality_s", 0.0),
-                            quantized_reference_exact_match=quantized_em)
+                            quantized_reference_exact_match=quantized_em, task=task, gptq_tasks=gptq_tasks)
     latency = None
     if "latency" in result:
         lat = result["latency"]

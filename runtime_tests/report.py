@@ -26,7 +26,9 @@ from rankdown.export.parity import top1_note
 # 8: ``thread_sweep`` per runtime (validate --sweep-threads): the bundle timed at each thread count.
 # 9: ``quality.quantized_reference_exact_match``: the bundle's quantized weights in PyTorch (int4).
 # 10: ``parity.float_top1_floor``: the least ``float_top1_agreement`` that passes.
-SCHEMA_VERSION = 10
+# 11: ``quality.task`` (the built-in task judged) and ``quality.gptq_tasks`` (those whose text GPTQ chose the
+# 4-bit codes on; empty where it chose none).
+SCHEMA_VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class QualityReport:
     # PyTorch with the bundle's quantized weights, the same problems: None where the runtime is held
     # to the float model (fp32, int8) or there are no problems
     quantized_reference_exact_match: float | None = None
+    task: str | None = None  # the built-in task judged; None: an --eval file
+    gptq_tasks: tuple[str, ...] = ()  # the tasks on whose text GPTQ chose the 4-bit codes; (): it chose none
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,8 @@ def to_markdown(report: Report) -> str:
                      f"{em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
-    lines += [f"- {note}" for name, r in report.runtimes.items() if (note := quantization_note(name, r))]
+    notes = [note for name, r in report.runtimes.items() for note in (quantization_note(name, r), calibration_note(name, r))]
+    lines += [f"- {note}" for note in notes if note]
     swept = {name: r.thread_sweep for name, r in report.runtimes.items() if r.thread_sweep}
     if swept:
         lines += ["", "## Thread counts (the bundle timed at each, interleaved, same protocol)", "",
@@ -229,6 +234,18 @@ def quantization_note(name: str, r: RuntimeReport) -> str | None:
             f"{q.quantized_reference_exact_match:.1%} with them and {q.reference_exact_match:.1%} with the float "
             f"checkpoint (heal through the 4-bit weights for more steps, e.g. compress --heal-quantize 8da4w "
             f"--heal-steps 512, or export --quantize int8)")
+
+
+def calibration_note(name: str, r: RuntimeReport) -> str | None:
+    """Where a runtime failed exact match on a task other than the ones GPTQ calibrated the bundle's
+    4-bit codes on, the line naming the export that calibrates them on it; else None. (Measured on
+    dense SmolLM2-135M in ExecuTorch int4, judged on compare: 52% exact match calibrated on math, code
+    and prose, failing; 61% with export --task compare, passing: docs/measurements.md.)"""
+    q = r.quality
+    if f"{name}.quality.exact_match" not in r.failures or not q.gptq_tasks or q.task is None or q.task in q.gptq_tasks:
+        return None
+    return (f"{name}: GPTQ chose the 4-bit codes on {', '.join(q.gptq_tasks)} text, not {q.task}'s: "
+            f"export with --task {q.task} to choose them on its text")
 
 
 def fastest_threads(sweep: list[LatencyReport]) -> int | None:

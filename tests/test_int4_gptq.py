@@ -248,9 +248,45 @@ def test_validate_judges_the_task_the_bundle_was_exported_for():
     def manifest(options, compression):
         return SimpleNamespace(options=options, source=SimpleNamespace(compression=compression, path="m"))
 
-    assert "task compare" in _data(manifest({"task": "compare"}, {"task": "math"}), ValidateConfig())[1]
-    assert "task code" in _data(manifest({"task": "compare"}, None), ValidateConfig(task="code"))[1]
-    assert "task math" in _data(manifest({"task": None}, {"task": "math+code"}), ValidateConfig())[1]
+    assert _data(manifest({"task": "compare"}, {"task": "math"}), ValidateConfig())[1:] == \
+        ("task compare (evaluation split)", "compare")
+    assert _data(manifest({"task": "compare"}, None), ValidateConfig(task="code"))[2] == "code"
+    assert _data(manifest({"task": None}, {"task": "math+code"}), ValidateConfig())[2] == "math"
+
+
+def test_validate_knows_which_tasks_text_gptq_chose_the_codes_on():
+    """The tasks a bundle's 4-bit codes were calibrated on (as the export chose them), for the report
+    and the hint that names ``export --task`` when the task judged is another."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from rankdown.validate.harness import _gptq_tasks
+    from rankdown.validate.report import ParityReport, QualityReport, RuntimeReport, calibration_note
+
+    def manifest(compression, **options):
+        options = {"quantize": "int4", "group_size": 32, "int4_rounding": "gptq", "head_bits": 4, "task": None} | options
+        return SimpleNamespace(options=options, source=SimpleNamespace(compression=compression))
+
+    assert _gptq_tasks(manifest(None)) == GENERIC_TASKS  # a dense model: math, code and prose
+    assert _gptq_tasks(manifest({"task": "math"}, task="compare")) == ("compare",)  # export --task
+    assert _gptq_tasks(manifest({"task": "compare+code"})) == ("compare", "code")
+    assert _gptq_tasks(manifest(None, int4_rounding="nearest", head_bits=8)) == ()
+    assert _gptq_tasks(manifest(None, int4_rounding="nearest", head_rounding="gptq")) == GENERIC_TASKS  # the head's
+    assert _gptq_tasks(manifest(None, quantize="int8")) == ()
+
+    quality = QualityReport(exact_match=0.52, examples=100, perplexity=None, tokens=0, reference_exact_match=0.655,
+                            reference_perplexity=None, seconds=1.0, task="compare", gptq_tasks=GENERIC_TASKS)
+    parity = ParityReport(greedy_match=True, greedy_tokens=8, max_abs_logit_diff=0.1, logit_scale=30.0,
+                          top1_agreement=1.0, positions=10)
+    failed = RuntimeReport(artifact="executorch/model.pte", parity=parity, quality=quality, latency=None, passed=False,
+                           failures=["executorch.quality.exact_match"])
+    note = calibration_note("executorch", failed)
+    assert note == ("executorch: GPTQ chose the 4-bit codes on math, code, prose text, not compare's: "
+                    "export with --task compare to choose them on its text")
+    assert calibration_note("executorch", dataclasses.replace(failed, failures=[], passed=True)) is None
+    on_it = dataclasses.replace(quality, gptq_tasks=("compare", "code"))
+    assert calibration_note("executorch", dataclasses.replace(failed, quality=on_it)) is None
+    assert calibration_note("executorch", dataclasses.replace(failed, quality=dataclasses.replace(quality, gptq_tasks=()))) is None
 
 
 def test_gptq_needs_the_statistics_of_the_model_it_quantizes():

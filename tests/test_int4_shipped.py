@@ -68,7 +68,7 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
     lowering bounds; the float model's top-1 is reported beside."""
     from rankdown.validate.config import ValidateConfig
     from rankdown.validate.harness import validate
-    from rankdown.validate.report import quantization_note
+    from rankdown.validate.report import calibration_note, quantization_note
 
     _, bundle, _, _ = int4_bundle
     said: list[str] = []
@@ -86,6 +86,9 @@ def test_validate_holds_each_runtime_to_its_own_quantized_model(int4_bundle):
         quantized = result.quality.quantized_reference_exact_match
         assert quantized is not None and 0.0 <= quantized <= 1.0, name
         assert quantization_note(name, result) is None  # it passed: nothing to attribute
+        # judged on the task GPTQ calibrated the codes on (the checkpoint's, math): no --task hint either
+        assert (result.quality.task, result.quality.gptq_tasks) == ("math", ("math",)), name
+        assert calibration_note(name, result) is None
         # a failed exact match is put on the weights only when the runtime scores at least as they do
         lost = dataclasses.replace(result, failures=[f"{name}.quality.exact_match"], quality=dataclasses.replace(
             result.quality, exact_match=0.5, quantized_reference_exact_match=0.4, reference_exact_match=0.9))

@@ -44,7 +44,7 @@ def test_a_good_bundle_passes_in_both_runtimes(good_report):
 def test_report_schema_and_latency_shape(good_report):
     report, folder = good_report
     raw = json.loads((folder / "report.json").read_text())
-    assert raw["schema_version"] == 10 and raw["passed"] is True and raw["comparisons"] == {}
+    assert raw["schema_version"] == 11 and raw["passed"] is True and raw["comparisons"] == {}
     env = raw["environment"]
     assert env["device"] == {"name": "local", "transport": "local", "machine": platform.machine(),
                              "system": platform.system(), "cores": os.cpu_count(), "emulated": False}
@@ -54,6 +54,7 @@ def test_report_schema_and_latency_shape(good_report):
         assert {"greedy_match", "max_abs_logit_diff", "top1_agreement"} <= set(r["parity"])
         assert r["parity"]["float_prompt_tasks"] == []  # fp32: no float floor beside a lowering check
         assert {"exact_match", "perplexity"} <= set(r["quality"])
+        assert r["quality"]["task"] == "math" and r["quality"]["gptq_tasks"] == []  # fp32: no codes chosen
         lat = r["latency"]
         assert {"ttft_ms", "decode_tokens_per_s", "peak_rss_mb", "load_s"} <= set(lat)
         assert set(lat["ttft_ms"]) == {"8", "32"}
