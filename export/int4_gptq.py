@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,12 @@ class GptqStatistics:
                 hidden = run_layer(self.model, layer, hidden, BATCH)
             self._head = self._head_grams(hidden)
         return self._head
+
+    def discard(self) -> None:
+        """Remove what the walk kept on disk (nothing where no walk over the layers ran: a head alone)."""
+        if self.kept is not None and self.kept.exists():
+            shutil.rmtree(self.kept)
+        self._complete = False
 
     @torch.no_grad()
     def _head_grams(self, hidden: torch.Tensor) -> Grams:

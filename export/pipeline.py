@@ -383,8 +383,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                 backend=cfg.backend.value if spec.takes_backend else None, factor_nodes=nodes,
                 delegation=delegation, parity=results.get("parity"), embedding_tables=tables,
                 quantization=quantization, lowering=results.get("lowering"))
-        if calibration is not None and calibration.kept is not None:
-            shutil.rmtree(calibration.kept)  # the staging folder becomes the bundle
+        if calibration is not None:
+            calibration.discard()  # the staging folder becomes the bundle
         manifest = Manifest(source=_source(ckpt, compression), model=_summary(ckpt), options=_options(cfg, balanced, head_equalized),
                             tokenizer_files=file_entries(tmp, copied), formats=entries, versions=_versions(),
                             peak_rss_mb=peaks)

@@ -356,10 +356,15 @@ def test_one_walk_gives_every_layers_statistics_and_the_heads_and_a_kept_walk_is
     expected = final.T @ final
     assert head.dtype == torch.float64
     assert torch.allclose(head, expected, rtol=1e-4, atol=1e-4 * float(expected.diagonal().mean()))
-    # the head alone (no layer's statistics asked for): one pass to the final hidden states
+    stats.discard()
+    assert not kept.exists()
+    # the head alone (a checkpoint healed through int4 with a 4-bit head: no layer's statistics asked
+    # for): one pass to the final hidden states, nothing kept on disk, and nothing to discard
     monkeypatch.undo()
-    alone = GptqStatistics(model, windows)
+    alone = GptqStatistics(model, windows, keep=tmp_path / "alone")
     assert torch.allclose(alone.head().of(HEAD), head, rtol=1e-6, atol=1e-8) and alone.walks == 1
+    alone.discard()
+    assert not (tmp_path / "alone").exists()
 
 
 def test_the_statistics_are_kept_for_a_second_format_only_where_the_disk_holds_them(tmp_path, monkeypatch):
