@@ -246,7 +246,7 @@ def _gptq_tasks(manifest: Manifest) -> tuple[str, ...]:
     """The tasks on whose calibration text GPTQ chose the bundle's 4-bit codes (the float floor's:
     export --task, else the tasks the checkpoint was compressed for); () where GPTQ chose none."""
     options = manifest.options
-    if options.get("quantize") != Quantize.INT4.value or not any(_int4_config(options, "onnx").gptq_parts):
+    if options.get("quantize") != Quantize.INT4.value or not any(_int4_config(options, next(iter(manifest.formats))).gptq_parts):
         return ()
     return parity_tasks(manifest.source.compression, options.get("task"))
 

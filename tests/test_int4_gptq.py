@@ -265,7 +265,7 @@ def test_validate_knows_which_tasks_text_gptq_chose_the_codes_on():
 
     def manifest(compression, **options):
         options = {"quantize": "int4", "group_size": 32, "int4_rounding": "gptq", "head_bits": 4, "task": None} | options
-        return SimpleNamespace(options=options, source=SimpleNamespace(compression=compression))
+        return SimpleNamespace(options=options, source=SimpleNamespace(compression=compression), formats={"executorch": None})
 
     assert _gptq_tasks(manifest(None)) == GENERIC_TASKS  # a dense model: math, code and prose
     assert _gptq_tasks(manifest({"task": "math"}, task="compare")) == ("compare",)  # export --task
