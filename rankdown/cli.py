@@ -191,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from rankdown.export.parity import top1_note
     from rankdown.validate.config import Checks, LatencyPlan, ValidateConfig
-    from rankdown.validate.report import calibration_note, fastest_threads, float_floor_note, quantization_note
+    from rankdown.validate.report import fastest_threads, float_floor_note, runtime_notes
 
     checks = Checks(max_rel_logit_diff=args.max_rel_logit_diff, min_top1_agreement=args.min_top1,
                     greedy_tokens=args.greedy_tokens, max_exact_match_drop=args.max_em_drop,
@@ -233,9 +233,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             line += f"\n{'':<12} top-1 against the {float_floor_note(p)}"
         if r.executed_on:
             line += f"\n{'':<12} ran on {r.executed_on}"
-        for note in (quantization_note(name, r), calibration_note(name, r)):
-            if note:
-                line += f"\n{'':<12} {note.removeprefix(name + ': ')}"
+        for note in runtime_notes(name, r):
+            line += f"\n{'':<12} {note.removeprefix(name + ': ')}"
         if lat is not None:
             ttft = ", ".join(f"{k} tok {v.median:.1f} ms" for k, v in lat.ttft_ms.items())
             line += (f"\n{'':<12} TTFT {ttft}; decode {lat.decode_tokens_per_s.median:.1f} tok/s; load "

@@ -188,8 +188,7 @@ def to_markdown(report: Report) -> str:
                      f"{em} | {ppl} {timing}| "
                      f"{'yes' if r.passed else 'NO: ' + '; '.join(r.failures)} |")
     lines += ["", *(f"- {name} ran on {r.executed_on}" for name, r in report.runtimes.items() if r.executed_on)]
-    notes = [note for name, r in report.runtimes.items() for note in (quantization_note(name, r), calibration_note(name, r))]
-    lines += [f"- {note}" for note in notes if note]
+    lines += [f"- {note}" for name, r in report.runtimes.items() for note in runtime_notes(name, r)]
     swept = {name: r.thread_sweep for name, r in report.runtimes.items() if r.thread_sweep}
     if swept:
         lines += ["", "## Thread counts (the bundle timed at each, interleaved, same protocol)", "",
@@ -246,6 +245,11 @@ def calibration_note(name: str, r: RuntimeReport) -> str | None:
         return None
     return (f"{name}: GPTQ chose the 4-bit codes on {', '.join(q.gptq_tasks)} text, not {q.task}'s: "
             f"export with --task {q.task} to choose them on its text")
+
+
+def runtime_notes(name: str, r: RuntimeReport) -> list[str]:
+    """What a failed runtime's quality says about where the task went and what to run instead."""
+    return [note for note in (quantization_note(name, r), calibration_note(name, r)) if note]
 
 
 def fastest_threads(sweep: list[LatencyReport]) -> int | None:

@@ -261,7 +261,7 @@ def test_validate_knows_which_tasks_text_gptq_chose_the_codes_on():
     from types import SimpleNamespace
 
     from rankdown.validate.harness import _gptq_tasks
-    from rankdown.validate.report import ParityReport, QualityReport, RuntimeReport, calibration_note
+    from rankdown.validate.report import ParityReport, QualityReport, RuntimeReport, calibration_note, runtime_notes
 
     def manifest(compression, **options):
         options = {"quantize": "int4", "group_size": 32, "int4_rounding": "gptq", "head_bits": 4, "task": None} | options
@@ -283,6 +283,7 @@ def test_validate_knows_which_tasks_text_gptq_chose_the_codes_on():
     note = calibration_note("executorch", failed)
     assert note == ("executorch: GPTQ chose the 4-bit codes on math, code, prose text, not compare's: "
                     "export with --task compare to choose them on its text")
+    assert runtime_notes("executorch", failed) == [note]  # what the CLI and report.md print under the runtime
     assert calibration_note("executorch", dataclasses.replace(failed, failures=[], passed=True)) is None
     on_it = dataclasses.replace(quality, gptq_tasks=("compare", "code"))
     assert calibration_note("executorch", dataclasses.replace(failed, quality=on_it)) is None
