@@ -12,8 +12,9 @@ A group must divide the linear's input width. A factor pair's ``up`` reads the r
 be a multiple of the group: such a pair's rank is padded with zeros (zero rows in ``down``, zero
 columns in ``up``: the same product) up to the next multiple of the smallest group (32, or
 ``group_size`` if smaller), and the group used for ``up`` is the largest power of two that divides
-the padded rank, at most ``group_size``. A dense linear whose input width no group divides falls
-back to 8-bit per channel.
+the padded rank, at most ``group_size``; per output channel, an odd rank is padded to an even one
+(XNNPACK's qc4w kernels misread an odd width: ``QC4W_STEP``). A dense linear whose input width no
+group divides falls back to 8-bit per channel.
 
 torchao's quantized linears are then rewritten as the ``quantized_decomposed`` ops XNNPACK lowers
 to the same kernels (``DecomposedQuantLinear``: same integers, same scales): lowering them is
@@ -71,8 +72,7 @@ def pad_ranks(model: nn.Module, record: FactorRecord, group_size: int) -> tuple[
         if not isinstance(module, (FactorizedLinear, SharedDownLinear)):
             continue
         down = module.down if isinstance(module, FactorizedLinear) else module.shared_down
-        if group_for(down.out_features, group_size) is None:
-            _pad_rows(down, padded_rank(down.out_features, group_size))
+        _pad_rows(down, padded_rank(down.out_features, group_size))
         if module.up.in_features != down.out_features:
             padded[name] = (module.up.in_features, down.out_features)
             _pad_columns(module.up, down.out_features)

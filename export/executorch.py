@@ -34,7 +34,7 @@ from rankdown.export.manifest import FactorNodes
 from rankdown.export.pte_file import check_pte_header
 from rankdown.export.tied_embeddings import external_table_tag, tag_tied_table
 from rankdown.factor_record import FactorRecord
-from rankdown.int4_numerics import group_label
+from rankdown.int4_numerics import PER_CHANNEL, group_label
 
 SUBDIR = "executorch"
 MODEL_FILE = "model.pte"
@@ -60,8 +60,9 @@ def quantize(model, record: FactorRecord, cfg: ExportConfig, progress=print,
     if cfg.quantize is not Quantize.INT4:
         return None
     quantized, plan = quantize_int4(model, record, cfg.group, cfg.head, hqq=cfg.scales is Int4Scales.HQQ)
+    padded_to = "an even width" if cfg.group == PER_CHANNEL else "a multiple of the group"
     progress(f"  executorch: int4 scales {group_label(cfg.group)}, {cfg.scales.value}; {len(plan.padded)} factor "
-             f"rank(s) padded to a multiple of the group with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
+             f"rank(s) padded to {padded_to} with zeros, {len(plan.int8_linears)} dense linear(s) kept 8-bit")
     decoder, head = cfg.gptq_parts
     rounding: dict = {"rounding": cfg.rounding.value, "head_rounding": cfg.head_rounds_by.value}
     if decoder or head:

@@ -86,6 +86,9 @@ class FormatSpec:
     takes_backend: bool = False  # lowered to an ExecuTorch delegate (--backend)
     other_runtimes: tuple[OtherRuntime, ...] = ()  # run only when asked for by name
     needs: tuple[str, ...] = ()  # bundle files the runtime reads besides the artifact (set by by_runtime)
+    # the 95th-percentile position's |logit diff| from the artifact to its quantized PyTorch model that
+    # the lowering check allows, x logit scale (export/config.py ``ParityThresholds.lowering``)
+    lowering_p95: float = 0.35
 
     @property
     def folder(self) -> str:
@@ -113,7 +116,7 @@ FORMATS: tuple[FormatSpec, ...] = (
     FormatSpec("executorch", runtime="executorch", runtime_module="executorch.runtime",
                artifact="executorch/model.pte", implementation="rankdown.export.executorch",
                decoder="rankdown.export.decoding:open_executorch", memory=MemoryModel(8, 210_000_000),
-               takes_backend=True),
+               takes_backend=True, lowering_p95=0.2),
 )
 
 

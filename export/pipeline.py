@@ -359,7 +359,8 @@ def _export(ckpt, bundle: Path, cfg: ExportConfig, progress: Callable[[str], Non
                     checks.append(("parity", reference, runs, thresholds, GENERIC_TASKS))
                 else:
                     floor_runs = runs if floor_prompts is prompts else run(decoder, floor_prompts, 1)
-                    checks += [("lowering", lowered_reference, runs, ParityThresholds.lowering(), GENERIC_TASKS),
+                    checks += [("lowering", lowered_reference, runs, ParityThresholds.lowering(spec.lowering_p95),
+                                GENERIC_TASKS),
                                ("parity", floor_reference, floor_runs, cfg.floor_thresholds,
                                 floor_tasks)]
                 del decoder

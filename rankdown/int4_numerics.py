@@ -13,14 +13,21 @@ QMIN, QMAX = -8, 7  # symmetric int4 codes
 # line): XNNPACK runs such a linear with its qc4w kernels, which on SmolLM2's shapes at one token
 # ran 1.77x the speed of the blockwise qb4w ones (AVX2, no VNNI: bench/int4_kernels.py).
 PER_CHANNEL = 0
+# The input width a per-channel 4-bit linear is padded to a multiple of. ExecuTorch 1.5.1's XNNPACK
+# lowering packs two codes a byte and pads an odd row with one zero code, but the qc4w kernels then
+# read that linear wrongly: alone, a SmolLM2-shaped factor's ``up`` of rank 109 or 177 lowered with
+# max |error| 1.7x its output's scale, ranks 82, 90 and 104 to 1e-6 (google/XNNPACK#5935 is the same
+# failure). A zero column more is the same product and the same codes and scale.
+QC4W_STEP = 2
 SCALE_FLOOR = 1e-12  # the scale of an all-zero group
 
 
 def group_for(width: int, group_size: int) -> int | None:
     """The largest power-of-two group <= ``group_size`` dividing ``width`` and >= the smallest
-    allowed group; None if there is none. ``PER_CHANNEL``: the whole row."""
+    allowed group; None if there is none. ``PER_CHANNEL``: the whole row, if its width is even
+    (``QC4W_STEP``)."""
     if group_size == PER_CHANNEL:
-        return width
+        return width if width % QC4W_STEP == 0 else None
     group = group_size
     while group >= min(MIN_GROUP, group_size):
         if width % group == 0:
@@ -73,7 +80,7 @@ def has_bf16_scales(width: int, group: int) -> bool:
 
 def padded_rank(rank: int, group_size: int) -> int:
     if group_size == PER_CHANNEL:
-        return rank  # a scale per row reads any width
+        return -(-rank // QC4W_STEP) * QC4W_STEP  # a scale per row reads any even width
     step = min(MIN_GROUP, group_size)
     return -(-rank // step) * step
 

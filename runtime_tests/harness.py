@@ -413,7 +413,7 @@ def validate(bundle: Path | str, cfg: ValidateConfig = ValidateConfig(), progres
         if ref is reference:
             checks = ParityChecks(dataclasses.replace(base, max_rel_logit_diff=max_rel, min_top1_agreement=min_top1), None)
         else:
-            lowering = ParityThresholds.lowering()
+            lowering = ParityThresholds.lowering(by_runtime(runtime).lowering_p95)
             if cfg.checks.max_rel_logit_diff is not None:  # the user's bound replaces both logit bounds
                 lowering = dataclasses.replace(lowering, max_rel_logit_diff=max_rel, max_rel_p95_logit_diff=math.inf)
             if cfg.checks.min_top1_agreement is not None:

@@ -236,9 +236,10 @@ def test_group_and_padding_rules():
     assert group_for(64, 32) == 32 and group_for(96, 64) == 32 and group_for(128, 128) == 128
     assert group_for(37, 32) is None and group_for(48, 16) == 16 and group_for(40, 32) is None
     assert padded_rank(37, 32) == 64 and padded_rank(40, 32) == 64 and padded_rank(20, 16) == 32
-    # One scale per output channel reads any width: the whole row, nothing padded.
-    assert group_for(576, PER_CHANNEL) == 576 and group_for(37, PER_CHANNEL) == 37
-    assert padded_rank(37, PER_CHANNEL) == 37
+    # One scale per output channel: the whole row, an odd one padded by a zero column (QC4W_STEP).
+    assert group_for(576, PER_CHANNEL) == 576 and group_for(38, PER_CHANNEL) == 38
+    assert group_for(37, PER_CHANNEL) is None
+    assert padded_rank(37, PER_CHANNEL) == 38 and padded_rank(38, PER_CHANNEL) == 38
     assert parse_group("channel") == PER_CHANNEL and parse_group("64") == 64
     assert all(parse_group(group_option(g)) == g for g in (PER_CHANNEL, 32, 128))
     with pytest.raises(ValueError):
@@ -261,27 +262,42 @@ def test_group_size_channel_is_checked_and_onnx_takes_blocks_of_32():
 def test_per_channel_int4_is_one_scale_a_row_and_lowers_whole_to_xnnpack(compressed_tiny):
     """``group_size=PER_CHANNEL``: every decoder linear (factors included, at their own ranks) holds
     4-bit codes with one float32 scale per output row, and such a linear lowers to XNNPACK whole
-    (its qc4w kernels) computing what the PyTorch model computes."""
+    (its qc4w kernels) computing what the PyTorch model computes. An odd rank is padded by one zero
+    column: the same codes and scale one column short, an odd width, are what XNNPACK's qc4w
+    kernels misread (if this lowering ever reads them right, the padding can go)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
+    def lowered(linear, x):
+        program = to_edge_transform_and_lower(torch.export.export(linear, (x,)), partitioner=[XnnpackPartitioner()])
+        left = [n.target for n in program.exported_program().graph.nodes
+                if n.op == "call_function" and "delegate" not in str(n.target) and "getitem" not in str(n.target)]
+        assert not left, left
+        return Runtime.get().load_program(program.to_executorch().buffer).load_method("forward").execute([x])[0]
+
     record, model, ids = _joint_model(compressed_tiny)
+    odd = {name: spec.rank for name, spec in record.modules.items() if spec.rank % 2}
+    assert odd  # the joint checkpoint has odd ranks
     quantized, plan = quantize_int4(model, record, PER_CHANNEL, hqq=False)
-    assert not plan.padded and not plan.int8_linears
-    four_bit = [m for m in quantized.model.layers.modules()
-                if isinstance(m, DecomposedQuantLinear) and m.quant_range == (-8, 7)]
-    assert four_bit and all(m.per_channel and m.scales.shape == (m.weight.shape[0],) for m in four_bit)
-    assert any(m.weight.shape[1] % 32 for m in four_bit)  # an odd rank, read whole
-    linear = next(m for m in four_bit if m.weight.shape[1] % 32)
-    x = torch.randn(1, 3, linear.weight.shape[1])
-    program = to_edge_transform_and_lower(torch.export.export(linear, (x,)), partitioner=[XnnpackPartitioner()])
-    left = [n.target for n in program.exported_program().graph.nodes
-            if n.op == "call_function" and "delegate" not in str(n.target) and "getitem" not in str(n.target)]
-    assert not left, left
-    method = Runtime.get().load_program(program.to_executorch().buffer).load_method("forward")
+    assert not plan.int8_linears
+    assert {r for r, _ in plan.padded.values()} <= set(odd.values())
+    assert all(padded == rank + 1 for rank, padded in plan.padded.values())
+    four_bit = {n: m for n, m in quantized.model.layers.named_modules()
+                if isinstance(m, DecomposedQuantLinear) and m.quant_range == (-8, 7)}
+    assert four_bit and all(m.per_channel and m.scales.shape == (m.weight.shape[0],) for m in four_bit.values())
+    assert all(m.weight.shape[1] % 2 == 0 for m in four_bit.values())
+    padded = next(m for n, m in four_bit.items() if n.endswith(".up") and not m.weight[:, -1].any()
+                  and m.weight.shape[1] % 32)
+    x = torch.randn(1, 3, padded.weight.shape[1])
+    x[..., -1] = 0.0  # what the padded ``down``'s zero row gives
     with torch.no_grad():
-        torch.testing.assert_close(method.execute([x])[0], linear(x), rtol=1e-4, atol=1e-4)
+        expected = padded(x)
+        torch.testing.assert_close(lowered(padded, x), expected, rtol=1e-4, atol=1e-4)
+        short = DecomposedQuantLinear(padded.weight[:, :-1].clone(), padded.scales.clone(), padded.weight.shape[1] - 1,
+                                      padded.quant_range)
+        torch.testing.assert_close(short(x[..., :-1]), expected, rtol=1e-5, atol=1e-5)
+        assert (lowered(short, x[..., :-1].contiguous()) - expected).abs().max() > 0.1 * expected.abs().max()
 
 
 def _joint_model(compressed_tiny):
