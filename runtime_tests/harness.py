@@ -41,6 +41,7 @@ from rankdown.export.parity import (
     torch_greedy,
     within,
 )
+from rankdown.int4_numerics import PER_CHANNEL
 from rankdown.tasks import MIX, TASKS, Split, load_task
 from rankdown.validate.comparison import compare, interleaved_latency, merged_latency
 from rankdown.validate.config import LatencyPlan, QualityBounds, Runtime, ValidateConfig
@@ -219,6 +220,10 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     if quantized is None:
         return None
+    if misread := _odd_qc4w_ranks(manifest.formats[spec.name].quantization or {}, quantized.summary, cfg.group):
+        progress(f"warning: {bundle / spec.artifact}: {misread} factor rank(s) 4-bit per channel at an odd width, "
+                 "which XNNPACK's qc4w kernels misread (exported before rankdown padded them to even, 2026-12-07): "
+                 "export the checkpoint again")
     if calibration is not None:
         exported = ((manifest.formats[spec.name].quantization or {}).get("gptq") or {}).get("codes_sha256")
         if exported is not None:  # None: a bundle made before the digest
@@ -229,6 +234,14 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
                                     "arithmetic, or an earlier rankdown's export: a 4-bit head is GPTQ-rounded since "
                                     "2026-12-07), so the runtime is held to a near neighbour of the model it lowered")
     return quantized.model
+
+
+def _odd_qc4w_ranks(exported: dict, rebuilt: dict, group: int) -> int:
+    """How many factor ranks the export left at an odd width per channel, which today's export pads
+    (int4_numerics.py ``QC4W_STEP``): the rebuild's padded ranks beyond the manifest's."""
+    if group != PER_CHANNEL or "padded_ranks" not in exported:
+        return 0
+    return max(0, int(rebuilt.get("padded_ranks", 0)) - int(exported["padded_ranks"]))
 
 
 def _int4_config(options: dict, fmt: str) -> ExportConfig:

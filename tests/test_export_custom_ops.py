@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import quiet
@@ -113,7 +115,6 @@ def test_native_runner_moves_the_weights_to_huge_pages_and_computes_the_same(shi
     import re
     import struct
     import subprocess
-    from pathlib import Path
 
     import numpy as np
 
@@ -182,7 +183,6 @@ def test_native_runner_attention_paths_agree(shipped_math_bundle, monkeypatch):
         runs[cap] = greedy(decoder, [5, 9, 30, 7, 12, 3, 44, 8], 24)
         decoder.close()
     import platform
-    from pathlib import Path
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
@@ -298,6 +298,28 @@ def test_per_channel_int4_is_one_scale_a_row_and_lowers_whole_to_xnnpack(compres
                                       padded.quant_range)
         torch.testing.assert_close(short(x[..., :-1]), expected, rtol=1e-5, atol=1e-5)
         assert (lowered(short, x[..., :-1].contiguous()) - expected).abs().max() > 0.1 * expected.abs().max()
+
+
+def test_validate_names_a_pte_exported_with_odd_per_channel_ranks(compressed_tiny):
+    """A bundle exported before odd ranks were padded per channel (its manifest counts fewer padded
+    ranks than the rebuild pads) gets one warning line saying to export again; one exported today,
+    or in groups, none."""
+    from types import SimpleNamespace
+
+    from rankdown.validate.config import Runtime
+    from rankdown.validate.harness import _lowered_model
+
+    record, model, _ = _joint_model(compressed_tiny)
+    odd = sum(spec.rank % 2 for spec in record.modules.values())
+    options = {"quantize": "int4", "balance": False, "int4_rounding": "nearest"}
+    for group, exported, warned in ((PER_CHANNEL, 0, True), (PER_CHANNEL, odd, False), (32, 0, False)):
+        said: list[str] = []
+        manifest = SimpleNamespace(options=options | {"group_size": group},
+                                   formats={"executorch": SimpleNamespace(quantization={"padded_ranks": exported})})
+        _lowered_model(model, record, manifest, Runtime("executorch"), Path("b"), progress=said.append)
+        assert said == ([f"warning: b/executorch/model.pte: {odd} factor rank(s) 4-bit per channel at an odd width, "
+                         "which XNNPACK's qc4w kernels misread (exported before rankdown padded them to even, "
+                         "2026-12-07): export the checkpoint again"] if warned else []), (group, exported)
 
 
 def _joint_model(compressed_tiny):
@@ -418,6 +440,7 @@ def test_int4_scales_are_hqq_by_default_symmetric_either_way_and_validate_rebuil
             assert not layer.zeros.any() and layer.weight.min() >= -8 and layer.weight.max() <= 7
     assert any(not torch.equal(built[True][n].scales, built[False][n].scales) for n in built[True])
     for options, hqq in (({"int4_scales": "hqq"}, True), ({"int4_scales": "absmax"}, False), ({}, False)):
-        manifest = SimpleNamespace(options={"quantize": "int4", "group_size": 32, "balance": False} | options)
+        manifest = SimpleNamespace(options={"quantize": "int4", "group_size": 32, "balance": False} | options,
+                                   formats={"executorch": SimpleNamespace(quantization={})})
         rebuilt = _group_linears(_lowered_model(model, record, manifest, Runtime("executorch"), None))
         assert all(torch.equal(rebuilt[n].scales, built[hqq][n].scales) for n in built[hqq]), options
