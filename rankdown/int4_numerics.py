@@ -15,9 +15,10 @@ QMIN, QMAX = -8, 7  # symmetric int4 codes
 PER_CHANNEL = 0
 # The input width a per-channel 4-bit linear is padded to a multiple of. ExecuTorch 1.5.1's XNNPACK
 # lowering packs two codes a byte and pads an odd row with one zero code, but the qc4w kernels then
-# read that linear wrongly: alone, a SmolLM2-shaped factor's ``up`` of rank 109 or 177 lowered with
-# max |error| 1.7x its output's scale, ranks 82, 90 and 104 to 1e-6 (google/XNNPACK#5935 is the same
-# failure). A zero column more is the same product and the same codes and scale.
+# read that linear wrongly on several tokens (a prompt) with two threads: a factor's ``up`` of rank
+# 109 off by 1.1x its output's scale, every odd rank 13-177 alike, even ranks to 1e-6; one token, or
+# one thread, reads it right (google/XNNPACK#5935 reports odd widths failing in the same kernels). A
+# zero column more is the same product and the same codes and scale.
 QC4W_STEP = 2
 SCALE_FLOOR = 1e-12  # the scale of an all-zero group
 
