@@ -231,8 +231,9 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
             # GPTQ's solves are float arithmetic: another CPU's BLAS may round a code the other way
             quantized.model.note = ("its GPTQ codes rebuilt identical to the export's" if same else
                                     "warning: its GPTQ codes rebuilt here differ from the export's (this machine's "
-                                    "arithmetic, or an earlier rankdown's export: a 4-bit head is GPTQ-rounded since "
-                                    "2026-12-07), so the runtime is held to a near neighbour of the model it lowered")
+                                    "arithmetic, or an earlier rankdown's export: a 4-bit head is GPTQ-rounded, and an "
+                                    "odd per-channel rank padded, since 2026-12-07), so the runtime is held to a near "
+                                    "neighbour of the model it lowered")
     return quantized.model
 
 
