@@ -220,12 +220,13 @@ def _lowered_model(model, record, manifest: Manifest, runtime: Runtime, bundle: 
     quantized = quantize(source, record, cfg, progress=lambda _: None, calibration=calibration)
     if quantized is None:
         return None
-    if misread := _odd_qc4w_ranks(manifest.formats[spec.name].quantization or {}, quantized.summary, cfg.group):
+    exported_summary = manifest.formats[spec.name].quantization or {}  # what the export recorded it did
+    if misread := _odd_qc4w_ranks(exported_summary, quantized.summary, cfg.group):
         progress(f"warning: {bundle / spec.artifact}: {misread} factor rank(s) 4-bit per channel at an odd width, "
                  "which XNNPACK's qc4w kernels misread (exported before rankdown padded them to even, 2026-12-07): "
                  "export the checkpoint again")
     if calibration is not None:
-        exported = ((manifest.formats[spec.name].quantization or {}).get("gptq") or {}).get("codes_sha256")
+        exported = (exported_summary.get("gptq") or {}).get("codes_sha256")
         if exported is not None:  # None: a bundle made before the digest
             same = quantized.summary["gptq"]["codes_sha256"] == exported
             # GPTQ's solves are float arithmetic: another CPU's BLAS may round a code the other way
